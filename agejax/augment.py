@@ -1,0 +1,64 @@
+"""On-device augmentation and normalisation of uint8 face batches (runs inside the jitted step)."""
+
+import jax
+import jax.numpy as jnp
+
+# torchvision's ImageNet statistics, for RGB in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """Maps RGB in [0, 1] to ImageNet-normalised values."""
+  return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def resize(images: jax.Array, size: int) -> jax.Array:
+  """Resizes an NHWC batch to size x size (antialiased bilinear), or returns it unchanged."""
+  b, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
+
+
+def preprocess(images: jax.Array, size: int) -> jax.Array:
+  """Evaluation path: uint8 NHWC -> float32 resized and normalised, no randomness."""
+  return normalize(resize(images.astype(jnp.float32) / 255.0, size))
+
+
+def _scale_crop(image: jax.Array, scale: jax.Array, shift: jax.Array, size: int) -> jax.Array:
+  """Zooms one HWC image by `scale` about its centre, shifts it by `shift` (output pixels), resizes."""
+  h, w, c = image.shape
+  base = jnp.array([size / h, size / w], jnp.float32) * scale
+  # Keep the image centre at the output centre, then move it by the shift.
+  translation = 0.5 * size - base * jnp.array([h, w], jnp.float32) / 2.0 + shift
+  return jax.image.scale_and_translate(image, (size, size, c), (0, 1), base, translation,
+                                       method="linear", antialias=True)
+
+
+def augment(images: jax.Array, key: jax.Array, size: int, cfg) -> jax.Array:
+  """Training path: random flip, scale/translation crop, brightness and contrast, then normalise.
+
+  `cfg` is `config.augment`: flip (bool), scale (max relative zoom), translate (max shift as a
+  fraction of the size), brightness and contrast (max relative change).
+  """
+  b = images.shape[0]
+  x = images.astype(jnp.float32) / 255.0
+  k_flip, k_scale, k_shift, k_bright, k_contrast = jax.random.split(key, 5)
+  if cfg.flip:
+    flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+    x = jnp.where(flip, x[:, :, ::-1, :], x)
+  if cfg.scale or cfg.translate:
+    scale = 1.0 + jax.random.uniform(k_scale, (b, 1), minval=-cfg.scale, maxval=cfg.scale)
+    scale = jnp.broadcast_to(scale, (b, 2))
+    shift = jax.random.uniform(k_shift, (b, 2), minval=-cfg.translate, maxval=cfg.translate) * size
+    x = jax.vmap(lambda im, s, t: _scale_crop(im, s, t, size))(x, scale, shift)
+  else:
+    x = resize(x, size)
+  if cfg.brightness:
+    x = x * (1.0 + jax.random.uniform(k_bright, (b, 1, 1, 1), minval=-cfg.brightness, maxval=cfg.brightness))
+  if cfg.contrast:
+    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    factor = 1.0 + jax.random.uniform(k_contrast, (b, 1, 1, 1), minval=-cfg.contrast, maxval=cfg.contrast)
+    x = (x - mean) * factor + mean
+  return normalize(jnp.clip(x, 0.0, 1.0))

@@ -1,0 +1,54 @@
+"""Orbax checkpoints under WORKDIR/checkpoints: the latest few plus the best by eval MAE."""
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = "eval_mae"
+
+
+def _mae(metrics: dict) -> float:
+  return metrics[BEST_METRIC]
+
+
+class Checkpoints:
+  """Async Orbax CheckpointManager of plain pytrees; restorable with plain Orbax too."""
+
+  def __init__(self, directory: str | Path, keep: int = 3, *, asynchronous: bool = True, read_only: bool = False):
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=_mae, reverse=True, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_mae, best_mode="min", preservation_policy=policy, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
+    self.directory = Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step of the checkpoint with the lowest eval MAE, or None."""
+    steps_with_metrics = [s for s in self.manager.all_steps() if self.manager.metrics(s)]
+    return self.manager.best_step() if steps_with_metrics else None
+
+  def save(self, step: int, state: Any, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:
+    """Starts writing `state` at `step` in the background (metrics rank it for 'best')."""
+    self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+
+  def restore(self, target: Any, step: int | None = None) -> Any:
+    """Restores the checkpoint at `step` (default latest) into the structure and shardings of `target`."""
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  def wait(self) -> None:
+    """Blocks until every pending write is committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending writes and releases the manager."""
+    self.manager.close()

@@ -1,0 +1,49 @@
+"""Checks a training config before anything is compiled; resolves its derived values."""
+
+import jax
+import jax.numpy as jnp
+
+from agejax import losses, optim
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """Resolves `config.model.dtype`: 'auto' is bfloat16 on accelerators and float32 on CPU."""
+  if name == "auto":
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  return jnp.dtype(name)
+
+
+def _require(ok: bool, key: str, value, why: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def validate(config) -> None:
+  """Raises ValueError with one line naming the offending key and value; returns None if valid."""
+  n = jax.device_count()
+  _require(config.batch_size > 0 and config.batch_size % n == 0, "batch_size", config.batch_size,
+           f"must be a positive multiple of the {n} devices")
+  eval_bs = config.get("eval_batch_size", 0)
+  _require(eval_bs == 0 or (eval_bs > 0 and eval_bs % n == 0), "eval_batch_size", eval_bs,
+           f"must be 0 (use batch_size) or a positive multiple of the {n} devices")
+  _require(config.labels.max_age >= config.labels.min_age, "labels.max_age", config.labels.max_age,
+           f"empty age range: below labels.min_age={config.labels.min_age}")
+  _require(config.loss.sigma > 0, "loss.sigma", config.loss.sigma, "must be positive")
+  _require(config.metrics.epsilon_sigma > 0, "metrics.epsilon_sigma", config.metrics.epsilon_sigma,
+           "must be positive")
+  _require(config.loss.name in losses.LOSSES, "loss.name", config.loss.name, f"must be one of {losses.LOSSES}")
+  _require(config.loss.l1_weight >= 0, "loss.l1_weight", config.loss.l1_weight, "must be >= 0")
+  _require(config.num_train_steps > 0, "num_train_steps", config.num_train_steps, "must be positive")
+  for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
+    _require(config[key] > 0, key, config[key], "must be positive")
+  _require(config.data.image_size >= 32, "data.image_size", config.data.image_size,
+           "must be at least 32 (five 2x2 max-pools)")
+  _require(config.model.width_multiplier > 0, "model.width_multiplier", config.model.width_multiplier,
+           "must be positive")
+  _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"must be one of {DTYPES}")
+  _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate", config.optimizer.learning_rate,
+           "must be positive")
+  _require(config.optimizer.schedule in optim.SCHEDULES, "optimizer.schedule", config.optimizer.schedule,
+           f"must be one of {optim.SCHEDULES}")

@@ -1,0 +1,1 @@
+"""Face-age datasets: TFDS builders, preparation and the host input pipeline."""

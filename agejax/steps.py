@@ -1,0 +1,130 @@
+"""The jitted train and eval steps over a data-parallel mesh (no TensorFlow, TFDS or CLU here)."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from agejax import augment, labels, losses, metrics
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs: the step, float32 params, batch statistics, optimizer state.
+
+  Params and model state are plain nested dicts, so a checkpoint restores with plain Orbax.
+  """
+  step: jax.Array
+  params: PyTree
+  model_state: PyTree
+  opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the steps need from the config, frozen so the steps close over plain values."""
+  image_size: int
+  min_age: int
+  max_age: int
+  loss_name: str
+  loss_sigma: float
+  l1_weight: float
+  epsilon_sigma: float
+  augment: Any  # config.augment (read at trace time only)
+  seed: int
+
+  @classmethod
+  def from_config(cls, config) -> "StepConfig":
+    """Reads the fields the steps use from a full config."""
+    return cls(image_size=config.data.image_size, min_age=config.labels.min_age,
+               max_age=config.labels.max_age, loss_name=config.loss.name,
+               loss_sigma=config.loss.sigma, l1_weight=config.loss.l1_weight,
+               epsilon_sigma=config.metrics.epsilon_sigma, augment=config.augment, seed=config.seed)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+  """Splits an NNX model into its graph definition, params and other state as plain dicts."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  """Returns the state at step 0."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=tx.init(params))
+
+
+class Steps:
+  """Builds the pure train/eval step functions for one model, optimizer and config."""
+
+  def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig):
+    self.graphdef, self.tx, self.cfg = graphdef, tx, cfg
+    self.bins = jnp.asarray(labels.age_bins(cfg.min_age, cfg.max_age))
+    self.loss_fn = losses.make_loss(cfg.loss_name, self.bins, cfg.loss_sigma, cfg.l1_weight)
+
+  def _sigma(self, batch: dict) -> jax.Array:
+    """Per-image epsilon-error sigma: the dataset's age_std where it has one, else the config's."""
+    std = batch.get("age_std")
+    if std is None:
+      return jnp.full_like(batch["age"], self.cfg.epsilon_sigma, jnp.float32)
+    return jnp.where(std > 0, std, self.cfg.epsilon_sigma)
+
+  def logits(self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool,
+             key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+    """Runs the model on normalised images; returns logits and the updated model state."""
+    model = nnx.merge(self.graphdef, params, model_state)
+    out = model(images, train=train, rngs=key)
+    _, _, rest = nnx.split(model, nnx.Param, ...)
+    return out, nnx.to_pure_dict(rest)
+
+  def train_step(self, state: TrainState, sums: metrics.Sums, batch: dict) -> tuple[TrainState, metrics.Sums]:
+    """One optimizer step on a uint8 batch; adds the batch's metrics to the running sums."""
+    # Randomness is a function of (seed, step): a resumed run draws exactly the same numbers.
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+    aug_key, dropout_key = jax.random.split(key)
+    images = augment.augment(batch["image"], aug_key, self.cfg.image_size, self.cfg.augment)
+    ages = batch["age"].astype(jnp.float32)
+
+    def loss_of(params):
+      logits, model_state = self.logits(params, state.model_state, images, train=True, key=dropout_key)
+      per_example = self.loss_fn(logits, ages)
+      return jnp.mean(per_example), (per_example, logits, model_state)
+
+    grads, (per_example, logits, model_state) = jax.grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
+    sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch)))
+    return TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state), sums
+
+  def predict(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
+    """Returns predicted age distributions [B, K] for a uint8 batch, without augmentation."""
+    logits, _ = self.logits(params, model_state, augment.preprocess(images, self.cfg.image_size), train=False)
+    return jax.nn.softmax(logits)
+
+  def eval_step(self, state: TrainState, sums: metrics.Sums, batch: dict) -> metrics.Sums:
+    """Adds a (padded, masked) eval batch's loss and metrics to the running sums."""
+    logits, _ = self.logits(state.params, state.model_state,
+                            augment.preprocess(batch["image"], self.cfg.image_size), train=False)
+    ages = batch["age"].astype(jnp.float32)
+    pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
+    per_example = self.loss_fn(logits, ages)
+    return metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch), batch["mask"]))
+
+
+def jit_steps(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding
+              ) -> tuple[Callable, Callable]:
+  """Returns (train_step, eval_step) jitted with explicit shardings; train donates state and sums."""
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  train = jax.jit(steps.train_step, in_shardings=(state_sharding, replicated, batch_sharding),
+                  out_shardings=(state_sharding, replicated), donate_argnums=(0, 1))
+  evaluate = jax.jit(steps.eval_step, in_shardings=(state_sharding, replicated, batch_sharding),
+                     out_shardings=replicated, donate_argnums=(1,))
+  return train, evaluate

@@ -1,0 +1,159 @@
+"""train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
+
+import json
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from agejax import checkpointing, configuration, labels, metrics, models, optim, parallel, steps
+from agejax.data import pipeline
+
+FINAL_METRICS = "final_metrics.json"
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (no host sync, no lost work)."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def __bool__(self) -> bool:
+    return self.event.is_set()
+
+
+def build(config) -> dict[str, Any]:
+  """Creates the mesh, data, model, optimizer, initial state and jitted steps for `config`."""
+  configuration.validate(config)
+  mesh = parallel.make_mesh()
+  train_data = pipeline.load_split(config.data, "train")
+  eval_data = pipeline.load_split(config.data, config.data.eval_split)
+  steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+  num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
+  model = models.create_model(config.model, num_bins, seed=config.seed)
+  graphdef, params, model_state = steps.split_model(model)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps, steps_per_epoch)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  replicated = parallel.replicated(mesh)
+  state = jax.device_put(steps.create_train_state(params, model_state, tx), replicated)
+  fns = steps.Steps(graphdef, tx, steps.StepConfig.from_config(config))
+  train_step, eval_step = steps.jit_steps(fns, replicated, parallel.data_sharded(mesh))
+  return dict(mesh=mesh, train_data=train_data, eval_data=eval_data, schedule=schedule, state=state,
+              steps=fns, train_step=train_step, eval_step=eval_step, steps_per_epoch=steps_per_epoch)
+
+
+def evaluate_split(eval_step, state: steps.TrainState, data: pipeline.ArraySplit, batch_size: int,
+                   mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Returns mean loss, MAE, epsilon-error and CS@5 over every example of `data` exactly once."""
+  sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
+  for batch in pipeline.device_prefetch(pipeline.eval_batches(data, batch_size), parallel.data_sharded(mesh)):
+    sums = eval_step(state, sums, batch)
+  return metrics.means(sums)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+  if jax.process_index() == 0:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
+  """Trains (resuming from WORKDIR's latest checkpoint), evaluates and checkpoints.
+
+  Returns the final metrics (also written to WORKDIR/final_metrics.json), or None when a SIGTERM
+  stopped the run after saving a checkpoint at the current step.
+  """
+  from clu import metric_writers, periodic_actions
+  from tqdm.auto import tqdm
+
+  workdir = Path(workdir)
+  final_path = workdir / FINAL_METRICS
+  b = build(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_json(workdir / "config.json", config.to_dict())
+  state, mesh = b["state"], b["mesh"]
+  eval_batch_size = config.eval_batch_size or config.batch_size
+  ckpts = checkpointing.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+  if ckpts.latest_step() is not None:
+    logging.info("Resuming from %s step %d", ckpts.directory, ckpts.latest_step())
+    state = ckpts.restore(state)
+  start = int(state.step)
+  if start >= config.num_train_steps and final_path.exists():
+    final = json.loads(final_path.read_text())
+    print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
+    ckpts.close()
+    return final
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
+  batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
+  stream = pipeline.device_prefetch((batches.local_batch(s) for s in range(start, config.num_train_steps)),
+                                    parallel.data_sharded(mesh))
+  sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
+  eval_metrics: dict[str, float] = {}
+  step = start
+  with metric_writers.ensure_flushes(writer), _Preemption() as preempted, \
+      tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
+    for step in range(start + 1, config.num_train_steps + 1):
+      state, sums = b["train_step"](state, sums, next(stream))
+      report(step)
+      bar.update()
+      last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last:
+        train = metrics.means(sums)  # the only host sync of the loop, every log_every_steps
+        sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
+        writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
+                                    "train/learning_rate": float(b["schedule"](step - 1))})
+        bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
+      evaluated = step % config.eval_every_steps == 0 or last
+      if evaluated:
+        with report.timed("eval"):
+          eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      if evaluated or step % config.checkpoint_every_steps == 0 or preempted:
+        ckpts.save(step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None,
+                   force=bool(preempted))
+      if preempted and not last:
+        ckpts.wait()
+        ckpts.close()
+        print(f"SIGTERM: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
+        return None
+  ckpts.wait()
+  if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
+    eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
+  final = {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()},
+           "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
+           "best_step": ckpts.best_step(), "eval_split": config.data.eval_split}
+  ckpts.close()
+  _write_json(final_path, final)
+  if jax.process_index() == 0:
+    print(summary(final))
+  return final
+
+
+def summary(final: dict[str, Any]) -> str:
+  """Formats final metrics as a short human-readable block."""
+  ratio = final["eval_mae"] / final["baseline_mae"] if final["baseline_mae"] else float("nan")
+  return "\n".join([
+      f"step {final['step']}  ({final['eval_split']} split)",
+      f"  MAE            {final['eval_mae']:.3f} years  (mean-age baseline {final['baseline_mae']:.3f}; ratio {ratio:.2f})",
+      f"  epsilon-error  {final['eval_epsilon_error']:.4f}",
+      f"  CS@5           {final['eval_cs5']:.4f}",
+      f"  loss           {final['eval_loss']:.4f}",
+  ])

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from agejax.data import pipeline
+
+
+def make_split(n: int, size: int = 4) -> pipeline.ArraySplit:
+  images = np.arange(n, dtype=np.int64)[:, None, None, None] % 251 * np.ones((1, size, size, 3), np.int64)
+  return pipeline.ArraySplit(images.astype(np.uint8), np.arange(n, dtype=np.float32), np.zeros(n, np.float32))
+
+
+@pytest.mark.parametrize("n,batch,processes", [(50, 16, 1), (50, 16, 2), (64, 16, 4), (7, 8, 2)])
+def test_eval_batches_cover_every_example_once(n, batch, processes):
+  data = make_split(n)
+  seen = []
+  for p in range(processes):
+    for b in pipeline.eval_batches(data, batch, process_index=p, process_count=processes):
+      assert len(b["age"]) == batch // processes and b["image"].dtype == np.uint8
+      seen.extend(b["age"][b["mask"]].astype(int).tolist())
+  assert sorted(seen) == list(range(n))
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_step():
+  data = make_split(40)
+  a = pipeline.TrainBatches(data, 8, seed=3)
+  b = pipeline.TrainBatches(data, 8, seed=3)
+  for step in (7, 0, 12, 3):  # any order, fresh object: same batch
+    np.testing.assert_array_equal(a.global_indices(step), b.global_indices(step))
+  assert not np.array_equal(a.global_indices(0), pipeline.TrainBatches(data, 8, seed=4).global_indices(0))
+  # Each epoch (5 steps of 8 over 40 examples) visits every example exactly once, in a new order.
+  epochs = [np.concatenate([a.global_indices(s) for s in range(5 * e, 5 * e + 5)]) for e in range(3)]
+  for order in epochs:
+    assert sorted(order.tolist()) == list(range(40))
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_train_batches_cross_epoch_boundaries_and_split_over_processes():
+  data = make_split(10)
+  whole = pipeline.TrainBatches(data, 4, seed=0)
+  stream = np.concatenate([whole.global_indices(s) for s in range(5)])  # 20 positions = 2 epochs
+  assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+  for step in range(5):
+    parts = [pipeline.TrainBatches(data, 4, seed=0, process_index=p, process_count=2).local_batch(step)
+             for p in range(2)]
+    ages = np.sort(np.concatenate([p["age"] for p in parts]))
+    np.testing.assert_array_equal(ages, np.sort(whole.global_indices(step)).astype(np.float32))
+  with pytest.raises(ValueError, match="config.batch_size=5"):
+    pipeline.TrainBatches(data, 5, seed=0, process_index=0, process_count=2)
+
+
+def test_load_split_equals_tfds_records(tiny_config):
+  import tensorflow_datasets as tfds
+  split = pipeline.load_split(tiny_config.data, "validation")
+  builder = pipeline.get_builder("demo", tiny_config.data.data_dir, "tiny")
+  records = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
+  assert len(split) == len(records) == 50
+  assert split.images.dtype == np.uint8 and split.images.shape == (50, 40, 40, 3)
+  for i in (0, 17, 49):
+    np.testing.assert_array_equal(split.images[i], records[i]["image"])
+    assert split.age[i] == records[i]["age"]
+  assert split.age.min() >= 1 and split.age.max() <= 90
+
+
+def test_unknown_dataset_and_split_name_the_key(tiny_config):
+  tiny_config.data.name = "imagenet"
+  with pytest.raises(ValueError, match="config.data.name='imagenet'"):
+    pipeline.load_split(tiny_config.data, "train")
+  tiny_config.data.name = "demo"
+  with pytest.raises(ValueError, match="'valid'"):
+    pipeline.load_split(tiny_config.data, "valid")

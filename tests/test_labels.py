@@ -1,0 +1,44 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agejax import labels
+
+
+def gaussian_target_f64(age: float, bins: np.ndarray, sigma: float) -> np.ndarray:
+  g = np.exp(-((bins.astype(np.float64) - age) ** 2) / (2 * sigma**2))
+  return g / g.sum()
+
+
+def test_age_bins_default_range():
+  bins = labels.age_bins(1, 100)
+  assert bins.shape == (100,) and bins[0] == 1 and bins[-1] == 100
+  with pytest.raises(ValueError, match="min_age=5 > max_age=4"):
+    labels.age_bins(5, 4)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 3.5])
+def test_label_distribution_matches_float64_gaussian(sigma):
+  bins = labels.age_bins(1, 100)
+  ages = np.array([1, 2, 37, 50, 99, 100], np.float32)
+  got = np.asarray(labels.label_distribution(jnp.asarray(ages), jnp.asarray(bins), sigma))
+  for row, age in zip(got, ages):
+    np.testing.assert_allclose(row, gaussian_target_f64(age, bins, sigma), atol=1e-7)
+    assert abs(row.sum() - 1.0) < 1e-6
+    assert bins[np.argmax(row)] == age  # peaks at the true age, ends of the range included
+
+
+def test_label_distribution_per_example_sigma_and_out_of_range_age():
+  bins = jnp.asarray(labels.age_bins(1, 100))
+  got = labels.label_distribution(jnp.array([30.0, 150.0]), bins, jnp.array([1.0, 2.0]))
+  assert np.all(np.isfinite(got)) and np.allclose(got.sum(-1), 1.0, atol=1e-6)
+  assert got[1].argmax() == 99  # mass piles on the last bin, no NaN from underflow
+  np.testing.assert_allclose(got[0], gaussian_target_f64(30.0, np.asarray(bins), 1.0), atol=1e-7)
+
+
+def test_expected_argmax_and_std():
+  bins = jnp.asarray(labels.age_bins(1, 5))
+  probs = jnp.array([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+  np.testing.assert_allclose(labels.expected_age(probs, bins), [3.0, 3.0])
+  np.testing.assert_allclose(labels.argmax_age(probs[1:], bins), [3.0])
+  np.testing.assert_allclose(labels.distribution_std(probs, bins), [1.0, 0.0], atol=1e-6)
