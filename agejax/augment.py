@@ -26,6 +26,18 @@ def preprocess(images: jax.Array, size: int) -> jax.Array:
   return normalize(resize(images.astype(jnp.float32) / 255.0, size))
 
 
+def gaussian_blur(images: jax.Array, sigma: float = 1.0, radius: int = 2) -> jax.Array:
+  """Blurs an NHWC float batch with a separable Gaussian (edge-padded), channel by channel."""
+  taps = jnp.exp(-0.5 * jnp.square(jnp.arange(-radius, radius + 1, dtype=jnp.float32) / sigma))
+  taps = taps / jnp.sum(taps)
+  c = images.shape[-1]
+  x = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+  for kernel in (taps.reshape(-1, 1, 1, 1), taps.reshape(1, -1, 1, 1)):
+    x = jax.lax.conv_general_dilated(x, jnp.tile(kernel, (1, 1, 1, c)), (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+  return x
+
+
 def _scale_crop(image: jax.Array, scale: jax.Array, shift: jax.Array, size: int) -> jax.Array:
   """Zooms one HWC image by `scale` about its centre, shifts it by `shift` (output pixels), resizes."""
   h, w, c = image.shape
@@ -37,14 +49,15 @@ def _scale_crop(image: jax.Array, scale: jax.Array, shift: jax.Array, size: int)
 
 
 def augment(images: jax.Array, key: jax.Array, size: int, cfg) -> jax.Array:
-  """Training path: random flip, scale/translation crop, brightness and contrast, then normalise.
+  """Training path: random flip, scale/translation crop, brightness, contrast, blur/sharpness; normalise.
 
   `cfg` is `config.augment`: flip (bool), scale (max relative zoom), translate (max shift as a
-  fraction of the size), brightness and contrast (max relative change).
+  fraction of the size), brightness and contrast (max relative change), blur and sharpness (max
+  weight of a move toward, or away from, a Gaussian-blurred copy; 0 disables).
   """
   b = images.shape[0]
   x = images.astype(jnp.float32) / 255.0
-  k_flip, k_scale, k_shift, k_bright, k_contrast = jax.random.split(key, 5)
+  k_flip, k_scale, k_shift, k_bright, k_contrast, k_blur = jax.random.split(key, 6)
   if cfg.flip:
     flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1, :], x)
@@ -61,4 +74,9 @@ def augment(images: jax.Array, key: jax.Array, size: int, cfg) -> jax.Array:
     mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
     factor = 1.0 + jax.random.uniform(k_contrast, (b, 1, 1, 1), minval=-cfg.contrast, maxval=cfg.contrast)
     x = (x - mean) * factor + mean
+  blur, sharpness = cfg.get("blur", 0.0), cfg.get("sharpness", 0.0)
+  if blur or sharpness:
+    # t > 0 blends toward the blurred copy (blur); t < 0 away from it (unsharp-mask sharpening).
+    t = jax.random.uniform(k_blur, (b, 1, 1, 1), minval=-sharpness, maxval=blur)
+    x = x + t * (gaussian_blur(x) - x)
   return normalize(jnp.clip(x, 0.0, 1.0))

@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.augment.translate = 0.05  # shift by up to 5% of the image size
   config.augment.brightness = 0.2
   config.augment.contrast = 0.2
+  config.augment.blur = 0.0  # up to this weight toward a Gaussian-blurred copy
+  config.augment.sharpness = 0.0  # up to this weight of unsharp masking
 
   config.model = ml_collections.ConfigDict()
   config.model.width_multiplier = 1.0
