@@ -30,6 +30,8 @@ def validate(config) -> None:
            f"must be 0 (use batch_size) or a positive multiple of the {n} devices")
   _require(config.labels.max_age >= config.labels.min_age, "labels.max_age", config.labels.max_age,
            f"empty age range: below labels.min_age={config.labels.min_age}")
+  _require(config.labels.out_of_range in ("clip", "drop"), "labels.out_of_range", config.labels.out_of_range,
+           "must be 'clip' or 'drop'")
   _require(config.loss.sigma > 0, "loss.sigma", config.loss.sigma, "must be positive")
   _require(config.metrics.epsilon_sigma > 0, "metrics.epsilon_sigma", config.metrics.epsilon_sigma,
            "must be positive")

@@ -1,10 +1,12 @@
 """train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
 
+import collections
 import json
 import logging
 import math
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,22 @@ class _Preemption:
     return self.event.is_set()
 
 
+def load_labelled_split(config, split: str) -> pipeline.ArraySplit:
+  """Loads a split and applies `config.labels.out_of_range` to ages outside the bins, saying how many."""
+  data = pipeline.load_split(config.data, split)
+  data, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, config.labels.out_of_range)
+  if outside:
+    logging.warning("%s/%s: %d ages outside %d..%d (%s)", config.data.name, split, outside,
+                    config.labels.min_age, config.labels.max_age, config.labels.out_of_range)
+  return data
+
+
 def build(config) -> dict[str, Any]:
   """Creates the mesh, data, model, optimizer, initial state and jitted steps for `config`."""
   configuration.validate(config)
   mesh = parallel.make_mesh()
-  train_data = pipeline.load_split(config.data, "train")
-  eval_data = pipeline.load_split(config.data, config.data.eval_split)
+  train_data = load_labelled_split(config, "train")
+  eval_data = load_labelled_split(config, config.data.eval_split)
   steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
   num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
   model = models.create_model(config.model, num_bins, seed=config.seed)
@@ -108,15 +120,23 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
   eval_metrics: dict[str, float] = {}
   step = start
+  in_flight: collections.deque = collections.deque()
+  synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
   with metric_writers.ensure_flushes(writer), _Preemption() as preempted, \
       tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
     for step in range(start + 1, config.num_train_steps + 1):
-      state, sums = b["train_step"](state, sums, next(stream))
+      state, sums, loss = b["train_step"](state, sums, next(stream))
+      # Wait for the step before last: the device keeps two steps queued, the host never runs
+      # ahead unboundedly, and the progress bar shows real speed.
+      in_flight.append(loss)
+      if len(in_flight) > 2:
+        in_flight.popleft().block_until_ready()
       report(step)
       bar.update()
       last = step == config.num_train_steps
       if step % config.log_every_steps == 0 or last:
         train = metrics.means(sums)  # the only host sync of the loop, every log_every_steps
+        synced.append((step, time.perf_counter()))
         sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
         writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
                                     "train/learning_rate": float(b["schedule"](step - 1))})
@@ -139,12 +159,21 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
     eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
   final = {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()},
            "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
-           "best_step": ckpts.best_step(), "eval_split": config.data.eval_split}
+           "best_step": ckpts.best_step(), "eval_split": config.data.eval_split,
+           "train_steps_per_s": _steady_rate(synced)}
   ckpts.close()
   _write_json(final_path, final)
   if jax.process_index() == 0:
     print(summary(final))
   return final
+
+
+def _steady_rate(synced: list[tuple[int, float]]) -> float | None:
+  """Steps/s of the whole loop between the first and last log fetch (compilation excluded)."""
+  if len(synced) < 2:
+    return None
+  (s0, t0), (s1, t1) = synced[0], synced[-1]
+  return (s1 - s0) / (t1 - t0)
 
 
 def summary(final: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.labels = ml_collections.ConfigDict()
   config.labels.min_age = 1
   config.labels.max_age = 100
+  config.labels.out_of_range = "clip"  # ages outside the bins: "clip" to the range or "drop" the example
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "kl"  # or "onehot": the original project's one-hot NLL, for comparison
@@ -69,13 +70,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 64
     config.model.width_multiplier = 0.125
     config.batch_size = 64
-    config.num_train_steps = 1_500
+    config.num_train_steps = 800  # ~4 epochs of the 12,000 demo faces; about 4 minutes on 2 cores
     config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 200
+    config.checkpoint_every_steps = 200
     config.optimizer.learning_rate = 1e-3
     config.optimizer.schedule = "cosine"
-    config.optimizer.warmup_steps = 100
+    config.optimizer.warmup_steps = 50
   if arg == "tiny":
     config.data.builder_config = "tiny"
     config.data.image_size = 32

@@ -1,6 +1,9 @@
-"""Prepares a dataset once: python scripts/prepare_data.py {demo,...} [--manual_dir DIR] [--data_dir D]."""
+"""Prepares a dataset once: python scripts/prepare_data.py {utkface,csv_faces,demo} --manual_dir DIR [--data_dir D]."""
 
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads datasets here
 
 from absl import app, flags, logging
 
@@ -20,6 +23,12 @@ def main(argv):
   print(f"{argv[1]} prepared in {builder.data_dir}")
   for name, split in builder.info.splits.items():
     print(f"  {name:<12} {split.num_examples:>8} examples")
+  metadata = builder.info.metadata or {}
+  skipped = metadata.get("skipped") or {}
+  print(f"  skipped      {sum(skipped.values()):>8} files" + (":" if skipped else ""))
+  for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]):
+    examples = ", ".join(metadata.get("skipped_examples", {}).get(reason, [])[:3])
+    print(f"    {count:>8}  {reason}" + (f"  (e.g. {examples})" if examples else ""))
 
 
 if __name__ == "__main__":

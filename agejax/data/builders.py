@@ -12,12 +12,13 @@ import tensorflow_datasets as tfds
 from agejax.data import demo_faces
 
 
-def _features(image_size: int) -> tfds.features.FeaturesDict:
-  """The features every agejax dataset shares."""
+def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
+  """The features every agejax dataset shares, plus a dataset's `extra` ones."""
   return tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format="png"),
       "age": tfds.features.Scalar(np.int32),
       "age_std": tfds.features.Scalar(np.float32),
+      **extra,
   })
 
 
@@ -44,7 +45,7 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
   SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=_features(self.builder_config.image_size))
+    return self.dataset_info_from_configs(features=features(self.builder_config.image_size))
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config

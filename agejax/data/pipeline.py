@@ -20,7 +20,8 @@ import numpy as np
 from agejax import parallel
 
 # data.name -> (TFDS builder name, needs a manually downloaded folder)
-DATASETS = {"demo": ("agejax_demo", False)}
+DATASETS = {"demo": ("agejax_demo", False), "utkface": ("agejax_utkface", True),
+            "csv_faces": ("agejax_csv_faces", True)}
 
 
 def _tfds():
@@ -28,7 +29,7 @@ def _tfds():
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds
-  from agejax.data import builders  # noqa: F401  (registers the builders)
+  from agejax.data import builders, csv_faces, utkface  # noqa: F401  (registers the builders)
   return tfds
 
 
@@ -50,19 +51,39 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config:
   return builder
 
 
+OUT_OF_RANGE = ("clip", "drop")
+
+
 @dataclasses.dataclass
 class ArraySplit:
-  """One split as arrays: uint8 images [N, S, S, 3] (memory-mapped), ages and age stds [N]."""
+  """One split as arrays: uint8 images (memory-mapped), ages and age stds [N].
+
+  `rows` maps example i to its image row; None means the identity (no example was dropped).
+  """
   images: np.ndarray
   age: np.ndarray
   age_std: np.ndarray
+  rows: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.age)
 
   def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
     """Returns the examples at `index` as a host batch."""
-    return {"image": self.images[index], "age": self.age[index], "age_std": self.age_std[index]}
+    rows = index if self.rows is None else self.rows[index]
+    return {"image": self.images[rows], "age": self.age[index], "age_std": self.age_std[index]}
+
+  def restrict_ages(self, min_age: int, max_age: int, policy: str) -> tuple["ArraySplit", int]:
+    """Clips ages to [min_age, max_age] or drops the examples outside; returns the split and the count."""
+    outside = (self.age < min_age) | (self.age > max_age)
+    n = int(outside.sum())
+    if policy == "clip":
+      return dataclasses.replace(self, age=np.clip(self.age, min_age, max_age)), n
+    if policy == "drop":
+      keep = np.flatnonzero(~outside)
+      rows = keep if self.rows is None else self.rows[keep]
+      return ArraySplit(self.images, self.age[keep], self.age_std[keep], rows), n
+    raise ValueError(f"config.labels.out_of_range={policy!r} is not one of {OUT_OF_RANGE}")
 
 
 def _write_arrays(builder, split: str, path: Path) -> None:

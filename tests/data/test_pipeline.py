@@ -68,3 +68,18 @@ def test_unknown_dataset_and_split_name_the_key(tiny_config):
   tiny_config.data.name = "demo"
   with pytest.raises(ValueError, match="'valid'"):
     pipeline.load_split(tiny_config.data, "valid")
+
+
+def test_ages_outside_the_bins_are_clipped_or_dropped_and_counted():
+  data = pipeline.ArraySplit(np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8),
+                             np.array([0, 5, 50, 100, 116], np.float32), np.zeros(5, np.float32))
+  clipped, n = data.restrict_ages(1, 100, "clip")
+  assert n == 2 and clipped.age.tolist() == [1, 5, 50, 100, 100]
+  dropped, n = data.restrict_ages(1, 100, "drop")
+  assert n == 2 and len(dropped) == 3 and dropped.age.tolist() == [5, 50, 100]
+  batch = dropped.gather(np.array([0, 2]))
+  assert batch["image"][:, 0, 0, 0].tolist() == [1, 3]  # image rows follow the kept examples
+  twice, _ = dropped.restrict_ages(6, 100, "drop")
+  assert twice.gather(np.array([0]))["image"][0, 0, 0, 0] == 2
+  with pytest.raises(ValueError, match="config.labels.out_of_range='wrap'"):
+    data.restrict_ages(1, 100, "wrap")

@@ -1,0 +1,115 @@
+"""Preparation helpers shared by the downloaded-dataset builders: image loading and skip counts.
+
+Real face datasets hold a few broken, oddly coloured or mislabelled files. The builders skip
+those rather than fail, count them by reason, and publish the counts in the prepared dataset's
+metadata.json, so a user sees what was dropped and why: `builder.info.metadata` holds `skipped`
+({reason: count} over all splits), `skipped_by_split` ({split: {reason: count}}) and
+`skipped_examples` ({reason: [a few file names]}).
+
+Colour policy of `load_rgb`: grayscale, palette, CMYK and 16-bit images become RGB; images with
+transparency are composited on black, the value a zoomed-out or shifted augmented face is padded
+with (`jax.image.scale_and_translate` fills with 0), so the model meets one background convention.
+EXIF orientation is applied (phone photos).
+Skip reasons: "empty file", "unreadable file", "not an image" (no format recognised, including a
+file cut inside its header), "corrupt image" (recognised but undecodable, e.g. truncated), "image
+too large" (PIL's decompression-bomb limit).
+"""
+
+import collections
+import io
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+
+def load_rgb(path_or_bytes: str | os.PathLike | bytes, size: int) -> np.ndarray | str:
+  """Returns the image as a centre-cropped size x size RGB uint8 array, or a skip reason."""
+  if isinstance(path_or_bytes, bytes):
+    data = path_or_bytes
+  else:
+    try:
+      with open(path_or_bytes, "rb") as f:
+        data = f.read()
+    except OSError:
+      return "unreadable file"
+  if not data:
+    return "empty file"
+  try:
+    img = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError:
+    return "image too large"
+  except Exception:  # any decoder error on untrusted bytes means "not something PIL can open"
+    return "not an image"
+  try:
+    # open() only reads the header: load() forces the full decode that reveals truncation.
+    img.load()
+  except Image.DecompressionBombError:
+    return "image too large"
+  except Exception:  # PIL plugins raise many types (OSError, SyntaxError, struct.error, ...)
+    return "corrupt image"
+  try:
+    img = ImageOps.exif_transpose(img)
+  except Exception:  # malformed EXIF must not cost a decodable face: keep the stored orientation
+    pass
+  img = _to_rgb(img)
+  w, h = img.size
+  side = min(w, h)
+  left, top = (w - side) // 2, (h - side) // 2
+  img = img.crop((left, top, left + side, top + side))
+  if side != size:  # an already-sized face (e.g. a 200x200 UTKFace chip) keeps its exact pixels
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+  return np.asarray(img, dtype=np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+  """Converts any PIL mode to RGB, compositing transparency on black."""
+  if img.mode.startswith("I;16"):
+    # 16-bit grayscale: convert() would clip at 255; keep the high byte to scale the full range.
+    img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+  if img.has_transparency_data:
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), rgba).convert("RGB")
+  return img.convert("RGB")
+
+
+def age_skip_reason(age: int) -> str | None:
+  """Returns why an integer age can't be stored (negative, or beyond int32), or None if it can."""
+  if age < 0:
+    return "negative age"
+  if age > np.iinfo(np.int32).max:
+    return "age too large"
+  return None
+
+
+class SkipCounter:
+  """Counts skipped files by reason and remembers the first few names per reason."""
+
+  def __init__(self, max_examples: int = 5):
+    self.max_examples = max_examples
+    self.counts: dict[str, int] = collections.Counter()
+    self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+  def add(self, reason: str, name: str) -> None:
+    """Records that `name` was skipped for `reason`."""
+    self.counts[reason] += 1
+    if len(self.examples[reason]) < self.max_examples:
+      self.examples[reason].append(name)
+
+  def record(self, metadata: dict, dataset: str, split: str) -> None:
+    """Adds this split's skips to the dataset metadata and logs them at INFO."""
+    by_split = metadata.setdefault("skipped_by_split", {})
+    by_split[split] = dict(sorted(self.counts.items()))
+    totals = collections.Counter()
+    for counts in by_split.values():
+      totals.update(counts)
+    metadata["skipped"] = dict(sorted(totals.items()))
+    examples = metadata.setdefault("skipped_examples", {})
+    for reason, names in self.examples.items():
+      examples[reason] = (examples.get(reason, []) + names)[:self.max_examples]
+    if not self.counts:
+      logging.info("%s %s: no files skipped", dataset, split)
+    for reason, count in sorted(self.counts.items()):
+      logging.info("%s %s: skipped %d file(s): %s, e.g. %s", dataset, split, count, reason,
+                   ", ".join(self.examples[reason]))

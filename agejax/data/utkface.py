@@ -1,0 +1,174 @@
+"""UTKFace as a TFDS dataset (`agejax_utkface`), built from a manually downloaded folder or archive.
+
+UTKFace files are named `[age]_[gender]_[race]_[date&time].jpg` (`.chip.jpg` appended in the
+aligned-and-cropped set: 23,708 faces, 200x200, ages 1..116); gender 0 male / 1 female, race 0..4.
+Three real names miss the race (`39_1_20170116174525125.jpg.chip.jpg`, ...): they are kept with
+race -1, as is any empty or out-of-range gender or race field.
+
+Age policy: every age >= 0 is kept as given; the trainer's label range decides what to use, so the
+prepared dataset never depends on a training config. Names without an integer age, and negative
+ages, are skipped and counted (`builder.info.metadata["skipped"]`).
+
+Splits: a file goes to train / validation / test by a seeded hash of its base name, so the split
+is the same whatever the file order, folder layout or archive, and stable as files are added.
+Files are identified by base name (UTKFace names carry a millisecond timestamp): a second file
+with the same base name, e.g. from an extracted copy beside the archive, is skipped and counted.
+"""
+
+import dataclasses
+import hashlib
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from agejax.data import builders, faces
+
+SPLITS = ("train", "validation", "test")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+# Single-digit gender and race codes tell them apart from the long date field when one is missing.
+_NAME = re.compile(r"(?P<age>-?\d+)(?:_(?P<gender>\d?))?(?:_(?P<race>\d?))?(?:_(?P<date>\d{2,}))?",
+                   re.ASCII)
+
+
+def parse_utkface_name(name: str) -> dict | None:
+  """Returns {age, gender, race, date} from a UTKFace file name (-1 / "" unknown), or None."""
+  stem = os.path.basename(name).split(".", 1)[0]
+  match = _NAME.fullmatch(stem)
+  if match is None:
+    return None
+  gender, race = match["gender"], match["race"]
+  return {
+      "age": int(match["age"]),
+      "gender": int(gender) if gender in ("0", "1") else -1,
+      "race": int(race) if race and int(race) <= 4 else -1,
+      "date": match["date"] or "",
+  }
+
+
+def assign_split(file_name: str, fractions: dict[str, float], seed: int) -> str:
+  """Returns the split of a file name: a seeded hash of its base name against the fractions."""
+  digest = hashlib.sha256(f"{seed}/{os.path.basename(file_name)}".encode()).digest()
+  u = int.from_bytes(digest[:8], "big") / 2**64
+  splits = [s for s, f in fractions.items() if f > 0]
+  total = 0.0
+  for split in splits[:-1]:
+    total += fractions[split]
+    if u < total:
+      return split
+  return splits[-1]  # the remainder, so rounding in the fractions never loses a file
+
+
+@dataclasses.dataclass
+class UtkfaceConfig(tfds.core.BuilderConfig):
+  """Image size and split rule of the prepared UTKFace dataset."""
+  image_size: int = 200
+  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, validation, test
+  split_seed: int = 0
+
+  def __post_init__(self):
+    fractions = self.split_fractions
+    if min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
+      raise ValueError(f"split_fractions={self.split_fractions} must be >= 0, sum to 1, with train > 0")
+
+
+def _visible(rel_path: str) -> bool:
+  """False for dot-files and dot-folders (macOS `._*`, `.DS_Store`): metadata, not faces."""
+  return not any(part.startswith(".") for part in rel_path.split("/") if part not in ("", "."))
+
+
+class AgejaxUtkface(tfds.core.GeneratorBasedBuilder):
+  """UTKFace faces with age, gender and race parsed from the file names."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  UTKFace (https://susanqq.github.io/UTKFace/) is for non-commercial research only and has no
+  stable download URL. Download the aligned and cropped faces, `UTKFace.tar.gz` (23,708 images),
+  and put the archive in the manual folder, or extract it there: nested folders, `.tar.gz`, `.tgz`
+  and `.tar` archives are all read, without extracting (extract a `.zip`, e.g. Kaggle's, first).
+  Then pass the folder as `--manual_dir`.
+  """
+  BUILDER_CONFIGS = [
+      UtkfaceConfig(name="default", description="Faces at 200x200, the size of UTKFace's chips."),
+      UtkfaceConfig(name="tiny", description="For tests: faces at 32x32.", image_size=32),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = builders.features(
+        self.builder_config.image_size,
+        gender=tfds.features.Scalar(np.int32, doc="0 male, 1 female, -1 unknown"),
+        race=tfds.features.Scalar(np.int32, doc="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others, -1 unknown"),
+        file_name=tfds.features.Text(doc="base name of the UTKFace file"),
+    )
+    return self.dataset_info_from_configs(
+        features=features,
+        homepage="https://susanqq.github.io/UTKFace/",
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    root = Path(os.fspath(dl_manager.manual_dir))
+    files, archives = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+      dirnames[:] = sorted(d for d in dirnames if _visible(d))
+      for name in sorted(filenames):
+        if _visible(name):
+          (archives if name.endswith(ARCHIVE_SUFFIXES) else files).append(Path(dirpath, name))
+    fractions = dict(zip(SPLITS, self.builder_config.split_fractions))
+    return {split: self._generate_examples(root, files, archives, split)
+            for split, fraction in fractions.items() if fraction > 0}
+
+  def _sources(self, root: Path, files: list[Path], archives: list[Path],
+               split: str) -> Iterator[tuple[str, str, Path | bytes]]:
+    """Yields (base name, where, path or bytes) of the split's files, archive members streamed."""
+    cfg = self.builder_config
+    fractions = dict(zip(SPLITS, cfg.split_fractions))
+    for path in files:
+      if assign_split(path.name, fractions, cfg.split_seed) == split:
+        yield path.name, path.relative_to(root).as_posix(), path
+    for archive in archives:
+      try:
+        with tarfile.open(archive, "r|*") as tar:  # "|": one sequential pass, nothing on disk
+          for member in tar:
+            name = member.name.rsplit("/", 1)[-1]
+            if (member.isfile() and _visible(member.name)
+                and assign_split(name, fractions, cfg.split_seed) == split):
+              where = f"{archive.relative_to(root).as_posix()}:{member.name}"
+              yield name, where, tar.extractfile(member).read()
+      except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise ValueError(f"{archive} is not a complete tar archive ({e}); download it again") from e
+
+  def _generate_examples(self, root: Path, files: list[Path], archives: list[Path], split: str):
+    skips = faces.SkipCounter()
+    size = self.builder_config.image_size
+    kept = set()
+    for name, where, content in self._sources(root, files, archives, split):
+      if name in kept:
+        skips.add("duplicate file name", where)
+        continue
+      label = parse_utkface_name(name)
+      if label is None:
+        skips.add("unparseable name", where)
+        continue
+      if reason := faces.age_skip_reason(label["age"]):
+        skips.add(reason, where)
+        continue
+      image = faces.load_rgb(content, size)
+      if isinstance(image, str):
+        skips.add(image, where)
+        continue
+      kept.add(name)
+      yield name, {"image": image, "age": label["age"], "age_std": 0.0, "gender": label["gender"],
+                   "race": label["race"], "file_name": name}
+    skips.record(self.info.metadata, self.name, split)
+    if not kept:
+      raise ValueError(f"no usable UTKFace image for split {split!r} in {root} "
+                       f"(skipped: {dict(skips.counts)}); see the manual download instructions:\n"
+                       f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
