@@ -84,8 +84,9 @@ class Steps:
     _, _, rest = nnx.split(model, nnx.Param, ...)
     return out, nnx.to_pure_dict(rest)
 
-  def train_step(self, state: TrainState, sums: metrics.Sums, batch: dict) -> tuple[TrainState, metrics.Sums]:
-    """One optimizer step on a uint8 batch; adds the batch's metrics to the running sums."""
+  def train_step(self, state: TrainState, sums: metrics.Sums, batch: dict
+                 ) -> tuple[TrainState, metrics.Sums, jax.Array]:
+    """One optimizer step on a uint8 batch; adds its metrics to the running sums; returns its loss."""
     # Randomness is a function of (seed, step): a resumed run draws exactly the same numbers.
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
     aug_key, dropout_key = jax.random.split(key)
@@ -102,7 +103,8 @@ class Steps:
     params = optax.apply_updates(state.params, updates)
     pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
     sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch)))
-    return TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state), sums
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new_state, sums, jnp.mean(per_example)
 
   def predict(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
     """Returns predicted age distributions [B, K] for a uint8 batch, without augmentation."""
@@ -124,7 +126,7 @@ def jit_steps(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding
   """Returns (train_step, eval_step) jitted with explicit shardings; train donates state and sums."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   train = jax.jit(steps.train_step, in_shardings=(state_sharding, replicated, batch_sharding),
-                  out_shardings=(state_sharding, replicated), donate_argnums=(0, 1))
+                  out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
   evaluate = jax.jit(steps.eval_step, in_shardings=(state_sharding, replicated, batch_sharding),
                      out_shardings=replicated, donate_argnums=(1,))
   return train, evaluate

@@ -1,6 +1,9 @@
 """Trains an age estimator: python scripts/train.py --config configs/vgg16_kl.py[:VARIANT] --workdir DIR."""
 
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads datasets here
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -1,0 +1,199 @@
+"""Throughput benchmarks: the real train step (JAX and PyTorch side by side), loop overhead, input.
+
+Imports neither TensorFlow, TFDS nor CLU unless a mode needs a dataset, so `train` and `torch`
+run on a GPU host with only jax, flax, optax, torch and torchvision.
+"""
+
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agejax import labels, metrics, models, optim, parallel, steps
+
+# Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(device: jax.Device | None = None) -> float | None:
+  """Datasheet bf16 peak of the device, or None where unknown (CPUs)."""
+  kind = (device or jax.devices()[0]).device_kind
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def bench_config(batch: int, dtype: str, image_size: int, width: float):
+  """The default config at the benchmark's batch, dtype, input size and width."""
+  from configs import vgg16_kl  # configs need ml_collections only
+  config = vgg16_kl.get_config()
+  config.batch_size, config.model.dtype = batch, dtype
+  config.data.image_size, config.model.width_multiplier = image_size, width
+  return config
+
+
+def time_steps(fn, carry, batch, num_steps: int, repeats: int) -> list[float]:
+  """Per-step seconds of `num_steps` chained calls, once per repeat, after the carry is ready."""
+  times = []
+  for _ in range(repeats):
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+    for _ in range(num_steps):
+      carry = fn(*carry[:2], batch)
+    jax.block_until_ready(carry)
+    times.append((time.perf_counter() - t0) / num_steps)
+  return times
+
+
+def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
+              repeats: int = 3, width: float = 1.0, config=None) -> dict[str, Any]:
+  """Times the trainer's own jitted train step (augmentation included) on device-resident uint8 data."""
+  config = config or bench_config(batch, dtype, image_size, width)
+  mesh = parallel.make_mesh()
+  num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
+  graphdef, params, model_state = steps.split_model(models.create_model(config.model, num_bins))
+  tx = optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 10_000, 100))
+  rep, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  state = jax.device_put(steps.create_train_state(params, model_state, tx), rep)
+  train_step, _ = steps.jit_steps(steps.Steps(graphdef, tx, steps.StepConfig.from_config(config)), rep, sharded)
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  host = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+          "age": rng.integers(1, 91, config.batch_size).astype(np.float32),
+          "age_std": np.zeros(config.batch_size, np.float32)}
+  data = jax.device_put(host, sharded)
+  sums = jax.device_put(metrics.zeros(), rep)
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, sums, data).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  carry = compiled(state, sums, data)  # warm-up
+  times = time_steps(compiled, carry, data, num_steps, repeats)
+  step_s = statistics.median(times)
+  analytic = 3.0 * models.forward_flops(size, num_bins, config.model.width_multiplier) * config.batch_size
+  peak = peak_flops()
+  n = jax.device_count()
+  return {"mode": "train", "framework": "jax", "device": jax.devices()[0].device_kind, "devices": n,
+          "batch": config.batch_size, "dtype": config.model.dtype, "image_size": size,
+          "width": config.model.width_multiplier, "images_per_s": config.batch_size / step_s,
+          "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+          "compile_s": compile_s, "xla_gflop_per_image": xla_flops / config.batch_size / 1e9,
+          "analytic_gflop_per_image": analytic / config.batch_size / 1e9,
+          "mfu": analytic / step_s / (peak * n) if peak and config.model.dtype != "float32" else None}
+
+
+def bare_steps_per_s(config, num_steps: int = 50) -> float:
+  """Steps/s of only the jitted train step, chained on one device-resident batch."""
+  r = jax_train(num_steps=num_steps, repeats=1, config=config)
+  return 1e3 / r["step_ms_median"]
+
+
+def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
+  """Full training loop (host pipeline, logging, metrics, checkpoints) vs the bare jitted step."""
+  from agejax import train
+  config.num_train_steps = num_steps
+  final = train.train_and_evaluate(config, workdir)
+  bare = bare_steps_per_s(config, num_steps)
+  return {"mode": "loop", "loop_steps_per_s": final["train_steps_per_s"], "bare_steps_per_s": bare,
+          "ratio": final["train_steps_per_s"] / bare, "batch": config.batch_size}
+
+
+def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batch: int = 256,
+                   num_batches: int = 200, split: str = "train") -> dict[str, Any]:
+  """Images/s of the host pipeline delivering ready uint8 batches (one thread, so per core too)."""
+  from agejax.data import pipeline
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "builder_config": builder_config})
+  data = pipeline.load_split(cfg, split)
+  batches = pipeline.TrainBatches(data, batch, seed=0, process_index=0, process_count=1)
+  for s in range(3):  # warm the page cache and the permutation
+    batches.local_batch(s)
+  t0 = time.perf_counter()
+  for s in range(num_batches):
+    out = batches.local_batch(s)
+  dt = time.perf_counter() - t0
+  rate = num_batches * batch / dt
+  cores = 1  # the gather runs in one thread
+  return {"mode": "input", "dataset": name, "examples": len(data), "image_shape": list(out["image"].shape[1:]),
+          "batch": batch, "images_per_s": rate, "images_per_s_per_core": rate / cores, "cores": cores,
+          "host_cpus": os.cpu_count()}
+
+
+def torch_vgg16(num_bins: int, width: float = 1.0):
+  """torchvision's VGG16 with its classifier's last layer replaced by the age head (scaled by width)."""
+  import torch
+  from torchvision.models import vgg
+  cfg = [v if v == "M" else models.scaled(v, width) for v in models.VGG16_LAYERS]
+  model = vgg.VGG(vgg.make_layers(cfg), num_classes=num_bins, init_weights=True)
+  hidden, channels = models.scaled(models.HIDDEN, width), cfg[-2]
+  if width != 1.0:
+    model.classifier = torch.nn.Sequential(
+        torch.nn.Linear(channels * 49, hidden), torch.nn.ReLU(True), torch.nn.Dropout(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(True), torch.nn.Dropout(), torch.nn.Linear(hidden, num_bins))
+  return model
+
+
+def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
+                repeats: int = 3, width: float = 1.0, *, compiled: bool = False) -> dict[str, Any]:
+  """Times the same model, KL loss, Adam and batch in PyTorch: eager AMP + channels_last, or torch.compile.
+
+  Its step converts uint8 to float, flips and normalises on the device; it does not do the JAX
+  step's random crop, brightness and contrast, which only favours PyTorch.
+  """
+  import torch
+  import torch.nn.functional as F
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  num_bins = 100
+  bins = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
+  model = torch_vgg16(num_bins, width).to(device).to(memory_format=torch.channels_last).train()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+  amp = dtype == "bfloat16"
+
+  def step(images, ages):
+    x = images.permute(0, 3, 1, 2).float().div(255.0)
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
+    x = torch.where(flip, x.flip(3), x)
+    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+      logits = model(x)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    target = torch.softmax(-0.5 * ((bins[None] - ages[:, None]) / 2.0) ** 2, dim=-1)
+    loss = F.kl_div(log_probs, target, reduction="batchmean")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  fn = torch.compile(step) if compiled else step
+  images = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, device=device)
+  ages = torch.randint(1, 91, (batch,), device=device).float()
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t0 = time.perf_counter()
+  for _ in range(3):  # warm-up (and compilation)
+    fn(images, ages)
+  sync()
+  warmup_s = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(num_steps):
+      fn(images, ages)
+    sync()
+    times.append((time.perf_counter() - t0) / num_steps)
+  step_s = statistics.median(times)
+  analytic = 3.0 * models.forward_flops(image_size, num_bins, width) * batch
+  peak = peak_flops() if device == "cuda" else None
+  name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  return {"mode": "train", "framework": "torch.compile" if compiled else "torch eager" + (" amp" if amp else ""),
+          "device": name, "devices": 1, "batch": batch, "dtype": dtype, "image_size": image_size, "width": width,
+          "images_per_s": batch / step_s, "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
+          "step_ms_max": 1e3 * max(times), "compile_s": warmup_s,
+          "mfu": analytic / step_s / peak if peak and amp else None}

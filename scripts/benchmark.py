@@ -1,0 +1,83 @@
+"""Benchmarks: python scripts/benchmark.py {train,torch,loop,input} [options].
+
+Each mode prints a human table, then last a single JSON line (a list when several configs ran).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+
+
+def table(rows: list[dict], keys: list[str]) -> str:
+  """Formats result dicts as an aligned text table."""
+  def fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+  cells = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+TRAIN_KEYS = ["framework", "device", "batch", "dtype", "image_size", "images_per_s", "step_ms_median",
+              "step_ms_min", "step_ms_max", "compile_s", "mfu"]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  sub = parser.add_subparsers(dest="mode", required=True)
+  for mode in ("train", "torch"):
+    p = sub.add_parser(mode)
+    p.add_argument("--batch", type=int, nargs="+", default=[64])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--width", type=float, default=1.0, help="VGG16 width multiplier")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    if mode == "torch":
+      p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+  p = sub.add_parser("loop")
+  p.add_argument("--config", default="tiny", help="variant of configs/vgg16_kl.py")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--data_dir", default="")
+  p = sub.add_parser("input")
+  p.add_argument("--dataset", required=True)
+  p.add_argument("--data_dir", default="")
+  p.add_argument("--builder_config", default="")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--batches", type=int, default=200)
+  args = parser.parse_args()
+
+  from agejax import benchmarking
+  if args.mode in ("train", "torch"):
+    rows = []
+    for batch in args.batch:
+      jax_row = benchmarking.jax_train(batch, args.dtype, args.image_size, args.steps, args.repeats, args.width)
+      rows.append(jax_row)
+      if args.mode == "torch":
+        for compiled in (False,) if args.no_compile else (False, True):
+          r = benchmarking.torch_train(batch, args.dtype, args.image_size, args.steps, args.repeats, args.width,
+                                       compiled=compiled)
+          r["jax_speedup"] = jax_row["images_per_s"] / r["images_per_s"]
+          rows.append(r)
+    print(table(rows, TRAIN_KEYS + (["jax_speedup"] if args.mode == "torch" else [])))
+    print(json.dumps(rows if len(rows) > 1 else rows[0]))
+  elif args.mode == "loop":
+    from configs import vgg16_kl
+    config = vgg16_kl.get_config(args.config)
+    config.data.data_dir = args.data_dir
+    config.eval_every_steps = args.steps  # evaluate once, at the end, outside the timed window
+    with tempfile.TemporaryDirectory() as workdir:
+      row = benchmarking.loop(config, workdir, args.steps)
+    print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
+    print(json.dumps(row))
+  else:
+    row = benchmarking.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
+    print(table([row], ["dataset", "examples", "image_shape", "batch", "images_per_s", "images_per_s_per_core", "cores"]))
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+  main()
