@@ -40,7 +40,9 @@ def main() -> None:
       p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   p = sub.add_parser("loop")
   p.add_argument("--config", default="tiny", help="variant of configs/vgg16_kl.py")
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--log-every", type=int, default=50)
+  p.add_argument("--checkpoint-every", type=int, default=200)
   p.add_argument("--data_dir", default="")
   p = sub.add_parser("input")
   p.add_argument("--dataset", required=True)
@@ -69,6 +71,7 @@ def main() -> None:
     config = vgg16_kl.get_config(args.config)
     config.data.data_dir = args.data_dir
     config.eval_every_steps = args.steps  # evaluate once, at the end, outside the timed window
+    config.log_every_steps, config.checkpoint_every_steps = args.log_every, args.checkpoint_every
     with tempfile.TemporaryDirectory() as workdir:
       row = benchmarking.loop(config, workdir, args.steps)
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
