@@ -1,5 +1,7 @@
 """Checks a training config before anything is compiled; resolves its derived values."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +20,17 @@ def compute_dtype(name: str) -> jnp.dtype:
 def _require(ok: bool, key: str, value, why: str) -> None:
   if not ok:
     raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def check_pretrained(config) -> None:
+  """Fails, with the command that creates them, when `config.model.pretrained` names no converted weights."""
+  path = Path(config.model.pretrained)
+  if config.model.pretrained and not (path / "agejax_weights.json").exists():
+    arch = "vgg16_bn" if config.model.get("batch_norm", False) else "vgg16"
+    raise FileNotFoundError(
+        f"config.model.pretrained={str(path)!r} holds no converted weights; create them with: python "
+        f"scripts/convert_torchvision.py --weights IMAGENET1K_V1 --arch {arch} --output {path} "
+        f"(or --checkpoint FILE.pth instead of --weights), or set --config.model.pretrained='' to train from scratch")
 
 
 def validate(config) -> None:
@@ -47,5 +60,6 @@ def validate(config) -> None:
   _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"must be one of {DTYPES}")
   _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate", config.optimizer.learning_rate,
            "must be positive")
+  check_pretrained(config)
   _require(config.optimizer.schedule in optim.SCHEDULES, "optimizer.schedule", config.optimizer.schedule,
            f"must be one of {optim.SCHEDULES}")

@@ -49,6 +49,12 @@ def load_labelled_split(config, split: str) -> pipeline.ArraySplit:
   return data
 
 
+def load_pretrained(config, params, model_state):
+  """Overlays the converted torchvision backbone of `config.model.pretrained`; the age head stays new."""
+  from agejax import convert
+  return convert.backbone_from_converted(config.model.pretrained, params, model_state)
+
+
 def build(config) -> dict[str, Any]:
   """Creates the mesh, data, model, optimizer, initial state and jitted steps for `config`."""
   configuration.validate(config)
@@ -59,6 +65,8 @@ def build(config) -> dict[str, Any]:
   num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
   model = models.create_model(config.model, num_bins, seed=config.seed)
   graphdef, params, model_state = steps.split_model(model)
+  if config.model.pretrained:
+    params, model_state = load_pretrained(config, params, model_state)
   schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps, steps_per_epoch)
   tx = optim.create_optimizer(config.optimizer, schedule)
   replicated = parallel.replicated(mesh)

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # the latest few; the best by eval MAE is kept as well
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "demo"
+  config.data.name = "utkface"  # prepare once: python scripts/prepare_data.py utkface --manual_dir DIR
   config.data.data_dir = ""  # TFDS data_dir; '' is TFDS's default (~/tensorflow_datasets)
   config.data.builder_config = ""  # TFDS builder config; '' is the builder's default
   config.data.eval_split = "validation"
@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "auto"  # bfloat16 compute on accelerators, float32 on CPU; params are float32
   config.model.batch_norm = False
   config.model.dropout_rate = 0.5
-  config.model.pretrained = ""  # converted torchvision weights; '' trains from scratch
+  # Converted torchvision weights (scripts/convert_torchvision.py --output PATH); '' trains from scratch.
+  config.model.pretrained = "weights/vgg16_imagenet"
 
   config.labels = ml_collections.ConfigDict()
   config.labels.min_age = 1
@@ -64,9 +65,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.step_gamma = 0.1
   config.optimizer.warmup_steps = 0  # cosine only
   config.optimizer.end_learning_rate_factor = 0.0  # cosine only
+  # Fine-tuning a pretrained backbone (everything but the age head):
+  config.optimizer.backbone_lr_multiplier = 1.0
+  config.optimizer.freeze_backbone = False
+  config.optimizer.head_warmup_steps = 0  # train the head alone for this many steps first
 
   if arg in ("demo", "tiny"):
     config.data.name = "demo"
+    config.model.pretrained = ""  # a narrow VGG16 from scratch: ImageNet weights are full width
     config.data.image_size = 64
     config.model.width_multiplier = 0.125
     config.batch_size = 64

@@ -6,6 +6,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+try:
+  # torch must load before TensorFlow: the reverse order segfaults (torch 2.14, TensorFlow 2.21).
+  import torch  # noqa: F401
+except ImportError:
+  pass
+
 from configs import vgg16_kl
 
 
