@@ -1,5 +1,6 @@
 """Orbax checkpoints under WORKDIR/checkpoints: the latest few plus the best by eval MAE."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ class Checkpoints:
         best_fn=_mae, best_mode="min", preservation_policy=policy, create=not read_only,
         read_only=read_only, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
     self.directory = Path(directory).absolute()
+    if not read_only:
+      for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+        # An interrupted write; Orbax deletes it and never restores from it.
+        logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)", partial)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -44,6 +49,10 @@ class Checkpoints:
     """Restores the checkpoint at `step` (default latest) into the structure and shardings of `target`."""
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  def reached_preemption(self, step: int) -> bool:
+    """True, on every process at the same step, once any process got a preemption notice."""
+    return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
     """Blocks until every pending write is committed."""

@@ -38,6 +38,11 @@ def validate(config) -> None:
   n = jax.device_count()
   _require(config.batch_size > 0 and config.batch_size % n == 0, "batch_size", config.batch_size,
            f"must be a positive multiple of the {n} devices")
+  accum = config.get("grad_accum_steps", 1)
+  _require(accum >= 1 and (config.batch_size // n) % accum == 0, "grad_accum_steps", accum,
+           f"must be >= 1 and divide the per-device batch {config.batch_size // n}")
+  _require(config.get("nonfinite", "stop") in ("stop", "skip"), "nonfinite", config.get("nonfinite"),
+           "must be 'stop' or 'skip'")
   eval_bs = config.get("eval_batch_size", 0)
   _require(eval_bs == 0 or (eval_bs > 0 and eval_bs % n == 0), "eval_batch_size", eval_bs,
            f"must be 0 (use batch_size) or a positive multiple of the {n} devices")

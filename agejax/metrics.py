@@ -22,6 +22,11 @@ def cumulative_score(pred: jax.Array, age: jax.Array, k: float) -> jax.Array:
   return (jnp.abs(pred - age) <= k).astype(jnp.float32)
 
 
+# Accumulator entries that are not per-example metrics: the example count and the train step's
+# non-finite step count and first non-finite step (1-based; 0 while there was none).
+COUNTERS = ("count", "nonfinite", "nonfinite_step")
+
+
 def batch_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array | float,
                mask: jax.Array | None = None) -> Sums:
   """Returns masked per-batch sums of loss, abs error, epsilon-error, CS@5 and the count."""
@@ -38,20 +43,25 @@ def batch_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Arra
 
 
 def zeros() -> Sums:
-  """Returns an empty accumulator with the keys of `batch_sums`."""
-  return {k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", "count")}
+  """Returns an empty accumulator with the keys of `batch_sums` and the counters."""
+  return {k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", *COUNTERS)}
 
 
 def add(a: Sums, b: Sums) -> Sums:
-  """Adds two accumulators (on device, no host synchronisation)."""
-  return jax.tree.map(jnp.add, a, b)
+  """Adds the per-batch sums `b` into the accumulator `a` (on device, no host synchronisation)."""
+  return {k: a[k] + b[k] if k in b else a[k] for k in a}
 
 
-def means(sums: Sums) -> dict[str, float]:
-  """Fetches an accumulator and returns the mean of each metric over the counted examples."""
-  host = jax.device_get(sums)
-  count = float(host["count"])
-  return {k: float(v) / max(count, 1.0) for k, v in host.items() if k != "count"}
+def fetch(sums: Sums) -> dict[str, float]:
+  """Copies a replicated accumulator to the host (the local copy: works on every process)."""
+  return {k: float(np.asarray(v.addressable_data(0)) if isinstance(v, jax.Array) else v) for k, v in sums.items()}
+
+
+def means(sums: Sums | dict[str, float]) -> dict[str, float]:
+  """Returns each metric's mean over the counted examples (fetching the sums if on device)."""
+  host = fetch(sums)
+  count = max(host["count"], 1.0)
+  return {k: v / count for k, v in host.items() if k not in COUNTERS}
 
 
 def mean_baseline_mae(train_ages: np.ndarray, eval_ages: np.ndarray) -> float:

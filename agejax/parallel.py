@@ -7,6 +7,24 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+               auto: bool = False) -> None:
+  """Joins a multi-process run before any device is touched; a no-op for a single process.
+
+  `auto` lets JAX discover the cluster (TPU VMs, SLURM); otherwise pass the coordinator's
+  host:port, the process count and this process's id (other GPU clusters, or CPU tests).
+  """
+  if not (auto or coordinator_address):
+    return
+  # Cross-process collectives of the CPU backend need gloo (CPU clusters, tests); GPUs and TPUs
+  # use their own.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if auto:
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+
+
 def make_mesh() -> jax.sharding.Mesh:
   """Returns a 1-D mesh over every device of every process, named 'data'."""
   return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),

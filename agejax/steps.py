@@ -39,6 +39,7 @@ class StepConfig:
   epsilon_sigma: float
   augment: Any  # config.augment (read at trace time only)
   seed: int
+  grad_accum_steps: int = 1
 
   @classmethod
   def from_config(cls, config) -> "StepConfig":
@@ -46,7 +47,8 @@ class StepConfig:
     return cls(image_size=config.data.image_size, min_age=config.labels.min_age,
                max_age=config.labels.max_age, loss_name=config.loss.name,
                loss_sigma=config.loss.sigma, l1_weight=config.loss.l1_weight,
-               epsilon_sigma=config.metrics.epsilon_sigma, augment=config.augment, seed=config.seed)
+               epsilon_sigma=config.metrics.epsilon_sigma, augment=config.augment, seed=config.seed,
+               grad_accum_steps=config.get("grad_accum_steps", 1))
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
@@ -84,25 +86,60 @@ class Steps:
     _, _, rest = nnx.split(model, nnx.Param, ...)
     return out, nnx.to_pure_dict(rest)
 
+  def _grads(self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array,
+             key: jax.Array) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
+    """Gradient of the mean loss; aux is (per-example loss, logits, updated model state)."""
+    def loss_of(params):
+      logits, new_state = self.logits(params, model_state, images, train=True, key=key)
+      per_example = self.loss_fn(logits, ages)
+      return jnp.mean(per_example), (per_example, logits, new_state)
+    return jax.grad(loss_of, has_aux=True)(params)
+
+  def _accumulated_grads(self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array,
+                         key: jax.Array) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
+    """`_grads` over `grad_accum_steps` micro-batches in a scan: the same mean gradient, less memory."""
+    k = self.cfg.grad_accum_steps
+    # Micro-batch j takes examples j, j+k, ...: each device keeps its own rows, so no data moves.
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
+
+    def body(carry, xs):
+      grad_sum, state = carry
+      imgs, ags, i = xs
+      grads, (per_example, logits, state) = self._grads(params, state, imgs, ags, jax.random.fold_in(key, i))
+      return (jax.tree.map(jnp.add, grad_sum, grads), state), (per_example, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, model_state), (per_example, logits) = jax.lax.scan(
+        body, (zeros, model_state), (split(images), split(ages), jnp.arange(k)))
+    return jax.tree.map(lambda g: g / k, grad_sum), (merge(per_example), merge(logits), model_state)
+
   def train_step(self, state: TrainState, sums: metrics.Sums, batch: dict
                  ) -> tuple[TrainState, metrics.Sums, jax.Array]:
-    """One optimizer step on a uint8 batch; adds its metrics to the running sums; returns its loss."""
+    """One optimizer step on a uint8 batch; adds its metrics to the running sums; returns its loss.
+
+    A step whose loss or gradient is not finite changes nothing but the step counter and the
+    sums' `nonfinite` count (and `nonfinite_step`, the first such step, 1-based).
+    """
     # Randomness is a function of (seed, step): a resumed run draws exactly the same numbers.
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
     aug_key, dropout_key = jax.random.split(key)
     images = augment.augment(batch["image"], aug_key, self.cfg.image_size, self.cfg.augment)
     ages = batch["age"].astype(jnp.float32)
-
-    def loss_of(params):
-      logits, model_state = self.logits(params, state.model_state, images, train=True, key=dropout_key)
-      per_example = self.loss_fn(logits, ages)
-      return jnp.mean(per_example), (per_example, logits, model_state)
-
-    grads, (per_example, logits, model_state) = jax.grad(loss_of, has_aux=True)(state.params)
+    grads_fn = self._grads if self.cfg.grad_accum_steps == 1 else self._accumulated_grads
+    grads, (per_example, logits, model_state) = grads_fn(state.params, state.model_state, images, ages, dropout_key)
+    finite = jnp.isfinite(jnp.mean(per_example)) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new = (optax.apply_updates(state.params, updates), opt_state, model_state)
+    params, opt_state, model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                                                  (state.params, state.opt_state, state.model_state))
     pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
-    sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch)))
+    mask = jnp.broadcast_to(finite, ages.shape)
+    sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch), mask))
+    sums["nonfinite_step"] = jnp.where((sums["nonfinite"] == 0) & ~finite,
+                                       (state.step + 1).astype(jnp.float32), sums["nonfinite_step"])
+    sums["nonfinite"] = sums["nonfinite"] + (~finite).astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, sums, jnp.mean(per_example)
 

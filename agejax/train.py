@@ -86,6 +86,14 @@ def evaluate_split(eval_step, state: steps.TrainState, data: pipeline.ArraySplit
   return metrics.means(sums)
 
 
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache, so a restarted run skips recompiling."""
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _write_json(path: Path, obj: dict) -> None:
   if jax.process_index() == 0:
     tmp = path.with_suffix(".tmp")
@@ -102,16 +110,20 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   from clu import metric_writers, periodic_actions
   from tqdm.auto import tqdm
 
+  started = time.perf_counter()
   workdir = Path(workdir)
   final_path = workdir / FINAL_METRICS
+  enable_compilation_cache(config.get("compilation_cache_dir", ""))
   b = build(config)
   workdir.mkdir(parents=True, exist_ok=True)
   _write_json(workdir / "config.json", config.to_dict())
   state, mesh = b["state"], b["mesh"]
+  replicated = parallel.replicated(mesh)
   eval_batch_size = config.eval_batch_size or config.batch_size
   ckpts = checkpointing.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   if ckpts.latest_step() is not None:
-    logging.info("Resuming from %s step %d", ckpts.directory, ckpts.latest_step())
+    if jax.process_index() == 0:
+      print(f"resuming from step {ckpts.latest_step()} of {ckpts.directory}")
     state = ckpts.restore(state)
   start = int(state.step)
   if start >= config.num_train_steps and final_path.exists():
@@ -125,15 +137,28 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
   stream = pipeline.device_prefetch((batches.local_batch(s) for s in range(start, config.num_train_steps)),
                                     parallel.data_sharded(mesh))
-  sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
+  sums = jax.device_put(metrics.zeros(), replicated)
   eval_metrics: dict[str, float] = {}
-  step = start
+  step, first_step_s, skipped = start, None, 0
   in_flight: collections.deque = collections.deque()
   synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
-  with metric_writers.ensure_flushes(writer), _Preemption() as preempted, \
+
+  def check_finite(host_sums: dict[str, float]) -> None:
+    if host_sums["nonfinite"] and config.get("nonfinite", "stop") == "stop":
+      ckpts.wait()  # earlier (finite) checkpoints complete; this state is never saved
+      ckpts.close()
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {int(host_sums['nonfinite_step'])} (run stopped; latest "
+          f"checkpoint: step {ckpts.latest_step()}); lower optimizer.learning_rate, or set "
+          f"config.nonfinite='skip' to skip such steps")
+
+  with metric_writers.ensure_flushes(writer), _Preemption() as signalled, \
       tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
     for step in range(start + 1, config.num_train_steps + 1):
       state, sums, loss = b["train_step"](state, sums, next(stream))
+      if first_step_s is None:
+        loss.block_until_ready()  # once: time to the first finished step (start-up + compilation)
+        first_step_s = time.perf_counter() - started
       # Wait for the step before last: the device keeps two steps queued, the host never runs
       # ahead unboundedly, and the progress bar shows real speed.
       in_flight.append(loss)
@@ -142,25 +167,33 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
       report(step)
       bar.update()
       last = step == config.num_train_steps
-      if step % config.log_every_steps == 0 or last:
-        train = metrics.means(sums)  # the only host sync of the loop, every log_every_steps
-        synced.append((step, time.perf_counter()))
-        sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
-        writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
-                                    "train/learning_rate": float(b["schedule"](step - 1))})
-        bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
+      # All processes must stop at the same step: with several, JAX's preemption sync point decides.
+      preempted = ckpts.reached_preemption(step) if jax.process_count() > 1 else bool(signalled)
       evaluated = step % config.eval_every_steps == 0 or last
+      saving = evaluated or step % config.checkpoint_every_steps == 0 or preempted
+      if step % config.log_every_steps == 0 or last or saving:
+        host = metrics.fetch(sums)  # the loop's only host sync: at log and checkpoint steps
+        check_finite(host)
+      if step % config.log_every_steps == 0 or last:
+        synced.append((step, time.perf_counter()))
+        train = metrics.means(host)
+        skipped += int(host["nonfinite"])
+        sums = jax.device_put(metrics.zeros(), replicated)
+        writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
+                                    "train/learning_rate": float(b["schedule"](step - 1)),
+                                    "train/nonfinite_steps": skipped})
+        bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
       if evaluated:
         with report.timed("eval"):
           eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-      if evaluated or step % config.checkpoint_every_steps == 0 or preempted:
+      if saving:
         ckpts.save(step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None,
-                   force=bool(preempted))
+                   force=preempted)
       if preempted and not last:
         ckpts.wait()
         ckpts.close()
-        print(f"SIGTERM: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
+        print(f"preempted: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
         return None
   ckpts.wait()
   if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
@@ -168,7 +201,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   final = {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()},
            "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
            "best_step": ckpts.best_step(), "eval_split": config.data.eval_split,
-           "train_steps_per_s": _steady_rate(synced)}
+           "train_steps_per_s": _steady_rate(synced), "first_step_s": first_step_s,
+           "nonfinite_steps": skipped}
   ckpts.close()
   _write_json(final_path, final)
   if jax.process_index() == 0:

@@ -18,6 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 1_000
   config.checkpoint_every_steps = 1_000
   config.keep_checkpoints = 3  # the latest few; the best by eval MAE is kept as well
+  config.grad_accum_steps = 1  # >1: split each batch into micro-batches, one update per batch
+  config.nonfinite = "stop"  # a non-finite loss/gradient: "stop" the run, or "skip" the step (counted)
+  config.compilation_cache_dir = "~/.cache/agejax/jax_compilation_cache"  # '' disables it
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "utkface"  # prepare once: python scripts/prepare_data.py utkface --manual_dir DIR

@@ -8,11 +8,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import train
+from agejax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final metrics.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Multi-process run that JAX discovers (TPU VM pods, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for other clusters.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Process count, with --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's id, with --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,9 +24,10 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # Orbax and CLU are chatty at INFO; -v 0 restores it
     logging.set_verbosity(logging.WARNING)
+  parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f"error: {e}")
 
 

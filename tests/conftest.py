@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny generated demo dataset, prepared once per test session."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,3 +32,30 @@ def tiny_config(data_dir):
   config = vgg16_kl.get_config("tiny")
   config.data.data_dir = data_dir
   return config
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_command(workdir, *overrides: str, data_dir: str, variant: str = "tiny") -> list[str]:
+  """The command line of scripts/train.py on the tiny demo data, with `--config.KEY=VALUE` overrides."""
+  return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", f"{ROOT}/configs/vgg16_kl.py:{variant}",
+          "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.compilation_cache_dir=",
+          *overrides]
+
+
+def cpu_env(devices: int = 1) -> dict[str, str]:
+  """Environment for a subprocess that sees `devices` CPU devices."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def checkpoint(workdir, step: int) -> dict:
+  """Restores a checkpoint as NumPy arrays with plain Orbax, as anyone could without agejax."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  path = Path(workdir) / "checkpoints" / str(step) / "default"
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, restore_args=as_numpy)

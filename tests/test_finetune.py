@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from agejax import configuration, convert, models, optim, train
+from conftest import checkpoint
 
 
 def opt_cfg(**kw) -> ml_collections.ConfigDict:
@@ -67,7 +67,7 @@ def test_training_from_converted_weights_loads_backbone_and_trains_head(tiny_con
   config.optimizer.freeze_backbone = True
   config.update(batch_size=2, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=1)
   train.train_and_evaluate(config, tmp_path / "run")
-  params = ocp.StandardCheckpointer().restore(tmp_path / "run" / "checkpoints" / "2" / "default")["params"]
+  params = checkpoint(tmp_path / "run", 2)["params"]
   np.testing.assert_array_equal(params["convs"]["0"]["kernel"], reference["features.0.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(params["convs"]["12"]["bias"], reference["features.28.bias"])
   np.testing.assert_array_equal(params["fc2"]["kernel"], reference["classifier.3.weight"].T)

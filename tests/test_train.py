@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agejax import train
+from conftest import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = ("train/loss", "train/mae", "train/learning_rate", "eval/loss", "eval/mae", "eval/epsilon_error", "eval/cs5")
@@ -34,9 +35,7 @@ def tf_make(proto):
 
 
 def params_at(workdir: Path, step: int):
-  """Restores a checkpoint's params with plain Orbax, as any user could without agejax."""
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "default")["params"]
+  return checkpoint(workdir, step)["params"]
 
 
 @pytest.fixture(scope="module")

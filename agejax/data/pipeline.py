@@ -161,10 +161,10 @@ class TrainBatches:
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     """Returns this process's slice of the global batch at `step`."""
+    # Sorted before slicing: reads go in file order (kinder to the page cache), and each example
+    # keeps its position in the global batch (so its augmentation draw) whatever the process count.
     start = self.process_index * self.local_batch_size
-    index = self.global_indices(step)[start:start + self.local_batch_size]
-    # Reading in ascending file order is kinder to the page cache; the batch order is irrelevant.
-    return self.data.gather(np.sort(index))
+    return self.data.gather(np.sort(self.global_indices(step))[start:start + self.local_batch_size])
 
 
 def eval_batches(data: ArraySplit, global_batch_size: int, process_index: int | None = None,

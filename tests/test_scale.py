@@ -1,0 +1,63 @@
+"""Scaling out must not change the model: 8 devices, or 2 processes, equal 1 device / 1 process."""
+
+import json
+import socket
+import subprocess
+
+import jax
+import numpy as np
+
+from conftest import checkpoint, cpu_env, train_command
+
+# The project's default learning rate (`:tiny` raises it to learn fast): float32 reassociation
+# differences then stay far below 1e-5, while a real mismatch (data, shards, rng) stays far above.
+STEPS = ("--config.num_train_steps=20", "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
+         "--config.log_every_steps=10", "--config.optimizer.learning_rate=1e-4")
+
+
+def assert_close_relative(a, b, rtol: float) -> None:
+  """||a - b|| <= rtol ||b|| over all parameters together.
+
+  Reductions over 8 devices add the same gradients in another order; float32 rounding then differs
+  by ~1e-7 relative, and Adam, which normalises each gradient, can grow that on a parameter whose
+  gradient nearly cancels (a bias near zero), so single small tensors are not compared alone.
+  """
+  diff = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert np.sqrt(diff) <= rtol * np.sqrt(norm), np.sqrt(diff / norm)
+
+
+def test_eight_devices_equal_one(data_dir, tmp_path):
+  runs = {}
+  for devices in (1, 8):
+    workdir = tmp_path / f"d{devices}"
+    subprocess.run(train_command(workdir, *STEPS, data_dir=data_dir), env=cpu_env(devices), check=True,
+                   capture_output=True, timeout=600)
+    runs[devices] = workdir
+  assert_close_relative(checkpoint(runs[8], 20)["params"], checkpoint(runs[1], 20)["params"], 1e-5)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(data_dir, tmp_path):
+  single = tmp_path / "single"
+  subprocess.run(train_command(single, *STEPS, data_dir=data_dir), env=cpu_env(4), check=True,
+                 capture_output=True, timeout=600)
+  multi = tmp_path / "multi"
+  port = free_port()
+  procs = [subprocess.Popen(train_command(multi, *STEPS, "--coordinator_address", f"127.0.0.1:{port}",
+                                          "--num_processes", "2", "--process_id", str(i), data_dir=data_dir),
+                            env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  assert_close_relative(checkpoint(multi, 20)["params"], checkpoint(single, 20)["params"], 1e-5)
+  a, b = (json.loads((w / "final_metrics.json").read_text()) for w in (multi, single))
+  for key in ("eval_mae", "eval_loss", "eval_cs5", "eval_epsilon_error", "baseline_mae"):
+    assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), key
