@@ -4,29 +4,12 @@ import json
 import socket
 import subprocess
 
-import jax
-import numpy as np
-
-from conftest import checkpoint, cpu_env, train_command
+from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
 # The project's default learning rate (`:tiny` raises it to learn fast): float32 reassociation
 # differences then stay far below 1e-5, while a real mismatch (data, shards, rng) stays far above.
 STEPS = ("--config.num_train_steps=20", "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
          "--config.log_every_steps=10", "--config.optimizer.learning_rate=1e-4")
-
-
-def assert_close_relative(a, b, rtol: float) -> None:
-  """||a - b|| <= rtol ||b|| over all parameters together.
-
-  Reductions over 8 devices add the same gradients in another order; float32 rounding then differs
-  by ~1e-7 relative, and Adam, which normalises each gradient, can grow that on a parameter whose
-  gradient nearly cancels (a bias near zero), so single small tensors are not compared alone.
-  """
-  diff = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  assert np.sqrt(diff) <= rtol * np.sqrt(norm), np.sqrt(diff / norm)
 
 
 def test_eight_devices_equal_one(data_dir, tmp_path):
