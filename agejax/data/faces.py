@@ -6,9 +6,10 @@ metadata.json, so a user sees what was dropped and why: `builder.info.metadata` 
 ({reason: count} over all splits), `skipped_by_split` ({split: {reason: count}}) and
 `skipped_examples` ({reason: [a few file names]}).
 
-Colour policy of `load_rgb`: grayscale, palette, CMYK and 16-bit images become RGB; images with
-transparency are composited on black, the value a zoomed-out or shifted augmented face is padded
-with (`jax.image.scale_and_translate` fills with 0), so the model meets one background convention.
+Colour policy of `open_rgb` (and so of `load_rgb`, which crops its result): grayscale, palette,
+CMYK and 16-bit images become RGB; images with transparency are composited on black, the value a
+zoomed-out or shifted augmented face is padded with (`jax.image.scale_and_translate` fills with
+0), so the model meets one background convention. predict.py reads photos the same way.
 EXIF orientation is applied (phone photos).
 Skip reasons: "empty file", "unreadable file", "not an image" (no format recognised, including a
 file cut inside its header), "corrupt image" (recognised but undecodable, e.g. truncated), "image
@@ -26,6 +27,12 @@ from PIL import Image, ImageOps
 
 def load_rgb(path_or_bytes: str | os.PathLike | bytes, size: int) -> np.ndarray | str:
   """Returns the image as a centre-cropped size x size RGB uint8 array, or a skip reason."""
+  img = open_rgb(path_or_bytes)
+  return img if isinstance(img, str) else centre_square(img, size)
+
+
+def open_rgb(path_or_bytes: str | os.PathLike | bytes) -> Image.Image | str:
+  """Decodes an image file (or its bytes) to an upright RGB PIL image, or returns a skip reason."""
   if isinstance(path_or_bytes, bytes):
     data = path_or_bytes
   else:
@@ -53,10 +60,18 @@ def load_rgb(path_or_bytes: str | os.PathLike | bytes, size: int) -> np.ndarray 
     img = ImageOps.exif_transpose(img)
   except Exception:  # malformed EXIF must not cost a decodable face: keep the stored orientation
     pass
-  img = _to_rgb(img)
-  w, h = img.size
-  side = min(w, h)
-  left, top = (w - side) // 2, (h - side) // 2
+  return _to_rgb(img)
+
+
+def centre_square_box(width: int, height: int) -> tuple[int, int, int, int]:
+  """Returns the largest centred square of a width x height image as (left, top, side, side)."""
+  side = min(width, height)
+  return (width - side) // 2, (height - side) // 2, side, side
+
+
+def centre_square(img: Image.Image, size: int) -> np.ndarray:
+  """Centre-crops an RGB image to a square and resizes it to size x size uint8."""
+  left, top, side, _ = centre_square_box(*img.size)
   img = img.crop((left, top, left + side, top + side))
   if side != size:  # an already-sized face (e.g. a 200x200 UTKFace chip) keeps its exact pixels
     img = img.resize((size, size), Image.Resampling.LANCZOS)

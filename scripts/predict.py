@@ -1,0 +1,63 @@
+"""Predicts ages in photos: python scripts/predict.py --workdir DIR IMAGE_OR_FOLDER ... [--aligned] [--json].
+
+Prints one line per face (file, face index, box x,y,w,h, predicted age, argmax age, std) or, with
+--json, one JSON object per line on stdout (the same fields plus the full distribution over ages
+min_age.. ; files without a face or that could not be read give {"file", "status"}). Progress goes
+to stderr. Without --aligned, faces are found with MTCNN, rotated upright and cropped like the
+training faces; with --aligned each file is already a face crop.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+from agejax import predict
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {predict.CHECKPOINT_CHOICES}.")
+_ALIGNED = flags.DEFINE_bool("aligned", False, "The images are face crops already: skip detection.")
+_JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distributions) to stdout.")
+_PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Faces per model call.")
+PLOT_MAX_PHOTOS = 8
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  from tqdm.auto import tqdm
+  if len(argv) < 2:
+    raise app.UsageError("give at least one IMAGE_OR_FOLDER")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    predictor = predict.Predictor(_WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  detector = None if _ALIGNED.value else predict.FaceDetector()
+  files = predict.list_files(argv[1:])
+  plotted = []
+  for result in predict.predict_files(predictor, tqdm(files, desc="predict", unit="file"),
+                                      aligned=_ALIGNED.value, detector=detector,
+                                      keep_photos=PLOT_MAX_PHOTOS if _PLOT.value else 0):
+    if _JSON.value:
+      lines = [json.dumps(obj) for obj in predict.to_json(result, predictor.config.labels.min_age)]
+    else:
+      lines = predict.to_lines(result)
+    for line in lines:
+      tqdm.write(line, file=sys.stdout)
+    if result.photo is not None:
+      plotted.append(result)
+  if _PLOT.value:
+    if plotted:
+      predict.plot_results(plotted, predictor.bins, _PLOT.value)
+      print(f"plot of {len(plotted)} photo(s) saved to {_PLOT.value}", file=sys.stderr)
+    else:
+      print(f"no faces: {_PLOT.value} not written", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,124 @@
+"""Evaluation of a trained workdir: report files, agreement with predict.py, flip averaging, figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_run
+from agejax import evaluate, predict, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+@pytest.fixture(scope="module")
+def trained(request, tmp_path_factory):
+  """(config, workdir, final metrics) of the session's tiny run, copied for this module."""
+  final, workdir = tiny_run.tiny_run(request, tmp_path_factory)
+  return predict.load_config(workdir), workdir, final
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+
+
+def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_path):
+  config, workdir, _ = trained
+  proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--split", "test")  # config from config.json
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "MAE" in proc.stdout and "CS@k" in proc.stdout
+  report = json.loads((workdir / "eval" / "test.json").read_text())
+  data = train.load_labelled_split(config, "test")
+  assert report["num_examples"] == len(data) == 50
+  assert report["split"] == "test" and report["step"] in (10, 20) and report["flip"] is False
+  assert sorted(map(int, report["cumulative_score"])) == list(range(1, 11))
+  cs = list(report["cumulative_score"].values())
+  assert all(0 <= a <= b <= 1 for a, b in zip(cs, cs[1:]))
+  assert list(report["mae_by_age_group"]) == list(evaluate.AGE_GROUPS)
+  assert sum(g["count"] for g in report["mae_by_age_group"].values()) == len(data)
+  assert 0 <= report["epsilon_error"] <= 1 and report["mean_predicted_std"] > 0
+  for name in ("cs_curve", "mae_by_age_group", "predicted_vs_true"):
+    with Image.open(workdir / "eval" / f"test_{name}.png") as png:
+      assert png.format == "PNG" and png.width > 100
+  rows = [json.loads(line) for line in (workdir / "eval" / "test_predictions.jsonl").read_text().splitlines()]
+  assert [r["index"] for r in rows] == list(range(len(data)))
+  assert np.mean([abs(r["predicted_age"] - r["age"]) for r in rows]) == pytest.approx(report["mae"], rel=1e-6)
+
+  # The same faces as PNG files through predict.py --aligned must give the same MAE.
+  faces_dir = tmp_path / "faces"
+  faces_dir.mkdir()
+  for i in range(len(data)):
+    Image.fromarray(data.gather(np.array([i]))["image"][0]).save(faces_dir / f"{i:03d}.png")
+  proc = run_script("scripts/predict.py", "--workdir", str(workdir), "--aligned", "--json", str(faces_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [Path(r["file"]).name for r in lines] == [f"{i:03d}.png" for i in range(len(data))]
+  for r in lines:
+    assert r["status"] == "ok" and r["face"] == 0
+    assert len(r["distribution"]) == config.labels.max_age - config.labels.min_age + 1
+    assert abs(sum(r["distribution"]) - 1.0) < 1e-5
+  predicted = np.array([r["predicted_age"] for r in lines])
+  np.testing.assert_allclose(predicted, [r["predicted_age"] for r in rows], rtol=1e-5)
+  assert np.mean(np.abs(predicted - data.age)) == pytest.approx(report["mae"], rel=1e-5)
+
+
+def test_latest_checkpoint_on_eval_split_matches_the_trainers_final_metrics(trained):
+  config, workdir, final = trained
+  report = evaluate.evaluate(config, workdir, config.data.eval_split, checkpoint="latest")
+  assert report["step"] == 20 and report["num_examples"] == 50
+  assert report["mae"] == pytest.approx(final["eval_mae"], rel=1e-5)
+  assert report["epsilon_error"] == pytest.approx(final["eval_epsilon_error"], rel=1e-5)
+  assert report["cumulative_score"]["5"] == pytest.approx(final["eval_cs5"], abs=1e-6)
+  assert (workdir / "eval" / f"{config.data.eval_split}_predictions.jsonl").exists()
+
+
+def mirror_symmetric(params: dict) -> dict:
+  """Makes every conv kernel, and fc1 over the pooled grid, symmetric under a horizontal flip."""
+  params = jax.tree.map(np.asarray, params)
+  convs = {i: {**layer, "kernel": 0.5 * (layer["kernel"] + layer["kernel"][:, ::-1])}
+           for i, layer in params["convs"].items()}
+  fc1 = params["fc1"]["kernel"]
+  grid = fc1.reshape(7, 7, -1, fc1.shape[-1])  # rows are the pooled features in H, W, C order
+  fc1 = (0.5 * (grid + grid[:, ::-1])).reshape(fc1.shape)
+  return {**params, "convs": convs, "fc1": {**params["fc1"], "kernel": fc1}}
+
+
+def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
+  config, workdir, _ = trained
+  data = train.load_labelled_split(config, "test")
+  plain = predict.Predictor(workdir, "latest")
+  flipped = predict.Predictor(workdir, "latest", flip=True)
+  # Sanity check: the trained model is not symmetric, so flipping does change its predictions.
+  assert np.abs(evaluate.predict_split(flipped, data) - evaluate.predict_split(plain, data)).max() > 1e-4
+  symmetric = plain.state.replace(params=jax.device_put(mirror_symmetric(plain.state.params),
+                                                        jax.tree.map(lambda x: x.sharding, plain.state.params)))
+  plain.state = flipped.state = symmetric
+  np.testing.assert_allclose(evaluate.predict_split(flipped, data), evaluate.predict_split(plain, data), atol=1e-6)
+
+
+def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
+  config, workdir, _ = trained
+  predictor = predict.Predictor(workdir)
+  batch = train.load_labelled_split(config, "validation").gather(np.arange(3))
+  probs = predictor(batch["image"])
+  images = evaluate.distribution_figure_images(batch["image"], batch["age"], probs, predictor.bins, config.loss.sigma)
+  assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == 3 and images.shape[-1] == 3
+  assert images.shape[1] >= 100 and images.shape[2] >= 200
+  assert all(image.std() > 10 for image in images)  # something was drawn
+
+
+def test_missing_checkpoints_and_unknown_steps_fail_with_one_line(trained, tmp_path):
+  _, workdir, _ = trained
+  with pytest.raises(FileNotFoundError, match="python scripts/train.py --config configs/vgg16_kl.py --workdir"):
+    predict.load_trained(tmp_path / "never_trained")
+  with pytest.raises(ValueError, match=r"available: \[10, 20\]"):
+    predict.load_trained(workdir, "15")
+  with pytest.raises(ValueError, match="best, latest or a step number"):
+    predict.load_trained(workdir, "newest")

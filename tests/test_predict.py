@@ -1,0 +1,140 @@
+"""predict.py on photos: MTCNN detection on a real face, alignment, batching, bad inputs, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_run
+from agejax import predict, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+# Where the astronaut's face goes in the large photo: (left, top) and the crop of skimage's portrait.
+PASTE_AT = (1700, 1100)
+FACE_CROP = (slice(20, 260), slice(120, 330))
+
+
+@pytest.fixture(scope="module")
+def trained(request, tmp_path_factory):
+  """(config, workdir) of the session's tiny run, copied for this module."""
+  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
+  return predict.load_config(workdir), workdir
+
+
+@pytest.fixture(scope="module")
+def detector():
+  """MTCNN, loaded once for the module."""
+  return predict.FaceDetector()
+
+
+def astronaut() -> np.ndarray:
+  """A real face without downloads: scikit-image's public-domain NASA portrait (512x512 RGB)."""
+  from skimage import data
+  return data.astronaut()
+
+
+def large_photo(path: Path) -> tuple[int, int, int, int]:
+  """Saves the astronaut's face pasted on a 3200x2400 noisy gradient; returns the pasted (x, y, w, h)."""
+  rng = np.random.default_rng(0)
+  h, w = 2400, 3200
+  yy, xx = np.mgrid[0:h, 0:w]
+  background = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), 128)], axis=-1)
+  background = np.clip(background + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+  face = astronaut()[FACE_CROP]
+  x, y = PASTE_AT
+  background[y:y + face.shape[0], x:x + face.shape[1]] = face
+  Image.fromarray(background).save(path, quality=92)
+  return x, y, face.shape[1], face.shape[0]
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "scripts/predict.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=180)
+
+
+def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
+  config, workdir = trained
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  px, py, pw, ph = large_photo(photos / "b_large.jpg")
+  Image.new("RGB", (300, 200), (128, 128, 128)).save(photos / "a_blank.png")
+  (photos / "c_notes.txt").write_text("not a photo\n")
+  jpeg = (photos / "b_large.jpg").read_bytes()
+  (photos / "d_truncated.jpg").write_bytes(jpeg[:len(jpeg) // 50])
+  plot = tmp_path / "plot.png"
+  proc = run_predict("--workdir", str(workdir), "--json", "--plot", str(plot), str(photos),
+                     str(tmp_path / "absent.jpg"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines()]
+  by_name = {Path(r["file"]).name: r for r in lines}
+  assert [Path(r["file"]).name for r in lines] == ["a_blank.png", "b_large.jpg", "c_notes.txt",
+                                                   "d_truncated.jpg", "absent.jpg"]
+  assert by_name["a_blank.png"] == {"file": str(photos / "a_blank.png"), "status": "no face found"}
+  assert by_name["c_notes.txt"]["status"] == "not an image"
+  assert by_name["d_truncated.jpg"]["status"] == "corrupt image"
+  assert by_name["absent.jpg"]["status"] == "unreadable file"
+  face = by_name["b_large.jpg"]
+  assert face["status"] == "ok" and face["face"] == 0
+  x, y, w, h = face["box"]
+  # Found in the full-size photo's coordinates (detection ran on a 1024-pixel copy): the box lies
+  # within the pasted face, and is most of its size.
+  assert px - 5 <= x and x + w <= px + pw + 5 and py - 5 <= y and y + h <= py + ph + 5
+  assert w > 0.3 * pw and h > 0.3 * ph
+  assert abs(sum(face["distribution"]) - 1.0) < 1e-5
+  assert config.labels.min_age <= face["predicted_age"] <= config.labels.max_age
+  assert face["argmax_age"] == config.labels.min_age + int(np.argmax(face["distribution"]))
+  with Image.open(plot) as png:
+    assert png.format == "PNG"
+
+
+def test_workdir_without_checkpoints_fails_with_the_training_command(tmp_path):
+  image = tmp_path / "face.png"
+  Image.fromarray(astronaut()).save(image)
+  proc = run_predict("--workdir", str(tmp_path / "empty"), str(image))
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == (f"error: {tmp_path / 'empty'} holds no checkpoints; train a model first: "
+                  f"python scripts/train.py --config configs/vgg16_kl.py --workdir {tmp_path / 'empty'}")
+
+
+def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
+  photo = Image.fromarray(astronaut()).rotate(25, resample=Image.Resampling.BICUBIC, expand=True)
+  (found,) = detector(photo)
+  (lx, ly), (rx, ry) = sorted([found.left_eye, found.right_eye])
+  assert abs(np.degrees(np.arctan2(ry - ly, rx - lx))) > 15  # the photo's eyes are tilted
+  chip = predict.align_face(photo, found, 160)
+  assert chip.shape == (160, 160, 3) and chip.dtype == np.uint8
+  (again,) = detector(Image.fromarray(chip))
+  (lx, ly), (rx, ry) = sorted([again.left_eye, again.right_eye])
+  assert abs(np.degrees(np.arctan2(ry - ly, rx - lx))) < 5
+  x, y, w, h = again.box  # centred, with margin all round
+  assert abs(x + w / 2 - 80) < 16 and abs(y + h / 2 - 80) < 16 and max(w, h) < 150
+
+
+def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
+  config, workdir = trained
+  data = train.load_labelled_split(config, "test")
+  images = data.gather(np.arange(5))["image"]
+  files = []
+  for i, image in enumerate(images):
+    files.append(tmp_path / f"{i}.png")
+    Image.fromarray(image).save(files[-1])
+    if i == 2:
+      files.append(tmp_path / "notes.txt")
+      files[-1].write_text("x")
+  predictor = predict.Predictor(workdir, batch_size=2)
+  results = list(predict.predict_files(predictor, files, aligned=True))
+  assert [r.file for r in results] == [str(f) for f in files]
+  assert [r.status for r in results] == ["ok"] * 3 + ["not an image"] + ["ok"] * 2
+  got = np.stack([r.faces[0].distribution for r in results if r.faces])
+  np.testing.assert_allclose(got, predictor(images), atol=1e-6)
+  assert results[0].faces[0].box == (0, 0, 40, 40)
+  line = predict.to_lines(results[0])[0]
+  assert line.startswith(f"{files[0]}  face 0  box 0,0,40,40  age ") and " argmax " in line and " std " in line
+  assert predict.to_lines(results[3]) == [f"{files[3]}  skipped: not an image"]
