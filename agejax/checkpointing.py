@@ -23,7 +23,8 @@ class Checkpoints:
         checkpoint_managers.BestN(get_metric_fn=_mae, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        best_fn=_mae, best_mode="min", preservation_policy=policy, create=not read_only,
+        best_fn=_mae, best_mode="min", preservation_policy=None if read_only else policy,
+        save_interval_steps=0 if read_only else 1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
     self.directory = Path(directory).absolute()
     if not read_only:

@@ -52,9 +52,14 @@ def add(a: Sums, b: Sums) -> Sums:
   return {k: a[k] + b[k] if k in b else a[k] for k in a}
 
 
+def fetch_array(x: jax.Array) -> np.ndarray:
+  """Copies a replicated array to the host from a local device (works on every process)."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
 def fetch(sums: Sums) -> dict[str, float]:
-  """Copies a replicated accumulator to the host (the local copy: works on every process)."""
-  return {k: float(np.asarray(v.addressable_data(0)) if isinstance(v, jax.Array) else v) for k, v in sums.items()}
+  """Copies a replicated accumulator to the host."""
+  return {k: float(fetch_array(v)) for k, v in sums.items()}
 
 
 def means(sums: Sums | dict[str, float]) -> dict[str, float]:

@@ -132,7 +132,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
     ckpts.close()
     return final
 
+  from agejax import evaluate  # here, not at the top: evaluate imports this module
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # A few eval faces, drawn with their target and predicted distributions at every evaluation.
+  sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
+  sample_images = jax.device_put(sample["image"], replicated)
+  predict = jax.jit(b["steps"].predict)
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
   batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
   stream = pipeline.device_prefetch((batches.local_batch(s) for s in range(start, config.num_train_steps)),
@@ -187,6 +192,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
         with report.timed("eval"):
           eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        probs = metrics.fetch_array(predict(state.params, state.model_state, sample_images))
+        writer.write_images(step, {"eval/distributions": evaluate.distribution_figure_images(
+            sample["image"], sample["age"], probs, np.asarray(b["steps"].bins), config.loss.sigma)})
       if saving:
         ckpts.save(step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None,
                    force=preempted)

@@ -14,7 +14,8 @@ from agejax import train
 from conftest import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TAGS = ("train/loss", "train/mae", "train/learning_rate", "eval/loss", "eval/mae", "eval/epsilon_error", "eval/cs5")
+TAGS = ("train/loss", "train/mae", "train/learning_rate", "eval/loss", "eval/mae", "eval/epsilon_error", "eval/cs5",
+        "train/nonfinite_steps")
 
 
 def scalars(workdir: Path) -> dict[str, list[float]]:
@@ -25,7 +26,8 @@ def scalars(workdir: Path) -> dict[str, list[float]]:
     acc = event_accumulator.EventAccumulator(str(events), size_guidance={event_accumulator.TENSORS: 0})
     acc.Reload()
     for tag in acc.Tags()["tensors"]:
-      out[tag] = [float(jax.numpy.asarray(tf_make(e.tensor_proto))) for e in acc.Tensors(tag)]
+      values = [tf_make(e.tensor_proto) for e in acc.Tensors(tag)]
+      out[tag] = [float(v) if np.ndim(v) == 0 else v for v in values]
   return out
 
 
@@ -61,6 +63,8 @@ def test_run_writes_final_metrics_tensorboard_and_checkpoints(trained):
   assert len(series["train/loss"]) == 10 and len(series["eval/mae"]) == 2
   assert series["eval/mae"][-1] == pytest.approx(on_disk["eval_mae"], rel=1e-6)
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [50, 100]
+  images = series["eval/distributions"]  # image summaries: [width, height, PNG bytes...] per evaluation
+  assert len(images) == 2 and len(images[-1]) == 2 + 4 and images[-1][2][:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_lowers_the_loss(trained):
