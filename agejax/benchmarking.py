@@ -96,6 +96,9 @@ def bare_steps_per_s(config, num_steps: int = 50) -> float:
 def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
   """Full training loop (host pipeline, logging, metrics, checkpoints) vs the bare jitted step."""
   from agejax import train
+  if num_steps <= config.log_every_steps:
+    raise ValueError(f"loop: num_steps={num_steps} must exceed log_every_steps={config.log_every_steps}: the "
+                     f"loop rate is timed between the first and last log fetch")
   config.num_train_steps = num_steps
   final = train.train_and_evaluate(config, workdir)
   bare = bare_steps_per_s(config, num_steps)
@@ -105,7 +108,11 @@ def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
 
 def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batch: int = 256,
                    num_batches: int = 200, split: str = "train") -> dict[str, Any]:
-  """Images/s of the host pipeline delivering ready uint8 batches (one thread, so per core too)."""
+  """Images/s of the host pipeline delivering ready uint8 batches, timed after a short warm-up.
+
+  The gather runs in one thread (the trainer's prefetch thread), so `images_per_s_per_core` is the
+  single-thread rate and `cores` is 1; `host_cpus` is only what the machine has.
+  """
   from agejax.data import pipeline
   import ml_collections
   cfg = ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "builder_config": builder_config})

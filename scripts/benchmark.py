@@ -44,6 +44,8 @@ def main() -> None:
   p.add_argument("--log-every", type=int, default=50)
   p.add_argument("--checkpoint-every", type=int, default=200)
   p.add_argument("--data_dir", default="")
+  p.add_argument("--compilation_cache_dir", default=None,
+                 help="JAX persistent compilation cache ('' disables it; default: the config's)")
   p = sub.add_parser("input")
   p.add_argument("--dataset", required=True)
   p.add_argument("--data_dir", default="")
@@ -70,6 +72,8 @@ def main() -> None:
     from configs import vgg16_kl
     config = vgg16_kl.get_config(args.config)
     config.data.data_dir = args.data_dir
+    if args.compilation_cache_dir is not None:
+      config.compilation_cache_dir = args.compilation_cache_dir
     config.eval_every_steps = args.steps  # evaluate once, at the end, outside the timed window
     config.log_every_steps, config.checkpoint_every_steps = args.log_every, args.checkpoint_every
     with tempfile.TemporaryDirectory() as workdir:
@@ -77,8 +81,12 @@ def main() -> None:
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
     print(json.dumps(row))
   else:
-    row = benchmarking.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
+    try:
+      row = benchmarking.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
+    except (ValueError, FileNotFoundError) as e:  # unknown or unprepared dataset: one line, no traceback
+      sys.exit(f"error: {e}")
     print(table([row], ["dataset", "examples", "image_shape", "batch", "images_per_s", "images_per_s_per_core", "cores"]))
+    print("(the gather runs in one thread: images_per_s_per_core is the single-thread rate)")
     print(json.dumps(row))
 
 

@@ -29,21 +29,31 @@ def data_dir(tmp_path_factory) -> str:
   return str(path)
 
 
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory) -> str:
+  """A JAX compilation cache shared by this session's subprocesses: the same tiny model compiles once."""
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_compilation_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
 @pytest.fixture
-def tiny_config(data_dir):
+def tiny_config(data_dir, compilation_cache):
   """The `:tiny` training config reading the session's tiny demo dataset."""
   config = vgg16_kl.get_config("tiny")
   config.data.data_dir = data_dir
+  config.compilation_cache_dir = compilation_cache  # never the user's ~/.cache
   return config
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_command(workdir, *overrides: str, data_dir: str, variant: str = "tiny") -> list[str]:
+def train_command(workdir, *overrides: str, data_dir: str, cache: str = "", variant: str = "tiny") -> list[str]:
   """The command line of scripts/train.py on the tiny demo data, with `--config.KEY=VALUE` overrides."""
   return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", f"{ROOT}/configs/vgg16_kl.py:{variant}",
-          "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.compilation_cache_dir=",
+          "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.compilation_cache_dir={cache}",
           *overrides]
 
 

@@ -22,16 +22,17 @@ def complete_steps(workdir) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
+def uninterrupted(compilation_cache, data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  subprocess.run(train_command(workdir, *LONG, data_dir=data_dir), env=cpu_env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
+                 check=True, capture_output=True, timeout=600)
   return workdir
 
 
-def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(data_dir, uninterrupted, tmp_path):
+def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cache, data_dir, uninterrupted,
+                                                                  tmp_path):
   workdir = tmp_path / "preempted"
-  proc = subprocess.Popen(train_command(workdir, *LONG, data_dir=data_dir), env=cpu_env(),
+  proc = subprocess.Popen(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   while not list(workdir.glob("events.out.tfevents.*")):  # the loop has started
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -43,17 +44,18 @@ def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(data_dir, unint
   step = complete_steps(workdir)[-1]
   assert 0 < step < 300 and f"saved checkpoint at step {step}" in out
   assert not (workdir / "final_metrics.json").exists()
-  rerun = subprocess.run(train_command(workdir, *LONG, data_dir=data_dir), env=cpu_env(), capture_output=True,
-                         text=True, timeout=600)
+  rerun = subprocess.run(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
+                         capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0 and f"resuming from step {step}" in rerun.stdout, rerun.stderr[-3000:]
   jax.tree.map(np.testing.assert_array_equal, checkpoint(workdir, 300), checkpoint(uninterrupted, 300))
 
 
-def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(data_dir, tmp_path):
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(compilation_cache, data_dir,
+                                                                              tmp_path):
   args = ("--config.num_train_steps=400", "--config.checkpoint_every_steps=10", "--config.eval_every_steps=400")
   for attempt in range(5):  # each try kills at the first partial write seen after a complete one
     workdir = tmp_path / f"killed{attempt}"
-    proc = subprocess.Popen(train_command(workdir, *args, data_dir=data_dir), env=cpu_env(),
+    proc = subprocess.Popen(train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = []
     while proc.poll() is None and not partial:
@@ -67,18 +69,19 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(da
   else:
     pytest.fail("never caught a checkpoint write in progress")
   newest = complete_steps(workdir)[-1]
-  rerun = subprocess.run(train_command(workdir, *args, data_dir=data_dir), env=cpu_env(), capture_output=True,
-                         text=True, timeout=600)
+  rerun = subprocess.run(train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
+                         capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "ignoring incomplete checkpoint" in rerun.stderr and f"resuming from step {newest}" in rerun.stdout
   assert (workdir / "final_metrics.json").exists() and complete_steps(workdir)[-1] == 400
 
 
-def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(compilation_cache, data_dir,
+                                                                                   tmp_path):
   workdir = tmp_path / "diverged"
   proc = subprocess.run(train_command(workdir, "--config.optimizer.learning_rate=1e4",
                                       "--config.optimizer.schedule=constant", "--config.checkpoint_every_steps=1",
-                                      "--config.log_every_steps=1", data_dir=data_dir),
+                                      "--config.log_every_steps=1", data_dir=data_dir, cache=compilation_cache),
                         env=cpu_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]

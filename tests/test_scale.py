@@ -12,12 +12,12 @@ STEPS = ("--config.num_train_steps=20", "--config.eval_every_steps=20", "--confi
          "--config.log_every_steps=10", "--config.optimizer.learning_rate=1e-4")
 
 
-def test_eight_devices_equal_one(data_dir, tmp_path):
+def test_eight_devices_equal_one(compilation_cache, data_dir, tmp_path):
   runs = {}
   for devices in (1, 8):
     workdir = tmp_path / f"d{devices}"
-    subprocess.run(train_command(workdir, *STEPS, data_dir=data_dir), env=cpu_env(devices), check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(train_command(workdir, *STEPS, data_dir=data_dir, cache=compilation_cache),
+                   env=cpu_env(devices), check=True, capture_output=True, timeout=600)
     runs[devices] = workdir
   assert_close_relative(checkpoint(runs[8], 20)["params"], checkpoint(runs[1], 20)["params"], 1e-5)
 
@@ -28,14 +28,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(data_dir, tmp_path):
+def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   single = tmp_path / "single"
-  subprocess.run(train_command(single, *STEPS, data_dir=data_dir), env=cpu_env(4), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(train_command(single, *STEPS, data_dir=data_dir, cache=compilation_cache), env=cpu_env(4),
+                 check=True, capture_output=True, timeout=600)
   multi = tmp_path / "multi"
   port = free_port()
   procs = [subprocess.Popen(train_command(multi, *STEPS, "--coordinator_address", f"127.0.0.1:{port}",
-                                          "--num_processes", "2", "--process_id", str(i), data_dir=data_dir),
+                                          "--num_processes", "2", "--process_id", str(i), data_dir=data_dir,
+                                          cache=compilation_cache),
                             env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]

@@ -41,11 +41,11 @@ def params_at(workdir: Path, step: int):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
+def trained(tmp_path_factory, data_dir, compilation_cache):
   """A 100-step run of the tiny config with checkpoints at steps 50 and 100."""
   from configs import vgg16_kl
   config = vgg16_kl.get_config("tiny")
-  config.data.data_dir = data_dir
+  config.data.data_dir, config.compilation_cache_dir = data_dir, compilation_cache
   workdir = tmp_path_factory.mktemp("run")
   final = train.train_and_evaluate(config, workdir)
   return config, workdir, final
