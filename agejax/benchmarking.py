@@ -106,6 +106,41 @@ def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
           "ratio": final["train_steps_per_s"] / bare, "batch": config.batch_size}
 
 
+def startup(variant: str = "demo", data_dir: str = "", num_steps: int = 2) -> dict[str, Any]:
+  """Time to the first finished train step of `scripts/train.py`, with a cold then a warm compilation cache.
+
+  Both runs start from scratch in fresh workdirs with the dataset already prepared, so they differ
+  only in the cache; `first_step_s` counts from `train_and_evaluate`'s start (data, model, compile).
+  """
+  import json
+  import subprocess
+  import sys
+  import tempfile
+  from pathlib import Path
+  from agejax.data import pipeline
+  from configs import vgg16_kl
+  config = vgg16_kl.get_config(variant)
+  config.data.data_dir = data_dir
+  for split in ("train", config.data.eval_split):  # prepare outside the timed runs
+    pipeline.load_split(config.data, split)
+  root = Path(__file__).resolve().parents[1]
+  runs = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in ("cold", "warm"):
+      workdir = Path(tmp) / name
+      t0 = time.perf_counter()
+      subprocess.run([sys.executable, str(root / "scripts" / "train.py"), "--config",
+                      f"{root}/configs/vgg16_kl.py:{variant}", "--workdir", str(workdir),
+                      f"--config.data.data_dir={data_dir}", f"--config.compilation_cache_dir={tmp}/cache",
+                      f"--config.num_train_steps={num_steps}", f"--config.eval_every_steps={num_steps}",
+                      f"--config.log_every_steps={num_steps}"], check=True, capture_output=True)
+      runs[name] = (json.loads((workdir / "final_metrics.json").read_text())["first_step_s"],
+                    time.perf_counter() - t0)
+  return {"mode": "startup", "config": variant, "cold_first_step_s": runs["cold"][0],
+          "warm_first_step_s": runs["warm"][0], "ratio": runs["warm"][0] / runs["cold"][0],
+          "cold_process_s": runs["cold"][1], "warm_process_s": runs["warm"][1]}
+
+
 def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batch: int = 256,
                    num_batches: int = 200, split: str = "train") -> dict[str, Any]:
   """Images/s of the host pipeline delivering ready uint8 batches, timed after a short warm-up.

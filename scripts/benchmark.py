@@ -1,4 +1,4 @@
-"""Benchmarks: python scripts/benchmark.py {train,torch,loop,input} [options].
+"""Benchmarks: python scripts/benchmark.py {train,torch,loop,startup,input} [options].
 
 Each mode prints a human table, then last a single JSON line (a list when several configs ran).
 """
@@ -40,12 +40,15 @@ def main() -> None:
       p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   p = sub.add_parser("loop")
   p.add_argument("--config", default="tiny", help="variant of configs/vgg16_kl.py")
-  p.add_argument("--steps", type=int, default=600)
-  p.add_argument("--log-every", type=int, default=50)
-  p.add_argument("--checkpoint-every", type=int, default=200)
+  p.add_argument("--steps", type=int, default=2000)
+  p.add_argument("--log-every", type=int, default=100)
+  p.add_argument("--checkpoint-every", type=int, default=1000)
   p.add_argument("--data_dir", default="")
   p.add_argument("--compilation_cache_dir", default=None,
                  help="JAX persistent compilation cache ('' disables it; default: the config's)")
+  p = sub.add_parser("startup", help="time to the first step with a cold, then a warm, compilation cache")
+  p.add_argument("--config", default="demo", help="variant of configs/vgg16_kl.py")
+  p.add_argument("--data_dir", default="")
   p = sub.add_parser("input")
   p.add_argument("--dataset", required=True)
   p.add_argument("--data_dir", default="")
@@ -79,6 +82,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
       row = benchmarking.loop(config, workdir, args.steps)
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
+    print(json.dumps(row))
+  elif args.mode == "startup":
+    row = benchmarking.startup(args.config, args.data_dir)
+    print(table([row], ["config", "cold_first_step_s", "warm_first_step_s", "ratio", "cold_process_s",
+                        "warm_process_s"]))
     print(json.dumps(row))
   else:
     try:

@@ -93,3 +93,10 @@ def test_input_mode_names_an_unprepared_dataset(tmp_path):
                          "--data_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert proc.returncode == 1 and "prepare_data.py utkface" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_startup_mode_reports_cold_and_warm_time_to_first_step(data_dir):
+  row = _last_json("", "startup", "--config", "tiny", "--data_dir", data_dir)
+  assert row["mode"] == "startup" and row["config"] == "tiny", row
+  _positive(row, "cold_first_step_s", "warm_first_step_s", "cold_process_s", "warm_process_s")
+  assert row["ratio"] == row["warm_first_step_s"] / row["cold_first_step_s"]
