@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax.data import csv_faces
+from agejax.data import csv_faces, pipeline
 
 SIZE = 32  # the `tiny` builder config
 
@@ -80,10 +80,8 @@ TRAIN_SKIPS = {"non-numeric age": 1, "missing age": 1, "non-integer age": 1, "ne
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
-  builder = tfds.builder("agejax_csv_faces/tiny", data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
-  return tfds.builder("agejax_csv_faces/tiny", data_dir=str(data_dir))  # reads everything back from disk
+  pipeline.prepare("csv_faces", str(data_dir), str(manual_dir), "tiny")
+  return pipeline.get_builder("csv_faces", str(data_dir), "tiny")  # reads everything back from disk
 
 
 @pytest.fixture(scope="module")
