@@ -10,10 +10,9 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from agejax import labels, metrics, models, optim, parallel, steps
+from agejax import metrics, models, parallel, steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -53,12 +52,10 @@ def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, n
   """Times the trainer's own jitted train step (augmentation included) on device-resident uint8 data."""
   config = config or bench_config(batch, dtype, image_size, width)
   mesh = parallel.make_mesh()
-  num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
-  graphdef, params, model_state = steps.split_model(models.create_model(config.model, num_bins))
-  tx = optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 10_000, 100))
+  fns, state, _ = steps.create(config, steps_per_epoch=100)
   rep, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  state = jax.device_put(steps.create_train_state(params, model_state, tx), rep)
-  train_step, _ = steps.jit_steps(steps.Steps(graphdef, tx, steps.StepConfig.from_config(config)), rep, sharded)
+  state = jax.device_put(state, rep)
+  train_step, _ = steps.jit_steps(fns, rep, sharded)
   rng = np.random.default_rng(0)
   size = config.data.image_size
   host = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
@@ -75,6 +72,7 @@ def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, n
   carry = compiled(state, sums, data)  # warm-up
   times = time_steps(compiled, carry, data, num_steps, repeats)
   step_s = statistics.median(times)
+  num_bins = len(fns.bins)
   analytic = 3.0 * models.forward_flops(size, num_bins, config.model.width_multiplier) * config.batch_size
   peak = peak_flops()
   n = jax.device_count()

@@ -13,10 +13,9 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from agejax import checkpointing, labels, models, optim, parallel, steps
+from agejax import checkpointing, labels, parallel, steps
 from agejax.data import faces
 
 TRAIN_COMMAND = "python scripts/train.py --config configs/vgg16_kl.py --workdir {workdir}"
@@ -80,20 +79,15 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str | int = "best",
   ckpts = checkpointing.Checkpoints(workdir / "checkpoints", read_only=True)
   try:
     step = resolve_step(ckpts, checkpoint, workdir)
-    num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
-    model = nnx.eval_shape(lambda: models.create_model(config.model, num_bins, seed=config.seed))
-    graphdef, params, model_state = steps.split_model(model)
     # Restoring needs the optimizer state's structure, not the schedule's values, so one step per
     # epoch stands in for the training set's size (the data need not be on this machine).
-    schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps, 1)
-    tx = optim.create_optimizer(config.optimizer, schedule)
-    abstract = jax.eval_shape(lambda p, s: steps.create_train_state(p, s, tx), params, model_state)
+    fns, abstract, _ = steps.create(config, 1, abstract=True)
     replicated = parallel.replicated(parallel.make_mesh())
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
     state = ckpts.restore(target, step)
   finally:
     ckpts.close()
-  return config, steps.Steps(graphdef, tx, steps.StepConfig.from_config(config)), state
+  return config, fns, state
 
 
 @jax.jit

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from agejax import augment, labels, losses, metrics
+from agejax import augment, labels, losses, metrics, models, optim
 
 PyTree = Any
 
@@ -61,6 +61,26 @@ def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTr
   """Returns the state at step 0."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                     opt_state=tx.init(params))
+
+
+def create(config, steps_per_epoch: int, *, abstract: bool = False,
+           overlay: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]] | None = None
+           ) -> tuple["Steps", TrainState, optax.Schedule]:
+  """Builds `config`'s model, optimizer and step functions, and the state at step 0 (on the host).
+
+  `abstract` gives shapes only (a restore target, nothing allocated); `overlay(params, model_state)`
+  replaces the initial weights (a pretrained backbone).
+  """
+  num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
+  make = lambda: models.create_model(config.model, num_bins, seed=config.seed)
+  graphdef, params, model_state = split_model(nnx.eval_shape(make) if abstract else make())
+  if overlay is not None:
+    params, model_state = overlay(params, model_state)
+  schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps, steps_per_epoch)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  init = lambda p, s: create_train_state(p, s, tx)
+  state = jax.eval_shape(init, params, model_state) if abstract else init(params, model_state)
+  return Steps(graphdef, tx, StepConfig.from_config(config)), state, schedule
 
 
 class Steps:

@@ -1,6 +1,7 @@
 """train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from agejax import checkpointing, configuration, labels, metrics, models, optim, parallel, steps
+from agejax import checkpointing, configuration, metrics, parallel, steps
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
@@ -62,16 +63,10 @@ def build(config) -> dict[str, Any]:
   train_data = load_labelled_split(config, "train")
   eval_data = load_labelled_split(config, config.data.eval_split)
   steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-  num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
-  model = models.create_model(config.model, num_bins, seed=config.seed)
-  graphdef, params, model_state = steps.split_model(model)
-  if config.model.pretrained:
-    params, model_state = load_pretrained(config, params, model_state)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps, steps_per_epoch)
-  tx = optim.create_optimizer(config.optimizer, schedule)
+  overlay = functools.partial(load_pretrained, config) if config.model.pretrained else None
+  fns, state, schedule = steps.create(config, steps_per_epoch, overlay=overlay)
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(steps.create_train_state(params, model_state, tx), replicated)
-  fns = steps.Steps(graphdef, tx, steps.StepConfig.from_config(config))
+  state = jax.device_put(state, replicated)
   train_step, eval_step = steps.jit_steps(fns, replicated, parallel.data_sharded(mesh))
   return dict(mesh=mesh, train_data=train_data, eval_data=eval_data, schedule=schedule, state=state,
               steps=fns, train_step=train_step, eval_step=eval_step, steps_per_epoch=steps_per_epoch)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--batch", "4", "--dtype", "float32", "--image-size", "32", "--width", "0.0625", "--steps", "2",

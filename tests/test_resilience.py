@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agejax import metrics, models, optim, steps
+from agejax import metrics, steps
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
 LONG = ("--config.num_train_steps=300", "--config.eval_every_steps=300", "--config.checkpoint_every_steps=100",
@@ -110,13 +110,10 @@ def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
   def run(accum: int):
     config = tiny_config.copy_and_resolve_references()
     config.grad_accum_steps = accum
-    graphdef, params, model_state = steps.split_model(models.create_model(config.model, 100, seed=0))
-    tx = optim.create_optimizer(config.optimizer, optim.learning_rate_schedule(config.optimizer, 100, 10))
-    fns = steps.Steps(graphdef, tx, steps.StepConfig.from_config(config))
+    fns, state, _ = steps.create(config, steps_per_epoch=10)
     images = jnp.asarray(batch["image"], jnp.float32) / 255.0
     grads_fn = fns._grads if accum == 1 else fns._accumulated_grads
-    grads, _ = jax.jit(grads_fn)(params, model_state, images, batch["age"], jax.random.key(0))
-    state = steps.create_train_state(params, model_state, tx)
+    grads, _ = jax.jit(grads_fn)(state.params, state.model_state, images, batch["age"], jax.random.key(0))
     for _ in range(3):
       state, _, _ = jax.jit(fns.train_step)(state, metrics.zeros(), batch)
     return grads, state.params
