@@ -4,15 +4,18 @@ Imports neither TensorFlow, TFDS nor CLU unless a mode needs a dataset, so `trai
 run on a GPU host with only jax, flax, optax, torch and torchvision.
 """
 
+import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from agejax import metrics, models, parallel, steps
+from agejax import configuration, metrics, models, parallel, steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -25,9 +28,40 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
+@functools.cache
+def matmul_flops_per_s(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+  """Measured FLOP/s of one device's square matrix product in `dtype`: the practical peak for MFU.
+
+  Datasheet peaks overstate what any program reaches (the H200's 989 TFLOP/s bf16 vs ~790 measured
+  by plain matrix products), so utilisation is also reported against this rate.
+  """
+  device = jax.devices()[0]
+  n = size or (8192 if device.platform != "cpu" else 1024)
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  dot = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(dot(a))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(dot(a))
+    times.append(time.perf_counter() - t0)
+  return 2.0 * n ** 3 / statistics.median(times)
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> float:
+  """FLOPs that XLA's cost analysis counts for one call of a compiled function (0 if it has none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def bench_config(batch: int, dtype: str, image_size: int, width: float):
   """The default config at the benchmark's batch, dtype, input size and width."""
-  from configs import vgg16_kl  # configs need ml_collections only
+  try:
+    from configs import vgg16_kl  # configs need ml_collections only
+  except ModuleNotFoundError as e:
+    raise SystemExit(f"benchmark: configs/vgg16_kl.py needs the {e.name!r} package "
+                     f"(pip install ml-collections)") from None
   config = vgg16_kl.get_config()
   config.batch_size, config.model.dtype = batch, dtype
   config.data.image_size, config.model.width_multiplier = image_size, width
@@ -66,23 +100,23 @@ def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, n
   t0 = time.perf_counter()
   compiled = train_step.lower(state, sums, data).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops = xla_flops(compiled)
   carry = compiled(state, sums, data)  # warm-up
   times = time_steps(compiled, carry, data, num_steps, repeats)
   step_s = statistics.median(times)
   num_bins = len(fns.bins)
   analytic = 3.0 * models.forward_flops(size, num_bins, config.model.width_multiplier) * config.batch_size
-  peak = peak_flops()
+  compute = configuration.compute_dtype(config.model.dtype)
+  peak, matmul = peak_flops(), matmul_flops_per_s(compute.name)
   n = jax.device_count()
   return {"mode": "train", "framework": "jax", "device": jax.devices()[0].device_kind, "devices": n,
           "batch": config.batch_size, "dtype": config.model.dtype, "image_size": size,
           "width": config.model.width_multiplier, "images_per_s": config.batch_size / step_s,
           "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
-          "compile_s": compile_s, "xla_gflop_per_image": xla_flops / config.batch_size / 1e9,
+          "compile_s": compile_s, "xla_gflop_per_image": flops / config.batch_size / 1e9,
           "analytic_gflop_per_image": analytic / config.batch_size / 1e9,
-          "mfu": analytic / step_s / (peak * n) if peak and config.model.dtype != "float32" else None}
+          "matmul_tflops": matmul / 1e12, "mfu_matmul": analytic / step_s / (matmul * n),
+          "mfu": analytic / step_s / (peak * n) if peak and compute == jnp.bfloat16 else None}
 
 
 def bare_steps_per_s(config, num_steps: int = 50) -> float:
@@ -115,6 +149,7 @@ def startup(variant: str = "demo", data_dir: str = "", num_steps: int = 2) -> di
   import sys
   import tempfile
   from pathlib import Path
+
   from agejax.data import pipeline
   from configs import vgg16_kl
   config = vgg16_kl.get_config(variant)
@@ -146,8 +181,9 @@ def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batc
   The gather runs in one thread (the trainer's prefetch thread), so `images_per_s_per_core` is the
   single-thread rate and `cores` is 1; `host_cpus` is only what the machine has.
   """
-  from agejax.data import pipeline
   import ml_collections
+
+  from agejax.data import pipeline
   cfg = ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "builder_config": builder_config})
   data = pipeline.load_split(cfg, split)
   batches = pipeline.TrainBatches(data, batch, seed=0, process_index=0, process_count=1)
@@ -178,24 +214,20 @@ def torch_vgg16(num_bins: int, width: float = 1.0):
   return model
 
 
-def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
-                repeats: int = 3, width: float = 1.0, *, compiled: bool = False) -> dict[str, Any]:
-  """Times the same model, KL loss, Adam and batch in PyTorch: eager AMP + channels_last, or torch.compile.
+def torch_train_step(num_bins: int, width: float, device: str, amp: bool, fused: bool) -> Callable:
+  """A PyTorch train step(images, ages) of torchvision's VGG16 + age head with KL loss and Adam.
 
-  Its step converts uint8 to float, flips and normalises on the device; it does not do the JAX
-  step's random crop, brightness and contrast, which only favours PyTorch.
+  It converts uint8 to float, flips and normalises on the device; it does not do the JAX step's
+  random crop, brightness and contrast, which only favours PyTorch.
   """
   import torch
   import torch.nn.functional as F
-  device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  num_bins = 100
   bins = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
   model = torch_vgg16(num_bins, width).to(device).to(memory_format=torch.channels_last).train()
-  opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+  opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
   mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-  amp = dtype == "bfloat16"
 
   def step(images, ages):
     x = images.permute(0, 3, 1, 2).float().div(255.0)
@@ -211,7 +243,19 @@ def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224,
     loss.backward()
     opt.step()
     return loss
+  return step
 
+
+def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
+                repeats: int = 3, width: float = 1.0, *, compiled: bool = False) -> dict[str, Any]:
+  """Times the same model, KL loss, Adam and batch in PyTorch: eager AMP + channels_last, or torch.compile.
+
+  Eager on CUDA uses the fused Adam kernel, PyTorch's fastest eager optimizer.
+  """
+  import torch
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  num_bins, amp = 100, dtype == "bfloat16"
+  step = torch_train_step(num_bins, width, device, amp, fused=device == "cuda" and not compiled)
   fn = torch.compile(step) if compiled else step
   images = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, device=device)
   ages = torch.randint(1, 91, (batch,), device=device).float()
@@ -230,10 +274,71 @@ def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224,
     times.append((time.perf_counter() - t0) / num_steps)
   step_s = statistics.median(times)
   analytic = 3.0 * models.forward_flops(image_size, num_bins, width) * batch
+  del fn, step, images, ages  # give the memory back before the next run
+  if compiled:
+    torch._dynamo.reset()  # compiled graphs keep references to the parameters
+  if device == "cuda":
+    torch.cuda.empty_cache()
   peak = peak_flops() if device == "cuda" else None
+  matmul = matmul_flops_per_s(dtype)  # the same device, measured through JAX
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   return {"mode": "train", "framework": "torch.compile" if compiled else "torch eager" + (" amp" if amp else ""),
           "device": name, "devices": 1, "batch": batch, "dtype": dtype, "image_size": image_size, "width": width,
           "images_per_s": batch / step_s, "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
           "step_ms_max": 1e3 * max(times), "compile_s": warmup_s,
+          "matmul_tflops": matmul / 1e12, "mfu_matmul": analytic / step_s / matmul,
           "mfu": analytic / step_s / peak if peak and amp else None}
+
+
+def side_by_side(batches: list[int], dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
+                 repeats: int = 3, width: float = 1.0, *, torch_modes: str = "eager+compile",
+                 compile_at: str = "all") -> list[dict[str, Any]]:
+  """JAX, PyTorch eager and torch.compile at each batch; each PyTorch row gets `jax_speedup` at its batch.
+
+  `torch_modes` is 'none', 'eager' or 'eager+compile'; `compile_at='best'` compiles only at the
+  batch where PyTorch eager was fastest (torch.compile takes minutes per batch on VGG16).
+  """
+  jax_rows = {b: jax_train(b, dtype, image_size, num_steps, repeats, width) for b in batches}
+  rows = list(jax_rows.values())
+  if torch_modes == "none":
+    return rows
+  eager = {b: torch_train(b, dtype, image_size, num_steps, repeats, width) for b in batches}
+  compile_batches = [] if torch_modes == "eager" else (
+      batches if compile_at == "all" else [max(eager, key=lambda b: eager[b]["images_per_s"])])
+  compiled = [torch_train(b, dtype, image_size, num_steps, repeats, width, compiled=True) for b in compile_batches]
+  for r in (*eager.values(), *compiled):
+    r["jax_speedup"] = jax_rows[r["batch"]]["images_per_s"] / r["images_per_s"]
+  return sorted(rows + list(eager.values()) + compiled, key=lambda r: r["batch"])  # stable: JAX first
+
+
+def best_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The fastest row of each framework, by images/s."""
+  best = {}
+  for r in rows:
+    if r["framework"] not in best or r["images_per_s"] > best[r["framework"]]["images_per_s"]:
+      best[r["framework"]] = r
+  return best
+
+
+def environment() -> dict[str, Any]:
+  """Hardware and library versions to record beside benchmark numbers."""
+  import importlib.metadata
+  import platform
+  import subprocess
+  env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchvision"):
+    try:
+      env[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      env[name] = None
+  device = jax.devices()[0]
+  env.update(backend=device.platform, device_kind=device.device_kind, devices=jax.device_count(),
+             platform_version=getattr(device.client, "platform_version", None),
+             xla_flags=os.environ.get("XLA_FLAGS", ""))
+  try:
+    env["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    env["nvidia_smi"] = None
+  return env

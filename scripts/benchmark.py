@@ -22,7 +22,7 @@ def table(rows: list[dict], keys: list[str]) -> str:
 
 
 TRAIN_KEYS = ["framework", "device", "batch", "dtype", "image_size", "images_per_s", "step_ms_median",
-              "step_ms_min", "step_ms_max", "compile_s", "mfu"]
+              "step_ms_min", "step_ms_max", "compile_s", "mfu", "mfu_matmul"]
 
 
 def main() -> None:
@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     if mode == "torch":
       p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+      p.add_argument("--compile-at", choices=["all", "best"], default="all",
+                     help="torch.compile at every batch, or only where PyTorch eager was fastest")
   p = sub.add_parser("loop")
   p.add_argument("--config", default="tiny", help="variant of configs/vgg16_kl.py")
   p.add_argument("--steps", type=int, default=2000)
@@ -57,19 +59,22 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=200)
   args = parser.parse_args()
 
+  if args.mode == "torch":
+    # JAX would otherwise take 75% of the GPU up front and leave PyTorch too little at large batches.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from agejax import benchmarking
   if args.mode in ("train", "torch"):
-    rows = []
-    for batch in args.batch:
-      jax_row = benchmarking.jax_train(batch, args.dtype, args.image_size, args.steps, args.repeats, args.width)
-      rows.append(jax_row)
-      if args.mode == "torch":
-        for compiled in (False,) if args.no_compile else (False, True):
-          r = benchmarking.torch_train(batch, args.dtype, args.image_size, args.steps, args.repeats, args.width,
-                                       compiled=compiled)
-          r["jax_speedup"] = jax_row["images_per_s"] / r["images_per_s"]
-          rows.append(r)
+    print("environment:", json.dumps(benchmarking.environment()))
+    torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
+    rows = benchmarking.side_by_side(args.batch, args.dtype, args.image_size, args.steps, args.repeats, args.width,
+                                     torch_modes=torch_modes, compile_at=getattr(args, "compile_at", "all"))
     print(table(rows, TRAIN_KEYS + (["jax_speedup"] if args.mode == "torch" else [])))
+    best = benchmarking.best_of(rows)
+    print("best:", ", ".join(f"{k} {r['images_per_s']:.1f} images/s at batch {r['batch']}" for k, r in best.items()))
+    if len(best) > 1:
+      jax_best = best["jax"]["images_per_s"]
+      print("jax best / best:", ", ".join(f"{k} {jax_best / r['images_per_s']:.3f}" for k, r in best.items()
+                                          if k != "jax"))
     print(json.dumps(rows if len(rows) > 1 else rows[0]))
   elif args.mode == "loop":
     from configs import vgg16_kl

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from agejax import models
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--batch", "4", "--dtype", "float32", "--image-size", "32", "--width", "0.0625", "--steps", "2",
@@ -53,6 +56,10 @@ def _check_train_row(row: dict, framework: str) -> None:
   assert row["mode"] == "train" and row["framework"] == framework, row
   _positive(row, *TRAIN_KEYS)
   assert "mfu" in row and row["mfu"] is None  # no datasheet peak for CPUs, and float32
+  _positive(row, "matmul_tflops", "mfu_matmul")
+  # Utilisation = model FLOP/s (3x the forward count, checked against torch below) / measured matmul rate.
+  assert math.isclose(row["mfu_matmul"] * row["matmul_tflops"] * 1e12,
+                      row["images_per_s"] * 3 * models.forward_flops(32, 100, 0.0625), rel_tol=1e-9)
   assert (row["batch"], row["dtype"], row["image_size"], row["width"]) == (4, "float32", 32, 0.0625)
 
 
@@ -68,6 +75,18 @@ def test_torch_mode_and_the_train_step_run_without_tensorflow_tfds_and_clu(compi
   _check_train_row(rows[0], "jax")
   _check_train_row(rows[1], "torch eager")
   _positive(rows[1], "jax_speedup")
+
+
+def test_torch_compile_runs_at_the_batch_where_eager_was_fastest(compilation_cache):
+  rows = _last_json(compilation_cache, "torch", *TINY_TRAIN[2:], "--batch", "2", "4", "--compile-at", "best")
+  assert [(r["framework"], r["batch"]) for r in rows if r["framework"] != "torch.compile"] == [
+      ("jax", 2), ("torch eager", 2), ("jax", 4), ("torch eager", 4)], rows
+  eager = {r["batch"]: r for r in rows if r["framework"] == "torch eager"}
+  jax_rows = {r["batch"]: r for r in rows if r["framework"] == "jax"}
+  (compiled,) = [r for r in rows if r["framework"] == "torch.compile"]
+  assert compiled["batch"] == max(eager, key=lambda b: eager[b]["images_per_s"])
+  for r in (*eager.values(), compiled):
+    assert r["jax_speedup"] == jax_rows[r["batch"]]["images_per_s"] / r["images_per_s"]
 
 
 def test_loop_mode(compilation_cache, data_dir):
@@ -99,3 +118,55 @@ def test_startup_mode_reports_cold_and_warm_time_to_first_step(data_dir):
   assert row["mode"] == "startup" and row["config"] == "tiny", row
   _positive(row, "cold_first_step_s", "warm_first_step_s", "cold_process_s", "warm_process_s")
   assert row["ratio"] == row["warm_first_step_s"] / row["cold_first_step_s"]
+
+
+# Counted in a subprocess: FlopCounterMode imports triton, which segfaults once TensorFlow is loaded.
+TORCH_FLOPS = """
+import json, sys, torch, torchvision
+from torch.utils.flop_counter import FlopCounterMode
+sys.path.insert(0, ".")
+from agejax.benchmarking import torch_vgg16
+
+def per_image(model, size, backward):
+  with FlopCounterMode(display=False) as counter:  # the input needs no gradient, as in training
+    out = model(torch.zeros(2, 3, size, size))
+    if backward:
+      out.sum().backward()
+  return counter.get_total_flops() // 2
+
+print(json.dumps({"224,1.0": per_image(torchvision.models.vgg16(num_classes=100), 224, False),
+                  "64,0.25": per_image(torch_vgg16(100, 0.25), 64, False),
+                  "train": per_image(torchvision.models.vgg16(num_classes=100), 224, True)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def torch_flops() -> dict[str, int]:
+  """Per-image FLOPs counted by torch itself for torchvision's VGG16 (forward; forward and backward)."""
+  proc = subprocess.run([sys.executable, "-c", TORCH_FLOPS], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("image_size,width", [(224, 1.0), (64, 0.25)])
+def test_analytic_forward_flops_match_torch_flop_counter(torch_flops, image_size, width):
+  assert models.forward_flops(image_size, 100, width) == torch_flops[f"{image_size},{width}"]
+
+
+def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torch_flops):
+  """The MFU numerator: XLA's count of the real train step and 3x the analytic forward, at 224."""
+  import jax
+  import jax.numpy as jnp
+
+  from agejax import benchmarking, metrics, steps
+  reference = torch_flops["train"]  # ~92.6 GFLOP
+  config = benchmarking.bench_config(2, "bfloat16", 224, 1.0)
+  fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
+  batch = {"image": jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8),
+           "age": jax.ShapeDtypeStruct((2,), jnp.float32), "age_std": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  compiled = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), batch).compile()
+  xla = benchmarking.xla_flops(compiled) / 2
+  # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam.
+  assert abs(3 * models.forward_flops(224, 100) / reference - 1) < 0.005
+  assert abs(xla / reference - 1) < 0.01, (xla, reference)
