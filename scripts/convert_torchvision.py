@@ -29,7 +29,8 @@ def download_state_dict(arch: str, name: str) -> dict:
   except (KeyError, ValueError):
     raise ValueError(f"torchvision has no {enum}.{name}") from None
   try:
-    return weights.get_state_dict(progress=True, check_hash=True)
+    # weights_only: never unpickle code, also from a file already in torch's hub cache (not hash-checked).
+    return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
   except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(f"could not download {weights.url} (needs internet access): {reason}") from None

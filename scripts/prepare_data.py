@@ -19,7 +19,13 @@ def main(argv):
     sys.exit(f"usage: prepare_data.py {{{','.join(pipeline.DATASETS)}}} [--manual_dir DIR] [--data_dir D]")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  builder = pipeline.prepare(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BUILDER_CONFIG.value)
+  try:
+    builder = pipeline.prepare(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BUILDER_CONFIG.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  except AssertionError as e:  # TFDS asserts that the manual folder exists and is not empty
+    reason = (str(e).strip().splitlines() or [""])[0].split(". Create it")[0]
+    sys.exit(f"error: {reason}; pass --manual_dir FOLDER holding the downloaded files (README: Real datasets)")
   print(f"{argv[1]} prepared in {builder.data_dir}")
   for name, split in builder.info.splits.items():
     print(f"  {name:<12} {split.num_examples:>8} examples")

@@ -101,15 +101,15 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
       if not name:
         skips.add("missing file name", where)
         continue
-      name = os.path.normpath(name)  # "./a.jpg" and "a.jpg" are one file
-      if name in seen:
-        skips.add("duplicate row", where)
-        continue
-      seen.add(name)
+      name = os.path.normpath(name)
       path = next((d / name for d in image_dirs if (d / name).is_file()), None)
       if path is None:
         skips.add("missing file", where)
         continue
+      if path.resolve() in seen:  # "a.jpg", "./a.jpg" and "images/a.jpg" can name one file
+        skips.add("duplicate row", where)
+        continue
+      seen.add(path.resolve())
       age = parse_age(record.get("age") or "")
       if isinstance(age, str):
         skips.add(age, where)

@@ -33,7 +33,8 @@ SPLITS = ("train", "validation", "test")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 # Single-digit gender and race codes tell them apart from the long date field when one is missing.
-_NAME = re.compile(r"(?P<age>-?\d+)(?:_(?P<gender>\d?))?(?:_(?P<race>\d?))?(?:_(?P<date>\d{2,}))?",
+# Two files of the real archive end their date in "jpg" or a space ("...357jpg.chip.jpg", "...657 .jpg").
+_NAME = re.compile(r"(?P<age>-?\d+)(?:_(?P<gender>\d?))?(?:_(?P<race>\d?))?(?:_(?P<date>\d{2,})(?:jpg| +)?)?",
                    re.ASCII)
 
 

@@ -65,6 +65,7 @@ def _write_manual_folder(root: Path) -> None:
       "broken.jpg,30,1",
       "text.jpg,30,1",
       "a8.jpg,12",  # a short row: age_std 0.0
+      "images/a0.jpg,41,1",  # a duplicate: the same file by another path
   ]
   (root / "train.csv").write_text("\n".join(train) + "\n", encoding="utf-8-sig")
   validation = ["file_name,age", "a9.jpg,50", "a10.jpg,51", "a8.jpg,12", "a11.jpg,xyz"]
@@ -75,7 +76,7 @@ TRAIN = {"a0.jpg": (23, 2.5), "images/a1.jpg": (23, 0.0), "a2.jpg": (40, 1.0), "
          "beside.jpg": (65, 3.25), "a8.jpg": (12, 0.0)}
 VALIDATION = {"a9.jpg": (50, 0.0), "a10.jpg": (51, 0.0), "a8.jpg": (12, 0.0)}
 TRAIN_SKIPS = {"non-numeric age": 1, "missing age": 1, "non-integer age": 1, "negative age": 1,
-               "bad age_std": 1, "duplicate row": 2, "missing file": 1, "missing file name": 1,
+               "bad age_std": 1, "duplicate row": 3, "missing file": 1, "missing file name": 1,
                "corrupt image": 1, "not an image": 1}
 
 

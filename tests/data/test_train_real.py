@@ -126,3 +126,19 @@ def test_csv_lists_prepare_and_train(faces, tmp_path, compilation_cache):
   train_ages = [ages[n] for n in split_names["train"]]
   eval_ages = [ages[n] for n in split_names["validation"]]
   assert final["baseline_mae"] == pytest.approx(_baseline_mae(train_ages, eval_ages), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["bad header", "missing folder"])
+def test_prepare_data_fails_in_one_line_naming_the_file_or_folder(tmp_path, case):
+  manual = tmp_path / "lists"
+  if case == "bad header":
+    manual.mkdir()
+    (manual / "train.csv").write_text("file,age\na.jpg,3\n")
+    (manual / "validation.csv").write_text("file_name,age\n")
+  proc = subprocess.run([sys.executable, "scripts/prepare_data.py", "csv_faces", "--manual_dir", str(manual),
+                         "--data_dir", str(tmp_path / "tfds")], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and str(manual) in last, last
+  assert ("file_name" in last) if case == "bad header" else ("--manual_dir" in last)

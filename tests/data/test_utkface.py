@@ -34,6 +34,8 @@ MALFORMED = ["39_1_20170116174525125.jpg.chip.jpg", "61_1_20170109150557335.jpg.
     ("40.jpg", (40, -1, -1, "")),
     ("007_0_2.jpg", (7, 0, 2, "")),
     ("-3_0_1_20170116184028385.jpg", (-3, 0, 1, "20170116184028385")),  # the builder skips it
+    ("24_0_1_20170116220224657 .jpg.chip.jpg", (24, 0, 1, "20170116220224657")),  # two quirks of the archive
+    ("55_0_0_20170116232725357jpg.chip.jpg", (55, 0, 0, "20170116232725357")),
 ])
 def test_parse_good_and_malformed_names(name, expected):
   assert parse_utkface_name(name) == dict(zip(("age", "gender", "race", "date"), expected))
@@ -42,7 +44,7 @@ def test_parse_good_and_malformed_names(name, expected):
 @pytest.mark.parametrize("name", [
     "", "notes.txt", "IMG_1234.jpg", ".DS_Store", "._25_0_1_20170116184028385.jpg",
     "abc_0_1_20170116184028385.jpg", "25a_0_1_20170116184028385.jpg", "25_0_1_2_20170116184028385.jpg",
-    "25_x_1_20170116184028385.jpg", "25 _0_1.jpg", "\u0662\u0665_0_1_20170116184028385.jpg",
+    "25_x_1_20170116184028385.jpg", "25 _0_1.jpg", "25_0_1 .jpg", "25_0_1_2017jpgx.jpg", "\u0662\u0665_0_1_20170116184028385.jpg",
 ])
 def test_parse_garbage_names(name):
   assert parse_utkface_name(name) is None
