@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -31,7 +32,9 @@ class Checkpoints:
       for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         # An interrupted write; Orbax deletes it and never restores from it.
         logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)", partial)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # One item of plain pytrees: its metadata (names, shapes) can be read without restoring.
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -46,9 +49,30 @@ class Checkpoints:
     """Starts writing `state` at `step` in the background (metrics rank it for 'best')."""
     self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
 
+  def mismatch(self, target: Any, step: int) -> str | None:
+    """The first array whose name or shape differs between checkpoint `step` and `target`, or None."""
+    saved = _shapes(self.manager.item_metadata(step))
+    wanted = _shapes(target)
+    for name in sorted(saved.keys() | wanted.keys(), key=lambda n: (n.startswith("opt_state"), n)):  # params first
+      if name not in saved:
+        return f"{name} is not in the checkpoint"
+      if name not in wanted:
+        return f"{name} is in the checkpoint but not in this config's state"
+      if saved[name] != wanted[name]:
+        return f"{name} has shape {saved[name]} there and {wanted[name]} in this config"
+    return None
+
   def restore(self, target: Any, step: int | None = None) -> Any:
-    """Restores the checkpoint at `step` (default latest) into the structure and shardings of `target`."""
+    """Restores the checkpoint at `step` (default latest) into the structure and shardings of `target`.
+
+    Raises ValueError naming the first differing array when the checkpoint was written by another
+    config (a changed model or optimizer), before anything is read.
+    """
     step = self.latest_step() if step is None else step
+    problem = self.mismatch(target, step)
+    if problem:
+      raise ValueError(f"{self.directory}: checkpoint step {step} does not fit this config: {problem} (model or "
+                       f"optimizer settings changed? use a new workdir, or the config that wrote it)")
     return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def reached_preemption(self, step: int) -> bool:
@@ -62,3 +86,11 @@ class Checkpoints:
   def close(self) -> None:
     """Finishes pending writes and releases the manager."""
     self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Array shapes of a pytree (or of Orbax tree metadata) by '/'-joined key names."""
+  def name(key) -> str:
+    return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
+  return {"/".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

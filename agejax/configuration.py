@@ -65,6 +65,25 @@ def validate(config) -> None:
   _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"must be one of {DTYPES}")
   _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate", config.optimizer.learning_rate,
            "must be positive")
+  _require(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints,
+           "must be >= 1 (the latest checkpoint is what a resumed run starts from)")
+  _require(0 <= config.model.get("dropout_rate", 0.5) < 1, "model.dropout_rate", config.model.get("dropout_rate"),
+           "must be in [0, 1)")
+  opt = config.optimizer
+  _require(opt.get("grad_clip_norm", 0.0) >= 0, "optimizer.grad_clip_norm", opt.get("grad_clip_norm"),
+           "must be >= 0 (0 disables clipping)")
+  _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", opt.get("weight_decay"), "must be >= 0")
+  if opt.schedule == "step":
+    _require(opt.step_every_epochs > 0, "optimizer.step_every_epochs", opt.step_every_epochs, "must be positive")
+    _require(opt.step_gamma > 0, "optimizer.step_gamma", opt.step_gamma, "must be positive")
+  if opt.schedule == "cosine":
+    _require(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+    _require(0 <= opt.end_learning_rate_factor <= 1, "optimizer.end_learning_rate_factor",
+             opt.end_learning_rate_factor, "must be in [0, 1]")
+  _require(opt.get("backbone_lr_multiplier", 1.0) >= 0, "optimizer.backbone_lr_multiplier",
+           opt.get("backbone_lr_multiplier"), "must be >= 0")
+  _require(opt.get("head_warmup_steps", 0) >= 0, "optimizer.head_warmup_steps", opt.get("head_warmup_steps"),
+           "must be >= 0")
   check_pretrained(config)
   _require(config.optimizer.schedule in optim.SCHEDULES, "optimizer.schedule", config.optimizer.schedule,
            f"must be one of {optim.SCHEDULES}")

@@ -25,6 +25,7 @@ class TrainState:
   params: PyTree
   model_state: PyTree
   opt_state: PyTree
+  skipped_steps: jax.Array  # steps with a non-finite loss or gradient that changed nothing (nonfinite='skip')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
 def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTransformation) -> TrainState:
   """Returns the state at step 0."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def create(config, steps_per_epoch: int, *, abstract: bool = False,
@@ -138,8 +139,8 @@ class Steps:
                  ) -> tuple[TrainState, metrics.Sums, jax.Array]:
     """One optimizer step on a uint8 batch; adds its metrics to the running sums; returns its loss.
 
-    A step whose loss or gradient is not finite changes nothing but the step counter and the
-    sums' `nonfinite` count (and `nonfinite_step`, the first such step, 1-based).
+    A step whose loss or gradient is not finite changes nothing but the step counter, the state's
+    `skipped_steps` and the sums' `nonfinite` count (and `nonfinite_step`, the first such step, 1-based).
     """
     # Randomness is a function of (seed, step): a resumed run draws exactly the same numbers.
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
@@ -160,7 +161,8 @@ class Steps:
     sums["nonfinite_step"] = jnp.where((sums["nonfinite"] == 0) & ~finite,
                                        (state.step + 1).astype(jnp.float32), sums["nonfinite_step"])
     sums["nonfinite"] = sums["nonfinite"] + (~finite).astype(jnp.float32)
-    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+                           skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
     return new_state, sums, jnp.mean(per_example)
 
   def predict(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:

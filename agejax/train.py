@@ -21,14 +21,19 @@ FINAL_METRICS = "final_metrics.json"
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (no host sync, no lost work)."""
+  """Turns SIGTERM into a flag the loop checks between steps (no host sync, no lost work).
+
+  Single-process only: with several processes JAX's preemption service owns SIGTERM (it was set up
+  by jax.distributed.initialize) and Orbax's `reached_preemption` decides; a Python handler here
+  would replace JAX's and the sync point would never be reached.
+  """
 
   def __init__(self):
     self.event = threading.Event()
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
     return self
 
@@ -40,13 +45,21 @@ class _Preemption:
     return self.event.is_set()
 
 
-def load_labelled_split(config, split: str) -> pipeline.ArraySplit:
-  """Loads a split and applies `config.labels.out_of_range` to ages outside the bins, saying how many."""
+def load_labelled_split(config, split: str, *, training: bool = False) -> pipeline.ArraySplit:
+  """Loads a split and applies `config.labels.out_of_range` to ages outside the bins, saying how many.
+
+  'clip' changes training targets only: evaluation always scores the true ages ('drop' drops them).
+  """
   data = pipeline.load_split(config.data, split)
-  data, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, config.labels.out_of_range)
+  policy = config.labels.out_of_range
+  if policy == "clip" and not training:
+    _, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
+    policy = "kept: scored against the true ages"
+  else:
+    data, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
   if outside:
     logging.warning("%s/%s: %d ages outside %d..%d (%s)", config.data.name, split, outside,
-                    config.labels.min_age, config.labels.max_age, config.labels.out_of_range)
+                    config.labels.min_age, config.labels.max_age, policy)
   return data
 
 
@@ -60,7 +73,7 @@ def build(config) -> dict[str, Any]:
   """Creates the mesh, data, model, optimizer, initial state and jitted steps for `config`."""
   configuration.validate(config)
   mesh = parallel.make_mesh()
-  train_data = load_labelled_split(config, "train")
+  train_data = load_labelled_split(config, "train", training=True)
   eval_data = load_labelled_split(config, config.data.eval_split)
   steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
   overlay = functools.partial(load_pretrained, config) if config.model.pretrained else None
@@ -111,7 +124,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   enable_compilation_cache(config.get("compilation_cache_dir", ""))
   b = build(config)
   workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "config.json", config.to_dict())
   state, mesh = b["state"], b["mesh"]
   replicated = parallel.replicated(mesh)
   eval_batch_size = config.eval_batch_size or config.batch_size
@@ -119,13 +131,19 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   if ckpts.latest_step() is not None:
     if jax.process_index() == 0:
       print(f"resuming from step {ckpts.latest_step()} of {ckpts.directory}")
-    state = ckpts.restore(state)
+    try:
+      state = ckpts.restore(state)
+    except ValueError:
+      ckpts.close()
+      raise
   start = int(state.step)
   if start >= config.num_train_steps and final_path.exists():
     final = json.loads(final_path.read_text())
     print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
     ckpts.close()
     return final
+  # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
+  _write_json(workdir / "config.json", config.to_dict())
 
   from agejax import evaluate  # here, not at the top: evaluate imports this module
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -139,7 +157,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
                                     parallel.data_sharded(mesh))
   sums = jax.device_put(metrics.zeros(), replicated)
   eval_metrics: dict[str, float] = {}
-  step, first_step_s, skipped = start, None, 0
+  step, first_step_s = start, None
+  skipped = int(metrics.fetch_array(state.skipped_steps))  # carried over a resume
   in_flight: collections.deque = collections.deque()
   synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
 
@@ -177,10 +196,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
       if step % config.log_every_steps == 0 or last:
         synced.append((step, time.perf_counter()))
         train = metrics.means(host)
-        skipped += int(host["nonfinite"])
+        skipped += int(host["nonfinite"])  # == state.skipped_steps, without another fetch
         sums = jax.device_put(metrics.zeros(), replicated)
         writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
-                                    "train/learning_rate": float(b["schedule"](step - 1)),
+                                    # A skipped step does not advance the optimizer's schedule.
+                                    "train/learning_rate": float(b["schedule"](step - 1 - skipped)),
                                     "train/nonfinite_steps": skipped})
         bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
       if evaluated:

@@ -92,14 +92,23 @@ def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
-def test_skip_policy_counts_nonfinite_steps(tiny_config, tmp_path):
+def test_skip_policy_counts_nonfinite_steps_across_a_resume(tiny_config, tmp_path):
   from agejax import train
   tiny_config.update(nonfinite="skip", num_train_steps=6, log_every_steps=3, eval_every_steps=6,
                      checkpoint_every_steps=6)
   tiny_config.optimizer.update(learning_rate=1e4, schedule="constant")
-  final = train.train_and_evaluate(tiny_config, tmp_path)
-  assert 0 < final["nonfinite_steps"] <= 6
-  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(checkpoint(tmp_path, 6)["params"]))
+  first = train.train_and_evaluate(tiny_config, tmp_path)
+  assert 0 < first["nonfinite_steps"] <= 6
+  tiny_config.num_train_steps = 9
+  final = train.train_and_evaluate(tiny_config, tmp_path)  # resumes at step 6
+  saved = checkpoint(tmp_path, 9)
+  assert first["nonfinite_steps"] <= final["nonfinite_steps"] == int(saved["skipped_steps"]) <= 9
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(saved["params"]))
+  # Skipped steps do not advance the optimizer: its counters (which drive the schedule, and the
+  # logged learning rate) stand at the applied updates.
+  counts = [int(v) for path, v in jax.tree_util.tree_leaves_with_path(saved["opt_state"])
+            if "count" in jax.tree_util.keystr(path)]
+  assert counts and set(counts) == {9 - final["nonfinite_steps"]}, counts
 
 
 def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):

@@ -1,8 +1,10 @@
 """Scaling out must not change the model: 8 devices, or 2 processes, equal 1 device / 1 process."""
 
 import json
+import signal
 import socket
 import subprocess
+import time
 
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
@@ -45,3 +47,30 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   a, b = (json.loads((w / "final_metrics.json").read_text()) for w in (multi, single))
   for key in ("eval_mae", "eval_loss", "eval_cs5", "eval_epsilon_error", "baseline_mae"):
     assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), key
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation_cache, data_dir, tmp_path):
+  """JAX's preemption service owns SIGTERM with several processes; all stop at its sync step."""
+  workdir, port = tmp_path / "multi", free_port()
+  long = ("--config.num_train_steps=5000", "--config.eval_every_steps=5000", "--config.checkpoint_every_steps=5000",
+          "--config.log_every_steps=20")
+  procs = [subprocess.Popen(train_command(workdir, *long, "--coordinator_address", f"127.0.0.1:{port}",
+                                          "--num_processes", "2", "--process_id", str(i), data_dir=data_dir,
+                                          cache=compilation_cache),
+                            env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    while not list(workdir.glob("events.out.tfevents.*")):  # process 0's loop has started
+      assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+      time.sleep(0.05)
+    time.sleep(1.0)
+    procs[0].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()  # no stray trainers if the run did not stop
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+  assert len(saved) == 1 and 0 < saved[0] < 5000, saved
+  for out, _ in outputs:
+    assert f"preempted: saved checkpoint at step {saved[0]}" in out, out[-2000:]

@@ -94,6 +94,10 @@ def test_resume_continues_exactly_and_finished_run_exits_promptly(trained, tmp_p
     ("--config.batch_size=6", "config.batch_size=6"),
     ("--config.loss.sigma=0", "config.loss.sigma=0"),
     ("--config.labels.max_age=0", "config.labels.max_age=0"),
+    ("--config.keep_checkpoints=0", "config.keep_checkpoints=0"),
+    ("--config.optimizer.grad_clip_norm=-1", "config.optimizer.grad_clip_norm=-1"),
+    ("--config.optimizer.end_learning_rate_factor=-1", "config.optimizer.end_learning_rate_factor=-1"),
+    ("--config.model.dropout_rate=1.5", "config.model.dropout_rate=1.5"),
 ])
 def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -104,3 +108,32 @@ def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and key in last, proc.stderr[-2000:]
   assert not (tmp_path / "w").exists()  # nothing was built, compiled or written
+
+
+def test_a_config_that_does_not_fit_the_checkpoints_fails_in_one_line_and_keeps_config_json(trained, tmp_path):
+  config, workdir, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  before = (copy / "config.json").read_text()
+  proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/vgg16_kl.py:tiny", "--workdir",
+                         str(copy), f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
+                         "--config.model.width_multiplier=0.125", "--config.compilation_cache_dir="],
+                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {copy / 'checkpoints'}: checkpoint step 100 does not fit this config: "
+                         "params/convs/0/bias has shape (4,) there and (8,) in this config"), last
+  assert (copy / "config.json").read_text() == before  # still describes the checkpoints
+
+
+def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny_config):
+  from agejax.data import pipeline
+  tiny_config.labels.max_age = 30
+  true_eval = pipeline.load_split(tiny_config.data, "validation").age
+  assert true_eval.max() > 30 and pipeline.load_split(tiny_config.data, "train").age.max() > 30
+  assert train.load_labelled_split(tiny_config, "train", training=True).age.max() == 30
+  np.testing.assert_array_equal(train.load_labelled_split(tiny_config, "validation").age, true_eval)
+  tiny_config.labels.out_of_range = "drop"
+  dropped = train.load_labelled_split(tiny_config, "validation").age
+  np.testing.assert_array_equal(dropped, true_eval[true_eval <= 30])
