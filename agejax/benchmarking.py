@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import configuration, metrics, models, parallel, steps
+from agejax import augment, configuration, metrics, models, parallel, steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -68,6 +68,22 @@ def bench_config(batch: int, dtype: str, image_size: int, width: float):
   return config
 
 
+def speed(times: list[float], batch: int, image_size: int, num_bins: int, width: float, dtype: str,
+          devices: int = 1, peak: float | None = None) -> dict[str, float | None]:
+  """Images/s, step times and model FLOP utilisation (3x the analytic forward) of per-step `times`.
+
+  `mfu_matmul` is over the measured matrix-product rate in `dtype`; `mfu` over the datasheet
+  `peak`, for bfloat16 only.
+  """
+  step_s = statistics.median(times)
+  model_flops_per_s = 3.0 * models.forward_flops(image_size, num_bins, width) * batch / step_s
+  matmul = matmul_flops_per_s(dtype)
+  return {"images_per_s": batch / step_s, "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
+          "step_ms_max": 1e3 * max(times), "matmul_tflops": matmul / 1e12,
+          "mfu_matmul": model_flops_per_s / (matmul * devices),
+          "mfu": model_flops_per_s / (peak * devices) if peak and dtype == "bfloat16" else None}
+
+
 def time_steps(fn, carry, batch, num_steps: int, repeats: int) -> list[float]:
   """Per-step seconds of `num_steps` chained calls, once per repeat, after the carry is ready."""
   times = []
@@ -103,20 +119,13 @@ def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, n
   flops = xla_flops(compiled)
   carry = compiled(state, sums, data)  # warm-up
   times = time_steps(compiled, carry, data, num_steps, repeats)
-  step_s = statistics.median(times)
-  num_bins = len(fns.bins)
-  analytic = 3.0 * models.forward_flops(size, num_bins, config.model.width_multiplier) * config.batch_size
-  compute = configuration.compute_dtype(config.model.dtype)
-  peak, matmul = peak_flops(), matmul_flops_per_s(compute.name)
-  n = jax.device_count()
+  width, n = config.model.width_multiplier, jax.device_count()
+  compute = configuration.compute_dtype(config.model.dtype).name
   return {"mode": "train", "framework": "jax", "device": jax.devices()[0].device_kind, "devices": n,
-          "batch": config.batch_size, "dtype": config.model.dtype, "image_size": size,
-          "width": config.model.width_multiplier, "images_per_s": config.batch_size / step_s,
-          "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+          "batch": config.batch_size, "dtype": config.model.dtype, "image_size": size, "width": width,
+          **speed(times, config.batch_size, size, len(fns.bins), width, compute, n, peak_flops()),
           "compile_s": compile_s, "xla_gflop_per_image": flops / config.batch_size / 1e9,
-          "analytic_gflop_per_image": analytic / config.batch_size / 1e9,
-          "matmul_tflops": matmul / 1e12, "mfu_matmul": analytic / step_s / (matmul * n),
-          "mfu": analytic / step_s / (peak * n) if peak and compute == jnp.bfloat16 else None}
+          "analytic_gflop_per_image": 3.0 * models.forward_flops(size, len(fns.bins), width) / 1e9}
 
 
 def bare_steps_per_s(config, num_steps: int = 50) -> float:
@@ -226,8 +235,8 @@ def torch_train_step(num_bins: int, width: float, device: str, amp: bool, fused:
   bins = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
   model = torch_vgg16(num_bins, width).to(device).to(memory_format=torch.channels_last).train()
   opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
-  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+  mean = torch.tensor(augment.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(augment.IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
   def step(images, ages):
     x = images.permute(0, 3, 1, 2).float().div(255.0)
@@ -272,22 +281,17 @@ def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224,
       fn(images, ages)
     sync()
     times.append((time.perf_counter() - t0) / num_steps)
-  step_s = statistics.median(times)
-  analytic = 3.0 * models.forward_flops(image_size, num_bins, width) * batch
   del fn, step, images, ages  # give the memory back before the next run
   if compiled:
     torch._dynamo.reset()  # compiled graphs keep references to the parameters
   if device == "cuda":
     torch.cuda.empty_cache()
-  peak = peak_flops() if device == "cuda" else None
-  matmul = matmul_flops_per_s(dtype)  # the same device, measured through JAX
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  # The matrix-product rate is measured through JAX, on the same machine.
   return {"mode": "train", "framework": "torch.compile" if compiled else "torch eager" + (" amp" if amp else ""),
           "device": name, "devices": 1, "batch": batch, "dtype": dtype, "image_size": image_size, "width": width,
-          "images_per_s": batch / step_s, "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
-          "step_ms_max": 1e3 * max(times), "compile_s": warmup_s,
-          "matmul_tflops": matmul / 1e12, "mfu_matmul": analytic / step_s / matmul,
-          "mfu": analytic / step_s / peak if peak and amp else None}
+          **speed(times, batch, image_size, num_bins, width, dtype, peak=peak_flops() if device == "cuda" else None),
+          "compile_s": warmup_s}
 
 
 def side_by_side(batches: list[int], dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
