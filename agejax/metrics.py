@@ -23,8 +23,8 @@ def cumulative_score(pred: jax.Array, age: jax.Array, k: float) -> jax.Array:
 
 
 # Accumulator entries that are not per-example metrics: the example count and the train step's
-# non-finite step count and first non-finite step (1-based; 0 while there was none).
-COUNTERS = ("count", "nonfinite", "nonfinite_step")
+# first non-finite step (1-based; 0 while there was none). The state counts all skipped steps.
+COUNTERS = ("count", "nonfinite_step")
 
 
 def batch_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array | float,

@@ -140,7 +140,7 @@ class Steps:
     """One optimizer step on a uint8 batch; adds its metrics to the running sums; returns its loss.
 
     A step whose loss or gradient is not finite changes nothing but the step counter, the state's
-    `skipped_steps` and the sums' `nonfinite` count (and `nonfinite_step`, the first such step, 1-based).
+    `skipped_steps` and, for the first such step since the sums were reset, the sums' `nonfinite_step`.
     """
     # Randomness is a function of (seed, step): a resumed run draws exactly the same numbers.
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
@@ -158,9 +158,8 @@ class Steps:
     pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
     mask = jnp.broadcast_to(finite, ages.shape)
     sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch), mask))
-    sums["nonfinite_step"] = jnp.where((sums["nonfinite"] == 0) & ~finite,
+    sums["nonfinite_step"] = jnp.where((sums["nonfinite_step"] == 0) & ~finite,
                                        (state.step + 1).astype(jnp.float32), sums["nonfinite_step"])
-    sums["nonfinite"] = sums["nonfinite"] + (~finite).astype(jnp.float32)
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
     return new_state, sums, jnp.mean(per_example)

@@ -158,12 +158,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   sums = jax.device_put(metrics.zeros(), replicated)
   eval_metrics: dict[str, float] = {}
   step, first_step_s = start, None
-  skipped = int(metrics.fetch_array(state.skipped_steps))  # carried over a resume
   in_flight: collections.deque = collections.deque()
   synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
 
   def check_finite(host_sums: dict[str, float]) -> None:
-    if host_sums["nonfinite"] and config.get("nonfinite", "stop") == "stop":
+    if host_sums["nonfinite_step"] and config.get("nonfinite", "stop") == "stop":
       ckpts.wait()  # earlier (finite) checkpoints complete; this state is never saved
       ckpts.close()
       raise FloatingPointError(
@@ -196,7 +195,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
       if step % config.log_every_steps == 0 or last:
         synced.append((step, time.perf_counter()))
         train = metrics.means(host)
-        skipped += int(host["nonfinite"])  # == state.skipped_steps, without another fetch
+        skipped = int(metrics.fetch_array(state.skipped_steps))  # at this sync point; kept over resumes
         sums = jax.device_put(metrics.zeros(), replicated)
         writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
                                     # A skipped step does not advance the optimizer's schedule.
@@ -225,7 +224,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
            "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
            "best_step": ckpts.best_step(), "eval_split": config.data.eval_split,
            "train_steps_per_s": _steady_rate(synced), "first_step_s": first_step_s,
-           "nonfinite_steps": skipped}
+           "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps))}
   ckpts.close()
   _write_json(final_path, final)
   if jax.process_index() == 0:
