@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agejax import labels, metrics, predict, train
+from agejax import labels, metrics, parallel, predict, train
 from agejax.data import pipeline
 
 CS_THRESHOLDS = tuple(range(1, 11))
@@ -26,7 +26,8 @@ def predict_split(predictor: predict.Predictor, data: pipeline.ArraySplit) -> np
   images = ({"image": b["image"]} for b in pipeline.eval_batches(data, predictor.batch_size))
   # Each global batch holds consecutive examples, so the concatenation is in index order and
   # only the last batch's padding (rows past N) is dropped.
-  out = [predictor.predict_device(predictor.state, b["image"])
+  in_flight = parallel.InFlight()
+  out = [in_flight.add(predictor.predict_device(predictor.state, b["image"]))
          for b in pipeline.device_prefetch(images, predictor.sharding)]
   return np.concatenate(jax.device_get(out))[:len(data)]
 

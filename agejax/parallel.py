@@ -1,5 +1,8 @@
 """Device mesh, shardings and host-local -> global arrays for data-parallel training."""
 
+import collections
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -51,3 +54,28 @@ def check_batch_size(batch_size: int, key: str = "batch_size") -> None:
   n = jax.device_count()
   if batch_size <= 0 or batch_size % n:
     raise ValueError(f"config.{key}={batch_size} must be a positive multiple of the {n} devices")
+
+
+class InFlight:
+  """Bounds how far the host runs ahead of the devices: at most `depth` dispatched programs unfinished.
+
+  Every loop that dispatches multi-device programs goes through one: XLA:CPU with several devices
+  aborts in its all-reduce rendezvous when dozens are queued, and on accelerators a longer queue
+  only holds memory. Pass an output that is not donated to a later call.
+  """
+
+  def __init__(self, depth: int = 2):
+    self.depth = depth
+    self._pending: collections.deque = collections.deque()
+
+  def add(self, output: Any) -> Any:
+    """Records a just-dispatched program's `output`, waits for the oldest beyond `depth`; returns `output`."""
+    self._pending.append(output)
+    while len(self._pending) > self.depth:
+      jax.block_until_ready(self._pending.popleft())
+    return output
+
+  def wait(self) -> None:
+    """Waits for every recorded program."""
+    while self._pending:
+      jax.block_until_ready(self._pending.popleft())

@@ -134,14 +134,16 @@ class Predictor:
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Returns distributions [N, K] for uint8 images [N, H, W, 3], run in padded batches."""
-    out = []
+    out, in_flight = [], parallel.InFlight()
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)
       # Padding with copies keeps one compiled shape; the extra rows are dropped below.
       batch = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-      out.append(self.predict_device(self.state, jax.device_put(batch, self.sharding))[:len(chunk)])
-    return np.concatenate(jax.device_get(out)) if out else np.zeros((0, len(self.bins)), np.float32)
+      out.append(in_flight.add(self.predict_device(self.state, jax.device_put(batch, self.sharding))))
+    if not out:
+      return np.zeros((0, len(self.bins)), np.float32)
+    return np.concatenate(jax.device_get(out))[:len(images)]
 
 
 @dataclasses.dataclass

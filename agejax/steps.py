@@ -181,10 +181,14 @@ class Steps:
 
 def jit_steps(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding
               ) -> tuple[Callable, Callable]:
-  """Returns (train_step, eval_step) jitted with explicit shardings; train donates state and sums."""
+  """Returns (train_step, eval_step) jitted with explicit shardings; train donates state and sums.
+
+  The eval step's sums (a few scalars) are not donated: the loop waits on them to bound how many
+  eval steps are in flight.
+  """
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   train = jax.jit(steps.train_step, in_shardings=(state_sharding, replicated, batch_sharding),
                   out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
   evaluate = jax.jit(steps.eval_step, in_shardings=(state_sharding, replicated, batch_sharding),
-                     out_shardings=replicated, donate_argnums=(1,))
+                     out_shardings=replicated)
   return train, evaluate

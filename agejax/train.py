@@ -1,6 +1,5 @@
 """train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
 
-import collections
 import functools
 import json
 import logging
@@ -89,8 +88,9 @@ def evaluate_split(eval_step, state: steps.TrainState, data: pipeline.ArraySplit
                    mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Returns mean loss, MAE, epsilon-error and CS@5 over every example of `data` exactly once."""
   sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
+  in_flight = parallel.InFlight()
   for batch in pipeline.device_prefetch(pipeline.eval_batches(data, batch_size), parallel.data_sharded(mesh)):
-    sums = eval_step(state, sums, batch)
+    sums = in_flight.add(eval_step(state, sums, batch))
   return metrics.means(sums)
 
 
@@ -158,7 +158,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   sums = jax.device_put(metrics.zeros(), replicated)
   eval_metrics: dict[str, float] = {}
   step, first_step_s = start, None
-  in_flight: collections.deque = collections.deque()
+  # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
+  # shows real speed.
+  in_flight = parallel.InFlight()
   synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
 
   def check_finite(host_sums: dict[str, float]) -> None:
@@ -177,11 +179,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
       if first_step_s is None:
         loss.block_until_ready()  # once: time to the first finished step (start-up + compilation)
         first_step_s = time.perf_counter() - started
-      # Wait for the step before last: the device keeps two steps queued, the host never runs
-      # ahead unboundedly, and the progress bar shows real speed.
-      in_flight.append(loss)
-      if len(in_flight) > 2:
-        in_flight.popleft().block_until_ready()
+      in_flight.add(loss)
       report(step)
       bar.update()
       last = step == config.num_train_steps

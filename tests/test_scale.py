@@ -14,14 +14,22 @@ STEPS = ("--config.num_train_steps=20", "--config.eval_every_steps=20", "--confi
          "--config.log_every_steps=10", "--config.optimizer.learning_rate=1e-4")
 
 
-def test_eight_devices_equal_one(compilation_cache, data_dir, tmp_path):
+def test_eight_devices_equal_one_with_a_demo_size_eval_split(compilation_cache, data_dir, tmp_path):
+  """125 eval batches, as a real run has: dispatched without bound, they aborted XLA:CPU's rendezvous."""
+  from agejax.data import pipeline
+  pipeline.prepare("demo", data_dir, builder_config="tiny_eval1000")  # 1,000 validation faces
   runs = {}
   for devices in (1, 8):
     workdir = tmp_path / f"d{devices}"
-    subprocess.run(train_command(workdir, *STEPS, data_dir=data_dir, cache=compilation_cache),
-                   env=cpu_env(devices), check=True, capture_output=True, timeout=600)
+    proc = subprocess.run(train_command(workdir, *STEPS, "--config.data.builder_config=tiny_eval1000",
+                                        "--config.eval_batch_size=8", data_dir=data_dir, cache=compilation_cache),
+                          env=cpu_env(devices), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     runs[devices] = workdir
   assert_close_relative(checkpoint(runs[8], 20)["params"], checkpoint(runs[1], 20)["params"], 1e-5)
+  a, b = (json.loads((runs[d] / "final_metrics.json").read_text()) for d in (8, 1))
+  for key in ("eval_mae", "eval_loss", "eval_cs5", "eval_epsilon_error"):
+    assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), key
 
 
 def free_port() -> int:

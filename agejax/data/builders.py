@@ -40,6 +40,9 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
       DemoConfig(name="default", description="The demo: 12,000 / 1,000 / 1,000 faces at 80x80."),
       DemoConfig(name="tiny", description="For tests: 192 / 50 / 50 faces at 40x40.",
                  image_size=40, num_train=192, num_validation=50, num_test=50),
+      DemoConfig(name="tiny_eval1000", description="For tests at the demo's evaluation size: 192 / 1,000 / "
+                 "50 faces at 40x40 (dozens of eval batches, as a real run has).",
+                 image_size=40, num_train=192, num_validation=1_000, num_test=50),
       DemoConfig(name="faces200", description="For the input benchmark: 5,000 / 500 / 500 faces at "
                  "200x200, the size of UTKFace's chips.",
                  image_size=200, num_train=5_000, num_validation=500, num_test=500),
