@@ -1,12 +1,13 @@
 """Orbax checkpoints under WORKDIR/checkpoints: the latest few plus the best by eval MAE."""
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from agejax import storage
 
 BEST_METRIC = "eval_mae"
 
@@ -18,7 +19,7 @@ def _mae(metrics: dict) -> float:
 class Checkpoints:
   """Async Orbax CheckpointManager of plain pytrees; restorable with plain Orbax too."""
 
-  def __init__(self, directory: str | Path, keep: int = 3, *, asynchronous: bool = True, read_only: bool = False):
+  def __init__(self, directory: storage.Location, keep: int = 3, *, asynchronous: bool = True, read_only: bool = False):
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_mae, reverse=True, n=1, keep_checkpoints_without_metrics=False),
@@ -27,7 +28,7 @@ class Checkpoints:
         best_fn=_mae, best_mode="min", preservation_policy=None if read_only else policy,
         save_interval_steps=0 if read_only else 1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
-    self.directory = Path(directory).absolute()
+    self.directory = storage.path(directory)  # Orbax wants local paths absolute
     if not read_only:
       for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         # An interrupted write; Orbax deletes it and never restores from it.

@@ -1,11 +1,9 @@
 """Checks a training config before anything is compiled; resolves its derived values."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 
-from agejax import losses, optim
+from agejax import losses, optim, storage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -24,8 +22,10 @@ def _require(ok: bool, key: str, value, why: str) -> None:
 
 def check_pretrained(config) -> None:
   """Fails, with the command that creates them, when `config.model.pretrained` names no converted weights."""
-  path = Path(config.model.pretrained)
-  if config.model.pretrained and not (path / "agejax_weights.json").exists():
+  if not config.model.pretrained:
+    return
+  path = storage.path(config.model.pretrained)
+  if not (path / "agejax_weights.json").exists():
     arch = "vgg16_bn" if config.model.get("batch_norm", False) else "vgg16"
     raise FileNotFoundError(
         f"config.model.pretrained={str(path)!r} holds no converted weights; create them with: python "
@@ -84,6 +84,11 @@ def validate(config) -> None:
            opt.get("backbone_lr_multiplier"), "must be >= 0")
   _require(opt.get("head_warmup_steps", 0) >= 0, "optimizer.head_warmup_steps", opt.get("head_warmup_steps"),
            "must be >= 0")
+  _require(config.get("profile_steps", 0) >= 0, "profile_steps", config.get("profile_steps"),
+           "must be >= 0 (0 disables profiling)")
+  cache_dir = config.data.get("cache_dir", "")
+  _require(bool(cache_dir) and not storage.is_url(cache_dir), "data.cache_dir", cache_dir,
+           "must be a local folder: the arrays are memory-mapped (data.data_dir may be a URL)")
   check_pretrained(config)
   _require(config.optimizer.schedule in optim.SCHEDULES, "optimizer.schedule", config.optimizer.schedule,
            f"must be one of {optim.SCHEDULES}")

@@ -4,15 +4,15 @@ import json
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx, traverse_util
 
-from agejax import models
+from agejax import models, storage
 
 PyTree = Any
 META_FILE = "agejax_weights.json"
@@ -114,15 +114,15 @@ def vgg16_from_torchvision(state_dict: Mapping[str, np.ndarray | Any], *,
   return nnx.merge(graphdef, param_state, rest)
 
 
-def load_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
   """Reads a state dict from .pth/.pt (tensors only, never arbitrary pickles) or .safetensors."""
-  path = Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
     try:
-      return load_file(path)
+      return load(path.read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad header
       raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
   if path.suffix not in (".pth", ".pt"):
@@ -131,7 +131,8 @@ def load_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
 
   import torch
   try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+      loaded = torch.load(f, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
     # torch's message spans paragraphs; its one informative sentence follows "WeightsUnpickler error:".
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not|\n\n|$)", str(e), re.DOTALL)
@@ -153,13 +154,13 @@ def _numpy_tree(tree: PyTree) -> PyTree:
   return jax.tree.map(np.asarray, tree)
 
 
-def save_converted(model: models.VGG16, output_dir: str | Path, *, source: str = "") -> Path:
+def save_converted(model: models.VGG16, output_dir: storage.Location, *, source: str = "") -> epath.Path:
   """Writes the model's weights as a plain-Orbax checkpoint plus agejax_weights.json; returns output_dir."""
   import orbax.checkpoint as ocp
-  output_dir = Path(output_dir).absolute()  # Orbax wants absolute paths
+  output_dir = storage.path(output_dir)  # Orbax wants local paths absolute
   if (output_dir / WEIGHTS_DIR).exists():
     raise ValueError(f"{output_dir / WEIGHTS_DIR} already exists; choose a new output directory")
-  output_dir.mkdir(parents=True, exist_ok=True)
+  storage.check_writable(output_dir, "--output")
   _, params, rest = nnx.split(model, nnx.Param, ...)
   # numpy leaves: the checkpoint then restores on any host and device layout without a target.
   tree = {"params": _numpy_tree(nnx.to_pure_dict(params)), "model_state": _numpy_tree(nnx.to_pure_dict(rest))}
@@ -167,7 +168,7 @@ def save_converted(model: models.VGG16, output_dir: str | Path, *, source: str =
     checkpointer.save(output_dir / WEIGHTS_DIR, tree)
   meta = {"arch": "vgg16_bn" if model.norms is not None else "vgg16",
           "num_classes": int(model.head.kernel.shape[1]), "source": source}
-  (output_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+  storage.write_json(output_dir / META_FILE, meta)
   return output_dir
 
 
@@ -178,10 +179,10 @@ def _int_keys(tree: PyTree) -> PyTree:
   return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
 
 
-def load_converted(path: str | Path) -> tuple[dict, dict, dict]:
+def load_converted(path: storage.Location) -> tuple[dict, dict, dict]:
   """Reads save_converted's output: (params, model_state, meta), pure dicts of numpy arrays."""
   import orbax.checkpoint as ocp
-  path = Path(path).absolute()
+  path = storage.path(path)
   meta_file = path / META_FILE
   if not meta_file.is_file():
     raise FileNotFoundError(f"{path}: no {META_FILE}; not a directory written by convert_torchvision.py")
@@ -205,7 +206,7 @@ def _overlay_backbone(kind: str, converted: PyTree, given: PyTree, errors: list[
   return traverse_util.unflatten_dict(flat_given)
 
 
-def backbone_from_converted(path: str | Path, params: PyTree, model_state: PyTree) -> tuple[PyTree, PyTree]:
+def backbone_from_converted(path: storage.Location, params: PyTree, model_state: PyTree) -> tuple[PyTree, PyTree]:
   """Returns copies of the age model's params and model_state with the converted backbone and the given head."""
   new_params, new_state, meta = load_converted(path)
   errors = []

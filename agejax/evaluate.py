@@ -1,15 +1,14 @@
 """evaluate(config, workdir, split): a trained model's metrics, per-example predictions and plots."""
 
 import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from agejax import labels, metrics, parallel, predict, train
+from agejax import labels, metrics, parallel, predict, storage, train
 from agejax.data import pipeline
 
 CS_THRESHOLDS = tuple(range(1, 11))
@@ -71,7 +70,7 @@ def summarize(probs: np.ndarray, age: np.ndarray, age_std: np.ndarray, bins: np.
   return report, {k: terms[k] for k in ("predicted_age", "argmax_age", "std")}
 
 
-def evaluate(config: ml_collections.ConfigDict | None, workdir: str | os.PathLike, split: str = "test", *,
+def evaluate(config: ml_collections.ConfigDict | None, workdir: storage.Location, split: str = "test", *,
              checkpoint: str | int = "best", flip: bool = False) -> dict:
   """Evaluates WORKDIR's checkpoint on every example of `split`; writes WORKDIR/eval/ reports.
 
@@ -88,13 +87,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | os.PathLik
   report = {"workdir": str(workdir), "split": split, "checkpoint": str(checkpoint), "step": predictor.step,
             "flip": flip, **report}
   if jax.process_index() == 0:
-    out = Path(workdir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(out / f"{split}_predictions.jsonl", "w") as f:
-      for i in range(len(data)):
-        f.write(json.dumps({"index": i, "age": float(data.age[i]),
-                            **{k: float(v[i]) for k, v in per_example.items()}}) + "\n")
+    out = storage.check_writable(storage.path(workdir) / "eval", "evaluation output folder")
+    storage.write_json(out / f"{split}.json", report)
+    storage.write_text(out / f"{split}_predictions.jsonl", "".join(
+        json.dumps({"index": i, "age": float(data.age[i]), **{k: float(v[i]) for k, v in per_example.items()}})
+        + "\n" for i in range(len(data))))
     write_plots(report, data.age, per_example["predicted_age"], out, split)
   return report
 
@@ -161,14 +158,16 @@ def scatter_figure(age: np.ndarray, predicted: np.ndarray, split: str):
   return fig
 
 
-def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: Path, split: str) -> list[Path]:
+def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath.Path, split: str
+                ) -> list[epath.Path]:
   """Saves the CS curve, MAE-by-age-group and scatter plots as `<split>_*.png` in `out`."""
   figures = {"cs_curve": cs_curve_figure(report), "mae_by_age_group": age_group_figure(report),
              "predicted_vs_true": scatter_figure(np.asarray(age), predicted, split)}
   paths = []
   for name, fig in figures.items():
     paths.append(out / f"{split}_{name}.png")
-    fig.savefig(paths[-1], dpi=100)
+    with paths[-1].open("wb") as f:  # a file object: matplotlib cannot open URLs
+      fig.savefig(f, format="png", dpi=100)
   return paths
 
 

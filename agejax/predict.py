@@ -3,19 +3,18 @@
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
-from agejax import checkpointing, labels, parallel, steps
+from agejax import checkpointing, labels, parallel, steps, storage
 from agejax.data import faces
 
 TRAIN_COMMAND = "python scripts/train.py --config configs/vgg16_kl.py --workdir {workdir}"
@@ -28,12 +27,12 @@ MIN_CONFIDENCE = 0.9
 PLOT_MAX_INSETS = 3
 
 
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+def load_config(workdir: storage.Location) -> ml_collections.ConfigDict:
   """Returns the training config the trainer saved as WORKDIR/config.json."""
-  path = Path(workdir) / "config.json"
+  path = storage.path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: pass the training config with --config")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(storage.read_json(path))
 
 
 def resolve_step(ckpts: checkpointing.Checkpoints, checkpoint: str | int, workdir: str | os.PathLike) -> int:
@@ -72,7 +71,7 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str | int = "best",
   `config` defaults to the WORKDIR/config.json the trainer wrote. Nothing is allocated before the
   restore: the target is the abstract shape of the state the trainer builds.
   """
-  workdir = Path(workdir)
+  workdir = storage.path(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(no_checkpoints_message(workdir))
   config = load_config(workdir) if config is None else config
@@ -225,11 +224,14 @@ class ImageResult:
   photo: Image.Image | None = None  # kept only when asked for (plotting)
 
 
-def list_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-  """Expands folders (recursively, sorted) into their files; other paths are kept as given."""
+def list_files(inputs: Iterable[storage.Location]) -> list[epath.Path]:
+  """Expands folders (recursively, sorted) into their files; other paths and URLs are kept as given."""
   files = []
-  for item in map(Path, inputs):
-    files.extend(sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item])
+  for item in map(epath.Path, inputs):
+    if item.is_dir():  # walk, not rglob: epath refuses recursive globs (thousands of requests on GCS)
+      files.extend(sorted(epath.Path(root) / name for root, _, names in item.walk() for name in names))
+    else:
+      files.append(item)
   return files
 
 
@@ -302,7 +304,7 @@ def to_lines(result: ImageResult) -> list[str]:
           f"  argmax {f.argmax_age:.0f}  std {f.std:.1f}" for i, f in enumerate(result.faces)]
 
 
-def plot_results(results: list[ImageResult], bins: np.ndarray, path: str | os.PathLike) -> None:
+def plot_results(results: list[ImageResult], bins: np.ndarray, path: storage.Location) -> None:
   """Saves a PNG: each photo with its face boxes and ages, beside the faces' predicted distributions.
 
   The first few faces' model inputs (aligned crops) are inset above their distributions.
@@ -320,7 +322,7 @@ def plot_results(results: list[ImageResult], bins: np.ndarray, path: str | os.Pa
   for row, result in enumerate(rows):
     ax_photo, ax_dist = fig.add_subplot(len(rows), 2, 2 * row + 1), fig.add_subplot(len(rows), 2, 2 * row + 2)
     ax_photo.imshow(result.photo)
-    ax_photo.set_title(Path(result.file).name)
+    ax_photo.set_title(epath.Path(result.file).name)
     ax_photo.axis("off")
     for i, face in enumerate(result.faces):
       x, y, w, h = face.box
@@ -343,4 +345,5 @@ def plot_results(results: list[ImageResult], bins: np.ndarray, path: str | os.Pa
     ax_dist.set_ylabel("probability")
     ax_dist.set_title("predicted age distribution")
     ax_dist.legend()
-  fig.savefig(path, dpi=80)
+  with storage.path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=80)

@@ -4,16 +4,20 @@ import functools
 import json
 import logging
 import math
+import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-from agejax import checkpointing, configuration, metrics, parallel, steps
+from agejax import checkpointing, configuration, metrics, parallel, steps, storage
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
@@ -69,8 +73,7 @@ def load_pretrained(config, params, model_state):
 
 
 def build(config) -> dict[str, Any]:
-  """Creates the mesh, data, model, optimizer, initial state and jitted steps for `config`."""
-  configuration.validate(config)
+  """Creates the mesh, data, model, optimizer, initial state and jitted steps for a validated `config`."""
   mesh = parallel.make_mesh()
   train_data = load_labelled_split(config, "train", training=True)
   eval_data = load_labelled_split(config, config.data.eval_split)
@@ -97,19 +100,54 @@ def evaluate_split(eval_step, state: steps.TrainState, data: pipeline.ArraySplit
 def enable_compilation_cache(directory: str) -> None:
   """Turns on JAX's persistent compilation cache, so a restarted run skips recompiling."""
   if directory:
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_compilation_cache_dir", str(storage.path(directory)))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_json(path: epath.Path, obj: dict) -> None:
   if jax.process_index() == 0:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    storage.write_json(path, obj)
 
 
-def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
+class _Profiler:
+  """Traces `num_steps` train steps after the first log step into WORKDIR/plugins/profile.
+
+  The trace goes to a local folder first and is then copied: the profiler writes local files, and
+  the workdir may be a bucket. TensorBoard's profile tab shows it.
+  """
+
+  def __init__(self, workdir: epath.Path, num_steps: int, log_every: int, start: int):
+    self.workdir, self.num_steps = workdir, num_steps
+    self.first = (start // log_every + 1) * log_every  # the first log step of this run
+    self.last = self.first + num_steps
+    self._local: str | None = None
+
+  def before(self, step: int) -> None:
+    """Starts tracing before `step` when it is the first traced one."""
+    if self.num_steps and step == self.first + 1:
+      self._local = tempfile.mkdtemp(prefix="agejax-profile-")
+      jax.profiler.start_trace(self._local)
+
+  def after(self, step: int, in_flight: parallel.InFlight, last: bool) -> None:
+    """Stops tracing after `step` when it is the last traced one (or the run's last), and copies the trace."""
+    if self._local is None or not (step == self.last or last):
+      return
+    in_flight.wait()  # the traced steps have run on the device
+    jax.profiler.stop_trace()
+    run = storage.check_writable(self.workdir / "plugins" / "profile" / f"train_steps_{self.first + 1}-{step}",
+                                 "profile folder")
+    # Several processes share a host name on one machine: keep their files apart.
+    prefix = f"process{jax.process_index()}." if jax.process_count() > 1 else ""
+    for root, _, files in os.walk(self._local):
+      for name in files:
+        epath.Path(root, name).copy(run / f"{prefix}{name}", overwrite=True)
+    shutil.rmtree(self._local, ignore_errors=True)
+    self._local = None
+    print(f"profiled train steps {self.first + 1}-{step} on {socket.gethostname()}: {run}", flush=True)
+
+
+def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | None:
   """Trains (resuming from WORKDIR's latest checkpoint), evaluates and checkpoints.
 
   Returns the final metrics (also written to WORKDIR/final_metrics.json), or None when a SIGTERM
@@ -119,11 +157,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   from tqdm.auto import tqdm
 
   started = time.perf_counter()
-  workdir = Path(workdir)
+  configuration.validate(config)
+  # A missing bucket, a read-only folder or an unreachable endpoint fails here, before any compilation.
+  workdir = storage.check_writable(workdir)
   final_path = workdir / FINAL_METRICS
   enable_compilation_cache(config.get("compilation_cache_dir", ""))
   b = build(config)
-  workdir.mkdir(parents=True, exist_ok=True)
   state, mesh = b["state"], b["mesh"]
   replicated = parallel.replicated(mesh)
   eval_batch_size = config.eval_batch_size or config.batch_size
@@ -146,7 +185,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   _write_json(workdir / "config.json", config.to_dict())
 
   from agejax import evaluate  # here, not at the top: evaluate imports this module
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   # A few eval faces, drawn with their target and predicted distributions at every evaluation.
   sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
   sample_images = jax.device_put(sample["image"], replicated)
@@ -161,6 +200,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
   # shows real speed.
   in_flight = parallel.InFlight()
+  profiler = _Profiler(workdir, config.get("profile_steps", 0), config.log_every_steps, start)
   synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
 
   def check_finite(host_sums: dict[str, float]) -> None:
@@ -175,6 +215,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
   with metric_writers.ensure_flushes(writer), _Preemption() as signalled, \
       tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
     for step in range(start + 1, config.num_train_steps + 1):
+      profiler.before(step)
       state, sums, loss = b["train_step"](state, sums, next(stream))
       if first_step_s is None:
         loss.block_until_ready()  # once: time to the first finished step (start-up + compilation)
@@ -183,6 +224,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
       report(step)
       bar.update()
       last = step == config.num_train_steps
+      profiler.after(step, in_flight, last)
       # All processes must stop at the same step: with several, JAX's preemption sync point decides.
       preempted = ckpts.reached_preemption(step) if jax.process_count() > 1 else bool(signalled)
       evaluated = step % config.eval_every_steps == 0 or last
@@ -225,6 +267,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float] | None:
            "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps))}
   ckpts.close()
   _write_json(final_path, final)
+  if jax.process_count() > 1:
+    # No process exits before final_metrics.json exists: a restart loop on any host that checks
+    # for it then stops instead of starting a run whose coordinator is gone.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("agejax final metrics written")
   if jax.process_index() == 0:
     print(summary(final))
   return final

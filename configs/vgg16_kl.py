@@ -21,10 +21,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1  # >1: split each batch into micro-batches, one update per batch
   config.nonfinite = "stop"  # a non-finite loss/gradient: "stop" the run, or "skip" the step (counted)
   config.compilation_cache_dir = "~/.cache/agejax/jax_compilation_cache"  # '' disables it
+  config.profile_steps = 0  # > 0: a jax.profiler trace of this many train steps after the first log step
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "utkface"  # prepare once: python scripts/prepare_data.py utkface --manual_dir DIR
-  config.data.data_dir = ""  # TFDS data_dir; '' is TFDS's default (~/tensorflow_datasets)
+  config.data.data_dir = ""  # TFDS data_dir, a local path or gs:// URL; '' is TFDS's ~/tensorflow_datasets
+  # Local disk for each host's memory-mapped uint8 copy of the splits (rebuilt when the dataset changes).
+  config.data.cache_dir = "~/.cache/agejax/arrays"
   config.data.builder_config = ""  # TFDS builder config; '' is the builder's default
   config.data.eval_split = "validation"
   config.data.image_size = 224  # model input; stored images are resized on the device

@@ -38,11 +38,17 @@ def compilation_cache(tmp_path_factory) -> str:
   return str(path)
 
 
+def array_cache(data_dir: str) -> str:
+  """The local array cache beside a test session's local TFDS data_dir (never the user's ~/.cache)."""
+  return str(Path(data_dir).parent / "agejax_arrays")
+
+
 @pytest.fixture
 def tiny_config(data_dir, compilation_cache):
   """The `:tiny` training config reading the session's tiny demo dataset."""
   config = vgg16_kl.get_config("tiny")
   config.data.data_dir = data_dir
+  config.data.cache_dir = array_cache(data_dir)
   config.compilation_cache_dir = compilation_cache  # never the user's ~/.cache
   return config
 
@@ -50,11 +56,15 @@ def tiny_config(data_dir, compilation_cache):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_command(workdir, *overrides: str, data_dir: str, cache: str = "", variant: str = "tiny") -> list[str]:
-  """The command line of scripts/train.py on the tiny demo data, with `--config.KEY=VALUE` overrides."""
+def train_command(workdir, *overrides: str, data_dir: str, cache: str = "", variant: str = "tiny",
+                  arrays: str = "") -> list[str]:
+  """The command line of scripts/train.py on the tiny demo data, with `--config.KEY=VALUE` overrides.
+
+  `arrays` is the local array cache; by default the one beside a local `data_dir`.
+  """
   return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", f"{ROOT}/configs/vgg16_kl.py:{variant}",
           "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.compilation_cache_dir={cache}",
-          *overrides]
+          f"--config.data.cache_dir={arrays or array_cache(data_dir)}", *overrides]
 
 
 def cpu_env(devices: int = 1) -> dict[str, str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agejax import train
-from conftest import checkpoint
+from conftest import array_cache, checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = ("train/loss", "train/mae", "train/learning_rate", "eval/loss", "eval/mae", "eval/epsilon_error", "eval/cs5",
@@ -46,9 +46,23 @@ def trained(tmp_path_factory, data_dir, compilation_cache):
   from configs import vgg16_kl
   config = vgg16_kl.get_config("tiny")
   config.data.data_dir, config.compilation_cache_dir = data_dir, compilation_cache
+  config.data.cache_dir = array_cache(data_dir)
+  config.profile_steps = 5
   workdir = tmp_path_factory.mktemp("run")
   final = train.train_and_evaluate(config, workdir)
   return config, workdir, final
+
+
+def test_profile_steps_leave_a_trace_for_tensorboards_profile_tab(trained):
+  _, workdir, _ = trained
+  [run] = (workdir / "plugins" / "profile").iterdir()
+  assert run.name == "train_steps_11-15"  # after the first log step (10)
+  [xplane] = run.glob("*.xplane.pb")  # what TensorBoard's profile tab reads
+  assert xplane.stat().st_size > 0
+  [chrome] = run.glob("*.trace.json.gz")
+  import gzip
+  events = json.loads(gzip.decompress(chrome.read_bytes()))["traceEvents"]
+  assert sum(e.get("name") == "PjitFunction(train_step)" for e in events) >= 5  # the traced steps' dispatches
 
 
 def test_run_writes_final_metrics_tensorboard_and_checkpoints(trained):
@@ -98,6 +112,8 @@ def test_resume_continues_exactly_and_finished_run_exits_promptly(trained, tmp_p
     ("--config.optimizer.grad_clip_norm=-1", "config.optimizer.grad_clip_norm=-1"),
     ("--config.optimizer.end_learning_rate_factor=-1", "config.optimizer.end_learning_rate_factor=-1"),
     ("--config.model.dropout_rate=1.5", "config.model.dropout_rate=1.5"),
+    ("--config.profile_steps=-1", "config.profile_steps=-1"),
+    ("--config.data.cache_dir=gs://bucket/arrays", "config.data.cache_dir='gs://bucket/arrays'"),
 ])
 def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -117,7 +133,8 @@ def test_a_config_that_does_not_fit_the_checkpoints_fails_in_one_line_and_keeps_
   before = (copy / "config.json").read_text()
   proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/vgg16_kl.py:tiny", "--workdir",
                          str(copy), f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
-                         "--config.model.width_multiplier=0.125", "--config.compilation_cache_dir="],
+                         "--config.model.width_multiplier=0.125", "--config.compilation_cache_dir=",
+                         f"--config.data.cache_dir={config.data.cache_dir}"],
                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode != 0

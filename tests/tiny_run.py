@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from agejax import train
+from conftest import array_cache
 from configs import vgg16_kl
 
 
@@ -24,6 +25,7 @@ def tiny_run(request, tmp_path_factory) -> tuple[dict, Path]:
     if not (run / train.FINAL_METRICS).exists():
       config = vgg16_kl.get_config("tiny")
       config.data.data_dir = request.getfixturevalue("data_dir")
+      config.data.cache_dir = array_cache(config.data.data_dir)
       config.compilation_cache_dir = request.getfixturevalue("compilation_cache")
       config.num_train_steps = 20
       config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 10

@@ -24,6 +24,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
+from agejax import storage
+
 
 def load_rgb(path_or_bytes: str | os.PathLike | bytes, size: int) -> np.ndarray | str:
   """Returns the image as a centre-cropped size x size RGB uint8 array, or a skip reason."""
@@ -37,9 +39,8 @@ def open_rgb(path_or_bytes: str | os.PathLike | bytes) -> Image.Image | str:
     data = path_or_bytes
   else:
     try:
-      with open(path_or_bytes, "rb") as f:
-        data = f.read()
-    except OSError:
+      data = storage.path(path_or_bytes).read_bytes()
+    except Exception:  # OSError locally; TensorFlow's or fsspec's own errors for a URL
       return "unreadable file"
   if not data:
     return "empty file"

@@ -1,21 +1,27 @@
 """Host input pipeline: prepared TFDS splits -> memory-mapped uint8 arrays -> sharded batches.
 
-TFDS stores and versions the prepared datasets. Decoding records one by one is slow (~530
-images/s measured), so each split is decoded once into a memory-mapped uint8 array beside the TFDS
-files; a batch is then one gather from it (~44,000 images/s per core). Batch order is a pure
+TFDS stores and versions the prepared datasets (locally or in a bucket). Decoding records one by one
+is slow (~530 images/s measured), so each host decodes each split once into a memory-mapped uint8
+array on its local disk (`config.data.cache_dir`); a batch is then one gather from it (~44,000
+images/s per core). Batch order is a pure
 function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run would.
 """
 
 import dataclasses
+import fcntl
 import functools
+import hashlib
 import os
 import queue
+import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
 from agejax import parallel
 
@@ -52,6 +58,7 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config:
 
 
 OUT_OF_RANGE = ("clip", "drop")
+DEFAULT_CACHE_DIR = "~/.cache/agejax/arrays"
 
 
 @dataclasses.dataclass
@@ -86,32 +93,100 @@ class ArraySplit:
     raise ValueError(f"config.labels.out_of_range={policy!r} is not one of {OUT_OF_RANGE}")
 
 
-def _write_arrays(builder, split: str, path: Path) -> None:
-  """Decodes a prepared TFDS split once into `path`.images.npy and `path`.labels.npz."""
+def cache_key(builder, split: str) -> str:
+  """A digest of the prepared split's identity: where it is, its metadata, and its files' sizes and times.
+
+  Re-preparing the dataset (or copying a new one over it) changes the files, so the key; the array
+  cache is then rebuilt instead of silently serving the old examples.
+  """
+  data_dir = epath.Path(builder.data_dir)
+  digest = hashlib.sha256(str(data_dir).encode())
+  digest.update((data_dir / "dataset_info.json").read_bytes())
+  for file in sorted(builder.info.splits[split].filepaths, key=str):
+    stat = epath.Path(file).stat()
+    digest.update(f"{epath.Path(file).name} {stat.length} {stat.mtime}".encode())
+  return digest.hexdigest()[:16]
+
+
+def _decode_split(builder, split: str, folder: Path) -> None:
+  """Decodes a prepared TFDS split once into folder/images.npy (memory-mappable) and folder/labels.npz."""
+  from tqdm.auto import tqdm
   tfds = _tfds()
-  info = builder.info
-  n = info.splits[split].num_examples
-  shape = info.features["image"].shape
-  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-  images = np.lib.format.open_memmap(f"{tmp}.images.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
+  n = builder.info.splits[split].num_examples
+  shape = builder.info.features["image"].shape
+  images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
   ages, stds = np.zeros(n, np.float32), np.zeros(n, np.float32)
   start = 0
-  for batch in tfds.as_numpy(builder.as_dataset(split=split, batch_size=256, shuffle_files=False)):
-    end = start + len(batch["age"])
-    images[start:end], ages[start:end], stds[start:end] = batch["image"], batch["age"], batch["age_std"]
-    start = end
+  dataset = tfds.as_numpy(builder.as_dataset(split=split, batch_size=256, shuffle_files=False))
+  with tqdm(total=n, desc=f"array cache {split}", unit="img", disable=jax.process_index() > 0) as bar:
+    for batch in dataset:
+      end = start + len(batch["age"])
+      images[start:end], ages[start:end], stds[start:end] = batch["image"], batch["age"], batch["age_std"]
+      start = end
+      bar.update(len(batch["age"]))
   if start != n:
     raise RuntimeError(f"{builder.data_dir}: split {split!r} has {start} examples, its metadata says {n}")
   images.flush()
   del images
-  np.savez(f"{tmp}.labels.npz", age=ages, age_std=stds)
-  # Renames are atomic: concurrent processes never read a half-written cache.
-  os.replace(f"{tmp}.images.npy", f"{path}.images.npy")
-  os.replace(f"{tmp}.labels.npz", f"{path}.labels.npz")
+  np.savez(folder / "labels.npz", age=ages, age_std=stds)
+
+
+def _size(num_bytes: float) -> str:
+  return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
+def _remove_quietly(folder: Path) -> None:
+  shutil.rmtree(folder, ignore_errors=True)
+
+
+def array_cache(builder, split: str, cache_dir: str) -> Path:
+  """Returns the local folder of `split`'s uint8 arrays, decoding the TFDS records into it once.
+
+  The folder is keyed by dataset, builder config, TFDS version, split and `cache_key`. Each host
+  builds its own (TFDS may be on GCS; a memory map needs a local file). One process per host
+  builds while the others wait on a lock; the folder appears complete or not at all (a rename).
+  """
+  tfds_name = builder.info.full_name  # name/config/version
+  root = Path(cache_dir).expanduser().absolute() / tfds_name
+  folder = root / f"{split}-{cache_key(builder, split)}"
+  if (folder / "labels.npz").exists():
+    return folder
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / f"{split}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if (folder / "labels.npz").exists():  # another process built it while this one waited
+      return folder
+    # Under the lock no other process builds this split: older keys and interrupted builds are garbage.
+    for stale in root.glob(f"{split}-" + "?" * 16):
+      _remove_quietly(stale)
+    for partial in root.glob(f".{split}-" + "?" * 16 + ".tmp*"):
+      _remove_quietly(partial)
+    info = builder.info
+    n = info.splits[split].num_examples
+    needed = n * int(np.prod(info.features["image"].shape)) + 8 * n + (1 << 20)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+      raise ValueError(f"config.data.cache_dir={cache_dir!r}: the {tfds_name} {split} array cache needs "
+                       f"{_size(needed)} and {root} has {_size(free)} free; set "
+                       f"--config.data.cache_dir to a local disk with more space")
+    tmp = root / f".{folder.name}.tmp{os.getpid()}"
+    tmp.mkdir()
+    started = time.perf_counter()
+    try:
+      _decode_split(builder, split, tmp)
+      os.rename(tmp, folder)
+    except BaseException:
+      _remove_quietly(tmp)
+      raise
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+    print(f"{where}built the {tfds_name} {split} array cache ({n} examples, {_size(size)}) in "
+          f"{time.perf_counter() - started:.1f} s: {folder}", flush=True)
+  return folder
 
 
 def load_split(data_cfg, split: str) -> ArraySplit:
-  """Returns a split of `config.data` as arrays, preparing the demo or the array cache if needed."""
+  """Returns a split of `config.data` as arrays, preparing the demo or the local array cache if needed."""
   builder = get_builder(data_cfg.name, data_cfg.data_dir, data_cfg.get("builder_config", ""))
   if not builder.is_prepared():
     if DATASETS[data_cfg.name][1]:
@@ -121,12 +196,9 @@ def load_split(data_cfg, split: str) -> ArraySplit:
     builder = prepare(data_cfg.name, data_cfg.data_dir, builder_config=data_cfg.get("builder_config", ""))
   if split not in builder.info.splits:
     raise ValueError(f"config.data split {split!r} is not in {data_cfg.name}: {sorted(builder.info.splits)}")
-  path = Path(builder.data_dir) / "agejax_arrays" / split
-  if not Path(f"{path}.labels.npz").exists():
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_arrays(builder, split, path)
-  labels = np.load(f"{path}.labels.npz")
-  return ArraySplit(np.load(f"{path}.images.npy", mmap_mode="r"), labels["age"], labels["age_std"])
+  folder = array_cache(builder, split, data_cfg.get("cache_dir", DEFAULT_CACHE_DIR))
+  labels = np.load(folder / "labels.npz")
+  return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), labels["age"], labels["age_std"])
 
 
 class TrainBatches:

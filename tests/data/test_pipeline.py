@@ -1,3 +1,4 @@
+import ml_collections
 import numpy as np
 import pytest
 
@@ -83,3 +84,75 @@ def test_ages_outside_the_bins_are_clipped_or_dropped_and_counted():
   assert twice.gather(np.array([0]))["image"][0, 0, 0, 0] == 2
   with pytest.raises(ValueError, match="config.labels.out_of_range='wrap'"):
     data.restrict_ages(1, 100, "wrap")
+
+
+def _cache_folders(cache_dir, split: str) -> list:
+  return sorted((cache_dir / "agejax_demo" / "tiny" / "1.0.0").glob(f"{split}-*"))
+
+
+def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(data_dir, tmp_path, capsys):
+  import os
+  import shutil
+
+  import tensorflow_datasets as tfds
+  data = tmp_path / "tfds"
+  shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("agejax_arrays"))
+  cfg = ml_collections.ConfigDict({"name": "demo", "data_dir": str(data), "builder_config": "tiny",
+                                   "cache_dir": str(tmp_path / "arrays")})
+  first = pipeline.load_split(cfg, "validation")
+  out = capsys.readouterr().out
+  assert "built the agejax_demo/tiny/1.0.0 validation array cache (50 examples, 0.2 MB) in " in out, out
+  [folder] = _cache_folders(tmp_path / "arrays", "validation")
+  assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "labels.npz"]
+  assert not list(data.rglob("*.npy"))  # nothing beside the TFDS files
+  assert pipeline.load_split(cfg, "validation").images.filename == first.images.filename  # reused, not rebuilt
+  assert "built" not in capsys.readouterr().out
+  # The dataset changes under the same name: the validation records are replaced by the test split's.
+  files = {s: next((data / "agejax_demo" / "tiny" / "1.0.0").glob(f"agejax_demo-{s}.tfrecord*")) for s in
+           ("validation", "test")}
+  shutil.copyfile(files["test"], files["validation"])
+  os.utime(files["validation"], (1, 1))
+  changed = pipeline.load_split(cfg, "validation")
+  builder = pipeline.get_builder("demo", str(data_dir), "tiny")
+  records = list(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False)))
+  np.testing.assert_array_equal(changed.images, np.stack([r["image"] for r in records]))
+  np.testing.assert_array_equal(changed.age, [r["age"] for r in records])
+  assert [f.name for f in _cache_folders(tmp_path / "arrays", "validation")] != [folder.name]  # the stale one went
+  assert len(_cache_folders(tmp_path / "arrays", "validation")) == 1
+
+
+def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(tiny_config, tmp_path, monkeypatch):
+  import collections
+  import shutil
+  tiny_config.data.cache_dir = str(tmp_path / "arrays")
+  root = tmp_path / "arrays" / "agejax_demo" / "tiny" / "1.0.0"
+  partial = root / ".validation-0123456789abcdef.tmp99999"  # a build killed mid-way
+  partial.mkdir(parents=True)
+  (partial / "images.npy").write_bytes(b"\0" * 1000)
+  pipeline.load_split(tiny_config.data, "validation")
+  assert not partial.exists()
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+  with pytest.raises(ValueError, match=r"^config.data.cache_dir='.*': the agejax_demo/tiny/1.0.0 train array cache "
+                                       r"needs 2.0 MB and .* has 0.0 MB free; set --config.data.cache_dir"):
+    pipeline.load_split(tiny_config.data, "train")
+  assert not list(root.glob("train-*")) and not list(root.glob(".train-*"))
+
+
+def test_two_processes_building_the_same_cache_at_once_agree(data_dir, tmp_path):
+  import subprocess
+  import sys
+  code = ("import sys, ml_collections, numpy as np; from agejax.data import pipeline; "
+          "cfg = ml_collections.ConfigDict(dict(name='demo', data_dir=sys.argv[1], builder_config='tiny', "
+          "cache_dir=sys.argv[2])); s = pipeline.load_split(cfg, 'train'); "
+          "print('sum', int(s.images.astype(np.int64).sum()), int(s.age.sum()))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, data_dir, str(tmp_path / "arrays")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  sums = [next(line for line in out.splitlines() if line.startswith("sum ")) for out, _ in outputs]
+  expected = pipeline.load_split(ml_collections.ConfigDict(
+      {"name": "demo", "data_dir": data_dir, "builder_config": "tiny", "cache_dir": str(tmp_path / "fresh")}), "train")
+  assert sums == [f"sum {int(expected.images.astype(np.int64).sum())} {int(expected.age.sum())}"] * 2
+  assert sum("built the" in out for out, _ in outputs) == 1  # one built, the other waited and reused it
+  assert len(_cache_folders(tmp_path / "arrays", "train")) == 1

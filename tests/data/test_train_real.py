@@ -74,7 +74,8 @@ def _train(tmp_path: Path, name: str, data_dir: Path, cache: str) -> dict:
   workdir = tmp_path / "run"
   out = _run("scripts/train.py", "--config", "configs/vgg16_kl.py:tiny", "--workdir", str(workdir),
              f"--config.data.name={name}", f"--config.data.data_dir={data_dir}",
-             "--config.data.builder_config=tiny", f"--config.compilation_cache_dir={cache}", *TRAIN_FLAGS)
+             "--config.data.builder_config=tiny", f"--config.compilation_cache_dir={cache}",
+             f"--config.data.cache_dir={tmp_path / 'arrays'}", *TRAIN_FLAGS)
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["step"] == 4 and final["eval_split"] == "validation", final
   for key in ("eval_mae", "eval_epsilon_error", "eval_cs5", "eval_loss", "baseline_mae"):
