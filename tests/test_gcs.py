@@ -138,3 +138,40 @@ def test_an_unusable_bucket_fails_in_one_line_before_compiling(gcs, data_dir, re
   assert last.startswith(f"error: workdir {url} is not writable: "), result.stderr[-2000:]
   assert not list(cache.iterdir())  # nothing was compiled
   assert sorted(p.name for p in tmp_path.iterdir()) == ["compilation_cache"]
+
+
+CONVERTED = r"""
+import sys, jax, numpy as np, ml_collections
+from flax import nnx
+from agejax import configuration, convert, models, steps
+url = sys.argv[1]
+config = ml_collections.ConfigDict({"model": {"pretrained": url + "/missing", "batch_norm": False}})
+try:
+  configuration.check_pretrained(config)
+except FileNotFoundError as e:
+  print("MISSING", e)
+model = models.VGG16(10, width_multiplier=0.0625, rngs=nnx.Rngs(1))  # converted weights, at test width
+convert.save_converted(model, url, source="test")
+config.model.pretrained = url
+configuration.check_pretrained(config)
+_, params, model_state = steps.split_model(models.VGG16(100, width_multiplier=0.0625, rngs=nnx.Rngs(2)))
+params, _ = convert.backbone_from_converted(url, params, model_state)
+_, want, _ = steps.split_model(model)
+same = all(np.array_equal(params[k][i]["kernel"], want[k][i]["kernel"]) for k in ("convs",) for i in params[k])
+print("BACKBONE", same and np.array_equal(params["fc2"]["kernel"], want["fc2"]["kernel"]),
+      params["head"]["kernel"].shape)
+"""
+
+
+def test_converted_weights_go_to_and_come_from_a_bucket(gcs, tmp_path):
+  url = f"gs://{BUCKET}/weights/vgg16_tiny"
+  result = gcs.run([sys.executable, "-c", CONVERTED, url], cwd=tmp_path, env=cpu_env(), capture_output=True,
+                   text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ", 1)[0].isupper())
+  assert lines["MISSING"].startswith(f"config.model.pretrained='{url}/missing' holds no converted weights; create "
+                                     f"them with: python scripts/convert_torchvision.py ")
+  assert lines["BACKBONE"] == "True (256, 100)"
+  names = gcs.list_objects(BUCKET, "weights/vgg16_tiny/")
+  assert "weights/vgg16_tiny/agejax_weights.json" in names and any(n.endswith("manifest.ocdbt") for n in names)
+  assert not list(tmp_path.iterdir())
