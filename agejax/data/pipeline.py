@@ -3,8 +3,8 @@
 TFDS stores and versions the prepared datasets (locally or in a bucket). Decoding records one by one
 is slow (~530 images/s measured), so each host decodes each split once into a memory-mapped uint8
 array on its local disk (`config.data.cache_dir`); a batch is then one gather from it (~44,000
-images/s per core). Batch order is a pure
-function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run would.
+images/s per core). Batch order is a pure function of (seed, step), so a resumed run sees exactly
+the batches an uninterrupted run would.
 """
 
 import dataclasses
@@ -135,10 +135,6 @@ def _size(num_bytes: float) -> str:
   return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
 
 
-def _remove_quietly(folder: Path) -> None:
-  shutil.rmtree(folder, ignore_errors=True)
-
-
 def array_cache(builder, split: str, cache_dir: str) -> Path:
   """Returns the local folder of `split`'s uint8 arrays, decoding the TFDS records into it once.
 
@@ -158,9 +154,9 @@ def array_cache(builder, split: str, cache_dir: str) -> Path:
       return folder
     # Under the lock no other process builds this split: older keys and interrupted builds are garbage.
     for stale in root.glob(f"{split}-" + "?" * 16):
-      _remove_quietly(stale)
+      shutil.rmtree(stale, ignore_errors=True)
     for partial in root.glob(f".{split}-" + "?" * 16 + ".tmp*"):
-      _remove_quietly(partial)
+      shutil.rmtree(partial, ignore_errors=True)
     info = builder.info
     n = info.splits[split].num_examples
     needed = n * int(np.prod(info.features["image"].shape)) + 8 * n + (1 << 20)
@@ -176,7 +172,7 @@ def array_cache(builder, split: str, cache_dir: str) -> Path:
       _decode_split(builder, split, tmp)
       os.rename(tmp, folder)
     except BaseException:
-      _remove_quietly(tmp)
+      shutil.rmtree(tmp, ignore_errors=True)
       raise
     size = sum(f.stat().st_size for f in folder.iterdir())
     where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
