@@ -1,15 +1,18 @@
-"""TFDS builders for the face-age datasets: the generated demo (and the real ones added later).
+"""TFDS builders for the face-age datasets: the features they share, the generated demo, and the base
+of the builders prepared from a manually downloaded source (`utkface`, `csv_faces`).
 
 Each yields RGB uint8 faces of one fixed size per builder config, an integer `age` and an
 `age_std` (the per-image label spread; 0 where the dataset has none).
 """
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from agejax.data import demo_faces
+from agejax.data import demo_faces, sources
 
 
 def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
@@ -63,3 +66,40 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
     for i in range(num_examples):
       image, age = demo_faces.sample_example(self.SPLIT_SEEDS[split], i, size)
       yield i, {"image": image, "age": age, "age_std": 0.0}
+
+
+class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A dataset prepared from a manually downloaded folder or archive, whose fingerprint it records.
+
+  `describe_source(manual_dir)` returns the fingerprint (see `sources`); the builder stores it as
+  `info.metadata["source"]`, and `pipeline.prepare` compares the two before preparing again.
+  """
+
+  def describe_source(self, manual_dir: str | os.PathLike) -> dict:
+    """Returns the fingerprint of a manual folder or archive; raises a one-line error if it can't be read."""
+    path = Path(os.fspath(manual_dir)).expanduser()
+    if not path.exists():
+      raise FileNotFoundError(f"the manual folder {sources.display(path)} does not exist; pass --manual_dir "
+                              f"FOLDER holding the downloaded files (README: Real datasets)")
+    return self._describe_source(path)
+
+  def _describe_source(self, path: Path) -> dict:
+    raise NotImplementedError
+
+  def download_and_prepare(self, *, download_dir: str | os.PathLike | None = None,
+                           download_config: tfds.download.DownloadConfig | None = None, **kwargs) -> None:
+    """TFDS's download_and_prepare, remembering `download_config.manual_dir` (it may be an archive)."""
+    self._manual_path = download_config.manual_dir if download_config else None
+    super().download_and_prepare(download_dir=download_dir, download_config=download_config, **kwargs)
+
+  def _manual_root(self, dl_manager) -> Path:
+    """The manual folder, or the archive passed in its place (TFDS's `manual_dir` insists on a folder)."""
+    given = getattr(self, "_manual_path", None)
+    if given and os.path.isfile(os.path.expanduser(os.fspath(given))):
+      return Path(os.fspath(given)).expanduser()
+    return Path(os.fspath(dl_manager.manual_dir)).expanduser()
+
+  def _record_source(self, source: dict) -> None:
+    """Starts this preparation's metadata with the source's fingerprint (nothing stale carried over)."""
+    self.info.metadata.clear()
+    self.info.metadata["source"] = source

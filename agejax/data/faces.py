@@ -10,7 +10,11 @@ Colour policy of `open_rgb` (and so of `load_rgb`, which crops its result): gray
 CMYK and 16-bit images become RGB; images with transparency are composited on black, the value a
 zoomed-out or shifted augmented face is padded with (`jax.image.scale_and_translate` fills with
 0), so the model meets one background convention. predict.py reads photos the same way.
-EXIF orientation is applied (phone photos).
+EXIF orientation is applied (phone photos). Gray levels beyond 8 bits are scaled, not clipped:
+16-bit images ("I;16", "I;16B", ...) by the type's range (65535 is white), 32-bit integer and float
+images (modes "I" and "F", e.g. TIFFs; signed 16-bit TIFFs open as "I" too) by their own finite
+value range (its minimum black, its maximum white; a constant image is mid-gray), since their type's
+range says nothing about where a picture's values lie.
 Skip reasons: "empty file", "unreadable file", "not an image" (no format recognised, including a
 file cut inside its header), "corrupt image" (recognised but undecodable, e.g. truncated), "image
 too large" (PIL's decompression-bomb limit).
@@ -81,13 +85,26 @@ def centre_square(img: Image.Image, size: int) -> np.ndarray:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
   """Converts any PIL mode to RGB, compositing transparency on black."""
+  # convert() would clip gray levels beyond 255: a 16- or 32-bit face would come out white or black.
   if img.mode.startswith("I;16"):
-    # 16-bit grayscale: convert() would clip at 255; keep the high byte to scale the full range.
-    img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))  # the high byte
+  elif img.mode in ("I", "F"):
+    img = Image.fromarray(_stretch_to_uint8(np.asarray(img)))
   if img.has_transparency_data:
     rgba = img.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), rgba).convert("RGB")
   return img.convert("RGB")
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+  """Maps an array's finite range linearly onto 0..255 (NaN and -inf black, +inf white, constant 128)."""
+  values = values.astype(np.float64)
+  finite = values[np.isfinite(values)]
+  if finite.size == 0 or finite.min() == finite.max():
+    return np.full(values.shape, 128, np.uint8)
+  lo, hi = finite.min(), finite.max()
+  values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+  return np.rint((values - lo) * (255 / (hi - lo))).astype(np.uint8)
 
 
 def age_skip_reason(age: int) -> str | None:

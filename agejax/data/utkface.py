@@ -13,6 +13,13 @@ Splits: a file goes to train / validation / test by a seeded hash of its base na
 is the same whatever the file order, folder layout or archive, and stable as files are added.
 Files are identified by base name (UTKFace names carry a millisecond timestamp): a second file
 with the same base name, e.g. from an extracted copy beside the archive, is skipped and counted.
+
+Source: `--manual_dir` is a folder (nested folders, and `.tar.gz` / `.tgz` / `.tar` archives in it,
+read without extracting) or one archive itself. Every archive is read completely before anything is
+prepared: a truncated or corrupt one fails in one line naming it, rather than losing the files after
+the break. The prepared dataset records a fingerprint of its source (each archive's SHA-256, each
+loose file's name, size and modification time; `metadata["source"]`). A file whose name is not
+UTF-8 is skipped and counted ("non-UTF-8 file name").
 """
 
 import dataclasses
@@ -27,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from agejax.data import builders, faces
+from agejax.data import builders, faces, sources
 
 SPLITS = ("train", "validation", "test")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = sources.ARCHIVE_SUFFIXES
 
 # Single-digit gender and race codes tell them apart from the long date field when one is missing.
 # Two files of the real archive end their date in "jpg" or a space ("...357jpg.chip.jpg", "...657 .jpg").
@@ -55,7 +62,8 @@ def parse_utkface_name(name: str) -> dict | None:
 
 def assign_split(file_name: str, fractions: dict[str, float], seed: int) -> str:
   """Returns the split of a file name: a seeded hash of its base name against the fractions."""
-  digest = hashlib.sha256(f"{seed}/{os.path.basename(file_name)}".encode()).digest()
+  # surrogateescape: a name with non-UTF-8 bytes still lands in one split, where it is counted as skipped.
+  digest = hashlib.sha256(f"{seed}/{os.path.basename(file_name)}".encode("utf-8", "surrogateescape")).digest()
   u = int.from_bytes(digest[:8], "big") / 2**64
   splits = [s for s, f in fractions.items() if f > 0]
   total = 0.0
@@ -84,17 +92,56 @@ def _visible(rel_path: str) -> bool:
   return not any(part.startswith(".") for part in rel_path.split("/") if part not in ("", "."))
 
 
-class AgejaxUtkface(tfds.core.GeneratorBasedBuilder):
+def _raise(error: OSError) -> None:
+  """os.walk's onerror: an unlistable folder fails the preparation instead of silently losing its files."""
+  raise ValueError(f"{sources.display(error.filename)}: cannot list this folder ({error.strerror})")
+
+
+def scan(root: Path) -> tuple[list[Path], list[Path]]:
+  """Returns the visible files and the archives of a manual folder, sorted; an archive path is its own source."""
+  if root.is_file():
+    if not root.name.endswith(ARCHIVE_SUFFIXES):
+      raise ValueError(f"{sources.display(root)} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; pass "
+                       f"the folder holding the UTKFace images or archive")
+    return [], [root]
+  files, archives = [], []
+  for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+    dirnames[:] = sorted(d for d in dirnames if _visible(d))
+    for name in sorted(filenames):
+      if _visible(name):
+        (archives if name.endswith(ARCHIVE_SUFFIXES) else files).append(Path(dirpath, name))
+  return files, archives
+
+
+def _relative(path: Path, root: Path) -> str:
+  """A file's name relative to the manual folder (an archive passed as the source: its own name)."""
+  return path.name if path == root else path.relative_to(root).as_posix()
+
+
+def describe(root: Path, files: list[Path], archives: list[Path]) -> dict:
+  """Returns the source fingerprint, reading every archive completely (a broken one raises ValueError)."""
+  parts = {sources.display(_relative(archive, root)): sources.verify_archive(archive) for archive in archives}
+  if files:
+    parts["files"], _ = sources.files_digest((_relative(path, root), path) for path in files)
+  return sources.fingerprint(root, parts, len(files) + len(archives))
+
+
+class AgejaxUtkface(builders.ManualSourceBuilder):
   """UTKFace faces with age, gender and race parsed from the file names."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "2.0.0": "Records the source's fingerprint (metadata['source']); archives are read completely or not at "
+               "all; non-UTF-8 file names skipped and counted; 32-bit grayscale images scaled by their value "
+               "range instead of clipped.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   UTKFace (https://susanqq.github.io/UTKFace/) is for non-commercial research only and has no
   stable download URL. Download the aligned and cropped faces, `UTKFace.tar.gz` (23,708 images),
   and put the archive in the manual folder, or extract it there: nested folders, `.tar.gz`, `.tgz`
   and `.tar` archives are all read, without extracting (extract a `.zip`, e.g. Kaggle's, first).
-  Then pass the folder as `--manual_dir`.
+  Then pass the folder, or the archive itself, as `--manual_dir`.
   """
   BUILDER_CONFIGS = [
       UtkfaceConfig(name="default", description="Faces at 200x200, the size of UTKFace's chips."),
@@ -114,14 +161,13 @@ class AgejaxUtkface(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(),
     )
 
+  def _describe_source(self, path: Path) -> dict:
+    return describe(path, *scan(path))
+
   def _split_generators(self, dl_manager):
-    root = Path(os.fspath(dl_manager.manual_dir))
-    files, archives = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-      dirnames[:] = sorted(d for d in dirnames if _visible(d))
-      for name in sorted(filenames):
-        if _visible(name):
-          (archives if name.endswith(ARCHIVE_SUFFIXES) else files).append(Path(dirpath, name))
+    root = self._manual_root(dl_manager)
+    files, archives = scan(root)
+    self._record_source(describe(root, files, archives))  # checks every archive before any example
     fractions = dict(zip(SPLITS, self.builder_config.split_fractions))
     return {split: self._generate_examples(root, files, archives, split)
             for split, fraction in fractions.items() if fraction > 0}
@@ -133,7 +179,7 @@ class AgejaxUtkface(tfds.core.GeneratorBasedBuilder):
     fractions = dict(zip(SPLITS, cfg.split_fractions))
     for path in files:
       if assign_split(path.name, fractions, cfg.split_seed) == split:
-        yield path.name, path.relative_to(root).as_posix(), path
+        yield path.name, sources.display(_relative(path, root)), path
     for archive in archives:
       try:
         with tarfile.open(archive, "r|*") as tar:  # "|": one sequential pass, nothing on disk
@@ -141,16 +187,21 @@ class AgejaxUtkface(tfds.core.GeneratorBasedBuilder):
             name = member.name.rsplit("/", 1)[-1]
             if (member.isfile() and _visible(member.name)
                 and assign_split(name, fractions, cfg.split_seed) == split):
-              where = f"{archive.relative_to(root).as_posix()}:{member.name}"
+              where = sources.display(f"{_relative(archive, root)}:{member.name}")
               yield name, where, tar.extractfile(member).read()
       except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{archive} is not a complete tar archive ({e}); download it again") from e
+        # It was read whole moments before (describe): it changed while being prepared.
+        raise ValueError(f"{sources.display(archive)} is not a complete tar archive any more ({e}); was it "
+                         f"replaced during preparation?") from e
 
   def _generate_examples(self, root: Path, files: list[Path], archives: list[Path], split: str):
     skips = faces.SkipCounter()
     size = self.builder_config.image_size
     kept = set()
     for name, where, content in self._sources(root, files, archives, split):
+      if not sources.is_utf8(name):
+        skips.add("non-UTF-8 file name", where)
+        continue
       if name in kept:
         skips.add("duplicate file name", where)
         continue
@@ -170,6 +221,6 @@ class AgejaxUtkface(tfds.core.GeneratorBasedBuilder):
                    "race": label["race"], "file_name": name}
     skips.record(self.info.metadata, self.name, split)
     if not kept:
-      raise ValueError(f"no usable UTKFace image for split {split!r} in {root} "
-                       f"(skipped: {dict(skips.counts)}); see the manual download instructions:\n"
-                       f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise ValueError(f"no usable UTKFace image for split {split!r} in {sources.display(root)} (skipped: "
+                       f"{dict(skips.counts)}); it needs the UTKFace images, named AGE_GENDER_RACE_DATE.jpg, "
+                       f"or UTKFace.tar.gz")

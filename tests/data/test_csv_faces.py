@@ -1,6 +1,7 @@
 """Tests for the CSV-listed faces builder: row checks, image lookup, skip counts, clear errors."""
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ SIZE = 32  # the `tiny` builder config
     ("23", 23), (" 23.0 ", 23), ("0", 0), ("1e1", 10), ("", "missing age"), ("  ", "missing age"),
     ("abc", "non-numeric age"), ("nan", "non-numeric age"), ("inf", "non-numeric age"),
     ("23.5", "non-integer age"), ("-4", "negative age"), ("-0.0", 0), ("3000000000", "age too large"),
+    ("+7", 7), ("7.", 7), ("1e400", "age too large"),
+    # float() reads all of these; a CSV age is a plain decimal number.
+    ("1_000", "non-numeric age"), ("\u0662\u0663", "non-numeric age"), ("\uff12\uff13", "non-numeric age"),
+    ("Infinity", "non-numeric age"), ("0x1A", "non-numeric age"),
 ])
 def test_parse_age(text, expected):
   assert csv_faces.parse_age(text) == expected
@@ -24,9 +29,14 @@ def test_parse_age(text, expected):
 
 @pytest.mark.parametrize("text, expected", [
     ("", 0.0), ("2.5", 2.5), ("0", 0.0), ("-1", "bad age_std"), ("x", "bad age_std"), ("nan", "bad age_std"),
+    ("inf", "bad age_std"), ("1_0", "bad age_std"), ("3.4e38", 3.4e38), ("-0", 0.0),
+    ("1e39", "bad age_std"), ("3.5e38", "bad age_std"),  # beyond float32: would be stored as inf
 ])
 def test_parse_age_std(text, expected):
-  assert csv_faces.parse_age_std(text) == expected
+  value = csv_faces.parse_age_std(text)
+  assert value == expected
+  if not isinstance(value, str):
+    assert np.isfinite(np.float32(value)) and str(value) != "-0.0"
 
 
 def _image(rng, shape=(48, 40)) -> bytes:
@@ -39,7 +49,7 @@ def _write_manual_folder(root: Path) -> None:
   """Writes images (in images/ and one beside the CSVs) and train / validation CSV files."""
   rng = np.random.default_rng(0)
   (root / "images" / "sub").mkdir(parents=True)
-  for i in range(12):
+  for i in range(15):
     (root / "images" / f"a{i}.jpg").write_bytes(_image(rng))
   (root / "images" / "sub" / "deep.jpg").write_bytes(_image(rng, (64, 64)))
   (root / "beside.jpg").write_bytes(_image(rng))
@@ -66,6 +76,10 @@ def _write_manual_folder(root: Path) -> None:
       "text.jpg,30,1",
       "a8.jpg,12",  # a short row: age_std 0.0
       "images/a0.jpg,41,1",  # a duplicate: the same file by another path
+      "a12.jpg,1_000,1",  # int() and float() read "1_000" as 1000
+      "a13.jpg,30,1e39",  # beyond float32
+      "a14.jpg,\u0663\u0660,1",  # Arabic-Indic digits, which float() reads as 30
+      "x" * 300 + ".jpg,30,1",  # beyond the file system's 255-byte name limit: OSError, once
   ]
   (root / "train.csv").write_text("\n".join(train) + "\n", encoding="utf-8-sig")
   validation = ["file_name,age", "a9.jpg,50", "a10.jpg,51", "a8.jpg,12", "a11.jpg,xyz"]
@@ -75,9 +89,9 @@ def _write_manual_folder(root: Path) -> None:
 TRAIN = {"a0.jpg": (23, 2.5), "images/a1.jpg": (23, 0.0), "a2.jpg": (40, 1.0), "sub/deep.jpg": (7, 0.0),
          "beside.jpg": (65, 3.25), "a8.jpg": (12, 0.0)}
 VALIDATION = {"a9.jpg": (50, 0.0), "a10.jpg": (51, 0.0), "a8.jpg": (12, 0.0)}
-TRAIN_SKIPS = {"non-numeric age": 1, "missing age": 1, "non-integer age": 1, "negative age": 1,
-               "bad age_std": 1, "duplicate row": 3, "missing file": 1, "missing file name": 1,
-               "corrupt image": 1, "not an image": 1}
+TRAIN_SKIPS = {"non-numeric age": 3, "missing age": 1, "non-integer age": 1, "negative age": 1,
+               "bad age_std": 2, "duplicate row": 3, "missing file": 1, "missing file name": 1,
+               "corrupt image": 1, "not an image": 1, "file name too long": 1}
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
@@ -104,17 +118,68 @@ def test_rows_labels_and_images(built):
 def test_skip_counts_reach_the_metadata(built):
   metadata = built.info.metadata
   assert metadata["skipped_by_split"] == {"train": TRAIN_SKIPS, "validation": {"non-numeric age": 1}}
-  assert metadata["skipped"] == {**TRAIN_SKIPS, "non-numeric age": 2}
+  assert metadata["skipped"] == {**TRAIN_SKIPS, "non-numeric age": 4}
   assert metadata["skipped_examples"]["missing file"] == ["train.csv line 14: nope.jpg"]
   assert metadata["files_in_several_splits"] == 1  # a8.jpg
+
+
+def _nothing_written(data_dir: Path) -> bool:
+  """True when a failed preparation left no file at all in its data_dir."""
+  return not any(path.is_file() for path in data_dir.rglob("*"))
 
 
 def test_missing_csv_or_columns_fail_clearly(tmp_path):
   manual = tmp_path / "manual"
   (manual / "images").mkdir(parents=True)
   (manual / "train.csv").write_text("file_name,age\na.jpg,3\n")
-  with pytest.raises(FileNotFoundError, match=r"validation\.csv is missing .* holds: images/, train\.csv"):
+  with pytest.raises(FileNotFoundError, match=r"^validation\.csv is missing .* holds: images/, train\.csv; it "
+                     r"needs train\.csv and validation\.csv .*[^\n]$"):
     _prepare(manual, tmp_path / "tfds")
   (manual / "validation.csv").write_text("path,label\na.jpg,3\n")
-  with pytest.raises(ValueError, match=r"validation\.csv: the header must name .* \['path', 'label'\]"):
+  with pytest.raises(ValueError, match=r"validation\.csv: the header must name .* \['path', 'label'\]$"):
     _prepare(manual, tmp_path / "tfds")
+  (manual / "validation.csv").write_text("")
+  with pytest.raises(ValueError, match=r"validation\.csv is empty: it needs a header"):
+    _prepare(manual, tmp_path / "tfds")
+  with pytest.raises(ValueError, match=r"train\.csv is a file: csv_faces needs the folder holding train\.csv"):
+    _prepare(manual / "train.csv", tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match=r"^the manual folder \S*/absent does not exist; pass --manual_dir "
+                     r"FOLDER holding the downloaded files \(README: Real datasets\)$"):
+    _prepare(tmp_path / "absent", tmp_path / "tfds")
+  assert _nothing_written(tmp_path / "tfds")
+
+
+ROWS = [f"a{i}.jpg,{20 + i}" for i in range(6)]
+TAIL = "x.jpg,30\n" * 20_000  # 180 KB of rows: past csv's 128 KB cell limit when swallowed by a quote
+
+
+@pytest.mark.parametrize("train, message", [
+    # An unclosed quote used to swallow the rows after it into one "missing file" (or, past 128 KB, a
+    # _csv.Error traceback); a Latin-1 file failed naming neither the file nor the line.
+    ("\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23', *ROWS[4:]]) + "\n",
+     r"train\.csv line 5: a quote opened in this row is never closed"),
+    ("\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23']) + "\n" + TAIL,
+     r"train\.csv line 5: a cell longer than 128 KB starts in this row \(a quote left open\?\)"),
+    ("\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23', ROWS[4], 'a5.jpg","24"']) + "\n",
+     r"train\.csv line 5: a quoted cell runs on to line 7 \(a quote left open\?\); file names and ages fit "
+     r"on one line"),
+    ("\n".join(["file_name,age", *ROWS[:2], '"a2"x.jpg,22', *ROWS[3:]]) + "\n",
+     r"train\.csv line 4: not valid CSV \(',' expected after '\"'\)"),
+    ("\n".join(["file_name,age", *ROWS[:4], "Jos\xe9.jpg,24"]).encode("latin-1"),
+     r"train\.csv line 6: byte 0xe9 is not UTF-8 text; save the file as UTF-8 \(from Latin-1: iconv -f latin1 "
+     r"-t utf-8\)"),
+], ids=["unclosed quote", "unclosed quote past 128 KB", "quote closed lines later", "text after a quote", "Latin-1"])
+def test_csv_syntax_errors_name_the_file_and_line(tmp_path, train, message):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    (manual / f"a{i}.jpg").write_bytes(_image(rng))
+  (manual / "validation.csv").write_text("file_name,age\na0.jpg,20\n")
+  train_csv = manual / "train.csv"
+  train_csv.write_bytes(train if isinstance(train, bytes) else train.encode())
+  before = train_csv.read_bytes()
+  with pytest.raises(ValueError) as error:
+    _prepare(manual, tmp_path / "tfds")
+  assert re.fullmatch(re.escape(str(train_csv)) + " " + message.removeprefix(r"train\.csv "), str(error.value))
+  assert train_csv.read_bytes() == before and _nothing_written(tmp_path / "tfds")

@@ -1,6 +1,7 @@
 """Tests for the UTKFace builder and the face helpers it shares: names, splits, skips, images."""
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -117,6 +118,53 @@ def test_load_rgb_converts_colour_modes():
   assert cmyk.shape == (SIZE, SIZE, 3) and cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 60
 
 
+def _gray(rgb: np.ndarray) -> np.ndarray:
+  """The one channel of a gray RGB image (asserting it is gray)."""
+  assert rgb.dtype == np.uint8 and rgb.shape == (SIZE, SIZE, 3)
+  assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+  return rgb[..., 0]
+
+
+def _stretched(values: np.ndarray) -> np.ndarray:
+  """NumPy reference of a 32-bit image's gray levels: its finite range mapped linearly onto 0..255."""
+  v = values.astype(np.float64)
+  lo, hi = v[np.isfinite(v)].min(), v[np.isfinite(v)].max()
+  v = np.clip(np.where(np.isnan(v), lo, v), lo, hi)
+  return np.rint((v - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def test_load_rgb_scales_32_bit_tiffs_by_their_value_range():
+  ramp = np.add.outer(np.arange(SIZE), np.arange(SIZE)).astype(np.float64)  # a diagonal gradient
+  cases = {
+      "int32, far beyond 8 bits": (ramp * 1_000_000 + 7).astype(np.int32),  # convert() made it white
+      "int32, negative": (ramp * 50 - 2_000).astype(np.int32),  # a signed 16-bit TIFF opens as "I" too
+      "float32 in 0..1": (ramp / ramp.max()).astype(np.float32),  # convert() made it black
+      "float32, huge": (ramp * 1e30).astype(np.float32),
+  }
+  for case, values in cases.items():
+    encoded = _encode(Image.fromarray(values), "TIFF")
+    assert Image.open(io.BytesIO(encoded)).mode == ("F" if values.dtype == np.float32 else "I"), case
+    out = _gray(faces.load_rgb(encoded, SIZE))
+    assert np.array_equal(out, _stretched(values)), case
+    assert out.min() == 0 and out.max() == 255 and 100 < out.mean() < 155, case  # a gray ramp, not a flat face
+
+  with_nan = (ramp / ramp.max()).astype(np.float32)
+  with_nan[0, :4] = (np.nan, np.inf, -np.inf, np.nan)
+  out = _gray(faces.load_rgb(_encode(Image.fromarray(with_nan), "TIFF"), SIZE))
+  assert list(out[0, :4]) == [0, 255, 0, 0] and np.array_equal(out[1:], _stretched(with_nan)[1:])
+  flat = faces.load_rgb(_encode(Image.fromarray(np.full((SIZE, SIZE), 5e8, np.int32)), "TIFF"), SIZE)
+  assert (_gray(flat) == 128).all()  # a constant image has no range: mid-gray
+
+
+def test_load_rgb_scales_16_bit_tiffs_by_the_type_range():
+  ramp = (np.add.outer(np.arange(SIZE), np.arange(SIZE)) * (65535 // (2 * SIZE - 2))).astype(np.uint16)
+  for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2")):  # little- and big-endian TIFFs
+    img = Image.frombytes(mode, (SIZE, SIZE), ramp.astype(dtype).tobytes())
+    encoded = _encode(img, "TIFF")
+    assert Image.open(io.BytesIO(encoded)).mode == mode
+    assert np.array_equal(_gray(faces.load_rgb(encoded, SIZE)), (ramp >> 8).astype(np.uint8)), mode
+
+
 def test_load_rgb_applies_exif_orientation():
   pixels = np.zeros((SIZE, SIZE, 3), np.uint8)
   pixels[:, :SIZE // 2] = (255, 0, 0)
@@ -191,12 +239,13 @@ def _write_manual_folder(root: Path) -> dict[str, tuple[int, int, int]]:
   first = next(iter(good))  # written at the top level
   put(f"copy/{first}", (root / first).read_bytes())  # the same base name again
   put("part1/._23_0_1_20170101000000009.jpg.chip.jpg", b"AppleDouble")  # ignored, not counted
+  put("part1/33_0_1_2017010100000001\udce9.jpg.chip.jpg", _jpeg(rng))  # a Latin-1 byte in the name
   put(".DS_Store", b"\0\0\0\1Bud1")
   return good
 
 
 EXPECTED_SKIPS = {"corrupt image": 1, "empty file": 1, "not an image": 1, "unparseable name": 2,
-                  "negative age": 1, "duplicate file name": 1}
+                  "negative age": 1, "duplicate file name": 1, "non-UTF-8 file name": 1}
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
@@ -252,6 +301,7 @@ def test_folder_build_labels_images_and_skips(built):
   assert metadata["skipped"] == EXPECTED_SKIPS
   assert sum(sum(c.values()) for c in metadata["skipped_by_split"].values()) == sum(EXPECTED_SKIPS.values())
   assert sorted(metadata["skipped_examples"]["unparseable name"]) == ["IMG_0001.jpg", "part1/notes.txt"]
+  assert metadata["skipped_examples"]["non-UTF-8 file name"] == ["part1/33_0_1_2017010100000001\\xe9.jpg.chip.jpg"]
   assert (Path(builder.data_dir) / "metadata.json").exists()
 
 
@@ -277,5 +327,11 @@ def test_unusable_folder_and_broken_archive_fail_clearly(tmp_path, built):
   (tmp_path / "broken").mkdir()
   truncated = (root / "archive" / "UTKFace.tar.gz").read_bytes()[:3000]
   (tmp_path / "broken" / "UTKFace.tar.gz").write_bytes(truncated)
-  with pytest.raises(ValueError, match="not a complete tar archive"):
+  with pytest.raises(ValueError, match=r"^\S*/broken/UTKFace\.tar\.gz is truncated or corrupt \(Compressed file "
+                     r"ended before the end-of-stream marker was reached\); download it again$"):
     _prepare(tmp_path / "broken", tmp_path / "tfds_broken")
+  assert not any(path.is_file() for path in (tmp_path / "tfds_broken").rglob("*"))  # verified before writing
+  face = next(root.glob("manual/*.jpg.chip.jpg"))
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(face))} is a file but not a \.tar\.gz/\.tgz/\.tar "
+                     r"archive; pass the folder holding the UTKFace images or archive$"):
+    _prepare(face, tmp_path / "tfds_face")
