@@ -36,6 +36,7 @@ class Checkpoints:
     # One item of plain pytrees: its metadata (names, shapes) can be read without restoring.
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=ocp.StandardCheckpointHandler())
+    self._closed = False
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -85,8 +86,10 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    """Finishes pending writes and releases the manager."""
-    self.manager.close()
+    """Finishes pending writes and releases the manager; idempotent."""
+    if not self._closed:
+      self._closed = True
+      self.manager.close()
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -32,7 +32,7 @@ def load_config(workdir: storage.Location) -> ml_collections.ConfigDict:
   path = storage.path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: pass the training config with --config")
-  return ml_collections.ConfigDict(storage.read_json(path))
+  return ml_collections.ConfigDict(storage.read_json_object(path))
 
 
 def resolve_step(ckpts: checkpointing.Checkpoints, checkpoint: str | int, workdir: str | os.PathLike) -> int:
@@ -111,6 +111,9 @@ class Predictor:
   def __init__(self, workdir: str | os.PathLike, checkpoint: str | int = "best",
                config: ml_collections.ConfigDict | None = None, *, flip: bool = False,
                batch_size: int | None = None):
+    if batch_size is not None and batch_size < 1:
+      raise ValueError(f"batch_size={batch_size}: must be a positive number of faces per model call (None: the "
+                       f"config's eval batch)")
     self.config, self.steps, self.state = load_trained(workdir, checkpoint, config)
     self.step = int(self.state.step)
     self.bins = np.asarray(self.steps.bins)

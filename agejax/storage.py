@@ -7,12 +7,15 @@ written directly. Nothing here ever turns a URL into a local path.
 
 import json
 import os
+import re
 import uuid
 from typing import Any
 
 from etils import epath
 
 Location = str | os.PathLike
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")  # write_text's `.NAME.tmpPID`
 
 
 def is_url(location: Location) -> bool:
@@ -39,6 +42,24 @@ def write_text(file: Location, text: str) -> None:
   os.replace(tmp, file)  # a rename is atomic on a local file system
 
 
+def remove_interrupted_writes(directory: Location) -> list[epath.Path]:
+  """Removes the `.NAME.tmpPID` files that write_text left in a local `directory` when its process died.
+
+  Call it holding the directory's WorkdirLock; a file whose process still runs on this host is kept.
+  Returns the removed files (none for a URL: object writes leave no temporaries).
+  """
+  directory = path(directory)
+  if is_url(directory) or not directory.is_dir():
+    return []
+  removed = []
+  for entry in os.scandir(directory):
+    match = _TEMPORARY.match(entry.name)
+    if match and entry.is_file(follow_symlinks=False) and not process_running(int(match["pid"])):
+      os.unlink(entry.path)
+      removed.append(epath.Path(entry.path))
+  return removed
+
+
 def write_json(file: Location, obj: Any) -> None:
   """Writes `obj` as indented JSON, atomically (see write_text)."""
   write_text(file, json.dumps(obj, indent=2) + "\n")
@@ -55,7 +76,16 @@ def read_json(file: Location) -> Any:
     raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
-def _first_line(error: BaseException) -> str:
+def read_json_object(file: Location) -> dict[str, Any]:
+  """Reads a file that must hold one JSON object (a config, metrics); raises as read_json does."""
+  obj = read_json(file)
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path(file)}: not a JSON object (found {type(obj).__name__})")
+  return obj
+
+
+def first_line(error: BaseException) -> str:
+  """An error's first line (at most 300 characters), for one-line messages."""
   text = str(error).strip()
   # TensorFlow's GCS errors put the HTTP status and reason on their first line.
   return (text.splitlines()[0] if text else type(error).__name__)[:300]
@@ -79,8 +109,21 @@ def check_writable(directory: Location, what: str = "workdir") -> epath.Path:
     probe.write_text("")
     probe.unlink()
   except Exception as e:  # TensorFlow, fsspec and the OS each raise their own error types
-    reason = _first_line(e)
+    reason = first_line(e)
     if is_url(directory) and "404" in reason:
       reason += " (does the bucket exist?)"
     raise ValueError(f"{what} {directory} is not writable: {reason}") from None
   return directory
+
+
+def process_running(pid: int) -> bool:
+  """True when a process `pid` exists on this host (in this pid namespace)."""
+  if pid <= 0:  # kill(0) and kill(-1) would address process groups
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True

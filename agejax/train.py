@@ -1,5 +1,6 @@
 """train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
 
+import contextlib
 import functools
 import json
 import logging
@@ -11,21 +12,28 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
-from agejax import checkpointing, configuration, metrics, parallel, steps, storage
+from agejax import checkpointing, configuration, metrics, parallel, steps, storage, workdir_lock
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
 
 
+class _Stopped(BaseException):
+  """SIGTERM before the loop started: nothing to save. A BaseException, so no `except Exception` swallows it."""
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks between steps (no host sync, no lost work).
 
+  Before the loop (`arm()`), SIGTERM raises _Stopped instead: start-up (data, model, restore) can
+  take minutes, the run holds the workdir's lock, and there is nothing to save yet.
   Single-process only: with several processes JAX's preemption service owns SIGTERM (it was set up
   by jax.distributed.initialize) and Orbax's `reached_preemption` decides; a Python handler here
   would replace JAX's and the sync point would never be reached.
@@ -34,10 +42,21 @@ class _Preemption:
   def __init__(self):
     self.event = threading.Event()
     self._previous = None
+    self._armed = False
+
+  def _handle(self, *_) -> None:
+    if self._armed:
+      self.event.set()
+    else:
+      raise _Stopped()
+
+  def arm(self) -> None:
+    """From now on SIGTERM sets the flag (the loop saves a checkpoint and returns)."""
+    self._armed = True
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def __exit__(self, *exc):
@@ -63,6 +82,12 @@ def load_labelled_split(config, split: str, *, training: bool = False) -> pipeli
   if outside:
     logging.warning("%s/%s: %d ages outside %d..%d (%s)", config.data.name, split, outside,
                     config.labels.min_age, config.labels.max_age, policy)
+  if not len(data):  # would end in a ZeroDivisionError or IndexError after training
+    if outside:
+      raise ValueError(
+          f"config.labels.out_of_range='drop' empties split {split!r} of {config.data.name}: none of its {outside} "
+          f"ages is in labels.min_age..labels.max_age = {config.labels.min_age}..{config.labels.max_age}")
+    raise ValueError(f"split {split!r} of {config.data.name} has no examples")
   return data
 
 
@@ -151,38 +176,86 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | 
   """Trains (resuming from WORKDIR's latest checkpoint), evaluates and checkpoints.
 
   Returns the final metrics (also written to WORKDIR/final_metrics.json), or None when a SIGTERM
-  stopped the run after saving a checkpoint at the current step.
+  stopped the run (after saving a checkpoint at the current step once training had started). The
+  run holds WORKDIR's lock (workdir_lock.WorkdirLock) from before anything is built until it returns.
   """
-  from clu import metric_writers, periodic_actions
-  from tqdm.auto import tqdm
-
   started = time.perf_counter()
   configuration.validate(config)
   # A missing bucket, a read-only folder or an unreachable endpoint fails here, before any compilation.
   workdir = storage.check_writable(workdir)
-  final_path = workdir / FINAL_METRICS
   enable_compilation_cache(config.get("compilation_cache_dir", ""))
+  try:
+    with _Preemption() as signalled, _workdir_lock(workdir) as lock:
+      ckpts = checkpointing.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+      try:
+        return _train(config, workdir, ckpts, lock, signalled, started)
+      finally:
+        ckpts.close()
+  except _Stopped:
+    print(f"stopped by SIGTERM before training started: nothing to save in {workdir}")
+    return None
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: epath.Path) -> Iterator[workdir_lock.WorkdirLock | None]:
+  """Process 0 holds WORKDIR's lock for the run (the other processes share its run); all fail alike when busy."""
+  lock, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except Exception as e:  # every process must learn the outcome, or the others would wait for process 0
+      failure = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if not multihost_utils.broadcast_one_to_all(np.int32(failure is None)) and failure is None:
+      failure = workdir_lock.WorkdirBusy(f"workdir {workdir}: process 0 could not take its lock (see its error)")
+  if failure is not None:
+    raise failure
+  try:
+    if lock is not None:
+      # Under the lock no other trainer writes here: temporaries left in the workdir are a dead run's.
+      for file in storage.remove_interrupted_writes(workdir):
+        logging.warning("removed %s, left by an interrupted write", file)
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _check_recorded_config(config, workdir: epath.Path) -> None:
+  """Fails in one line when `config` changes what WORKDIR's checkpoints mean (see configuration.check_resume)."""
+  recorded = workdir / "config.json"
+  if recorded.exists():
+    configuration.check_resume(config, storage.read_json_object(recorded), recorded)
+  else:
+    logging.warning("%s has checkpoints but no config.json: only their array shapes are checked", workdir)
+
+
+def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: workdir_lock.WorkdirLock | None,
+           signalled: _Preemption, started: float) -> dict[str, float] | None:
+  """train_and_evaluate's body, run holding the workdir's lock."""
+  from clu import metric_writers, periodic_actions
+  from tqdm.auto import tqdm
+
+  final_path = workdir / FINAL_METRICS
+  if ckpts.latest_step() is not None:  # before the data is read and anything compiled
+    _check_recorded_config(config, workdir)
   b = build(config)
   state, mesh = b["state"], b["mesh"]
   replicated = parallel.replicated(mesh)
   eval_batch_size = config.eval_batch_size or config.batch_size
-  ckpts = checkpointing.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   if ckpts.latest_step() is not None:
     if jax.process_index() == 0:
       print(f"resuming from step {ckpts.latest_step()} of {ckpts.directory}")
-    try:
-      state = ckpts.restore(state)
-    except ValueError:
-      ckpts.close()
-      raise
+    state = ckpts.restore(state)
   start = int(state.step)
   if start >= config.num_train_steps and final_path.exists():
-    final = json.loads(final_path.read_text())
+    final = storage.read_json_object(final_path)
     print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
-    ckpts.close()
     return final
   # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
   _write_json(workdir / "config.json", config.to_dict())
+  signalled.arm()  # from here a SIGTERM saves a checkpoint at the current step
 
   from agejax import evaluate  # here, not at the top: evaluate imports this module
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
@@ -212,7 +285,7 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | 
           f"checkpoint: step {ckpts.latest_step()}); lower optimizer.learning_rate, or set "
           f"config.nonfinite='skip' to skip such steps")
 
-  with metric_writers.ensure_flushes(writer), _Preemption() as signalled, \
+  with metric_writers.ensure_flushes(writer), \
       tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
     for step in range(start + 1, config.num_train_steps + 1):
       profiler.before(step)
@@ -232,6 +305,8 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | 
       if step % config.log_every_steps == 0 or last or saving:
         host = metrics.fetch(sums)  # the loop's only host sync: at log and checkpoint steps
         check_finite(host)
+        if lock is not None:
+          lock.check()  # another run took the workdir over (this one stalled): write nothing more
       if step % config.log_every_steps == 0 or last:
         synced.append((step, time.perf_counter()))
         train = metrics.means(host)
@@ -266,6 +341,8 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | 
            "train_steps_per_s": _steady_rate(synced), "first_step_s": first_step_s,
            "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps))}
   ckpts.close()
+  if lock is not None:
+    lock.check()
   _write_json(final_path, final)
   if jax.process_count() > 1:
     # No process exits before final_metrics.json exists: a restart loop on any host that checks

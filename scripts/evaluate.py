@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import evaluate, predict
+from agejax import configuration, evaluate, predict
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file; default: WORKDIR/config.json.",
                                           lock_config=True)
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=configuration.parse_flags)

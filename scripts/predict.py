@@ -15,14 +15,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from agejax import predict
+from agejax import configuration, predict
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {predict.CHECKPOINT_CHOICES}.")
 _ALIGNED = flags.DEFINE_bool("aligned", False, "The images are face crops already: skip detection.")
 _JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distributions) to stdout.")
 _PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Faces per model call.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Faces per model call.", lower_bound=1)
 PLOT_MAX_PHOTOS = 8
 flags.mark_flags_as_required(["workdir"])
 
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=configuration.parse_flags)

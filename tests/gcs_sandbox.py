@@ -274,8 +274,8 @@ def _patch_emulator() -> None:
       return "0"  # GCS's "no live object" generation
 
   def preconditions(handler, reading: bool, object_name):
-    # Tensorstore (Orbax's OCDBT manifests) relies on GCS's conditional requests and on the
-    # x-goog-generation header of every read; the emulator has neither.
+    # Tensorstore (Orbax's OCDBT manifests) and agejax's workdir lock rely on GCS's conditional
+    # requests and on the x-goog-generation header of every read; the emulator has neither.
     def wrapped(request, response, storage, *args, **kwargs):
       bucket, name = request.params["bucket_name"], object_name(request)
       current = generation(storage, bucket, name)
@@ -302,6 +302,10 @@ def _patch_emulator() -> None:
     for method, fn in methods.items():
       methods[method] = replaced.get(fn, fn)
   objects._media_upload = preconditions(media_upload_empty, False, lambda request: request.query["name"][0])
+  # google-cloud-storage uploads small objects as multipart (metadata + content); the name is in either.
+  objects._multipart_upload = preconditions(
+      objects._multipart_upload, False,
+      lambda request: request.query["name"][0] if "name" in request.query else request.data["meta"].get("name"))
   server._read_raw_data = read_chunked_first
   server.HANDLERS = ((r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$", {"GET": storage_layout}),
                      *server.HANDLERS)

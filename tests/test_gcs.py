@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from agejax import workdir_lock
 from conftest import ROOT, checkpoint, cpu_env, train_command
 from gcs_sandbox import GcsSandbox
 
@@ -80,19 +81,131 @@ def test_a_run_in_a_bucket_survives_sigterm_and_ends_identical_to_a_local_run(gc
   assert final["eval_mae"] == json.loads((local / "final_metrics.json").read_text())["eval_mae"]
 
 
+# A lock left by a run on another machine that died an hour ago (its VM was preempted, say).
+STALE_HOLDER = {"host": "tpu-vm-w-0", "pid": 4242, "since": "2026-01-01T00:00:00Z", "heartbeat": "2026-01-01T00:05:00Z",
+                "token": "0" * 32, "boot_id": "b", "pid_namespace": "pid:[1]"}
+
+
 @pytest.fixture(scope="module")
 def trained_in_bucket(gcs, compilation_cache, tmp_path_factory):
-  """A 20-step tiny run with its workdir in the bucket."""
+  """A 20-step tiny run with its workdir in the bucket, where a dead run left a stale lock: (URL, the run)."""
   tmp = tmp_path_factory.mktemp("bucket_run")
+  gcs.write_object(BUCKET, f"short/{workdir_lock.LOCK_FILE}", json.dumps(STALE_HOLDER).encode())
   command = train_command(f"gs://{BUCKET}/short", "--config.num_train_steps=20", "--config.eval_every_steps=10",
                           "--config.checkpoint_every_steps=10", data_dir=f"gs://{BUCKET}/tfds",
                           cache=compilation_cache, arrays=str(tmp / "arrays"))
   result = gcs.run(command, cwd=tmp, env=cpu_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  return f"gs://{BUCKET}/short"
+  return f"gs://{BUCKET}/short", result
+
+
+def test_a_stale_lock_in_the_bucket_is_taken_over_with_a_warning_naming_its_holder(gcs, trained_in_bucket):
+  _, result = trained_in_bucket
+  assert (f"workdir gs://{BUCKET}/short: took over the lock of pid 4242 on tpu-vm-w-0 since 2026-01-01T00:00:00Z (last "
+          f"heartbeat 2026-01-01T00:05:00Z): its last heartbeat was ") in result.stderr, result.stderr[-3000:]
+  objects = gcs.list_objects(BUCKET, "short/")
+  assert "short/final_metrics.json" in objects and f"short/{workdir_lock.LOCK_FILE}" not in objects  # released
+
+
+def test_a_held_lock_in_the_bucket_stops_a_second_trainer_in_one_line_before_compiling(gcs, data_dir, tmp_path):
+  now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  holder = json.dumps({**STALE_HOLDER, "since": now, "heartbeat": now}).encode()  # alive, on another machine
+  gcs.write_object(BUCKET, f"held/{workdir_lock.LOCK_FILE}", holder)
+  cache = tmp_path / "compilation_cache"
+  cache.mkdir()
+  result = gcs.run(train_command(f"gs://{BUCKET}/held", data_dir=data_dir, cache=str(cache)), cwd=tmp_path,
+                   env=cpu_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: workdir gs://{BUCKET}/held is in use by another run: pid 4242 on tpu-vm-w-0 since {now} (lock "
+      f"gs://{BUCKET}/held/{workdir_lock.LOCK_FILE}); wait for it to end or stop it, or use another workdir; a lock not "
+      f"refreshed for 10 min is taken over")
+  assert not list(cache.iterdir())  # nothing was compiled
+  assert gcs.list_objects(BUCKET, "held/") == [f"held/{workdir_lock.LOCK_FILE}"]  # nothing written: no config.json
+  assert gcs.read_object(BUCKET, f"held/{workdir_lock.LOCK_FILE}") == holder  # the holder's lock untouched
+
+
+LOCK = r"""
+import json, logging, os, socket, subprocess, sys, time
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stdout)
+from google.api_core import exceptions
+from google.cloud import storage as gcs
+from agejax import workdir_lock
+url = sys.argv[1]
+bucket_name, prefix = url[len("gs://"):].split("/", 1)
+bucket = gcs.Client(project=None).bucket(bucket_name)
+name = f"{prefix}/{workdir_lock.LOCK_FILE}"
+read = lambda: json.loads(bucket.blob(name).download_as_text())
+write = lambda holder: bucket.blob(name).upload_from_string(json.dumps(holder))
+results = {}
+# google-cloud-storage uploads small objects as multipart: their preconditions must hold in the emulator.
+bucket.blob(prefix + "/probe").upload_from_string("first", if_generation_match=0)
+try:
+  bucket.blob(prefix + "/probe").upload_from_string("second", if_generation_match=0)
+except exceptions.PreconditionFailed as e:
+  results["precondition"] = [e.code, bucket.blob(prefix + "/probe").download_as_text()]
+
+lock = workdir_lock.WorkdirLock(url, heartbeat_s=0.1).acquire()
+results["holder"] = read()
+try:
+  workdir_lock.WorkdirLock(url).acquire()
+except workdir_lock.WorkdirBusy as e:
+  results["busy"] = str(e)
+generation = bucket.get_blob(name).generation
+time.sleep(1.0)
+results["heartbeats"] = bucket.get_blob(name).generation != generation and read()["token"] == lock.holder["token"]
+write({"host": "other", "pid": 7, "since": "2026-01-01T00:00:00Z"})  # another run took it over meanwhile
+time.sleep(1.0)
+try:
+  lock.check()
+except workdir_lock.WorkdirBusy as e:
+  results["lost"] = str(e)
+lock.release()
+results["after_lost"] = read()["host"]  # left to its new holder
+
+print("STALE", flush=True)
+write({"host": "elsewhere", "pid": 9, "since": "2000-01-01T00:00:00Z", "heartbeat": "2000-01-01T00:00:00Z"})
+with workdir_lock.WorkdirLock(url):
+  results["stale_taken"] = read()["pid"] == os.getpid()
+dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+print("DEAD", flush=True)
+now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+write({"host": socket.gethostname(), "pid": int(dead.stdout), "since": now, "heartbeat": now, **workdir_lock._machine()})
+with workdir_lock.WorkdirLock(url):
+  results["dead_taken"] = read()["pid"] == os.getpid()
+results["released"] = bucket.get_blob(name) is None
+print("RESULTS", json.dumps(results))
+"""
+
+
+def test_the_workdir_lock_in_a_bucket_heartbeats_is_taken_over_when_stale_and_knows_when_it_is_lost(gcs, tmp_path):
+  url = f"gs://{BUCKET}/locking"
+  result = gcs.run([sys.executable, "-c", LOCK, url], cwd=tmp_path, env=cpu_env(), capture_output=True, text=True,
+                   timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  results = json.loads(out.split("RESULTS ", 1)[1])
+  holder = results["holder"]
+  assert results["precondition"] == [412, "first"]
+  assert results["busy"] == (f"workdir {url} is in use by another run: pid {holder['pid']} on {holder['host']} since "
+                             f"{holder['since']} (lock {url}/{workdir_lock.LOCK_FILE}); wait for it to end or stop it, or "
+                             f"use another workdir; a lock not refreshed for 10 min is taken over")
+  assert results["heartbeats"] is True
+  assert results["lost"] == (f"workdir {url}: this run's lock was taken over or removed (now held by pid 7 on other "
+                             f"since 2026-01-01T00:00:00Z; no heartbeat for 10 min makes a lock stale); stopped so "
+                             f"that two runs never write one workdir")
+  assert results["after_lost"] == "other"
+  stale, dead = out.split("STALE\n", 1)[1].split("DEAD\n", 1)
+  assert stale.startswith(f"WARNING workdir {url}: took over the lock of pid 9 on elsewhere since "
+                          f"2000-01-01T00:00:00Z: its last heartbeat was ")
+  assert results["stale_taken"] is True
+  assert dead.startswith(f"WARNING workdir {url}: took over the lock of pid ")
+  assert "no longer runs on this host" in dead.splitlines()[0]
+  assert results["dead_taken"] is True and results["released"] is True
 
 
 def test_evaluate_and_predict_read_a_workdir_in_the_bucket(gcs, trained_in_bucket, tmp_path):
+  trained_in_bucket, _ = trained_in_bucket
   evaluate = gcs.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--workdir", trained_in_bucket,
                       "--split", "validation"], cwd=tmp_path, env=cpu_env(), capture_output=True, text=True,
                      timeout=600)

@@ -138,3 +138,34 @@ def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
   line = predict.to_lines(results[0])[0]
   assert line.startswith(f"{files[0]}  face 0  box 0,0,40,40  age ") and " argmax " in line and " std " in line
   assert predict.to_lines(results[3]) == [f"{files[3]}  skipped: not an image"]
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_a_batch_size_below_one_fails_in_one_line(trained, value, tmp_path):
+  _, workdir = trained
+  image = tmp_path / "face.png"
+  Image.fromarray(astronaut()).save(image)
+  proc = run_predict("--workdir", str(workdir), "--aligned", f"--batch_size={value}", str(image))
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [f"error: flag --batch_size={value}: {value} is not a positive integer"]
+  with pytest.raises(ValueError, match=f"^batch_size={value}: must be a positive number of faces per model call"):
+    predict.Predictor(workdir, batch_size=int(value))
+
+
+@pytest.mark.parametrize("content,problem", [('{"seed": 0, "data": {', "not valid JSON ("),
+                                             ("[1, 2]", "not a JSON object (found list)")])
+@pytest.mark.parametrize("script", ["predict.py", "evaluate.py"])
+def test_a_corrupt_config_json_fails_in_one_line_naming_it(trained, script, content, problem, tmp_path):
+  import shutil
+  _, workdir = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "config.json").write_text(content)
+  image = tmp_path / "face.png"
+  Image.fromarray(astronaut()).save(image)
+  args = ("--aligned", str(image)) if script == "predict.py" else ("--split", "validation")
+  proc = subprocess.run([sys.executable, f"scripts/{script}", "--workdir", str(copy), *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {copy / 'config.json'}: {problem}"), proc.stderr
+  assert (copy / "config.json").read_text() == content and not (copy / "eval").exists()

@@ -1,5 +1,6 @@
 """Preemption, crashes mid-write, diverging runs and gradient accumulation."""
 
+import json
 import random
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agejax import metrics, steps
+from agejax import metrics, steps, workdir_lock
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
 LONG = ("--config.num_train_steps=300", "--config.eval_every_steps=300", "--config.checkpoint_every_steps=100",
@@ -44,6 +45,7 @@ def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cac
   step = complete_steps(workdir)[-1]
   assert 0 < step < 300 and f"saved checkpoint at step {step}" in out
   assert not (workdir / "final_metrics.json").exists()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released: the rerun needs no takeover
   rerun = subprocess.run(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0 and f"resuming from step {step}" in rerun.stdout, rerun.stderr[-3000:]
@@ -69,11 +71,19 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
   else:
     pytest.fail("never caught a checkpoint write in progress")
   newest = complete_steps(workdir)[-1]
+  left = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())  # the killed run never released its lock
+  assert left["pid"] == proc.pid
+  interrupted = workdir / f".final_metrics.json.tmp{proc.pid}"  # as a kill in the middle of write_text leaves it
+  interrupted.write_text('{"step": 4')
   rerun = subprocess.run(train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
                          capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "ignoring incomplete checkpoint" in rerun.stderr and f"resuming from step {newest}" in rerun.stdout
+  assert (f"the previous run, pid {proc.pid} on {left['host']} since {left['since']}, ended without releasing its "
+          f"lock (killed?); taking it over") in rerun.stderr
+  assert f"removed {interrupted}, left by an interrupted write" in rerun.stderr and not interrupted.exists()
   assert (workdir / "final_metrics.json").exists() and complete_steps(workdir)[-1] == 400
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(compilation_cache, data_dir,

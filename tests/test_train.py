@@ -104,9 +104,31 @@ def test_resume_continues_exactly_and_finished_run_exits_promptly(trained, tmp_p
   assert time.perf_counter() - start < 30
 
 
+def run_train(workdir, *overrides: str, config: str = "configs/vgg16_kl.py:tiny", devices: int = 4,
+              prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+  """scripts/train.py as a user runs it (optionally under a `prefix` command such as unshare)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.run([*prefix, sys.executable, "scripts/train.py", "--config", config, "--workdir", str(workdir),
+                         *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  return proc.stderr.strip().splitlines()[-1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+  """Every file under `folder` with its content: to show that nothing was lost or overwritten."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("override,key", [
     ("--config.batch_size=6", "config.batch_size=6"),
     ("--config.loss.sigma=0", "config.loss.sigma=0"),
+    ("--config.loss.sigma=1e-46", "config.loss.sigma=1e-46: must be at least 0.0757 years"),
+    ("--config.loss.sigma=0.07", "config.loss.sigma=0.07: must be at least 0.0757 years"),
+    ("--config.seed=-1", "config.seed=-1: must be an integer in [0, 2**32)"),
+    ("--config.seed=4294967296", "config.seed=4294967296: must be an integer in [0, 2**32)"),
     ("--config.labels.max_age=0", "config.labels.max_age=0"),
     ("--config.keep_checkpoints=0", "config.keep_checkpoints=0"),
     ("--config.optimizer.grad_clip_norm=-1", "config.optimizer.grad_clip_norm=-1"),
@@ -116,32 +138,163 @@ def test_resume_continues_exactly_and_finished_run_exits_promptly(trained, tmp_p
     ("--config.data.cache_dir=gs://bucket/arrays", "config.data.cache_dir='gs://bucket/arrays'"),
 ])
 def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/vgg16_kl.py:tiny",
-                         "--workdir", str(tmp_path / "w"), override], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
-  last = proc.stderr.strip().splitlines()[-1]
+  proc = run_train(tmp_path / "w", override)
+  last = last_line(proc)
   assert last.startswith("error: ") and key in last, proc.stderr[-2000:]
   assert not (tmp_path / "w").exists()  # nothing was built, compiled or written
 
 
-def test_a_config_that_does_not_fit_the_checkpoints_fails_in_one_line_and_keeps_config_json(trained, tmp_path):
+def test_sigma_at_the_bound_gives_a_finite_gaussian_target_and_below_it_one_hot():
+  from agejax import configuration, labels
+  bins = labels.age_bins(1, 100)
+  at = np.asarray(labels.label_distribution(np.float32(50), bins, configuration.MIN_SIGMA * 1.001))
+  below = np.asarray(labels.label_distribution(np.float32(50), bins, configuration.MIN_SIGMA * 0.95))
+  assert np.all(np.isfinite(at)) and at[48] > 0 and at[50] > 0  # the neighbours of age 50 (index 49)
+  assert below[48] == 0 and below[49] == 1  # degenerate: one-hot
+
+
+@pytest.mark.parametrize("script,args,expected", [
+    ("train.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.optimizer.learnig_rate=1"),
+     "error: --config.optimizer.learnig_rate=1: the config has no key 'optimizer.learnig_rate' (did you mean "
+     "\"learning_rate\" instead of \"learnig_rate\"?)"),
+    ("train.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.sed=1"),
+     "error: --config.sed=1: the config has no key 'sed' (did you mean \"seed\" instead of \"sed\"?)"),
+    ("train.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.seed=abc"),
+     "error: flag --config.seed=abc: invalid literal for int() with base 10: 'abc'"),
+    ("train.py", ("--config", "configs/vgg16_kl.py:huge"),
+     "error: flag --config=configs/vgg16_kl.py:huge: Error whilst parsing config file: ValueError: "
+     "configs/vgg16_kl.py: unknown variant 'huge'; use 'demo' or 'tiny'"),
+    ("train.py", ("--config", "configs/missing.py"),
+     "error: --config: [Errno 2] No such file or directory: 'configs/missing.py'"),
+    ("evaluate.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.labels.max_ag=90"),
+     "error: --config.labels.max_ag=90: the config has no key 'labels.max_ag' (did you mean \"max_age\" instead of "
+     "\"max_ag\"?)"),
+])
+def test_bad_flags_fail_in_one_line_with_the_hint(script, args, expected, tmp_path):
+  proc = subprocess.run([sys.executable, f"scripts/{script}", "--workdir", str(tmp_path / "w"), *args], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [expected]  # the whole output: no traceback, no usage text
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_fails_in_one_line(tmp_path):
+  file = tmp_path / "w"
+  file.write_text("notes\n")
+  assert last_line(run_train(file)) == f"error: workdir {file} is not writable: it is a file"
+  assert file.read_text() == "notes\n"
+
+
+def test_a_read_only_workdir_fails_in_one_line_before_compiling(tmp_path):
+  workdir, cache = tmp_path / "w", tmp_path / "cache"
+  workdir.mkdir()
+  cache.mkdir()
+  (workdir / "notes.txt").write_text("kept\n")
+  # Root ignores permission bits: a read-only bind mount, in a mount namespace of the run's own.
+  readonly = ("unshare", "-m", "sh", "-c", f'mount --bind "{workdir}" "{workdir}" && '
+              f'mount -o remount,bind,ro "{workdir}" && exec "$@"', "sh")
+  proc = run_train(workdir, f"--config.compilation_cache_dir={cache}", prefix=readonly)
+  last = last_line(proc)
+  assert last.startswith(f"error: workdir {workdir} is not writable: [Errno 30] Read-only file system: "), \
+      proc.stderr[-2000:]
+  assert snapshot(workdir) == {"notes.txt": b"kept\n"} and not list(cache.iterdir())
+
+
+def test_a_shifted_age_range_on_resume_fails_in_one_line_and_leaves_the_workdir_as_it_was(trained, tmp_path):
   config, workdir, _ = trained
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  before = (copy / "config.json").read_text()
-  proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/vgg16_kl.py:tiny", "--workdir",
-                         str(copy), f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
-                         "--config.model.width_multiplier=0.125", "--config.compilation_cache_dir=",
-                         f"--config.data.cache_dir={config.data.cache_dir}"],
-                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode != 0
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: {copy / 'checkpoints'}: checkpoint step 100 does not fit this config: "
-                         "params/convs/0/bias has shape (4,) there and (8,) in this config"), last
-  assert (copy / "config.json").read_text() == before  # still describes the checkpoints
+  before = snapshot(copy)
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  proc = run_train(copy, f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
+                   "--config.labels.min_age=11", "--config.labels.max_age=110",
+                   f"--config.compilation_cache_dir={cache}",
+                   f"--config.data.cache_dir={config.data.cache_dir}", devices=1)
+  assert last_line(proc) == (
+      f"error: config.labels.min_age=11, config.labels.max_age=110 differ from labels.min_age=1, labels.max_age=100 "
+      f"in {copy / 'config.json'}, which this workdir's checkpoints were trained with: these keys set what the "
+      f"checkpoints mean and cannot change on resume; use a new workdir, or the run's values")
+  assert snapshot(copy) == before and not list(cache.iterdir())  # nothing written, nothing compiled
+
+
+def test_resume_may_extend_the_run_and_move_its_data_but_not_change_its_seed(trained, tmp_path):
+  from agejax import configuration
+  config, workdir, _ = trained
+  recorded = json.loads((workdir / "config.json").read_text())
+  extended = config.copy_and_resolve_references()
+  extended.num_train_steps, extended.eval_every_steps, extended.log_every_steps = 500, 100, 25
+  extended.data.data_dir, extended.data.cache_dir, extended.compilation_cache_dir = "gs://b/tfds", "/x", ""
+  extended.optimizer.learning_rate, extended.nonfinite, extended.profile_steps = 1e-5, "skip", 3
+  configuration.check_resume(extended, recorded, "config.json")  # allowed: no error
+  extended.seed = 1
+  with pytest.raises(ValueError, match=r"^config.seed=1 differs from seed=0 in config.json, "):
+    configuration.check_resume(extended, recorded, "config.json")
+
+
+@pytest.mark.parametrize("variant", ["", "demo", "tiny"])
+def test_every_config_key_is_classified_for_resume(variant):
+  """A new key must be put in RESUME_MUST_MATCH or RESUME_MAY_CHANGE (unlisted keys must match)."""
+  from agejax import configuration
+  from configs import vgg16_kl
+  keys = configuration.flatten(vgg16_kl.get_config(variant).to_dict())
+  unclassified = [k for k in keys
+                  if k not in configuration.RESUME_MUST_MATCH and not configuration.resume_may_change(k)]
+  assert not unclassified
+  assert not [k for k in configuration.RESUME_MUST_MATCH if configuration.resume_may_change(k)]
+
+
+def test_a_corrupt_config_json_on_resume_fails_in_one_line_naming_it(trained, tmp_path):
+  config, workdir, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "config.json").write_text('{"seed": 0, "model": {')  # a truncated write
+  before = snapshot(copy)
+  proc = run_train(copy, f"--config.data.data_dir={config.data.data_dir}", "--config.compilation_cache_dir=",
+                   f"--config.data.cache_dir={config.data.cache_dir}", devices=1)
+  assert last_line(proc).startswith(f"error: {copy / 'config.json'}: not valid JSON (")
+  assert snapshot(copy) == before
+
+
+def test_checkpoints_that_do_not_fit_fail_in_one_line_even_without_config_json(trained, tmp_path):
+  config, workdir, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "config.json").unlink()  # an older workdir: only the arrays' shapes can be compared
+  before = snapshot(copy)
+  proc = run_train(copy, f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
+                   "--config.model.width_multiplier=0.125", "--config.compilation_cache_dir=",
+                   f"--config.data.cache_dir={config.data.cache_dir}", devices=1)
+  assert last_line(proc).startswith(f"error: {copy / 'checkpoints'}: checkpoint step 100 does not fit this config: "
+                                    "params/convs/0/bias has shape (4,) there and (8,) in this config"), proc.stderr
+  assert snapshot(copy) == before  # config.json is not written from a config that does not fit
+
+
+def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, tmp_path):
+  from agejax.data import pipeline
+  from conftest import array_cache
+  from configs import vgg16_kl
+  data = vgg16_kl.get_config("tiny").data
+  data.data_dir, data.cache_dir = data_dir, array_cache(data_dir)
+  train_ages = set(pipeline.load_split(data, "train").age.astype(int))
+  eval_ages = pipeline.load_split(data, "validation").age
+  only_in_train = min(train_ages - set(eval_ages.astype(int)))
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  common = (f"--config.data.data_dir={data_dir}", f"--config.data.cache_dir={data.cache_dir}",
+            f"--config.compilation_cache_dir={cache}", "--config.labels.out_of_range=drop")
+  proc = run_train(tmp_path / "eval", *common, f"--config.labels.min_age={only_in_train}",
+                   f"--config.labels.max_age={only_in_train}", devices=1)
+  assert last_line(proc) == (
+      f"error: config.labels.out_of_range='drop' empties split 'validation' of demo: none of its {len(eval_ages)} ages "
+      f"is in labels.min_age..labels.max_age = {only_in_train}..{only_in_train}")
+  proc = run_train(tmp_path / "train", *common, "--config.labels.min_age=200", "--config.labels.max_age=300",
+                   devices=1)
+  assert last_line(proc).startswith("error: config.labels.out_of_range='drop' empties split 'train' of demo: none of "
+                                    "its ")
+  assert not list(cache.iterdir())  # failed before compiling
+  for workdir in (tmp_path / "eval", tmp_path / "train"):
+    assert [p.name for p in workdir.iterdir()] == ["checkpoints"]  # no config.json, no events; no steps
 
 
 def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny_config):

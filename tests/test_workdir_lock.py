@@ -1,0 +1,161 @@
+"""One trainer per workdir: a second one fails in one line naming the first, which finishes intact."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agejax import storage, workdir_lock
+from conftest import cpu_env, train_command
+
+SHORT = ("--config.num_train_steps=20", "--config.eval_every_steps=10", "--config.checkpoint_every_steps=10")
+
+
+def busy_message(workdir, holder: dict) -> str:
+  return (f"error: workdir {workdir} is in use by another run: pid {holder['pid']} on {holder['host']} since "
+          f"{holder['since']} (lock {workdir / workdir_lock.LOCK_FILE}); wait for it to end or stop it, or use another "
+          f"workdir")
+
+
+def assert_intact_run(workdir, seed: int) -> None:
+  """The workdir holds exactly one finished run with `seed`, and its lock is gone."""
+  assert json.loads((workdir / "config.json").read_text())["seed"] == seed
+  assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 20
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
+  assert len(list(workdir.glob("events.out.tfevents.*"))) == 1  # one TensorBoard writer: the first run's
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
+
+
+def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_intact(compilation_cache, data_dir,
+                                                                                   tmp_path):
+  workdir, cache = tmp_path / "run", tmp_path / "second_cache"
+  cache.mkdir()
+  first = subprocess.Popen(train_command(workdir, *SHORT, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    lock = workdir / workdir_lock.LOCK_FILE
+    while not (lock.exists() and lock.read_text().endswith("\n")):  # the first holds the lock
+      assert first.poll() is None, first.communicate()[1][-3000:]
+      time.sleep(0.05)
+    holder = json.loads(lock.read_text())
+    second = subprocess.run(train_command(workdir, *SHORT, "--config.seed=1", data_dir=data_dir, cache=str(cache)),
+                            env=cpu_env(), capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=600)
+  finally:
+    first.kill()
+  assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+  assert second.returncode == 1 and second.stderr.strip().splitlines()[-1] == busy_message(workdir, holder)
+  assert not list(cache.iterdir())  # the second compiled nothing
+  assert first.returncode == 0, err[-3000:]
+  assert_intact_run(workdir, seed=0)
+
+
+def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilation_cache, data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  procs = {seed: subprocess.Popen(train_command(workdir, *SHORT, f"--config.seed={seed}", data_dir=data_dir,
+                                                cache=compilation_cache),
+                                  env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for seed in (0, 1)}
+  try:
+    outputs = {seed: p.communicate(timeout=600) for seed, p in procs.items()}
+  finally:
+    for p in procs.values():
+      p.kill()
+  [winner] = [seed for seed, p in procs.items() if p.returncode == 0]
+  [loser] = [seed for seed, p in procs.items() if p.returncode != 0]
+  last = outputs[loser][1].strip().splitlines()[-1]
+  assert last.startswith(f"error: workdir {workdir} is in use by another run: pid {procs[winner].pid} on "
+                         f"{socket.gethostname()} since "), outputs[loser][1][-3000:]
+  assert_intact_run(workdir, seed=winner)
+
+
+def test_a_lock_is_released_on_errors_and_leftover_temporaries_of_dead_writers_are_removed(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  dead_pid = int(dead.stdout)  # a process that has exited
+  (workdir / f".config.json.tmp{dead_pid}").write_text("{")  # a write its process never finished
+  alive = workdir / f".final_metrics.json.tmp{os.getpid()}"  # still being written by a live process
+  alive.write_text("{")
+  (workdir / "notes.tmp1").write_text("mine")  # not write_text's pattern
+  with workdir_lock.WorkdirLock(workdir) as lock:
+    assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir_lock.WorkdirBusy, match=f"is in use by another run: pid {os.getpid()} on "):
+      workdir_lock.WorkdirLock(workdir).acquire()  # a second lock, even in the same process
+    removed = storage.remove_interrupted_writes(workdir)
+    lock.check()  # a local lock cannot be lost
+  assert [p.name for p in removed] == [f".config.json.tmp{dead_pid}"]
+  assert sorted(p.name for p in workdir.iterdir()) == [alive.name, "notes.tmp1"]  # and the lock file is gone
+  with pytest.raises(RuntimeError, match="boom"):
+    with workdir_lock.WorkdirLock(workdir):
+      raise RuntimeError("boom")
+  workdir_lock.WorkdirLock(workdir).acquire().release()  # released by the error
+
+
+def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom agejax import workdir_lock\n"
+                             "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
+                             str(workdir)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(workdir_lock.WorkdirBusy):
+      workdir_lock.WorkdirLock(workdir).acquire()
+  finally:
+    holder.kill()  # no release: the file stays, the kernel drops the flock
+    holder.wait()
+  left = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
+  assert left["pid"] == holder.pid
+  with workdir_lock.WorkdirLock(workdir):
+    assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert (f"the previous run, pid {holder.pid} on {left['host']} since {left['since']}, ended without releasing "
+          f"its lock (killed?); taking it over") in caplog.text
+
+
+def test_with_two_processes_both_fail_in_one_line_when_the_workdir_is_busy(compilation_cache, data_dir, tmp_path):
+  """Process 0 takes the lock for the run; the other learns that it failed instead of waiting for it."""
+  from test_scale import free_port
+  workdir, port = tmp_path / "run", free_port()
+  workdir.mkdir()
+  with workdir_lock.WorkdirLock(workdir) as lock:
+    procs = [subprocess.Popen(train_command(workdir, *SHORT, "--coordinator_address", f"127.0.0.1:{port}",
+                                            "--num_processes", "2", "--process_id", str(i), data_dir=data_dir,
+                                            cache=compilation_cache),
+                              env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    holder = lock.holder
+  assert [p.returncode for p in procs] == [1, 1], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  assert outputs[0][1].strip().splitlines()[-1] == busy_message(workdir, holder)
+  assert outputs[1][1].strip().splitlines()[-1] == (f"error: workdir {workdir}: process 0 could not take its lock "
+                                                    f"(see its error)")
+  assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written; the test's lock is released
+
+
+def test_sigterm_while_starting_up_exits_0_and_releases_the_lock(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(train_command(workdir, *SHORT, data_dir=data_dir, cache=str(tmp_path / "cache")),
+                          env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    while not (workdir / workdir_lock.LOCK_FILE).exists():  # from here the run holds the workdir
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # data, model and a cold compile are still ahead
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  # Almost always before the loop; should the signal come late, the loop saves its first step instead.
+  assert f"stopped by SIGTERM before training started: nothing to save in {workdir}" in out or \
+      "preempted: saved checkpoint at step 1 " in out, out[-2000:]
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
