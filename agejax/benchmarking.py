@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import augment, configuration, metrics, models, parallel, steps
+from agejax import augment, configuration, errors, metrics, models, parallel, steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -140,7 +140,7 @@ def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
   """Full training loop (host pipeline, logging, metrics, checkpoints) vs the bare jitted step."""
   from agejax import train
   if num_steps <= config.log_every_steps:
-    raise ValueError(f"loop: num_steps={num_steps} must exceed log_every_steps={config.log_every_steps}: the "
+    raise errors.UserError(f"loop: num_steps={num_steps} must exceed log_every_steps={config.log_every_steps}: the "
                      f"loop rate is timed between the first and last log fetch")
   config.num_train_steps = num_steps
   final = train.train_and_evaluate(config, workdir)

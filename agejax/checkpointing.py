@@ -7,7 +7,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from agejax import storage
+from agejax import errors, storage
 
 BEST_METRIC = "eval_mae"
 
@@ -73,7 +73,7 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     problem = self.mismatch(target, step)
     if problem:
-      raise ValueError(f"{self.directory}: checkpoint step {step} does not fit this config: {problem} (model or "
+      raise errors.UserError(f"{self.directory}: checkpoint step {step} does not fit this config: {problem} (model or "
                        f"optimizer settings changed? use a new workdir, or the config that wrote it)")
     return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 

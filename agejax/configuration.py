@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import losses, optim, storage
+from agejax import errors, losses, optim, storage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
@@ -50,7 +50,7 @@ def compute_dtype(name: str) -> jnp.dtype:
 
 def _require(ok: bool, key: str, value, why: str) -> None:
   if not ok:
-    raise ValueError(f"config.{key}={value!r}: {why}")
+    raise errors.UserError(f"config.{key}={value!r}: {why}")
 
 
 def check_pretrained(config) -> None:
@@ -60,7 +60,7 @@ def check_pretrained(config) -> None:
   path = storage.path(config.model.pretrained)
   if not (path / "agejax_weights.json").exists():
     arch = "vgg16_bn" if config.model.get("batch_norm", False) else "vgg16"
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"config.model.pretrained={str(path)!r} holds no converted weights; create them with: python "
         f"scripts/convert_torchvision.py --weights IMAGENET1K_V1 --arch {arch} --output {path} "
         f"(or --checkpoint FILE.pth instead of --weights), or set --config.model.pretrained='' to train from scratch")
@@ -161,7 +161,7 @@ def check_resume(config, recorded: dict[str, Any], source: storage.Location) -> 
   changed = [k for k in keys if new[k] != old[k] and not resume_may_change(k)]
   if changed:
     one = len(changed) == 1
-    raise ValueError(
+    raise errors.UserError(
         f"{', '.join(f'config.{k}={new[k]!r}' for k in changed)} {'differs' if one else 'differ'} from "
         f"{', '.join(f'{k}={old[k]!r}' for k in changed)} in {source}, which this workdir's checkpoints were trained "
         f"with: {'this key sets' if one else 'these keys set'} what the checkpoints mean and cannot change on "

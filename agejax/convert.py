@@ -12,7 +12,7 @@ import numpy as np
 from etils import epath
 from flax import nnx, traverse_util
 
-from agejax import models, storage
+from agejax import errors, models, storage
 
 PyTree = Any
 META_FILE = "agejax_weights.json"
@@ -76,7 +76,7 @@ def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
               (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped)) if keys]
   if problems:
     arch = "vgg16_bn" if batch_norm else "vgg16"
-    raise ValueError(f"not a torchvision {arch} state dict: {'; '.join(problems)}")
+    raise errors.UserError(f"not a torchvision {arch} state dict: {'; '.join(problems)}")
 
 
 def vgg16_from_torchvision(state_dict: Mapping[str, np.ndarray | Any], *,
@@ -118,15 +118,15 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
   """Reads a state dict from .pth/.pt (tensors only, never arbitrary pickles) or .safetensors."""
   path = storage.path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such checkpoint file")
+    raise errors.MissingInput(f"{path}: no such checkpoint file")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load
     try:
       return load(path.read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad header
-      raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+      raise errors.UserError(f"{path}: not a readable safetensors file ({e})") from None
   if path.suffix not in (".pth", ".pt"):
-    raise ValueError(f"{path}: unsupported checkpoint format; expected .pth, .pt or .safetensors")
+    raise errors.UserError(f"{path}: unsupported checkpoint format; expected .pth, .pt or .safetensors")
   import pickle
 
   import torch
@@ -137,15 +137,15 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
     # torch's message spans paragraphs; its one informative sentence follows "WeightsUnpickler error:".
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not|\n\n|$)", str(e), re.DOTALL)
     reason = detail.group(1).strip() if detail else str(e).splitlines()[0]
-    raise ValueError(f"{path}: refused: not a tensors-only PyTorch checkpoint ({reason}); "
+    raise errors.UserError(f"{path}: refused: not a tensors-only PyTorch checkpoint ({reason}); "
                      "agejax loads .pth files with weights_only=True and never unpickles code") from None
   if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
     loaded = loaded["state_dict"]
   if not isinstance(loaded, Mapping):
-    raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    raise errors.UserError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
   not_tensors = [str(k) for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
   if not_tensors:
-    raise ValueError(f"{path}: not a state dict; these entries are not tensors: {', '.join(not_tensors)}")
+    raise errors.UserError(f"{path}: not a state dict; these entries are not tensors: {', '.join(not_tensors)}")
   return {k: _to_numpy(v) for k, v in loaded.items()}
 
 
@@ -159,7 +159,7 @@ def save_converted(model: models.VGG16, output_dir: storage.Location, *, source:
   import orbax.checkpoint as ocp
   output_dir = storage.path(output_dir)  # Orbax wants local paths absolute
   if (output_dir / WEIGHTS_DIR).exists():
-    raise ValueError(f"{output_dir / WEIGHTS_DIR} already exists; choose a new output directory")
+    raise errors.UserError(f"{output_dir / WEIGHTS_DIR} already exists; choose a new output directory")
   storage.check_writable(output_dir, "--output")
   _, params, rest = nnx.split(model, nnx.Param, ...)
   # numpy leaves: the checkpoint then restores on any host and device layout without a target.
@@ -185,14 +185,14 @@ def load_converted(path: storage.Location) -> tuple[dict, dict, dict]:
   path = storage.path(path)
   meta_file = path / META_FILE
   if not meta_file.is_file():
-    raise FileNotFoundError(f"{path}: no {META_FILE}; not a directory written by convert_torchvision.py")
+    raise errors.MissingInput(f"{path}: no {META_FILE}; not a directory written by convert_torchvision.py")
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(path / WEIGHTS_DIR)
   return _int_keys(tree["params"]), _int_keys(tree["model_state"]), json.loads(meta_file.read_text())
 
 
-def _overlay_backbone(kind: str, converted: PyTree, given: PyTree, errors: list[str]) -> PyTree:
-  """Returns `given` with every non-head leaf taken from `converted`; appends shape mismatches to errors."""
+def _overlay_backbone(kind: str, converted: PyTree, given: PyTree, mismatches: list[str]) -> PyTree:
+  """Returns `given` with every non-head leaf taken from `converted`; appends shape mismatches to `mismatches`."""
   flat_given = traverse_util.flatten_dict(given)
   flat_converted = {k: v for k, v in traverse_util.flatten_dict(converted).items() if k[0] != "head"}
   keys = [k for k in flat_given if k[0] != "head"] + [k for k in flat_converted if k not in flat_given]
@@ -200,7 +200,7 @@ def _overlay_backbone(kind: str, converted: PyTree, given: PyTree, errors: list[
     new, old = flat_converted.get(key), flat_given.get(key)
     if new is None or old is None or new.shape != old.shape:
       shape = lambda a: "absent" if a is None else tuple(a.shape)
-      errors.append(f"{kind}/{'/'.join(map(str, key))}: converted {shape(new)}, model {shape(old)}")
+      mismatches.append(f"{kind}/{'/'.join(map(str, key))}: converted {shape(new)}, model {shape(old)}")
     else:
       flat_given[key] = np.asarray(new, old.dtype)
   return traverse_util.unflatten_dict(flat_given)
@@ -209,11 +209,11 @@ def _overlay_backbone(kind: str, converted: PyTree, given: PyTree, errors: list[
 def backbone_from_converted(path: storage.Location, params: PyTree, model_state: PyTree) -> tuple[PyTree, PyTree]:
   """Returns copies of the age model's params and model_state with the converted backbone and the given head."""
   new_params, new_state, meta = load_converted(path)
-  errors = []
-  params = _overlay_backbone("params", new_params, params, errors)
-  model_state = _overlay_backbone("model_state", new_state, model_state, errors)
-  if errors:
-    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""  # a width mismatch hits every layer
-    raise ValueError(f"{path} holds full-width {meta['arch']} weights that do not fit this model (use "
-                     f"model.width_multiplier=1.0 and a matching model.batch_norm): {'; '.join(errors[:3])}{more}")
+  mismatches = []
+  params = _overlay_backbone("params", new_params, params, mismatches)
+  model_state = _overlay_backbone("model_state", new_state, model_state, mismatches)
+  if mismatches:
+    more = f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else ""  # a width mismatch hits every layer
+    raise errors.UserError(f"{path} holds full-width {meta['arch']} weights that do not fit this model (use "
+                     f"model.width_multiplier=1.0 and a matching model.batch_norm): {'; '.join(mismatches[:3])}{more}")
   return params, model_state

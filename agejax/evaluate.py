@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from agejax import labels, metrics, parallel, predict, storage, train
+from agejax import errors, labels, metrics, parallel, predict, storage, train
 from agejax.data import pipeline
 
 CS_THRESHOLDS = tuple(range(1, 11))
@@ -81,7 +81,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: storage.Location
   config = predictor.config
   data = train.load_labelled_split(config, split)
   if not len(data):
-    raise ValueError(f"split {split!r} of {config.data.name} has no examples with ages in the label range")
+    raise errors.UserError(f"split {split!r} of {config.data.name} has no examples with ages in the label range")
   probs = predict_split(predictor, data)
   report, per_example = summarize(probs, data.age, data.age_std, predictor.bins, config.metrics.epsilon_sigma)
   report = {"workdir": str(workdir), "split": split, "checkpoint": str(checkpoint), "step": predictor.step,

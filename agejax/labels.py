@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agejax import errors
+
 
 def age_bins(min_age: int, max_age: int) -> np.ndarray:
   """Returns the ages the model predicts over, one bin a year, as float32."""
   if max_age < min_age:
-    raise ValueError(f"labels: empty age range min_age={min_age} > max_age={max_age}")
+    raise errors.UserError(f"labels: empty age range min_age={min_age} > max_age={max_age}")
   return np.arange(min_age, max_age + 1, dtype=np.float32)
 
 

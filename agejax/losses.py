@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agejax import labels
+from agejax import errors, labels
 
 LOSSES = ("kl", "onehot")
 
@@ -40,7 +40,7 @@ def make_loss(name: str, bins: jax.Array, sigma: float, l1_weight: float = 0.0) 
   elif name == "onehot":
     base = lambda logits, ages: onehot_nll(logits, ages, bins)
   else:
-    raise ValueError(f"config.loss.name={name!r} is not one of {LOSSES}")
+    raise errors.UserError(f"config.loss.name={name!r} is not one of {LOSSES}")
   if not l1_weight:
     return base
   return lambda logits, ages: base(logits, ages) + l1_weight * expectation_l1(logits, ages, bins)

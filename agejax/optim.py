@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from agejax import errors
+
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -19,7 +21,7 @@ def learning_rate_schedule(cfg, num_train_steps: int, steps_per_epoch: int) -> o
     warmup = min(cfg.warmup_steps, max(num_train_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_train_steps, warmup + 1),
                                               end_value=lr * cfg.end_learning_rate_factor)
-  raise ValueError(f"config.optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
+  raise errors.UserError(f"config.optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
 
 
 def _adam(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:

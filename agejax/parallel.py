@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+
 DATA_AXIS = "data"
 
 
@@ -47,13 +48,6 @@ def data_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into one global jax.Array per key."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def check_batch_size(batch_size: int, key: str = "batch_size") -> None:
-  """Fails unless the global batch splits evenly over devices and processes."""
-  n = jax.device_count()
-  if batch_size <= 0 or batch_size % n:
-    raise ValueError(f"config.{key}={batch_size} must be a positive multiple of the {n} devices")
 
 
 class InFlight:

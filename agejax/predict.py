@@ -14,7 +14,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from agejax import checkpointing, labels, parallel, steps, storage
+from agejax import checkpointing, errors, labels, parallel, steps, storage
 from agejax.data import faces
 
 TRAIN_COMMAND = "python scripts/train.py --config configs/vgg16_kl.py --workdir {workdir}"
@@ -31,7 +31,7 @@ def load_config(workdir: storage.Location) -> ml_collections.ConfigDict:
   """Returns the training config the trainer saved as WORKDIR/config.json."""
   path = storage.path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: pass the training config with --config")
+    raise errors.MissingInput(f"{path} does not exist: pass the training config with --config")
   return ml_collections.ConfigDict(storage.read_json_object(path))
 
 
@@ -39,7 +39,7 @@ def resolve_step(ckpts: checkpointing.Checkpoints, checkpoint: str | int, workdi
   """Returns the step that `checkpoint` ('best', 'latest' or a step number) names in WORKDIR."""
   latest = ckpts.latest_step()
   if latest is None:
-    raise FileNotFoundError(no_checkpoints_message(workdir))
+    raise errors.MissingInput(no_checkpoints_message(workdir))
   checkpoint = str(checkpoint)
   if checkpoint == "latest":
     return latest
@@ -51,9 +51,9 @@ def resolve_step(ckpts: checkpointing.Checkpoints, checkpoint: str | int, workdi
     return best
   available = sorted(ckpts.manager.all_steps())
   if not checkpoint.isdigit():
-    raise ValueError(f"--checkpoint={checkpoint!r}: use {CHECKPOINT_CHOICES} (available steps: {available})")
+    raise errors.UserError(f"--checkpoint={checkpoint!r}: use {CHECKPOINT_CHOICES} (available steps: {available})")
   if int(checkpoint) not in available:
-    raise ValueError(f"--checkpoint={checkpoint}: no such step in {ckpts.directory} (available: {available})")
+    raise errors.UserError(f"--checkpoint={checkpoint}: no such step in {ckpts.directory} (available: {available})")
   return int(checkpoint)
 
 
@@ -73,7 +73,7 @@ def load_trained(workdir: str | os.PathLike, checkpoint: str | int = "best",
   """
   workdir = storage.path(workdir)
   if not (workdir / "checkpoints").is_dir():
-    raise FileNotFoundError(no_checkpoints_message(workdir))
+    raise errors.MissingInput(no_checkpoints_message(workdir))
   config = load_config(workdir) if config is None else config
   ckpts = checkpointing.Checkpoints(workdir / "checkpoints", read_only=True)
   try:
@@ -112,7 +112,7 @@ class Predictor:
                config: ml_collections.ConfigDict | None = None, *, flip: bool = False,
                batch_size: int | None = None):
     if batch_size is not None and batch_size < 1:
-      raise ValueError(f"batch_size={batch_size}: must be a positive number of faces per model call (None: the "
+      raise errors.UserError(f"batch_size={batch_size}: must be a positive number of faces per model call (None: the "
                        f"config's eval batch)")
     self.config, self.steps, self.state = load_trained(workdir, checkpoint, config)
     self.step = int(self.state.step)
@@ -318,7 +318,7 @@ def plot_results(results: list[ImageResult], bins: np.ndarray, path: storage.Loc
 
   rows = [r for r in results if r.photo is not None]
   if not rows:
-    raise ValueError("no faces to plot")
+    raise errors.UserError("no faces to plot")
   fig = Figure(figsize=(10, 4 * len(rows)), layout="constrained")
   FigureCanvasAgg(fig)
   colours = [f"C{i}" for i in range(10)]

@@ -13,6 +13,8 @@ from typing import Any
 
 from etils import epath
 
+from agejax import errors
+
 Location = str | os.PathLike
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")  # write_text's `.NAME.tmpPID`
@@ -69,18 +71,18 @@ def read_json(file: Location) -> Any:
   """Reads a JSON file; raises FileNotFoundError or ValueError naming the file."""
   file = path(file)
   if not file.exists():
-    raise FileNotFoundError(f"{file} does not exist")
+    raise errors.MissingInput(f"{file} does not exist")
   try:
     return json.loads(file.read_text())
   except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from None
+    raise errors.UserError(f"{file}: not valid JSON ({e})") from None
 
 
 def read_json_object(file: Location) -> dict[str, Any]:
   """Reads a file that must hold one JSON object (a config, metrics); raises as read_json does."""
   obj = read_json(file)
   if not isinstance(obj, dict):
-    raise ValueError(f"{path(file)}: not a JSON object (found {type(obj).__name__})")
+    raise errors.UserError(f"{path(file)}: not a JSON object (found {type(obj).__name__})")
   return obj
 
 
@@ -112,7 +114,7 @@ def check_writable(directory: Location, what: str = "workdir") -> epath.Path:
     reason = first_line(e)
     if is_url(directory) and "404" in reason:
       reason += " (does the bucket exist?)"
-    raise ValueError(f"{what} {directory} is not writable: {reason}") from None
+    raise errors.UserError(f"{what} {directory} is not writable: {reason}") from None
   return directory
 
 

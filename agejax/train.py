@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from agejax import checkpointing, configuration, metrics, parallel, steps, storage, workdir_lock
+from agejax import checkpointing, configuration, errors, metrics, parallel, steps, storage, workdir_lock
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
@@ -84,10 +84,10 @@ def load_labelled_split(config, split: str, *, training: bool = False) -> pipeli
                     config.labels.min_age, config.labels.max_age, policy)
   if not len(data):  # would end in a ZeroDivisionError or IndexError after training
     if outside:
-      raise ValueError(
+      raise errors.UserError(
           f"config.labels.out_of_range='drop' empties split {split!r} of {config.data.name}: none of its {outside} "
           f"ages is in labels.min_age..labels.max_age = {config.labels.min_age}..{config.labels.max_age}")
-    raise ValueError(f"split {split!r} of {config.data.name} has no examples")
+    raise errors.UserError(f"split {split!r} of {config.data.name} has no examples")
   return data
 
 
@@ -280,7 +280,7 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
     if host_sums["nonfinite_step"] and config.get("nonfinite", "stop") == "stop":
       ckpts.wait()  # earlier (finite) checkpoints complete; this state is never saved
       ckpts.close()
-      raise FloatingPointError(
+      raise errors.Diverged(
           f"non-finite loss or gradient at step {int(host_sums['nonfinite_step'])} (run stopped; latest "
           f"checkpoint: step {ckpts.latest_step()}); lower optimizer.learning_rate, or set "
           f"config.nonfinite='skip' to skip such steps")

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from agejax import storage
+from agejax import errors, storage
 
 LOCK_FILE = ".agejax-lock.json"
 LOCK_HEARTBEAT_S = 60.0  # how often the holder of a gs:// lock rewrites it
@@ -20,7 +20,7 @@ LOCK_HEARTBEAT_S = 60.0  # how often the holder of a gs:// lock rewrites it
 LOCK_STALE_S = 600.0
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(errors.UserError):
   """Another run holds the workdir's lock, or took it over from this run; the message is one line."""
 
 

@@ -62,7 +62,7 @@ def main() -> None:
   if args.mode == "torch":
     # JAX would otherwise take 75% of the GPU up front and leave PyTorch too little at large batches.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from agejax import benchmarking
+  from agejax import benchmarking, errors
   if args.mode in ("train", "torch"):
     print("environment:", json.dumps(benchmarking.environment()))
     torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
@@ -96,7 +96,7 @@ def main() -> None:
   else:
     try:
       row = benchmarking.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
-    except (ValueError, FileNotFoundError) as e:  # unknown or unprepared dataset: one line, no traceback
+    except errors.UserError as e:  # unknown or unprepared dataset: one line, no traceback
       sys.exit(f"error: {e}")
     print(table([row], ["dataset", "examples", "image_shape", "batch", "images_per_s", "images_per_s_per_core", "cores"]))
     print("(the gather runs in one thread: images_per_s_per_core is the single-thread rate)")

@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-from agejax import convert
+from agejax import convert, errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A torchvision state dict: .pth, .pt or .safetensors.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "torchvision weights to download instead, e.g. IMAGENET1K_V1.")
@@ -27,13 +27,13 @@ def download_state_dict(arch: str, name: str) -> dict:
   try:
     weights = get_weight(f"{enum}.{name}")
   except (KeyError, ValueError):
-    raise ValueError(f"torchvision has no {enum}.{name}") from None
+    raise errors.UserError(f"torchvision has no {enum}.{name}") from None
   try:
     # weights_only: never unpickle code, also from a file already in torch's hub cache (not hash-checked).
     return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
   except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ValueError(f"could not download {weights.url} (needs internet access): {reason}") from None
+    raise errors.UserError(f"could not download {weights.url} (needs internet access): {reason}") from None
 
 
 def main(argv):
@@ -48,10 +48,10 @@ def main(argv):
       state_dict, source = download_state_dict(_ARCH.value, _WEIGHTS.value), f"torchvision:{_WEIGHTS.value}"
     found = convert.torchvision_arch(state_dict)
     if found != _ARCH.value:
-      raise ValueError(f"{source} holds {found} weights, not --arch={_ARCH.value}")
+      raise errors.UserError(f"{source} holds {found} weights, not --arch={_ARCH.value}")
     model = convert.vgg16_from_torchvision(state_dict)
     output = convert.save_converted(model, _OUTPUT.value, source=source)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"wrote {output / convert.WEIGHTS_DIR} and {output / convert.META_FILE}: "

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import configuration, evaluate, predict
+from agejax import configuration, errors, evaluate, predict
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file; default: WORKDIR/config.json.",
                                           lock_config=True)
@@ -31,7 +31,7 @@ def main(argv):
   try:
     report = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, _SPLIT.value, checkpoint=_CHECKPOINT.value,
                                flip=_FLIP.value)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
   print(evaluate.format_table(report))
   print(f"wrote {os.path.join(_WORKDIR.value, 'eval', _SPLIT.value)}.json, _predictions.jsonl and plots")

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from agejax import configuration, predict
+from agejax import configuration, errors, predict
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {predict.CHECKPOINT_CHOICES}.")
@@ -35,7 +35,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     predictor = predict.Predictor(_WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
   detector = None if _ALIGNED.value else predict.FaceDetector()
   files = predict.list_files(argv[1:])

@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 
 from absl import app, flags, logging
 
+from agejax import errors
 from agejax.data import pipeline
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder holding the downloaded dataset, or for utkface "
@@ -33,7 +34,7 @@ def main(argv):
     args = argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BUILDER_CONFIG.value
     already = not _REBUILD.value and pipeline.get_builder(args[0], args[1], args[3]).is_prepared()
     builder = pipeline.prepare(*args, rebuild=_REBUILD.value)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
   except AssertionError as e:  # TFDS asserts that the manual folder exists and is not empty
     reason = (str(e).strip().splitlines() or [""])[0].split(". Create it")[0]

@@ -8,7 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import configuration, parallel, train, workdir_lock
+from agejax import configuration, errors, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).",
                                           lock_config=True)
@@ -27,7 +27,7 @@ def main(argv):
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, workdir_lock.WorkdirBusy) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
 
 

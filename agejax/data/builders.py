@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from agejax.data import demo_faces, sources
+from agejax import errors
 
 
 def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
@@ -79,7 +80,7 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     """Returns the fingerprint of a manual folder or archive; raises a one-line error if it can't be read."""
     path = Path(os.fspath(manual_dir)).expanduser()
     if not path.exists():
-      raise FileNotFoundError(f"the manual folder {sources.display(path)} does not exist; pass --manual_dir "
+      raise errors.MissingInput(f"the manual folder {sources.display(path)} does not exist; pass --manual_dir "
                               f"FOLDER holding the downloaded files (README: Real datasets)")
     return self._describe_source(path)
 

@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from agejax.data import builders, faces, sources
+from agejax import errors
 
 SPLIT_FILES = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
 REQUIRED_SPLITS = ("train", "validation")
@@ -119,7 +120,7 @@ def _decode(csv_path: Path, data: bytes) -> str:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
-    raise ValueError(f"{csv_path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as "
+    raise errors.UserError(f"{csv_path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as "
                      f"UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)") from None
 
 
@@ -157,17 +158,17 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
     except StopIteration:
       break
     except csv.Error as e:
-      raise ValueError(_csv_error(csv_path, line, e)) from None
+      raise errors.UserError(_csv_error(csv_path, line, e)) from None
     if any("\n" in cell or "\r" in cell for cell in record):  # only a quote makes a cell span lines
       first = reader.line_num - sum(cell.count("\n") or cell.count("\r") for cell in record)
-      raise ValueError(f"{csv_path} line {first}: a quoted cell runs on to line {reader.line_num} (a quote left "
+      raise errors.UserError(f"{csv_path} line {first}: a quoted cell runs on to line {reader.line_num} (a quote left "
                        f"open?); file names and ages fit on one line")
     if not record:  # a blank line
       continue
     if columns is None:
       columns = [c.strip() for c in record]
       if "file_name" not in columns or "age" not in columns:
-        raise ValueError(f"{csv_path}: the header must name the columns file_name and age (and "
+        raise errors.UserError(f"{csv_path}: the header must name the columns file_name and age (and "
                          f"optionally age_std); it names {columns}")
       continue
     cells = dict(zip(columns, record))  # a short row's missing cells are empty
@@ -195,7 +196,7 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
       continue
     rows.append(_Row(name, path, age, age_std, where))
   if columns is None:
-    raise ValueError(f"{csv_path} is empty: it needs a header naming file_name and age, then a row per image")
+    raise errors.UserError(f"{csv_path} is empty: it needs a header naming file_name and age, then a row per image")
   return rows, hashlib.sha256(data).hexdigest()
 
 
@@ -210,11 +211,11 @@ class _Listing:
 def _read_folder(root: Path) -> _Listing:
   """Reads every CSV file of a manual folder (no image is decoded)."""
   if root.is_file():
-    raise ValueError(f"{sources.display(root)} is a file: csv_faces needs the folder holding train.csv and "
+    raise errors.UserError(f"{sources.display(root)} is a file: csv_faces needs the folder holding train.csv and "
                      f"validation.csv")
   for split in REQUIRED_SPLITS:
     if not (root / SPLIT_FILES[split]).is_file():
-      raise FileNotFoundError(
+      raise errors.MissingInput(
           f"{SPLIT_FILES[split]} is missing from the manual folder {root}, which holds: {_folder_listing(root)}; "
           f"it needs train.csv and validation.csv (optionally test.csv) with a header file_name,age[,age_std]")
   image_dirs = [root / "images", root] if (root / "images").is_dir() else [root]
@@ -288,4 +289,4 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
                             "file_name": row.file_name}
     skips.record(self.info.metadata, self.name, split)
     if not kept:
-      raise ValueError(f"{SPLIT_FILES[split]} lists no usable image (skipped: {dict(skips.counts)})")
+      raise errors.UserError(f"{SPLIT_FILES[split]} lists no usable image (skipped: {dict(skips.counts)})")

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from agejax import errors
+
 MIN_AGE = 1
 MAX_AGE = 90
 
@@ -284,7 +286,7 @@ def generate(num_examples: int, seed: int, size: int = 128,
              start: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Returns images uint8 [N, size, size, 3] and ages int32 [N] for indices start..start+N-1."""
   if num_examples < 0:
-    raise ValueError(f"demo_faces: num_examples must be >= 0, got {num_examples}")
+    raise errors.UserError(f"demo_faces: num_examples must be >= 0, got {num_examples}")
   images = np.empty((num_examples, size, size, 3), dtype=np.uint8)
   ages = np.empty(num_examples, dtype=np.int32)
   for i in range(num_examples):

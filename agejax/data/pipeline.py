@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from agejax import parallel
+from agejax import errors, parallel
 from agejax.data import sources
 
 # data.name -> (TFDS builder name, needs a manually downloaded folder)
@@ -47,7 +47,7 @@ def get_builder(name: str, data_dir: str = "", builder_config: str = ""):
   user's own (`prepare_data.py csv_faces --name NAME`), so several CSV datasets live side by side.
   """
   if name not in DATASETS:
-    raise ValueError(f"config.data.name={name!r} is not one of {sorted(DATASETS)}")
+    raise errors.UserError(f"config.data.name={name!r} is not one of {sorted(DATASETS)}")
   tfds = _tfds()
   cls = tfds.builder_cls(DATASETS[name][0])
   config = None
@@ -59,7 +59,7 @@ def get_builder(name: str, data_dir: str = "", builder_config: str = ""):
       predefined = sorted(cls.builder_configs)
       hint = ("; a name of your own is 1-64 lowercase letters, digits, '_' or '-'" if name == "csv_faces"
               else "; only csv_faces takes names of your own")
-      raise ValueError(f"builder config {builder_config!r} of {name} is not one of {predefined}{hint}")
+      raise errors.UserError(f"builder config {builder_config!r} of {name} is not one of {predefined}{hint}")
   return tfds.builder(DATASETS[name][0], config=config, data_dir=data_dir or None)
 
 
@@ -79,7 +79,7 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config:
   if builder.is_prepared():
     if rebuild:
       if manual and source is None:
-        raise ValueError(f"rebuilding {name} deletes {builder.data_dir}: pass --manual_dir, the source to "
+        raise errors.UserError(f"rebuilding {name} deletes {builder.data_dir}: pass --manual_dir, the source to "
                          f"prepare it from again")
       epath.Path(builder.data_dir).rmtree()
       builder = get_builder(name, data_dir, builder_config)
@@ -105,7 +105,7 @@ def _check_same_source(name: str, builder, source: dict) -> None:
     problem = (f"{dataset} was prepared from {recorded['path']}, not from {source['path']} "
                f"(different: {sources.differences(recorded, source)})")
   other = ", or --name NAME to prepare it as another dataset" if name == "csv_faces" else ""
-  raise ValueError(f"{problem}: pass --rebuild to delete it and prepare it again{other}")
+  raise errors.UserError(f"{problem}: pass --rebuild to delete it and prepare it again{other}")
 
 
 OUT_OF_RANGE = ("clip", "drop")
@@ -141,7 +141,7 @@ class ArraySplit:
       keep = np.flatnonzero(~outside)
       rows = keep if self.rows is None else self.rows[keep]
       return ArraySplit(self.images, self.age[keep], self.age_std[keep], rows), n
-    raise ValueError(f"config.labels.out_of_range={policy!r} is not one of {OUT_OF_RANGE}")
+    raise errors.UserError(f"config.labels.out_of_range={policy!r} is not one of {OUT_OF_RANGE}")
 
 
 def cache_key(builder, split: str) -> str:
@@ -213,7 +213,7 @@ def array_cache(builder, split: str, cache_dir: str) -> Path:
     needed = n * int(np.prod(info.features["image"].shape)) + 8 * n + (1 << 20)
     free = shutil.disk_usage(root).free
     if needed > free:
-      raise ValueError(f"config.data.cache_dir={cache_dir!r}: the {tfds_name} {split} array cache needs "
+      raise errors.UserError(f"config.data.cache_dir={cache_dir!r}: the {tfds_name} {split} array cache needs "
                        f"{_size(needed)} and {root} has {_size(free)} free; set "
                        f"--config.data.cache_dir to a local disk with more space")
     tmp = root / f".{folder.name}.tmp{os.getpid()}"
@@ -237,14 +237,14 @@ def load_split(data_cfg, split: str) -> ArraySplit:
   builder = get_builder(data_cfg.name, data_cfg.data_dir, data_cfg.get("builder_config", ""))
   if not builder.is_prepared():
     if DATASETS[data_cfg.name][1]:
-      raise FileNotFoundError(
+      raise errors.MissingInput(
           f"dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
           f"{data_cfg.name} --manual_dir DOWNLOADED_FOLDER"
           + (f" --name {data_cfg.builder_config}" if data_cfg.get("builder_config") else "")
           + (f" --data_dir {data_cfg.data_dir}" if data_cfg.data_dir else ""))
     builder = prepare(data_cfg.name, data_cfg.data_dir, builder_config=data_cfg.get("builder_config", ""))
   if split not in builder.info.splits:
-    raise ValueError(f"config.data split {split!r} is not in {data_cfg.name}: {sorted(builder.info.splits)}")
+    raise errors.UserError(f"config.data split {split!r} is not in {data_cfg.name}: {sorted(builder.info.splits)}")
   folder = array_cache(builder, split, data_cfg.get("cache_dir", DEFAULT_CACHE_DIR))
   labels = np.load(folder / "labels.npz")
   return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), labels["age"], labels["age_std"])
@@ -263,7 +263,7 @@ class TrainBatches:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self.process_count:
-      raise ValueError(f"config.batch_size={global_batch_size} must divide over {self.process_count} processes")
+      raise errors.UserError(f"config.batch_size={global_batch_size} must divide over {self.process_count} processes")
     self.local_batch_size = global_batch_size // self.process_count
 
   @functools.lru_cache(maxsize=2)

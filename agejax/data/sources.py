@@ -23,6 +23,8 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from agejax import errors
+
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CHUNK = 1 << 20
 # Leading bytes of the compressed streams a tar archive may come in (whatever its suffix says).
@@ -102,7 +104,7 @@ def verify_archive(path: Path) -> str:
   try:
     sha256 = file_digest(path)
   except OSError as e:
-    raise ValueError(f"{display(path)}: cannot read it ({e.strerror or e})") from None
+    raise errors.UserError(f"{display(path)}: cannot read it ({e.strerror or e})") from None
   try:
     with open(path, "rb") as raw, _open_stream(raw) as stream:
       with tarfile.open(fileobj=stream, mode="r:", tarinfo=_RecordingTarInfo) as tar:
@@ -114,19 +116,19 @@ def verify_archive(path: Path) -> str:
         end = tar.offset
       marker = stopped_at[-1] if stopped_at else b""
       if len(marker) < tarfile.BLOCKSIZE:
-        raise ValueError(f"{display(path)} is truncated: its tar data ends at byte {end + len(marker)}, before "
+        raise errors.UserError(f"{display(path)} is truncated: its tar data ends at byte {end + len(marker)}, before "
                          f"the end-of-archive marker; download it again")
       if marker.count(0) != tarfile.BLOCKSIZE:
-        raise ValueError(f"{display(path)} is corrupt: the tar header at byte {end} is invalid; download it again")
+        raise errors.UserError(f"{display(path)} is corrupt: the tar header at byte {end} is invalid; download it again")
       length = end + tarfile.BLOCKSIZE
       while chunk := stream.read(_CHUNK):  # to the end, so a compressed stream's trailer is checked too
         if chunk.count(0) != len(chunk):
-          raise ValueError(f"{display(path)} has data after its end-of-archive marker at byte {end} (archives "
+          raise errors.UserError(f"{display(path)} has data after its end-of-archive marker at byte {end} (archives "
                            f"joined?); extract it and pass the folder instead")
         length += len(chunk)
       if length % tarfile.BLOCKSIZE:
-        raise ValueError(f"{display(path)} is truncated: its {length} bytes of tar data are not a whole number "
+        raise errors.UserError(f"{display(path)} is truncated: its {length} bytes of tar data are not a whole number "
                          f"of 512-byte blocks; download it again")
   except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
-    raise ValueError(f"{display(path)} is truncated or corrupt ({e}); download it again") from None
+    raise errors.UserError(f"{display(path)} is truncated or corrupt ({e}); download it again") from None
   return sha256

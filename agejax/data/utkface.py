@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from agejax.data import builders, faces, sources
+from agejax import errors
 
 SPLITS = ("train", "validation", "test")
 ARCHIVE_SUFFIXES = sources.ARCHIVE_SUFFIXES
@@ -84,7 +85,7 @@ class UtkfaceConfig(tfds.core.BuilderConfig):
   def __post_init__(self):
     fractions = self.split_fractions
     if min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
-      raise ValueError(f"split_fractions={self.split_fractions} must be >= 0, sum to 1, with train > 0")
+      raise errors.UserError(f"split_fractions={self.split_fractions} must be >= 0, sum to 1, with train > 0")
 
 
 def _visible(rel_path: str) -> bool:
@@ -94,14 +95,14 @@ def _visible(rel_path: str) -> bool:
 
 def _raise(error: OSError) -> None:
   """os.walk's onerror: an unlistable folder fails the preparation instead of silently losing its files."""
-  raise ValueError(f"{sources.display(error.filename)}: cannot list this folder ({error.strerror})")
+  raise errors.UserError(f"{sources.display(error.filename)}: cannot list this folder ({error.strerror})")
 
 
 def scan(root: Path) -> tuple[list[Path], list[Path]]:
   """Returns the visible files and the archives of a manual folder, sorted; an archive path is its own source."""
   if root.is_file():
     if not root.name.endswith(ARCHIVE_SUFFIXES):
-      raise ValueError(f"{sources.display(root)} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; pass "
+      raise errors.UserError(f"{sources.display(root)} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; pass "
                        f"the folder holding the UTKFace images or archive")
     return [], [root]
   files, archives = [], []
@@ -191,7 +192,7 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
               yield name, where, tar.extractfile(member).read()
       except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         # It was read whole moments before (describe): it changed while being prepared.
-        raise ValueError(f"{sources.display(archive)} is not a complete tar archive any more ({e}); was it "
+        raise errors.UserError(f"{sources.display(archive)} is not a complete tar archive any more ({e}); was it "
                          f"replaced during preparation?") from e
 
   def _generate_examples(self, root: Path, files: list[Path], archives: list[Path], split: str):
@@ -221,6 +222,6 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
                    "race": label["race"], "file_name": name}
     skips.record(self.info.metadata, self.name, split)
     if not kept:
-      raise ValueError(f"no usable UTKFace image for split {split!r} in {sources.display(root)} (skipped: "
+      raise errors.UserError(f"no usable UTKFace image for split {split!r} in {sources.display(root)} (skipped: "
                        f"{dict(skips.counts)}); it needs the UTKFace images, named AGE_GENDER_RACE_DATE.jpg, "
                        f"or UTKFace.tar.gz")
