@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import augment, configuration, errors, metrics, models, parallel, steps
+from agejax import augment, errors, metrics, models, parallel, steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
@@ -55,14 +55,9 @@ def xla_flops(compiled: jax.stages.Compiled) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def bench_config(batch: int, dtype: str, image_size: int, width: float):
-  """The default config at the benchmark's batch, dtype, input size and width."""
-  try:
-    from configs import vgg16_kl  # configs need ml_collections only
-  except ModuleNotFoundError as e:
-    raise SystemExit(f"benchmark: configs/vgg16_kl.py needs the {e.name!r} package "
-                     f"(pip install ml-collections)") from None
-  config = vgg16_kl.get_config()
+def bench_config(base, batch: int, dtype: str, image_size: int, width: float):
+  """A copy of the training config `base` at the benchmark's batch, dtype, input size and width."""
+  config = base.copy_and_resolve_references()
   config.batch_size, config.model.dtype = batch, dtype
   config.data.image_size, config.model.width_multiplier = image_size, width
   return config
@@ -99,15 +94,22 @@ def time_steps(fn, carry, batch, num_steps: int, repeats: int) -> list[float]:
   return times
 
 
-def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
-              repeats: int = 3, width: float = 1.0, config=None) -> dict[str, Any]:
-  """Times the trainer's own jitted train step (augmentation included) on device-resident uint8 data."""
-  config = config or bench_config(batch, dtype, image_size, width)
+def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
+  """Times the trainer's own jitted train step (augmentation included) on device-resident uint8 data.
+
+  Args:
+    config: the training config (see `bench_config`): model, batch, dtype and input size.
+    num_steps: chained steps per timed repeat.
+    repeats: timed repeats; the step time is their median.
+
+  Returns:
+    A row: images/s, step times, utilisation, compile time and FLOP counts.
+  """
   mesh = parallel.make_mesh()
   fns, state, _ = steps.create(config, steps_per_epoch=100)
   rep, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   state = jax.device_put(state, rep)
-  train_step, _ = steps.jit_steps(fns, rep, sharded)
+  train_step = steps.jit_train_step(fns, rep, sharded)
   rng = np.random.default_rng(0)
   size = config.data.image_size
   host = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
@@ -122,7 +124,7 @@ def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, n
   carry = compiled(state, sums, data)  # warm-up
   times = time_steps(compiled, carry, data, num_steps, repeats)
   width, n = config.model.width_multiplier, jax.device_count()
-  compute = configuration.compute_dtype(config.model.dtype).name
+  compute = models.compute_dtype(config.model.dtype).name
   return {"mode": "train", "framework": "jax", "device": jax.devices()[0].device_kind, "devices": n,
           "batch": config.batch_size, "dtype": config.model.dtype, "image_size": size, "width": width,
           **speed(times, config.batch_size, size, len(fns.bins), width, compute, n, peak_flops()),
@@ -132,7 +134,7 @@ def jax_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, n
 
 def bare_steps_per_s(config, num_steps: int = 50) -> float:
   """Steps/s of only the jitted train step, chained on one device-resident batch."""
-  r = jax_train(num_steps=num_steps, repeats=1, config=config)
+  r = jax_train(config, num_steps=num_steps, repeats=1)
   return 1e3 / r["step_ms_median"]
 
 
@@ -149,7 +151,8 @@ def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
           "ratio": final["train_steps_per_s"] / bare, "batch": config.batch_size}
 
 
-def startup(variant: str = "demo", data_dir: str = "", num_steps: int = 2) -> dict[str, Any]:
+def startup(config, config_file: str, variant: str, train_script: str, data_dir: str = "", num_steps: int = 2
+            ) -> dict[str, Any]:
   """Time to the first finished train step of `scripts/train.py`, with a cold then a warm compilation cache.
 
   Both runs start from scratch in fresh workdirs with the dataset already prepared, so they differ
@@ -162,19 +165,17 @@ def startup(variant: str = "demo", data_dir: str = "", num_steps: int = 2) -> di
   from pathlib import Path
 
   from agejax.data import pipeline
-  from configs import vgg16_kl
-  config = vgg16_kl.get_config(variant)
+  config = config.copy_and_resolve_references()
   config.data.data_dir = data_dir
   for split in ("train", config.data.eval_split):  # prepare outside the timed runs
     pipeline.load_split(config.data, split)
-  root = Path(__file__).resolve().parents[1]
   runs = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in ("cold", "warm"):
       workdir = Path(tmp) / name
       t0 = time.perf_counter()
-      subprocess.run([sys.executable, str(root / "scripts" / "train.py"), "--config",
-                      f"{root}/configs/vgg16_kl.py:{variant}", "--workdir", str(workdir),
+      subprocess.run([sys.executable, train_script, "--config", f"{config_file}:{variant}",
+                      "--workdir", str(workdir),
                       f"--config.data.data_dir={data_dir}", f"--config.compilation_cache_dir={tmp}/cache",
                       f"--config.num_train_steps={num_steps}", f"--config.eval_every_steps={num_steps}",
                       f"--config.log_every_steps={num_steps}"], check=True, capture_output=True)
@@ -296,7 +297,7 @@ def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224,
           "compile_s": warmup_s}
 
 
-def side_by_side(batches: list[int], dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
+def side_by_side(base, batches: list[int], dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
                  repeats: int = 3, width: float = 1.0, *, torch_modes: str = "eager+compile",
                  compile_at: str = "all") -> list[dict[str, Any]]:
   """JAX, PyTorch eager and torch.compile at each batch; each PyTorch row gets `jax_speedup` at its batch.
@@ -304,7 +305,7 @@ def side_by_side(batches: list[int], dtype: str = "bfloat16", image_size: int = 
   `torch_modes` is 'none', 'eager' or 'eager+compile'; `compile_at='best'` compiles only at the
   batch where PyTorch eager was fastest (torch.compile takes minutes per batch on VGG16).
   """
-  jax_rows = {b: jax_train(b, dtype, image_size, num_steps, repeats, width) for b in batches}
+  jax_rows = {b: jax_train(bench_config(base, b, dtype, image_size, width), num_steps, repeats) for b in batches}
   rows = list(jax_rows.values())
   if torch_modes == "none":
     return rows

@@ -10,12 +10,10 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from agejax import errors, losses, optim, storage
+from agejax import errors, losses, models, optim, storage
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
 # The Gaussian target gives the bins next to the age exp(-1 / (2 sigma^2)) of the centre's mass:
 # below this sigma that underflows float32's smallest normal number (devices flush subnormals),
@@ -39,13 +37,6 @@ RESUME_MAY_CHANGE = (
     "nonfinite", "optimizer.", "augment.", "model.dropout_rate",  # recovering from divergence; the regime
     "model.pretrained",  # initial weights only: a resumed run restores its checkpoint (the file may move)
 )
-
-
-def compute_dtype(name: str) -> jnp.dtype:
-  """Resolves `config.model.dtype`: 'auto' is bfloat16 on accelerators and float32 on CPU."""
-  if name == "auto":
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
-  return jnp.dtype(name)
 
 
 def _require(ok: bool, key: str, value, why: str) -> None:
@@ -100,7 +91,7 @@ def validate(config) -> None:
            "must be at least 32 (five 2x2 max-pools)")
   _require(config.model.width_multiplier > 0, "model.width_multiplier", config.model.width_multiplier,
            "must be positive")
-  _require(config.model.dtype in DTYPES, "model.dtype", config.model.dtype, f"must be one of {DTYPES}")
+  _require(config.model.dtype in models.DTYPES, "model.dtype", config.model.dtype, f"must be one of {models.DTYPES}")
   _require(config.optimizer.learning_rate > 0, "optimizer.learning_rate", config.optimizer.learning_rate,
            "must be positive")
   _require(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints,

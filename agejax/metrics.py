@@ -25,6 +25,20 @@ def cumulative_score(pred: jax.Array, age: jax.Array, k: float) -> jax.Array:
 # Accumulator entries that are not per-example metrics: the example count and the train step's
 # first non-finite step (1-based; 0 while there was none). The state counts all skipped steps.
 COUNTERS = ("count", "nonfinite_step")
+CS_THRESHOLDS = tuple(range(1, 11))  # CS@k for these k (years)
+AGE_GROUPS = ("0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")
+
+
+def per_image_sigma(age_std: jax.Array | None, age: jax.Array, default: float) -> jax.Array:
+  """The epsilon-error sigma of each image: the dataset's age_std where it has one (> 0), else `default`."""
+  if age_std is None:
+    return jnp.full_like(age, default, jnp.float32)
+  return jnp.where(age_std > 0, age_std, default)
+
+
+def age_group(age: jax.Array) -> jax.Array:
+  """Index into AGE_GROUPS of each age (decades, 70 and over together)."""
+  return jnp.clip(jnp.floor(age / 10.0), 0, len(AGE_GROUPS) - 1).astype(jnp.int32)
 
 
 def batch_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array | float,
@@ -42,9 +56,28 @@ def batch_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Arra
   return sums
 
 
+def report_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array, std: jax.Array,
+                mask: jax.Array) -> Sums:
+  """Masked sums of everything an evaluation report needs: `batch_sums`, CS@1..10, std, per age group."""
+  mask = mask.astype(jnp.float32)
+  error = absolute_error(pred, age)
+  cs = jnp.stack([cumulative_score(pred, age, k) for k in CS_THRESHOLDS], axis=-1)
+  groups = jax.nn.one_hot(age_group(age), len(AGE_GROUPS)) * mask[:, None]
+  return {**batch_sums(loss, pred, age, sigma, mask), "cs": jnp.sum(cs * mask[:, None], axis=0),
+          "std": jnp.sum(std * mask), "group_count": jnp.sum(groups, axis=0),
+          "group_abs_error": jnp.sum(groups * error[:, None], axis=0)}
+
+
 def zeros() -> Sums:
-  """Returns an empty accumulator with the keys of `batch_sums` and the counters."""
+  """An empty accumulator for the train step: `batch_sums` and the counters."""
   return {k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", *COUNTERS)}
+
+
+def report_zeros() -> Sums:
+  """An empty accumulator of `report_sums`."""
+  vectors = {"cs": len(CS_THRESHOLDS), "group_count": len(AGE_GROUPS), "group_abs_error": len(AGE_GROUPS)}
+  return {**{k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", "count", "std")},
+          **{k: jnp.zeros((n,), jnp.float32) for k, n in vectors.items()}}
 
 
 def add(a: Sums, b: Sums) -> Sums:

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agejax import configuration
 
 # torchvision's VGG16 "D" configuration: output channels of each 3x3 conv, "M" for a 2x2 max-pool.
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -105,9 +104,19 @@ class VGG16(nnx.Module):
     return self.head(self.embed(x, train=train, rngs=rngs).astype(jnp.float32))
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """Resolves `config.model.dtype`: 'auto' is bfloat16 on accelerators and float32 on CPU."""
+  if name == "auto":
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  return jnp.dtype(name)
+
+
 def create_model(model_config, num_bins: int, *, seed: int = 0) -> VGG16:
   """Builds the age model described by `config.model` with `num_bins` outputs."""
-  dtype = configuration.compute_dtype(model_config.dtype)
+  dtype = compute_dtype(model_config.dtype)
   return VGG16(num_bins, width_multiplier=model_config.width_multiplier,
                batch_norm=model_config.get("batch_norm", False),
                dropout_rate=model_config.get("dropout_rate", 0.5),

@@ -73,3 +73,10 @@ class InFlight:
     """Waits for every recorded program."""
     while self._pending:
       jax.block_until_ready(self._pending.popleft())
+
+
+def import_tensorflow():
+  """Imports TensorFlow with every GPU hidden from it (JAX owns the accelerators); returns the module."""
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  return tf

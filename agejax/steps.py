@@ -85,19 +85,16 @@ def create(config, steps_per_epoch: int, *, abstract: bool = False,
 
 
 class Steps:
-  """Builds the pure train/eval step functions for one model, optimizer and config."""
+  """Builds the pure train step and the model's forward functions for one model, optimizer and config."""
 
   def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig):
     self.graphdef, self.tx, self.cfg = graphdef, tx, cfg
     self.bins = jnp.asarray(labels.age_bins(cfg.min_age, cfg.max_age))
     self.loss_fn = losses.make_loss(cfg.loss_name, self.bins, cfg.loss_sigma, cfg.l1_weight)
 
-  def _sigma(self, batch: dict) -> jax.Array:
-    """Per-image epsilon-error sigma: the dataset's age_std where it has one, else the config's."""
-    std = batch.get("age_std")
-    if std is None:
-      return jnp.full_like(batch["age"], self.cfg.epsilon_sigma, jnp.float32)
-    return jnp.where(std > 0, std, self.cfg.epsilon_sigma)
+  def sigma(self, batch: dict) -> jax.Array:
+    """Per-image epsilon-error sigma of a batch (see metrics.per_image_sigma)."""
+    return metrics.per_image_sigma(batch.get("age_std"), batch["age"], self.cfg.epsilon_sigma)
 
   def logits(self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool,
              key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
@@ -157,7 +154,7 @@ class Steps:
                                                   (state.params, state.opt_state, state.model_state))
     pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
     mask = jnp.broadcast_to(finite, ages.shape)
-    sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch), mask))
+    sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self.sigma(batch), mask))
     sums["nonfinite_step"] = jnp.where((sums["nonfinite_step"] == 0) & ~finite,
                                        (state.step + 1).astype(jnp.float32), sums["nonfinite_step"])
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
@@ -169,26 +166,9 @@ class Steps:
     logits, _ = self.logits(params, model_state, augment.preprocess(images, self.cfg.image_size), train=False)
     return jax.nn.softmax(logits)
 
-  def eval_step(self, state: TrainState, sums: metrics.Sums, batch: dict) -> metrics.Sums:
-    """Adds a (padded, masked) eval batch's loss and metrics to the running sums."""
-    logits, _ = self.logits(state.params, state.model_state,
-                            augment.preprocess(batch["image"], self.cfg.image_size), train=False)
-    ages = batch["age"].astype(jnp.float32)
-    pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
-    per_example = self.loss_fn(logits, ages)
-    return metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self._sigma(batch), batch["mask"]))
 
-
-def jit_steps(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding
-              ) -> tuple[Callable, Callable]:
-  """Returns (train_step, eval_step) jitted with explicit shardings; train donates state and sums.
-
-  The eval step's sums (a few scalars) are not donated: the loop waits on them to bound how many
-  eval steps are in flight.
-  """
+def jit_train_step(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding) -> Callable:
+  """Returns the train step jitted with explicit shardings, donating the state and the sums."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  train = jax.jit(steps.train_step, in_shardings=(state_sharding, replicated, batch_sharding),
-                  out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
-  evaluate = jax.jit(steps.eval_step, in_shardings=(state_sharding, replicated, batch_sharding),
-                     out_shardings=replicated)
-  return train, evaluate
+  return jax.jit(steps.train_step, in_shardings=(state_sharding, replicated, batch_sharding),
+                 out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))

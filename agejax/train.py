@@ -5,11 +5,7 @@ import functools
 import json
 import logging
 import math
-import os
-import shutil
 import signal
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +15,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from agejax import checkpointing, configuration, errors, metrics, parallel, steps, storage, workdir_lock
+from agejax import (checkpointing, configuration, errors, evaluation, metrics, parallel, plots, profiling, steps,
+                    storage, workdir_lock)
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
@@ -67,30 +64,6 @@ class _Preemption:
     return self.event.is_set()
 
 
-def load_labelled_split(config, split: str, *, training: bool = False) -> pipeline.ArraySplit:
-  """Loads a split and applies `config.labels.out_of_range` to ages outside the bins, saying how many.
-
-  'clip' changes training targets only: evaluation always scores the true ages ('drop' drops them).
-  """
-  data = pipeline.load_split(config.data, split)
-  policy = config.labels.out_of_range
-  if policy == "clip" and not training:
-    _, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
-    policy = "kept: scored against the true ages"
-  else:
-    data, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
-  if outside:
-    logging.warning("%s/%s: %d ages outside %d..%d (%s)", config.data.name, split, outside,
-                    config.labels.min_age, config.labels.max_age, policy)
-  if not len(data):  # would end in a ZeroDivisionError or IndexError after training
-    if outside:
-      raise errors.UserError(
-          f"config.labels.out_of_range='drop' empties split {split!r} of {config.data.name}: none of its {outside} "
-          f"ages is in labels.min_age..labels.max_age = {config.labels.min_age}..{config.labels.max_age}")
-    raise errors.UserError(f"split {split!r} of {config.data.name} has no examples")
-  return data
-
-
 def load_pretrained(config, params, model_state):
   """Overlays the converted torchvision backbone of `config.model.pretrained`; the age head stays new."""
   from agejax import convert
@@ -98,28 +71,19 @@ def load_pretrained(config, params, model_state):
 
 
 def build(config) -> dict[str, Any]:
-  """Creates the mesh, data, model, optimizer, initial state and jitted steps for a validated `config`."""
+  """Creates the mesh, data, model, optimizer, initial state, train step and evaluator for a validated `config`."""
   mesh = parallel.make_mesh()
-  train_data = load_labelled_split(config, "train", training=True)
-  eval_data = load_labelled_split(config, config.data.eval_split)
+  train_data = pipeline.load_labelled_split(config, "train", training=True)
+  eval_data = pipeline.load_labelled_split(config, config.data.eval_split)
   steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
   overlay = functools.partial(load_pretrained, config) if config.model.pretrained else None
   fns, state, schedule = steps.create(config, steps_per_epoch, overlay=overlay)
   replicated = parallel.replicated(mesh)
   state = jax.device_put(state, replicated)
-  train_step, eval_step = steps.jit_steps(fns, replicated, parallel.data_sharded(mesh))
+  train_step = steps.jit_train_step(fns, replicated, parallel.data_sharded(mesh))
+  evaluator = evaluation.Evaluator(fns, eval_data, config.eval_batch_size or config.batch_size, mesh)
   return dict(mesh=mesh, train_data=train_data, eval_data=eval_data, schedule=schedule, state=state,
-              steps=fns, train_step=train_step, eval_step=eval_step, steps_per_epoch=steps_per_epoch)
-
-
-def evaluate_split(eval_step, state: steps.TrainState, data: pipeline.ArraySplit, batch_size: int,
-                   mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Returns mean loss, MAE, epsilon-error and CS@5 over every example of `data` exactly once."""
-  sums = jax.device_put(metrics.zeros(), parallel.replicated(mesh))
-  in_flight = parallel.InFlight()
-  for batch in pipeline.device_prefetch(pipeline.eval_batches(data, batch_size), parallel.data_sharded(mesh)):
-    sums = in_flight.add(eval_step(state, sums, batch))
-  return metrics.means(sums)
+              steps=fns, train_step=train_step, evaluator=evaluator, steps_per_epoch=steps_per_epoch)
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -133,43 +97,6 @@ def enable_compilation_cache(directory: str) -> None:
 def _write_json(path: epath.Path, obj: dict) -> None:
   if jax.process_index() == 0:
     storage.write_json(path, obj)
-
-
-class _Profiler:
-  """Traces `num_steps` train steps after the first log step into WORKDIR/plugins/profile.
-
-  The trace goes to a local folder first and is then copied: the profiler writes local files, and
-  the workdir may be a bucket. TensorBoard's profile tab shows it.
-  """
-
-  def __init__(self, workdir: epath.Path, num_steps: int, log_every: int, start: int):
-    self.workdir, self.num_steps = workdir, num_steps
-    self.first = (start // log_every + 1) * log_every  # the first log step of this run
-    self.last = self.first + num_steps
-    self._local: str | None = None
-
-  def before(self, step: int) -> None:
-    """Starts tracing before `step` when it is the first traced one."""
-    if self.num_steps and step == self.first + 1:
-      self._local = tempfile.mkdtemp(prefix="agejax-profile-")
-      jax.profiler.start_trace(self._local)
-
-  def after(self, step: int, in_flight: parallel.InFlight, last: bool) -> None:
-    """Stops tracing after `step` when it is the last traced one (or the run's last), and copies the trace."""
-    if self._local is None or not (step == self.last or last):
-      return
-    in_flight.wait()  # the traced steps have run on the device
-    jax.profiler.stop_trace()
-    run = storage.check_writable(self.workdir / "plugins" / "profile" / f"train_steps_{self.first + 1}-{step}",
-                                 "profile folder")
-    # Several processes share a host name on one machine: keep their files apart.
-    prefix = f"process{jax.process_index()}." if jax.process_count() > 1 else ""
-    for root, _, files in os.walk(self._local):
-      for name in files:
-        epath.Path(root, name).copy(run / f"{prefix}{name}", overwrite=True)
-    shutil.rmtree(self._local, ignore_errors=True)
-    self._local = None
-    print(f"profiled train steps {self.first + 1}-{step} on {socket.gethostname()}: {run}", flush=True)
 
 
 def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | None:
@@ -238,42 +165,51 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
   from tqdm.auto import tqdm
 
   final_path = workdir / FINAL_METRICS
-  if ckpts.latest_step() is not None:  # before the data is read and anything compiled
-    _check_recorded_config(config, workdir)
-  b = build(config)
-  state, mesh = b["state"], b["mesh"]
-  replicated = parallel.replicated(mesh)
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  if ckpts.latest_step() is not None:
-    if jax.process_index() == 0:
-      print(f"resuming from step {ckpts.latest_step()} of {ckpts.directory}")
-    state = ckpts.restore(state)
-  start = int(state.step)
-  if start >= config.num_train_steps and final_path.exists():
-    final = storage.read_json_object(final_path)
-    print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
-    return final
-  # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
-  _write_json(workdir / "config.json", config.to_dict())
-  signalled.arm()  # from here a SIGTERM saves a checkpoint at the current step
+  with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
+    if ckpts.latest_step() is not None:  # before the data is read and anything compiled
+      _check_recorded_config(config, workdir)
+    b = build(config)
+    state, mesh = b["state"], b["mesh"]
+    replicated = parallel.replicated(mesh)
+    if ckpts.latest_step() is not None:
+      if jax.process_index() == 0:
+        print(f"resuming from step {ckpts.latest_step()} of {ckpts.directory}")
+      state = ckpts.restore(state)
+    start = int(state.step)
+    # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
+    _write_json(workdir / checkpointing.INFERENCE_FILE,
+                checkpointing.inference_record(config, b["train_data"].images.shape[1]))
+    if start >= config.num_train_steps and final_path.exists():
+      final = storage.read_json_object(final_path)
+      print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
+      return final
+    # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
+    _write_json(workdir / checkpointing.CONFIG_FILE, config.to_dict())
+    signalled.arm()  # from here a SIGTERM saves a checkpoint at the current step
 
-  from agejax import evaluate  # here, not at the top: evaluate imports this module
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-  # A few eval faces, drawn with their target and predicted distributions at every evaluation.
-  sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
-  sample_images = jax.device_put(sample["image"], replicated)
-  predict = jax.jit(b["steps"].predict)
-  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
-  batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
-  stream = pipeline.device_prefetch((batches.local_batch(s) for s in range(start, config.num_train_steps)),
-                                    parallel.data_sharded(mesh))
-  sums = jax.device_put(metrics.zeros(), replicated)
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+    # A few eval faces, drawn with their target and predicted distributions at every evaluation.
+    sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
+    sample_images = jax.device_put(sample["image"], replicated)
+    predict = jax.jit(b["steps"].predict)
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
+    batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
+    stream = pipeline.device_prefetch((batches.local_batch(s) for s in range(start, config.num_train_steps)),
+                                      parallel.data_sharded(mesh))
+    sums = jax.device_put(metrics.zeros(), replicated)  # donated to the step: a fresh one after each log
   eval_metrics: dict[str, float] = {}
   step, first_step_s = start, None
   # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
   # shows real speed.
   in_flight = parallel.InFlight()
-  profiler = _Profiler(workdir, config.get("profile_steps", 0), config.log_every_steps, start)
+  host_cpu = jax.devices("cpu")[0]
+
+  def learning_rate(applied: int) -> float:
+    """The rate of the last update (after `applied` updates; skipped steps do not advance the schedule), on the host."""
+    with jax.default_device(host_cpu):  # no accelerator round trip for a logged scalar
+      return float(b["schedule"](applied - 1))
+
+  profiler = profiling.Profiler(workdir, config.get("profile_steps", 0), config.log_every_steps, start)
   synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
 
   def check_finite(host_sums: dict[str, float]) -> None:
@@ -300,46 +236,49 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
       profiler.after(step, in_flight, last)
       # All processes must stop at the same step: with several, JAX's preemption sync point decides.
       preempted = ckpts.reached_preemption(step) if jax.process_count() > 1 else bool(signalled)
+      logged = step % config.log_every_steps == 0 or last
       evaluated = step % config.eval_every_steps == 0 or last
       saving = evaluated or step % config.checkpoint_every_steps == 0 or preempted
-      if step % config.log_every_steps == 0 or last or saving:
-        host = metrics.fetch(sums)  # the loop's only host sync: at log and checkpoint steps
+      if not (logged or saving):
+        continue
+      with jax.transfer_guard("allow"):  # the loop's sync points: metric fetches, evaluation, checkpoints
+        host = metrics.fetch(sums)
         check_finite(host)
         if lock is not None:
           lock.check()  # another run took the workdir over (this one stalled): write nothing more
-      if step % config.log_every_steps == 0 or last:
-        synced.append((step, time.perf_counter()))
-        train = metrics.means(host)
-        skipped = int(metrics.fetch_array(state.skipped_steps))  # at this sync point; kept over resumes
-        sums = jax.device_put(metrics.zeros(), replicated)
-        writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
-                                    # A skipped step does not advance the optimizer's schedule.
-                                    "train/learning_rate": float(b["schedule"](step - 1 - skipped)),
-                                    "train/nonfinite_steps": skipped})
-        bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
-      if evaluated:
-        with report.timed("eval"):
-          eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        probs = metrics.fetch_array(predict(state.params, state.model_state, sample_images))
-        writer.write_images(step, {"eval/distributions": evaluate.distribution_figure_images(
-            sample["image"], sample["age"], probs, np.asarray(b["steps"].bins), config.loss.sigma)})
-      if saving:
-        ckpts.save(step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None,
-                   force=preempted)
-      if preempted and not last:
-        ckpts.wait()
-        ckpts.close()
-        print(f"preempted: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
-        return None
-  ckpts.wait()
-  if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
-    eval_metrics = evaluate_split(b["eval_step"], state, b["eval_data"], eval_batch_size, mesh)
-  final = {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()},
-           "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
-           "best_step": ckpts.best_step(), "eval_split": config.data.eval_split,
-           "train_steps_per_s": _steady_rate(synced), "first_step_s": first_step_s,
-           "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps))}
+        if logged:
+          synced.append((step, time.perf_counter()))
+          train = metrics.means(host)
+          skipped = int(metrics.fetch_array(state.skipped_steps))  # kept over resumes
+          sums = jax.device_put(metrics.zeros(), replicated)
+          writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
+                                      "train/learning_rate": learning_rate(step - skipped),
+                                      "train/nonfinite_steps": skipped})
+          bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
+        if evaluated:
+          with report.timed("eval"):
+            eval_metrics = evaluation.headline(b["evaluator"].run(state))
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          probs = metrics.fetch_array(predict(state.params, state.model_state, sample_images))
+          writer.write_images(step, {"eval/distributions": plots.distribution_figure_images(
+              sample["image"], sample["age"], probs, np.asarray(b["steps"].bins), config.loss.sigma)})
+        if saving:
+          ckpts.save(step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None,
+                     force=preempted)
+        if preempted and not last:
+          ckpts.wait()
+          ckpts.close()
+          print(f"preempted: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
+          return None
+  with jax.transfer_guard("allow"):
+    ckpts.wait()
+    if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
+      eval_metrics = evaluation.headline(b["evaluator"].run(state))
+    final = {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()},
+             "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
+             "best_step": ckpts.best_step(), "eval_split": config.data.eval_split,
+             "train_steps_per_s": _steady_rate(synced), "first_step_s": first_step_s,
+             "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps))}
   ckpts.close()
   if lock is not None:
     lock.check()

@@ -8,8 +8,19 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for configs/
+
+
+def default_config(variant: str | None = None):
+  """configs/vgg16_kl.py's config (a variant of it); needs only ml_collections."""
+  try:
+    from configs import vgg16_kl
+  except ModuleNotFoundError as e:
+    raise SystemExit(f"benchmark: configs/vgg16_kl.py needs the {e.name!r} package (pip install ml-collections)") from None
+  return vgg16_kl.get_config(variant)
 
 
 def table(rows: list[dict], keys: list[str]) -> str:
@@ -66,7 +77,7 @@ def main() -> None:
   if args.mode in ("train", "torch"):
     print("environment:", json.dumps(benchmarking.environment()))
     torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
-    rows = benchmarking.side_by_side(args.batch, args.dtype, args.image_size, args.steps, args.repeats, args.width,
+    rows = benchmarking.side_by_side(default_config(), args.batch, args.dtype, args.image_size, args.steps, args.repeats, args.width,
                                      torch_modes=torch_modes, compile_at=getattr(args, "compile_at", "all"))
     print(table(rows, TRAIN_KEYS + (["jax_speedup"] if args.mode == "torch" else [])))
     best = benchmarking.best_of(rows)
@@ -77,8 +88,7 @@ def main() -> None:
                                           if k != "jax"))
     print(json.dumps(rows if len(rows) > 1 else rows[0]))
   elif args.mode == "loop":
-    from configs import vgg16_kl
-    config = vgg16_kl.get_config(args.config)
+    config = default_config(args.config)
     config.data.data_dir = args.data_dir
     if args.compilation_cache_dir is not None:
       config.compilation_cache_dir = args.compilation_cache_dir
@@ -89,7 +99,8 @@ def main() -> None:
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
     print(json.dumps(row))
   elif args.mode == "startup":
-    row = benchmarking.startup(args.config, args.data_dir)
+    row = benchmarking.startup(default_config(args.config), str(ROOT / "configs" / "vgg16_kl.py"), args.config,
+                               str(ROOT / "scripts" / "train.py"), args.data_dir)
     print(table([row], ["config", "cold_first_step_s", "warm_first_step_s", "ratio", "cold_process_s",
                         "warm_process_s"]))
     print(json.dumps(row))

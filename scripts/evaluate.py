@@ -12,13 +12,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import configuration, errors, evaluate, predict
+from agejax import checkpointing, configuration, errors, evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file; default: WORKDIR/config.json.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {predict.CHECKPOINT_CHOICES}.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
 _FLIP = flags.DEFINE_bool("flip", False, "Average each image's distribution with its mirror image's.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -29,11 +29,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; -v 0 restores it
     logging.set_verbosity(logging.WARNING)
   try:
-    report = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, _SPLIT.value, checkpoint=_CHECKPOINT.value,
-                               flip=_FLIP.value)
+    report = evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value, _SPLIT.value, checkpoint=_CHECKPOINT.value,
+                                         flip=_FLIP.value)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
-  print(evaluate.format_table(report))
+  print(evaluation.format_table(report))
   print(f"wrote {os.path.join(_WORKDIR.value, 'eval', _SPLIT.value)}.json, _predictions.jsonl and plots")
 
 

@@ -15,10 +15,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from agejax import configuration, errors, predict
+from agejax import checkpointing, configuration, errors, inference, photos, plots
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {predict.CHECKPOINT_CHOICES}.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
 _ALIGNED = flags.DEFINE_bool("aligned", False, "The images are face crops already: skip detection.")
 _JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distributions) to stdout.")
 _PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here.")
@@ -34,26 +34,26 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    predictor = predict.Predictor(_WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value)
+    predictor = inference.Predictor(_WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
-  detector = None if _ALIGNED.value else predict.FaceDetector()
-  files = predict.list_files(argv[1:])
+  detector = None if _ALIGNED.value else photos.FaceDetector()
+  files = photos.list_files(argv[1:])
   plotted = []
-  for result in predict.predict_files(predictor, tqdm(files, desc="predict", unit="file"),
+  for result in photos.predict_files(predictor, tqdm(files, desc="predict", unit="file"),
                                       aligned=_ALIGNED.value, detector=detector,
                                       keep_photos=PLOT_MAX_PHOTOS if _PLOT.value else 0):
     if _JSON.value:
-      lines = [json.dumps(obj) for obj in predict.to_json(result, predictor.config.labels.min_age)]
+      lines = [json.dumps(obj) for obj in photos.to_json(result, predictor.config.labels.min_age)]
     else:
-      lines = predict.to_lines(result)
+      lines = photos.to_lines(result)
     for line in lines:
       tqdm.write(line, file=sys.stdout)
     if result.photo is not None:
       plotted.append(result)
   if _PLOT.value:
     if plotted:
-      predict.plot_results(plotted, predictor.bins, _PLOT.value)
+      plots.plot_results(plotted, predictor.bins, _PLOT.value)
       print(f"plot of {len(plotted)} photo(s) saved to {_PLOT.value}", file=sys.stderr)
     else:
       print(f"no faces: {_PLOT.value} not written", file=sys.stderr)

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 
 from agejax import errors
-from agejax.data import pipeline
+from agejax.data import datasets
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder holding the downloaded dataset, or for utkface "
                                   "the archive itself (not for demo).")
@@ -25,15 +25,15 @@ _REBUILD = flags.DEFINE_bool("rebuild", False, "Delete the prepared dataset of t
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in pipeline.DATASETS:
-    sys.exit(f"usage: prepare_data.py {{{','.join(pipeline.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
+  if len(argv) != 2 or argv[1] not in datasets.DATASETS:
+    sys.exit(f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
              f"[--name NAME] [--rebuild]")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
     args = argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BUILDER_CONFIG.value
-    already = not _REBUILD.value and pipeline.get_builder(args[0], args[1], args[3]).is_prepared()
-    builder = pipeline.prepare(*args, rebuild=_REBUILD.value)
+    already = not _REBUILD.value and datasets.get_builder(args[0], args[1], args[3]).is_prepared()
+    builder = datasets.prepare(*args, rebuild=_REBUILD.value)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   except AssertionError as e:  # TFDS asserts that the manual folder exists and is not empty

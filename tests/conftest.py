@@ -23,9 +23,9 @@ from configs import vgg16_kl
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
   """A TFDS data_dir holding the prepared `tiny` demo dataset."""
-  from agejax.data import pipeline
+  from agejax.data import datasets
   path = tmp_path_factory.mktemp("tensorflow_datasets")
-  pipeline.prepare("demo", str(path), builder_config="tiny")
+  datasets.prepare("demo", str(path), builder_config="tiny")
   return str(path)
 
 

@@ -160,8 +160,9 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   import jax.numpy as jnp
 
   from agejax import benchmarking, metrics, steps
+  from configs import vgg16_kl
   reference = torch_flops["train"]  # ~92.6 GFLOP
-  config = benchmarking.bench_config(2, "bfloat16", 224, 1.0)
+  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 224, 1.0)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
   batch = {"image": jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8),
            "age": jax.ShapeDtypeStruct((2,), jnp.float32), "age_std": jax.ShapeDtypeStruct((2,), jnp.float32)}

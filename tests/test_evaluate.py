@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import tiny_run
-from agejax import evaluate, predict, train
+from agejax import checkpointing, evaluation, inference, metrics, parallel, plots
+from agejax.data import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -22,7 +23,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 def trained(request, tmp_path_factory):
   """(config, workdir, final metrics) of the session's tiny run, copied for this module."""
   final, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  return predict.load_config(workdir), workdir, final
+  return checkpointing.load_config(workdir), workdir, final
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -35,13 +36,13 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "MAE" in proc.stdout and "CS@k" in proc.stdout
   report = json.loads((workdir / "eval" / "test.json").read_text())
-  data = train.load_labelled_split(config, "test")
+  data = pipeline.load_labelled_split(config, "test")
   assert report["num_examples"] == len(data) == 50
   assert report["split"] == "test" and report["step"] in (10, 20) and report["flip"] is False
   assert sorted(map(int, report["cumulative_score"])) == list(range(1, 11))
   cs = list(report["cumulative_score"].values())
   assert all(0 <= a <= b <= 1 for a, b in zip(cs, cs[1:]))
-  assert list(report["mae_by_age_group"]) == list(evaluate.AGE_GROUPS)
+  assert list(report["mae_by_age_group"]) == list(metrics.AGE_GROUPS)
   assert sum(g["count"] for g in report["mae_by_age_group"].values()) == len(data)
   assert 0 <= report["epsilon_error"] <= 1 and report["mean_predicted_std"] > 0
   for name in ("cs_curve", "mae_by_age_group", "predicted_vs_true"):
@@ -69,14 +70,45 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
   assert np.mean(np.abs(predicted - data.age)) == pytest.approx(report["mae"], rel=1e-5)
 
 
-def test_latest_checkpoint_on_eval_split_matches_the_trainers_final_metrics(trained):
+def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_metrics(trained):
+  """One Evaluator scores both: the same numbers to float32 rounding."""
   config, workdir, final = trained
-  report = evaluate.evaluate(config, workdir, config.data.eval_split, checkpoint="latest")
+  proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--split",
+                    config.data.eval_split)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((workdir / "eval" / f"{config.data.eval_split}.json").read_text())
   assert report["step"] == 20 and report["num_examples"] == 50
-  assert report["mae"] == pytest.approx(final["eval_mae"], rel=1e-5)
-  assert report["epsilon_error"] == pytest.approx(final["eval_epsilon_error"], rel=1e-5)
-  assert report["cumulative_score"]["5"] == pytest.approx(final["eval_cs5"], abs=1e-6)
-  assert (workdir / "eval" / f"{config.data.eval_split}_predictions.jsonl").exists()
+  assert report["mae"] == pytest.approx(final["eval_mae"], rel=1e-6)
+  assert report["epsilon_error"] == pytest.approx(final["eval_epsilon_error"], rel=1e-6)
+  assert report["cumulative_score"]["5"] == pytest.approx(final["eval_cs5"], rel=1e-6)
+  assert report["loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
+
+
+def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
+  """Every number of the report, recomputed in float64 NumPy from the Predictor's distributions."""
+  config, workdir, _ = trained
+  data = pipeline.load_labelled_split(config, "test")
+  predictor = inference.Predictor(workdir, "latest", batch_size=8)
+  probs = predictor(data.images).astype(np.float64)
+  bins = predictor.bins.astype(np.float64)
+  predicted = probs @ bins
+  std = np.sqrt(np.maximum(probs @ bins**2 - predicted**2, 0))
+  error = np.abs(predicted - data.age)
+  sigma = np.where(data.age_std > 0, data.age_std, config.metrics.epsilon_sigma)
+  _, fns, state = checkpointing.load_trained(workdir, "latest")
+  # A batch that does not divide the split: padding must not count.
+  report = evaluation.Evaluator(fns, data, 16, parallel.make_mesh()).run(state)
+  assert report["num_examples"] == len(data) == 50
+  assert report["mae"] == pytest.approx(error.mean(), rel=1e-5)
+  assert report["epsilon_error"] == pytest.approx(np.mean(1 - np.exp(-(predicted - data.age) ** 2 / (2 * sigma**2))),
+                                                  rel=1e-5)
+  assert report["mean_predicted_std"] == pytest.approx(std.mean(), rel=1e-4)
+  for k, value in report["cumulative_score"].items():  # float32 may fall either side of a threshold it is at
+    assert np.mean(error <= int(k) - 1e-3) <= value <= np.mean(error <= int(k) + 1e-3), k
+  groups = np.clip(np.floor(data.age / 10), 0, 7).astype(int)
+  for g, (name, entry) in enumerate(report["mae_by_age_group"].items()):
+    assert entry["count"] == int(np.sum(groups == g)), name
+    assert entry["mae"] == (pytest.approx(error[groups == g].mean(), rel=1e-5) if entry["count"] else None)
 
 
 def mirror_symmetric(params: dict) -> dict:
@@ -92,23 +124,26 @@ def mirror_symmetric(params: dict) -> dict:
 
 def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
   config, workdir, _ = trained
-  data = train.load_labelled_split(config, "test")
-  plain = predict.Predictor(workdir, "latest")
-  flipped = predict.Predictor(workdir, "latest", flip=True)
+  data = pipeline.load_labelled_split(config, "test")
+  _, fns, state = checkpointing.load_trained(workdir, "latest")
+  mesh = parallel.make_mesh()
+
+  def distributions(state, flip: bool) -> np.ndarray:
+    return evaluation.Evaluator(fns, data, 16, mesh, flip=flip).run(state, outputs=True)[1]["distribution"]
+
   # Sanity check: the trained model is not symmetric, so flipping does change its predictions.
-  assert np.abs(evaluate.predict_split(flipped, data) - evaluate.predict_split(plain, data)).max() > 1e-4
-  symmetric = plain.state.replace(params=jax.device_put(mirror_symmetric(plain.state.params),
-                                                        jax.tree.map(lambda x: x.sharding, plain.state.params)))
-  plain.state = flipped.state = symmetric
-  np.testing.assert_allclose(evaluate.predict_split(flipped, data), evaluate.predict_split(plain, data), atol=1e-6)
+  assert np.abs(distributions(state, True) - distributions(state, False)).max() > 1e-4
+  symmetric = state.replace(params=jax.device_put(mirror_symmetric(state.params),
+                                                  jax.tree.map(lambda x: x.sharding, state.params)))
+  np.testing.assert_allclose(distributions(symmetric, True), distributions(symmetric, False), atol=1e-6)
 
 
 def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
   config, workdir, _ = trained
-  predictor = predict.Predictor(workdir)
-  batch = train.load_labelled_split(config, "validation").gather(np.arange(3))
+  predictor = inference.Predictor(workdir)
+  batch = pipeline.load_labelled_split(config, "validation").gather(np.arange(3))
   probs = predictor(batch["image"])
-  images = evaluate.distribution_figure_images(batch["image"], batch["age"], probs, predictor.bins, config.loss.sigma)
+  images = plots.distribution_figure_images(batch["image"], batch["age"], probs, predictor.bins, config.loss.sigma)
   assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == 3 and images.shape[-1] == 3
   assert images.shape[1] >= 100 and images.shape[2] >= 200
   assert all(image.std() > 10 for image in images)  # something was drawn
@@ -117,8 +152,8 @@ def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
 def test_missing_checkpoints_and_unknown_steps_fail_with_one_line(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match="python scripts/train.py --config configs/vgg16_kl.py --workdir"):
-    predict.load_trained(tmp_path / "never_trained")
+    checkpointing.load_trained(tmp_path / "never_trained")
   with pytest.raises(ValueError, match=r"available: \[10, 20\]"):
-    predict.load_trained(workdir, "15")
+    checkpointing.load_trained(workdir, "15")
   with pytest.raises(ValueError, match="best, latest or a step number"):
-    predict.load_trained(workdir, "newest")
+    checkpointing.load_trained(workdir, "newest")

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import tiny_run
-from agejax import predict, train
+from agejax import checkpointing, inference, photos
+from agejax.data import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -24,13 +25,13 @@ FACE_CROP = (slice(20, 260), slice(120, 330))
 def trained(request, tmp_path_factory):
   """(config, workdir) of the session's tiny run, copied for this module."""
   _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  return predict.load_config(workdir), workdir
+  return checkpointing.load_config(workdir), workdir
 
 
 @pytest.fixture(scope="module")
 def detector():
   """MTCNN, loaded once for the module."""
-  return predict.FaceDetector()
+  return photos.FaceDetector()
 
 
 def astronaut() -> np.ndarray:
@@ -108,7 +109,7 @@ def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
   (found,) = detector(photo)
   (lx, ly), (rx, ry) = sorted([found.left_eye, found.right_eye])
   assert abs(np.degrees(np.arctan2(ry - ly, rx - lx))) > 15  # the photo's eyes are tilted
-  chip = predict.align_face(photo, found, 160)
+  chip = photos.align_face(photo, found, 160)
   assert chip.shape == (160, 160, 3) and chip.dtype == np.uint8
   (again,) = detector(Image.fromarray(chip))
   (lx, ly), (rx, ry) = sorted([again.left_eye, again.right_eye])
@@ -119,7 +120,7 @@ def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
 
 def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
   config, workdir = trained
-  data = train.load_labelled_split(config, "test")
+  data = pipeline.load_labelled_split(config, "test")
   images = data.gather(np.arange(5))["image"]
   files = []
   for i, image in enumerate(images):
@@ -128,16 +129,16 @@ def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
     if i == 2:
       files.append(tmp_path / "notes.txt")
       files[-1].write_text("x")
-  predictor = predict.Predictor(workdir, batch_size=2)
-  results = list(predict.predict_files(predictor, files, aligned=True))
+  predictor = inference.Predictor(workdir, batch_size=2)
+  results = list(photos.predict_files(predictor, files, aligned=True))
   assert [r.file for r in results] == [str(f) for f in files]
   assert [r.status for r in results] == ["ok"] * 3 + ["not an image"] + ["ok"] * 2
   got = np.stack([r.faces[0].distribution for r in results if r.faces])
   np.testing.assert_allclose(got, predictor(images), atol=1e-6)
   assert results[0].faces[0].box == (0, 0, 40, 40)
-  line = predict.to_lines(results[0])[0]
+  line = photos.to_lines(results[0])[0]
   assert line.startswith(f"{files[0]}  face 0  box 0,0,40,40  age ") and " argmax " in line and " std " in line
-  assert predict.to_lines(results[3]) == [f"{files[3]}  skipped: not an image"]
+  assert photos.to_lines(results[3]) == [f"{files[3]}  skipped: not an image"]
 
 
 @pytest.mark.parametrize("value", ["-1", "0"])
@@ -149,7 +150,7 @@ def test_a_batch_size_below_one_fails_in_one_line(trained, value, tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [f"error: flag --batch_size={value}: {value} is not a positive integer"]
   with pytest.raises(ValueError, match=f"^batch_size={value}: must be a positive number of faces per model call"):
-    predict.Predictor(workdir, batch_size=int(value))
+    inference.Predictor(workdir, batch_size=int(value))
 
 
 @pytest.mark.parametrize("content,problem", [('{"seed": 0, "data": {', "not valid JSON ("),

@@ -16,8 +16,8 @@ STEPS = ("--config.num_train_steps=20", "--config.eval_every_steps=20", "--confi
 
 def test_eight_devices_equal_one_with_a_demo_size_eval_split(compilation_cache, data_dir, tmp_path):
   """125 eval batches, as a real run has: dispatched without bound, they aborted XLA:CPU's rendezvous."""
-  from agejax.data import pipeline
-  pipeline.prepare("demo", data_dir, builder_config="tiny_eval1000")  # 1,000 validation faces
+  from agejax.data import datasets
+  datasets.prepare("demo", data_dir, builder_config="tiny_eval1000")  # 1,000 validation faces
   runs = {}
   for devices in (1, 8):
     workdir = tmp_path / f"d{devices}"

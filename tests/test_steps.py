@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agejax import benchmarking, metrics, parallel, steps
+from configs import vgg16_kl
 
 
 def _batch(size: int, batch: int = 2) -> dict:
@@ -16,7 +17,7 @@ def _batch(size: int, batch: int = 2) -> dict:
 
 
 def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32():
-  config = benchmarking.bench_config(2, "bfloat16", 32, 0.0625)
+  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
   lowered = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), _batch(32))
   convs = [line for line in lowered.as_text().splitlines() if "stablehlo.convolution" in line]
@@ -30,18 +31,18 @@ def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32(
 
 
 def test_float32_config_has_no_bf16_convolution():
-  config = benchmarking.bench_config(2, "float32", 32, 0.0625)
+  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "float32", 32, 0.0625)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
   text = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), _batch(32)).as_text()
   assert "bf16" not in text
 
 
 def test_train_step_donates_state_and_sums_but_not_the_batch():
-  config = benchmarking.bench_config(2, "bfloat16", 32, 0.0625)
+  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
   fns, state, _ = steps.create(config, steps_per_epoch=100)
   mesh = parallel.make_mesh()
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  train_step, _ = steps.jit_steps(fns, replicated, sharded)
+  train_step = steps.jit_train_step(fns, replicated, sharded)
   state, sums = jax.device_put((state, metrics.zeros()), replicated)
   batch = jax.device_put({"image": np.zeros((2, 32, 32, 3), np.uint8), "age": np.full(2, 30.0, np.float32),
                           "age_std": np.zeros(2, np.float32)}, sharded)

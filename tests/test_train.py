@@ -302,8 +302,25 @@ def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny
   tiny_config.labels.max_age = 30
   true_eval = pipeline.load_split(tiny_config.data, "validation").age
   assert true_eval.max() > 30 and pipeline.load_split(tiny_config.data, "train").age.max() > 30
-  assert train.load_labelled_split(tiny_config, "train", training=True).age.max() == 30
-  np.testing.assert_array_equal(train.load_labelled_split(tiny_config, "validation").age, true_eval)
+  assert pipeline.load_labelled_split(tiny_config, "train", training=True).age.max() == 30
+  np.testing.assert_array_equal(pipeline.load_labelled_split(tiny_config, "validation").age, true_eval)
   tiny_config.labels.out_of_range = "drop"
-  dropped = train.load_labelled_split(tiny_config, "validation").age
+  dropped = pipeline.load_labelled_split(tiny_config, "validation").age
   np.testing.assert_array_equal(dropped, true_eval[true_eval <= 30])
+
+
+def test_the_loop_compiles_its_train_step_once_and_moves_no_data_implicitly(tiny_config, tmp_path, caplog):
+  """Steady state under transfer_guard('disallow'): only the loop's explicit fetches at sync points move data."""
+  import logging
+  tiny_config.update(num_train_steps=20, log_every_steps=5, eval_every_steps=10, checkpoint_every_steps=10,
+                     compilation_cache_dir="")  # a cache hit would still log, but keep the count plain
+  with jax.transfer_guard("disallow"), pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    jax.jit(lambda x: x + 1)(np.ones(3))  # the guard is enforced on this backend
+  caplog.set_level(logging.WARNING)
+  with jax.transfer_guard("disallow"), jax.log_compiles():
+    final = train.train_and_evaluate(tiny_config, tmp_path / "run")
+  assert final["step"] == 20 and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["10", "20"]
+  compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+  assert len(compiles) == 1, compiles  # logging, evaluating and checkpointing never retrace the step
+  evaluator_compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(_step)")]
+  assert len(evaluator_compiles) == 1  # two evaluations, one compiled eval step

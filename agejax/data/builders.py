@@ -73,7 +73,7 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   """A dataset prepared from a manually downloaded folder or archive, whose fingerprint it records.
 
   `describe_source(manual_dir)` returns the fingerprint (see `sources`); the builder stores it as
-  `info.metadata["source"]`, and `pipeline.prepare` compares the two before preparing again.
+  `info.metadata["source"]`, and `datasets.prepare` compares the two before preparing again.
   """
 
   def describe_source(self, manual_dir: str | os.PathLike) -> dict:

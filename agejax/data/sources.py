@@ -4,7 +4,7 @@ The downloaded datasets are prepared from a manual folder or archive (`--manual_
 builders record a fingerprint of it in the prepared dataset's metadata (`metadata["source"]`:
 the path it was read from, a digest, the digest of each part and a file count), so that preparing
 the same dataset name again from another or a changed source is refused rather than answered with
-the old examples (`pipeline.prepare`). A part is a CSV list (its bytes), an archive (its bytes) or
+the old examples (`datasets.prepare`). A part is a CSV list (its bytes), an archive (its bytes) or
 a list of image files (name, size and modification time each): a copied or moved source with the
 same contents is the same source, an edited CSV or a replaced image is not.
 

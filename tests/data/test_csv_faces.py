@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax.data import csv_faces, pipeline
+from agejax.data import csv_faces, datasets
 
 SIZE = 32  # the `tiny` builder config
 
@@ -95,8 +95,8 @@ TRAIN_SKIPS = {"non-numeric age": 3, "missing age": 1, "non-integer age": 1, "ne
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
-  pipeline.prepare("csv_faces", str(data_dir), str(manual_dir), "tiny")
-  return pipeline.get_builder("csv_faces", str(data_dir), "tiny")  # reads everything back from disk
+  datasets.prepare("csv_faces", str(data_dir), str(manual_dir), "tiny")
+  return datasets.get_builder("csv_faces", str(data_dir), "tiny")  # reads everything back from disk
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from agejax.data import pipeline
+from agejax.data import datasets, pipeline
 
 
 def make_split(n: int, size: int = 4) -> pipeline.ArraySplit:
@@ -52,7 +52,7 @@ def test_train_batches_cross_epoch_boundaries_and_split_over_processes():
 def test_load_split_equals_tfds_records(tiny_config):
   import tensorflow_datasets as tfds
   split = pipeline.load_split(tiny_config.data, "validation")
-  builder = pipeline.get_builder("demo", tiny_config.data.data_dir, "tiny")
+  builder = datasets.get_builder("demo", tiny_config.data.data_dir, "tiny")
   records = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
   assert len(split) == len(records) == 50
   assert split.images.dtype == np.uint8 and split.images.shape == (50, 40, 40, 3)
@@ -113,7 +113,7 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   shutil.copyfile(files["test"], files["validation"])
   os.utime(files["validation"], (1, 1))
   changed = pipeline.load_split(cfg, "validation")
-  builder = pipeline.get_builder("demo", str(data_dir), "tiny")
+  builder = datasets.get_builder("demo", str(data_dir), "tiny")
   records = list(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False)))
   np.testing.assert_array_equal(changed.images, np.stack([r["image"] for r in records]))
   np.testing.assert_array_equal(changed.age, [r["age"] for r in records])

@@ -21,7 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax.data import pipeline, sources
+from agejax.data import datasets, pipeline, sources
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,7 +180,7 @@ def test_a_truncated_archive_fails_before_anything_is_written(tmp_path, suffix, 
   archive.write_bytes(data[:at])
   for manual_dir in (manual, archive):  # the folder holding it, or the archive itself
     with pytest.raises(ValueError) as error:
-      pipeline.prepare("utkface", str(tmp_path / "tfds"), str(manual_dir), "tiny")
+      datasets.prepare("utkface", str(tmp_path / "tfds"), str(manual_dir), "tiny")
     assert re.fullmatch(r" is truncated(: .*| or corrupt \(.*\)); download it again", _one_line_naming(error, archive))
   assert archive.read_bytes() == data[:at] and not (tmp_path / "tfds").exists()
 
@@ -191,17 +191,17 @@ def test_utkface_from_an_archive_path_and_another_archive_refused(tmp_path):
   for path, members in ((first, MEMBERS), (second, _members(30, seed=1))):
     path.parent.mkdir()
     path.write_bytes(_tar(members, "gz"))
-  builder = pipeline.prepare("utkface", str(data_dir), str(first), "tiny")  # the archive itself as --manual_dir
+  builder = datasets.prepare("utkface", str(data_dir), str(first), "tiny")  # the archive itself as --manual_dir
   assert sum(len(split) for split in _ages(builder).values()) == 40
   source = builder.info.metadata["source"]
   assert source["path"] == str(first) and source["parts"] == {"UTKFace.tar.gz": sources.file_digest(first)}
   prepared = data_dir / "agejax_utkface"
   before = _snapshot(prepared)
 
-  pipeline.prepare("utkface", str(data_dir), str(first), "tiny")  # the same source: kept as it is
+  datasets.prepare("utkface", str(data_dir), str(first), "tiny")  # the same source: kept as it is
   assert _snapshot(prepared) == before
   with pytest.raises(ValueError) as error:
-    pipeline.prepare("utkface", str(data_dir), str(second), "tiny")
+    datasets.prepare("utkface", str(data_dir), str(second), "tiny")
   assert str(error.value) == (f"agejax_utkface/tiny/2.0.0 in {data_dir} was prepared from {first}, not from "
                               f"{second} (different: UTKFace.tar.gz): pass --rebuild to delete it and prepare it "
                               f"again")
@@ -210,13 +210,13 @@ def test_utkface_from_an_archive_path_and_another_archive_refused(tmp_path):
   good = second.read_bytes()
   second.write_bytes(good[:-1])  # a rebuild from a broken archive fails before deleting anything
   with pytest.raises(ValueError) as error:
-    pipeline.prepare("utkface", str(data_dir), str(second), "tiny", rebuild=True)
+    datasets.prepare("utkface", str(data_dir), str(second), "tiny", rebuild=True)
   _one_line_naming(error, second)
   assert _snapshot(prepared) == before
   second.write_bytes(good)
-  builder = pipeline.prepare("utkface", str(data_dir), str(second), "tiny", rebuild=True)
+  builder = datasets.prepare("utkface", str(data_dir), str(second), "tiny", rebuild=True)
   assert sum(len(split) for split in _ages(builder).values()) == 30
-  assert pipeline.get_builder("utkface", str(data_dir), "tiny").info.metadata["source"]["path"] == str(second)
+  assert datasets.get_builder("utkface", str(data_dir), "tiny").info.metadata["source"]["path"] == str(second)
 
 
 # --- CSV datasets: named, side by side, refused when the source differs ----------------------------
@@ -246,11 +246,11 @@ def _csv_ages(builder) -> dict[str, list[int]]:
 def test_named_csv_datasets_live_side_by_side_and_train_on_them(tmp_path):
   appa, morph = _csv_folder(tmp_path / "appa", APPA, 0), _csv_folder(tmp_path / "morph", MORPH, 1)
   data_dir = str(tmp_path / "tfds")
-  pipeline.prepare("csv_faces", data_dir, str(appa), "appa")
-  pipeline.prepare("csv_faces", data_dir, str(morph), "morph")
-  pipeline.prepare("csv_faces", data_dir, str(morph))  # unnamed: the default config, as before
+  datasets.prepare("csv_faces", data_dir, str(appa), "appa")
+  datasets.prepare("csv_faces", data_dir, str(morph), "morph")
+  datasets.prepare("csv_faces", data_dir, str(morph))  # unnamed: the default config, as before
   for name, ages in (("appa", APPA), ("morph", MORPH), ("", MORPH)):
-    builder = pipeline.get_builder("csv_faces", data_dir, name)
+    builder = datasets.get_builder("csv_faces", data_dir, name)
     assert builder.info.full_name == f"agejax_csv_faces/{name or 'default'}/2.0.0"
     assert builder.info.features["image"].shape == (224, 224, 3)
     assert _csv_ages(builder) == ages
@@ -261,32 +261,32 @@ def test_named_csv_datasets_live_side_by_side_and_train_on_them(tmp_path):
 
   with pytest.raises(ValueError, match=r"^builder config 'APPA' of csv_faces is not one of \['default', 'tiny'\]; "
                      r"a name of your own is 1-64 lowercase letters, digits, '_' or '-'$"):
-    pipeline.get_builder("csv_faces", data_dir, "APPA")
+    datasets.get_builder("csv_faces", data_dir, "APPA")
   with pytest.raises(ValueError, match=r"^builder config 'appa' of utkface is not one of \['default', 'tiny'\]; "
                      r"only csv_faces takes names of your own$"):
-    pipeline.get_builder("utkface", data_dir, "appa")
+    datasets.get_builder("utkface", data_dir, "appa")
 
 
 @pytest.mark.parametrize("name", ["", "appa"])
 def test_a_name_prepared_from_another_folder_is_refused(tmp_path, name):
   appa, morph = _csv_folder(tmp_path / "appa", APPA, 0), _csv_folder(tmp_path / "morph", MORPH, 1)
   data_dir = tmp_path / "tfds"
-  pipeline.prepare("csv_faces", str(data_dir), str(appa), name)
+  datasets.prepare("csv_faces", str(data_dir), str(appa), name)
   before = _snapshot(data_dir / "agejax_csv_faces")
   with pytest.raises(ValueError) as error:
-    pipeline.prepare("csv_faces", str(data_dir), str(morph), name)
+    datasets.prepare("csv_faces", str(data_dir), str(morph), name)
   assert str(error.value) == (
       f"agejax_csv_faces/{name or 'default'}/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} "
       f"(different: images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or "
       f"--name NAME to prepare it as another dataset")
   assert _snapshot(data_dir / "agejax_csv_faces") == before
-  assert _csv_ages(pipeline.get_builder("csv_faces", str(data_dir), name)) == APPA
+  assert _csv_ages(datasets.get_builder("csv_faces", str(data_dir), name)) == APPA
 
 
 def test_a_changed_folder_is_refused_until_rebuilt(tmp_path):
   appa = _csv_folder(tmp_path / "appa", APPA, 0)
   data_dir = tmp_path / "tfds"
-  first = pipeline.prepare("csv_faces", str(data_dir), str(appa), "tiny").info.metadata["source"]
+  first = datasets.prepare("csv_faces", str(data_dir), str(appa), "tiny").info.metadata["source"]
   prepared = data_dir / "agejax_csv_faces"
   before = _snapshot(prepared)
   train_csv = appa / "train.csv"
@@ -296,27 +296,27 @@ def test_a_changed_folder_is_refused_until_rebuilt(tmp_path):
              f"(different: {{}}): pass --rebuild to delete it and prepare it again, or --name NAME to prepare it "
              f"as another dataset")
   with pytest.raises(ValueError) as error:
-    pipeline.prepare("csv_faces", str(data_dir), str(appa), "tiny")
+    datasets.prepare("csv_faces", str(data_dir), str(appa), "tiny")
   assert str(error.value) == refusal.format("train.csv")
 
   train_csv.write_bytes(original)  # the same bytes again: the same source
-  pipeline.prepare("csv_faces", str(data_dir), str(appa), "tiny")
+  datasets.prepare("csv_faces", str(data_dir), str(appa), "tiny")
   copy = tmp_path / "copy"
   shutil.copytree(appa, copy)  # copy2 keeps sizes and times: a copy is the same source too
-  pipeline.prepare("csv_faces", str(data_dir), str(copy), "tiny")
+  datasets.prepare("csv_faces", str(data_dir), str(copy), "tiny")
   assert _snapshot(prepared) == before
 
   (appa / "images" / "validation1.jpg").write_bytes(_jpeg(np.random.default_rng(9), 24))  # a replaced image
   with pytest.raises(ValueError) as error:
-    pipeline.prepare("csv_faces", str(data_dir), str(appa), "tiny")
+    datasets.prepare("csv_faces", str(data_dir), str(appa), "tiny")
   assert str(error.value) == refusal.format("images")
   assert _snapshot(prepared) == before
 
   train_csv.write_bytes(original.replace(b"train0.jpg,20", b"train0.jpg,21"))
-  rebuilt = pipeline.prepare("csv_faces", str(data_dir), str(appa), "tiny", rebuild=True)
+  rebuilt = datasets.prepare("csv_faces", str(data_dir), str(appa), "tiny", rebuild=True)
   assert _csv_ages(rebuilt)["train"] == [21, 31, 42, 53]
   assert rebuilt.info.metadata["source"]["digest"] != first["digest"]
-  assert _csv_ages(pipeline.get_builder("csv_faces", str(data_dir), "tiny"))["train"] == [21, 31, 42, 53]
+  assert _csv_ages(datasets.get_builder("csv_faces", str(data_dir), "tiny"))["train"] == [21, 31, 42, 53]
 
 
 def _script(*args: str) -> subprocess.CompletedProcess:
@@ -328,7 +328,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 def test_prepare_data_script_refuses_then_rebuilds(tmp_path):
   appa, morph = _csv_folder(tmp_path / "appa", APPA, 0), _csv_folder(tmp_path / "morph", MORPH, 1)
   data_dir = tmp_path / "tfds"
-  pipeline.prepare("csv_faces", str(data_dir), str(appa), "appa")
+  datasets.prepare("csv_faces", str(data_dir), str(appa), "appa")
   before = _snapshot(data_dir)
   args = ["csv_faces", "--name", "appa", "--manual_dir", str(morph), "--data_dir", str(data_dir)]
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax.data import faces, pipeline, utkface
+from agejax.data import datasets, faces, utkface
 from agejax.data.utkface import assign_split, parse_utkface_name
 
 SIZE = 32  # the `tiny` builder config
@@ -249,8 +249,8 @@ EXPECTED_SKIPS = {"corrupt image": 1, "empty file": 1, "not an image": 1, "unpar
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
-  pipeline.prepare("utkface", str(data_dir), str(manual_dir), "tiny")
-  return pipeline.get_builder("utkface", str(data_dir), "tiny")  # reads everything back from disk
+  datasets.prepare("utkface", str(data_dir), str(manual_dir), "tiny")
+  return datasets.get_builder("utkface", str(data_dir), "tiny")  # reads everything back from disk
 
 
 def _examples(builder) -> dict[str, dict[str, dict]]:

@@ -1,0 +1,87 @@
+"""The agejax datasets: their TFDS builders by `config.data.name`, and preparing each once (from a downloaded source)."""
+
+from etils import epath
+
+from agejax import errors, parallel
+from agejax.data import sources
+
+
+# data.name -> (TFDS builder name, needs a manually downloaded folder)
+DATASETS = {"demo": ("agejax_demo", False), "utkface": ("agejax_utkface", True),
+            "csv_faces": ("agejax_csv_faces", True)}
+
+
+def import_tfds():
+  """Imports TFDS with TensorFlow kept off any GPU (JAX owns the accelerators)."""
+  parallel.import_tensorflow()
+  import tensorflow_datasets as tfds
+  from agejax.data import builders, csv_faces, utkface  # noqa: F401  (registers the builders)
+  return tfds
+
+
+def get_builder(name: str, data_dir: str = "", builder_config: str = ""):
+  """Returns the TFDS builder of an agejax dataset name (`config.data.name`) and builder config.
+
+  `builder_config` is a predefined config ('' for the default) or, for csv_faces, a name of the
+  user's own (`prepare_data.py csv_faces --name NAME`), so several CSV datasets live side by side.
+  """
+  if name not in DATASETS:
+    raise errors.UserError(f"config.data.name={name!r} is not one of {sorted(DATASETS)}")
+  tfds = import_tfds()
+  cls = tfds.builder_cls(DATASETS[name][0])
+  config = None
+  if builder_config:
+    # The config object rather than its name: TFDS looks a user-named config up in the prepared
+    # files only, and would not know it when preparing.
+    config = cls.get_builder_config(builder_config)
+    if config is None:
+      predefined = sorted(cls.builder_configs)
+      hint = ("; a name of your own is 1-64 lowercase letters, digits, '_' or '-'" if name == "csv_faces"
+              else "; only csv_faces takes names of your own")
+      raise errors.UserError(f"builder config {builder_config!r} of {name} is not one of {predefined}{hint}")
+  return tfds.builder(DATASETS[name][0], config=config, data_dir=data_dir or None)
+
+
+def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config: str = "",
+            rebuild: bool = False):
+  """Builds the TFDS dataset once (from `manual_dir` for downloaded datasets); returns the builder.
+
+  A dataset prepared already is kept when `manual_dir` is the source it was prepared from (the
+  fingerprint in its metadata matches) and refused with a ValueError when the source differs or
+  changed since; `rebuild` deletes its version folder and prepares it again. The source is read
+  (archives verified) before anything is written or deleted.
+  """
+  tfds = import_tfds()
+  builder = get_builder(name, data_dir, builder_config)
+  manual = DATASETS[name][1]
+  source = builder.describe_source(manual_dir) if manual and manual_dir else None
+  if builder.is_prepared():
+    if rebuild:
+      if manual and source is None:
+        raise errors.UserError(f"rebuilding {name} deletes {builder.data_dir}: pass --manual_dir, the source to "
+                         f"prepare it from again")
+      epath.Path(builder.data_dir).rmtree()
+      builder = get_builder(name, data_dir, builder_config)
+    elif source is not None:
+      _check_same_source(name, builder, source)
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def _check_same_source(name: str, builder, source: dict) -> None:
+  """Raises a one-line ValueError unless the prepared dataset was built from `source` as it is now."""
+  recorded = (builder.info.metadata or {}).get("source") or {}
+  if recorded.get("digest") == source["digest"]:
+    return
+  dataset = f"{builder.info.full_name} in {builder.data_dir_root}"
+  if not recorded:
+    problem = f"{dataset} has no record of its source, so {source['path']} can't be checked against it"
+  elif recorded["path"] == source["path"]:
+    problem = (f"{dataset} was prepared from {recorded['path']}, which has changed since "
+               f"(different: {sources.differences(recorded, source)})")
+  else:
+    problem = (f"{dataset} was prepared from {recorded['path']}, not from {source['path']} "
+               f"(different: {sources.differences(recorded, source)})")
+  other = ", or --name NAME to prepare it as another dataset" if name == "csv_faces" else ""
+  raise errors.UserError(f"{problem}: pass --rebuild to delete it and prepare it again{other}")

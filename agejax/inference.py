@@ -1,0 +1,81 @@
+"""Predictor: a trained model as a function of uint8 face crops -> age distributions, over every device."""
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from agejax import checkpointing, errors, labels, metrics, parallel, steps, storage
+from agejax.data import pipeline
+
+
+@jax.jit
+def summaries(probs: jax.Array, bins: jax.Array) -> dict[str, jax.Array]:
+  """Returns each distribution's expected age, most probable age and std (one compiled call)."""
+  return {"predicted_age": labels.expected_age(probs, bins), "argmax_age": labels.argmax_age(probs, bins),
+          "std": labels.distribution_std(probs, bins)}
+
+
+def distributions(fns: steps.Steps, state: steps.TrainState, images: jax.Array, flip: bool = False) -> jax.Array:
+  """Returns predicted age distributions [B, K] of a uint8 batch; `flip` averages in the mirror images."""
+  probs = fns.predict(state.params, state.model_state, images)
+  if flip:
+    # A mirrored face is an equally valid view: averaging both is test-time augmentation.
+    probs = 0.5 * (probs + fns.predict(state.params, state.model_state, images[:, :, ::-1]))
+  return probs
+
+
+class Predictor:
+  """A restored model with a jitted, data-parallel prediction over the device mesh.
+
+  Args:
+    workdir: the training workdir (a path or a gs:// URL).
+    checkpoint: 'best' (lowest eval MAE), 'latest' or a step number.
+    config: the training config; default: WORKDIR/config.json.
+    flip: average each face's distribution with its mirror image's.
+    batch_size: faces per model call (rounded up to a multiple of the device count); default: the
+      config's eval batch size.
+  """
+
+  def __init__(self, workdir: storage.Location, checkpoint: str | int = "best",
+               config: ml_collections.ConfigDict | None = None, *, flip: bool = False,
+               batch_size: int | None = None):
+    if batch_size is not None and batch_size < 1:
+      raise errors.UserError(f"batch_size={batch_size}: must be a positive number of faces per model call (None: the "
+                             f"config's eval batch)")
+    self.config, self.steps, self.state = checkpointing.load_trained(workdir, checkpoint, config)
+    self.record = checkpointing.load_inference_record(workdir)
+    self.step = int(self.state.step)
+    self.bins = np.asarray(self.steps.bins)
+    self.mesh = parallel.make_mesh()
+    n = jax.device_count()
+    size = batch_size or self.config.get("eval_batch_size", 0) or self.config.batch_size
+    self.batch_size = -(-size // n) * n  # every device gets an equal slice
+    self.sharding = parallel.data_sharded(self.mesh)
+    self.predict_device = jax.jit(functools.partial(distributions, self.steps, flip=flip),
+                                  in_shardings=(parallel.replicated(self.mesh), self.sharding),
+                                  out_shardings=parallel.replicated(self.mesh))
+
+  @property
+  def input_size(self) -> int:
+    """The side of the training data's stored faces: new faces are cropped to it, as the training data was."""
+    return int(self.record["input_size"])
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """Returns distributions [N, K] for uint8 images [N, H, W, 3], run in padded batches.
+
+    Args:
+      images: uint8 RGB face crops, [N, H, W, 3].
+
+    Returns:
+      float32 probabilities over the age bins, [N, K].
+    """
+    if not len(images):
+      return np.zeros((0, len(self.bins)), np.float32)
+    data = pipeline.ArraySplit(np.asarray(images), np.zeros(len(images), np.float32), np.zeros(len(images), np.float32))
+    out, in_flight = [], parallel.InFlight()
+    for batch in pipeline.eval_batches(data, self.batch_size):  # the pipeline's one padding routine
+      images_device = parallel.global_batch({"image": batch["image"]}, self.sharding)["image"]
+      out.append(in_flight.add(self.predict_device(self.state, images_device)))
+    return np.concatenate([metrics.fetch_array(o) for o in out])[:len(images)]

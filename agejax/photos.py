@@ -1,0 +1,179 @@
+"""Faces in photos: MTCNN detection, eye alignment and crops like the training faces; the file walk; per-file results."""
+
+import collections
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Iterator
+
+import jax
+import numpy as np
+from etils import epath
+from PIL import Image
+
+from agejax import inference, parallel, storage
+from agejax.data import faces
+
+# The crop's side over the detector box's longer side: MTCNN boxes hug brow-to-chin, while
+# UTKFace's aligned chips (what the models are trained on) show the whole head with some margin.
+FACE_MARGIN = 1.4
+DETECT_MAX_SIDE = 1024  # MTCNN's image pyramid is slow on big photos; faces stay findable at this size
+MIN_CONFIDENCE = 0.9
+
+
+@dataclasses.dataclass
+class Detection:
+  """A detected face in the photo's pixels: box (x, y, width, height) and the two eye centres."""
+  box: tuple[float, float, float, float]
+  left_eye: tuple[float, float]
+  right_eye: tuple[float, float]
+  confidence: float
+
+
+class FaceDetector:
+  """MTCNN (TensorFlow, CPU) run on a copy of the photo downscaled to at most `max_side` pixels."""
+
+  def __init__(self, max_side: int = DETECT_MAX_SIDE, min_confidence: float = MIN_CONFIDENCE):
+    parallel.import_tensorflow()  # on the CPU: JAX owns the accelerators
+    from mtcnn import MTCNN
+    self.max_side, self.min_confidence = max_side, min_confidence
+    self.mtcnn = MTCNN(device="CPU:0")
+
+  def __call__(self, photo: Image.Image) -> list[Detection]:
+    """Returns the faces found in an RGB photo, most confident first, in the photo's coordinates."""
+    scale = min(1.0, self.max_side / max(photo.size))
+    small = photo
+    if scale < 1.0:
+      small = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
+                           Image.Resampling.BILINEAR, reducing_gap=2.0)
+    found = self.mtcnn.detect_faces(np.asarray(small))
+    out = []
+    for face in sorted(found, key=lambda f: -f["confidence"]):
+      if face["confidence"] < self.min_confidence:
+        continue
+      x, y, w, h = (float(v) / scale for v in face["box"])
+      eyes = face["keypoints"]
+      out.append(Detection((x, y, w, h), tuple(float(v) / scale for v in eyes["left_eye"]),
+                           tuple(float(v) / scale for v in eyes["right_eye"]), float(face["confidence"])))
+    return out
+
+
+def align_face(photo: Image.Image, detection: Detection, size: int, margin: float = FACE_MARGIN) -> np.ndarray:
+  """Rotates the face upright (eyes level) and crops a square, `margin` x its box, as size x size uint8."""
+  (lx, ly), (rx, ry) = sorted([detection.left_eye, detection.right_eye])
+  angle = math.atan2(ry - ly, rx - lx)
+  x, y, w, h = detection.box
+  cx, cy = x + w / 2, y + h / 2
+  side = margin * max(w, h)
+  # Crop at the photo's own resolution, then downscale with antialiasing (PIL's affine has none).
+  n = max(1, round(side))
+  k, cos, sin = side / n, math.cos(angle), math.sin(angle)
+  # PIL's affine maps each output pixel (u, v) to the input (a u + b v + c, d u + e v + f): here a
+  # rotation by the eye angle about the box centre, so the crop's x axis runs along the eye line.
+  a, b, d, e = k * cos, -k * sin, k * sin, k * cos
+  coeffs = (a, b, cx - (a + b) * n / 2, d, e, cy - (d + e) * n / 2)
+  chip = photo.transform((n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC,
+                         fillcolor=(0, 0, 0))  # black outside the photo, as in the training crops
+  if n != size:
+    chip = chip.resize((size, size), Image.Resampling.LANCZOS)
+  return np.asarray(chip, dtype=np.uint8)
+
+
+@dataclasses.dataclass
+class Face:
+  """One face's box in its photo and, once predicted, its age distribution and summaries."""
+  box: tuple[float, float, float, float]
+  chip: np.ndarray | None = None  # the model's input, kept with the photo for plotting
+  distribution: np.ndarray | None = None
+  predicted_age: float = math.nan
+  argmax_age: float = math.nan
+  std: float = math.nan
+
+
+@dataclasses.dataclass
+class ImageResult:
+  """A file's outcome: status 'ok' with its faces, 'no face found', or why it was skipped."""
+  file: str
+  status: str
+  faces: list[Face] = dataclasses.field(default_factory=list)
+  photo: Image.Image | None = None  # kept only when asked for (plotting)
+
+
+def list_files(inputs: Iterable[storage.Location]) -> list[epath.Path]:
+  """Expands folders (recursively, sorted) into their files; other paths and URLs are kept as given."""
+  files = []
+  for item in map(epath.Path, inputs):
+    if item.is_dir():  # walk, not rglob: epath refuses recursive globs (thousands of requests on GCS)
+      files.extend(sorted(epath.Path(root) / name for root, _, names in item.walk() for name in names))
+    else:
+      files.append(item)
+  return files
+
+
+def predict_files(predictor: inference.Predictor, files: Iterable[str | os.PathLike], *, aligned: bool = False,
+                  detector: FaceDetector | None = None, keep_photos: int = 0) -> Iterator[ImageResult]:
+  """Yields each file's result in order; faces from several files share padded batches.
+
+  With `aligned`, each file is one face crop (centre square, as training read them); otherwise
+  `detector` finds the faces, which are aligned and cropped like the dataset's faces. The first
+  `keep_photos` results that have faces keep their photo for plotting.
+  """
+  size = predictor.input_size
+  pending: collections.deque[ImageResult] = collections.deque()
+  chips: list[np.ndarray] = []
+  waiting: list[Face] = []
+  kept = 0
+
+  def fill() -> None:
+    probs = predictor(np.stack(chips))
+    stats = jax.device_get(inference.summaries(probs, predictor.bins))
+    for i, face in enumerate(waiting):
+      face.distribution = probs[i]
+      face.predicted_age, face.argmax_age, face.std = (
+          float(stats[k][i]) for k in ("predicted_age", "argmax_age", "std"))
+    chips.clear()
+    waiting.clear()
+
+  for path in files:
+    photo = faces.open_rgb(path)
+    if isinstance(photo, str):
+      result, new_chips = ImageResult(str(path), photo), []
+    elif aligned:
+      result = ImageResult(str(path), "ok", [Face(faces.centre_square_box(*photo.size))])
+      new_chips = [faces.centre_square(photo, size)]
+    else:
+      found = detector(photo)
+      result = ImageResult(str(path), "ok" if found else "no face found", [Face(d.box) for d in found])
+      new_chips = [align_face(photo, d, size) for d in found]
+    if result.faces and kept < keep_photos:
+      result.photo, kept = photo, kept + 1
+      for face, chip in zip(result.faces, new_chips):
+        face.chip = chip
+    chips.extend(new_chips)
+    waiting.extend(result.faces)
+    pending.append(result)
+    if len(chips) >= predictor.batch_size:
+      fill()
+    if not chips:  # nothing awaits the model: every pending result is complete
+      while pending:
+        yield pending.popleft()
+  if chips:
+    fill()
+  yield from pending
+
+
+def to_json(result: ImageResult, min_age: int) -> list[dict]:
+  """Returns the JSON objects of a result: one per face, or one with the file's status."""
+  if not result.faces:
+    return [{"file": result.file, "status": result.status}]
+  return [{"file": result.file, "status": result.status, "face": i, "box": [round(v, 1) for v in f.box],
+           "predicted_age": f.predicted_age, "argmax_age": f.argmax_age, "std": f.std,
+           "min_age": min_age, "distribution": f.distribution.tolist()} for i, f in enumerate(result.faces)]
+
+
+def to_lines(result: ImageResult) -> list[str]:
+  """Returns the human-readable lines of a result: one per face, or the file's status."""
+  if not result.faces:
+    return [f"{result.file}  {'' if result.status == 'no face found' else 'skipped: '}{result.status}"]
+  return [f"{result.file}  face {i}  box {','.join(str(round(v)) for v in f.box)}  age {f.predicted_age:.1f}"
+          f"  argmax {f.argmax_age:.0f}  std {f.std:.1f}" for i, f in enumerate(result.faces)]

@@ -1,0 +1,151 @@
+"""Every figure agejax draws (matplotlib on the Agg canvas: no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from etils import epath
+
+from agejax import errors, labels, storage
+
+if TYPE_CHECKING:
+  from agejax import photos
+
+PLOT_MAX_INSETS = 3
+
+
+def save(fig, path: storage.Location, dpi: int) -> None:
+  """Saves a figure as PNG to a path or URL (through a file object: matplotlib cannot open URLs)."""
+  with storage.path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
+
+
+def figure(figsize: tuple[float, float]):
+  """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display needed)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize, layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def cs_curve_figure(report: dict):
+  """Returns a Figure of the cumulative score CS@k against the error threshold k."""
+  fig = figure((5, 3.5))
+  ax = fig.add_subplot()
+  ks = [int(k) for k in report["cumulative_score"]]
+  ax.plot(ks, list(report["cumulative_score"].values()), marker="o")
+  ax.set(xlabel="error threshold k (years)", ylabel="CS@k", ylim=(0, 1.02), xticks=ks,
+         title=f"cumulative score ({report['split']})")
+  ax.grid(alpha=0.3)
+  return fig
+
+
+def age_group_figure(report: dict):
+  """Returns a Figure of the MAE per age group, each bar labelled with its example count."""
+  fig = figure((6, 3.5))
+  ax = fig.add_subplot()
+  groups = report["mae_by_age_group"]
+  mae = [g["mae"] or 0.0 for g in groups.values()]
+  bars = ax.bar(list(groups), mae, color="C1")
+  ax.bar_label(bars, labels=[f"n={g['count']}" for g in groups.values()], fontsize=8)
+  ax.axhline(report["mae"], color="k", linestyle="--", label=f"overall {report['mae']:.2f}")
+  ax.set(xlabel="true age", ylabel="MAE (years)", title=f"MAE by age group ({report['split']})")
+  ax.legend()
+  return fig
+
+
+def scatter_figure(age: np.ndarray, predicted: np.ndarray, split: str):
+  """Returns a Figure of predicted against true age, with the identity line."""
+  fig = figure((4.5, 4.5))
+  ax = fig.add_subplot()
+  ax.scatter(age, predicted, s=6, alpha=0.4)
+  lo, hi = float(min(age.min(), predicted.min())), float(max(age.max(), predicted.max()))
+  ax.plot([lo, hi], [lo, hi], color="k", linewidth=1)
+  ax.set(xlabel="true age", ylabel="predicted age (expectation)", title=f"predicted vs true ({split})",
+         aspect="equal")
+  return fig
+
+
+def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath.Path, split: str
+                ) -> list[epath.Path]:
+  """Saves the CS curve, MAE-by-age-group and scatter plots as `<split>_*.png` in `out`."""
+  figures = {"cs_curve": cs_curve_figure(report), "mae_by_age_group": age_group_figure(report),
+             "predicted_vs_true": scatter_figure(np.asarray(age), predicted, split)}
+  paths = []
+  for name, fig in figures.items():
+    paths.append(out / f"{split}_{name}.png")
+    save(fig, paths[-1], dpi=100)
+  return paths
+
+
+def distribution_figure(image: np.ndarray, age: float, probs: np.ndarray, bins: np.ndarray, sigma: float):
+  """Returns a Figure of a face beside its predicted distribution and its Gaussian training target."""
+  fig = figure((6.4, 2.4))
+  ax_face, ax_dist = fig.subplots(1, 2, width_ratios=(1, 2.6))
+  ax_face.imshow(image)
+  ax_face.axis("off")
+  ax_face.set_title(f"age {age:g}")
+  target = np.asarray(labels.label_distribution(age, bins, sigma))
+  predicted = float(labels.expected_age(probs, bins))
+  ax_dist.bar(bins, probs, width=1.0, color="C0", alpha=0.6, label=f"predicted (E={predicted:.1f})")
+  ax_dist.plot(bins, target, color="C3", label=f"target N({age:g}, {sigma:g}²)")
+  ax_dist.axvline(age, color="C3", linestyle=":")
+  ax_dist.axvline(predicted, color="C0", linestyle="--")
+  ax_dist.set(xlabel="age (years)", ylabel="probability")
+  ax_dist.legend(fontsize=7)
+  return fig
+
+
+def distribution_figure_images(images_uint8: np.ndarray, ages: np.ndarray, probs: np.ndarray, bins: np.ndarray,
+                               sigma: float) -> np.ndarray:
+  """Renders each face's `distribution_figure` as uint8 RGB [N, H, W, 3] (for TensorBoard images)."""
+  images_uint8, ages, probs = (np.asarray(x) for x in (images_uint8, ages, probs))
+  out = []
+  for image, age, p in zip(images_uint8, ages, probs):
+    fig = distribution_figure(image, float(age), p, np.asarray(bins), sigma)
+    fig.canvas.draw()
+    out.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+  return np.stack(out)
+
+
+def plot_results(results: list["photos.ImageResult"], bins: np.ndarray, path: storage.Location) -> None:
+  """Saves a PNG: each photo with its face boxes and ages, beside the faces' predicted distributions.
+
+  The first few faces' model inputs (aligned crops) are inset above their distributions.
+  """
+  from matplotlib.patches import Rectangle
+
+  rows = [r for r in results if r.photo is not None]
+  if not rows:
+    raise errors.UserError("no faces to plot")
+  fig = figure((10, 4 * len(rows)))
+  colours = [f"C{i}" for i in range(10)]
+  for row, result in enumerate(rows):
+    ax_photo, ax_dist = fig.add_subplot(len(rows), 2, 2 * row + 1), fig.add_subplot(len(rows), 2, 2 * row + 2)
+    ax_photo.imshow(result.photo)
+    ax_photo.set_title(epath.Path(result.file).name)
+    ax_photo.axis("off")
+    for i, face in enumerate(result.faces):
+      x, y, w, h = face.box
+      colour = colours[i % len(colours)]
+      ax_photo.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=2))
+      ax_photo.text(x, y, f"{i}: {face.predicted_age:.1f}", color="white", fontsize=11, va="bottom",
+                    bbox=dict(facecolor=colour, edgecolor="none", pad=2))
+      ax_dist.bar(bins, face.distribution, width=1.0, color=colour, alpha=0.6,
+                  label=f"face {i}: {face.predicted_age:.1f} ± {face.std:.1f}")
+      ax_dist.axvline(face.predicted_age, color=colour, linestyle="--")
+      if i < PLOT_MAX_INSETS:
+        inset = ax_dist.inset_axes((0.01 + 0.17 * i, 0.62, 0.16, 0.36))
+        inset.imshow(face.chip)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        for spine in inset.spines.values():
+          spine.set_edgecolor(colour)
+          spine.set_linewidth(2)
+    ax_dist.set_xlabel("age (years)")
+    ax_dist.set_ylabel("probability")
+    ax_dist.set_title("predicted age distribution")
+    ax_dist.legend()
+  save(fig, path, dpi=80)
