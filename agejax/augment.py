@@ -33,8 +33,14 @@ def gaussian_blur(images: jax.Array, sigma: float = 1.0, radius: int = 2) -> jax
   c = images.shape[-1]
   x = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
   for kernel in (taps.reshape(-1, 1, 1, 1), taps.reshape(1, -1, 1, 1)):
-    x = jax.lax.conv_general_dilated(x, jnp.tile(kernel, (1, 1, 1, c)), (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    x = jax.lax.conv_general_dilated(
+      x,
+      jnp.tile(kernel, (1, 1, 1, c)),
+      (1, 1),
+      "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=c,
+    )
   return x
 
 
@@ -44,8 +50,9 @@ def _scale_crop(image: jax.Array, scale: jax.Array, shift: jax.Array, size: int)
   base = jnp.array([size / h, size / w], jnp.float32) * scale
   # Keep the image centre at the output centre, then move it by the shift.
   translation = 0.5 * size - base * jnp.array([h, w], jnp.float32) / 2.0 + shift
-  return jax.image.scale_and_translate(image, (size, size, c), (0, 1), base, translation,
-                                       method="linear", antialias=True)
+  return jax.image.scale_and_translate(
+    image, (size, size, c), (0, 1), base, translation, method="linear", antialias=True
+  )
 
 
 def augment(images: jax.Array, key: jax.Array, size: int, cfg) -> jax.Array:

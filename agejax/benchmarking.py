@@ -18,8 +18,17 @@ import numpy as np
 from agejax import augment, errors, metrics, models, parallel, steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-                   "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+PEAK_BF16_FLOPS = {
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6": 918e12,
+}
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
@@ -45,7 +54,7 @@ def matmul_flops_per_s(dtype: str, size: int | None = None, repeats: int = 5) ->
     t0 = time.perf_counter()
     jax.block_until_ready(dot(a))
     times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / statistics.median(times)
+  return 2.0 * n**3 / statistics.median(times)
 
 
 def xla_flops(compiled: jax.stages.Compiled) -> float:
@@ -63,8 +72,16 @@ def bench_config(base, batch: int, dtype: str, image_size: int, width: float):
   return config
 
 
-def speed(times: list[float], batch: int, image_size: int, num_bins: int, width: float, dtype: str,
-          devices: int = 1, peak: float | None = None) -> dict[str, float | None]:
+def speed(
+  times: list[float],
+  batch: int,
+  image_size: int,
+  num_bins: int,
+  width: float,
+  dtype: str,
+  devices: int = 1,
+  peak: float | None = None,
+) -> dict[str, float | None]:
   """Images/s, step times and model FLOP utilisation (3x the analytic forward) of per-step `times`.
 
   `mfu_matmul` is over the measured matrix-product rate in `dtype`; `mfu` over the datasheet
@@ -73,10 +90,15 @@ def speed(times: list[float], batch: int, image_size: int, num_bins: int, width:
   step_s = statistics.median(times)
   model_flops_per_s = 3.0 * models.forward_flops(image_size, num_bins, width) * batch / step_s
   matmul = matmul_flops_per_s(dtype)
-  return {"images_per_s": batch / step_s, "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
-          "step_ms_max": 1e3 * max(times), "matmul_tflops": matmul / 1e12,
-          "mfu_matmul": model_flops_per_s / (matmul * devices),
-          "mfu": model_flops_per_s / (peak * devices) if peak and dtype == "bfloat16" else None}
+  return {
+    "images_per_s": batch / step_s,
+    "step_ms_median": 1e3 * step_s,
+    "step_ms_min": 1e3 * min(times),
+    "step_ms_max": 1e3 * max(times),
+    "matmul_tflops": matmul / 1e12,
+    "mfu_matmul": model_flops_per_s / (matmul * devices),
+    "mfu": model_flops_per_s / (peak * devices) if peak and dtype == "bfloat16" else None,
+  }
 
 
 def time_steps(fn, carry, batch, num_steps: int, repeats: int) -> list[float]:
@@ -112,9 +134,11 @@ def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
   train_step = steps.jit_train_step(fns, rep, sharded)
   rng = np.random.default_rng(0)
   size = config.data.image_size
-  host = {"image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
-          "age": rng.integers(1, 91, config.batch_size).astype(np.float32),
-          "age_std": np.zeros(config.batch_size, np.float32)}
+  host = {
+    "image": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+    "age": rng.integers(1, 91, config.batch_size).astype(np.float32),
+    "age_std": np.zeros(config.batch_size, np.float32),
+  }
   data = jax.device_put(host, sharded)
   sums = jax.device_put(metrics.zeros(), rep)
   t0 = time.perf_counter()
@@ -125,11 +149,20 @@ def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
   times = time_steps(compiled, carry, data, num_steps, repeats)
   width, n = config.model.width_multiplier, jax.device_count()
   compute = models.compute_dtype(config.model.dtype).name
-  return {"mode": "train", "framework": "jax", "device": jax.devices()[0].device_kind, "devices": n,
-          "batch": config.batch_size, "dtype": config.model.dtype, "image_size": size, "width": width,
-          **speed(times, config.batch_size, size, len(fns.bins), width, compute, n, peak_flops()),
-          "compile_s": compile_s, "xla_gflop_per_image": flops / config.batch_size / 1e9,
-          "analytic_gflop_per_image": 3.0 * models.forward_flops(size, len(fns.bins), width) / 1e9}
+  return {
+    "mode": "train",
+    "framework": "jax",
+    "device": jax.devices()[0].device_kind,
+    "devices": n,
+    "batch": config.batch_size,
+    "dtype": config.model.dtype,
+    "image_size": size,
+    "width": width,
+    **speed(times, config.batch_size, size, len(fns.bins), width, compute, n, peak_flops()),
+    "compile_s": compile_s,
+    "xla_gflop_per_image": flops / config.batch_size / 1e9,
+    "analytic_gflop_per_image": 3.0 * models.forward_flops(size, len(fns.bins), width) / 1e9,
+  }
 
 
 def bare_steps_per_s(config, num_steps: int = 50) -> float:
@@ -141,18 +174,27 @@ def bare_steps_per_s(config, num_steps: int = 50) -> float:
 def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
   """Full training loop (host pipeline, logging, metrics, checkpoints) vs the bare jitted step."""
   from agejax import train
+
   if num_steps <= config.log_every_steps:
-    raise errors.UserError(f"loop: num_steps={num_steps} must exceed log_every_steps={config.log_every_steps}: the "
-                     f"loop rate is timed between the first and last log fetch")
+    raise errors.UserError(
+      f"loop: num_steps={num_steps} must exceed log_every_steps={config.log_every_steps}: the "
+      f"loop rate is timed between the first and last log fetch"
+    )
   config.num_train_steps = num_steps
   final = train.train_and_evaluate(config, workdir)
   bare = bare_steps_per_s(config, num_steps)
-  return {"mode": "loop", "loop_steps_per_s": final["train_steps_per_s"], "bare_steps_per_s": bare,
-          "ratio": final["train_steps_per_s"] / bare, "batch": config.batch_size}
+  return {
+    "mode": "loop",
+    "loop_steps_per_s": final["train_steps_per_s"],
+    "bare_steps_per_s": bare,
+    "ratio": final["train_steps_per_s"] / bare,
+    "batch": config.batch_size,
+  }
 
 
-def startup(config, config_file: str, variant: str, train_script: str, data_dir: str = "", num_steps: int = 2
-            ) -> dict[str, Any]:
+def startup(
+  config, config_file: str, variant: str, train_script: str, data_dir: str = "", num_steps: int = 2
+) -> dict[str, Any]:
   """Time to the first finished train step of `scripts/train.py`, with a cold then a warm compilation cache.
 
   Both runs start from scratch in fresh workdirs with the dataset already prepared, so they differ
@@ -165,6 +207,7 @@ def startup(config, config_file: str, variant: str, train_script: str, data_dir:
   from pathlib import Path
 
   from agejax.data import pipeline
+
   config = config.copy_and_resolve_references()
   config.data.data_dir = data_dir
   for split in ("train", config.data.eval_split):  # prepare outside the timed runs
@@ -174,20 +217,43 @@ def startup(config, config_file: str, variant: str, train_script: str, data_dir:
     for name in ("cold", "warm"):
       workdir = Path(tmp) / name
       t0 = time.perf_counter()
-      subprocess.run([sys.executable, train_script, "--config", f"{config_file}:{variant}",
-                      "--workdir", str(workdir),
-                      f"--config.data.data_dir={data_dir}", f"--config.compilation_cache_dir={tmp}/cache",
-                      f"--config.num_train_steps={num_steps}", f"--config.eval_every_steps={num_steps}",
-                      f"--config.log_every_steps={num_steps}"], check=True, capture_output=True)
-      runs[name] = (json.loads((workdir / "final_metrics.json").read_text())["first_step_s"],
-                    time.perf_counter() - t0)
-  return {"mode": "startup", "config": variant, "cold_first_step_s": runs["cold"][0],
-          "warm_first_step_s": runs["warm"][0], "ratio": runs["warm"][0] / runs["cold"][0],
-          "cold_process_s": runs["cold"][1], "warm_process_s": runs["warm"][1]}
+      subprocess.run(
+        [
+          sys.executable,
+          train_script,
+          "--config",
+          f"{config_file}:{variant}",
+          "--workdir",
+          str(workdir),
+          f"--config.data.data_dir={data_dir}",
+          f"--config.compilation_cache_dir={tmp}/cache",
+          f"--config.num_train_steps={num_steps}",
+          f"--config.eval_every_steps={num_steps}",
+          f"--config.log_every_steps={num_steps}",
+        ],
+        check=True,
+        capture_output=True,
+      )
+      runs[name] = (json.loads((workdir / "final_metrics.json").read_text())["first_step_s"], time.perf_counter() - t0)
+  return {
+    "mode": "startup",
+    "config": variant,
+    "cold_first_step_s": runs["cold"][0],
+    "warm_first_step_s": runs["warm"][0],
+    "ratio": runs["warm"][0] / runs["cold"][0],
+    "cold_process_s": runs["cold"][1],
+    "warm_process_s": runs["warm"][1],
+  }
 
 
-def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batch: int = 256,
-                   num_batches: int = 200, split: str = "train") -> dict[str, Any]:
+def input_pipeline(
+  name: str,
+  data_dir: str = "",
+  builder_config: str = "",
+  batch: int = 256,
+  num_batches: int = 200,
+  split: str = "train",
+) -> dict[str, Any]:
   """Images/s of the host pipeline delivering ready uint8 batches, timed after a short warm-up.
 
   The gather runs in one thread (the trainer's prefetch thread), so `images_per_s_per_core` is the
@@ -196,6 +262,7 @@ def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batc
   import ml_collections
 
   from agejax.data import pipeline
+
   cfg = ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "builder_config": builder_config})
   data = pipeline.load_split(cfg, split)
   batches = pipeline.TrainBatches(data, batch, seed=0, process_index=0, process_count=1)
@@ -207,22 +274,37 @@ def input_pipeline(name: str, data_dir: str = "", builder_config: str = "", batc
   dt = time.perf_counter() - t0
   rate = num_batches * batch / dt
   cores = 1  # the gather runs in one thread
-  return {"mode": "input", "dataset": name, "examples": len(data), "image_shape": list(out["image"].shape[1:]),
-          "batch": batch, "images_per_s": rate, "images_per_s_per_core": rate / cores, "cores": cores,
-          "host_cpus": os.cpu_count()}
+  return {
+    "mode": "input",
+    "dataset": name,
+    "examples": len(data),
+    "image_shape": list(out["image"].shape[1:]),
+    "batch": batch,
+    "images_per_s": rate,
+    "images_per_s_per_core": rate / cores,
+    "cores": cores,
+    "host_cpus": os.cpu_count(),
+  }
 
 
 def torch_vgg16(num_bins: int, width: float = 1.0):
   """torchvision's VGG16 with its classifier's last layer replaced by the age head (scaled by width)."""
   import torch
   from torchvision.models import vgg
+
   cfg = [v if v == "M" else models.scaled(v, width) for v in models.VGG16_LAYERS]
   model = vgg.VGG(vgg.make_layers(cfg), num_classes=num_bins, init_weights=True)
   hidden, channels = models.scaled(models.HIDDEN, width), cfg[-2]
   if width != 1.0:
     model.classifier = torch.nn.Sequential(
-        torch.nn.Linear(channels * 49, hidden), torch.nn.ReLU(True), torch.nn.Dropout(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(True), torch.nn.Dropout(), torch.nn.Linear(hidden, num_bins))
+      torch.nn.Linear(channels * 49, hidden),
+      torch.nn.ReLU(True),
+      torch.nn.Dropout(),
+      torch.nn.Linear(hidden, hidden),
+      torch.nn.ReLU(True),
+      torch.nn.Dropout(),
+      torch.nn.Linear(hidden, num_bins),
+    )
   return model
 
 
@@ -234,6 +316,7 @@ def torch_train_step(num_bins: int, width: float, device: str, amp: bool, fused:
   """
   import torch
   import torch.nn.functional as F
+
   torch.manual_seed(0)
   bins = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
   model = torch_vgg16(num_bins, width).to(device).to(memory_format=torch.channels_last).train()
@@ -255,16 +338,26 @@ def torch_train_step(num_bins: int, width: float, device: str, amp: bool, fused:
     loss.backward()
     opt.step()
     return loss
+
   return step
 
 
-def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
-                repeats: int = 3, width: float = 1.0, *, compiled: bool = False) -> dict[str, Any]:
+def torch_train(
+  batch: int = 64,
+  dtype: str = "bfloat16",
+  image_size: int = 224,
+  num_steps: int = 20,
+  repeats: int = 3,
+  width: float = 1.0,
+  *,
+  compiled: bool = False,
+) -> dict[str, Any]:
   """Times the same model, KL loss, Adam and batch in PyTorch: eager AMP + channels_last, or torch.compile.
 
   Eager on CUDA uses the fused Adam kernel, PyTorch's fastest eager optimizer.
   """
   import torch
+
   device = "cuda" if torch.cuda.is_available() else "cpu"
   num_bins, amp = 100, dtype == "bfloat16"
   step = torch_train_step(num_bins, width, device, amp, fused=device == "cuda" and not compiled)
@@ -291,15 +384,32 @@ def torch_train(batch: int = 64, dtype: str = "bfloat16", image_size: int = 224,
     torch.cuda.empty_cache()
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   # The matrix-product rate is measured through JAX, on the same machine.
-  return {"mode": "train", "framework": "torch.compile" if compiled else "torch eager" + (" amp" if amp else ""),
-          "device": name, "devices": 1, "batch": batch, "dtype": dtype, "image_size": image_size, "width": width,
-          **speed(times, batch, image_size, num_bins, width, dtype, peak=peak_flops() if device == "cuda" else None),
-          "compile_s": warmup_s}
+  return {
+    "mode": "train",
+    "framework": "torch.compile" if compiled else "torch eager" + (" amp" if amp else ""),
+    "device": name,
+    "devices": 1,
+    "batch": batch,
+    "dtype": dtype,
+    "image_size": image_size,
+    "width": width,
+    **speed(times, batch, image_size, num_bins, width, dtype, peak=peak_flops() if device == "cuda" else None),
+    "compile_s": warmup_s,
+  }
 
 
-def side_by_side(base, batches: list[int], dtype: str = "bfloat16", image_size: int = 224, num_steps: int = 20,
-                 repeats: int = 3, width: float = 1.0, *, torch_modes: str = "eager+compile",
-                 compile_at: str = "all") -> list[dict[str, Any]]:
+def side_by_side(
+  base,
+  batches: list[int],
+  dtype: str = "bfloat16",
+  image_size: int = 224,
+  num_steps: int = 20,
+  repeats: int = 3,
+  width: float = 1.0,
+  *,
+  torch_modes: str = "eager+compile",
+  compile_at: str = "all",
+) -> list[dict[str, Any]]:
   """JAX, PyTorch eager and torch.compile at each batch; each PyTorch row gets `jax_speedup` at its batch.
 
   `torch_modes` is 'none', 'eager' or 'eager+compile'; `compile_at='best'` compiles only at the
@@ -310,8 +420,11 @@ def side_by_side(base, batches: list[int], dtype: str = "bfloat16", image_size: 
   if torch_modes == "none":
     return rows
   eager = {b: torch_train(b, dtype, image_size, num_steps, repeats, width) for b in batches}
-  compile_batches = [] if torch_modes == "eager" else (
-      batches if compile_at == "all" else [max(eager, key=lambda b: eager[b]["images_per_s"])])
+  compile_batches = (
+    []
+    if torch_modes == "eager"
+    else (batches if compile_at == "all" else [max(eager, key=lambda b: eager[b]["images_per_s"])])
+  )
   compiled = [torch_train(b, dtype, image_size, num_steps, repeats, width, compiled=True) for b in compile_batches]
   for r in (*eager.values(), *compiled):
     r["jax_speedup"] = jax_rows[r["batch"]]["images_per_s"] / r["images_per_s"]
@@ -332,6 +445,7 @@ def environment() -> dict[str, Any]:
   import importlib.metadata
   import platform
   import subprocess
+
   env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
   for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchvision"):
     try:
@@ -339,13 +453,21 @@ def environment() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
       env[name] = None
   device = jax.devices()[0]
-  env.update(backend=device.platform, device_kind=device.device_kind, devices=jax.device_count(),
-             platform_version=getattr(device.client, "platform_version", None),
-             xla_flags=os.environ.get("XLA_FLAGS", ""))
+  env.update(
+    backend=device.platform,
+    device_kind=device.device_kind,
+    devices=jax.device_count(),
+    platform_version=getattr(device.client, "platform_version", None),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+  )
   try:
     env["nvidia_smi"] = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-        capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+      ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     env["nvidia_smi"] = None
   return env

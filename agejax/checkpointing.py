@@ -1,4 +1,4 @@
-"""Orbax checkpoints under WORKDIR/checkpoints (the latest few plus the best by eval MAE), and loading a trained workdir."""
+"""Orbax checkpoints in WORKDIR/checkpoints (the latest few plus the best by MAE); loading a trained workdir."""
 
 import logging
 from typing import Any
@@ -27,22 +27,29 @@ class Checkpoints:
   """Async Orbax CheckpointManager of plain pytrees; restorable with plain Orbax too."""
 
   def __init__(self, directory: storage.Location, keep: int = 3, *, asynchronous: bool = True, read_only: bool = False):
-    policy = checkpoint_managers.AnyPreservationPolicy([
+    policy = checkpoint_managers.AnyPreservationPolicy(
+      [
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_mae, reverse=True, n=1, keep_checkpoints_without_metrics=False),
-    ])
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        best_fn=_mae, best_mode="min", preservation_policy=None if read_only else policy,
-        save_interval_steps=0 if read_only else 1, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True)
+      best_fn=_mae,
+      best_mode="min",
+      preservation_policy=None if read_only else policy,
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=True,
+    )
     self.directory = storage.path(directory)  # Orbax wants local paths absolute
     if not read_only:
       for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         # An interrupted write; Orbax deletes it and never restores from it.
         logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)", partial)
     # One item of plain pytrees: its metadata (names, shapes) can be read without restoring.
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers=ocp.StandardCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
     self._closed = False
 
   def latest_step(self) -> int | None:
@@ -80,8 +87,10 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     problem = self.mismatch(target, step)
     if problem:
-      raise errors.UserError(f"{self.directory}: checkpoint step {step} does not fit this config: {problem} (model or "
-                       f"optimizer settings changed? use a new workdir, or the config that wrote it)")
+      raise errors.UserError(
+        f"{self.directory}: checkpoint step {step} does not fit this config: {problem} (model or "
+        f"optimizer settings changed? use a new workdir, or the config that wrote it)"
+      )
     return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def reached_preemption(self, step: int) -> bool:
@@ -101,16 +110,25 @@ class Checkpoints:
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """Array shapes of a pytree (or of Orbax tree metadata) by '/'-joined key names."""
+
   def name(key) -> str:
     return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
-  return {"/".join(name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {
+    "/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def inference_record(config: ml_collections.ConfigDict, input_size: int) -> dict[str, Any]:
   """What a trained model needs at inference (WORKDIR/inference.json): crop size, age bins, preprocessing."""
-  return {"input_size": int(input_size), "image_size": config.data.image_size, "min_age": config.labels.min_age,
-          "max_age": config.labels.max_age, "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD)}
+  return {
+    "input_size": int(input_size),
+    "image_size": config.data.image_size,
+    "min_age": config.labels.min_age,
+    "max_age": config.labels.max_age,
+    "mean": list(augment.IMAGENET_MEAN),
+    "std": list(augment.IMAGENET_STD),
+  }
 
 
 def load_config(workdir: storage.Location) -> ml_collections.ConfigDict:
@@ -125,8 +143,10 @@ def load_inference_record(workdir: storage.Location) -> dict[str, Any]:
   """Returns WORKDIR/inference.json, which the trainer writes when it starts."""
   path = storage.path(workdir) / INFERENCE_FILE
   if not path.exists():
-    raise errors.MissingInput(f"{path} does not exist (the workdir predates it): rerun its training command once "
-                              f"to record it; a finished run records it and exits")
+    raise errors.MissingInput(
+      f"{path} does not exist (the workdir predates it): rerun its training command once "
+      f"to record it; a finished run records it and exits"
+    )
   return storage.read_json_object(path)
 
 
@@ -157,9 +177,9 @@ def resolve_step(ckpts: Checkpoints, checkpoint: str | int, workdir: storage.Loc
   return int(checkpoint)
 
 
-def load_trained(workdir: storage.Location, checkpoint: str | int = "best",
-                 config: ml_collections.ConfigDict | None = None
-                 ) -> tuple[ml_collections.ConfigDict, steps.Steps, steps.TrainState]:
+def load_trained(
+  workdir: storage.Location, checkpoint: str | int = "best", config: ml_collections.ConfigDict | None = None
+) -> tuple[ml_collections.ConfigDict, steps.Steps, steps.TrainState]:
   """Restores a trained workdir's checkpoint, replicated over every device.
 
   Nothing is allocated before the restore: the target is the abstract shape of the state the

@@ -46,9 +46,16 @@ def _expected_shapes(batch_norm: bool, num_classes: int | None) -> dict[str, tup
       for name in ("weight", "bias", "running_mean", "running_var"):
         shapes[f"features.{i + 1}.{name}"] = (cout,)
   pooled = models.POOLED_SIZE * models.POOLED_SIZE * models.VGG16_LAYERS[-2]
-  shapes.update({"classifier.0.weight": (models.HIDDEN, pooled), "classifier.0.bias": (models.HIDDEN,),
-                 "classifier.3.weight": (models.HIDDEN, models.HIDDEN), "classifier.3.bias": (models.HIDDEN,),
-                 "classifier.6.weight": (None, models.HIDDEN), "classifier.6.bias": (num_classes,)})
+  shapes.update(
+    {
+      "classifier.0.weight": (models.HIDDEN, pooled),
+      "classifier.0.bias": (models.HIDDEN,),
+      "classifier.3.weight": (models.HIDDEN, models.HIDDEN),
+      "classifier.3.bias": (models.HIDDEN,),
+      "classifier.6.weight": (None, models.HIDDEN),
+      "classifier.6.bias": (num_classes,),
+    }
+  )
   return shapes
 
 
@@ -70,17 +77,24 @@ def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
   ignored = {f"features.{i + 1}.num_batches_tracked" for _, i, _, _ in _feature_layers(batch_norm) if batch_norm}
   unknown = [k for k in state_dict if k not in expected and k not in ignored]
   missing = [k for k in expected if k not in state_dict]
-  misshaped = [f"{k} {tuple(state_dict[k].shape)} (expected {shape})" for k, shape in expected.items()
-               if k in state_dict and not fits(state_dict[k].shape, shape)]
-  problems = [f"{what}: {', '.join(keys)}" for what, keys in
-              (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped)) if keys]
+  misshaped = [
+    f"{k} {tuple(state_dict[k].shape)} (expected {shape})"
+    for k, shape in expected.items()
+    if k in state_dict and not fits(state_dict[k].shape, shape)
+  ]
+  problems = [
+    f"{what}: {', '.join(keys)}"
+    for what, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
+    if keys
+  ]
   if problems:
     arch = "vgg16_bn" if batch_norm else "vgg16"
     raise errors.UserError(f"not a torchvision {arch} state dict: {'; '.join(problems)}")
 
 
-def vgg16_from_torchvision(state_dict: Mapping[str, np.ndarray | Any], *,
-                           dtype: jnp.dtype = jnp.float32) -> models.VGG16:
+def vgg16_from_torchvision(
+  state_dict: Mapping[str, np.ndarray | Any], *, dtype: jnp.dtype = jnp.float32
+) -> models.VGG16:
   """Returns a full-width Flax VGG16 whose logits on NHWC input equal torchvision's eval() logits on NCHW."""
   sd = {k: _to_numpy(v) for k, v in state_dict.items()}
   batch_norm = torchvision_arch(sd) == "vgg16_bn"
@@ -90,12 +104,13 @@ def vgg16_from_torchvision(state_dict: Mapping[str, np.ndarray | Any], *,
   if batch_norm:
     params["norms"], stats["norms"] = {}, {}
   for n, i, _, _ in _feature_layers(batch_norm):
-    params["convs"][n] = {"kernel": f32(f"features.{i}.weight").transpose(2, 3, 1, 0),  # OIHW -> HWIO
-                          "bias": f32(f"features.{i}.bias")}
+    params["convs"][n] = {
+      "kernel": f32(f"features.{i}.weight").transpose(2, 3, 1, 0),  # OIHW -> HWIO
+      "bias": f32(f"features.{i}.bias"),
+    }
     if batch_norm:
       params["norms"][n] = {"scale": f32(f"features.{i + 1}.weight"), "bias": f32(f"features.{i + 1}.bias")}
-      stats["norms"][n] = {"mean": f32(f"features.{i + 1}.running_mean"),
-                           "var": f32(f"features.{i + 1}.running_var")}
+      stats["norms"][n] = {"mean": f32(f"features.{i + 1}.running_mean"), "var": f32(f"features.{i + 1}.running_var")}
   # torch flattens the pooled [C, 7, 7] map channel-major; our NHWC flatten is [7, 7, C]: reorder fc1's rows.
   # One strided copy straight into a jax array: numpy reshapes would copy these 400 MB twice, ~3x slower.
   fc1 = f32("classifier.0.weight")
@@ -106,8 +121,9 @@ def vgg16_from_torchvision(state_dict: Mapping[str, np.ndarray | Any], *,
   params["head"] = {"kernel": f32("classifier.6.weight").T, "bias": f32("classifier.6.bias")}
   num_classes = params["head"]["bias"].shape[0]
   # Build abstractly: random-initialising 138M parameters only to overwrite them costs seconds.
-  abstract = nnx.eval_shape(lambda: models.VGG16(num_classes, width_multiplier=1.0, batch_norm=batch_norm,
-                                                 dtype=dtype, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: models.VGG16(num_classes, width_multiplier=1.0, batch_norm=batch_norm, dtype=dtype, rngs=nnx.Rngs(0))
+  )
   graphdef, param_state, rest = nnx.split(abstract, nnx.Param, ...)
   nnx.replace_by_pure_dict(param_state, jax.tree.map(jnp.asarray, params))
   nnx.replace_by_pure_dict(rest, jax.tree.map(jnp.asarray, stats))
@@ -121,6 +137,7 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
     raise errors.MissingInput(f"{path}: no such checkpoint file")
   if path.suffix == ".safetensors":
     from safetensors.numpy import load
+
     try:
       return load(path.read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad header
@@ -130,6 +147,7 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
   import pickle
 
   import torch
+
   try:
     with path.open("rb") as f:
       loaded = torch.load(f, map_location="cpu", weights_only=True)
@@ -137,8 +155,10 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
     # torch's message spans paragraphs; its one informative sentence follows "WeightsUnpickler error:".
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not|\n\n|$)", str(e), re.DOTALL)
     reason = detail.group(1).strip() if detail else str(e).splitlines()[0]
-    raise errors.UserError(f"{path}: refused: not a tensors-only PyTorch checkpoint ({reason}); "
-                     "agejax loads .pth files with weights_only=True and never unpickles code") from None
+    raise errors.UserError(
+      f"{path}: refused: not a tensors-only PyTorch checkpoint ({reason}); "
+      "agejax loads .pth files with weights_only=True and never unpickles code"
+    ) from None
   if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
     loaded = loaded["state_dict"]
   if not isinstance(loaded, Mapping):
@@ -157,6 +177,7 @@ def _numpy_tree(tree: PyTree) -> PyTree:
 def save_converted(model: models.VGG16, output_dir: storage.Location, *, source: str = "") -> epath.Path:
   """Writes the model's weights as a plain-Orbax checkpoint plus agejax_weights.json; returns output_dir."""
   import orbax.checkpoint as ocp
+
   output_dir = storage.path(output_dir)  # Orbax wants local paths absolute
   if (output_dir / WEIGHTS_DIR).exists():
     raise errors.UserError(f"{output_dir / WEIGHTS_DIR} already exists; choose a new output directory")
@@ -166,8 +187,11 @@ def save_converted(model: models.VGG16, output_dir: storage.Location, *, source:
   tree = {"params": _numpy_tree(nnx.to_pure_dict(params)), "model_state": _numpy_tree(nnx.to_pure_dict(rest))}
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(output_dir / WEIGHTS_DIR, tree)
-  meta = {"arch": "vgg16_bn" if model.norms is not None else "vgg16",
-          "num_classes": int(model.head.kernel.shape[1]), "source": source}
+  meta = {
+    "arch": "vgg16_bn" if model.norms is not None else "vgg16",
+    "num_classes": int(model.head.kernel.shape[1]),
+    "source": source,
+  }
   storage.write_json(output_dir / META_FILE, meta)
   return output_dir
 
@@ -182,6 +206,7 @@ def _int_keys(tree: PyTree) -> PyTree:
 def load_converted(path: storage.Location) -> tuple[dict, dict, dict]:
   """Reads save_converted's output: (params, model_state, meta), pure dicts of numpy arrays."""
   import orbax.checkpoint as ocp
+
   path = storage.path(path)
   meta_file = path / META_FILE
   if not meta_file.is_file():
@@ -214,6 +239,8 @@ def backbone_from_converted(path: storage.Location, params: PyTree, model_state:
   model_state = _overlay_backbone("model_state", new_state, model_state, mismatches)
   if mismatches:
     more = f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else ""  # a width mismatch hits every layer
-    raise errors.UserError(f"{path} holds full-width {meta['arch']} weights that do not fit this model (use "
-                     f"model.width_multiplier=1.0 and a matching model.batch_norm): {'; '.join(mismatches[:3])}{more}")
+    raise errors.UserError(
+      f"{path} holds full-width {meta['arch']} weights that do not fit this model (use "
+      f"model.width_multiplier=1.0 and a matching model.batch_norm): {'; '.join(mismatches[:3])}{more}"
+    )
   return params, model_state

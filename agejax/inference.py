@@ -13,8 +13,11 @@ from agejax.data import pipeline
 @jax.jit
 def summaries(probs: jax.Array, bins: jax.Array) -> dict[str, jax.Array]:
   """Returns each distribution's expected age, most probable age and std (one compiled call)."""
-  return {"predicted_age": labels.expected_age(probs, bins), "argmax_age": labels.argmax_age(probs, bins),
-          "std": labels.distribution_std(probs, bins)}
+  return {
+    "predicted_age": labels.expected_age(probs, bins),
+    "argmax_age": labels.argmax_age(probs, bins),
+    "std": labels.distribution_std(probs, bins),
+  }
 
 
 def distributions(fns: steps.Steps, state: steps.TrainState, images: jax.Array, flip: bool = False) -> jax.Array:
@@ -38,12 +41,19 @@ class Predictor:
       config's eval batch size.
   """
 
-  def __init__(self, workdir: storage.Location, checkpoint: str | int = "best",
-               config: ml_collections.ConfigDict | None = None, *, flip: bool = False,
-               batch_size: int | None = None):
+  def __init__(
+    self,
+    workdir: storage.Location,
+    checkpoint: str | int = "best",
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    flip: bool = False,
+    batch_size: int | None = None,
+  ):
     if batch_size is not None and batch_size < 1:
-      raise errors.UserError(f"batch_size={batch_size}: must be a positive number of faces per model call (None: the "
-                             f"config's eval batch)")
+      raise errors.UserError(
+        f"batch_size={batch_size}: must be a positive number of faces per model call (None: the config's eval batch)"
+      )
     self.config, self.steps, self.state = checkpointing.load_trained(workdir, checkpoint, config)
     self.record = checkpointing.load_inference_record(workdir)
     self.step = int(self.state.step)
@@ -53,9 +63,11 @@ class Predictor:
     size = batch_size or self.config.get("eval_batch_size", 0) or self.config.batch_size
     self.batch_size = -(-size // n) * n  # every device gets an equal slice
     self.sharding = parallel.data_sharded(self.mesh)
-    self.predict_device = jax.jit(functools.partial(distributions, self.steps, flip=flip),
-                                  in_shardings=(parallel.replicated(self.mesh), self.sharding),
-                                  out_shardings=parallel.replicated(self.mesh))
+    self.predict_device = jax.jit(
+      functools.partial(distributions, self.steps, flip=flip),
+      in_shardings=(parallel.replicated(self.mesh), self.sharding),
+      out_shardings=parallel.replicated(self.mesh),
+    )
 
   @property
   def input_size(self) -> int:
@@ -78,4 +90,4 @@ class Predictor:
     for batch in pipeline.eval_batches(data, self.batch_size):  # the pipeline's one padding routine
       images_device = parallel.global_batch({"image": batch["image"]}, self.sharding)["image"]
       out.append(in_flight.add(self.predict_device(self.state, images_device)))
-    return np.concatenate([metrics.fetch_array(o) for o in out])[:len(images)]
+    return np.concatenate([metrics.fetch_array(o) for o in out])[: len(images)]

@@ -41,31 +41,37 @@ def age_group(age: jax.Array) -> jax.Array:
   return jnp.clip(jnp.floor(age / 10.0), 0, len(AGE_GROUPS) - 1).astype(jnp.int32)
 
 
-def batch_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array | float,
-               mask: jax.Array | None = None) -> Sums:
+def batch_sums(
+  loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array | float, mask: jax.Array | None = None
+) -> Sums:
   """Returns masked per-batch sums of loss, abs error, epsilon-error, CS@5 and the count."""
   mask = jnp.ones_like(age, jnp.float32) if mask is None else mask.astype(jnp.float32)
   per_example = {
-      "loss": loss,
-      "mae": absolute_error(pred, age),
-      "epsilon_error": epsilon_error(pred, age, sigma),
-      "cs5": cumulative_score(pred, age, 5.0),
+    "loss": loss,
+    "mae": absolute_error(pred, age),
+    "epsilon_error": epsilon_error(pred, age, sigma),
+    "cs5": cumulative_score(pred, age, 5.0),
   }
   sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in per_example.items()}
   sums["count"] = jnp.sum(mask)
   return sums
 
 
-def report_sums(loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array, std: jax.Array,
-                mask: jax.Array) -> Sums:
+def report_sums(
+  loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array, std: jax.Array, mask: jax.Array
+) -> Sums:
   """Masked sums of everything an evaluation report needs: `batch_sums`, CS@1..10, std, per age group."""
   mask = mask.astype(jnp.float32)
   error = absolute_error(pred, age)
   cs = jnp.stack([cumulative_score(pred, age, k) for k in CS_THRESHOLDS], axis=-1)
   groups = jax.nn.one_hot(age_group(age), len(AGE_GROUPS)) * mask[:, None]
-  return {**batch_sums(loss, pred, age, sigma, mask), "cs": jnp.sum(cs * mask[:, None], axis=0),
-          "std": jnp.sum(std * mask), "group_count": jnp.sum(groups, axis=0),
-          "group_abs_error": jnp.sum(groups * error[:, None], axis=0)}
+  return {
+    **batch_sums(loss, pred, age, sigma, mask),
+    "cs": jnp.sum(cs * mask[:, None], axis=0),
+    "std": jnp.sum(std * mask),
+    "group_count": jnp.sum(groups, axis=0),
+    "group_abs_error": jnp.sum(groups * error[:, None], axis=0),
+  }
 
 
 def zeros() -> Sums:
@@ -76,8 +82,10 @@ def zeros() -> Sums:
 def report_zeros() -> Sums:
   """An empty accumulator of `report_sums`."""
   vectors = {"cs": len(CS_THRESHOLDS), "group_count": len(AGE_GROUPS), "group_abs_error": len(AGE_GROUPS)}
-  return {**{k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", "count", "std")},
-          **{k: jnp.zeros((n,), jnp.float32) for k, n in vectors.items()}}
+  return {
+    **{k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", "count", "std")},
+    **{k: jnp.zeros((n,), jnp.float32) for k, n in vectors.items()},
+  }
 
 
 def add(a: Sums, b: Sums) -> Sums:

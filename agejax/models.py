@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
 # torchvision's VGG16 "D" configuration: output channels of each 3x3 conv, "M" for a 2x2 max-pool.
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 POOLED_SIZE = 7  # torchvision's AdaptiveAvgPool2d((7, 7))
@@ -19,7 +18,7 @@ def scaled(width: int, multiplier: float) -> int:
   return max(1, int(round(width * multiplier)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
   """Returns the [out, in] averaging matrix of torch's adaptive_avg_pool on one axis."""
   m = np.zeros((out_size, in_size), np.float32)
@@ -48,9 +47,16 @@ class VGG16(nnx.Module):
   are returned in float32.
   """
 
-  def __init__(self, num_classes: int = 1000, *, width_multiplier: float = 1.0,
-               batch_norm: bool = False, dropout_rate: float = 0.5, dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    *,
+    width_multiplier: float = 1.0,
+    batch_norm: bool = False,
+    dropout_rate: float = 0.5,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     # torchvision's initialisation: kaiming-normal (fan_out) convs, N(0, 0.01) linears, zero biases.
     conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
     linear_init = nnx.initializers.normal(0.01)
@@ -60,8 +66,9 @@ class VGG16(nnx.Module):
       if v == "M":
         continue
       out = scaled(v, width_multiplier)
-      convs.append(nnx.Conv(channels, out, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                            dtype=dtype, rngs=rngs))
+      convs.append(
+        nnx.Conv(channels, out, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init, dtype=dtype, rngs=rngs)
+      )
       if batch_norm:
         # torch's BatchNorm2d: eps 1e-5, running stats updated with momentum 0.1.
         norms.append(nnx.BatchNorm(out, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs))
@@ -69,8 +76,7 @@ class VGG16(nnx.Module):
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms) if batch_norm else None
     hidden = scaled(HIDDEN, width_multiplier)
-    self.fc1 = nnx.Linear(POOLED_SIZE * POOLED_SIZE * channels, hidden, kernel_init=linear_init,
-                          dtype=dtype, rngs=rngs)
+    self.fc1 = nnx.Linear(POOLED_SIZE * POOLED_SIZE * channels, hidden, kernel_init=linear_init, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, hidden, kernel_init=linear_init, dtype=dtype, rngs=rngs)
     # The head computes in float32: its logits feed a log-softmax over ~100 bins.
     self.head = nnx.Linear(hidden, num_classes, kernel_init=linear_init, dtype=jnp.float32, rngs=rngs)
@@ -117,10 +123,14 @@ def compute_dtype(name: str) -> jnp.dtype:
 def create_model(model_config, num_bins: int, *, seed: int = 0) -> VGG16:
   """Builds the age model described by `config.model` with `num_bins` outputs."""
   dtype = compute_dtype(model_config.dtype)
-  return VGG16(num_bins, width_multiplier=model_config.width_multiplier,
-               batch_norm=model_config.get("batch_norm", False),
-               dropout_rate=model_config.get("dropout_rate", 0.5),
-               dtype=dtype, rngs=nnx.Rngs(seed))
+  return VGG16(
+    num_bins,
+    width_multiplier=model_config.width_multiplier,
+    batch_norm=model_config.get("batch_norm", False),
+    dropout_rate=model_config.get("dropout_rate", 0.5),
+    dtype=dtype,
+    rngs=nnx.Rngs(seed),
+  )
 
 
 def forward_flops(image_size: int, num_classes: int, width_multiplier: float = 1.0) -> float:

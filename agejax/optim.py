@@ -19,8 +19,9 @@ def learning_rate_schedule(cfg, num_train_steps: int, steps_per_epoch: int) -> o
     return optax.piecewise_constant_schedule(lr, boundaries)
   if cfg.schedule == "cosine":
     warmup = min(cfg.warmup_steps, max(num_train_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_train_steps, warmup + 1),
-                                              end_value=lr * cfg.end_learning_rate_factor)
+    return optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup, max(num_train_steps, warmup + 1), end_value=lr * cfg.end_learning_rate_factor
+    )
   raise errors.UserError(f"config.optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
 
 

@@ -5,14 +5,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
-               auto: bool = False) -> None:
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, auto: bool = False) -> None:
   """Joins a multi-process run before any device is touched; a no-op for a single process.
 
   `auto` lets JAX discover the cluster (TPU VMs, SLURM); otherwise pass the coordinator's
@@ -31,8 +30,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
 def make_mesh() -> jax.sharding.Mesh:
   """Returns a 1-D mesh over every device of every process, named 'data'."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -78,5 +76,6 @@ class InFlight:
 def import_tensorflow():
   """Imports TensorFlow with every GPU hidden from it (JAX owns the accelerators); returns the module."""
   import tensorflow as tf
+
   tf.config.set_visible_devices([], "GPU")
   return tf

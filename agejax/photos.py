@@ -1,4 +1,4 @@
-"""Faces in photos: MTCNN detection, eye alignment and crops like the training faces; the file walk; per-file results."""
+"""Faces in photos: MTCNN detection, eye alignment and crops like the training faces; the file walk; results."""
 
 import collections
 import dataclasses
@@ -24,6 +24,7 @@ MIN_CONFIDENCE = 0.9
 @dataclasses.dataclass
 class Detection:
   """A detected face in the photo's pixels: box (x, y, width, height) and the two eye centres."""
+
   box: tuple[float, float, float, float]
   left_eye: tuple[float, float]
   right_eye: tuple[float, float]
@@ -36,6 +37,7 @@ class FaceDetector:
   def __init__(self, max_side: int = DETECT_MAX_SIDE, min_confidence: float = MIN_CONFIDENCE):
     parallel.import_tensorflow()  # on the CPU: JAX owns the accelerators
     from mtcnn import MTCNN
+
     self.max_side, self.min_confidence = max_side, min_confidence
     self.mtcnn = MTCNN(device="CPU:0")
 
@@ -44,8 +46,11 @@ class FaceDetector:
     scale = min(1.0, self.max_side / max(photo.size))
     small = photo
     if scale < 1.0:
-      small = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
-                           Image.Resampling.BILINEAR, reducing_gap=2.0)
+      small = photo.resize(
+        (max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
+        Image.Resampling.BILINEAR,
+        reducing_gap=2.0,
+      )
     found = self.mtcnn.detect_faces(np.asarray(small))
     out = []
     for face in sorted(found, key=lambda f: -f["confidence"]):
@@ -53,8 +58,14 @@ class FaceDetector:
         continue
       x, y, w, h = (float(v) / scale for v in face["box"])
       eyes = face["keypoints"]
-      out.append(Detection((x, y, w, h), tuple(float(v) / scale for v in eyes["left_eye"]),
-                           tuple(float(v) / scale for v in eyes["right_eye"]), float(face["confidence"])))
+      out.append(
+        Detection(
+          (x, y, w, h),
+          tuple(float(v) / scale for v in eyes["left_eye"]),
+          tuple(float(v) / scale for v in eyes["right_eye"]),
+          float(face["confidence"]),
+        )
+      )
     return out
 
 
@@ -72,8 +83,9 @@ def align_face(photo: Image.Image, detection: Detection, size: int, margin: floa
   # rotation by the eye angle about the box centre, so the crop's x axis runs along the eye line.
   a, b, d, e = k * cos, -k * sin, k * sin, k * cos
   coeffs = (a, b, cx - (a + b) * n / 2, d, e, cy - (d + e) * n / 2)
-  chip = photo.transform((n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC,
-                         fillcolor=(0, 0, 0))  # black outside the photo, as in the training crops
+  chip = photo.transform(
+    (n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC, fillcolor=(0, 0, 0)
+  )  # black outside the photo, as in the training crops
   if n != size:
     chip = chip.resize((size, size), Image.Resampling.LANCZOS)
   return np.asarray(chip, dtype=np.uint8)
@@ -82,6 +94,7 @@ def align_face(photo: Image.Image, detection: Detection, size: int, margin: floa
 @dataclasses.dataclass
 class Face:
   """One face's box in its photo and, once predicted, its age distribution and summaries."""
+
   box: tuple[float, float, float, float]
   chip: np.ndarray | None = None  # the model's input, kept with the photo for plotting
   distribution: np.ndarray | None = None
@@ -93,6 +106,7 @@ class Face:
 @dataclasses.dataclass
 class ImageResult:
   """A file's outcome: status 'ok' with its faces, 'no face found', or why it was skipped."""
+
   file: str
   status: str
   faces: list[Face] = dataclasses.field(default_factory=list)
@@ -110,8 +124,14 @@ def list_files(inputs: Iterable[storage.Location]) -> list[epath.Path]:
   return files
 
 
-def predict_files(predictor: inference.Predictor, files: Iterable[str | os.PathLike], *, aligned: bool = False,
-                  detector: FaceDetector | None = None, keep_photos: int = 0) -> Iterator[ImageResult]:
+def predict_files(
+  predictor: inference.Predictor,
+  files: Iterable[str | os.PathLike],
+  *,
+  aligned: bool = False,
+  detector: FaceDetector | None = None,
+  keep_photos: int = 0,
+) -> Iterator[ImageResult]:
   """Yields each file's result in order; faces from several files share padded batches.
 
   With `aligned`, each file is one face crop (centre square, as training read them); otherwise
@@ -130,7 +150,8 @@ def predict_files(predictor: inference.Predictor, files: Iterable[str | os.PathL
     for i, face in enumerate(waiting):
       face.distribution = probs[i]
       face.predicted_age, face.argmax_age, face.std = (
-          float(stats[k][i]) for k in ("predicted_age", "argmax_age", "std"))
+        float(stats[k][i]) for k in ("predicted_age", "argmax_age", "std")
+      )
     chips.clear()
     waiting.clear()
 
@@ -166,14 +187,28 @@ def to_json(result: ImageResult, min_age: int) -> list[dict]:
   """Returns the JSON objects of a result: one per face, or one with the file's status."""
   if not result.faces:
     return [{"file": result.file, "status": result.status}]
-  return [{"file": result.file, "status": result.status, "face": i, "box": [round(v, 1) for v in f.box],
-           "predicted_age": f.predicted_age, "argmax_age": f.argmax_age, "std": f.std,
-           "min_age": min_age, "distribution": f.distribution.tolist()} for i, f in enumerate(result.faces)]
+  return [
+    {
+      "file": result.file,
+      "status": result.status,
+      "face": i,
+      "box": [round(v, 1) for v in f.box],
+      "predicted_age": f.predicted_age,
+      "argmax_age": f.argmax_age,
+      "std": f.std,
+      "min_age": min_age,
+      "distribution": f.distribution.tolist(),
+    }
+    for i, f in enumerate(result.faces)
+  ]
 
 
 def to_lines(result: ImageResult) -> list[str]:
   """Returns the human-readable lines of a result: one per face, or the file's status."""
   if not result.faces:
     return [f"{result.file}  {'' if result.status == 'no face found' else 'skipped: '}{result.status}"]
-  return [f"{result.file}  face {i}  box {','.join(str(round(v)) for v in f.box)}  age {f.predicted_age:.1f}"
-          f"  argmax {f.argmax_age:.0f}  std {f.std:.1f}" for i, f in enumerate(result.faces)]
+  return [
+    f"{result.file}  face {i}  box {','.join(str(round(v)) for v in f.box)}  age {f.predicted_age:.1f}"
+    f"  argmax {f.argmax_age:.0f}  std {f.std:.1f}"
+    for i, f in enumerate(result.faces)
+  ]

@@ -25,6 +25,7 @@ def figure(figsize: tuple[float, float]):
   """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no display needed)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   fig = Figure(figsize=figsize, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
@@ -36,8 +37,13 @@ def cs_curve_figure(report: dict):
   ax = fig.add_subplot()
   ks = [int(k) for k in report["cumulative_score"]]
   ax.plot(ks, list(report["cumulative_score"].values()), marker="o")
-  ax.set(xlabel="error threshold k (years)", ylabel="CS@k", ylim=(0, 1.02), xticks=ks,
-         title=f"cumulative score ({report['split']})")
+  ax.set(
+    xlabel="error threshold k (years)",
+    ylabel="CS@k",
+    ylim=(0, 1.02),
+    xticks=ks,
+    title=f"cumulative score ({report['split']})",
+  )
   ax.grid(alpha=0.3)
   return fig
 
@@ -63,16 +69,17 @@ def scatter_figure(age: np.ndarray, predicted: np.ndarray, split: str):
   ax.scatter(age, predicted, s=6, alpha=0.4)
   lo, hi = float(min(age.min(), predicted.min())), float(max(age.max(), predicted.max()))
   ax.plot([lo, hi], [lo, hi], color="k", linewidth=1)
-  ax.set(xlabel="true age", ylabel="predicted age (expectation)", title=f"predicted vs true ({split})",
-         aspect="equal")
+  ax.set(xlabel="true age", ylabel="predicted age (expectation)", title=f"predicted vs true ({split})", aspect="equal")
   return fig
 
 
-def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath.Path, split: str
-                ) -> list[epath.Path]:
+def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath.Path, split: str) -> list[epath.Path]:
   """Saves the CS curve, MAE-by-age-group and scatter plots as `<split>_*.png` in `out`."""
-  figures = {"cs_curve": cs_curve_figure(report), "mae_by_age_group": age_group_figure(report),
-             "predicted_vs_true": scatter_figure(np.asarray(age), predicted, split)}
+  figures = {
+    "cs_curve": cs_curve_figure(report),
+    "mae_by_age_group": age_group_figure(report),
+    "predicted_vs_true": scatter_figure(np.asarray(age), predicted, split),
+  }
   paths = []
   for name, fig in figures.items():
     paths.append(out / f"{split}_{name}.png")
@@ -98,8 +105,9 @@ def distribution_figure(image: np.ndarray, age: float, probs: np.ndarray, bins: 
   return fig
 
 
-def distribution_figure_images(images_uint8: np.ndarray, ages: np.ndarray, probs: np.ndarray, bins: np.ndarray,
-                               sigma: float) -> np.ndarray:
+def distribution_figure_images(
+  images_uint8: np.ndarray, ages: np.ndarray, probs: np.ndarray, bins: np.ndarray, sigma: float
+) -> np.ndarray:
   """Renders each face's `distribution_figure` as uint8 RGB [N, H, W, 3] (for TensorBoard images)."""
   images_uint8, ages, probs = (np.asarray(x) for x in (images_uint8, ages, probs))
   out = []
@@ -110,7 +118,7 @@ def distribution_figure_images(images_uint8: np.ndarray, ages: np.ndarray, probs
   return np.stack(out)
 
 
-def plot_results(results: list["photos.ImageResult"], bins: np.ndarray, path: storage.Location) -> None:
+def plot_results(results: list[photos.ImageResult], bins: np.ndarray, path: storage.Location) -> None:
   """Saves a PNG: each photo with its face boxes and ages, beside the faces' predicted distributions.
 
   The first few faces' model inputs (aligned crops) are inset above their distributions.
@@ -131,10 +139,23 @@ def plot_results(results: list["photos.ImageResult"], bins: np.ndarray, path: st
       x, y, w, h = face.box
       colour = colours[i % len(colours)]
       ax_photo.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=colour, linewidth=2))
-      ax_photo.text(x, y, f"{i}: {face.predicted_age:.1f}", color="white", fontsize=11, va="bottom",
-                    bbox=dict(facecolor=colour, edgecolor="none", pad=2))
-      ax_dist.bar(bins, face.distribution, width=1.0, color=colour, alpha=0.6,
-                  label=f"face {i}: {face.predicted_age:.1f} ± {face.std:.1f}")
+      ax_photo.text(
+        x,
+        y,
+        f"{i}: {face.predicted_age:.1f}",
+        color="white",
+        fontsize=11,
+        va="bottom",
+        bbox=dict(facecolor=colour, edgecolor="none", pad=2),
+      )
+      ax_dist.bar(
+        bins,
+        face.distribution,
+        width=1.0,
+        color=colour,
+        alpha=0.6,
+        label=f"face {i}: {face.predicted_age:.1f} ± {face.std:.1f}",
+      )
       ax_dist.axvline(face.predicted_age, color=colour, linestyle="--")
       if i < PLOT_MAX_INSETS:
         inset = ax_dist.inset_axes((0.01 + 0.17 * i, 0.62, 0.16, 0.36))

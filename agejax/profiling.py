@@ -1,4 +1,4 @@
-"""--config.profile_steps: a jax.profiler trace of a few train steps in WORKDIR/plugins/profile (TensorBoard's profile tab)."""
+"""--config.profile_steps: a jax.profiler trace of a few train steps in WORKDIR/plugins/profile (TensorBoard)."""
 
 import os
 import shutil
@@ -36,8 +36,9 @@ class Profiler:
       return
     in_flight.wait()  # the traced steps have run on the device
     jax.profiler.stop_trace()
-    run = storage.check_writable(self.workdir / "plugins" / "profile" / f"train_steps_{self.first + 1}-{step}",
-                                 "profile folder")
+    run = storage.check_writable(
+      self.workdir / "plugins" / "profile" / f"train_steps_{self.first + 1}-{step}", "profile folder"
+    )
     # Several processes share a host name on one machine: keep their files apart.
     prefix = f"process{jax.process_index()}." if jax.process_count() > 1 else ""
     for root, _, files in os.walk(self._local):

@@ -21,6 +21,7 @@ class TrainState:
 
   Params and model state are plain nested dicts, so a checkpoint restores with plain Orbax.
   """
+
   step: jax.Array
   params: PyTree
   model_state: PyTree
@@ -31,6 +32,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """What the steps need from the config, frozen so the steps close over plain values."""
+
   image_size: int
   min_age: int
   max_age: int
@@ -45,11 +47,18 @@ class StepConfig:
   @classmethod
   def from_config(cls, config) -> "StepConfig":
     """Reads the fields the steps use from a full config."""
-    return cls(image_size=config.data.image_size, min_age=config.labels.min_age,
-               max_age=config.labels.max_age, loss_name=config.loss.name,
-               loss_sigma=config.loss.sigma, l1_weight=config.loss.l1_weight,
-               epsilon_sigma=config.metrics.epsilon_sigma, augment=config.augment, seed=config.seed,
-               grad_accum_steps=config.get("grad_accum_steps", 1))
+    return cls(
+      image_size=config.data.image_size,
+      min_age=config.labels.min_age,
+      max_age=config.labels.max_age,
+      loss_name=config.loss.name,
+      loss_sigma=config.loss.sigma,
+      l1_weight=config.loss.l1_weight,
+      epsilon_sigma=config.metrics.epsilon_sigma,
+      augment=config.augment,
+      seed=config.seed,
+      grad_accum_steps=config.get("grad_accum_steps", 1),
+    )
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
@@ -60,13 +69,22 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
 
 def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTransformation) -> TrainState:
   """Returns the state at step 0."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=model_state,
+    opt_state=tx.init(params),
+    skipped_steps=jnp.zeros((), jnp.int32),
+  )
 
 
-def create(config, steps_per_epoch: int, *, abstract: bool = False,
-           overlay: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]] | None = None
-           ) -> tuple["Steps", TrainState, optax.Schedule]:
+def create(
+  config,
+  steps_per_epoch: int,
+  *,
+  abstract: bool = False,
+  overlay: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]] | None = None,
+) -> tuple["Steps", TrainState, optax.Schedule]:
   """Builds `config`'s model, optimizer and step functions, and the state at step 0 (on the host).
 
   `abstract` gives shapes only (a restore target, nothing allocated); `overlay(params, model_state)`
@@ -96,25 +114,30 @@ class Steps:
     """Per-image epsilon-error sigma of a batch (see metrics.per_image_sigma)."""
     return metrics.per_image_sigma(batch.get("age_std"), batch["age"], self.cfg.epsilon_sigma)
 
-  def logits(self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool,
-             key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+  def logits(
+    self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool, key: jax.Array | None = None
+  ) -> tuple[jax.Array, PyTree]:
     """Runs the model on normalised images; returns logits and the updated model state."""
     model = nnx.merge(self.graphdef, params, model_state)
     out = model(images, train=train, rngs=key)
     _, _, rest = nnx.split(model, nnx.Param, ...)
     return out, nnx.to_pure_dict(rest)
 
-  def _grads(self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array,
-             key: jax.Array) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
+  def _grads(
+    self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array, key: jax.Array
+  ) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
     """Gradient of the mean loss; aux is (per-example loss, logits, updated model state)."""
+
     def loss_of(params):
       logits, new_state = self.logits(params, model_state, images, train=True, key=key)
       per_example = self.loss_fn(logits, ages)
       return jnp.mean(per_example), (per_example, logits, new_state)
+
     return jax.grad(loss_of, has_aux=True)(params)
 
-  def _accumulated_grads(self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array,
-                         key: jax.Array) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
+  def _accumulated_grads(
+    self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array, key: jax.Array
+  ) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
     """`_grads` over `grad_accum_steps` micro-batches in a scan: the same mean gradient, less memory."""
     k = self.cfg.grad_accum_steps
     # Micro-batch j takes examples j, j+k, ...: each device keeps its own rows, so no data moves.
@@ -129,11 +152,13 @@ class Steps:
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sum, model_state), (per_example, logits) = jax.lax.scan(
-        body, (zeros, model_state), (split(images), split(ages), jnp.arange(k)))
+      body, (zeros, model_state), (split(images), split(ages), jnp.arange(k))
+    )
     return jax.tree.map(lambda g: g / k, grad_sum), (merge(per_example), merge(logits), model_state)
 
-  def train_step(self, state: TrainState, sums: metrics.Sums, batch: dict
-                 ) -> tuple[TrainState, metrics.Sums, jax.Array]:
+  def train_step(
+    self, state: TrainState, sums: metrics.Sums, batch: dict
+  ) -> tuple[TrainState, metrics.Sums, jax.Array]:
     """One optimizer step on a uint8 batch; adds its metrics to the running sums; returns its loss.
 
     A step whose loss or gradient is not finite changes nothing but the step counter, the state's
@@ -147,18 +172,26 @@ class Steps:
     grads_fn = self._grads if self.cfg.grad_accum_steps == 1 else self._accumulated_grads
     grads, (per_example, logits, model_state) = grads_fn(state.params, state.model_state, images, ages, dropout_key)
     finite = jnp.isfinite(jnp.mean(per_example)) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     new = (optax.apply_updates(state.params, updates), opt_state, model_state)
-    params, opt_state, model_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
-                                                  (state.params, state.opt_state, state.model_state))
+    params, opt_state, model_state = jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, (state.params, state.opt_state, state.model_state)
+    )
     pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
     mask = jnp.broadcast_to(finite, ages.shape)
     sums = metrics.add(sums, metrics.batch_sums(per_example, pred, ages, self.sigma(batch), mask))
-    sums["nonfinite_step"] = jnp.where((sums["nonfinite_step"] == 0) & ~finite,
-                                       (state.step + 1).astype(jnp.float32), sums["nonfinite_step"])
-    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
-                           skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    sums["nonfinite_step"] = jnp.where(
+      (sums["nonfinite_step"] == 0) & ~finite, (state.step + 1).astype(jnp.float32), sums["nonfinite_step"]
+    )
+    new_state = TrainState(
+      step=state.step + 1,
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+    )
     return new_state, sums, jnp.mean(per_example)
 
   def predict(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
@@ -170,5 +203,9 @@ class Steps:
 def jit_train_step(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding) -> Callable:
   """Returns the train step jitted with explicit shardings, donating the state and the sums."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(steps.train_step, in_shardings=(state_sharding, replicated, batch_sharding),
-                 out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
+  return jax.jit(
+    steps.train_step,
+    in_shardings=(state_sharding, replicated, batch_sharding),
+    out_shardings=(state_sharding, replicated, replicated),
+    donate_argnums=(0, 1),
+  )

@@ -15,8 +15,19 @@ import jax
 import numpy as np
 from etils import epath
 
-from agejax import (checkpointing, configuration, errors, evaluation, metrics, parallel, plots, profiling, steps,
-                    storage, workdir_lock)
+from agejax import (
+  checkpointing,
+  configuration,
+  errors,
+  evaluation,
+  metrics,
+  parallel,
+  plots,
+  profiling,
+  steps,
+  storage,
+  workdir_lock,
+)
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
@@ -67,6 +78,7 @@ class _Preemption:
 def load_pretrained(config, params, model_state):
   """Overlays the converted torchvision backbone of `config.model.pretrained`; the age head stays new."""
   from agejax import convert
+
   return convert.backbone_from_converted(config.model.pretrained, params, model_state)
 
 
@@ -82,8 +94,17 @@ def build(config) -> dict[str, Any]:
   state = jax.device_put(state, replicated)
   train_step = steps.jit_train_step(fns, replicated, parallel.data_sharded(mesh))
   evaluator = evaluation.Evaluator(fns, eval_data, config.eval_batch_size or config.batch_size, mesh)
-  return dict(mesh=mesh, train_data=train_data, eval_data=eval_data, schedule=schedule, state=state,
-              steps=fns, train_step=train_step, evaluator=evaluator, steps_per_epoch=steps_per_epoch)
+  return dict(
+    mesh=mesh,
+    train_data=train_data,
+    eval_data=eval_data,
+    schedule=schedule,
+    state=state,
+    steps=fns,
+    train_step=train_step,
+    evaluator=evaluator,
+    steps_per_epoch=steps_per_epoch,
+  )
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -134,6 +155,7 @@ def _workdir_lock(workdir: epath.Path) -> Iterator[workdir_lock.WorkdirLock | No
       failure = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     if not multihost_utils.broadcast_one_to_all(np.int32(failure is None)) and failure is None:
       failure = workdir_lock.WorkdirBusy(f"workdir {workdir}: process 0 could not take its lock (see its error)")
   if failure is not None:
@@ -158,8 +180,14 @@ def _check_recorded_config(config, workdir: epath.Path) -> None:
     logging.warning("%s has checkpoints but no config.json: only their array shapes are checked", workdir)
 
 
-def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: workdir_lock.WorkdirLock | None,
-           signalled: _Preemption, started: float) -> dict[str, float] | None:
+def _train(
+  config,
+  workdir: epath.Path,
+  ckpts: checkpointing.Checkpoints,
+  lock: workdir_lock.WorkdirLock | None,
+  signalled: _Preemption,
+  started: float,
+) -> dict[str, float] | None:
   """train_and_evaluate's body, run holding the workdir's lock."""
   from clu import metric_writers, periodic_actions
   from tqdm.auto import tqdm
@@ -177,8 +205,9 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
       state = ckpts.restore(state)
     start = int(state.step)
     # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
-    _write_json(workdir / checkpointing.INFERENCE_FILE,
-                checkpointing.inference_record(config, b["train_data"].images.shape[1]))
+    _write_json(
+      workdir / checkpointing.INFERENCE_FILE, checkpointing.inference_record(config, b["train_data"].images.shape[1])
+    )
     if start >= config.num_train_steps and final_path.exists():
       final = storage.read_json_object(final_path)
       print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
@@ -194,8 +223,9 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
     predict = jax.jit(b["steps"].predict)
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
     batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
-    stream = pipeline.device_prefetch((batches.local_batch(s) for s in range(start, config.num_train_steps)),
-                                      parallel.data_sharded(mesh))
+    stream = pipeline.device_prefetch(
+      (batches.local_batch(s) for s in range(start, config.num_train_steps)), parallel.data_sharded(mesh)
+    )
     sums = jax.device_put(metrics.zeros(), replicated)  # donated to the step: a fresh one after each log
   eval_metrics: dict[str, float] = {}
   step, first_step_s = start, None
@@ -217,12 +247,15 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
       ckpts.wait()  # earlier (finite) checkpoints complete; this state is never saved
       ckpts.close()
       raise errors.Diverged(
-          f"non-finite loss or gradient at step {int(host_sums['nonfinite_step'])} (run stopped; latest "
-          f"checkpoint: step {ckpts.latest_step()}); lower optimizer.learning_rate, or set "
-          f"config.nonfinite='skip' to skip such steps")
+        f"non-finite loss or gradient at step {int(host_sums['nonfinite_step'])} (run stopped; latest "
+        f"checkpoint: step {ckpts.latest_step()}); lower optimizer.learning_rate, or set "
+        f"config.nonfinite='skip' to skip such steps"
+      )
 
-  with metric_writers.ensure_flushes(writer), \
-      tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
+  with (
+    metric_writers.ensure_flushes(writer),
+    tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar,
+  ):
     for step in range(start + 1, config.num_train_steps + 1):
       profiler.before(step)
       state, sums, loss = b["train_step"](state, sums, next(stream))
@@ -251,20 +284,33 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
           train = metrics.means(host)
           skipped = int(metrics.fetch_array(state.skipped_steps))  # kept over resumes
           sums = jax.device_put(metrics.zeros(), replicated)
-          writer.write_scalars(step, {"train/loss": train["loss"], "train/mae": train["mae"],
-                                      "train/learning_rate": learning_rate(step - skipped),
-                                      "train/nonfinite_steps": skipped})
+          writer.write_scalars(
+            step,
+            {
+              "train/loss": train["loss"],
+              "train/mae": train["mae"],
+              "train/learning_rate": learning_rate(step - skipped),
+              "train/nonfinite_steps": skipped,
+            },
+          )
           bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
         if evaluated:
           with report.timed("eval"):
             eval_metrics = evaluation.headline(b["evaluator"].run(state))
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           probs = metrics.fetch_array(predict(state.params, state.model_state, sample_images))
-          writer.write_images(step, {"eval/distributions": plots.distribution_figure_images(
-              sample["image"], sample["age"], probs, np.asarray(b["steps"].bins), config.loss.sigma)})
+          writer.write_images(
+            step,
+            {
+              "eval/distributions": plots.distribution_figure_images(
+                sample["image"], sample["age"], probs, np.asarray(b["steps"].bins), config.loss.sigma
+              )
+            },
+          )
         if saving:
-          ckpts.save(step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None,
-                     force=preempted)
+          ckpts.save(
+            step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None, force=preempted
+          )
         if preempted and not last:
           ckpts.wait()
           ckpts.close()
@@ -274,11 +320,16 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
     ckpts.wait()
     if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
       eval_metrics = evaluation.headline(b["evaluator"].run(state))
-    final = {"step": step, **{f"eval_{k}": v for k, v in eval_metrics.items()},
-             "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
-             "best_step": ckpts.best_step(), "eval_split": config.data.eval_split,
-             "train_steps_per_s": _steady_rate(synced), "first_step_s": first_step_s,
-             "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps))}
+    final = {
+      "step": step,
+      **{f"eval_{k}": v for k, v in eval_metrics.items()},
+      "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
+      "best_step": ckpts.best_step(),
+      "eval_split": config.data.eval_split,
+      "train_steps_per_s": _steady_rate(synced),
+      "first_step_s": first_step_s,
+      "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps)),
+    }
   ckpts.close()
   if lock is not None:
     lock.check()
@@ -287,6 +338,7 @@ def _train(config, workdir: epath.Path, ckpts: checkpointing.Checkpoints, lock: 
     # No process exits before final_metrics.json exists: a restart loop on any host that checks
     # for it then stops instead of starting a run whose coordinator is gone.
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("agejax final metrics written")
   if jax.process_index() == 0:
     print(summary(final))
@@ -304,10 +356,13 @@ def _steady_rate(synced: list[tuple[int, float]]) -> float | None:
 def summary(final: dict[str, Any]) -> str:
   """Formats final metrics as a short human-readable block."""
   ratio = final["eval_mae"] / final["baseline_mae"] if final["baseline_mae"] else float("nan")
-  return "\n".join([
+  return "\n".join(
+    [
       f"step {final['step']}  ({final['eval_split']} split)",
-      f"  MAE            {final['eval_mae']:.3f} years  (mean-age baseline {final['baseline_mae']:.3f}; ratio {ratio:.2f})",
+      f"  MAE            {final['eval_mae']:.3f} years  "
+      f"(mean-age baseline {final['baseline_mae']:.3f}; ratio {ratio:.2f})",
       f"  epsilon-error  {final['eval_epsilon_error']:.4f}",
       f"  CS@5           {final['eval_cs5']:.4f}",
       f"  loss           {final['eval_loss']:.4f}",
-  ])
+    ]
+  )

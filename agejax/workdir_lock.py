@@ -32,17 +32,19 @@ def _seconds(utc: str) -> float:
   return float(calendar.timegm(time.strptime(utc, "%Y-%m-%dT%H:%M:%SZ")))
 
 
-
-
 def _machine() -> dict[str, str]:
   """What makes a pid meaningful: the kernel's boot and the pid namespace (containers share host names)."""
+
   def read(reader, name: str) -> str:
     try:
       return reader(name).strip()
     except OSError:
       return ""
-  return {"boot_id": read(lambda n: open(n).read(), "/proc/sys/kernel/random/boot_id"),
-          "pid_namespace": read(os.readlink, "/proc/self/ns/pid")}
+
+  return {
+    "boot_id": read(lambda n: open(n).read(), "/proc/sys/kernel/random/boot_id"),
+    "pid_namespace": read(os.readlink, "/proc/self/ns/pid"),
+  }
 
 
 def describe_holder(holder: dict[str, Any] | None) -> str:
@@ -74,13 +76,21 @@ class WorkdirLock:
   WorkdirBusy naming the holder. Other URL schemes have no lock (a warning says so).
   """
 
-  def __init__(self, workdir: storage.Location, *, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S):
+  def __init__(
+    self, workdir: storage.Location, *, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S
+  ):
     self.workdir = storage.path(workdir)
     self.file = self.workdir / LOCK_FILE
     self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
     now = _utc(time.time())
-    self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": now, "heartbeat": now,
-                   "token": uuid.uuid4().hex, **_machine()}
+    self.holder = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "since": now,
+      "heartbeat": now,
+      "token": uuid.uuid4().hex,
+      **_machine(),
+    }
     self._fd: int | None = None
     self._blob = None
     self._generation: int | None = None
@@ -95,9 +105,13 @@ class WorkdirLock:
     self.release()
 
   def _busy(self, holder: dict[str, Any] | None) -> WorkdirBusy:
-    stale = (f"; a lock not refreshed for {self.stale_s / 60:g} min is taken over" if storage.is_url(self.workdir) else "")
-    return WorkdirBusy(f"workdir {self.workdir} is in use by another run: {describe_holder(holder)} (lock "
-                       f"{self.file}); wait for it to end or stop it, or use another workdir{stale}")
+    stale = (
+      f"; a lock not refreshed for {self.stale_s / 60:g} min is taken over" if storage.is_url(self.workdir) else ""
+    )
+    return WorkdirBusy(
+      f"workdir {self.workdir} is in use by another run: {describe_holder(holder)} (lock "
+      f"{self.file}); wait for it to end or stop it, or use another workdir{stale}"
+    )
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock or raises WorkdirBusy naming its holder; returns self."""
@@ -137,6 +151,7 @@ class WorkdirLock:
 
   def _delete_object(self) -> None:
     from google.api_core import exceptions
+
     try:
       self._blob.delete(if_generation_match=self._generation)
     except exceptions.NotFound:
@@ -174,8 +189,11 @@ class WorkdirLock:
       self._fd = None
     previous = _parse_holder(os.pread(self._fd, 1 << 16, 0))
     if previous:
-      logging.warning("workdir %s: the previous run, %s, ended without releasing its lock (killed?); taking it over",
-                      self.workdir, describe_holder(previous))
+      logging.warning(
+        "workdir %s: the previous run, %s, ended without releasing its lock (killed?); taking it over",
+        self.workdir,
+        describe_holder(previous),
+      )
     os.ftruncate(self._fd, 0)
     os.pwrite(self._fd, (json.dumps(self.holder) + "\n").encode(), 0)
     os.fsync(self._fd)
@@ -199,6 +217,7 @@ class WorkdirLock:
   def _read_object(self, bucket, name: str) -> tuple[int, dict[str, Any] | None, float] | None:
     """(generation, holder, age in seconds of its last heartbeat) of the lock object, or None if there is none."""
     from google.api_core import exceptions
+
     while True:
       blob = bucket.get_blob(name)
       if blob is None:
@@ -218,15 +237,20 @@ class WorkdirLock:
     if age > self.stale_s:
       return f"its last heartbeat was {age / 60:.0f} min ago (stale after {self.stale_s / 60:g} min)"
     ours = {"host": self.holder["host"], **_machine()}
-    if holder and all(holder.get(k) == v for k, v in ours.items()) and isinstance(holder.get("pid"), int) \
-        and not storage.process_running(holder["pid"]):
+    if (
+      holder
+      and all(holder.get(k) == v for k, v in ours.items())
+      and isinstance(holder.get("pid"), int)
+      and not storage.process_running(holder["pid"])
+    ):
       return f"pid {holder['pid']} no longer runs on this host"
     return None
 
   def _acquire_object(self) -> None:
     from google.api_core import exceptions
     from google.cloud import storage as gcs
-    bucket_name, _, name = str(self.file)[len("gs://"):].partition("/")
+
+    bucket_name, _, name = str(self.file)[len("gs://") :].partition("/")
     bucket = gcs.Client(project=None).bucket(bucket_name)  # bucket and object calls need no project
     blob = bucket.blob(name)
     for _ in range(5):
@@ -256,11 +280,13 @@ class WorkdirLock:
 
   def _heartbeat(self) -> None:
     from google.api_core import exceptions
+
     while not self._stop.wait(self.heartbeat_s):
       self.holder["heartbeat"] = _utc(time.time())
       try:
-        self._blob.upload_from_string(self._payload(), content_type="application/json",
-                                      if_generation_match=self._generation)
+        self._blob.upload_from_string(
+          self._payload(), content_type="application/json", if_generation_match=self._generation
+        )
         self._generation = self._blob.generation
       except (exceptions.PreconditionFailed, exceptions.NotFound):
         found = self._read_object(self._blob.bucket, self._blob.name)
@@ -268,9 +294,11 @@ class WorkdirLock:
           self._generation = found[0]  # our own write, retried after a lost reply
           continue
         holder = describe_holder(found[1]) if found else "nobody (it was removed)"
-        self._lost = (f"workdir {self.workdir}: this run's lock was taken over or removed (now held by {holder}; "
-                      f"no heartbeat for {self.stale_s / 60:g} min makes a lock stale); stopped so that two runs "
-                      f"never write one workdir")
+        self._lost = (
+          f"workdir {self.workdir}: this run's lock was taken over or removed (now held by {holder}; "
+          f"no heartbeat for {self.stale_s / 60:g} min makes a lock stale); stopped so that two runs "
+          f"never write one workdir"
+        )
         logging.error("%s", self._lost)
         return
       except Exception as e:  # a network hiccup: the next beat tries again, long before the lock is stale

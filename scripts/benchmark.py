@@ -19,21 +19,37 @@ def default_config(variant: str | None = None):
   try:
     from configs import vgg16_kl
   except ModuleNotFoundError as e:
-    raise SystemExit(f"benchmark: configs/vgg16_kl.py needs the {e.name!r} package (pip install ml-collections)") from None
+    raise SystemExit(
+      f"benchmark: configs/vgg16_kl.py needs the {e.name!r} package (pip install ml-collections)"
+    ) from None
   return vgg16_kl.get_config(variant)
 
 
 def table(rows: list[dict], keys: list[str]) -> str:
   """Formats result dicts as an aligned text table."""
+
   def fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+
   cells = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
   return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
 
 
-TRAIN_KEYS = ["framework", "device", "batch", "dtype", "image_size", "images_per_s", "step_ms_median",
-              "step_ms_min", "step_ms_max", "compile_s", "mfu", "mfu_matmul"]
+TRAIN_KEYS = [
+  "framework",
+  "device",
+  "batch",
+  "dtype",
+  "image_size",
+  "images_per_s",
+  "step_ms_median",
+  "step_ms_min",
+  "step_ms_max",
+  "compile_s",
+  "mfu",
+  "mfu_matmul",
+]
 
 
 def main() -> None:
@@ -49,16 +65,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     if mode == "torch":
       p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-      p.add_argument("--compile-at", choices=["all", "best"], default="all",
-                     help="torch.compile at every batch, or only where PyTorch eager was fastest")
+      p.add_argument(
+        "--compile-at",
+        choices=["all", "best"],
+        default="all",
+        help="torch.compile at every batch, or only where PyTorch eager was fastest",
+      )
   p = sub.add_parser("loop")
   p.add_argument("--config", default="tiny", help="variant of configs/vgg16_kl.py")
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--log-every", type=int, default=100)
   p.add_argument("--checkpoint-every", type=int, default=1000)
   p.add_argument("--data_dir", default="")
-  p.add_argument("--compilation_cache_dir", default=None,
-                 help="JAX persistent compilation cache ('' disables it; default: the config's)")
+  p.add_argument(
+    "--compilation_cache_dir",
+    default=None,
+    help="JAX persistent compilation cache ('' disables it; default: the config's)",
+  )
   p = sub.add_parser("startup", help="time to the first step with a cold, then a warm, compilation cache")
   p.add_argument("--config", default="demo", help="variant of configs/vgg16_kl.py")
   p.add_argument("--data_dir", default="")
@@ -74,18 +97,29 @@ def main() -> None:
     # JAX would otherwise take 75% of the GPU up front and leave PyTorch too little at large batches.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from agejax import benchmarking, errors
+
   if args.mode in ("train", "torch"):
     print("environment:", json.dumps(benchmarking.environment()))
     torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
-    rows = benchmarking.side_by_side(default_config(), args.batch, args.dtype, args.image_size, args.steps, args.repeats, args.width,
-                                     torch_modes=torch_modes, compile_at=getattr(args, "compile_at", "all"))
+    rows = benchmarking.side_by_side(
+      default_config(),
+      args.batch,
+      args.dtype,
+      args.image_size,
+      args.steps,
+      args.repeats,
+      args.width,
+      torch_modes=torch_modes,
+      compile_at=getattr(args, "compile_at", "all"),
+    )
     print(table(rows, TRAIN_KEYS + (["jax_speedup"] if args.mode == "torch" else [])))
     best = benchmarking.best_of(rows)
     print("best:", ", ".join(f"{k} {r['images_per_s']:.1f} images/s at batch {r['batch']}" for k, r in best.items()))
     if len(best) > 1:
       jax_best = best["jax"]["images_per_s"]
-      print("jax best / best:", ", ".join(f"{k} {jax_best / r['images_per_s']:.3f}" for k, r in best.items()
-                                          if k != "jax"))
+      print(
+        "jax best / best:", ", ".join(f"{k} {jax_best / r['images_per_s']:.3f}" for k, r in best.items() if k != "jax")
+      )
     print(json.dumps(rows if len(rows) > 1 else rows[0]))
   elif args.mode == "loop":
     config = default_config(args.config)
@@ -99,17 +133,25 @@ def main() -> None:
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
     print(json.dumps(row))
   elif args.mode == "startup":
-    row = benchmarking.startup(default_config(args.config), str(ROOT / "configs" / "vgg16_kl.py"), args.config,
-                               str(ROOT / "scripts" / "train.py"), args.data_dir)
-    print(table([row], ["config", "cold_first_step_s", "warm_first_step_s", "ratio", "cold_process_s",
-                        "warm_process_s"]))
+    row = benchmarking.startup(
+      default_config(args.config),
+      str(ROOT / "configs" / "vgg16_kl.py"),
+      args.config,
+      str(ROOT / "scripts" / "train.py"),
+      args.data_dir,
+    )
+    print(
+      table([row], ["config", "cold_first_step_s", "warm_first_step_s", "ratio", "cold_process_s", "warm_process_s"])
+    )
     print(json.dumps(row))
   else:
     try:
       row = benchmarking.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
     except errors.UserError as e:  # unknown or unprepared dataset: one line, no traceback
       sys.exit(f"error: {e}")
-    print(table([row], ["dataset", "examples", "image_shape", "batch", "images_per_s", "images_per_s_per_core", "cores"]))
+    print(
+      table([row], ["dataset", "examples", "image_shape", "batch", "images_per_s", "images_per_s_per_core", "cores"])
+    )
     print("(the gather runs in one thread: images_per_s_per_core is the single-thread rate)")
     print(json.dumps(row))
 

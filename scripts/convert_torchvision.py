@@ -23,6 +23,7 @@ flags.mark_flags_as_mutual_exclusive(["checkpoint", "weights"], required=True)
 def download_state_dict(arch: str, name: str) -> dict:
   """Fetches torchvision's official weights (needs internet); raises ValueError with one line otherwise."""
   from torchvision.models import get_weight
+
   enum = "VGG16_Weights" if arch == "vgg16" else "VGG16_BN_Weights"
   try:
     weights = get_weight(f"{enum}.{name}")
@@ -54,8 +55,10 @@ def main(argv):
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  print(f"wrote {output / convert.WEIGHTS_DIR} and {output / convert.META_FILE}: "
-        f"{_ARCH.value}, {model.head.kernel.shape[1]} classes, {count:,} parameters, from {source}")
+  print(
+    f"wrote {output / convert.WEIGHTS_DIR} and {output / convert.META_FILE}: "
+    f"{_ARCH.value}, {model.head.kernel.shape[1]} classes, {count:,} parameters, from {source}"
+  )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from ml_collections import config_flags
 
 from agejax import checkpointing, configuration, errors, evaluation
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file; default: WORKDIR/config.json.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Training config file; default: WORKDIR/config.json.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
@@ -29,8 +30,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; -v 0 restores it
     logging.set_verbosity(logging.WARNING)
   try:
-    report = evaluation.evaluate_workdir(_CONFIG.value, _WORKDIR.value, _SPLIT.value, checkpoint=_CHECKPOINT.value,
-                                         flip=_FLIP.value)
+    report = evaluation.evaluate_workdir(
+      _CONFIG.value, _WORKDIR.value, _SPLIT.value, checkpoint=_CHECKPOINT.value, flip=_FLIP.value
+    )
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   print(evaluation.format_table(report))

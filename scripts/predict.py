@@ -29,6 +29,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   from tqdm.auto import tqdm
+
   if len(argv) < 2:
     raise app.UsageError("give at least one IMAGE_OR_FOLDER")
   if not flags.FLAGS["verbosity"].present:
@@ -40,9 +41,13 @@ def main(argv):
   detector = None if _ALIGNED.value else photos.FaceDetector()
   files = photos.list_files(argv[1:])
   plotted = []
-  for result in photos.predict_files(predictor, tqdm(files, desc="predict", unit="file"),
-                                      aligned=_ALIGNED.value, detector=detector,
-                                      keep_photos=PLOT_MAX_PHOTOS if _PLOT.value else 0):
+  for result in photos.predict_files(
+    predictor,
+    tqdm(files, desc="predict", unit="file"),
+    aligned=_ALIGNED.value,
+    detector=detector,
+    keep_photos=PLOT_MAX_PHOTOS if _PLOT.value else 0,
+  ):
     if _JSON.value:
       lines = [json.dumps(obj) for obj in photos.to_json(result, predictor.config.labels.min_age)]
     else:

@@ -15,19 +15,25 @@ from absl import app, flags, logging
 from agejax import errors
 from agejax.data import datasets
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder holding the downloaded dataset, or for utkface "
-                                  "the archive itself (not for demo).")
+_MANUAL_DIR = flags.DEFINE_string(
+  "manual_dir", "", "Folder holding the downloaded dataset, or for utkface the archive itself (not for demo)."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir; default ~/tensorflow_datasets.")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", "", "TFDS builder config, e.g. 'tiny' for demo.")
 flags.DEFINE_alias("name", "builder_config")  # csv_faces: the name of your dataset, e.g. 'appa'
-_REBUILD = flags.DEFINE_bool("rebuild", False, "Delete the prepared dataset of this name (its version folder) "
-                             "and prepare it again from --manual_dir.")
+_REBUILD = flags.DEFINE_bool(
+  "rebuild",
+  False,
+  "Delete the prepared dataset of this name (its version folder) and prepare it again from --manual_dir.",
+)
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in datasets.DATASETS:
-    sys.exit(f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
-             f"[--name NAME] [--rebuild]")
+    sys.exit(
+      f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
+      f"[--name NAME] [--rebuild]"
+    )
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:

@@ -10,8 +10,7 @@ from ml_collections import config_flags
 
 from agejax import configuration, errors, parallel, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final metrics.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Multi-process run that JAX discovers (TPU VM pods, SLURM).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for other clusters.")

@@ -24,6 +24,7 @@ from configs import vgg16_kl
 def data_dir(tmp_path_factory) -> str:
   """A TFDS data_dir holding the prepared `tiny` demo dataset."""
   from agejax.data import datasets
+
   path = tmp_path_factory.mktemp("tensorflow_datasets")
   datasets.prepare("demo", str(path), builder_config="tiny")
   return str(path)
@@ -56,15 +57,25 @@ def tiny_config(data_dir, compilation_cache):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_command(workdir, *overrides: str, data_dir: str, cache: str = "", variant: str = "tiny",
-                  arrays: str = "") -> list[str]:
+def train_command(
+  workdir, *overrides: str, data_dir: str, cache: str = "", variant: str = "tiny", arrays: str = ""
+) -> list[str]:
   """The command line of scripts/train.py on the tiny demo data, with `--config.KEY=VALUE` overrides.
 
   `arrays` is the local array cache; by default the one beside a local `data_dir`.
   """
-  return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", f"{ROOT}/configs/vgg16_kl.py:{variant}",
-          "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", f"--config.compilation_cache_dir={cache}",
-          f"--config.data.cache_dir={arrays or array_cache(data_dir)}", *overrides]
+  return [
+    sys.executable,
+    str(ROOT / "scripts" / "train.py"),
+    "--config",
+    f"{ROOT}/configs/vgg16_kl.py:{variant}",
+    "--workdir",
+    str(workdir),
+    f"--config.data.data_dir={data_dir}",
+    f"--config.compilation_cache_dir={cache}",
+    f"--config.data.cache_dir={arrays or array_cache(data_dir)}",
+    *overrides,
+  ]
 
 
 def cpu_env(devices: int = 1) -> dict[str, str]:
@@ -75,10 +86,12 @@ def cpu_env(devices: int = 1) -> dict[str, str]:
 def checkpoint(workdir, step: int) -> dict:
   """Restores a checkpoint as NumPy arrays with plain Orbax, as anyone could without agejax."""
   import orbax.checkpoint as ocp
+
   path = Path(workdir) / "checkpoints" / str(step) / "default"
   checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
+  as_numpy = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), checkpointer.metadata(path).item_metadata.tree
+  )
   return checkpointer.restore(path, restore_args=as_numpy)
 
 
@@ -89,8 +102,10 @@ def assert_close_relative(a, b, rtol: float) -> None:
   by ~1e-7 relative, and Adam, which normalises each gradient, can grow that on a parameter whose
   gradient nearly cancels (a bias near zero), so single small tensors are not compared alone.
   """
-  diff = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  diff = sum(
+    float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
   norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
   assert jax.tree.structure(a) == jax.tree.structure(b)
   assert np.sqrt(diff) <= rtol * np.sqrt(norm), np.sqrt(diff / norm)

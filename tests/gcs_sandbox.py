@@ -24,8 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com", "accounts.google.com",
-         "metadata.google.internal", "metadata")
+HOSTS = (
+  "www.googleapis.com",
+  "storage.googleapis.com",
+  "oauth2.googleapis.com",
+  "accounts.google.com",
+  "metadata.google.internal",
+  "metadata",
+)
 CLOSED = "127.0.0.1:9"  # a loopback port nothing listens on: metadata-server look-ups fail at once
 READY_TIMEOUT_S = 30.0
 PROXIES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
@@ -106,14 +112,21 @@ class GcsSandbox:
     log = open(self.root / "server.log", "wb")
     # stdin is a pipe whose end the server watches: it exits when this process closes it or dies.
     self.process = subprocess.Popen(
-        ["unshare", "-n", "-m", sys.executable, __file__, "serve", str(self.root), *self.buckets],
-        stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+      ["unshare", "-n", "-m", sys.executable, __file__, "serve", str(self.root), *self.buckets],
+      stdin=subprocess.PIPE,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     log.close()
     deadline = time.monotonic() + self.timeout
     while not (self.root / "ready").exists():
       if self.process.poll() is not None or time.monotonic() > deadline:
-        problem = (f"exited with status {self.process.returncode}" if self.process.poll() is not None
-                   else f"not ready after {self.timeout:.0f} s")
+        problem = (
+          f"exited with status {self.process.returncode}"
+          if self.process.poll() is not None
+          else f"not ready after {self.timeout:.0f} s"
+        )
         raise RuntimeError(f"GCS sandbox server {problem}:\n{self.log()[-4000:]}")
       time.sleep(0.02)
 
@@ -142,19 +155,34 @@ class GcsSandbox:
     fails a call after ~195 s; 0 fails it at once).
     """
     env = dict(os.environ if base is None else base)
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUD_STORAGE_EMULATOR_ENDPOINT", "TENSORSTORE_GCS_HTTP_URL",
-                 *PROXIES):
+    for name in (
+      "GOOGLE_APPLICATION_CREDENTIALS",
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+      "TENSORSTORE_GCS_HTTP_URL",
+      *PROXIES,
+    ):
       env.pop(name, None)  # every client talks to the real host names, which lead to the sandbox
-    env.update({name: self.ca for name in ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
-                                           "TENSORSTORE_CA_BUNDLE")})
-    env.update(GOOGLE_AUTH_TOKEN_FOR_TESTING="fake", NO_GCE_CHECK="true", GCE_METADATA_HOST=CLOSED,
-               GCE_METADATA_IP=CLOSED, GCE_METADATA_ROOT=CLOSED, CLOUDSDK_CONFIG=str(self.root / "gcloud"),
-               FSSPEC_GCS_TOKEN="anon", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-               # google-cloud-storage (Orbax asks it whether a bucket is hierarchical) then needs no credentials.
-               STORAGE_EMULATOR_HOST="https://storage.googleapis.com")
+    env.update(
+      {name: self.ca for name in ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "TENSORSTORE_CA_BUNDLE")}
+    )
+    env.update(
+      GOOGLE_AUTH_TOKEN_FOR_TESTING="fake",
+      NO_GCE_CHECK="true",
+      GCE_METADATA_HOST=CLOSED,
+      GCE_METADATA_IP=CLOSED,
+      GCE_METADATA_ROOT=CLOSED,
+      CLOUDSDK_CONFIG=str(self.root / "gcloud"),
+      FSSPEC_GCS_TOKEN="anon",
+      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+      # google-cloud-storage (Orbax asks it whether a bucket is hierarchical) then needs no credentials.
+      STORAGE_EMULATOR_HOST="https://storage.googleapis.com",
+    )
     if tf_retries is not None:
-      env.update(GCS_RETRY_CONFIG_MAX_RETRIES=str(tf_retries), GCS_RETRY_CONFIG_INIT_DELAY_TIME_US="1000",
-                 GCS_RETRY_CONFIG_MAX_DELAY_TIME_US="1000")  # TF adds up to 1 s of jitter per retry anyway
+      env.update(
+        GCS_RETRY_CONFIG_MAX_RETRIES=str(tf_retries),
+        GCS_RETRY_CONFIG_INIT_DELAY_TIME_US="1000",
+        GCS_RETRY_CONFIG_MAX_DELAY_TIME_US="1000",
+      )  # TF adds up to 1 s of jitter per retry anyway
     return env
 
   def command(self, argv: list[str], cwd: str | os.PathLike | None = None, reachable: bool = True) -> list[str]:
@@ -173,8 +201,10 @@ class GcsSandbox:
   def _wrap(self, argv: list[str], kwargs: dict) -> tuple[list[str], dict]:
     reachable = kwargs.pop("reachable", True)
     env = kwargs.get("env")
-    return (self.command(argv, kwargs.get("cwd"), reachable),
-            dict(kwargs, env=self.env(env) if env is not None else self.env()))
+    return (
+      self.command(argv, kwargs.get("cwd"), reachable),
+      dict(kwargs, env=self.env(env) if env is not None else self.env()),
+    )
 
   def run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run of `command(argv)`; an explicit `env` replaces os.environ under `env()`; `reachable=`."""
@@ -187,8 +217,12 @@ class GcsSandbox:
     return subprocess.Popen(command, **kwargs)
 
   def _query(self, op: str, bucket: str, arg: str, data: bytes = b"") -> bytes:
-    result = subprocess.run(self.command([sys.executable, "-I", "-c", _CLIENT, op, bucket, arg, self.ca]),
-                            input=data, capture_output=True, timeout=60)
+    result = subprocess.run(
+      self.command([sys.executable, "-I", "-c", _CLIENT, op, bucket, arg, self.ca]),
+      input=data,
+      capture_output=True,
+      timeout=60,
+    )
     if result.returncode:
       lines = result.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {result.returncode}"]
       error = FileNotFoundError if lines[-1].startswith("404 ") else RuntimeError
@@ -215,22 +249,57 @@ def _check_privileges() -> None:
     raise SandboxUnavailable(f"GCS sandbox needs {', '.join(missing)} on PATH")
   probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True, timeout=10)
   if probe.returncode:
-    raise SandboxUnavailable("GCS sandbox needs root (CAP_SYS_ADMIN) to create network and mount namespaces: "
-                       f"`unshare -n -m` failed as uid {os.getuid()}: {probe.stderr.strip()}")
+    raise SandboxUnavailable(
+      "GCS sandbox needs root (CAP_SYS_ADMIN) to create network and mount namespaces: "
+      f"`unshare -n -m` failed as uid {os.getuid()}: {probe.stderr.strip()}"
+    )
 
 
 def _make_certificates(root: Path) -> None:
   """A throwaway CA (ca.pem) and a certificate for HOSTS signed by it (server.pem, server.key)."""
+
   def openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True, timeout=30)
+
   key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-  openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=gcs-sandbox CA",
-          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+  openssl(
+    "req",
+    "-x509",
+    *key,
+    "-keyout",
+    "ca.key",
+    "-out",
+    "ca.pem",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=gcs-sandbox CA",
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign,cRLSign",
+  )
   openssl("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=www.googleapis.com")
-  (root / "server.ext").write_text("subjectAltName=" + ",".join(f"DNS:{host}" for host in HOSTS) + ",IP:127.0.0.1\n"
-                                   "extendedKeyUsage=serverAuth\n")
-  openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-          "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+  (root / "server.ext").write_text(
+    "subjectAltName=" + ",".join(f"DNS:{host}" for host in HOSTS) + ",IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+  )
+  openssl(
+    "x509",
+    "-req",
+    "-in",
+    "server.csr",
+    "-CA",
+    "ca.pem",
+    "-CAkey",
+    "ca.key",
+    "-CAcreateserial",
+    "-days",
+    "2",
+    "-extfile",
+    "server.ext",
+    "-out",
+    "server.pem",
+  )
 
 
 def _patch_emulator() -> None:
@@ -262,8 +331,15 @@ def _patch_emulator() -> None:
     if not storage.buckets.get(name):
       response.status = HTTPStatus.NOT_FOUND
       return
-    response.json({"kind": "storage#storageLayout", "bucket": name, "location": "US", "locationType": "multi-region",
-                   "hierarchicalNamespace": {"enabled": False}})
+    response.json(
+      {
+        "kind": "storage#storageLayout",
+        "bucket": name,
+        "location": "US",
+        "locationType": "multi-region",
+        "hierarchicalNamespace": {"enabled": False},
+      }
+    )
 
   from gcp_storage_emulator.exceptions import NotFound
 
@@ -293,22 +369,29 @@ def _patch_emulator() -> None:
         response["x-goog-generation"] = current
         response["x-goog-metageneration"] = storage.get_file_obj(bucket, name)["metageneration"]
       return result
+
     return wrapped
 
   from_path = lambda request: request.params["object_id"]  # noqa: E731
-  replaced = {fn: preconditions(fn, reading, from_path)
-              for fn, reading in ((objects.download, True), (objects.get, True), (objects.delete, False))}
+  replaced = {
+    fn: preconditions(fn, reading, from_path)
+    for fn, reading in ((objects.download, True), (objects.get, True), (objects.delete, False))
+  }
   for _, methods in server.HANDLERS:  # the routing table holds the functions themselves
     for method, fn in methods.items():
       methods[method] = replaced.get(fn, fn)
   objects._media_upload = preconditions(media_upload_empty, False, lambda request: request.query["name"][0])
   # google-cloud-storage uploads small objects as multipart (metadata + content); the name is in either.
   objects._multipart_upload = preconditions(
-      objects._multipart_upload, False,
-      lambda request: request.query["name"][0] if "name" in request.query else request.data["meta"].get("name"))
+    objects._multipart_upload,
+    False,
+    lambda request: request.query["name"][0] if "name" in request.query else request.data["meta"].get("name"),
+  )
   server._read_raw_data = read_chunked_first
-  server.HANDLERS = ((r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$", {"GET": storage_layout}),
-                     *server.HANDLERS)
+  server.HANDLERS = (
+    (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$", {"GET": storage_layout}),
+    *server.HANDLERS,
+  )
 
   lock = threading.Lock()  # the emulator's storage is not thread-safe; HTTP and HTTPS threads share it
   handle = server.Router.handle
@@ -339,8 +422,11 @@ def _serve(root: Path, buckets: list[str]) -> None:
   subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True, timeout=10)
 
   # GCS_SANDBOX_LOG=INFO logs every request to GcsSandbox.log().
-  logging.basicConfig(level=os.environ.get("GCS_SANDBOX_LOG", "ERROR"), stream=sys.stdout,
-                      format="%(relativeCreated)d ms %(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(
+    level=os.environ.get("GCS_SANDBOX_LOG", "ERROR"),
+    stream=sys.stdout,
+    format="%(relativeCreated)d ms %(levelname)s %(name)s: %(message)s",
+  )
   _patch_emulator()
   from gcp_storage_emulator import server
   from gcp_storage_emulator.handlers import buckets as bucket_handlers

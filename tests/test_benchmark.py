@@ -15,8 +15,20 @@ import pytest
 from agejax import models
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAIN = ["--batch", "4", "--dtype", "float32", "--image-size", "32", "--width", "0.0625", "--steps", "2",
-              "--repeats", "1"]
+TINY_TRAIN = [
+  "--batch",
+  "4",
+  "--dtype",
+  "float32",
+  "--image-size",
+  "32",
+  "--width",
+  "0.0625",
+  "--steps",
+  "2",
+  "--repeats",
+  "1",
+]
 TRAIN_KEYS = ("images_per_s", "step_ms_median", "compile_s")
 
 # The GPU host has only jax, flax, optax, torch and torchvision (plus ml_collections for configs/):
@@ -35,8 +47,14 @@ assert all(sys.modules[name] is None for name in ("tensorflow", "tensorflow_data
 def _last_json(cache: str, *args: str, code: str | None = None):
   """Runs the benchmark script (or `code` with its arguments) and returns its final JSON line."""
   command = [sys.executable, "-c", code] if code else [sys.executable, "scripts/benchmark.py"]
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = {
+    **os.environ,
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
   proc = subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   lines = proc.stdout.strip().splitlines()
@@ -58,8 +76,11 @@ def _check_train_row(row: dict, framework: str) -> None:
   assert "mfu" in row and row["mfu"] is None  # no datasheet peak for CPUs, and float32
   _positive(row, "matmul_tflops", "mfu_matmul")
   # Utilisation = model FLOP/s (3x the forward count, checked against torch below) / measured matmul rate.
-  assert math.isclose(row["mfu_matmul"] * row["matmul_tflops"] * 1e12,
-                      row["images_per_s"] * 3 * models.forward_flops(32, 100, 0.0625), rel_tol=1e-9)
+  assert math.isclose(
+    row["mfu_matmul"] * row["matmul_tflops"] * 1e12,
+    row["images_per_s"] * 3 * models.forward_flops(32, 100, 0.0625),
+    rel_tol=1e-9,
+  )
   assert (row["batch"], row["dtype"], row["image_size"], row["width"]) == (4, "float32", 32, 0.0625)
 
 
@@ -80,7 +101,11 @@ def test_torch_mode_and_the_train_step_run_without_tensorflow_tfds_and_clu(compi
 def test_torch_compile_runs_at_the_batch_where_eager_was_fastest(compilation_cache):
   rows = _last_json(compilation_cache, "torch", *TINY_TRAIN[2:], "--batch", "2", "4", "--compile-at", "best")
   assert [(r["framework"], r["batch"]) for r in rows if r["framework"] != "torch.compile"] == [
-      ("jax", 2), ("torch eager", 2), ("jax", 4), ("torch eager", 4)], rows
+    ("jax", 2),
+    ("torch eager", 2),
+    ("jax", 4),
+    ("torch eager", 4),
+  ], rows
   eager = {r["batch"]: r for r in rows if r["framework"] == "torch eager"}
   jax_rows = {r["batch"]: r for r in rows if r["framework"] == "jax"}
   (compiled,) = [r for r in rows if r["framework"] == "torch.compile"]
@@ -90,16 +115,42 @@ def test_torch_compile_runs_at_the_batch_where_eager_was_fastest(compilation_cac
 
 
 def test_loop_mode(compilation_cache, data_dir):
-  row = _last_json(compilation_cache, "loop", "--config", "tiny", "--steps", "6", "--log-every", "2",
-                   "--checkpoint-every", "6", "--data_dir", data_dir, "--compilation_cache_dir", compilation_cache)
+  row = _last_json(
+    compilation_cache,
+    "loop",
+    "--config",
+    "tiny",
+    "--steps",
+    "6",
+    "--log-every",
+    "2",
+    "--checkpoint-every",
+    "6",
+    "--data_dir",
+    data_dir,
+    "--compilation_cache_dir",
+    compilation_cache,
+  )
   assert row["mode"] == "loop" and row["batch"] == 16, row
   _positive(row, "loop_steps_per_s", "bare_steps_per_s", "ratio")
   assert row["ratio"] == row["loop_steps_per_s"] / row["bare_steps_per_s"]
 
 
 def test_input_mode(compilation_cache, data_dir):
-  row = _last_json(compilation_cache, "input", "--dataset", "demo", "--data_dir", data_dir, "--builder_config", "tiny",
-                   "--batch", "32", "--batches", "5")
+  row = _last_json(
+    compilation_cache,
+    "input",
+    "--dataset",
+    "demo",
+    "--data_dir",
+    data_dir,
+    "--builder_config",
+    "tiny",
+    "--batch",
+    "32",
+    "--batches",
+    "5",
+  )
   assert row["mode"] == "input" and row["cores"] == 1, row
   _positive(row, "images_per_s", "images_per_s_per_core")
   assert row["images_per_s_per_core"] == row["images_per_s"] / row["cores"]
@@ -107,9 +158,14 @@ def test_input_mode(compilation_cache, data_dir):
 
 
 def test_input_mode_names_an_unprepared_dataset(tmp_path):
-  proc = subprocess.run([sys.executable, "scripts/benchmark.py", "input", "--dataset", "utkface",
-                         "--data_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  proc = subprocess.run(
+    [sys.executable, "scripts/benchmark.py", "input", "--dataset", "utkface", "--data_dir", str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+  )
   assert proc.returncode == 1 and "prepare_data.py utkface" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
 
 
@@ -143,8 +199,14 @@ print(json.dumps({"224,1.0": per_image(torchvision.models.vgg16(num_classes=100)
 @pytest.fixture(scope="module")
 def torch_flops() -> dict[str, int]:
   """Per-image FLOPs counted by torch itself for torchvision's VGG16 (forward; forward and backward)."""
-  proc = subprocess.run([sys.executable, "-c", TORCH_FLOPS], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  proc = subprocess.run(
+    [sys.executable, "-c", TORCH_FLOPS],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -161,11 +223,15 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
 
   from agejax import benchmarking, metrics, steps
   from configs import vgg16_kl
+
   reference = torch_flops["train"]  # ~92.6 GFLOP
   config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 224, 1.0)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
-  batch = {"image": jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8),
-           "age": jax.ShapeDtypeStruct((2,), jnp.float32), "age_std": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  batch = {
+    "image": jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8),
+    "age": jax.ShapeDtypeStruct((2,), jnp.float32),
+    "age_std": jax.ShapeDtypeStruct((2,), jnp.float32),
+  }
   compiled = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), batch).compile()
   xla = benchmarking.xla_flops(compiled) / 2
   # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam.

@@ -71,9 +71,22 @@ def cli_output(torch_models, tmp_path_factory) -> Iterator[tuple[pathlib.Path, s
   """Runs the conversion script on a saved random vgg16 state dict."""
   tmp = tmp_path_factory.mktemp("cli")
   torch.save(torch_models["vgg16"].state_dict(), tmp / "vgg16.pth")
-  result = subprocess.run([sys.executable, "scripts/convert_torchvision.py", "--checkpoint", str(tmp / "vgg16.pth"),
-                           "--arch", "vgg16", "--output", str(tmp / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "scripts/convert_torchvision.py",
+      "--checkpoint",
+      str(tmp / "vgg16.pth"),
+      "--arch",
+      "vgg16",
+      "--output",
+      str(tmp / "out"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   yield tmp / "out", result
   shutil.rmtree(tmp)
 
@@ -86,8 +99,7 @@ def _pure(model: nnx.Module) -> tuple[dict, dict]:
 
 def _age_model_dicts(width: float, batch_norm: bool) -> tuple[dict, dict]:
   """The trainer's param/state pure dicts for a 100-bin age model (zeros: only shapes matter here)."""
-  abstract = nnx.eval_shape(lambda: models.VGG16(100, width_multiplier=width, batch_norm=batch_norm,
-                                                 rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.VGG16(100, width_multiplier=width, batch_norm=batch_norm, rngs=nnx.Rngs(0)))
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _pure(abstract))
 
 
@@ -132,14 +144,16 @@ def test_bad_keys_are_all_named(torch_models):
 
 
 def test_numpy_input_needs_no_torch():
-  code = ("import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
-          "import numpy as np\n"
-          "from agejax import convert\n"
-          "try:\n"
-          "  convert.vgg16_from_torchvision({'features.0.weight': np.zeros((64, 3, 3, 3), np.float32)})\n"
-          "except ValueError as e:\n"
-          "  assert 'missing keys' in str(e) and 'features.0.bias' in str(e), e\n"
-          "  print('ok')\n")
+  code = (
+    "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
+    "import numpy as np\n"
+    "from agejax import convert\n"
+    "try:\n"
+    "  convert.vgg16_from_torchvision({'features.0.weight': np.zeros((64, 3, 3, 3), np.float32)})\n"
+    "except ValueError as e:\n"
+    "  assert 'missing keys' in str(e) and 'features.0.bias' in str(e), e\n"
+    "  print('ok')\n"
+  )
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.stdout.strip() == "ok", result.stderr
 
@@ -169,9 +183,22 @@ def test_cli_converts_a_pth(cli_output, converted):
 def test_cli_errors_are_one_line(tmp_path):
   bad = tmp_path / "weights.npz"
   bad.write_bytes(b"not a checkpoint")
-  result = subprocess.run([sys.executable, "scripts/convert_torchvision.py", "--checkpoint", str(bad),
-                           "--arch", "vgg16", "--output", str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "scripts/convert_torchvision.py",
+      "--checkpoint",
+      str(bad),
+      "--arch",
+      "vgg16",
+      "--output",
+      str(tmp_path / "out"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert result.stderr.strip().startswith("error:") and str(bad) in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
@@ -191,10 +218,13 @@ def test_backbone_from_converted(cli_output, converted):
   assert not params["fc1"]["kernel"].any()  # the caller's dicts are not modified
 
 
-@pytest.mark.parametrize("width, batch_norm, key", [
+@pytest.mark.parametrize(
+  "width, batch_norm, key",
+  [
     (0.5, False, "params/convs/0/kernel: converted (3, 3, 3, 64), model (3, 3, 3, 32)"),
     (1.0, True, "params/norms/0/bias: converted absent, model (64,)"),
-])
+  ],
+)
 def test_backbone_mismatch_names_the_key(cli_output, width, batch_norm, key):
   out, _ = cli_output
   params, model_state = _age_model_dicts(width, batch_norm)
@@ -217,6 +247,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_checkpoint_formats(tmp_path):
   from safetensors.numpy import save_file
+
   tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.int64)}
   as_torch = {k: torch.from_numpy(v) for k, v in tensors.items()}
   torch.save(as_torch, tmp_path / "bare.pth")

@@ -9,9 +9,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tiny_run
 from PIL import Image
 
-import tiny_run
 from agejax import checkpointing, evaluation, inference, metrics, parallel, plots
 from agejax.data import pipeline
 
@@ -73,8 +73,9 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
 def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_metrics(trained):
   """One Evaluator scores both: the same numbers to float32 rounding."""
   config, workdir, final = trained
-  proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--split",
-                    config.data.eval_split)
+  proc = run_script(
+    "scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--split", config.data.eval_split
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "eval" / f"{config.data.eval_split}.json").read_text())
   assert report["step"] == 20 and report["num_examples"] == 50
@@ -100,8 +101,9 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   report = evaluation.Evaluator(fns, data, 16, parallel.make_mesh()).run(state)
   assert report["num_examples"] == len(data) == 50
   assert report["mae"] == pytest.approx(error.mean(), rel=1e-5)
-  assert report["epsilon_error"] == pytest.approx(np.mean(1 - np.exp(-(predicted - data.age) ** 2 / (2 * sigma**2))),
-                                                  rel=1e-5)
+  assert report["epsilon_error"] == pytest.approx(
+    np.mean(1 - np.exp(-((predicted - data.age) ** 2) / (2 * sigma**2))), rel=1e-5
+  )
   assert report["mean_predicted_std"] == pytest.approx(std.mean(), rel=1e-4)
   for k, value in report["cumulative_score"].items():  # float32 may fall either side of a threshold it is at
     assert np.mean(error <= int(k) - 1e-3) <= value <= np.mean(error <= int(k) + 1e-3), k
@@ -114,8 +116,9 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
 def mirror_symmetric(params: dict) -> dict:
   """Makes every conv kernel, and fc1 over the pooled grid, symmetric under a horizontal flip."""
   params = jax.tree.map(np.asarray, params)
-  convs = {i: {**layer, "kernel": 0.5 * (layer["kernel"] + layer["kernel"][:, ::-1])}
-           for i, layer in params["convs"].items()}
+  convs = {
+    i: {**layer, "kernel": 0.5 * (layer["kernel"] + layer["kernel"][:, ::-1])} for i, layer in params["convs"].items()
+  }
   fc1 = params["fc1"]["kernel"]
   grid = fc1.reshape(7, 7, -1, fc1.shape[-1])  # rows are the pooled features in H, W, C order
   fc1 = (0.5 * (grid + grid[:, ::-1])).reshape(fc1.shape)
@@ -133,8 +136,9 @@ def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
 
   # Sanity check: the trained model is not symmetric, so flipping does change its predictions.
   assert np.abs(distributions(state, True) - distributions(state, False)).max() > 1e-4
-  symmetric = state.replace(params=jax.device_put(mirror_symmetric(state.params),
-                                                  jax.tree.map(lambda x: x.sharding, state.params)))
+  symmetric = state.replace(
+    params=jax.device_put(mirror_symmetric(state.params), jax.tree.map(lambda x: x.sharding, state.params))
+  )
   np.testing.assert_allclose(distributions(symmetric, True), distributions(symmetric, False), atol=1e-6)
 
 

@@ -9,14 +9,20 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import checkpoint
 
 from agejax import configuration, convert, models, optim, train
-from conftest import checkpoint
 
 
 def opt_cfg(**kw) -> ml_collections.ConfigDict:
-  base = dict(learning_rate=1e-3, weight_decay=0.0, grad_clip_norm=0.0, backbone_lr_multiplier=1.0,
-              freeze_backbone=False, head_warmup_steps=0)
+  base = dict(
+    learning_rate=1e-3,
+    weight_decay=0.0,
+    grad_clip_norm=0.0,
+    backbone_lr_multiplier=1.0,
+    freeze_backbone=False,
+    head_warmup_steps=0,
+  )
   return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -53,12 +59,21 @@ def test_missing_pretrained_weights_fail_with_the_command(tiny_config, tmp_path)
 def test_training_from_converted_weights_loads_backbone_and_trains_head(tiny_config, tmp_path):
   # torchvision runs in its own process: loaded after TensorFlow (the data pipeline), torch crashes.
   source = tmp_path / "vgg16.safetensors"
-  subprocess.run([sys.executable, "-c", (
-      "import sys, torch, torchvision, safetensors.torch\n"
-      "torch.manual_seed(0)\n"
-      "sd = torchvision.models.vgg16(weights=None).state_dict()\n"
-      "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[1])\n"), str(source)],
-      check=True, timeout=300)
+  subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      (
+        "import sys, torch, torchvision, safetensors.torch\n"
+        "torch.manual_seed(0)\n"
+        "sd = torchvision.models.vgg16(weights=None).state_dict()\n"
+        "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[1])\n"
+      ),
+      str(source),
+    ],
+    check=True,
+    timeout=300,
+  )
   reference = convert.load_torch_checkpoint(source)
   weights = tmp_path / "vgg16"
   convert.save_converted(convert.vgg16_from_torchvision(reference), weights)

@@ -11,14 +11,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from agejax import workdir_lock
 from conftest import ROOT, checkpoint, cpu_env, train_command
 from gcs_sandbox import GcsSandbox
 
+from agejax import workdir_lock
+
 BUCKET = "agejax-test"
-LONG = ("--config.num_train_steps=300", "--config.eval_every_steps=300", "--config.checkpoint_every_steps=100",
-        "--config.log_every_steps=20", "--config.profile_steps=2")
+LONG = (
+  "--config.num_train_steps=300",
+  "--config.eval_every_steps=300",
+  "--config.checkpoint_every_steps=100",
+  "--config.log_every_steps=20",
+  "--config.profile_steps=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +36,25 @@ def download(gcs: GcsSandbox, prefix: str, dest: Path) -> Path:
   """Copies every object under gs://BUCKET/prefix into dest (to read a checkpoint with plain Orbax)."""
   for name in gcs.list_objects(BUCKET, prefix):
     if not name.endswith("/"):  # TensorFlow's empty "directory" markers
-      target = dest / name[len(prefix):]
+      target = dest / name[len(prefix) :]
       target.parent.mkdir(parents=True, exist_ok=True)
       target.write_bytes(gcs.read_object(BUCKET, name))
   return dest
 
 
-def test_a_run_in_a_bucket_survives_sigterm_and_ends_identical_to_a_local_run(gcs, compilation_cache, data_dir,
-                                                                               tmp_path):
+def test_a_run_in_a_bucket_survives_sigterm_and_ends_identical_to_a_local_run(
+  gcs, compilation_cache, data_dir, tmp_path
+):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   # The tiny demo's TFDS records in the bucket too (the first run prepares them there).
-  command = train_command(f"gs://{BUCKET}/run", *LONG, data_dir=f"gs://{BUCKET}/tfds", cache=compilation_cache,
-                          arrays=str(tmp_path / "arrays"))
+  command = train_command(
+    f"gs://{BUCKET}/run",
+    *LONG,
+    data_dir=f"gs://{BUCKET}/tfds",
+    cache=compilation_cache,
+    arrays=str(tmp_path / "arrays"),
+  )
   proc = gcs.popen(command, cwd=cwd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     while not [n for n in gcs.list_objects(BUCKET, "run/") if "events.out.tfevents" in n]:  # the loop has started
@@ -61,8 +72,9 @@ def test_a_run_in_a_bucket_survives_sigterm_and_ends_identical_to_a_local_run(gc
   assert "run/final_metrics.json" not in gcs.list_objects(BUCKET, "run/")
 
   rerun = gcs.run(command, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=600)
-  assert rerun.returncode == 0 and f"resuming from step {step} of gs://{BUCKET}/run/checkpoints" in rerun.stdout, \
-      rerun.stderr[-3000:]
+  assert rerun.returncode == 0 and f"resuming from step {step} of gs://{BUCKET}/run/checkpoints" in rerun.stdout, (
+    rerun.stderr[-3000:]
+  )
   objects = gcs.list_objects(BUCKET, "run/")
   for name in ("run/config.json", "run/final_metrics.json", "run/checkpoints/300/commit_success.txt"):
     assert name in objects, objects
@@ -74,16 +86,28 @@ def test_a_run_in_a_bucket_survives_sigterm_and_ends_identical_to_a_local_run(gc
   assert [p.name for p in (tmp_path / "arrays").iterdir()] == ["agejax_demo"]  # the local array cache
 
   local = tmp_path / "local"
-  subprocess.run(train_command(local, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    train_command(local, *LONG, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   in_bucket = checkpoint(download(gcs, "run/", tmp_path / "downloaded"), 300)
   jax.tree.map(np.testing.assert_array_equal, in_bucket, checkpoint(local, 300))
   assert final["eval_mae"] == json.loads((local / "final_metrics.json").read_text())["eval_mae"]
 
 
 # A lock left by a run on another machine that died an hour ago (its VM was preempted, say).
-STALE_HOLDER = {"host": "tpu-vm-w-0", "pid": 4242, "since": "2026-01-01T00:00:00Z", "heartbeat": "2026-01-01T00:05:00Z",
-                "token": "0" * 32, "boot_id": "b", "pid_namespace": "pid:[1]"}
+STALE_HOLDER = {
+  "host": "tpu-vm-w-0",
+  "pid": 4242,
+  "since": "2026-01-01T00:00:00Z",
+  "heartbeat": "2026-01-01T00:05:00Z",
+  "token": "0" * 32,
+  "boot_id": "b",
+  "pid_namespace": "pid:[1]",
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +115,15 @@ def trained_in_bucket(gcs, compilation_cache, tmp_path_factory):
   """A 20-step tiny run with its workdir in the bucket, where a dead run left a stale lock: (URL, the run)."""
   tmp = tmp_path_factory.mktemp("bucket_run")
   gcs.write_object(BUCKET, f"short/{workdir_lock.LOCK_FILE}", json.dumps(STALE_HOLDER).encode())
-  command = train_command(f"gs://{BUCKET}/short", "--config.num_train_steps=20", "--config.eval_every_steps=10",
-                          "--config.checkpoint_every_steps=10", data_dir=f"gs://{BUCKET}/tfds",
-                          cache=compilation_cache, arrays=str(tmp / "arrays"))
+  command = train_command(
+    f"gs://{BUCKET}/short",
+    "--config.num_train_steps=20",
+    "--config.eval_every_steps=10",
+    "--config.checkpoint_every_steps=10",
+    data_dir=f"gs://{BUCKET}/tfds",
+    cache=compilation_cache,
+    arrays=str(tmp / "arrays"),
+  )
   result = gcs.run(command, cwd=tmp, env=cpu_env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return f"gs://{BUCKET}/short", result
@@ -101,8 +131,10 @@ def trained_in_bucket(gcs, compilation_cache, tmp_path_factory):
 
 def test_a_stale_lock_in_the_bucket_is_taken_over_with_a_warning_naming_its_holder(gcs, trained_in_bucket):
   _, result = trained_in_bucket
-  assert (f"workdir gs://{BUCKET}/short: took over the lock of pid 4242 on tpu-vm-w-0 since 2026-01-01T00:00:00Z (last "
-          f"heartbeat 2026-01-01T00:05:00Z): its last heartbeat was ") in result.stderr, result.stderr[-3000:]
+  assert (
+    f"workdir gs://{BUCKET}/short: took over the lock of pid 4242 on tpu-vm-w-0 since 2026-01-01T00:00:00Z (last "
+    f"heartbeat 2026-01-01T00:05:00Z): its last heartbeat was "
+  ) in result.stderr, result.stderr[-3000:]
   objects = gcs.list_objects(BUCKET, "short/")
   assert "short/final_metrics.json" in objects and f"short/{workdir_lock.LOCK_FILE}" not in objects  # released
 
@@ -113,13 +145,20 @@ def test_a_held_lock_in_the_bucket_stops_a_second_trainer_in_one_line_before_com
   gcs.write_object(BUCKET, f"held/{workdir_lock.LOCK_FILE}", holder)
   cache = tmp_path / "compilation_cache"
   cache.mkdir()
-  result = gcs.run(train_command(f"gs://{BUCKET}/held", data_dir=data_dir, cache=str(cache)), cwd=tmp_path,
-                   env=cpu_env(), capture_output=True, text=True, timeout=300)
+  result = gcs.run(
+    train_command(f"gs://{BUCKET}/held", data_dir=data_dir, cache=str(cache)),
+    cwd=tmp_path,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: workdir gs://{BUCKET}/held is in use by another run: pid 4242 on tpu-vm-w-0 since {now} (lock "
-      f"gs://{BUCKET}/held/{workdir_lock.LOCK_FILE}); wait for it to end or stop it, or use another workdir; a lock not "
-      f"refreshed for 10 min is taken over")
+    f"error: workdir gs://{BUCKET}/held is in use by another run: pid 4242 on tpu-vm-w-0 since {now} (lock "
+    f"gs://{BUCKET}/held/{workdir_lock.LOCK_FILE}); wait for it to end or stop it, or use another workdir; a lock not "
+    f"refreshed for 10 min is taken over"
+  )
   assert not list(cache.iterdir())  # nothing was compiled
   assert gcs.list_objects(BUCKET, "held/") == [f"held/{workdir_lock.LOCK_FILE}"]  # nothing written: no config.json
   assert gcs.read_object(BUCKET, f"held/{workdir_lock.LOCK_FILE}") == holder  # the holder's lock untouched
@@ -170,7 +209,8 @@ with workdir_lock.WorkdirLock(url):
 dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
 print("DEAD", flush=True)
 now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-write({"host": socket.gethostname(), "pid": int(dead.stdout), "since": now, "heartbeat": now, **workdir_lock._machine()})
+dead_holder = {"host": socket.gethostname(), "pid": int(dead.stdout), "since": now, "heartbeat": now}
+write({**dead_holder, **workdir_lock._machine()})
 with workdir_lock.WorkdirLock(url):
   results["dead_taken"] = read()["pid"] == os.getpid()
 results["released"] = bucket.get_blob(name) is None
@@ -180,24 +220,31 @@ print("RESULTS", json.dumps(results))
 
 def test_the_workdir_lock_in_a_bucket_heartbeats_is_taken_over_when_stale_and_knows_when_it_is_lost(gcs, tmp_path):
   url = f"gs://{BUCKET}/locking"
-  result = gcs.run([sys.executable, "-c", LOCK, url], cwd=tmp_path, env=cpu_env(), capture_output=True, text=True,
-                   timeout=120)
+  result = gcs.run(
+    [sys.executable, "-c", LOCK, url], cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   results = json.loads(out.split("RESULTS ", 1)[1])
   holder = results["holder"]
   assert results["precondition"] == [412, "first"]
-  assert results["busy"] == (f"workdir {url} is in use by another run: pid {holder['pid']} on {holder['host']} since "
-                             f"{holder['since']} (lock {url}/{workdir_lock.LOCK_FILE}); wait for it to end or stop it, or "
-                             f"use another workdir; a lock not refreshed for 10 min is taken over")
+  assert results["busy"] == (
+    f"workdir {url} is in use by another run: pid {holder['pid']} on {holder['host']} since "
+    f"{holder['since']} (lock {url}/{workdir_lock.LOCK_FILE}); wait for it to end or stop it, or "
+    f"use another workdir; a lock not refreshed for 10 min is taken over"
+  )
   assert results["heartbeats"] is True
-  assert results["lost"] == (f"workdir {url}: this run's lock was taken over or removed (now held by pid 7 on other "
-                             f"since 2026-01-01T00:00:00Z; no heartbeat for 10 min makes a lock stale); stopped so "
-                             f"that two runs never write one workdir")
+  assert results["lost"] == (
+    f"workdir {url}: this run's lock was taken over or removed (now held by pid 7 on other "
+    f"since 2026-01-01T00:00:00Z; no heartbeat for 10 min makes a lock stale); stopped so "
+    f"that two runs never write one workdir"
+  )
   assert results["after_lost"] == "other"
   stale, dead = out.split("STALE\n", 1)[1].split("DEAD\n", 1)
-  assert stale.startswith(f"WARNING workdir {url}: took over the lock of pid 9 on elsewhere since "
-                          f"2000-01-01T00:00:00Z: its last heartbeat was ")
+  assert stale.startswith(
+    f"WARNING workdir {url}: took over the lock of pid 9 on elsewhere since "
+    f"2000-01-01T00:00:00Z: its last heartbeat was "
+  )
   assert results["stale_taken"] is True
   assert dead.startswith(f"WARNING workdir {url}: took over the lock of pid ")
   assert "no longer runs on this host" in dead.splitlines()[0]
@@ -206,9 +253,14 @@ def test_the_workdir_lock_in_a_bucket_heartbeats_is_taken_over_when_stale_and_kn
 
 def test_evaluate_and_predict_read_a_workdir_in_the_bucket(gcs, trained_in_bucket, tmp_path):
   trained_in_bucket, _ = trained_in_bucket
-  evaluate = gcs.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--workdir", trained_in_bucket,
-                      "--split", "validation"], cwd=tmp_path, env=cpu_env(), capture_output=True, text=True,
-                     timeout=600)
+  evaluate = gcs.run(
+    [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--workdir", trained_in_bucket, "--split", "validation"],
+    cwd=tmp_path,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   report = json.loads(gcs.read_object(BUCKET, "short/eval/validation.json"))
   best = json.loads(gcs.read_object(BUCKET, "short/final_metrics.json"))["best_step"]
@@ -219,20 +271,38 @@ def test_evaluate_and_predict_read_a_workdir_in_the_bucket(gcs, trained_in_bucke
 
   # Photos in the bucket too: two face crops, one file that is not an image.
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for i in range(2):
     crop = tmp_path / f"face{i}.png"
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(crop)
     gcs.write_object(BUCKET, f"photos/face{i}.png", crop.read_bytes())
   gcs.write_object(BUCKET, "photos/notes.txt", b"not an image")
-  predict = gcs.run([sys.executable, str(ROOT / "scripts" / "predict.py"), "--workdir", trained_in_bucket,
-                     "--aligned", "--json", f"gs://{BUCKET}/photos", "--plot", f"gs://{BUCKET}/short/faces.png"],
-                    cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
+  predict = gcs.run(
+    [
+      sys.executable,
+      str(ROOT / "scripts" / "predict.py"),
+      "--workdir",
+      trained_in_bucket,
+      "--aligned",
+      "--json",
+      f"gs://{BUCKET}/photos",
+      "--plot",
+      f"gs://{BUCKET}/short/faces.png",
+    ],
+    cwd=tmp_path,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert predict.returncode == 0, predict.stderr[-3000:]
   results = [json.loads(line) for line in predict.stdout.splitlines()]
   assert [(r["file"], r["status"]) for r in results] == [
-      (f"gs://{BUCKET}/photos/face0.png", "ok"), (f"gs://{BUCKET}/photos/face1.png", "ok"),
-      (f"gs://{BUCKET}/photos/notes.txt", "not an image")]
+    (f"gs://{BUCKET}/photos/face0.png", "ok"),
+    (f"gs://{BUCKET}/photos/face1.png", "ok"),
+    (f"gs://{BUCKET}/photos/notes.txt", "not an image"),
+  ]
   assert all(abs(sum(r["distribution"]) - 1) < 1e-4 for r in results[:2])
   assert gcs.read_object(BUCKET, "short/faces.png").startswith(b"\x89PNG")
   assert not [p for p in tmp_path.iterdir() if not p.name.startswith("face")]  # nothing else written here
@@ -244,8 +314,15 @@ def test_an_unusable_bucket_fails_in_one_line_before_compiling(gcs, data_dir, re
   cache = tmp_path / "compilation_cache"
   cache.mkdir()
   # Capped retries: TensorFlow's default backs off for ~195 s before giving up on a refused connection.
-  result = gcs.run(train_command(url, data_dir=data_dir, cache=str(cache)), cwd=tmp_path, reachable=reachable,
-                   env=gcs.env(cpu_env(), tf_retries=0), capture_output=True, text=True, timeout=300)
+  result = gcs.run(
+    train_command(url, data_dir=data_dir, cache=str(cache)),
+    cwd=tmp_path,
+    reachable=reachable,
+    env=gcs.env(cpu_env(), tf_retries=0),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: workdir {url} is not writable: "), result.stderr[-2000:]
@@ -278,12 +355,15 @@ print("BACKBONE", same and np.array_equal(params["fc2"]["kernel"], want["fc2"]["
 
 def test_converted_weights_go_to_and_come_from_a_bucket(gcs, tmp_path):
   url = f"gs://{BUCKET}/weights/vgg16_tiny"
-  result = gcs.run([sys.executable, "-c", CONVERTED, url], cwd=tmp_path, env=cpu_env(), capture_output=True,
-                   text=True, timeout=300)
+  result = gcs.run(
+    [sys.executable, "-c", CONVERTED, url], cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ", 1)[0].isupper())
-  assert lines["MISSING"].startswith(f"config.model.pretrained='{url}/missing' holds no converted weights; create "
-                                     f"them with: python scripts/convert_torchvision.py ")
+  assert lines["MISSING"].startswith(
+    f"config.model.pretrained='{url}/missing' holds no converted weights; create "
+    f"them with: python scripts/convert_torchvision.py "
+  )
   assert lines["BACKBONE"] == "True (256, 100)"
   names = gcs.list_objects(BUCKET, "weights/vgg16_tiny/")
   assert "weights/vgg16_tiny/agejax_weights.json" in names and any(n.endswith("manifest.ocdbt") for n in names)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from gcs_sandbox import GcsSandbox
 
 BUCKET = "agejax-test"
@@ -91,20 +90,30 @@ def gcs():
 
 def test_tensorflow_epath_clu_orbax_reach_the_sandbox(gcs):
   # One test, not one per client: under pytest-xdist each worker would import TensorFlow and JAX again.
-  result = gcs.run([sys.executable, "-c", CLIENTS], env={**gcs.env(), "JAX_PLATFORMS": "cpu"},
-                   capture_output=True, text=True, timeout=120)
+  result = gcs.run(
+    [sys.executable, "-c", CLIENTS],
+    env={**gcs.env(), "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
   assert result.returncode == 0 and lines, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}\n{gcs.log()[-2000:]}"
   got = json.loads(lines[-1].removeprefix("RESULTS "))
   events = [name for name in gcs.list_objects(BUCKET, "tb/") if name.startswith("tb/events.out.tfevents.")]
   checkpoint = gcs.list_objects(BUCKET, "ckpt/1/")
   expected = {
-      "gfile": {"before": ["a.txt"], "after": ["b.txt", "moved/"], "text": "hello", "old_exists": False,
-                "moved": ["c.txt"]},
-      "epath": {"text": "über", "backend": "_TfBackend"},
-      "clu": {},
-      "orbax": {"step": 1, "equal": True},
-      "missing_bucket": {"error_type": "NotFoundError"},
+    "gfile": {
+      "before": ["a.txt"],
+      "after": ["b.txt", "moved/"],
+      "text": "hello",
+      "old_exists": False,
+      "moved": ["c.txt"],
+    },
+    "epath": {"text": "über", "backend": "_TfBackend"},
+    "clu": {},
+    "orbax": {"step": 1, "equal": True},
+    "missing_bucket": {"error_type": "NotFoundError"},
   }
   failures = [f"{name}: {got.get(name)}" for name in expected if got.get(name) != expected[name]]
   assert not failures, "\n".join(failures)
@@ -127,32 +136,49 @@ def test_objects_round_trip_and_sandboxes_are_isolated(gcs, tmp_path):
   assert gcs.list_objects(BUCKET, "raw/") == ["raw/a b+é", "raw/empty"]
   assert gcs.read_object(BUCKET, "raw/a b+é") == b"first" and gcs.read_object(BUCKET, "raw/empty") == b""
   # Commands run in the caller's directory, even one made after the sandbox started.
-  result = gcs.run([sys.executable, "-c", "import os; print(os.getcwd())"], cwd=tmp_path, capture_output=True,
-                   text=True, timeout=30)
+  result = gcs.run(
+    [sys.executable, "-c", "import os; print(os.getcwd())"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+  )
   assert result.stdout.strip() == str(tmp_path)
 
 
 def test_only_loopback_and_google_names_lead_to_it(gcs):
-  probe = ("import socket; print([n for _, n in socket.if_nameindex()], socket.gethostbyname('www.googleapis.com'),"
-           " socket.gethostbyname('storage.googleapis.com'))")
+  probe = (
+    "import socket; print([n for _, n in socket.if_nameindex()], socket.gethostbyname('www.googleapis.com'),"
+    " socket.gethostbyname('storage.googleapis.com'))"
+  )
   result = gcs.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True)
   assert result.stdout.split() == ["['lo']", "127.0.0.1", "127.0.0.1"]
 
 
 def test_unreachable_fails_fast_with_tf_retries_capped(gcs):
-  script = ("import tensorflow as tf, time\nstart = time.monotonic()\n"
-            "try:\n  tf.io.gfile.exists('gs://agejax-test/x')\nexcept tf.errors.OpError as e:\n"
-            "  print(type(e).__name__, time.monotonic() - start)\n")
+  script = (
+    "import tensorflow as tf, time\nstart = time.monotonic()\n"
+    "try:\n  tf.io.gfile.exists('gs://agejax-test/x')\nexcept tf.errors.OpError as e:\n"
+    "  print(type(e).__name__, time.monotonic() - start)\n"
+  )
   # The default retries would take ~195 s here; the subprocess timeout bounds the capped ones.
-  result = gcs.run([sys.executable, "-c", script], env=gcs.env(tf_retries=0), reachable=False, capture_output=True,
-                   text=True, timeout=60)
+  result = gcs.run(
+    [sys.executable, "-c", script],
+    env=gcs.env(tf_retries=0),
+    reachable=False,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split()[0] == "AbortedError", result.stdout
 
 
 def test_without_privileges_the_error_says_why():
   script = "from gcs_sandbox import GcsSandbox\nwith GcsSandbox():\n  pass\n"
-  result = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", sys.executable, "-c", script],
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=30)
-  assert result.returncode != 0 and "SandboxUnavailable: GCS sandbox needs root (CAP_SYS_ADMIN)" in result.stderr, \
-      result.stderr[-2000:]
+  result = subprocess.run(
+    ["setpriv", "--bounding-set", "-sys_admin", sys.executable, "-c", script],
+    cwd=Path(__file__).parent,
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
+  assert result.returncode != 0 and "SandboxUnavailable: GCS sandbox needs root (CAP_SYS_ADMIN)" in result.stderr, (
+    result.stderr[-2000:]
+  )

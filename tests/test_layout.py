@@ -42,7 +42,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     path.append(node)
     for nxt in sorted(edges.get(node, ())):
       if state.get(nxt) == 1:
-        return path[path.index(nxt):] + [nxt]
+        return path[path.index(nxt) :] + [nxt]
       if nxt not in state and (cycle := visit(nxt)):
         return cycle
     state[node] = 2

@@ -5,7 +5,6 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
-
 import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +28,9 @@ def test_notebook_executes_and_draws_its_plots(workdir, monkeypatch):
   monkeypatch.setenv("AGEJAX_WORKDIR", str(workdir))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+  nbclient.NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+  ).execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_run
 from PIL import Image
 
-import tiny_run
 from agejax import checkpointing, inference, photos
 from agejax.data import pipeline
 
@@ -37,6 +37,7 @@ def detector():
 def astronaut() -> np.ndarray:
   """A real face without downloads: scikit-image's public-domain NASA portrait (512x512 RGB)."""
   from skimage import data
+
   return data.astronaut()
 
 
@@ -49,14 +50,15 @@ def large_photo(path: Path) -> tuple[int, int, int, int]:
   background = np.clip(background + rng.integers(-30, 30, (h, w, 3)), 0, 255).astype(np.uint8)
   face = astronaut()[FACE_CROP]
   x, y = PASTE_AT
-  background[y:y + face.shape[0], x:x + face.shape[1]] = face
+  background[y : y + face.shape[0], x : x + face.shape[1]] = face
   Image.fromarray(background).save(path, quality=92)
   return x, y, face.shape[1], face.shape[0]
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "scripts/predict.py", *args], cwd=ROOT, env=ENV, capture_output=True,
-                        text=True, timeout=180)
+  return subprocess.run(
+    [sys.executable, "scripts/predict.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180
+  )
 
 
 def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
@@ -67,15 +69,21 @@ def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
   Image.new("RGB", (300, 200), (128, 128, 128)).save(photos / "a_blank.png")
   (photos / "c_notes.txt").write_text("not a photo\n")
   jpeg = (photos / "b_large.jpg").read_bytes()
-  (photos / "d_truncated.jpg").write_bytes(jpeg[:len(jpeg) // 50])
+  (photos / "d_truncated.jpg").write_bytes(jpeg[: len(jpeg) // 50])
   plot = tmp_path / "plot.png"
-  proc = run_predict("--workdir", str(workdir), "--json", "--plot", str(plot), str(photos),
-                     str(tmp_path / "absent.jpg"))
+  proc = run_predict(
+    "--workdir", str(workdir), "--json", "--plot", str(plot), str(photos), str(tmp_path / "absent.jpg")
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(line) for line in proc.stdout.splitlines()]
   by_name = {Path(r["file"]).name: r for r in lines}
-  assert [Path(r["file"]).name for r in lines] == ["a_blank.png", "b_large.jpg", "c_notes.txt",
-                                                   "d_truncated.jpg", "absent.jpg"]
+  assert [Path(r["file"]).name for r in lines] == [
+    "a_blank.png",
+    "b_large.jpg",
+    "c_notes.txt",
+    "d_truncated.jpg",
+    "absent.jpg",
+  ]
   assert by_name["a_blank.png"] == {"file": str(photos / "a_blank.png"), "status": "no face found"}
   assert by_name["c_notes.txt"]["status"] == "not an image"
   assert by_name["d_truncated.jpg"]["status"] == "corrupt image"
@@ -100,8 +108,10 @@ def test_workdir_without_checkpoints_fails_with_the_training_command(tmp_path):
   proc = run_predict("--workdir", str(tmp_path / "empty"), str(image))
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
-  assert last == (f"error: {tmp_path / 'empty'} holds no checkpoints; train a model first: "
-                  f"python scripts/train.py --config configs/vgg16_kl.py --workdir {tmp_path / 'empty'}")
+  assert last == (
+    f"error: {tmp_path / 'empty'} holds no checkpoints; train a model first: "
+    f"python scripts/train.py --config configs/vgg16_kl.py --workdir {tmp_path / 'empty'}"
+  )
 
 
 def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
@@ -153,11 +163,13 @@ def test_a_batch_size_below_one_fails_in_one_line(trained, value, tmp_path):
     inference.Predictor(workdir, batch_size=int(value))
 
 
-@pytest.mark.parametrize("content,problem", [('{"seed": 0, "data": {', "not valid JSON ("),
-                                             ("[1, 2]", "not a JSON object (found list)")])
+@pytest.mark.parametrize(
+  "content,problem", [('{"seed": 0, "data": {', "not valid JSON ("), ("[1, 2]", "not a JSON object (found list)")]
+)
 @pytest.mark.parametrize("script", ["predict.py", "evaluate.py"])
 def test_a_corrupt_config_json_fails_in_one_line_naming_it(trained, script, content, problem, tmp_path):
   import shutil
+
   _, workdir = trained
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
@@ -165,8 +177,14 @@ def test_a_corrupt_config_json_fails_in_one_line_naming_it(trained, script, cont
   image = tmp_path / "face.png"
   Image.fromarray(astronaut()).save(image)
   args = ("--aligned", str(image)) if script == "predict.py" else ("--split", "validation")
-  proc = subprocess.run([sys.executable, f"scripts/{script}", "--workdir", str(copy), *args], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=180)
+  proc = subprocess.run(
+    [sys.executable, f"scripts/{script}", "--workdir", str(copy), *args],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=180,
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {copy / 'config.json'}: {problem}"), proc.stderr
   assert (copy / "config.json").read_text() == content and not (copy / "eval").exists()

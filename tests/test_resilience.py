@@ -10,12 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from agejax import metrics, steps, workdir_lock
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
-LONG = ("--config.num_train_steps=300", "--config.eval_every_steps=300", "--config.checkpoint_every_steps=100",
-        "--config.log_every_steps=20")
+from agejax import metrics, steps, workdir_lock
+
+LONG = (
+  "--config.num_train_steps=300",
+  "--config.eval_every_steps=300",
+  "--config.checkpoint_every_steps=100",
+  "--config.log_every_steps=20",
+)
 
 
 def complete_steps(workdir) -> list[int]:
@@ -25,16 +29,25 @@ def complete_steps(workdir) -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(compilation_cache, data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  subprocess.run(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
-                 check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   return workdir
 
 
-def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cache, data_dir, uninterrupted,
-                                                                  tmp_path):
+def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cache, data_dir, uninterrupted, tmp_path):
   workdir = tmp_path / "preempted"
-  proc = subprocess.Popen(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   while not list(workdir.glob("events.out.tfevents.*")):  # the loop has started
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     time.sleep(0.05)
@@ -46,19 +59,27 @@ def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cac
   assert 0 < step < 300 and f"saved checkpoint at step {step}" in out
   assert not (workdir / "final_metrics.json").exists()
   assert not (workdir / workdir_lock.LOCK_FILE).exists()  # released: the rerun needs no takeover
-  rerun = subprocess.run(train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
-                         capture_output=True, text=True, timeout=600)
+  rerun = subprocess.run(
+    train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert rerun.returncode == 0 and f"resuming from step {step}" in rerun.stdout, rerun.stderr[-3000:]
   jax.tree.map(np.testing.assert_array_equal, checkpoint(workdir, 300), checkpoint(uninterrupted, 300))
 
 
-def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(compilation_cache, data_dir,
-                                                                              tmp_path):
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(compilation_cache, data_dir, tmp_path):
   args = ("--config.num_train_steps=400", "--config.checkpoint_every_steps=10", "--config.eval_every_steps=400")
   for attempt in range(5):  # each try kills at the first partial write seen after a complete one
     workdir = tmp_path / f"killed{attempt}"
-    proc = subprocess.Popen(train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+      train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache),
+      env=cpu_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
     partial = []
     while proc.poll() is None and not partial:
       if complete_steps(workdir) if (workdir / "checkpoints").exists() else False:
@@ -75,24 +96,43 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
   assert left["pid"] == proc.pid
   interrupted = workdir / f".final_metrics.json.tmp{proc.pid}"  # as a kill in the middle of write_text leaves it
   interrupted.write_text('{"step": 4')
-  rerun = subprocess.run(train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
-                         capture_output=True, text=True, timeout=600)
+  rerun = subprocess.run(
+    train_command(workdir, *args, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "ignoring incomplete checkpoint" in rerun.stderr and f"resuming from step {newest}" in rerun.stdout
-  assert (f"the previous run, pid {proc.pid} on {left['host']} since {left['since']}, ended without releasing its "
-          f"lock (killed?); taking it over") in rerun.stderr
+  assert (
+    f"the previous run, pid {proc.pid} on {left['host']} since {left['since']}, ended without releasing its "
+    f"lock (killed?); taking it over"
+  ) in rerun.stderr
   assert f"removed {interrupted}, left by an interrupted write" in rerun.stderr and not interrupted.exists()
   assert (workdir / "final_metrics.json").exists() and complete_steps(workdir)[-1] == 400
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
-def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(compilation_cache, data_dir,
-                                                                                   tmp_path):
+def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+  compilation_cache, data_dir, tmp_path
+):
   workdir = tmp_path / "diverged"
-  proc = subprocess.run(train_command(workdir, "--config.optimizer.learning_rate=1e4",
-                                      "--config.optimizer.schedule=constant", "--config.checkpoint_every_steps=1",
-                                      "--config.log_every_steps=1", data_dir=data_dir, cache=compilation_cache),
-                        env=cpu_env(), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    train_command(
+      workdir,
+      "--config.optimizer.learning_rate=1e4",
+      "--config.optimizer.schedule=constant",
+      "--config.checkpoint_every_steps=1",
+      "--config.log_every_steps=1",
+      data_dir=data_dir,
+      cache=compilation_cache,
+    ),
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite loss or gradient at step "), proc.stderr[-2000:]
@@ -104,8 +144,10 @@ def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
 
 def test_skip_policy_counts_nonfinite_steps_across_a_resume(tiny_config, tmp_path):
   from agejax import train
-  tiny_config.update(nonfinite="skip", num_train_steps=6, log_every_steps=3, eval_every_steps=6,
-                     checkpoint_every_steps=6)
+
+  tiny_config.update(
+    nonfinite="skip", num_train_steps=6, log_every_steps=3, eval_every_steps=6, checkpoint_every_steps=6
+  )
   tiny_config.optimizer.update(learning_rate=1e4, schedule="constant")
   first = train.train_and_evaluate(tiny_config, tmp_path)
   assert 0 < first["nonfinite_steps"] <= 6
@@ -116,15 +158,21 @@ def test_skip_policy_counts_nonfinite_steps_across_a_resume(tiny_config, tmp_pat
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(saved["params"]))
   # Skipped steps do not advance the optimizer: its counters (which drive the schedule, and the
   # logged learning rate) stand at the applied updates.
-  counts = [int(v) for path, v in jax.tree_util.tree_leaves_with_path(saved["opt_state"])
-            if "count" in jax.tree_util.keystr(path)]
+  counts = [
+    int(v)
+    for path, v in jax.tree_util.tree_leaves_with_path(saved["opt_state"])
+    if "count" in jax.tree_util.keystr(path)
+  ]
   assert counts and set(counts) == {9 - final["nonfinite_steps"]}, counts
 
 
 def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8)),
-           "age": jnp.asarray(rng.integers(1, 91, 16).astype(np.float32)), "age_std": jnp.zeros(16)}
+  batch = {
+    "image": jnp.asarray(rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8)),
+    "age": jnp.asarray(rng.integers(1, 91, 16).astype(np.float32)),
+    "age_std": jnp.zeros(16),
+  }
 
   def run(accum: int):
     config = tiny_config.copy_and_resolve_references()

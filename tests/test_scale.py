@@ -10,20 +10,37 @@ from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
 # The project's default learning rate (`:tiny` raises it to learn fast): float32 reassociation
 # differences then stay far below 1e-5, while a real mismatch (data, shards, rng) stays far above.
-STEPS = ("--config.num_train_steps=20", "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
-         "--config.log_every_steps=10", "--config.optimizer.learning_rate=1e-4")
+STEPS = (
+  "--config.num_train_steps=20",
+  "--config.eval_every_steps=20",
+  "--config.checkpoint_every_steps=20",
+  "--config.log_every_steps=10",
+  "--config.optimizer.learning_rate=1e-4",
+)
 
 
 def test_eight_devices_equal_one_with_a_demo_size_eval_split(compilation_cache, data_dir, tmp_path):
   """125 eval batches, as a real run has: dispatched without bound, they aborted XLA:CPU's rendezvous."""
   from agejax.data import datasets
+
   datasets.prepare("demo", data_dir, builder_config="tiny_eval1000")  # 1,000 validation faces
   runs = {}
   for devices in (1, 8):
     workdir = tmp_path / f"d{devices}"
-    proc = subprocess.run(train_command(workdir, *STEPS, "--config.data.builder_config=tiny_eval1000",
-                                        "--config.eval_batch_size=8", data_dir=data_dir, cache=compilation_cache),
-                          env=cpu_env(devices), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+      train_command(
+        workdir,
+        *STEPS,
+        "--config.data.builder_config=tiny_eval1000",
+        "--config.eval_batch_size=8",
+        data_dir=data_dir,
+        cache=compilation_cache,
+      ),
+      env=cpu_env(devices),
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs[devices] = workdir
   assert_close_relative(checkpoint(runs[8], 20)["params"], checkpoint(runs[1], 20)["params"], 1e-5)
@@ -40,15 +57,36 @@ def free_port() -> int:
 
 def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   single = tmp_path / "single"
-  subprocess.run(train_command(single, *STEPS, data_dir=data_dir, cache=compilation_cache), env=cpu_env(4),
-                 check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    train_command(single, *STEPS, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(4),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   multi = tmp_path / "multi"
   port = free_port()
-  procs = [subprocess.Popen(train_command(multi, *STEPS, "--coordinator_address", f"127.0.0.1:{port}",
-                                          "--num_processes", "2", "--process_id", str(i), data_dir=data_dir,
-                                          cache=compilation_cache),
-                            env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      train_command(
+        multi,
+        *STEPS,
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+        data_dir=data_dir,
+        cache=compilation_cache,
+      ),
+      env=cpu_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
   assert_close_relative(checkpoint(multi, 20)["params"], checkpoint(single, 20)["params"], 1e-5)
@@ -60,13 +98,33 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation_cache, data_dir, tmp_path):
   """JAX's preemption service owns SIGTERM with several processes; all stop at its sync step."""
   workdir, port = tmp_path / "multi", free_port()
-  long = ("--config.num_train_steps=5000", "--config.eval_every_steps=5000", "--config.checkpoint_every_steps=5000",
-          "--config.log_every_steps=20")
-  procs = [subprocess.Popen(train_command(workdir, *long, "--coordinator_address", f"127.0.0.1:{port}",
-                                          "--num_processes", "2", "--process_id", str(i), data_dir=data_dir,
-                                          cache=compilation_cache),
-                            env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  long = (
+    "--config.num_train_steps=5000",
+    "--config.eval_every_steps=5000",
+    "--config.checkpoint_every_steps=5000",
+    "--config.log_every_steps=20",
+  )
+  procs = [
+    subprocess.Popen(
+      train_command(
+        workdir,
+        *long,
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+        data_dir=data_dir,
+        cache=compilation_cache,
+      ),
+      env=cpu_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     while not list(workdir.glob("events.out.tfevents.*")):  # process 0's loop has started
       assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]

@@ -12,8 +12,11 @@ from configs import vgg16_kl
 
 def _batch(size: int, batch: int = 2) -> dict:
   """Abstract uint8 training batch."""
-  return {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
-          "age": jax.ShapeDtypeStruct((batch,), jnp.float32), "age_std": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+  return {
+    "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+    "age": jax.ShapeDtypeStruct((batch,), jnp.float32),
+    "age_std": jax.ShapeDtypeStruct((batch,), jnp.float32),
+  }
 
 
 def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32():
@@ -44,8 +47,14 @@ def test_train_step_donates_state_and_sums_but_not_the_batch():
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   train_step = steps.jit_train_step(fns, replicated, sharded)
   state, sums = jax.device_put((state, metrics.zeros()), replicated)
-  batch = jax.device_put({"image": np.zeros((2, 32, 32, 3), np.uint8), "age": np.full(2, 30.0, np.float32),
-                          "age_std": np.zeros(2, np.float32)}, sharded)
+  batch = jax.device_put(
+    {
+      "image": np.zeros((2, 32, 32, 3), np.uint8),
+      "age": np.full(2, 30.0, np.float32),
+      "age_std": np.zeros(2, np.float32),
+    },
+    sharded,
+  )
   new_state, new_sums, _ = train_step(state, sums, batch)
   assert all(x.is_deleted() for x in jax.tree.leaves((state, sums)))  # updated in place, no copy
   assert not any(x.is_deleted() for x in jax.tree.leaves(batch))

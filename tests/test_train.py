@@ -9,18 +9,27 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from agejax import train
 from conftest import array_cache, checkpoint
 
+from agejax import train
+
 ROOT = Path(__file__).resolve().parents[1]
-TAGS = ("train/loss", "train/mae", "train/learning_rate", "eval/loss", "eval/mae", "eval/epsilon_error", "eval/cs5",
-        "train/nonfinite_steps")
+TAGS = (
+  "train/loss",
+  "train/mae",
+  "train/learning_rate",
+  "eval/loss",
+  "eval/mae",
+  "eval/epsilon_error",
+  "eval/cs5",
+  "train/nonfinite_steps",
+)
 
 
 def scalars(workdir: Path) -> dict[str, list[float]]:
   """Reads every scalar series with TensorBoard's own reader."""
   from tensorboard.backend.event_processing import event_accumulator
+
   out = {}
   for events in workdir.glob("events.out.tfevents.*"):
     acc = event_accumulator.EventAccumulator(str(events), size_guidance={event_accumulator.TENSORS: 0})
@@ -33,6 +42,7 @@ def scalars(workdir: Path) -> dict[str, list[float]]:
 
 def tf_make(proto):
   import tensorflow as tf
+
   return tf.make_ndarray(proto)
 
 
@@ -44,6 +54,7 @@ def params_at(workdir: Path, step: int):
 def trained(tmp_path_factory, data_dir, compilation_cache):
   """A 100-step run of the tiny config with checkpoints at steps 50 and 100."""
   from configs import vgg16_kl
+
   config = vgg16_kl.get_config("tiny")
   config.data.data_dir, config.compilation_cache_dir = data_dir, compilation_cache
   config.data.cache_dir = array_cache(data_dir)
@@ -61,6 +72,7 @@ def test_profile_steps_leave_a_trace_for_tensorboards_profile_tab(trained):
   assert xplane.stat().st_size > 0
   [chrome] = run.glob("*.trace.json.gz")
   import gzip
+
   events = json.loads(gzip.decompress(chrome.read_bytes()))["traceEvents"]
   assert sum(e.get("name") == "PjitFunction(train_step)" for e in events) >= 5  # the traced steps' dispatches
 
@@ -104,12 +116,19 @@ def test_resume_continues_exactly_and_finished_run_exits_promptly(trained, tmp_p
   assert time.perf_counter() - start < 30
 
 
-def run_train(workdir, *overrides: str, config: str = "configs/vgg16_kl.py:tiny", devices: int = 4,
-              prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_train(
+  workdir, *overrides: str, config: str = "configs/vgg16_kl.py:tiny", devices: int = 4, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
   """scripts/train.py as a user runs it (optionally under a `prefix` command such as unshare)."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return subprocess.run([*prefix, sys.executable, "scripts/train.py", "--config", config, "--workdir", str(workdir),
-                         *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [*prefix, sys.executable, "scripts/train.py", "--config", config, "--workdir", str(workdir), *overrides],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
@@ -122,7 +141,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("override,key", [
+@pytest.mark.parametrize(
+  "override,key",
+  [
     ("--config.batch_size=6", "config.batch_size=6"),
     ("--config.loss.sigma=0", "config.loss.sigma=0"),
     ("--config.loss.sigma=1e-46", "config.loss.sigma=1e-46: must be at least 0.0757 years"),
@@ -136,7 +157,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     ("--config.model.dropout_rate=1.5", "config.model.dropout_rate=1.5"),
     ("--config.profile_steps=-1", "config.profile_steps=-1"),
     ("--config.data.cache_dir=gs://bucket/arrays", "config.data.cache_dir='gs://bucket/arrays'"),
-])
+  ],
+)
 def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
   proc = run_train(tmp_path / "w", override)
   last = last_line(proc)
@@ -146,6 +168,7 @@ def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
 
 def test_sigma_at_the_bound_gives_a_finite_gaussian_target_and_below_it_one_hot():
   from agejax import configuration, labels
+
   bins = labels.age_bins(1, 100)
   at = np.asarray(labels.label_distribution(np.float32(50), bins, configuration.MIN_SIGMA * 1.001))
   below = np.asarray(labels.label_distribution(np.float32(50), bins, configuration.MIN_SIGMA * 0.95))
@@ -153,26 +176,53 @@ def test_sigma_at_the_bound_gives_a_finite_gaussian_target_and_below_it_one_hot(
   assert below[48] == 0 and below[49] == 1  # degenerate: one-hot
 
 
-@pytest.mark.parametrize("script,args,expected", [
-    ("train.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.optimizer.learnig_rate=1"),
-     "error: --config.optimizer.learnig_rate=1: the config has no key 'optimizer.learnig_rate' (did you mean "
-     "\"learning_rate\" instead of \"learnig_rate\"?)"),
-    ("train.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.sed=1"),
-     "error: --config.sed=1: the config has no key 'sed' (did you mean \"seed\" instead of \"sed\"?)"),
-    ("train.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.seed=abc"),
-     "error: flag --config.seed=abc: invalid literal for int() with base 10: 'abc'"),
-    ("train.py", ("--config", "configs/vgg16_kl.py:huge"),
-     "error: flag --config=configs/vgg16_kl.py:huge: Error whilst parsing config file: ValueError: "
-     "configs/vgg16_kl.py: unknown variant 'huge'; use 'demo' or 'tiny'"),
-    ("train.py", ("--config", "configs/missing.py"),
-     "error: --config: [Errno 2] No such file or directory: 'configs/missing.py'"),
-    ("evaluate.py", ("--config", "configs/vgg16_kl.py:tiny", "--config.labels.max_ag=90"),
-     "error: --config.labels.max_ag=90: the config has no key 'labels.max_ag' (did you mean \"max_age\" instead of "
-     "\"max_ag\"?)"),
-])
+@pytest.mark.parametrize(
+  "script,args,expected",
+  [
+    (
+      "train.py",
+      ("--config", "configs/vgg16_kl.py:tiny", "--config.optimizer.learnig_rate=1"),
+      "error: --config.optimizer.learnig_rate=1: the config has no key 'optimizer.learnig_rate' (did you mean "
+      '"learning_rate" instead of "learnig_rate"?)',
+    ),
+    (
+      "train.py",
+      ("--config", "configs/vgg16_kl.py:tiny", "--config.sed=1"),
+      'error: --config.sed=1: the config has no key \'sed\' (did you mean "seed" instead of "sed"?)',
+    ),
+    (
+      "train.py",
+      ("--config", "configs/vgg16_kl.py:tiny", "--config.seed=abc"),
+      "error: flag --config.seed=abc: invalid literal for int() with base 10: 'abc'",
+    ),
+    (
+      "train.py",
+      ("--config", "configs/vgg16_kl.py:huge"),
+      "error: flag --config=configs/vgg16_kl.py:huge: Error whilst parsing config file: ValueError: "
+      "configs/vgg16_kl.py: unknown variant 'huge'; use 'demo' or 'tiny'",
+    ),
+    (
+      "train.py",
+      ("--config", "configs/missing.py"),
+      "error: --config: [Errno 2] No such file or directory: 'configs/missing.py'",
+    ),
+    (
+      "evaluate.py",
+      ("--config", "configs/vgg16_kl.py:tiny", "--config.labels.max_ag=90"),
+      "error: --config.labels.max_ag=90: the config has no key 'labels.max_ag' (did you mean \"max_age\" instead of "
+      '"max_ag"?)',
+    ),
+  ],
+)
 def test_bad_flags_fail_in_one_line_with_the_hint(script, args, expected, tmp_path):
-  proc = subprocess.run([sys.executable, f"scripts/{script}", "--workdir", str(tmp_path / "w"), *args], cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, f"scripts/{script}", "--workdir", str(tmp_path / "w"), *args],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [expected]  # the whole output: no traceback, no usage text
   assert not (tmp_path / "w").exists()
@@ -191,12 +241,19 @@ def test_a_read_only_workdir_fails_in_one_line_before_compiling(tmp_path):
   cache.mkdir()
   (workdir / "notes.txt").write_text("kept\n")
   # Root ignores permission bits: a read-only bind mount, in a mount namespace of the run's own.
-  readonly = ("unshare", "-m", "sh", "-c", f'mount --bind "{workdir}" "{workdir}" && '
-              f'mount -o remount,bind,ro "{workdir}" && exec "$@"', "sh")
+  readonly = (
+    "unshare",
+    "-m",
+    "sh",
+    "-c",
+    f'mount --bind "{workdir}" "{workdir}" && mount -o remount,bind,ro "{workdir}" && exec "$@"',
+    "sh",
+  )
   proc = run_train(workdir, f"--config.compilation_cache_dir={cache}", prefix=readonly)
   last = last_line(proc)
-  assert last.startswith(f"error: workdir {workdir} is not writable: [Errno 30] Read-only file system: "), \
-      proc.stderr[-2000:]
+  assert last.startswith(f"error: workdir {workdir} is not writable: [Errno 30] Read-only file system: "), proc.stderr[
+    -2000:
+  ]
   assert snapshot(workdir) == {"notes.txt": b"kept\n"} and not list(cache.iterdir())
 
 
@@ -207,19 +264,27 @@ def test_a_shifted_age_range_on_resume_fails_in_one_line_and_leaves_the_workdir_
   before = snapshot(copy)
   cache = tmp_path / "cache"
   cache.mkdir()
-  proc = run_train(copy, f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
-                   "--config.labels.min_age=11", "--config.labels.max_age=110",
-                   f"--config.compilation_cache_dir={cache}",
-                   f"--config.data.cache_dir={config.data.cache_dir}", devices=1)
+  proc = run_train(
+    copy,
+    f"--config.data.data_dir={config.data.data_dir}",
+    "--config.num_train_steps=200",
+    "--config.labels.min_age=11",
+    "--config.labels.max_age=110",
+    f"--config.compilation_cache_dir={cache}",
+    f"--config.data.cache_dir={config.data.cache_dir}",
+    devices=1,
+  )
   assert last_line(proc) == (
-      f"error: config.labels.min_age=11, config.labels.max_age=110 differ from labels.min_age=1, labels.max_age=100 "
-      f"in {copy / 'config.json'}, which this workdir's checkpoints were trained with: these keys set what the "
-      f"checkpoints mean and cannot change on resume; use a new workdir, or the run's values")
+    f"error: config.labels.min_age=11, config.labels.max_age=110 differ from labels.min_age=1, labels.max_age=100 "
+    f"in {copy / 'config.json'}, which this workdir's checkpoints were trained with: these keys set what the "
+    f"checkpoints mean and cannot change on resume; use a new workdir, or the run's values"
+  )
   assert snapshot(copy) == before and not list(cache.iterdir())  # nothing written, nothing compiled
 
 
 def test_resume_may_extend_the_run_and_move_its_data_but_not_change_its_seed(trained, tmp_path):
   from agejax import configuration
+
   config, workdir, _ = trained
   recorded = json.loads((workdir / "config.json").read_text())
   extended = config.copy_and_resolve_references()
@@ -237,9 +302,11 @@ def test_every_config_key_is_classified_for_resume(variant):
   """A new key must be put in RESUME_MUST_MATCH or RESUME_MAY_CHANGE (unlisted keys must match)."""
   from agejax import configuration
   from configs import vgg16_kl
+
   keys = configuration.flatten(vgg16_kl.get_config(variant).to_dict())
-  unclassified = [k for k in keys
-                  if k not in configuration.RESUME_MUST_MATCH and not configuration.resume_may_change(k)]
+  unclassified = [
+    k for k in keys if k not in configuration.RESUME_MUST_MATCH and not configuration.resume_may_change(k)
+  ]
   assert not unclassified
   assert not [k for k in configuration.RESUME_MUST_MATCH if configuration.resume_may_change(k)]
 
@@ -250,8 +317,13 @@ def test_a_corrupt_config_json_on_resume_fails_in_one_line_naming_it(trained, tm
   shutil.copytree(workdir, copy)
   (copy / "config.json").write_text('{"seed": 0, "model": {')  # a truncated write
   before = snapshot(copy)
-  proc = run_train(copy, f"--config.data.data_dir={config.data.data_dir}", "--config.compilation_cache_dir=",
-                   f"--config.data.cache_dir={config.data.cache_dir}", devices=1)
+  proc = run_train(
+    copy,
+    f"--config.data.data_dir={config.data.data_dir}",
+    "--config.compilation_cache_dir=",
+    f"--config.data.cache_dir={config.data.cache_dir}",
+    devices=1,
+  )
   assert last_line(proc).startswith(f"error: {copy / 'config.json'}: not valid JSON (")
   assert snapshot(copy) == before
 
@@ -262,18 +334,28 @@ def test_checkpoints_that_do_not_fit_fail_in_one_line_even_without_config_json(t
   shutil.copytree(workdir, copy)
   (copy / "config.json").unlink()  # an older workdir: only the arrays' shapes can be compared
   before = snapshot(copy)
-  proc = run_train(copy, f"--config.data.data_dir={config.data.data_dir}", "--config.num_train_steps=200",
-                   "--config.model.width_multiplier=0.125", "--config.compilation_cache_dir=",
-                   f"--config.data.cache_dir={config.data.cache_dir}", devices=1)
-  assert last_line(proc).startswith(f"error: {copy / 'checkpoints'}: checkpoint step 100 does not fit this config: "
-                                    "params/convs/0/bias has shape (4,) there and (8,) in this config"), proc.stderr
+  proc = run_train(
+    copy,
+    f"--config.data.data_dir={config.data.data_dir}",
+    "--config.num_train_steps=200",
+    "--config.model.width_multiplier=0.125",
+    "--config.compilation_cache_dir=",
+    f"--config.data.cache_dir={config.data.cache_dir}",
+    devices=1,
+  )
+  assert last_line(proc).startswith(
+    f"error: {copy / 'checkpoints'}: checkpoint step 100 does not fit this config: "
+    "params/convs/0/bias has shape (4,) there and (8,) in this config"
+  ), proc.stderr
   assert snapshot(copy) == before  # config.json is not written from a config that does not fit
 
 
 def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, tmp_path):
-  from agejax.data import pipeline
   from conftest import array_cache
+
+  from agejax.data import pipeline
   from configs import vgg16_kl
+
   data = vgg16_kl.get_config("tiny").data
   data.data_dir, data.cache_dir = data_dir, array_cache(data_dir)
   train_ages = set(pipeline.load_split(data, "train").age.astype(int))
@@ -281,17 +363,27 @@ def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, 
   only_in_train = min(train_ages - set(eval_ages.astype(int)))
   cache = tmp_path / "cache"
   cache.mkdir()
-  common = (f"--config.data.data_dir={data_dir}", f"--config.data.cache_dir={data.cache_dir}",
-            f"--config.compilation_cache_dir={cache}", "--config.labels.out_of_range=drop")
-  proc = run_train(tmp_path / "eval", *common, f"--config.labels.min_age={only_in_train}",
-                   f"--config.labels.max_age={only_in_train}", devices=1)
+  common = (
+    f"--config.data.data_dir={data_dir}",
+    f"--config.data.cache_dir={data.cache_dir}",
+    f"--config.compilation_cache_dir={cache}",
+    "--config.labels.out_of_range=drop",
+  )
+  proc = run_train(
+    tmp_path / "eval",
+    *common,
+    f"--config.labels.min_age={only_in_train}",
+    f"--config.labels.max_age={only_in_train}",
+    devices=1,
+  )
   assert last_line(proc) == (
-      f"error: config.labels.out_of_range='drop' empties split 'validation' of demo: none of its {len(eval_ages)} ages "
-      f"is in labels.min_age..labels.max_age = {only_in_train}..{only_in_train}")
-  proc = run_train(tmp_path / "train", *common, "--config.labels.min_age=200", "--config.labels.max_age=300",
-                   devices=1)
-  assert last_line(proc).startswith("error: config.labels.out_of_range='drop' empties split 'train' of demo: none of "
-                                    "its ")
+    f"error: config.labels.out_of_range='drop' empties split 'validation' of demo: none of its {len(eval_ages)} ages "
+    f"is in labels.min_age..labels.max_age = {only_in_train}..{only_in_train}"
+  )
+  proc = run_train(tmp_path / "train", *common, "--config.labels.min_age=200", "--config.labels.max_age=300", devices=1)
+  assert last_line(proc).startswith(
+    "error: config.labels.out_of_range='drop' empties split 'train' of demo: none of its "
+  )
   assert not list(cache.iterdir())  # failed before compiling
   for workdir in (tmp_path / "eval", tmp_path / "train"):
     assert [p.name for p in workdir.iterdir()] == ["checkpoints"]  # no config.json, no events; no steps
@@ -299,6 +391,7 @@ def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, 
 
 def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny_config):
   from agejax.data import pipeline
+
   tiny_config.labels.max_age = 30
   true_eval = pipeline.load_split(tiny_config.data, "validation").age
   assert true_eval.max() > 30 and pipeline.load_split(tiny_config.data, "train").age.max() > 30
@@ -312,8 +405,10 @@ def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny
 def test_the_loop_compiles_its_train_step_once_and_moves_no_data_implicitly(tiny_config, tmp_path, caplog):
   """Steady state under transfer_guard('disallow'): only the loop's explicit fetches at sync points move data."""
   import logging
-  tiny_config.update(num_train_steps=20, log_every_steps=5, eval_every_steps=10, checkpoint_every_steps=10,
-                     compilation_cache_dir="")  # a cache hit would still log, but keep the count plain
+
+  tiny_config.update(
+    num_train_steps=20, log_every_steps=5, eval_every_steps=10, checkpoint_every_steps=10, compilation_cache_dir=""
+  )  # a cache hit would still log, but keep the count plain
   with jax.transfer_guard("disallow"), pytest.raises(Exception, match="Disallowed host-to-device transfer"):
     jax.jit(lambda x: x + 1)(np.ones(3))  # the guard is enforced on this backend
   caplog.set_level(logging.WARNING)

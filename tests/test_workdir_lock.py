@@ -9,17 +9,19 @@ import sys
 import time
 
 import pytest
+from conftest import cpu_env, train_command
 
 from agejax import storage, workdir_lock
-from conftest import cpu_env, train_command
 
 SHORT = ("--config.num_train_steps=20", "--config.eval_every_steps=10", "--config.checkpoint_every_steps=10")
 
 
 def busy_message(workdir, holder: dict) -> str:
-  return (f"error: workdir {workdir} is in use by another run: pid {holder['pid']} on {holder['host']} since "
-          f"{holder['since']} (lock {workdir / workdir_lock.LOCK_FILE}); wait for it to end or stop it, or use another "
-          f"workdir")
+  return (
+    f"error: workdir {workdir} is in use by another run: pid {holder['pid']} on {holder['host']} since "
+    f"{holder['since']} (lock {workdir / workdir_lock.LOCK_FILE}); wait for it to end or stop it, or use another "
+    f"workdir"
+  )
 
 
 def assert_intact_run(workdir, seed: int) -> None:
@@ -31,20 +33,31 @@ def assert_intact_run(workdir, seed: int) -> None:
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
-def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_intact(compilation_cache, data_dir,
-                                                                                   tmp_path):
+def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_intact(
+  compilation_cache, data_dir, tmp_path
+):
   workdir, cache = tmp_path / "run", tmp_path / "second_cache"
   cache.mkdir()
-  first = subprocess.Popen(train_command(workdir, *SHORT, data_dir=data_dir, cache=compilation_cache), env=cpu_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen(
+    train_command(workdir, *SHORT, data_dir=data_dir, cache=compilation_cache),
+    env=cpu_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     lock = workdir / workdir_lock.LOCK_FILE
     while not (lock.exists() and lock.read_text().endswith("\n")):  # the first holds the lock
       assert first.poll() is None, first.communicate()[1][-3000:]
       time.sleep(0.05)
     holder = json.loads(lock.read_text())
-    second = subprocess.run(train_command(workdir, *SHORT, "--config.seed=1", data_dir=data_dir, cache=str(cache)),
-                            env=cpu_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+      train_command(workdir, *SHORT, "--config.seed=1", data_dir=data_dir, cache=str(cache)),
+      env=cpu_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     out, err = first.communicate(timeout=600)
   finally:
     first.kill()
@@ -57,10 +70,16 @@ def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_inta
 
 def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilation_cache, data_dir, tmp_path):
   workdir = tmp_path / "run"
-  procs = {seed: subprocess.Popen(train_command(workdir, *SHORT, f"--config.seed={seed}", data_dir=data_dir,
-                                                cache=compilation_cache),
-                                  env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for seed in (0, 1)}
+  procs = {
+    seed: subprocess.Popen(
+      train_command(workdir, *SHORT, f"--config.seed={seed}", data_dir=data_dir, cache=compilation_cache),
+      env=cpu_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for seed in (0, 1)
+  }
   try:
     outputs = {seed: p.communicate(timeout=600) for seed, p in procs.items()}
   finally:
@@ -69,8 +88,9 @@ def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilati
   [winner] = [seed for seed, p in procs.items() if p.returncode == 0]
   [loser] = [seed for seed, p in procs.items() if p.returncode != 0]
   last = outputs[loser][1].strip().splitlines()[-1]
-  assert last.startswith(f"error: workdir {workdir} is in use by another run: pid {procs[winner].pid} on "
-                         f"{socket.gethostname()} since "), outputs[loser][1][-3000:]
+  assert last.startswith(
+    f"error: workdir {workdir} is in use by another run: pid {procs[winner].pid} on {socket.gethostname()} since "
+  ), outputs[loser][1][-3000:]
   assert_intact_run(workdir, seed=winner)
 
 
@@ -100,9 +120,17 @@ def test_a_lock_is_released_on_errors_and_leftover_temporaries_of_dead_writers_a
 def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_path, caplog):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom agejax import workdir_lock\n"
-                             "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
-                             str(workdir)], stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time\nfrom agejax import workdir_lock\n"
+      "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
+      str(workdir),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(workdir_lock.WorkdirBusy):
@@ -114,21 +142,40 @@ def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_pa
   assert left["pid"] == holder.pid
   with workdir_lock.WorkdirLock(workdir):
     assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
-  assert (f"the previous run, pid {holder.pid} on {left['host']} since {left['since']}, ended without releasing "
-          f"its lock (killed?); taking it over") in caplog.text
+  assert (
+    f"the previous run, pid {holder.pid} on {left['host']} since {left['since']}, ended without releasing "
+    f"its lock (killed?); taking it over"
+  ) in caplog.text
 
 
 def test_with_two_processes_both_fail_in_one_line_when_the_workdir_is_busy(compilation_cache, data_dir, tmp_path):
   """Process 0 takes the lock for the run; the other learns that it failed instead of waiting for it."""
   from test_scale import free_port
+
   workdir, port = tmp_path / "run", free_port()
   workdir.mkdir()
   with workdir_lock.WorkdirLock(workdir) as lock:
-    procs = [subprocess.Popen(train_command(workdir, *SHORT, "--coordinator_address", f"127.0.0.1:{port}",
-                                            "--num_processes", "2", "--process_id", str(i), data_dir=data_dir,
-                                            cache=compilation_cache),
-                              env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+      subprocess.Popen(
+        train_command(
+          workdir,
+          *SHORT,
+          "--coordinator_address",
+          f"127.0.0.1:{port}",
+          "--num_processes",
+          "2",
+          "--process_id",
+          str(i),
+          data_dir=data_dir,
+          cache=compilation_cache,
+        ),
+        env=cpu_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for i in range(2)
+    ]
     try:
       outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -137,15 +184,21 @@ def test_with_two_processes_both_fail_in_one_line_when_the_workdir_is_busy(compi
     holder = lock.holder
   assert [p.returncode for p in procs] == [1, 1], outputs[0][1][-2000:] + outputs[1][1][-2000:]
   assert outputs[0][1].strip().splitlines()[-1] == busy_message(workdir, holder)
-  assert outputs[1][1].strip().splitlines()[-1] == (f"error: workdir {workdir}: process 0 could not take its lock "
-                                                    f"(see its error)")
+  assert outputs[1][1].strip().splitlines()[-1] == (
+    f"error: workdir {workdir}: process 0 could not take its lock (see its error)"
+  )
   assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written; the test's lock is released
 
 
 def test_sigterm_while_starting_up_exits_0_and_releases_the_lock(data_dir, tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(train_command(workdir, *SHORT, data_dir=data_dir, cache=str(tmp_path / "cache")),
-                          env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    train_command(workdir, *SHORT, data_dir=data_dir, cache=str(tmp_path / "cache")),
+    env=cpu_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     while not (workdir / workdir_lock.LOCK_FILE).exists():  # from here the run holds the workdir
       assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -156,6 +209,8 @@ def test_sigterm_while_starting_up_exits_0_and_releases_the_lock(data_dir, tmp_p
     proc.kill()
   assert proc.returncode == 0, err[-3000:]
   # Almost always before the loop; should the signal come late, the loop saves its first step instead.
-  assert f"stopped by SIGTERM before training started: nothing to save in {workdir}" in out or \
-      "preempted: saved checkpoint at step 1 " in out, out[-2000:]
+  assert (
+    f"stopped by SIGTERM before training started: nothing to save in {workdir}" in out
+    or "preempted: saved checkpoint at step 1 " in out
+  ), out[-2000:]
   assert not (workdir / workdir_lock.LOCK_FILE).exists()

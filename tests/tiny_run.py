@@ -6,8 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
-from agejax import train
 from conftest import array_cache
+
+from agejax import train
 from configs import vgg16_kl
 
 

@@ -40,6 +40,7 @@ def cache_key(builder, split: str) -> str:
 def _decode_split(builder, split: str, folder: Path) -> None:
   """Decodes a prepared TFDS split once into folder/images.npy (memory-mappable) and folder/labels.npz."""
   from tqdm.auto import tqdm
+
   tfds = datasets.import_tfds()
   n = builder.info.splits[split].num_examples
   shape = builder.info.features["image"].shape
@@ -91,9 +92,11 @@ def build(builder, split: str, cache_dir: str) -> Path:
     needed = n * int(np.prod(info.features["image"].shape)) + 8 * n + (1 << 20)
     free = shutil.disk_usage(root).free
     if needed > free:
-      raise errors.UserError(f"config.data.cache_dir={cache_dir!r}: the {tfds_name} {split} array cache needs "
-                       f"{_size(needed)} and {root} has {_size(free)} free; set "
-                       f"--config.data.cache_dir to a local disk with more space")
+      raise errors.UserError(
+        f"config.data.cache_dir={cache_dir!r}: the {tfds_name} {split} array cache needs "
+        f"{_size(needed)} and {root} has {_size(free)} free; set "
+        f"--config.data.cache_dir to a local disk with more space"
+      )
     tmp = root / f".{folder.name}.tmp{os.getpid()}"
     tmp.mkdir()
     started = time.perf_counter()
@@ -105,6 +108,9 @@ def build(builder, split: str, cache_dir: str) -> Path:
       raise
     size = sum(f.stat().st_size for f in folder.iterdir())
     where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
-    print(f"{where}built the {tfds_name} {split} array cache ({n} examples, {_size(size)}) in "
-          f"{time.perf_counter() - started:.1f} s: {folder}", flush=True)
+    print(
+      f"{where}built the {tfds_name} {split} array cache ({n} examples, {_size(size)}) in "
+      f"{time.perf_counter() - started:.1f} s: {folder}",
+      flush=True,
+    )
   return folder

@@ -12,23 +12,26 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from agejax.data import demo_faces, sources
 from agejax import errors
+from agejax.data import demo_faces, sources
 
 
 def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
   """The features every agejax dataset shares, plus a dataset's `extra` ones."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format="png"),
       "age": tfds.features.Scalar(np.int32),
       "age_std": tfds.features.Scalar(np.float32),
       **extra,
-  })
+    }
+  )
 
 
 @dataclasses.dataclass
 class DemoConfig(tfds.core.BuilderConfig):
   """Size of the generated demo dataset."""
+
   image_size: int = 80
   num_train: int = 12_000
   num_validation: int = 1_000
@@ -41,15 +44,32 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      DemoConfig(name="default", description="The demo: 12,000 / 1,000 / 1,000 faces at 80x80."),
-      DemoConfig(name="tiny", description="For tests: 192 / 50 / 50 faces at 40x40.",
-                 image_size=40, num_train=192, num_validation=50, num_test=50),
-      DemoConfig(name="tiny_eval1000", description="For tests at the demo's evaluation size: 192 / 1,000 / "
-                 "50 faces at 40x40 (dozens of eval batches, as a real run has).",
-                 image_size=40, num_train=192, num_validation=1_000, num_test=50),
-      DemoConfig(name="faces200", description="For the input benchmark: 5,000 / 500 / 500 faces at "
-                 "200x200, the size of UTKFace's chips.",
-                 image_size=200, num_train=5_000, num_validation=500, num_test=500),
+    DemoConfig(name="default", description="The demo: 12,000 / 1,000 / 1,000 faces at 80x80."),
+    DemoConfig(
+      name="tiny",
+      description="For tests: 192 / 50 / 50 faces at 40x40.",
+      image_size=40,
+      num_train=192,
+      num_validation=50,
+      num_test=50,
+    ),
+    DemoConfig(
+      name="tiny_eval1000",
+      description="For tests at the demo's evaluation size: 192 / 1,000 / "
+      "50 faces at 40x40 (dozens of eval batches, as a real run has).",
+      image_size=40,
+      num_train=192,
+      num_validation=1_000,
+      num_test=50,
+    ),
+    DemoConfig(
+      name="faces200",
+      description="For the input benchmark: 5,000 / 500 / 500 faces at 200x200, the size of UTKFace's chips.",
+      image_size=200,
+      num_train=5_000,
+      num_validation=500,
+      num_test=500,
+    ),
   ]
   # Distinct seeds keep the splits disjoint draws of the same generator.
   SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
@@ -80,15 +100,22 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     """Returns the fingerprint of a manual folder or archive; raises a one-line error if it can't be read."""
     path = Path(os.fspath(manual_dir)).expanduser()
     if not path.exists():
-      raise errors.MissingInput(f"the manual folder {sources.display(path)} does not exist; pass --manual_dir "
-                              f"FOLDER holding the downloaded files (README: Real datasets)")
+      raise errors.MissingInput(
+        f"the manual folder {sources.display(path)} does not exist; pass --manual_dir "
+        f"FOLDER holding the downloaded files (README: Real datasets)"
+      )
     return self._describe_source(path)
 
   def _describe_source(self, path: Path) -> dict:
     raise NotImplementedError
 
-  def download_and_prepare(self, *, download_dir: str | os.PathLike | None = None,
-                           download_config: tfds.download.DownloadConfig | None = None, **kwargs) -> None:
+  def download_and_prepare(
+    self,
+    *,
+    download_dir: str | os.PathLike | None = None,
+    download_config: tfds.download.DownloadConfig | None = None,
+    **kwargs,
+  ) -> None:
     """TFDS's download_and_prepare, remembering `download_config.manual_dir` (it may be an archive)."""
     self._manual_path = download_config.manual_dir if download_config else None
     super().download_and_prepare(download_dir=download_dir, download_config=download_config, **kwargs)

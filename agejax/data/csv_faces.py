@@ -43,8 +43,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from agejax.data import builders, faces, sources
 from agejax import errors
+from agejax.data import builders, faces, sources
 
 SPLIT_FILES = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
 REQUIRED_SPLITS = ("train", "validation")
@@ -84,6 +84,7 @@ def parse_age_std(text: str) -> float | str:
 @dataclasses.dataclass
 class CsvFacesConfig(tfds.core.BuilderConfig):
   """Image size of the prepared CSV-listed dataset."""
+
   image_size: int = 224
 
 
@@ -98,6 +99,7 @@ def named_config(name: str) -> CsvFacesConfig | None:
 @dataclasses.dataclass(frozen=True)
 class _Row:
   """One accepted CSV row: the normalised file_name, the image path, the labels, where it was listed."""
+
   file_name: str
   path: Path
   age: int
@@ -115,13 +117,15 @@ def _folder_listing(root: Path, limit: int = 20) -> str:
 def _decode(csv_path: Path, data: bytes) -> str:
   """Returns a CSV file's text; bytes that are not UTF-8 fail naming the file and line."""
   if data.startswith(codecs.BOM_UTF8):  # spreadsheets write one
-    data = data[len(codecs.BOM_UTF8):]
+    data = data[len(codecs.BOM_UTF8) :]
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
-    raise errors.UserError(f"{csv_path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as "
-                     f"UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)") from None
+    raise errors.UserError(
+      f"{csv_path} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text; save the file as "
+      f"UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
+    ) from None
 
 
 def _csv_error(csv_path: Path, line: int, error: csv.Error) -> str:
@@ -129,8 +133,10 @@ def _csv_error(csv_path: Path, line: int, error: csv.Error) -> str:
   if "unexpected end of data" in str(error):
     return f"{csv_path} line {line}: a quote opened in this row is never closed"
   if "field larger than field limit" in str(error):
-    return (f"{csv_path} line {line}: a cell longer than {csv.field_size_limit() // 1024} KB starts in this row "
-            f"(a quote left open?)")
+    return (
+      f"{csv_path} line {line}: a cell longer than {csv.field_size_limit() // 1024} KB starts in this row "
+      f"(a quote left open?)"
+    )
   return f"{csv_path} line {line}: not valid CSV ({error})"
 
 
@@ -161,15 +167,18 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
       raise errors.UserError(_csv_error(csv_path, line, e)) from None
     if any("\n" in cell or "\r" in cell for cell in record):  # only a quote makes a cell span lines
       first = reader.line_num - sum(cell.count("\n") or cell.count("\r") for cell in record)
-      raise errors.UserError(f"{csv_path} line {first}: a quoted cell runs on to line {reader.line_num} (a quote left "
-                       f"open?); file names and ages fit on one line")
+      raise errors.UserError(
+        f"{csv_path} line {first}: a quoted cell runs on to line {reader.line_num} (a quote left "
+        f"open?); file names and ages fit on one line"
+      )
     if not record:  # a blank line
       continue
     if columns is None:
       columns = [c.strip() for c in record]
       if "file_name" not in columns or "age" not in columns:
-        raise errors.UserError(f"{csv_path}: the header must name the columns file_name and age (and "
-                         f"optionally age_std); it names {columns}")
+        raise errors.UserError(
+          f"{csv_path}: the header must name the columns file_name and age (and optionally age_std); it names {columns}"
+        )
       continue
     cells = dict(zip(columns, record))  # a short row's missing cells are empty
     name = (cells.get("file_name") or "").strip()
@@ -203,6 +212,7 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
 @dataclasses.dataclass
 class _Listing:
   """A manual folder as read: each split's valid rows and skips, and the source's fingerprint."""
+
   rows: dict[str, list[_Row]]
   skips: dict[str, faces.SkipCounter]
   source: dict
@@ -211,13 +221,15 @@ class _Listing:
 def _read_folder(root: Path) -> _Listing:
   """Reads every CSV file of a manual folder (no image is decoded)."""
   if root.is_file():
-    raise errors.UserError(f"{sources.display(root)} is a file: csv_faces needs the folder holding train.csv and "
-                     f"validation.csv")
+    raise errors.UserError(
+      f"{sources.display(root)} is a file: csv_faces needs the folder holding train.csv and validation.csv"
+    )
   for split in REQUIRED_SPLITS:
     if not (root / SPLIT_FILES[split]).is_file():
       raise errors.MissingInput(
-          f"{SPLIT_FILES[split]} is missing from the manual folder {root}, which holds: {_folder_listing(root)}; "
-          f"it needs train.csv and validation.csv (optionally test.csv) with a header file_name,age[,age_std]")
+        f"{SPLIT_FILES[split]} is missing from the manual folder {root}, which holds: {_folder_listing(root)}; "
+        f"it needs train.csv and validation.csv (optionally test.csv) with a header file_name,age[,age_std]"
+      )
   image_dirs = [root / "images", root] if (root / "images").is_dir() else [root]
   rows, skips, parts = {}, {}, {}
   for split, csv_name in SPLIT_FILES.items():
@@ -225,7 +237,8 @@ def _read_folder(root: Path) -> _Listing:
       skips[split] = faces.SkipCounter()
       rows[split], parts[csv_name] = _read_rows(root / csv_name, image_dirs, skips[split])
   parts["images"], num_images = sources.files_digest(
-      {(row.file_name, row.path) for split_rows in rows.values() for row in split_rows})
+    {(row.file_name, row.path) for split_rows in rows.values() for row in split_rows}
+  )
   return _Listing(rows, skips, sources.fingerprint(root, parts, num_images))
 
 
@@ -234,10 +247,10 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
 
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "Initial release.",
-      "2.0.0": "Records the source's fingerprint (metadata['source']); configs named by the user; ages such "
-               "as '1_000', age_std beyond float32 and CSV files that are not UTF-8 or leave a quote open are "
-               "refused; 32-bit grayscale images scaled by their value range instead of clipped.",
+    "1.0.0": "Initial release.",
+    "2.0.0": "Records the source's fingerprint (metadata['source']); configs named by the user; ages such "
+    "as '1_000', age_std beyond float32 and CSV files that are not UTF-8 or leave a quote open are "
+    "refused; 32-bit grayscale images scaled by their value range instead of clipped.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Put in one folder: `train.csv` and `validation.csv` (optionally `test.csv`), UTF-8, each with a
@@ -246,8 +259,8 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
   place. Then pass the folder as `--manual_dir`, and a name for the dataset as `--name`.
   """
   BUILDER_CONFIGS = [
-      CsvFacesConfig(name="default", description="Faces centre-cropped and resized to 224x224."),
-      CsvFacesConfig(name="tiny", description="For tests: faces at 32x32.", image_size=32),
+    CsvFacesConfig(name="default", description="Faces centre-cropped and resized to 224x224."),
+    CsvFacesConfig(name="tiny", description="For tests: faces at 32x32.", image_size=32),
   ]
 
   @classmethod
@@ -256,10 +269,10 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
     return super().get_builder_config(name, version) or named_config(name)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    features = builders.features(self.builder_config.image_size,
-                                 file_name=tfds.features.Text(doc="file_name as listed in the CSV file"))
-    return self.dataset_info_from_configs(features=features,
-                                          metadata=tfds.core.MetadataDict())
+    features = builders.features(
+      self.builder_config.image_size, file_name=tfds.features.Text(doc="file_name as listed in the CSV file")
+    )
+    return self.dataset_info_from_configs(features=features, metadata=tfds.core.MetadataDict())
 
   def _describe_source(self, path: Path) -> dict:
     return _read_folder(path).source
@@ -272,10 +285,13 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
     shared = sorted(str(path) for path, n in listed.items() if n > 1)
     self.info.metadata["files_in_several_splits"] = len(shared)
     if shared:
-      logging.warning("%s: %d image(s) are listed in several CSV files, e.g. %s: they leak between "
-                      "splits", self.name, len(shared), shared[:3])
-    return {split: self._generate_examples(split, rows, listing.skips[split])
-            for split, rows in listing.rows.items()}
+      logging.warning(
+        "%s: %d image(s) are listed in several CSV files, e.g. %s: they leak between splits",
+        self.name,
+        len(shared),
+        shared[:3],
+      )
+    return {split: self._generate_examples(split, rows, listing.skips[split]) for split, rows in listing.rows.items()}
 
   def _generate_examples(self, split: str, rows: list[_Row], skips: faces.SkipCounter):
     kept = 0
@@ -285,8 +301,7 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
         skips.add(image, row.where)
         continue
       kept += 1
-      yield row.file_name, {"image": image, "age": row.age, "age_std": row.age_std,
-                            "file_name": row.file_name}
+      yield row.file_name, {"image": image, "age": row.age, "age_std": row.age_std, "file_name": row.file_name}
     skips.record(self.info.metadata, self.name, split)
     if not kept:
       raise errors.UserError(f"{SPLIT_FILES[split]} lists no usable image (skipped: {dict(skips.counts)})")

@@ -1,21 +1,25 @@
-"""The agejax datasets: their TFDS builders by `config.data.name`, and preparing each once (from a downloaded source)."""
+"""The agejax datasets: their TFDS builders by `config.data.name`, and preparing each once from its source."""
 
 from etils import epath
 
 from agejax import errors, parallel
 from agejax.data import sources
 
-
 # data.name -> (TFDS builder name, needs a manually downloaded folder)
-DATASETS = {"demo": ("agejax_demo", False), "utkface": ("agejax_utkface", True),
-            "csv_faces": ("agejax_csv_faces", True)}
+DATASETS = {
+  "demo": ("agejax_demo", False),
+  "utkface": ("agejax_utkface", True),
+  "csv_faces": ("agejax_csv_faces", True),
+}
 
 
 def import_tfds():
   """Imports TFDS with TensorFlow kept off any GPU (JAX owns the accelerators)."""
   parallel.import_tensorflow()
   import tensorflow_datasets as tfds
+
   from agejax.data import builders, csv_faces, utkface  # noqa: F401  (registers the builders)
+
   return tfds
 
 
@@ -36,14 +40,16 @@ def get_builder(name: str, data_dir: str = "", builder_config: str = ""):
     config = cls.get_builder_config(builder_config)
     if config is None:
       predefined = sorted(cls.builder_configs)
-      hint = ("; a name of your own is 1-64 lowercase letters, digits, '_' or '-'" if name == "csv_faces"
-              else "; only csv_faces takes names of your own")
+      hint = (
+        "; a name of your own is 1-64 lowercase letters, digits, '_' or '-'"
+        if name == "csv_faces"
+        else "; only csv_faces takes names of your own"
+      )
       raise errors.UserError(f"builder config {builder_config!r} of {name} is not one of {predefined}{hint}")
   return tfds.builder(DATASETS[name][0], config=config, data_dir=data_dir or None)
 
 
-def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config: str = "",
-            rebuild: bool = False):
+def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config: str = "", rebuild: bool = False):
   """Builds the TFDS dataset once (from `manual_dir` for downloaded datasets); returns the builder.
 
   A dataset prepared already is kept when `manual_dir` is the source it was prepared from (the
@@ -58,8 +64,9 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config:
   if builder.is_prepared():
     if rebuild:
       if manual and source is None:
-        raise errors.UserError(f"rebuilding {name} deletes {builder.data_dir}: pass --manual_dir, the source to "
-                         f"prepare it from again")
+        raise errors.UserError(
+          f"rebuilding {name} deletes {builder.data_dir}: pass --manual_dir, the source to prepare it from again"
+        )
       epath.Path(builder.data_dir).rmtree()
       builder = get_builder(name, data_dir, builder_config)
     elif source is not None:
@@ -78,10 +85,14 @@ def _check_same_source(name: str, builder, source: dict) -> None:
   if not recorded:
     problem = f"{dataset} has no record of its source, so {source['path']} can't be checked against it"
   elif recorded["path"] == source["path"]:
-    problem = (f"{dataset} was prepared from {recorded['path']}, which has changed since "
-               f"(different: {sources.differences(recorded, source)})")
+    problem = (
+      f"{dataset} was prepared from {recorded['path']}, which has changed since "
+      f"(different: {sources.differences(recorded, source)})"
+    )
   else:
-    problem = (f"{dataset} was prepared from {recorded['path']}, not from {source['path']} "
-               f"(different: {sources.differences(recorded, source)})")
+    problem = (
+      f"{dataset} was prepared from {recorded['path']}, not from {source['path']} "
+      f"(different: {sources.differences(recorded, source)})"
+    )
   other = ", or --name NAME to prepare it as another dataset" if name == "csv_faces" else ""
   raise errors.UserError(f"{problem}: pass --rebuild to delete it and prepare it again{other}")

@@ -23,12 +23,15 @@ MIN_AGE = 1
 MAX_AGE = 90
 
 # Nuisance palettes (RGB); each is picked uniformly, then jittered.
-_SKIN = np.array([(255, 226, 200), (241, 196, 162), (224, 172, 130), (198, 136, 98),
-                  (160, 106, 72), (112, 74, 52)], dtype=float)
-_HAIR = np.array([(28, 24, 22), (62, 42, 30), (104, 70, 44), (142, 106, 70),
-                  (206, 170, 108), (150, 70, 38)], dtype=float)
-_EYES = np.array([(92, 56, 30), (46, 30, 20), (70, 112, 172), (78, 122, 72),
-                  (122, 96, 52), (112, 122, 134)], dtype=float)
+_SKIN = np.array(
+  [(255, 226, 200), (241, 196, 162), (224, 172, 130), (198, 136, 98), (160, 106, 72), (112, 74, 52)], dtype=float
+)
+_HAIR = np.array(
+  [(28, 24, 22), (62, 42, 30), (104, 70, 44), (142, 106, 70), (206, 170, 108), (150, 70, 38)], dtype=float
+)
+_EYES = np.array(
+  [(92, 56, 30), (46, 30, 20), (70, 112, 172), (78, 122, 72), (122, 96, 52), (112, 122, 134)], dtype=float
+)
 _GREY = np.array((224, 224, 228), dtype=float)
 _PINK = np.array((250, 170, 165), dtype=float)
 _SPOT = np.array((112, 72, 42), dtype=float)
@@ -37,8 +40,9 @@ _LIPS = np.array((190, 78, 84), dtype=float)
 
 def _table(n: int, span: float) -> np.ndarray:
   """Returns (cos, sin) of n angles over [0, span], rounded so libm ULP differences vanish."""
-  return np.array([(round(math.cos(span * k / (n - 1)), 12), round(math.sin(span * k / (n - 1)), 12))
-                   for k in range(n)])
+  return np.array(
+    [(round(math.cos(span * k / (n - 1)), 12), round(math.sin(span * k / (n - 1)), 12)) for k in range(n)]
+  )
 
 
 _CIRCLE = _table(33, 2 * math.pi)  # closed loop, for ellipses
@@ -164,8 +168,11 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
   vol = 0.03 + 0.015 * style  # hair volume around the skull
   if style > 0 and baby_hair < 0.5:
     bottom = ye + (0.12 if style == 1 else 0.45)
-    poly(np.concatenate(((hw + vol) * hc, [-(hw + vol) * 1.05, (hw + vol) * 1.05])),
-         np.concatenate((ye - (ye - yt + vol) * hs, [bottom, bottom])), hair * 0.85)
+    poly(
+      np.concatenate(((hw + vol) * hc, [-(hw + vol) * 1.05, (hw + vol) * 1.05])),
+      np.concatenate((ye - (ye - yt + vol) * hs, [bottom, bottom])),
+      hair * 0.85,
+    )
   for s in (-1, 1):
     ellipse(s * (hw - 0.005), ye + 0.055, 0.035, 0.06, skin * 0.93)
   poly(head_x, head_y, skin)
@@ -175,10 +182,15 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
   # Blush (young), age spots (old), wrinkles (from ~25).
   for s in (-1, 1):
     ellipse(s * (ex + 0.015), ye + 0.085, 0.05, 0.032, skin + (_PINK - skin) * (0.3 * (1 - mature)))
-  for u in spots[:round(16 * old)]:
+  for u in spots[: round(16 * old)]:
     r = 0.006 + 0.008 * u[2]
-    ellipse(_lerp(-0.75, 0.75, u[0]) * hw, _lerp(yt + 0.12, yc - 0.08, u[1]), r, r * 0.8,
-            skin + (_SPOT - skin) * (0.25 + 0.25 * u[3]))
+    ellipse(
+      _lerp(-0.75, 0.75, u[0]) * hw,
+      _lerp(yt + 0.12, yc - 0.08, u[1]),
+      r,
+      r * 0.8,
+      skin + (_SPOT - skin) * (0.25 + 0.25 * u[3]),
+    )
   if wrinkle > 0:
     wc, lw = skin * (0.85 - 0.4 * wrinkle), 0.003 + 0.008 * wrinkle  # darker, wider with age
     for k in range(1 + int(3.99 * wrinkle)):  # forehead lines
@@ -187,17 +199,24 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
     for s in (-1, 1):
       cx, ln = s * (ex + ew + 0.006), 0.015 + 0.035 * wrinkle
       for dy in (-0.5, 0.0, 0.5):  # crow's feet
-        curve((cx, ye), (cx + s * ln * 0.5, ye + dy * ln * 0.4), (cx + s * ln, ye + dy * ln), wc,
-              lw * 0.8)
-      curve((s * (nw + 0.012), yn - 0.01), (s * (mw + 0.035), (yn + ym) / 2),  # nasolabial folds
-            (s * (mw + 0.012), ym + 0.03), wc, lw)
-      curve((s * (ex - ew * 0.8), ye + eh + 0.01), (s * ex, ye + eh + 0.012 + 0.03 * wrinkle),  # bags
-            (s * (ex + ew * 0.8), ye + eh + 0.01), wc + (skin - wc) * 0.4, lw * 0.8)
+        curve((cx, ye), (cx + s * ln * 0.5, ye + dy * ln * 0.4), (cx + s * ln, ye + dy * ln), wc, lw * 0.8)
+      curve(
+        (s * (nw + 0.012), yn - 0.01),
+        (s * (mw + 0.035), (yn + ym) / 2),  # nasolabial folds
+        (s * (mw + 0.012), ym + 0.03),
+        wc,
+        lw,
+      )
+      curve(
+        (s * (ex - ew * 0.8), ye + eh + 0.01),
+        (s * ex, ye + eh + 0.012 + 0.03 * wrinkle),  # bags
+        (s * (ex + ew * 0.8), ye + eh + 0.01),
+        wc + (skin - wc) * 0.4,
+        lw * 0.8,
+      )
       if old > 0:  # marionette lines and neck folds
-        curve((s * mw, ym + 0.01), (s * (mw + 0.008), ym + 0.04),
-              (s * (mw + 0.02), ym + 0.03 + 0.06 * old), wc, lw)
-        curve((s * 0.5 * hw, yc + 0.03 + 0.02 * s), (0, yc + 0.08), (-s * 0.5 * hw, yc + 0.03),
-              wc * 0.9, lw)
+        curve((s * mw, ym + 0.01), (s * (mw + 0.008), ym + 0.04), (s * (mw + 0.02), ym + 0.03 + 0.06 * old), wc, lw)
+        curve((s * 0.5 * hw, yc + 0.03 + 0.02 * s), (0, yc + 0.08), (-s * 0.5 * hw, yc + 0.03), wc * 0.9, lw)
 
   # Beard (some men): the lower face below the nose, filling in from 16 to ~25.
   if beard and a >= 16:
@@ -214,9 +233,13 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
     ellipse(cx, ye - eh * (2.05 - 0.9 * old), ew * 1.15, eh * 1.05, skin * 0.97)  # lid
     curve((cx - ew, ye), (cx, ye - eh * (2.0 - 0.9 * old)), (cx + ew, ye), (40, 30, 25), 0.004)
     b = base_hair + (_GREY - base_hair) * (0.7 * grey)
-    curve((cx - s * ew * 1.1, brow + 0.01), (cx - s * 0.01, brow - 0.012 - 0.004 * mature),
-          (cx + s * ew * 1.2, brow + 0.006), b + (skin - b) * (0.45 * child),
-          _lerp(0.012, 0.008, child))
+    curve(
+      (cx - s * ew * 1.1, brow + 0.01),
+      (cx - s * 0.01, brow - 0.012 - 0.004 * mature),
+      (cx + s * ew * 1.2, brow + 0.006),
+      b + (skin - b) * (0.45 * child),
+      _lerp(0.012, 0.008, child),
+    )
 
   # Nose: tip shading, nostrils, bridge shadow.
   ellipse(0, yn, nw * 0.9, nw * 0.5, skin * 0.93)
@@ -227,12 +250,17 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
   # Mouth: corners lift in youth and drop with age, lips thin out.
   cy = ym - 0.006 + 0.02 * old
   lip_colour = skin + (_LIPS - skin) * (0.5 - 0.2 * old)
-  poly([-mw, -mw * 0.4, 0, mw * 0.4, mw, 0],
-       [cy, ym - lip * 0.95, ym - lip * 0.6, ym - lip * 0.95, cy, ym], lip_colour)
-  poly(np.concatenate(([-mw, mw], mw - 2 * mw * _U)),
-       np.concatenate(([cy, cy], cy + (ym + lip * 1.3 - cy) * 4 * _U * (1 - _U))), lip_colour * 1.05)
-  draw.line(pts([-mw, -mw * 0.4, 0, mw * 0.4, mw], [cy, ym, ym + 0.002, ym, cy]),
-            fill=_rgb(lip_colour * 0.55), width=max(1, round(0.005 * scale)))
+  poly([-mw, -mw * 0.4, 0, mw * 0.4, mw, 0], [cy, ym - lip * 0.95, ym - lip * 0.6, ym - lip * 0.95, cy, ym], lip_colour)
+  poly(
+    np.concatenate(([-mw, mw], mw - 2 * mw * _U)),
+    np.concatenate(([cy, cy], cy + (ym + lip * 1.3 - cy) * 4 * _U * (1 - _U))),
+    lip_colour * 1.05,
+  )
+  draw.line(
+    pts([-mw, -mw * 0.4, 0, mw * 0.4, mw], [cy, ym, ym + 0.002, ym, cy]),
+    fill=_rgb(lip_colour * 0.55),
+    width=max(1, round(0.005 * scale)),
+  )
 
   # Front hair: a cap from the sides over the crown down to the hairline. The hairline sits at a
   # fraction q of the head height along the outline (so it stays on the head) and rises towards
@@ -246,16 +274,22 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
       q[1:-1] = (ye - brow + fringe) / ((ye - yt) * hs[ks[1:-1]])
     top = ye - yt + vol * (1 - 0.8 * bald)
     cap = hair + (skin - hair) * (0.45 * bald)
-    poly(np.concatenate(((hw + vol) * hc, 0.99 * hw * hc[ks])),
-         np.concatenate((ye - top * hs, ye - (ye - yt) * hs[ks] * q)), cap)
+    poly(
+      np.concatenate(((hw + vol) * hc, 0.99 * hw * hc[ks])),
+      np.concatenate((ye - top * hs, ye - (ye - yt) * hs[ks] * q)),
+      cap,
+    )
     for u in strands:  # a salt-and-pepper mix as grey rises
       k = 2 + int(17 * u[0])
       qk = np.interp(k, ks[::-1], q[::-1]) * (1 + 0.15 * u[1])
       colour = _GREY if u[2] < grey else base_hair * 0.7
-      curve(((hw + vol) * hc[k] * 0.97, ye - top * hs[k] * 0.97),
-            ((hw + vol) * hc[k] * 0.93, ye - top * hs[k] * 0.9),
-            (0.95 * hw * hc[k], ye - (ye - yt) * hs[k] * qk),
-            colour + (cap - colour) * (0.4 + 0.5 * baby_hair), 0.005)
+      curve(
+        ((hw + vol) * hc[k] * 0.97, ye - top * hs[k] * 0.97),
+        ((hw + vol) * hc[k] * 0.93, ye - top * hs[k] * 0.9),
+        (0.95 * hw * hc[k], ye - (ye - yt) * hs[k] * qk),
+        colour + (cap - colour) * (0.4 + 0.5 * baby_hair),
+        0.005,
+      )
 
   # Downsample, then skin texture (rougher with age), lighting and sensor noise. Channel-first
   # float32, so the per-pixel maps broadcast over leading axes (several times faster).
@@ -282,8 +316,7 @@ def sample_example(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, 
   return draw_face(age, rng, size), age
 
 
-def generate(num_examples: int, seed: int, size: int = 128,
-             start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def generate(num_examples: int, seed: int, size: int = 128, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Returns images uint8 [N, size, size, 3] and ages int32 [N] for indices start..start+N-1."""
   if num_examples < 0:
     raise errors.UserError(f"demo_faces: num_examples must be >= 0, got {num_examples}")

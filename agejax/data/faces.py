@@ -140,9 +140,10 @@ class SkipCounter:
     metadata["skipped"] = dict(sorted(totals.items()))
     examples = metadata.setdefault("skipped_examples", {})
     for reason, names in self.examples.items():
-      examples[reason] = (examples.get(reason, []) + names)[:self.max_examples]
+      examples[reason] = (examples.get(reason, []) + names)[: self.max_examples]
     if not self.counts:
       logging.info("%s %s: no files skipped", dataset, split)
     for reason, count in sorted(self.counts.items()):
-      logging.info("%s %s: skipped %d file(s): %s, e.g. %s", dataset, split, count, reason,
-                   ", ".join(self.examples[reason]))
+      logging.info(
+        "%s %s: skipped %d file(s): %s, e.g. %s", dataset, split, count, reason, ", ".join(self.examples[reason])
+      )

@@ -1,4 +1,4 @@
-"""Host input pipeline: prepared splits as arrays -> batches as a pure function of (seed, step) -> sharded device arrays.
+"""Host input pipeline: prepared splits as arrays -> batches, a pure function of (seed, step) -> device arrays.
 
 A batch is one gather from each host's memory-mapped copy of the split (data/array_cache.py). Batch
 order is a pure function of (seed, step), so a resumed run sees exactly the batches an
@@ -27,6 +27,7 @@ class ArraySplit:
 
   `rows` maps example i to its image row; None means the identity (no example was dropped).
   """
+
   images: np.ndarray
   age: np.ndarray
   age_std: np.ndarray
@@ -59,10 +60,11 @@ def load_split(data_cfg, split: str) -> ArraySplit:
   if not builder.is_prepared():
     if datasets.DATASETS[data_cfg.name][1]:
       raise errors.MissingInput(
-          f"dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
-          f"{data_cfg.name} --manual_dir DOWNLOADED_FOLDER"
-          + (f" --name {data_cfg.builder_config}" if data_cfg.get("builder_config") else "")
-          + (f" --data_dir {data_cfg.data_dir}" if data_cfg.data_dir else ""))
+        f"dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
+        f"{data_cfg.name} --manual_dir DOWNLOADED_FOLDER"
+        + (f" --name {data_cfg.builder_config}" if data_cfg.get("builder_config") else "")
+        + (f" --data_dir {data_cfg.data_dir}" if data_cfg.data_dir else "")
+      )
     builder = datasets.prepare(data_cfg.name, data_cfg.data_dir, builder_config=data_cfg.get("builder_config", ""))
   if split not in builder.info.splits:
     raise errors.UserError(f"config.data split {split!r} is not in {data_cfg.name}: {sorted(builder.info.splits)}")
@@ -84,13 +86,21 @@ def load_labelled_split(config, split: str, *, training: bool = False) -> ArrayS
   else:
     data, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
   if outside:
-    logging.warning("%s/%s: %d ages outside %d..%d (%s)", config.data.name, split, outside,
-                    config.labels.min_age, config.labels.max_age, policy)
+    logging.warning(
+      "%s/%s: %d ages outside %d..%d (%s)",
+      config.data.name,
+      split,
+      outside,
+      config.labels.min_age,
+      config.labels.max_age,
+      policy,
+    )
   if not len(data):  # would end in a ZeroDivisionError or IndexError after training
     if outside:
       raise errors.UserError(
-          f"config.labels.out_of_range='drop' empties split {split!r} of {config.data.name}: none of its {outside} "
-          f"ages is in labels.min_age..labels.max_age = {config.labels.min_age}..{config.labels.max_age}")
+        f"config.labels.out_of_range='drop' empties split {split!r} of {config.data.name}: none of its {outside} "
+        f"ages is in labels.min_age..labels.max_age = {config.labels.min_age}..{config.labels.max_age}"
+      )
     raise errors.UserError(f"split {split!r} of {config.data.name} has no examples")
   return data
 
@@ -102,8 +112,14 @@ class TrainBatches:
   across epoch boundaries, so every example is seen once per epoch and nothing is dropped.
   """
 
-  def __init__(self, data: ArraySplit, global_batch_size: int, seed: int,
-               process_index: int | None = None, process_count: int | None = None):
+  def __init__(
+    self,
+    data: ArraySplit,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ):
     self.data, self.batch_size, self.seed = data, global_batch_size, seed
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
@@ -111,7 +127,7 @@ class TrainBatches:
       raise errors.UserError(f"config.batch_size={global_batch_size} must divide over {self.process_count} processes")
     self.local_batch_size = global_batch_size // self.process_count
 
-  @functools.lru_cache(maxsize=2)
+  @functools.lru_cache(maxsize=2)  # noqa: B019  (two epochs of one long-lived object: no leak worth a class)
   def _permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
 
@@ -130,11 +146,12 @@ class TrainBatches:
     # Sorted before slicing: reads go in file order (kinder to the page cache), and each example
     # keeps its position in the global batch (so its augmentation draw) whatever the process count.
     start = self.process_index * self.local_batch_size
-    return self.data.gather(np.sort(self.global_indices(step))[start:start + self.local_batch_size])
+    return self.data.gather(np.sort(self.global_indices(step))[start : start + self.local_batch_size])
 
 
-def eval_batches(data: ArraySplit, global_batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  data: ArraySplit, global_batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
   """Yields every example once, in order, in padded batches with a `mask` of real examples."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -148,8 +165,9 @@ def eval_batches(data: ArraySplit, global_batch_size: int, process_index: int | 
     yield batch
 
 
-def device_prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding,
-                    depth: int = 2) -> Iterator[dict[str, jax.Array]]:
+def device_prefetch(
+  batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding, depth: int = 2
+) -> Iterator[dict[str, jax.Array]]:
   """Assembles host batches into global device arrays in a background thread, `depth` ahead."""
   q: queue.Queue = queue.Queue(maxsize=depth)
   done = object()

@@ -28,8 +28,11 @@ from agejax import errors
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CHUNK = 1 << 20
 # Leading bytes of the compressed streams a tar archive may come in (whatever its suffix says).
-_DECOMPRESSORS = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2File),
-                  (b"\xfd7zXZ\x00", lzma.LZMAFile))
+_DECOMPRESSORS = (
+  (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)),
+  (b"BZh", bz2.BZ2File),
+  (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
 
 
 def display(path: str | os.PathLike) -> str:
@@ -116,19 +119,27 @@ def verify_archive(path: Path) -> str:
         end = tar.offset
       marker = stopped_at[-1] if stopped_at else b""
       if len(marker) < tarfile.BLOCKSIZE:
-        raise errors.UserError(f"{display(path)} is truncated: its tar data ends at byte {end + len(marker)}, before "
-                         f"the end-of-archive marker; download it again")
+        raise errors.UserError(
+          f"{display(path)} is truncated: its tar data ends at byte {end + len(marker)}, before "
+          f"the end-of-archive marker; download it again"
+        )
       if marker.count(0) != tarfile.BLOCKSIZE:
-        raise errors.UserError(f"{display(path)} is corrupt: the tar header at byte {end} is invalid; download it again")
+        raise errors.UserError(
+          f"{display(path)} is corrupt: the tar header at byte {end} is invalid; download it again"
+        )
       length = end + tarfile.BLOCKSIZE
       while chunk := stream.read(_CHUNK):  # to the end, so a compressed stream's trailer is checked too
         if chunk.count(0) != len(chunk):
-          raise errors.UserError(f"{display(path)} has data after its end-of-archive marker at byte {end} (archives "
-                           f"joined?); extract it and pass the folder instead")
+          raise errors.UserError(
+            f"{display(path)} has data after its end-of-archive marker at byte {end} (archives "
+            f"joined?); extract it and pass the folder instead"
+          )
         length += len(chunk)
       if length % tarfile.BLOCKSIZE:
-        raise errors.UserError(f"{display(path)} is truncated: its {length} bytes of tar data are not a whole number "
-                         f"of 512-byte blocks; download it again")
+        raise errors.UserError(
+          f"{display(path)} is truncated: its {length} bytes of tar data are not a whole number "
+          f"of 512-byte blocks; download it again"
+        )
   except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
     raise errors.UserError(f"{display(path)} is truncated or corrupt ({e}); download it again") from None
   return sha256

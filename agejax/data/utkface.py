@@ -34,16 +34,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from agejax.data import builders, faces, sources
 from agejax import errors
+from agejax.data import builders, faces, sources
 
 SPLITS = ("train", "validation", "test")
 ARCHIVE_SUFFIXES = sources.ARCHIVE_SUFFIXES
 
 # Single-digit gender and race codes tell them apart from the long date field when one is missing.
 # Two files of the real archive end their date in "jpg" or a space ("...357jpg.chip.jpg", "...657 .jpg").
-_NAME = re.compile(r"(?P<age>-?\d+)(?:_(?P<gender>\d?))?(?:_(?P<race>\d?))?(?:_(?P<date>\d{2,})(?:jpg| +)?)?",
-                   re.ASCII)
+_NAME = re.compile(r"(?P<age>-?\d+)(?:_(?P<gender>\d?))?(?:_(?P<race>\d?))?(?:_(?P<date>\d{2,})(?:jpg| +)?)?", re.ASCII)
 
 
 def parse_utkface_name(name: str) -> dict | None:
@@ -54,10 +53,10 @@ def parse_utkface_name(name: str) -> dict | None:
     return None
   gender, race = match["gender"], match["race"]
   return {
-      "age": int(match["age"]),
-      "gender": int(gender) if gender in ("0", "1") else -1,
-      "race": int(race) if race and int(race) <= 4 else -1,
-      "date": match["date"] or "",
+    "age": int(match["age"]),
+    "gender": int(gender) if gender in ("0", "1") else -1,
+    "race": int(race) if race and int(race) <= 4 else -1,
+    "date": match["date"] or "",
   }
 
 
@@ -78,6 +77,7 @@ def assign_split(file_name: str, fractions: dict[str, float], seed: int) -> str:
 @dataclasses.dataclass
 class UtkfaceConfig(tfds.core.BuilderConfig):
   """Image size and split rule of the prepared UTKFace dataset."""
+
   image_size: int = 200
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, validation, test
   split_seed: int = 0
@@ -102,8 +102,10 @@ def scan(root: Path) -> tuple[list[Path], list[Path]]:
   """Returns the visible files and the archives of a manual folder, sorted; an archive path is its own source."""
   if root.is_file():
     if not root.name.endswith(ARCHIVE_SUFFIXES):
-      raise errors.UserError(f"{sources.display(root)} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; pass "
-                       f"the folder holding the UTKFace images or archive")
+      raise errors.UserError(
+        f"{sources.display(root)} is a file but not a {'/'.join(ARCHIVE_SUFFIXES)} archive; pass "
+        f"the folder holding the UTKFace images or archive"
+      )
     return [], [root]
   files, archives = [], []
   for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
@@ -132,10 +134,10 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
 
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "Initial release.",
-      "2.0.0": "Records the source's fingerprint (metadata['source']); archives are read completely or not at "
-               "all; non-UTF-8 file names skipped and counted; 32-bit grayscale images scaled by their value "
-               "range instead of clipped.",
+    "1.0.0": "Initial release.",
+    "2.0.0": "Records the source's fingerprint (metadata['source']); archives are read completely or not at "
+    "all; non-UTF-8 file names skipped and counted; 32-bit grayscale images scaled by their value "
+    "range instead of clipped.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   UTKFace (https://susanqq.github.io/UTKFace/) is for non-commercial research only and has no
@@ -145,21 +147,21 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
   Then pass the folder, or the archive itself, as `--manual_dir`.
   """
   BUILDER_CONFIGS = [
-      UtkfaceConfig(name="default", description="Faces at 200x200, the size of UTKFace's chips."),
-      UtkfaceConfig(name="tiny", description="For tests: faces at 32x32.", image_size=32),
+    UtkfaceConfig(name="default", description="Faces at 200x200, the size of UTKFace's chips."),
+    UtkfaceConfig(name="tiny", description="For tests: faces at 32x32.", image_size=32),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = builders.features(
-        self.builder_config.image_size,
-        gender=tfds.features.Scalar(np.int32, doc="0 male, 1 female, -1 unknown"),
-        race=tfds.features.Scalar(np.int32, doc="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others, -1 unknown"),
-        file_name=tfds.features.Text(doc="base name of the UTKFace file"),
+      self.builder_config.image_size,
+      gender=tfds.features.Scalar(np.int32, doc="0 male, 1 female, -1 unknown"),
+      race=tfds.features.Scalar(np.int32, doc="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others, -1 unknown"),
+      file_name=tfds.features.Text(doc="base name of the UTKFace file"),
     )
     return self.dataset_info_from_configs(
-        features=features,
-        homepage="https://susanqq.github.io/UTKFace/",
-        metadata=tfds.core.MetadataDict(),
+      features=features,
+      homepage="https://susanqq.github.io/UTKFace/",
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _describe_source(self, path: Path) -> dict:
@@ -170,11 +172,15 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
     files, archives = scan(root)
     self._record_source(describe(root, files, archives))  # checks every archive before any example
     fractions = dict(zip(SPLITS, self.builder_config.split_fractions))
-    return {split: self._generate_examples(root, files, archives, split)
-            for split, fraction in fractions.items() if fraction > 0}
+    return {
+      split: self._generate_examples(root, files, archives, split)
+      for split, fraction in fractions.items()
+      if fraction > 0
+    }
 
-  def _sources(self, root: Path, files: list[Path], archives: list[Path],
-               split: str) -> Iterator[tuple[str, str, Path | bytes]]:
+  def _sources(
+    self, root: Path, files: list[Path], archives: list[Path], split: str
+  ) -> Iterator[tuple[str, str, Path | bytes]]:
     """Yields (base name, where, path or bytes) of the split's files, archive members streamed."""
     cfg = self.builder_config
     fractions = dict(zip(SPLITS, cfg.split_fractions))
@@ -186,14 +192,15 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
         with tarfile.open(archive, "r|*") as tar:  # "|": one sequential pass, nothing on disk
           for member in tar:
             name = member.name.rsplit("/", 1)[-1]
-            if (member.isfile() and _visible(member.name)
-                and assign_split(name, fractions, cfg.split_seed) == split):
+            if member.isfile() and _visible(member.name) and assign_split(name, fractions, cfg.split_seed) == split:
               where = sources.display(f"{_relative(archive, root)}:{member.name}")
               yield name, where, tar.extractfile(member).read()
       except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         # It was read whole moments before (describe): it changed while being prepared.
-        raise errors.UserError(f"{sources.display(archive)} is not a complete tar archive any more ({e}); was it "
-                         f"replaced during preparation?") from e
+        raise errors.UserError(
+          f"{sources.display(archive)} is not a complete tar archive any more ({e}); was it "
+          f"replaced during preparation?"
+        ) from e
 
   def _generate_examples(self, root: Path, files: list[Path], archives: list[Path], split: str):
     skips = faces.SkipCounter()
@@ -218,10 +225,21 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
         skips.add(image, where)
         continue
       kept.add(name)
-      yield name, {"image": image, "age": label["age"], "age_std": 0.0, "gender": label["gender"],
-                   "race": label["race"], "file_name": name}
+      yield (
+        name,
+        {
+          "image": image,
+          "age": label["age"],
+          "age_std": 0.0,
+          "gender": label["gender"],
+          "race": label["race"],
+          "file_name": name,
+        },
+      )
     skips.record(self.info.metadata, self.name, split)
     if not kept:
-      raise errors.UserError(f"no usable UTKFace image for split {split!r} in {sources.display(root)} (skipped: "
-                       f"{dict(skips.counts)}); it needs the UTKFace images, named AGE_GENDER_RACE_DATE.jpg, "
-                       f"or UTKFace.tar.gz")
+      raise errors.UserError(
+        f"no usable UTKFace image for split {split!r} in {sources.display(root)} (skipped: "
+        f"{dict(skips.counts)}); it needs the UTKFace images, named AGE_GENDER_RACE_DATE.jpg, "
+        f"or UTKFace.tar.gz"
+      )

@@ -14,24 +14,54 @@ from agejax.data import csv_faces, datasets
 SIZE = 32  # the `tiny` builder config
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("23", 23), (" 23.0 ", 23), ("0", 0), ("1e1", 10), ("", "missing age"), ("  ", "missing age"),
-    ("abc", "non-numeric age"), ("nan", "non-numeric age"), ("inf", "non-numeric age"),
-    ("23.5", "non-integer age"), ("-4", "negative age"), ("-0.0", 0), ("3000000000", "age too large"),
-    ("+7", 7), ("7.", 7), ("1e400", "age too large"),
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    ("23", 23),
+    (" 23.0 ", 23),
+    ("0", 0),
+    ("1e1", 10),
+    ("", "missing age"),
+    ("  ", "missing age"),
+    ("abc", "non-numeric age"),
+    ("nan", "non-numeric age"),
+    ("inf", "non-numeric age"),
+    ("23.5", "non-integer age"),
+    ("-4", "negative age"),
+    ("-0.0", 0),
+    ("3000000000", "age too large"),
+    ("+7", 7),
+    ("7.", 7),
+    ("1e400", "age too large"),
     # float() reads all of these; a CSV age is a plain decimal number.
-    ("1_000", "non-numeric age"), ("\u0662\u0663", "non-numeric age"), ("\uff12\uff13", "non-numeric age"),
-    ("Infinity", "non-numeric age"), ("0x1A", "non-numeric age"),
-])
+    ("1_000", "non-numeric age"),
+    ("\u0662\u0663", "non-numeric age"),
+    ("\uff12\uff13", "non-numeric age"),
+    ("Infinity", "non-numeric age"),
+    ("0x1A", "non-numeric age"),
+  ],
+)
 def test_parse_age(text, expected):
   assert csv_faces.parse_age(text) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", 0.0), ("2.5", 2.5), ("0", 0.0), ("-1", "bad age_std"), ("x", "bad age_std"), ("nan", "bad age_std"),
-    ("inf", "bad age_std"), ("1_0", "bad age_std"), ("3.4e38", 3.4e38), ("-0", 0.0),
-    ("1e39", "bad age_std"), ("3.5e38", "bad age_std"),  # beyond float32: would be stored as inf
-])
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    ("", 0.0),
+    ("2.5", 2.5),
+    ("0", 0.0),
+    ("-1", "bad age_std"),
+    ("x", "bad age_std"),
+    ("nan", "bad age_std"),
+    ("inf", "bad age_std"),
+    ("1_0", "bad age_std"),
+    ("3.4e38", 3.4e38),
+    ("-0", 0.0),
+    ("1e39", "bad age_std"),
+    ("3.5e38", "bad age_std"),  # beyond float32: would be stored as inf
+  ],
+)
 def test_parse_age_std(text, expected):
   value = csv_faces.parse_age_std(text)
   assert value == expected
@@ -54,44 +84,60 @@ def _write_manual_folder(root: Path) -> None:
   (root / "images" / "sub" / "deep.jpg").write_bytes(_image(rng, (64, 64)))
   (root / "beside.jpg").write_bytes(_image(rng))
   truncated = _image(rng)
-  (root / "images" / "broken.jpg").write_bytes(truncated[:len(truncated) // 2])
+  (root / "images" / "broken.jpg").write_bytes(truncated[: len(truncated) // 2])
   (root / "images" / "text.jpg").write_text("not an image")
   train = [
-      " file_name , age ,age_std",  # spaces around names, and a BOM below: spreadsheet habits
-      "a0.jpg,23,2.5",
-      "images/a1.jpg,23.0,",  # lookup falls back from images/ to the folder itself
-      "./a2.jpg,40,1",
-      "sub/deep.jpg,7,0",
-      "beside.jpg,65,3.25",
-      "a3.jpg,abc,1",
-      "a4.jpg,,1",
-      "a5.jpg,23.5,1",
-      "a6.jpg,-4,1",
-      "a7.jpg,30,-1",
-      "a0.jpg,41,1",  # duplicate: the first row (23) decides
-      "a2.jpg,41,1",  # a duplicate once normalised
-      "nope.jpg,30,1",
-      ",30,1",
-      "broken.jpg,30,1",
-      "text.jpg,30,1",
-      "a8.jpg,12",  # a short row: age_std 0.0
-      "images/a0.jpg,41,1",  # a duplicate: the same file by another path
-      "a12.jpg,1_000,1",  # int() and float() read "1_000" as 1000
-      "a13.jpg,30,1e39",  # beyond float32
-      "a14.jpg,\u0663\u0660,1",  # Arabic-Indic digits, which float() reads as 30
-      "x" * 300 + ".jpg,30,1",  # beyond the file system's 255-byte name limit: OSError, once
+    " file_name , age ,age_std",  # spaces around names, and a BOM below: spreadsheet habits
+    "a0.jpg,23,2.5",
+    "images/a1.jpg,23.0,",  # lookup falls back from images/ to the folder itself
+    "./a2.jpg,40,1",
+    "sub/deep.jpg,7,0",
+    "beside.jpg,65,3.25",
+    "a3.jpg,abc,1",
+    "a4.jpg,,1",
+    "a5.jpg,23.5,1",
+    "a6.jpg,-4,1",
+    "a7.jpg,30,-1",
+    "a0.jpg,41,1",  # duplicate: the first row (23) decides
+    "a2.jpg,41,1",  # a duplicate once normalised
+    "nope.jpg,30,1",
+    ",30,1",
+    "broken.jpg,30,1",
+    "text.jpg,30,1",
+    "a8.jpg,12",  # a short row: age_std 0.0
+    "images/a0.jpg,41,1",  # a duplicate: the same file by another path
+    "a12.jpg,1_000,1",  # int() and float() read "1_000" as 1000
+    "a13.jpg,30,1e39",  # beyond float32
+    "a14.jpg,\u0663\u0660,1",  # Arabic-Indic digits, which float() reads as 30
+    "x" * 300 + ".jpg,30,1",  # beyond the file system's 255-byte name limit: OSError, once
   ]
   (root / "train.csv").write_text("\n".join(train) + "\n", encoding="utf-8-sig")
   validation = ["file_name,age", "a9.jpg,50", "a10.jpg,51", "a8.jpg,12", "a11.jpg,xyz"]
   (root / "validation.csv").write_text("\n".join(validation) + "\n")
 
 
-TRAIN = {"a0.jpg": (23, 2.5), "images/a1.jpg": (23, 0.0), "a2.jpg": (40, 1.0), "sub/deep.jpg": (7, 0.0),
-         "beside.jpg": (65, 3.25), "a8.jpg": (12, 0.0)}
+TRAIN = {
+  "a0.jpg": (23, 2.5),
+  "images/a1.jpg": (23, 0.0),
+  "a2.jpg": (40, 1.0),
+  "sub/deep.jpg": (7, 0.0),
+  "beside.jpg": (65, 3.25),
+  "a8.jpg": (12, 0.0),
+}
 VALIDATION = {"a9.jpg": (50, 0.0), "a10.jpg": (51, 0.0), "a8.jpg": (12, 0.0)}
-TRAIN_SKIPS = {"non-numeric age": 3, "missing age": 1, "non-integer age": 1, "negative age": 1,
-               "bad age_std": 2, "duplicate row": 3, "missing file": 1, "missing file name": 1,
-               "corrupt image": 1, "not an image": 1, "file name too long": 1}
+TRAIN_SKIPS = {
+  "non-numeric age": 3,
+  "missing age": 1,
+  "non-integer age": 1,
+  "negative age": 1,
+  "bad age_std": 2,
+  "duplicate row": 3,
+  "missing file": 1,
+  "missing file name": 1,
+  "corrupt image": 1,
+  "not an image": 1,
+  "file name too long": 1,
+}
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
@@ -132,8 +178,11 @@ def test_missing_csv_or_columns_fail_clearly(tmp_path):
   manual = tmp_path / "manual"
   (manual / "images").mkdir(parents=True)
   (manual / "train.csv").write_text("file_name,age\na.jpg,3\n")
-  with pytest.raises(FileNotFoundError, match=r"^validation\.csv is missing .* holds: images/, train\.csv; it "
-                     r"needs train\.csv and validation\.csv .*[^\n]$"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"^validation\.csv is missing .* holds: images/, train\.csv; it "
+    r"needs train\.csv and validation\.csv .*[^\n]$",
+  ):
     _prepare(manual, tmp_path / "tfds")
   (manual / "validation.csv").write_text("path,label\na.jpg,3\n")
   with pytest.raises(ValueError, match=r"validation\.csv: the header must name .* \['path', 'label'\]$"):
@@ -143,8 +192,11 @@ def test_missing_csv_or_columns_fail_clearly(tmp_path):
     _prepare(manual, tmp_path / "tfds")
   with pytest.raises(ValueError, match=r"train\.csv is a file: csv_faces needs the folder holding train\.csv"):
     _prepare(manual / "train.csv", tmp_path / "tfds")
-  with pytest.raises(FileNotFoundError, match=r"^the manual folder \S*/absent does not exist; pass --manual_dir "
-                     r"FOLDER holding the downloaded files \(README: Real datasets\)$"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"^the manual folder \S*/absent does not exist; pass --manual_dir "
+    r"FOLDER holding the downloaded files \(README: Real datasets\)$",
+  ):
     _prepare(tmp_path / "absent", tmp_path / "tfds")
   assert _nothing_written(tmp_path / "tfds")
 
@@ -153,22 +205,36 @@ ROWS = [f"a{i}.jpg,{20 + i}" for i in range(6)]
 TAIL = "x.jpg,30\n" * 20_000  # 180 KB of rows: past csv's 128 KB cell limit when swallowed by a quote
 
 
-@pytest.mark.parametrize("train, message", [
+@pytest.mark.parametrize(
+  "train, message",
+  [
     # An unclosed quote used to swallow the rows after it into one "missing file" (or, past 128 KB, a
     # _csv.Error traceback); a Latin-1 file failed naming neither the file nor the line.
-    ("\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23', *ROWS[4:]]) + "\n",
-     r"train\.csv line 5: a quote opened in this row is never closed"),
-    ("\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23']) + "\n" + TAIL,
-     r"train\.csv line 5: a cell longer than 128 KB starts in this row \(a quote left open\?\)"),
-    ("\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23', ROWS[4], 'a5.jpg","24"']) + "\n",
-     r"train\.csv line 5: a quoted cell runs on to line 7 \(a quote left open\?\); file names and ages fit "
-     r"on one line"),
-    ("\n".join(["file_name,age", *ROWS[:2], '"a2"x.jpg,22', *ROWS[3:]]) + "\n",
-     r"train\.csv line 4: not valid CSV \(',' expected after '\"'\)"),
-    ("\n".join(["file_name,age", *ROWS[:4], "Jos\xe9.jpg,24"]).encode("latin-1"),
-     r"train\.csv line 6: byte 0xe9 is not UTF-8 text; save the file as UTF-8 \(from Latin-1: iconv -f latin1 "
-     r"-t utf-8\)"),
-], ids=["unclosed quote", "unclosed quote past 128 KB", "quote closed lines later", "text after a quote", "Latin-1"])
+    (
+      "\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23', *ROWS[4:]]) + "\n",
+      r"train\.csv line 5: a quote opened in this row is never closed",
+    ),
+    (
+      "\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23']) + "\n" + TAIL,
+      r"train\.csv line 5: a cell longer than 128 KB starts in this row \(a quote left open\?\)",
+    ),
+    (
+      "\n".join(["file_name,age", *ROWS[:3], '"a3.jpg,23', ROWS[4], 'a5.jpg","24"']) + "\n",
+      r"train\.csv line 5: a quoted cell runs on to line 7 \(a quote left open\?\); file names and ages fit "
+      r"on one line",
+    ),
+    (
+      "\n".join(["file_name,age", *ROWS[:2], '"a2"x.jpg,22', *ROWS[3:]]) + "\n",
+      r"train\.csv line 4: not valid CSV \(',' expected after '\"'\)",
+    ),
+    (
+      "\n".join(["file_name,age", *ROWS[:4], "Jos\xe9.jpg,24"]).encode("latin-1"),
+      r"train\.csv line 6: byte 0xe9 is not UTF-8 text; save the file as UTF-8 \(from Latin-1: iconv -f latin1 "
+      r"-t utf-8\)",
+    ),
+  ],
+  ids=["unclosed quote", "unclosed quote past 128 KB", "quote closed lines later", "text after a quote", "Latin-1"],
+)
 def test_csv_syntax_errors_name_the_file_and_line(tmp_path, train, message):
   manual = tmp_path / "manual"
   manual.mkdir()

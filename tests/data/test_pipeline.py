@@ -41,8 +41,9 @@ def test_train_batches_cross_epoch_boundaries_and_split_over_processes():
   stream = np.concatenate([whole.global_indices(s) for s in range(5)])  # 20 positions = 2 epochs
   assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
   for step in range(5):
-    parts = [pipeline.TrainBatches(data, 4, seed=0, process_index=p, process_count=2).local_batch(step)
-             for p in range(2)]
+    parts = [
+      pipeline.TrainBatches(data, 4, seed=0, process_index=p, process_count=2).local_batch(step) for p in range(2)
+    ]
     ages = np.sort(np.concatenate([p["age"] for p in parts]))
     np.testing.assert_array_equal(ages, np.sort(whole.global_indices(step)).astype(np.float32))
   with pytest.raises(ValueError, match="config.batch_size=5"):
@@ -51,6 +52,7 @@ def test_train_batches_cross_epoch_boundaries_and_split_over_processes():
 
 def test_load_split_equals_tfds_records(tiny_config):
   import tensorflow_datasets as tfds
+
   split = pipeline.load_split(tiny_config.data, "validation")
   builder = datasets.get_builder("demo", tiny_config.data.data_dir, "tiny")
   records = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
@@ -72,8 +74,11 @@ def test_unknown_dataset_and_split_name_the_key(tiny_config):
 
 
 def test_ages_outside_the_bins_are_clipped_or_dropped_and_counted():
-  data = pipeline.ArraySplit(np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8),
-                             np.array([0, 5, 50, 100, 116], np.float32), np.zeros(5, np.float32))
+  data = pipeline.ArraySplit(
+    np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8),
+    np.array([0, 5, 50, 100, 116], np.float32),
+    np.zeros(5, np.float32),
+  )
   clipped, n = data.restrict_ages(1, 100, "clip")
   assert n == 2 and clipped.age.tolist() == [1, 5, 50, 100, 100]
   dropped, n = data.restrict_ages(1, 100, "drop")
@@ -95,10 +100,12 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   import shutil
 
   import tensorflow_datasets as tfds
+
   data = tmp_path / "tfds"
   shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("agejax_arrays"))
-  cfg = ml_collections.ConfigDict({"name": "demo", "data_dir": str(data), "builder_config": "tiny",
-                                   "cache_dir": str(tmp_path / "arrays")})
+  cfg = ml_collections.ConfigDict(
+    {"name": "demo", "data_dir": str(data), "builder_config": "tiny", "cache_dir": str(tmp_path / "arrays")}
+  )
   first = pipeline.load_split(cfg, "validation")
   out = capsys.readouterr().out
   assert "built the agejax_demo/tiny/1.0.0 validation array cache (50 examples, 0.2 MB) in " in out, out
@@ -108,8 +115,10 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   assert pipeline.load_split(cfg, "validation").images.filename == first.images.filename  # reused, not rebuilt
   assert "built" not in capsys.readouterr().out
   # The dataset changes under the same name: the validation records are replaced by the test split's.
-  files = {s: next((data / "agejax_demo" / "tiny" / "1.0.0").glob(f"agejax_demo-{s}.tfrecord*")) for s in
-           ("validation", "test")}
+  files = {
+    s: next((data / "agejax_demo" / "tiny" / "1.0.0").glob(f"agejax_demo-{s}.tfrecord*"))
+    for s in ("validation", "test")
+  }
   shutil.copyfile(files["test"], files["validation"])
   os.utime(files["validation"], (1, 1))
   changed = pipeline.load_split(cfg, "validation")
@@ -124,6 +133,7 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
 def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(tiny_config, tmp_path, monkeypatch):
   import collections
   import shutil
+
   tiny_config.data.cache_dir = str(tmp_path / "arrays")
   root = tmp_path / "arrays" / "agejax_demo" / "tiny" / "1.0.0"
   partial = root / ".validation-0123456789abcdef.tmp99999"  # a build killed mid-way
@@ -133,8 +143,11 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
   assert not partial.exists()
   usage = collections.namedtuple("usage", "total used free")
   monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
-  with pytest.raises(ValueError, match=r"^config.data.cache_dir='.*': the agejax_demo/tiny/1.0.0 train array cache "
-                                       r"needs 2.0 MB and .* has 0.0 MB free; set --config.data.cache_dir"):
+  with pytest.raises(
+    ValueError,
+    match=r"^config.data.cache_dir='.*': the agejax_demo/tiny/1.0.0 train array cache "
+    r"needs 2.0 MB and .* has 0.0 MB free; set --config.data.cache_dir",
+  ):
     pipeline.load_split(tiny_config.data, "train")
   assert not list(root.glob("train-*")) and not list(root.glob(".train-*"))
 
@@ -142,17 +155,31 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
 def test_two_processes_building_the_same_cache_at_once_agree(data_dir, tmp_path):
   import subprocess
   import sys
-  code = ("import sys, ml_collections, numpy as np; from agejax.data import pipeline; "
-          "cfg = ml_collections.ConfigDict(dict(name='demo', data_dir=sys.argv[1], builder_config='tiny', "
-          "cache_dir=sys.argv[2])); s = pipeline.load_split(cfg, 'train'); "
-          "print('sum', int(s.images.astype(np.int64).sum()), int(s.age.sum()))")
-  procs = [subprocess.Popen([sys.executable, "-c", code, data_dir, str(tmp_path / "arrays")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+
+  code = (
+    "import sys, ml_collections, numpy as np; from agejax.data import pipeline; "
+    "cfg = ml_collections.ConfigDict(dict(name='demo', data_dir=sys.argv[1], builder_config='tiny', "
+    "cache_dir=sys.argv[2])); s = pipeline.load_split(cfg, 'train'); "
+    "print('sum', int(s.images.astype(np.int64).sum()), int(s.age.sum()))"
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, data_dir, str(tmp_path / "arrays")],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for _ in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs
   sums = [next(line for line in out.splitlines() if line.startswith("sum ")) for out, _ in outputs]
-  expected = pipeline.load_split(ml_collections.ConfigDict(
-      {"name": "demo", "data_dir": data_dir, "builder_config": "tiny", "cache_dir": str(tmp_path / "fresh")}), "train")
+  expected = pipeline.load_split(
+    ml_collections.ConfigDict(
+      {"name": "demo", "data_dir": data_dir, "builder_config": "tiny", "cache_dir": str(tmp_path / "fresh")}
+    ),
+    "train",
+  )
   assert sums == [f"sum {int(expected.images.astype(np.int64).sum())} {int(expected.age.sum())}"] * 2
   assert sum("built the" in out for out, _ in outputs) == 1  # one built, the other waited and reused it
   assert len(_cache_folders(tmp_path / "arrays", "train")) == 1

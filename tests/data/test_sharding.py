@@ -29,10 +29,12 @@ SEED = 7
 
 # --- subprocess side --------------------------------------------------------------------------------
 
+
 def _split(n: int):
   """A split whose example i has age i and images filled with i, so every shard tells its examples."""
   from agejax.data import pipeline
-  images = (np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8))
+
+  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
   return pipeline.ArraySplit(images, np.arange(n, dtype=np.float32), np.full(n, 0.5, np.float32))
 
 
@@ -58,6 +60,7 @@ def _shards(batch: dict) -> list[dict]:
 def _collect(out_path: str, process_id: int, num_processes: int, port: int) -> None:
   """Runs the pipeline onto the mesh and writes every device's shards to `out_path` as JSON."""
   import jax
+
   if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
@@ -77,14 +80,15 @@ def _collect(out_path: str, process_id: int, num_processes: int, port: int) -> N
 
   whole = pipeline.TrainBatches(_split(N_EPOCH), BATCH, SEED)
   result = {
-      "process_index": jax.process_index(), "process_count": jax.process_count(),
-      "devices": sorted(d.id for d in jax.devices()),
-      "local_devices": sorted(d.id for d in jax.local_devices()),
-      "global_indices": [whole.global_indices(s).tolist() for s in range(2 * EPOCH_STEPS)],
-      "train": train(N_EPOCH, 0, 2 * EPOCH_STEPS),
-      "resumed": train(N_EPOCH, RESUME_AT, 2 * EPOCH_STEPS),
-      "ragged": train(N_RAGGED, 0, 2 * N_RAGGED // BATCH),
-      "eval": [_shards(b) for b in pipeline.device_prefetch(pipeline.eval_batches(_split(N_EVAL), BATCH), sharding)],
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "devices": sorted(d.id for d in jax.devices()),
+    "local_devices": sorted(d.id for d in jax.local_devices()),
+    "global_indices": [whole.global_indices(s).tolist() for s in range(2 * EPOCH_STEPS)],
+    "train": train(N_EPOCH, 0, 2 * EPOCH_STEPS),
+    "resumed": train(N_EPOCH, RESUME_AT, 2 * EPOCH_STEPS),
+    "ragged": train(N_RAGGED, 0, 2 * N_RAGGED // BATCH),
+    "eval": [_shards(b) for b in pipeline.device_prefetch(pipeline.eval_batches(_split(N_EVAL), BATCH), sharding)],
   }
   Path(out_path).write_text(json.dumps(result))
   if num_processes > 1:
@@ -93,11 +97,15 @@ def _collect(out_path: str, process_id: int, num_processes: int, port: int) -> N
 
 # --- pytest side ------------------------------------------------------------------------------------
 
+
 def _env(devices_per_process: int) -> dict[str, str]:
   """The environment of a subprocess with `devices_per_process` fake CPU devices."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+  )
   return env
 
 
@@ -112,10 +120,17 @@ def _run(tmp_path: Path, num_processes: int) -> list[dict]:
   """Runs `_collect` in `num_processes` processes over 4 devices in all; returns their results."""
   port = _free_port()
   outs = [tmp_path / f"process{i}.json" for i in range(num_processes)]
-  procs = [subprocess.Popen([sys.executable, __file__, str(out), str(i), str(num_processes), str(port)],
-                            env=_env(DEVICES // num_processes), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i, out in enumerate(outs)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, str(out), str(i), str(num_processes), str(port)],
+      env=_env(DEVICES // num_processes),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i, out in enumerate(outs)
+  ]
   logs = [p.communicate(timeout=120)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
@@ -172,10 +187,10 @@ def test_train_epoch_sees_every_example_exactly_once_across_devices(collected):
   indices = collected[0]["global_indices"]
   epochs = []
   for e in range(2):
-    epoch = steps[e * EPOCH_STEPS:(e + 1) * EPOCH_STEPS]
+    epoch = steps[e * EPOCH_STEPS : (e + 1) * EPOCH_STEPS]
     seen = [i for step in epoch for i in _examples(step)]
     assert sorted(seen) == list(range(N_EPOCH))
-    for step, expected in zip(epoch, indices[e * EPOCH_STEPS:]):
+    for step, expected in zip(epoch, indices[e * EPOCH_STEPS :]):
       assert sorted(_examples(step)) == sorted(expected)  # the batch of (seed, step), no other
     epochs.append([sorted(_examples(step)) for step in epoch])
   assert epochs[0] != epochs[1]  # a new order each epoch

@@ -52,7 +52,7 @@ def _one_line_naming(error: pytest.ExceptionInfo, path: Path) -> str:
   """Asserts the error is one line starting with `path`; returns the rest of it."""
   message = str(error.value)
   assert "\n" not in message and message.startswith(str(path)), message
-  return message[len(str(path)):]
+  return message[len(str(path)) :]
 
 
 # --- archives: read completely or not at all ------------------------------------------------------
@@ -69,8 +69,12 @@ def _layout(data: bytes) -> tuple[list[tarfile.TarInfo], int]:
 
 
 def test_a_whole_archive_verifies_in_every_compression(tmp_path):
-  for suffix, data in ((".tar", _tar(MEMBERS)), (".tar.gz", _tar(MEMBERS, "gz")), (".tar", _tar(MEMBERS, "bz2")),
-                       (".tar", _tar(MEMBERS, "xz"))):
+  for suffix, data in (
+    (".tar", _tar(MEMBERS)),
+    (".tar.gz", _tar(MEMBERS, "gz")),
+    (".tar", _tar(MEMBERS, "bz2")),
+    (".tar", _tar(MEMBERS, "xz")),
+  ):
     path = tmp_path / f"UTKFace{suffix}"
     path.write_bytes(data)
     assert sources.verify_archive(path) == hashlib.sha256(data).hexdigest()
@@ -123,14 +127,17 @@ def test_corrupt_joined_or_bad_checksum_archives_fail(tmp_path):
   path.write_bytes(bytes(corrupt))
   with pytest.raises(ValueError) as error:
     sources.verify_archive(path)
-  assert _one_line_naming(error, path) == (f" is corrupt: the tar header at byte {members[10].offset} is invalid; "
-                                           f"download it again")
+  assert _one_line_naming(error, path) == (
+    f" is corrupt: the tar header at byte {members[10].offset} is invalid; download it again"
+  )
 
   path.write_bytes(data + _tar(_members(3, seed=1)))  # two archives joined: tarfile reads only the first
   with pytest.raises(ValueError) as error:
     sources.verify_archive(path)
-  assert _one_line_naming(error, path) == (f" has data after its end-of-archive marker at byte {end} (archives "
-                                           f"joined?); extract it and pass the folder instead")
+  assert _one_line_naming(error, path) == (
+    f" has data after its end-of-archive marker at byte {end} (archives "
+    f"joined?); extract it and pass the folder instead"
+  )
 
   gz = bytearray(_tar(MEMBERS, "gz"))
   gz[-6] ^= 0xFF  # the CRC in the gzip trailer
@@ -138,8 +145,9 @@ def test_corrupt_joined_or_bad_checksum_archives_fail(tmp_path):
   path.write_bytes(bytes(gz))
   with pytest.raises(ValueError) as error:
     sources.verify_archive(path)
-  assert re.fullmatch(r" is truncated or corrupt \(CRC check failed .*\); download it again",
-                      _one_line_naming(error, path))
+  assert re.fullmatch(
+    r" is truncated or corrupt \(CRC check failed .*\); download it again", _one_line_naming(error, path)
+  )
   for compress in (bz2.compress, lzma.compress):
     path = tmp_path / "UTKFace.tar"
     path.write_bytes(compress(data)[:-30])
@@ -150,10 +158,14 @@ def test_corrupt_joined_or_bad_checksum_archives_fail(tmp_path):
 
 # --- preparing UTKFace from archives ----------------------------------------------------------------
 
+
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
   """Every file under a folder: {relative path: (mtime_ns, sha256)}, to show nothing was lost or rewritten."""
-  return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+    p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
 
 
 def _ages(builder) -> dict[str, dict[str, int]]:
@@ -165,15 +177,24 @@ def _ages(builder) -> dict[str, dict[str, int]]:
   return out
 
 
-@pytest.mark.parametrize("suffix, cut", [
-    (".tar", "inside a member header"), (".tar", "inside member data"), (".tar.gz", "one byte short"),
+@pytest.mark.parametrize(
+  "suffix, cut",
+  [
+    (".tar", "inside a member header"),
+    (".tar", "inside member data"),
+    (".tar.gz", "one byte short"),
     (".tar.gz", "inside the gzip stream"),
-])
+  ],
+)
 def test_a_truncated_archive_fails_before_anything_is_written(tmp_path, suffix, cut):
   data = _tar(MEMBERS, "gz" if suffix == ".tar.gz" else "")
   members, _ = _layout(_tar(MEMBERS))
-  at = {"inside a member header": members[23].offset + 300, "inside member data": members[23].offset_data + 7,
-        "one byte short": len(data) - 1, "inside the gzip stream": len(data) // 2}[cut]
+  at = {
+    "inside a member header": members[23].offset + 300,
+    "inside member data": members[23].offset_data + 7,
+    "one byte short": len(data) - 1,
+    "inside the gzip stream": len(data) // 2,
+  }[cut]
   manual = tmp_path / "manual"
   manual.mkdir()
   archive = manual / f"UTKFace{suffix}"
@@ -202,9 +223,11 @@ def test_utkface_from_an_archive_path_and_another_archive_refused(tmp_path):
   assert _snapshot(prepared) == before
   with pytest.raises(ValueError) as error:
     datasets.prepare("utkface", str(data_dir), str(second), "tiny")
-  assert str(error.value) == (f"agejax_utkface/tiny/2.0.0 in {data_dir} was prepared from {first}, not from "
-                              f"{second} (different: UTKFace.tar.gz): pass --rebuild to delete it and prepare it "
-                              f"again")
+  assert str(error.value) == (
+    f"agejax_utkface/tiny/2.0.0 in {data_dir} was prepared from {first}, not from "
+    f"{second} (different: UTKFace.tar.gz): pass --rebuild to delete it and prepare it "
+    f"again"
+  )
   assert _snapshot(prepared) == before
 
   good = second.read_bytes()
@@ -220,6 +243,7 @@ def test_utkface_from_an_archive_path_and_another_archive_refused(tmp_path):
 
 
 # --- CSV datasets: named, side by side, refused when the source differs ----------------------------
+
 
 def _csv_folder(root: Path, ages: dict[str, list[int]], seed: int) -> Path:
   """A manual folder with one image per age and train / validation CSV files; returns it."""
@@ -255,15 +279,22 @@ def test_named_csv_datasets_live_side_by_side_and_train_on_them(tmp_path):
     assert builder.info.features["image"].shape == (224, 224, 3)
     assert _csv_ages(builder) == ages
   # The trainer selects one with --config.data.builder_config=NAME.
-  data = ml_collections.ConfigDict({"name": "csv_faces", "data_dir": data_dir, "builder_config": "appa",
-                                    "cache_dir": str(tmp_path / "arrays")})
+  data = ml_collections.ConfigDict(
+    {"name": "csv_faces", "data_dir": data_dir, "builder_config": "appa", "cache_dir": str(tmp_path / "arrays")}
+  )
   assert sorted(pipeline.load_split(data, "train").age.tolist()) == APPA["train"]
 
-  with pytest.raises(ValueError, match=r"^builder config 'APPA' of csv_faces is not one of \['default', 'tiny'\]; "
-                     r"a name of your own is 1-64 lowercase letters, digits, '_' or '-'$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^builder config 'APPA' of csv_faces is not one of \['default', 'tiny'\]; "
+    r"a name of your own is 1-64 lowercase letters, digits, '_' or '-'$",
+  ):
     datasets.get_builder("csv_faces", data_dir, "APPA")
-  with pytest.raises(ValueError, match=r"^builder config 'appa' of utkface is not one of \['default', 'tiny'\]; "
-                     r"only csv_faces takes names of your own$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^builder config 'appa' of utkface is not one of \['default', 'tiny'\]; "
+    r"only csv_faces takes names of your own$",
+  ):
     datasets.get_builder("utkface", data_dir, "appa")
 
 
@@ -276,9 +307,10 @@ def test_a_name_prepared_from_another_folder_is_refused(tmp_path, name):
   with pytest.raises(ValueError) as error:
     datasets.prepare("csv_faces", str(data_dir), str(morph), name)
   assert str(error.value) == (
-      f"agejax_csv_faces/{name or 'default'}/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} "
-      f"(different: images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or "
-      f"--name NAME to prepare it as another dataset")
+    f"agejax_csv_faces/{name or 'default'}/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} "
+    f"(different: images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or "
+    f"--name NAME to prepare it as another dataset"
+  )
   assert _snapshot(data_dir / "agejax_csv_faces") == before
   assert _csv_ages(datasets.get_builder("csv_faces", str(data_dir), name)) == APPA
 
@@ -292,9 +324,11 @@ def test_a_changed_folder_is_refused_until_rebuilt(tmp_path):
   train_csv = appa / "train.csv"
   original = train_csv.read_bytes()
   train_csv.write_bytes(original.replace(b"train0.jpg,20", b"train0.jpg,21"))  # a fixed age
-  refusal = (f"agejax_csv_faces/tiny/2.0.0 in {data_dir} was prepared from {appa}, which has changed since "
-             f"(different: {{}}): pass --rebuild to delete it and prepare it again, or --name NAME to prepare it "
-             f"as another dataset")
+  refusal = (
+    f"agejax_csv_faces/tiny/2.0.0 in {data_dir} was prepared from {appa}, which has changed since "
+    f"(different: {{}}): pass --rebuild to delete it and prepare it again, or --name NAME to prepare it "
+    f"as another dataset"
+  )
   with pytest.raises(ValueError) as error:
     datasets.prepare("csv_faces", str(data_dir), str(appa), "tiny")
   assert str(error.value) == refusal.format("train.csv")
@@ -321,8 +355,14 @@ def test_a_changed_folder_is_refused_until_rebuilt(tmp_path):
 
 def _script(*args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_prepare_data_script_refuses_then_rebuilds(tmp_path):
@@ -335,18 +375,23 @@ def test_prepare_data_script_refuses_then_rebuilds(tmp_path):
   refused = _script(*args)
   assert refused.returncode == 1 and refused.stdout == ""
   assert refused.stderr.splitlines()[-1] == (
-      f"error: agejax_csv_faces/appa/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} (different: "
-      f"images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or --name NAME to "
-      f"prepare it as another dataset")
+    f"error: agejax_csv_faces/appa/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} (different: "
+    f"images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or --name NAME to "
+    f"prepare it as another dataset"
+  )
   assert _snapshot(data_dir) == before
 
   rebuilt = _script(*args, "--rebuild")
   assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-  report = rebuilt.stdout[rebuilt.stdout.index("csv_faces --name"):]  # after TFDS's own progress lines
+  report = rebuilt.stdout[rebuilt.stdout.index("csv_faces --name") :]  # after TFDS's own progress lines
   assert report.splitlines()[:4] == [
-      f"csv_faces --name appa prepared in {data_dir}/agejax_csv_faces/appa/2.0.0", f"  from         {morph}",
-      "  train               3 examples", "  validation          1 examples"]
+    f"csv_faces --name appa prepared in {data_dir}/agejax_csv_faces/appa/2.0.0",
+    f"  from         {morph}",
+    "  train               3 examples",
+    "  validation          1 examples",
+  ]
   again = _script(*args)
   assert again.returncode == 0 and again.stdout.splitlines()[:2] == [
-      f"csv_faces --name appa was already prepared in {data_dir}/agejax_csv_faces/appa/2.0.0",
-      f"  from         {morph} (unchanged)"]
+    f"csv_faces --name appa was already prepared in {data_dir}/agejax_csv_faces/appa/2.0.0",
+    f"  from         {morph} (unchanged)",
+  ]

@@ -22,8 +22,12 @@ from agejax.data import demo_faces, utkface
 ROOT = Path(__file__).resolve().parents[2]
 NUM_FACES = 120
 FRACTIONS = dict(zip(utkface.SPLITS, utkface.UtkfaceConfig(name="x").split_fractions))
-TRAIN_FLAGS = ["--config.num_train_steps=4", "--config.log_every_steps=2", "--config.eval_every_steps=4",
-               "--config.checkpoint_every_steps=4"]
+TRAIN_FLAGS = [
+  "--config.num_train_steps=4",
+  "--config.log_every_steps=2",
+  "--config.eval_every_steps=4",
+  "--config.checkpoint_every_steps=4",
+]
 
 
 def _env() -> dict[str, str]:
@@ -33,8 +37,7 @@ def _env() -> dict[str, str]:
 
 def _run(*args: str) -> str:
   """Runs a script of scripts/ as a user would; returns its output, failing with it on error."""
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   return proc.stdout
 
@@ -72,10 +75,19 @@ def _baseline_mae(train_ages: list[int], eval_ages: list[int]) -> float:
 def _train(tmp_path: Path, name: str, data_dir: Path, cache: str) -> dict:
   """Runs scripts/train.py for 4 steps of the tiny config on dataset `name`; returns final_metrics.json."""
   workdir = tmp_path / "run"
-  out = _run("scripts/train.py", "--config", "configs/vgg16_kl.py:tiny", "--workdir", str(workdir),
-             f"--config.data.name={name}", f"--config.data.data_dir={data_dir}",
-             "--config.data.builder_config=tiny", f"--config.compilation_cache_dir={cache}",
-             f"--config.data.cache_dir={tmp_path / 'arrays'}", *TRAIN_FLAGS)
+  out = _run(
+    "scripts/train.py",
+    "--config",
+    "configs/vgg16_kl.py:tiny",
+    "--workdir",
+    str(workdir),
+    f"--config.data.name={name}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.data.builder_config=tiny",
+    f"--config.compilation_cache_dir={cache}",
+    f"--config.data.cache_dir={tmp_path / 'arrays'}",
+    *TRAIN_FLAGS,
+  )
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["step"] == 4 and final["eval_split"] == "validation", final
   for key in ("eval_mae", "eval_epsilon_error", "eval_cs5", "eval_loss", "baseline_mae"):
@@ -88,10 +100,19 @@ def _train(tmp_path: Path, name: str, data_dir: Path, cache: str) -> dict:
 def test_utkface_folder_prepares_and_trains(faces, tmp_path, compilation_cache):
   root, ages = faces
   data_dir = tmp_path / "tfds"
-  out = _run("scripts/prepare_data.py", "utkface", "--manual_dir", str(root), "--data_dir", str(data_dir),
-             "--builder_config", "tiny")
-  by_split = {s: [a for n, a in ages.items() if utkface.assign_split(n, FRACTIONS, seed=0) == s]
-              for s in utkface.SPLITS}
+  out = _run(
+    "scripts/prepare_data.py",
+    "utkface",
+    "--manual_dir",
+    str(root),
+    "--data_dir",
+    str(data_dir),
+    "--builder_config",
+    "tiny",
+  )
+  by_split = {
+    s: [a for n, a in ages.items() if utkface.assign_split(n, FRACTIONS, seed=0) == s] for s in utkface.SPLITS
+  }
   splits, skipped = _prepared(out)
   assert splits == {s: len(a) for s, a in by_split.items()}, out
   assert skipped == {"unparseable name": 1, "empty file": 1}, out
@@ -114,11 +135,24 @@ def test_csv_lists_prepare_and_train(faces, tmp_path, compilation_cache):
       writer.writerow(["file_name", "age", "age_std"])
       writer.writerows([str(root / n), ages[n], 2.5 if i % 2 else ""] for i, n in enumerate(listed))
   with open(manual / "train.csv", "a", newline="") as f:
-    csv.writer(f).writerows([[str(root / "absent.jpg"), 20, ""], [str(root / names[0]) + "x", 20, ""],
-                             [str(root / "30_0_1_20170119999999999.jpg.chip.jpg"), 30, ""]])
+    csv.writer(f).writerows(
+      [
+        [str(root / "absent.jpg"), 20, ""],
+        [str(root / names[0]) + "x", 20, ""],
+        [str(root / "30_0_1_20170119999999999.jpg.chip.jpg"), 30, ""],
+      ]
+    )
   data_dir = tmp_path / "tfds"
-  out = _run("scripts/prepare_data.py", "csv_faces", "--manual_dir", str(manual), "--data_dir", str(data_dir),
-             "--builder_config", "tiny")
+  out = _run(
+    "scripts/prepare_data.py",
+    "csv_faces",
+    "--manual_dir",
+    str(manual),
+    "--data_dir",
+    str(data_dir),
+    "--builder_config",
+    "tiny",
+  )
   splits, skipped = _prepared(out)
   assert splits == {"train": 96, "validation": NUM_FACES - 96}, out
   assert skipped == {"missing file": 2, "empty file": 1}, out
@@ -136,9 +170,22 @@ def test_prepare_data_fails_in_one_line_naming_the_file_or_folder(tmp_path, case
     manual.mkdir()
     (manual / "train.csv").write_text("file,age\na.jpg,3\n")
     (manual / "validation.csv").write_text("file_name,age\n")
-  proc = subprocess.run([sys.executable, "scripts/prepare_data.py", "csv_faces", "--manual_dir", str(manual),
-                         "--data_dir", str(tmp_path / "tfds")], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "scripts/prepare_data.py",
+      "csv_faces",
+      "--manual_dir",
+      str(manual),
+      "--data_dir",
+      str(tmp_path / "tfds"),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and str(manual) in last, last

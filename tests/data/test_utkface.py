@@ -16,13 +16,19 @@ from agejax.data.utkface import assign_split, parse_utkface_name
 SIZE = 32  # the `tiny` builder config
 FRACTIONS = dict(zip(utkface.SPLITS, utkface.UtkfaceConfig(name="x").split_fractions))
 # The three real UTKFace chips whose name misses the race field.
-MALFORMED = ["39_1_20170116174525125.jpg.chip.jpg", "61_1_20170109150557335.jpg.chip.jpg",
-             "61_1_20170109142408075.jpg.chip.jpg"]
+MALFORMED = [
+  "39_1_20170116174525125.jpg.chip.jpg",
+  "61_1_20170109150557335.jpg.chip.jpg",
+  "61_1_20170109142408075.jpg.chip.jpg",
+]
 
 
 # --- parse_utkface_name ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, expected", [
+
+@pytest.mark.parametrize(
+  "name, expected",
+  [
     ("1_0_0_20161219140623097.jpg.chip.jpg", (1, 0, 0, "20161219140623097")),
     ("116_1_4_20170120134639935.jpg.chip.jpg", (116, 1, 4, "20170120134639935")),
     ("UTKFace/sub/26_1_3_20170104235421282.jpg", (26, 1, 3, "20170104235421282")),
@@ -37,21 +43,36 @@ MALFORMED = ["39_1_20170116174525125.jpg.chip.jpg", "61_1_20170109150557335.jpg.
     ("-3_0_1_20170116184028385.jpg", (-3, 0, 1, "20170116184028385")),  # the builder skips it
     ("24_0_1_20170116220224657 .jpg.chip.jpg", (24, 0, 1, "20170116220224657")),  # two quirks of the archive
     ("55_0_0_20170116232725357jpg.chip.jpg", (55, 0, 0, "20170116232725357")),
-])
+  ],
+)
 def test_parse_good_and_malformed_names(name, expected):
   assert parse_utkface_name(name) == dict(zip(("age", "gender", "race", "date"), expected))
 
 
-@pytest.mark.parametrize("name", [
-    "", "notes.txt", "IMG_1234.jpg", ".DS_Store", "._25_0_1_20170116184028385.jpg",
-    "abc_0_1_20170116184028385.jpg", "25a_0_1_20170116184028385.jpg", "25_0_1_2_20170116184028385.jpg",
-    "25_x_1_20170116184028385.jpg", "25 _0_1.jpg", "25_0_1 .jpg", "25_0_1_2017jpgx.jpg", "\u0662\u0665_0_1_20170116184028385.jpg",
-])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "",
+    "notes.txt",
+    "IMG_1234.jpg",
+    ".DS_Store",
+    "._25_0_1_20170116184028385.jpg",
+    "abc_0_1_20170116184028385.jpg",
+    "25a_0_1_20170116184028385.jpg",
+    "25_0_1_2_20170116184028385.jpg",
+    "25_x_1_20170116184028385.jpg",
+    "25 _0_1.jpg",
+    "25_0_1 .jpg",
+    "25_0_1_2017jpgx.jpg",
+    "\u0662\u0665_0_1_20170116184028385.jpg",
+  ],
+)
 def test_parse_garbage_names(name):
   assert parse_utkface_name(name) is None
 
 
 # --- assign_split ---------------------------------------------------------------------------------
+
 
 def test_split_depends_on_base_name_and_seed_only():
   names = [f"{i % 90 + 1}_{i % 2}_{i % 5}_2017{i:013d}.jpg.chip.jpg" for i in range(20_000)]
@@ -73,6 +94,7 @@ def test_split_fractions_zero_and_invalid():
 
 
 # --- faces.load_rgb and SkipCounter ---------------------------------------------------------------
+
 
 def _encode(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
   buf = io.BytesIO()
@@ -101,10 +123,10 @@ def test_load_rgb_centre_crops_then_resizes(tmp_path):
 
 def test_load_rgb_converts_colour_modes():
   rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
-  rgba[:, :SIZE // 2] = (255, 0, 0, 255)
-  rgba[:, SIZE // 2:] = (255, 255, 255, 0)  # transparent white: composited on black
+  rgba[:, : SIZE // 2] = (255, 0, 0, 255)
+  rgba[:, SIZE // 2 :] = (255, 255, 255, 0)  # transparent white: composited on black
   out = faces.load_rgb(_encode(Image.fromarray(rgba), "PNG"), SIZE)
-  assert (out[:, :SIZE // 2] == (255, 0, 0)).all() and (out[:, SIZE // 2:] == 0).all()
+  assert (out[:, : SIZE // 2] == (255, 0, 0)).all() and (out[:, SIZE // 2 :] == 0).all()
 
   gray16 = Image.fromarray(np.full((SIZE, SIZE), 32768, np.uint16))
   assert (faces.load_rgb(_encode(gray16, "PNG"), SIZE) == 128).all()  # scaled, not clipped
@@ -136,10 +158,10 @@ def _stretched(values: np.ndarray) -> np.ndarray:
 def test_load_rgb_scales_32_bit_tiffs_by_their_value_range():
   ramp = np.add.outer(np.arange(SIZE), np.arange(SIZE)).astype(np.float64)  # a diagonal gradient
   cases = {
-      "int32, far beyond 8 bits": (ramp * 1_000_000 + 7).astype(np.int32),  # convert() made it white
-      "int32, negative": (ramp * 50 - 2_000).astype(np.int32),  # a signed 16-bit TIFF opens as "I" too
-      "float32 in 0..1": (ramp / ramp.max()).astype(np.float32),  # convert() made it black
-      "float32, huge": (ramp * 1e30).astype(np.float32),
+    "int32, far beyond 8 bits": (ramp * 1_000_000 + 7).astype(np.int32),  # convert() made it white
+    "int32, negative": (ramp * 50 - 2_000).astype(np.int32),  # a signed 16-bit TIFF opens as "I" too
+    "float32 in 0..1": (ramp / ramp.max()).astype(np.float32),  # convert() made it black
+    "float32, huge": (ramp * 1e30).astype(np.float32),
   }
   for case, values in cases.items():
     encoded = _encode(Image.fromarray(values), "TIFF")
@@ -167,7 +189,7 @@ def test_load_rgb_scales_16_bit_tiffs_by_the_type_range():
 
 def test_load_rgb_applies_exif_orientation():
   pixels = np.zeros((SIZE, SIZE, 3), np.uint8)
-  pixels[:, :SIZE // 2] = (255, 0, 0)
+  pixels[:, : SIZE // 2] = (255, 0, 0)
   exif = Image.Exif()
   exif[0x0112] = 3  # stored upside down: a 180-degree turn puts the red half on the right
   out = faces.load_rgb(_encode(Image.fromarray(pixels), exif=exif), SIZE).astype(int)
@@ -178,7 +200,7 @@ def test_load_rgb_returns_reasons_and_never_raises(tmp_path):
   jpeg = _jpeg(np.random.default_rng(0))
   assert faces.load_rgb(b"", SIZE) == "empty file"
   assert faces.load_rgb(b"just some text\n", SIZE) == "not an image"
-  assert faces.load_rgb(jpeg[:len(jpeg) // 2], SIZE) == "corrupt image"
+  assert faces.load_rgb(jpeg[: len(jpeg) // 2], SIZE) == "corrupt image"
   assert faces.load_rgb(tmp_path / "absent.jpg", SIZE) == "unreadable file"
   rng = np.random.default_rng(0)
   for header in (jpeg[:20], b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM"):
@@ -196,12 +218,12 @@ def test_skip_counter_records_totals_per_split_and_examples():
   train.record(metadata, "ds", "train")
   test.record(metadata, "ds", "test")
   assert metadata["skipped"] == {"empty file": 4, "not an image": 1}
-  assert metadata["skipped_by_split"] == {"train": {"empty file": 3},
-                                          "test": {"empty file": 1, "not an image": 1}}
+  assert metadata["skipped_by_split"] == {"train": {"empty file": 3}, "test": {"empty file": 1, "not an image": 1}}
   assert metadata["skipped_examples"] == {"empty file": ["a", "b"], "not an image": ["e"]}
 
 
 # --- the builder ----------------------------------------------------------------------------------
+
 
 def _write_manual_folder(root: Path) -> dict[str, tuple[int, int, int]]:
   """Writes a UTKFace-like folder; returns {good base name: (age, gender, race)}."""
@@ -222,15 +244,14 @@ def _write_manual_folder(root: Path) -> dict[str, tuple[int, int, int]]:
   for name in MALFORMED:
     put(f"part1/{name}", _jpeg(rng), (int(name.split("_")[0]), 1, -1))
   put("part2/70_0_2_20170101000000001.jpg.chip.jpg", _encode(Image.new("L", (40, 40), 90)), (70, 0, 2))
-  put("part2/8_1_1_20170101000000002.jpg.chip.jpg",
-      _encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0))), (8, 1, 1))
+  put("part2/8_1_1_20170101000000002.jpg.chip.jpg", _encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0))), (8, 1, 1))
   rgba = np.zeros((40, 40, 4), np.uint8)
   rgba[:, :20] = (255, 0, 0, 255)
   put("31_1_3_20170101000000003.png", _encode(Image.fromarray(rgba), "PNG"), (31, 1, 3))
   put("part1/45_0_0_20170101000000004.jpg.chip.jpg", _jpeg(rng, (90, 60)), (45, 0, 0))
 
   truncated = _jpeg(rng)
-  put("part2/20_0_1_20170101000000005.jpg.chip.jpg", truncated[:len(truncated) // 2])
+  put("part2/20_0_1_20170101000000005.jpg.chip.jpg", truncated[: len(truncated) // 2])
   put("part2/21_0_1_20170101000000006.jpg.chip.jpg", b"")
   put("part1/22_1_1_20170101000000007.jpg.chip.jpg", b"not a JPEG at all\n")
   put("part1/notes.txt", b"downloaded from the UTKFace page\n")
@@ -244,8 +265,15 @@ def _write_manual_folder(root: Path) -> dict[str, tuple[int, int, int]]:
   return good
 
 
-EXPECTED_SKIPS = {"corrupt image": 1, "empty file": 1, "not an image": 1, "unparseable name": 2,
-                  "negative age": 1, "duplicate file name": 1, "non-UTF-8 file name": 1}
+EXPECTED_SKIPS = {
+  "corrupt image": 1,
+  "empty file": 1,
+  "not an image": 1,
+  "unparseable name": 2,
+  "negative age": 1,
+  "duplicate file name": 1,
+  "non-UTF-8 file name": 1,
+}
 
 
 def _prepare(manual_dir: Path, data_dir: Path):
@@ -295,7 +323,7 @@ def test_folder_build_labels_images_and_skips(built):
   cmyk = merged["8_1_1_20170101000000002.jpg.chip.jpg"]["image"]
   assert cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 60
   rgba = merged["31_1_3_20170101000000003.png"]["image"]
-  assert (rgba[:, :SIZE // 2 - 1] == (255, 0, 0)).all() and (rgba[:, SIZE // 2 + 1:] == 0).all()
+  assert (rgba[:, : SIZE // 2 - 1] == (255, 0, 0)).all() and (rgba[:, SIZE // 2 + 1 :] == 0).all()
 
   metadata = builder.info.metadata
   assert metadata["skipped"] == EXPECTED_SKIPS
@@ -314,8 +342,11 @@ def test_tar_build_matches_the_folder_build(built):
       assert np.array_equal(ex["image"], folder_examples[split][name]["image"])
       assert ex["age"] == folder_examples[split][name]["age"]
   assert from_tar.info.metadata["skipped"] == EXPECTED_SKIPS
-  assert all(n.startswith("UTKFace.tar.gz:UTKFace/")
-             for names in from_tar.info.metadata["skipped_examples"].values() for n in names)
+  assert all(
+    n.startswith("UTKFace.tar.gz:UTKFace/")
+    for names in from_tar.info.metadata["skipped_examples"].values()
+    for n in names
+  )
 
 
 def test_unusable_folder_and_broken_archive_fail_clearly(tmp_path, built):
@@ -327,11 +358,17 @@ def test_unusable_folder_and_broken_archive_fail_clearly(tmp_path, built):
   (tmp_path / "broken").mkdir()
   truncated = (root / "archive" / "UTKFace.tar.gz").read_bytes()[:3000]
   (tmp_path / "broken" / "UTKFace.tar.gz").write_bytes(truncated)
-  with pytest.raises(ValueError, match=r"^\S*/broken/UTKFace\.tar\.gz is truncated or corrupt \(Compressed file "
-                     r"ended before the end-of-stream marker was reached\); download it again$"):
+  with pytest.raises(
+    ValueError,
+    match=r"^\S*/broken/UTKFace\.tar\.gz is truncated or corrupt \(Compressed file "
+    r"ended before the end-of-stream marker was reached\); download it again$",
+  ):
     _prepare(tmp_path / "broken", tmp_path / "tfds_broken")
   assert not any(path.is_file() for path in (tmp_path / "tfds_broken").rglob("*"))  # verified before writing
   face = next(root.glob("manual/*.jpg.chip.jpg"))
-  with pytest.raises(ValueError, match=rf"^{re.escape(str(face))} is a file but not a \.tar\.gz/\.tgz/\.tar "
-                     r"archive; pass the folder holding the UTKFace images or archive$"):
+  with pytest.raises(
+    ValueError,
+    match=rf"^{re.escape(str(face))} is a file but not a \.tar\.gz/\.tgz/\.tar "
+    r"archive; pass the folder holding the UTKFace images or archive$",
+  ):
     _prepare(face, tmp_path / "tfds_face")
