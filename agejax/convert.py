@@ -95,7 +95,15 @@ def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
 def vgg16_from_torchvision(
   state_dict: Mapping[str, np.ndarray | Any], *, dtype: jnp.dtype = jnp.float32
 ) -> models.VGG16:
-  """Returns a full-width Flax VGG16 whose logits on NHWC input equal torchvision's eval() logits on NCHW."""
+  """Returns a full-width Flax VGG16 whose logits on NHWC input equal torchvision's eval() logits on NCHW.
+
+  Args:
+    state_dict: torchvision's vgg16 or vgg16_bn state dict (tensors or NumPy arrays).
+    dtype: the model's compute dtype (parameters stay float32).
+
+  Returns:
+    The Flax model with the converted weights (its 1000-class ImageNet head included).
+  """
   sd = {k: _to_numpy(v) for k, v in state_dict.items()}
   batch_norm = torchvision_arch(sd) == "vgg16_bn"
   _check_keys(sd, batch_norm)

@@ -87,8 +87,14 @@ def create(
 ) -> tuple["Steps", TrainState, optax.Schedule]:
   """Builds `config`'s model, optimizer and step functions, and the state at step 0 (on the host).
 
-  `abstract` gives shapes only (a restore target, nothing allocated); `overlay(params, model_state)`
-  replaces the initial weights (a pretrained backbone).
+  Args:
+    config: the training config.
+    steps_per_epoch: training batches per epoch (the step schedule counts epochs).
+    abstract: give shapes only (a restore target; nothing is allocated).
+    overlay: `overlay(params, model_state)` replaces the initial weights (a pretrained backbone).
+
+  Returns:
+    (the step functions, the state at step 0, the learning-rate schedule).
   """
   num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
   make = lambda: models.create_model(config.model, num_bins, seed=config.seed)

@@ -1,14 +1,10 @@
 """train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
 
-import contextlib
 import functools
 import json
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,6 +19,7 @@ from agejax import (
   metrics,
   parallel,
   plots,
+  preemption,
   profiling,
   steps,
   storage,
@@ -31,48 +28,6 @@ from agejax import (
 from agejax.data import pipeline
 
 FINAL_METRICS = "final_metrics.json"
-
-
-class _Stopped(BaseException):
-  """SIGTERM before the loop started: nothing to save. A BaseException, so no `except Exception` swallows it."""
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (no host sync, no lost work).
-
-  Before the loop (`arm()`), SIGTERM raises _Stopped instead: start-up (data, model, restore) can
-  take minutes, the run holds the workdir's lock, and there is nothing to save yet.
-  Single-process only: with several processes JAX's preemption service owns SIGTERM (it was set up
-  by jax.distributed.initialize) and Orbax's `reached_preemption` decides; a Python handler here
-  would replace JAX's and the sync point would never be reached.
-  """
-
-  def __init__(self):
-    self.event = threading.Event()
-    self._previous = None
-    self._armed = False
-
-  def _handle(self, *_) -> None:
-    if self._armed:
-      self.event.set()
-    else:
-      raise _Stopped()
-
-  def arm(self) -> None:
-    """From now on SIGTERM sets the flag (the loop saves a checkpoint and returns)."""
-    self._armed = True
-
-  def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def __bool__(self) -> bool:
-    return self.event.is_set()
 
 
 def load_pretrained(config, params, model_state):
@@ -123,9 +78,16 @@ def _write_json(path: epath.Path, obj: dict) -> None:
 def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | None:
   """Trains (resuming from WORKDIR's latest checkpoint), evaluates and checkpoints.
 
-  Returns the final metrics (also written to WORKDIR/final_metrics.json), or None when a SIGTERM
-  stopped the run (after saving a checkpoint at the current step once training had started). The
-  run holds WORKDIR's lock (workdir_lock.WorkdirLock) from before anything is built until it returns.
+  The run holds WORKDIR's lock (workdir_lock.hold) from before anything is built until it returns.
+
+  Args:
+    config: the training config (configs/vgg16_kl.py); checked before anything is built.
+    workdir: where checkpoints, TensorBoard events, config.json and final_metrics.json go (a path
+      or a gs:// URL).
+
+  Returns:
+    The final metrics (also written to WORKDIR/final_metrics.json), or None when a SIGTERM stopped
+    the run (after saving a checkpoint at the current step once training had started).
   """
   started = time.perf_counter()
   configuration.validate(config)
@@ -133,42 +95,15 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | 
   workdir = storage.check_writable(workdir)
   enable_compilation_cache(config.get("compilation_cache_dir", ""))
   try:
-    with _Preemption() as signalled, _workdir_lock(workdir) as lock:
+    with preemption.Preemption() as signalled, workdir_lock.hold(workdir) as lock:
       ckpts = checkpointing.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
       try:
         return _train(config, workdir, ckpts, lock, signalled, started)
       finally:
         ckpts.close()
-  except _Stopped:
+  except preemption.Stopped:
     print(f"stopped by SIGTERM before training started: nothing to save in {workdir}")
     return None
-
-
-@contextlib.contextmanager
-def _workdir_lock(workdir: epath.Path) -> Iterator[workdir_lock.WorkdirLock | None]:
-  """Process 0 holds WORKDIR's lock for the run (the other processes share its run); all fail alike when busy."""
-  lock, failure = None, None
-  if jax.process_index() == 0:
-    try:
-      lock = workdir_lock.WorkdirLock(workdir).acquire()
-    except Exception as e:  # every process must learn the outcome, or the others would wait for process 0
-      failure = e
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    if not multihost_utils.broadcast_one_to_all(np.int32(failure is None)) and failure is None:
-      failure = workdir_lock.WorkdirBusy(f"workdir {workdir}: process 0 could not take its lock (see its error)")
-  if failure is not None:
-    raise failure
-  try:
-    if lock is not None:
-      # Under the lock no other trainer writes here: temporaries left in the workdir are a dead run's.
-      for file in storage.remove_interrupted_writes(workdir):
-        logging.warning("removed %s, left by an interrupted write", file)
-    yield lock
-  finally:
-    if lock is not None:
-      lock.release()
 
 
 def _check_recorded_config(config, workdir: epath.Path) -> None:
@@ -185,7 +120,7 @@ def _train(
   workdir: epath.Path,
   ckpts: checkpointing.Checkpoints,
   lock: workdir_lock.WorkdirLock | None,
-  signalled: _Preemption,
+  signalled: preemption.Preemption,
   started: float,
 ) -> dict[str, float] | None:
   """train_and_evaluate's body, run holding the workdir's lock."""
@@ -232,7 +167,7 @@ def _train(
   # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
   # shows real speed.
   in_flight = parallel.InFlight()
-  host_cpu = jax.devices("cpu")[0]
+  host_cpu = jax.local_devices(backend="cpu")[0]  # this process's own: a global one may be remote
 
   def learning_rate(applied: int) -> float:
     """The rate of the last update (after `applied` updates; skipped steps do not advance the schedule), on the host."""

@@ -1,6 +1,7 @@
 """One writer per workdir: a lock held for a training run's life (a file lock locally, a guarded object on gs://)."""
 
 import calendar
+import contextlib
 import fcntl
 import json
 import logging
@@ -9,7 +10,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
+
+import jax
+import numpy as np
 
 from agejax import errors, storage
 
@@ -303,3 +308,33 @@ class WorkdirLock:
         return
       except Exception as e:  # a network hiccup: the next beat tries again, long before the lock is stale
         logging.warning("could not refresh the workdir lock %s: %s", self.file, storage.first_line(e))
+
+
+@contextlib.contextmanager
+def hold(workdir: storage.Location) -> Iterator[WorkdirLock | None]:
+  """Holds WORKDIR's lock for a training run: process 0 takes it (the others share its run); all fail alike when busy.
+
+  Under the lock, the temporaries of interrupted writes left in the workdir are removed.
+  """
+  lock, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir).acquire()
+    except Exception as e:  # every process must learn the outcome, or the others would wait for process 0
+      failure = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    if not multihost_utils.broadcast_one_to_all(np.int32(failure is None)) and failure is None:
+      failure = WorkdirBusy(f"workdir {workdir}: process 0 could not take its lock (see its error)")
+  if failure is not None:
+    raise failure
+  try:
+    if lock is not None:
+      # Under the lock no other trainer writes here: temporaries left in the workdir are a dead run's.
+      for file in storage.remove_interrupted_writes(workdir):
+        logging.warning("removed %s, left by an interrupted write", file)
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()

@@ -55,7 +55,15 @@ class ArraySplit:
 
 
 def load_split(data_cfg, split: str) -> ArraySplit:
-  """Returns a split of `config.data` as arrays, preparing the demo or the local array cache if needed."""
+  """Returns a split of `config.data` as arrays, preparing the demo or the local array cache if needed.
+
+  Args:
+    data_cfg: `config.data` (name, data_dir, builder_config, cache_dir).
+    split: the TFDS split name.
+
+  Returns:
+    The split: memory-mapped uint8 images, ages and age stds.
+  """
   builder = datasets.get_builder(data_cfg.name, data_cfg.data_dir, data_cfg.get("builder_config", ""))
   if not builder.is_prepared():
     if datasets.DATASETS[data_cfg.name][1]:
