@@ -3,30 +3,50 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agejax import checkpointing, errors, labels, metrics, parallel, steps, storage
+from agejax import augment, calibration, checkpointing, errors, labels, metrics, parallel, steps, storage
 from agejax.data import pipeline
 
 
 @jax.jit
 def summaries(probs: jax.Array, bins: jax.Array) -> dict[str, jax.Array]:
-  """Returns each distribution's expected age, most probable age and std (one compiled call)."""
+  """Returns each distribution's expected age, most probable age, std and 80% central interval."""
+  low, high = calibration.interval(probs, bins, calibration.INTERVAL_MASS)
   return {
     "predicted_age": labels.expected_age(probs, bins),
     "argmax_age": labels.argmax_age(probs, bins),
     "std": labels.distribution_std(probs, bins),
+    "interval80": jnp.stack([low, high], axis=-1),
   }
 
 
-def distributions(fns: steps.Steps, state: steps.TrainState, images: jax.Array, flip: bool = False) -> jax.Array:
-  """Returns predicted age distributions [B, K] of a uint8 batch; `flip` averages in the mirror images."""
-  probs = fns.predict(state.params, state.model_state, images)
-  if flip:
-    # A mirrored face is an equally valid view: averaging both is test-time augmentation.
-    probs = 0.5 * (probs + fns.predict(state.params, state.model_state, images[:, :, ::-1]))
-  return probs
+def outputs(
+  fns: steps.Steps, state: steps.TrainState, images: jax.Array, temperature: jax.Array | float = 1.0, flip: bool = False
+) -> tuple[jax.Array, jax.Array]:
+  """Returns (the raw model's log-probabilities, the calibrated distributions), each [B, K], of a uint8 batch.
+
+  The distributions are softmax(logits / temperature); `flip` averages each face's distribution
+  with its mirror image's (test-time augmentation: a mirrored face is an equally valid view).
+  """
+  size = fns.cfg.image_size
+  view = lambda x: fns.logits(state.params, state.model_state, augment.preprocess(x, size), train=False)[0]  # noqa: E731
+  logits = view(images)
+  if not flip:
+    return logits, calibration.scaled(logits, temperature)
+  mirrored = view(images[:, :, ::-1])
+  raw = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(mirrored))
+  probs = 0.5 * (calibration.scaled(logits, temperature) + calibration.scaled(mirrored, temperature))
+  return jnp.log(jnp.maximum(raw, jnp.finfo(jnp.float32).tiny)), probs
+
+
+def distributions(
+  fns: steps.Steps, state: steps.TrainState, images: jax.Array, temperature: jax.Array | float = 1.0, flip: bool = False
+) -> jax.Array:
+  """Returns the calibrated age distributions [B, K] of a uint8 batch (see `outputs`)."""
+  return outputs(fns, state, images, temperature, flip)[1]
 
 
 class Predictor:
@@ -39,6 +59,7 @@ class Predictor:
     flip: average each face's distribution with its mirror image's.
     batch_size: faces per model call (rounded up to a multiple of the device count); default: the
       config's eval batch size.
+    calibrated: apply WORKDIR/calibration.json's temperature when the workdir has one.
   """
 
   def __init__(
@@ -49,6 +70,7 @@ class Predictor:
     *,
     flip: bool = False,
     batch_size: int | None = None,
+    calibrated: bool = True,
   ):
     if batch_size is not None and batch_size < 1:
       raise errors.UserError(
@@ -57,16 +79,19 @@ class Predictor:
     self.config, self.steps, self.state = checkpointing.load_trained(workdir, checkpoint, config)
     self.record = checkpointing.load_inference_record(workdir)
     self.step = int(self.state.step)
+    self.temperature = (calibration.load_temperature(workdir) if calibrated else None) or 1.0
     self.bins = np.asarray(self.steps.bins)
     self.mesh = parallel.make_mesh()
     n = jax.device_count()
     size = batch_size or self.config.get("eval_batch_size", 0) or self.config.batch_size
     self.batch_size = -(-size // n) * n  # every device gets an equal slice
     self.sharding = parallel.data_sharded(self.mesh)
+    replicated = parallel.replicated(self.mesh)
+    self._temperature = jax.device_put(np.float32(self.temperature), replicated)
     self.predict_device = jax.jit(
       functools.partial(distributions, self.steps, flip=flip),
-      in_shardings=(parallel.replicated(self.mesh), self.sharding),
-      out_shardings=parallel.replicated(self.mesh),
+      in_shardings=(replicated, self.sharding, replicated),
+      out_shardings=replicated,
     )
 
   @property
@@ -89,5 +114,5 @@ class Predictor:
     out, in_flight = [], parallel.InFlight()
     for batch in pipeline.eval_batches(data, self.batch_size):  # the pipeline's one padding routine
       images_device = parallel.global_batch({"image": batch["image"]}, self.sharding)["image"]
-      out.append(in_flight.add(self.predict_device(self.state, images_device)))
+      out.append(in_flight.add(self.predict_device(self.state, images_device, self._temperature)))
     return np.concatenate([metrics.fetch_array(o) for o in out])[: len(images)]

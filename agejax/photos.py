@@ -101,6 +101,7 @@ class Face:
   predicted_age: float = math.nan
   argmax_age: float = math.nan
   std: float = math.nan
+  interval80: tuple[float, float] = (math.nan, math.nan)  # the central 80% of the distribution (years)
 
 
 @dataclasses.dataclass
@@ -152,6 +153,7 @@ def predict_files(
       face.predicted_age, face.argmax_age, face.std = (
         float(stats[k][i]) for k in ("predicted_age", "argmax_age", "std")
       )
+      face.interval80 = tuple(float(v) for v in stats["interval80"][i])
     chips.clear()
     waiting.clear()
 
@@ -196,6 +198,7 @@ def to_json(result: ImageResult, min_age: int) -> list[dict]:
       "predicted_age": f.predicted_age,
       "argmax_age": f.argmax_age,
       "std": f.std,
+      "interval80": [round(v, 2) for v in f.interval80],
       "min_age": min_age,
       "distribution": f.distribution.tolist(),
     }
@@ -209,6 +212,6 @@ def to_lines(result: ImageResult) -> list[str]:
     return [f"{result.file}  {'' if result.status == 'no face found' else 'skipped: '}{result.status}"]
   return [
     f"{result.file}  face {i}  box {','.join(str(round(v)) for v in f.box)}  age {f.predicted_age:.1f}"
-    f"  argmax {f.argmax_age:.0f}  std {f.std:.1f}"
+    f"  (80%: {f.interval80[0]:.0f}-{f.interval80[1]:.0f})  argmax {f.argmax_age:.0f}  std {f.std:.1f}"
     for i, f in enumerate(result.faces)
   ]

@@ -1,9 +1,10 @@
 """Predicts ages in photos: python scripts/predict.py --workdir DIR IMAGE_OR_FOLDER ... [--aligned] [--json].
 
-Prints one line per face (file, face index, box x,y,w,h, predicted age, argmax age, std) or, with
---json, one JSON object per line on stdout (the same fields plus the full distribution over ages
-min_age.. ; files without a face or that could not be read give {"file", "status"}). Progress goes
-to stderr. Without --aligned, faces are found with MTCNN, rotated upright and cropped like the
+Prints one line per face (file, face index, box x,y,w,h, predicted age, its central 80% interval,
+argmax age, std) or, with --json, one JSON object per line on stdout (the same fields plus the full
+distribution over ages min_age.. ; files without a face or that could not be read give {"file",
+"status"}). Progress goes to stderr. WORKDIR/calibration.json's temperature is applied when present
+(--no-calibration: the raw model). Without --aligned, faces are found with MTCNN, rotated upright and cropped like the
 training faces; with --aligned each file is already a face crop.
 """
 
@@ -22,6 +23,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpoin
 _ALIGNED = flags.DEFINE_bool("aligned", False, "The images are face crops already: skip detection.")
 _JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distributions) to stdout.")
 _PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here.")
+_NO_CALIBRATION = flags.DEFINE_bool(
+  "no-calibration", False, "Ignore WORKDIR/calibration.json's temperature: the raw model's distributions."
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Faces per model call.", lower_bound=1)
 PLOT_MAX_PHOTOS = 8
 flags.mark_flags_as_required(["workdir"])
@@ -35,7 +39,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    predictor = inference.Predictor(_WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value)
+    predictor = inference.Predictor(
+      _WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value, calibrated=not _NO_CALIBRATION.value
+    )
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   detector = None if _ALIGNED.value else photos.FaceDetector()
