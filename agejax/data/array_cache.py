@@ -3,6 +3,10 @@
 Decoding TFDS records one by one is slow (~530 images/s measured), so each host decodes each split
 once into a memory-mapped uint8 array on its local disk (`config.data.cache_dir`, also when the TFDS
 data is in a bucket); a batch is then one gather from it (~44,000 images/s per core).
+
+A split's folder holds `images.npy` and `labels.npz`: `age`, `age_std`, and for each grouping of the
+dataset (the builder's `group_names()`, see data/builders.py) `group.NAME` (an int32 code per
+example) and `names.NAME` (the code -> name strings). `read_labels` reads them back.
 """
 
 import fcntl
@@ -20,6 +24,40 @@ from agejax import errors
 from agejax.data import datasets
 
 DEFAULT_CACHE_DIR = "~/.cache/agejax/arrays"
+UNKNOWN = "unknown"  # builders.UNKNOWN (not imported: that module needs TFDS)
+
+
+def group_names(builder) -> dict[str, tuple[str, ...]]:
+  """Returns a builder's groupings, {grouping: names in code order}; {} for a builder without any."""
+  method = getattr(builder, "group_names", None)
+  return {name: tuple(names) for name, names in method().items()} if method else {}
+
+
+def group_codes(values: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+  """Returns the int32 codes of a batch of one grouping's feature values: class labels, or texts by name.
+
+  An empty text is "unknown"; a text that is not among the names is a bug in the builder (it raises).
+  """
+  if values.dtype.kind in "iu":
+    codes = values.astype(np.int32)
+  else:
+    index = {name: code for code, name in enumerate(names)}
+    texts = [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    try:
+      codes = np.array([index[t or UNKNOWN] for t in texts], np.int32)
+    except KeyError as e:
+      raise RuntimeError(f"group {e.args[0]!r} is not one of the recorded names {names}") from None
+  if codes.size and (codes.min() < 0 or codes.max() >= len(names)):
+    raise RuntimeError(f"group codes {sorted(set(codes.tolist()))} are not all codes of {names}")
+  return codes
+
+
+def read_labels(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
+  """Returns a split folder's ages, age stds, group codes {grouping: int32 [N]} and names {grouping: names}."""
+  with np.load(folder / "labels.npz") as labels:
+    groups = {key.removeprefix("group."): labels[key] for key in labels.files if key.startswith("group.")}
+    names = {name: tuple(labels[f"names.{name}"].tolist()) for name in groups}
+    return labels["age"], labels["age_std"], groups, names
 
 
 def cache_key(builder, split: str) -> str:
@@ -46,19 +84,25 @@ def _decode_split(builder, split: str, folder: Path) -> None:
   shape = builder.info.features["image"].shape
   images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
   ages, stds = np.zeros(n, np.float32), np.zeros(n, np.float32)
+  names = group_names(builder)
+  codes = {name: np.zeros(n, np.int32) for name in names}
   start = 0
   dataset = tfds.as_numpy(builder.as_dataset(split=split, batch_size=256, shuffle_files=False))
   with tqdm(total=n, desc=f"array cache {split}", unit="img", disable=jax.process_index() > 0) as bar:
     for batch in dataset:
       end = start + len(batch["age"])
       images[start:end], ages[start:end], stds[start:end] = batch["image"], batch["age"], batch["age_std"]
+      for name in names:
+        codes[name][start:end] = group_codes(batch[name], names[name])
       start = end
       bar.update(len(batch["age"]))
   if start != n:
     raise RuntimeError(f"{builder.data_dir}: split {split!r} has {start} examples, its metadata says {n}")
   images.flush()
   del images
-  np.savez(folder / "labels.npz", age=ages, age_std=stds)
+  groups = {f"group.{name}": codes[name] for name in names}
+  groups.update({f"names.{name}": np.array(names[name], dtype=str) for name in names})
+  np.savez(folder / "labels.npz", age=ages, age_std=stds, **groups)
 
 
 def _size(num_bytes: float) -> str:
@@ -89,7 +133,8 @@ def build(builder, split: str, cache_dir: str) -> Path:
       shutil.rmtree(partial, ignore_errors=True)
     info = builder.info
     n = info.splits[split].num_examples
-    needed = n * int(np.prod(info.features["image"].shape)) + 8 * n + (1 << 20)
+    labels = 8 + 4 * len(group_names(builder))  # bytes per example: age, age_std, a code per grouping
+    needed = n * int(np.prod(info.features["image"].shape)) + labels * n + (1 << 20)
     free = shutil.disk_usage(root).free
     if needed > free:
       raise errors.UserError(

@@ -3,10 +3,16 @@ of the builders prepared from a manually downloaded source (`utkface`, `csv_face
 
 Each yields RGB uint8 faces of one fixed size per builder config, an integer `age` and an
 `age_std` (the per-image label spread; 0 where the dataset has none).
+
+Groups: each builder's `group_names()` names the groupings its prepared dataset has (e.g. gender,
+race, skin tone) and, for each, its groups in code order, `UNKNOWN` last where the dataset can lack
+the field. Each grouping is a feature of the same name: a `ClassLabel` (its code) or, for free-form
+labels, `Text` (the label; empty when missing). Evaluation reports errors per group from them.
 """
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +20,18 @@ import tensorflow_datasets as tfds
 
 from agejax import errors
 from agejax.data import demo_faces, sources
+
+UNKNOWN = "unknown"  # the group of an example that lacks the field
+
+
+def class_label(names: Sequence[str], doc: str) -> tfds.features.ClassLabel:
+  """A grouping stored as a class label: the example's group by name, its code in the prepared files."""
+  return tfds.features.ClassLabel(names=list(names), doc=doc)
+
+
+def class_label_groups(builder: tfds.core.DatasetBuilder, *groupings: str) -> dict[str, tuple[str, ...]]:
+  """Returns {grouping: names} of a builder's ClassLabel features, read from its (prepared) features."""
+  return {name: tuple(builder.info.features[name].names) for name in groupings}
 
 
 def features(image_size: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
@@ -39,10 +57,17 @@ class DemoConfig(tfds.core.BuilderConfig):
 
 
 class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
-  """Procedurally drawn faces whose appearance depends on age; generated, never downloaded."""
+  """Procedurally drawn faces whose appearance depends on age; generated, never downloaded.
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  Besides the age, each face records the groups it was drawn in (`demo_faces.GROUPS`): `skin_tone`
+  (light, medium, dark) and `gender` (male, female).
+  """
+
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "2.0.0": "Records each face's skin_tone and gender (the images are unchanged).",
+  }
   BUILDER_CONFIGS = [
     DemoConfig(name="default", description="The demo: 12,000 / 1,000 / 1,000 faces at 80x80."),
     DemoConfig(
@@ -75,7 +100,15 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
   SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=features(self.builder_config.image_size))
+    groups = {
+      "skin_tone": class_label(demo_faces.SKIN_TONES, "skin palette drawn, light to dark"),
+      "gender": class_label(demo_faces.GENDERS, "the trait that decides hair style, balding and beard"),
+    }
+    return self.dataset_info_from_configs(features=features(self.builder_config.image_size, **groups))
+
+  def group_names(self) -> dict[str, tuple[str, ...]]:
+    """The groupings of the demo: skin_tone and gender (never unknown)."""
+    return class_label_groups(self, *demo_faces.GROUPS)
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
@@ -85,8 +118,8 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num_examples: int):
     size = self.builder_config.image_size
     for i in range(num_examples):
-      image, age = demo_faces.sample_example(self.SPLIT_SEEDS[split], i, size)
-      yield i, {"image": image, "age": age, "age_std": 0.0}
+      image, age, groups = demo_faces.sample_person(self.SPLIT_SEEDS[split], i, size)
+      yield i, {"image": image, "age": age, "age_std": 0.0, **groups}
 
 
 class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

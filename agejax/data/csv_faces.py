@@ -2,9 +2,13 @@
 
 The folder holds `train.csv`, `validation.csv` and optionally `test.csv`, one split each, UTF-8
 text with a header naming at least `file_name,age`; an `age_std` column, when present, is the
-per-image label spread (an empty cell or no column means 0.0, unknown). Image lookup: each
-`file_name` is looked up in the folder's `images/` subfolder when there is one, then in the folder
-itself, so both `a.jpg` and `images/a.jpg` work; absolute paths are used as they are.
+per-image label spread (an empty cell or no column means 0.0, unknown). Two optional columns
+group the faces for per-group reports: `gender` (male, female, m, f, 0 male or 1 female, any
+case; an empty cell is unknown, any other value fails naming the file and line) and `group` (a
+free-form label, e.g. an ethnicity or a camera; an empty cell, or "unknown", is unknown).
+Image lookup: each `file_name` is looked up in the folder's `images/` subfolder when there is
+one, then in the folder itself, so both `a.jpg` and `images/a.jpg` work; absolute paths are used
+as they are.
 
 Several CSV datasets live side by side as builder configs named by the user: `--name appa` (any
 lowercase name of letters, digits, `_` and `-`) prepares `agejax_csv_faces/appa` at 224x224, which
@@ -24,6 +28,11 @@ decides), and the image problems of `faces.load_rgb`. Every age >= 0 is kept: th
 range decides, so the dataset never depends on a training config.
 A file listed in several CSVs is kept in each but logged as a warning and counted in
 `metadata["files_in_several_splits"]`: it leaks between splits.
+
+Groups: `gender` is stored as a class label (male, female, unknown) and `group` as the text of its
+cell. The groupings a dataset has (a column in at least one of its CSV files) are recorded with
+their names in `metadata["groups"]`: gender's are male, female, unknown; group's are the distinct
+non-empty labels of the examples kept in all splits, sorted, then "unknown" (`group_names()`).
 """
 
 import codecs
@@ -52,6 +61,22 @@ CONFIG_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Plain decimal numbers only: float() also reads "1_000", "nan", "inf" and non-ASCII digits.
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+GENDERS = ("male", "female", builders.UNKNOWN)
+_GENDER_CELLS = {"male": "male", "m": "male", "0": "male", "female": "female", "f": "female", "1": "female"}
+GROUP_COLUMNS = ("gender", "group")  # the optional grouping columns
+
+
+def parse_gender(text: str) -> str | None:
+  """Returns the gender written in a cell ("unknown" when empty), or None for a value it can't be."""
+  text = text.strip().lower()
+  if not text or text == builders.UNKNOWN:
+    return builders.UNKNOWN
+  return _GENDER_CELLS.get(text)
+
+
+def group_names(labels) -> tuple[str, ...]:
+  """Returns the names of a free-form grouping: its distinct non-empty labels, sorted, then "unknown"."""
+  return (*sorted(set(labels) - {"", builders.UNKNOWN}), builders.UNKNOWN)
 
 
 def parse_age(text: str) -> int | str:
@@ -105,6 +130,8 @@ class _Row:
   age: int
   age_std: float
   where: str
+  gender: str = builders.UNKNOWN
+  group: str = ""  # the group column's label; empty when unknown
 
 
 def _folder_listing(root: Path, limit: int = 20) -> str:
@@ -151,8 +178,13 @@ def _find(name: str, image_dirs: list[Path]) -> Path | str:
   return "missing file"
 
 
-def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter) -> tuple[list[_Row], str]:
-  """Returns the valid rows of one CSV file and the SHA-256 of its bytes, counting the other rows in `skips`."""
+def _read_rows(
+  csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter
+) -> tuple[list[_Row], str, tuple[str, ...]]:
+  """Returns one CSV file's valid rows, its bytes' SHA-256 and its grouping columns; counts other rows in `skips`.
+
+  A gender cell that names no gender fails the file (in one line), whatever else is wrong with its row.
+  """
   data = csv_path.read_bytes()
   # strict: a quote left open at the end of the file is an error, not a cell running to the end.
   reader = csv.reader(io.StringIO(_decode(csv_path, data), newline=""), strict=True)
@@ -177,12 +209,19 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
       columns = [c.strip() for c in record]
       if "file_name" not in columns or "age" not in columns:
         raise errors.UserError(
-          f"{csv_path}: the header must name the columns file_name and age (and optionally age_std); it names {columns}"
+          f"{csv_path}: the header must name the columns file_name and age (and optionally age_std, gender, "
+          f"group); it names {columns}"
         )
       continue
     cells = dict(zip(columns, record))  # a short row's missing cells are empty
     name = (cells.get("file_name") or "").strip()
     where = f"{csv_path.name} line {reader.line_num}: {name}"
+    gender = parse_gender(cells.get("gender") or "")
+    if gender is None:
+      raise errors.UserError(
+        f"{csv_path} line {reader.line_num}: gender {cells['gender'].strip()!r} is not male, female, m, f, 0 "
+        f"(male) or 1 (female); leave the cell empty when unknown"
+      )
     if not name:
       skips.add("missing file name", where)
       continue
@@ -203,10 +242,11 @@ def _read_rows(csv_path: Path, image_dirs: list[Path], skips: faces.SkipCounter)
     if isinstance(age_std, str):
       skips.add(age_std, where)
       continue
-    rows.append(_Row(name, path, age, age_std, where))
+    group = (cells.get("group") or "").strip()
+    rows.append(_Row(name, path, age, age_std, where, gender, "" if group == builders.UNKNOWN else group))
   if columns is None:
     raise errors.UserError(f"{csv_path} is empty: it needs a header naming file_name and age, then a row per image")
-  return rows, hashlib.sha256(data).hexdigest()
+  return rows, hashlib.sha256(data).hexdigest(), tuple(c for c in GROUP_COLUMNS if c in columns)
 
 
 @dataclasses.dataclass
@@ -216,6 +256,7 @@ class _Listing:
   rows: dict[str, list[_Row]]
   skips: dict[str, faces.SkipCounter]
   source: dict
+  groupings: tuple[str, ...]  # the grouping columns present in some CSV file
 
 
 def _read_folder(root: Path) -> _Listing:
@@ -228,35 +269,42 @@ def _read_folder(root: Path) -> _Listing:
     if not (root / SPLIT_FILES[split]).is_file():
       raise errors.MissingInput(
         f"{SPLIT_FILES[split]} is missing from the manual folder {root}, which holds: {_folder_listing(root)}; "
-        f"it needs train.csv and validation.csv (optionally test.csv) with a header file_name,age[,age_std]"
+        f"it needs train.csv and validation.csv (optionally test.csv) with a header "
+        f"file_name,age[,age_std,gender,group]"
       )
   image_dirs = [root / "images", root] if (root / "images").is_dir() else [root]
-  rows, skips, parts = {}, {}, {}
+  rows, skips, parts, columns = {}, {}, {}, set()
   for split, csv_name in SPLIT_FILES.items():
     if (root / csv_name).is_file():
       skips[split] = faces.SkipCounter()
-      rows[split], parts[csv_name] = _read_rows(root / csv_name, image_dirs, skips[split])
+      rows[split], parts[csv_name], split_columns = _read_rows(root / csv_name, image_dirs, skips[split])
+      columns.update(split_columns)
   parts["images"], num_images = sources.files_digest(
     {(row.file_name, row.path) for split_rows in rows.values() for row in split_rows}
   )
-  return _Listing(rows, skips, sources.fingerprint(root, parts, num_images))
+  return _Listing(
+    rows, skips, sources.fingerprint(root, parts, num_images), tuple(c for c in GROUP_COLUMNS if c in columns)
+  )
 
 
 class AgejaxCsvFaces(builders.ManualSourceBuilder):
   """Faces and ages listed in train / validation / test CSV files (the original project's format)."""
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("3.0.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "2.0.0": "Records the source's fingerprint (metadata['source']); configs named by the user; ages such "
     "as '1_000', age_std beyond float32 and CSV files that are not UTF-8 or leave a quote open are "
     "refused; 32-bit grayscale images scaled by their value range instead of clipped.",
+    "3.0.0": "Optional gender and group columns, stored as the gender and group features; the groupings "
+    "present and their names in metadata['groups'].",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Put in one folder: `train.csv` and `validation.csv` (optionally `test.csv`), UTF-8, each with a
-  header naming the columns `file_name,age` (optionally `age_std`), and the images, either in an
-  `images/` subfolder or beside the CSV files; `file_name` is the image's path relative to that
-  place. Then pass the folder as `--manual_dir`, and a name for the dataset as `--name`.
+  header naming the columns `file_name,age` (optionally `age_std`, and `gender` and `group` to
+  report errors by group), and the images, either in an `images/` subfolder or beside the CSV
+  files; `file_name` is the image's path relative to that place. Then pass the folder as
+  `--manual_dir`, and a name for the dataset as `--name`.
   """
   BUILDER_CONFIGS = [
     CsvFacesConfig(name="default", description="Faces centre-cropped and resized to 224x224."),
@@ -270,9 +318,16 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = builders.features(
-      self.builder_config.image_size, file_name=tfds.features.Text(doc="file_name as listed in the CSV file")
+      self.builder_config.image_size,
+      file_name=tfds.features.Text(doc="file_name as listed in the CSV file"),
+      gender=builders.class_label(GENDERS, "the gender column; unknown when empty or absent"),
+      group=tfds.features.Text(doc="the group column's label; empty when unknown or absent"),
     )
     return self.dataset_info_from_configs(features=features, metadata=tfds.core.MetadataDict())
+
+  def group_names(self) -> dict[str, tuple[str, ...]]:
+    """The groupings of the prepared dataset (those its CSV files have columns for) and their names."""
+    return {name: tuple(names) for name, names in (self.info.metadata or {}).get("groups", {}).items()}
 
   def _describe_source(self, path: Path) -> dict:
     return _read_folder(path).source
@@ -280,6 +335,10 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
   def _split_generators(self, dl_manager):
     listing = _read_folder(self._manual_root(dl_manager))
     self._record_source(listing.source)
+    # The group column's names grow as each split's examples are kept (_generate_examples).
+    self.info.metadata["groups"] = {
+      name: list(GENDERS if name == "gender" else group_names([])) for name in listing.groupings
+    }
     names = {split: {row.path.resolve() for row in rows} for split, rows in listing.rows.items()}
     listed = collections.Counter(path for paths in names.values() for path in paths)
     shared = sorted(str(path) for path, n in listed.items() if n > 1)
@@ -294,14 +353,28 @@ class AgejaxCsvFaces(builders.ManualSourceBuilder):
     return {split: self._generate_examples(split, rows, listing.skips[split]) for split, rows in listing.rows.items()}
 
   def _generate_examples(self, split: str, rows: list[_Row], skips: faces.SkipCounter):
-    kept = 0
+    kept, labels = 0, set()
     for row in rows:
       image = faces.load_rgb(row.path, self.builder_config.image_size)
       if isinstance(image, str):
         skips.add(image, row.where)
         continue
       kept += 1
-      yield row.file_name, {"image": image, "age": row.age, "age_std": row.age_std, "file_name": row.file_name}
+      labels.add(row.group)
+      yield (
+        row.file_name,
+        {
+          "image": image,
+          "age": row.age,
+          "age_std": row.age_std,
+          "file_name": row.file_name,
+          "gender": row.gender,
+          "group": row.group,
+        },
+      )
     skips.record(self.info.metadata, self.name, split)
+    groups = self.info.metadata["groups"]
+    if "group" in groups:
+      groups["group"] = list(group_names([*groups["group"], *labels]))
     if not kept:
       raise errors.UserError(f"{SPLIT_FILES[split]} lists no usable image (skipped: {dict(skips.counts)})")

@@ -6,6 +6,10 @@ grey hair from ~30, a receding hairline from ~35, sagging and age spots from ~55
 lighting, skin tone, hair and eye colour, hair style, beard and background are random
 nuisance, so a model has to read the age cues rather than a shortcut.
 
+Groups: each face also reports what it was drawn with that makes a group (`GROUPS`): its skin
+tone (the skin palette's six colours, light to dark, two to a tone) and its gender (the trait that
+decides the hair style, fringe, balding and beard), so the demo exercises per-group reports.
+
 Determinism: only integer-exact random draws (`random`, `integers`, `uniform`, `choice`) and
 elementwise float arithmetic are used, and trigonometry comes from rounded `math` tables, so
 the same (seed, index, size) gives the same bytes on every machine.
@@ -32,6 +36,10 @@ _HAIR = np.array(
 _EYES = np.array(
   [(92, 56, 30), (46, 30, 20), (70, 112, 172), (78, 122, 72), (122, 96, 52), (112, 122, 134)], dtype=float
 )
+# The skin palette runs light to dark; each tone names two neighbouring entries.
+SKIN_TONES = ("light", "medium", "dark")
+GENDERS = ("male", "female")
+GROUPS = {"skin_tone": SKIN_TONES, "gender": GENDERS}  # grouping -> names, in code order
 _GREY = np.array((224, 224, 228), dtype=float)
 _PINK = np.array((250, 170, 165), dtype=float)
 _SPOT = np.array((112, 72, 42), dtype=float)
@@ -75,6 +83,11 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
   """Draws one uint8 (size, size, 3) face of the given age; rng supplies all the nuisance."""
+  return draw_person(age, rng, size)[0]
+
+
+def draw_person(age: int, rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, dict[str, str]]:
+  """Draws a face as `draw_face` does; returns it and its groups, e.g. {"skin_tone": "dark", "gender": "male"}."""
   a = float(age)
   # Age factors, each monotonic; their ranges overlap to cover the whole 1..90 span.
   t = _ramp(a, 1, 20)
@@ -89,7 +102,8 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
   # Identity nuisance. Every draw here and below is made whatever the age, so one rng state
   # gives the same person, pose, light and scene at every age.
   male = rng.random() < 0.5
-  skin = _SKIN[rng.integers(len(_SKIN))] + rng.uniform(-12, 12, 3)
+  skin_index = int(rng.integers(len(_SKIN)))
+  skin = _SKIN[skin_index] + rng.uniform(-12, 12, 3)
   skin = skin + (_PINK - skin) * (0.22 * child)  # rosy baby skin ...
   skin = skin * (1 - np.array((0.05, 0.08, 0.11)) * (0.4 * mature + 0.6 * old))  # ... turns sallow
   base_hair = _HAIR[rng.integers(len(_HAIR))] + rng.uniform(-10, 10, 3)
@@ -306,14 +320,23 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 128) -> np.ndarray
   out -= np.float32(128)
   out *= light * gain.astype(np.float32)
   out += np.float32(128 + rng.uniform(-15, 15))
-  return np.ascontiguousarray(np.clip(out, 0, 255, out=out).astype(np.uint8).transpose(1, 2, 0))
+  image = np.ascontiguousarray(np.clip(out, 0, 255, out=out).astype(np.uint8).transpose(1, 2, 0))
+  groups = {"skin_tone": SKIN_TONES[skin_index * len(SKIN_TONES) // len(_SKIN)], "gender": GENDERS[0 if male else 1]}
+  return image, groups
 
 
 def sample_example(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, int]:
   """Returns example `index` of the dataset `seed` as (uint8 image, age), deterministically."""
+  image, age, _ = sample_person(seed, index, size)
+  return image, age
+
+
+def sample_person(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, int, dict[str, str]]:
+  """Returns example `index` of the dataset `seed` as (uint8 image, age, groups); see `draw_person`."""
   rng = np.random.default_rng([seed, index])
   age = int(rng.integers(MIN_AGE, MAX_AGE + 1))
-  return draw_face(age, rng, size), age
+  image, groups = draw_person(age, rng, size)
+  return image, age, groups
 
 
 def generate(num_examples: int, seed: int, size: int = 128, start: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -26,12 +26,17 @@ class ArraySplit:
   """One split as arrays: uint8 images (memory-mapped), ages and age stds [N].
 
   `rows` maps example i to its image row; None means the identity (no example was dropped).
+  `groups` holds, for each grouping the dataset has (e.g. "gender", "race"), an int32 code per
+  example [N], aligned with `age`; `group_names` maps each grouping to its names in code order
+  ("unknown", when the dataset can lack the field, last). Both are empty for a dataset without groups.
   """
 
   images: np.ndarray
   age: np.ndarray
   age_std: np.ndarray
   rows: np.ndarray | None = None
+  groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  group_names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
     return len(self.age)
@@ -50,7 +55,8 @@ class ArraySplit:
     if policy == "drop":
       keep = np.flatnonzero(~outside)
       rows = keep if self.rows is None else self.rows[keep]
-      return ArraySplit(self.images, self.age[keep], self.age_std[keep], rows), n
+      groups = {name: codes[keep] for name, codes in self.groups.items()}
+      return dataclasses.replace(self, age=self.age[keep], age_std=self.age_std[keep], rows=rows, groups=groups), n
     raise errors.UserError(f"config.labels.out_of_range={policy!r} is not one of {OUT_OF_RANGE}")
 
 
@@ -62,7 +68,7 @@ def load_split(data_cfg, split: str) -> ArraySplit:
     split: the TFDS split name.
 
   Returns:
-    The split: memory-mapped uint8 images, ages and age stds.
+    The split: memory-mapped uint8 images, ages, age stds and the dataset's groups.
   """
   builder = datasets.get_builder(data_cfg.name, data_cfg.data_dir, data_cfg.get("builder_config", ""))
   if not builder.is_prepared():
@@ -77,8 +83,8 @@ def load_split(data_cfg, split: str) -> ArraySplit:
   if split not in builder.info.splits:
     raise errors.UserError(f"config.data split {split!r} is not in {data_cfg.name}: {sorted(builder.info.splits)}")
   folder = array_cache.build(builder, split, data_cfg.get("cache_dir", array_cache.DEFAULT_CACHE_DIR))
-  labels = np.load(folder / "labels.npz")
-  return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), labels["age"], labels["age_std"])
+  age, age_std, groups, names = array_cache.read_labels(folder)
+  return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), age, age_std, groups=groups, group_names=names)
 
 
 def load_labelled_split(config, split: str, *, training: bool = False) -> ArraySplit:

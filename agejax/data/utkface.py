@@ -1,9 +1,11 @@
 """UTKFace as a TFDS dataset (`agejax_utkface`), built from a manually downloaded folder or archive.
 
 UTKFace files are named `[age]_[gender]_[race]_[date&time].jpg` (`.chip.jpg` appended in the
-aligned-and-cropped set: 23,708 faces, 200x200, ages 1..116); gender 0 male / 1 female, race 0..4.
-Three real names miss the race (`39_1_20170116174525125.jpg.chip.jpg`, ...): they are kept with
-race -1, as is any empty or out-of-range gender or race field.
+aligned-and-cropped set: 23,708 faces, 200x200, ages 1..116); gender 0 male / 1 female, race 0
+white / 1 black / 2 asian / 3 indian / 4 others. Both are stored as class labels (`GENDERS`,
+`RACES`), the groupings of `group_names()`. Three real names miss the race
+(`39_1_20170116174525125.jpg.chip.jpg`, ...): they are kept with race "unknown", as is any
+missing, empty or out-of-range gender or race field.
 
 Age policy: every age >= 0 is kept as given; the trainer's label range decides what to use, so the
 prepared dataset never depends on a training config. Names without an integer age, and negative
@@ -31,7 +33,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from agejax import errors
@@ -39,23 +40,34 @@ from agejax.data import builders, faces, sources
 
 SPLITS = ("train", "validation", "test")
 ARCHIVE_SUFFIXES = sources.ARCHIVE_SUFFIXES
+# Group names in the order of UTKFace's codes; "unknown" last, for a missing or invalid field.
+GENDERS = ("male", "female", builders.UNKNOWN)
+RACES = ("white", "black", "asian", "indian", "others", builders.UNKNOWN)
 
 # Single-digit gender and race codes tell them apart from the long date field when one is missing.
 # Two files of the real archive end their date in "jpg" or a space ("...357jpg.chip.jpg", "...657 .jpg").
 _NAME = re.compile(r"(?P<age>-?\d+)(?:_(?P<gender>\d?))?(?:_(?P<race>\d?))?(?:_(?P<date>\d{2,})(?:jpg| +)?)?", re.ASCII)
 
 
+def _group(code: str | None, names: tuple[str, ...]) -> str:
+  """Returns the group a one-digit code names, or "unknown" (the last name) when missing or out of range."""
+  return names[int(code)] if code and int(code) < len(names) - 1 else names[-1]
+
+
 def parse_utkface_name(name: str) -> dict | None:
-  """Returns {age, gender, race, date} from a UTKFace file name (-1 / "" unknown), or None."""
+  """Returns {age, gender, race, date} from a UTKFace file name, or None.
+
+  gender and race are group names (`GENDERS`, `RACES`), "unknown" when the field is missing, empty
+  or out of range; date is "" when missing.
+  """
   stem = os.path.basename(name).split(".", 1)[0]
   match = _NAME.fullmatch(stem)
   if match is None:
     return None
-  gender, race = match["gender"], match["race"]
   return {
     "age": int(match["age"]),
-    "gender": int(gender) if gender in ("0", "1") else -1,
-    "race": int(race) if race and int(race) <= 4 else -1,
+    "gender": _group(match["gender"], GENDERS),
+    "race": _group(match["race"], RACES),
     "date": match["date"] or "",
   }
 
@@ -132,12 +144,14 @@ def describe(root: Path, files: list[Path], archives: list[Path]) -> dict:
 class AgejaxUtkface(builders.ManualSourceBuilder):
   """UTKFace faces with age, gender and race parsed from the file names."""
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("3.0.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "2.0.0": "Records the source's fingerprint (metadata['source']); archives are read completely or not at "
     "all; non-UTF-8 file names skipped and counted; 32-bit grayscale images scaled by their value "
     "range instead of clipped.",
+    "3.0.0": "gender and race are class labels named male/female and white/black/asian/indian/others, "
+    "with 'unknown' (was -1) for a missing or invalid field.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   UTKFace (https://susanqq.github.io/UTKFace/) is for non-commercial research only and has no
@@ -154,8 +168,8 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     features = builders.features(
       self.builder_config.image_size,
-      gender=tfds.features.Scalar(np.int32, doc="0 male, 1 female, -1 unknown"),
-      race=tfds.features.Scalar(np.int32, doc="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others, -1 unknown"),
+      gender=builders.class_label(GENDERS, "from the name's gender field (0 male, 1 female)"),
+      race=builders.class_label(RACES, "from the name's race field (0 white, 1 black, 2 asian, 3 indian, 4 others)"),
       file_name=tfds.features.Text(doc="base name of the UTKFace file"),
     )
     return self.dataset_info_from_configs(
@@ -163,6 +177,10 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
       homepage="https://susanqq.github.io/UTKFace/",
       metadata=tfds.core.MetadataDict(),
     )
+
+  def group_names(self) -> dict[str, tuple[str, ...]]:
+    """The groupings of UTKFace: gender and race, each with "unknown" last."""
+    return builders.class_label_groups(self, "gender", "race")
 
   def _describe_source(self, path: Path) -> dict:
     return describe(path, *scan(path))

@@ -4,12 +4,13 @@ import io
 import re
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax.data import csv_faces, datasets
+from agejax.data import csv_faces, datasets, pipeline
 
 SIZE = 32  # the `tiny` builder config
 
@@ -249,3 +250,106 @@ def test_csv_syntax_errors_name_the_file_and_line(tmp_path, train, message):
     _prepare(manual, tmp_path / "tfds")
   assert re.fullmatch(re.escape(str(train_csv)) + " " + message.removeprefix(r"train\.csv "), str(error.value))
   assert train_csv.read_bytes() == before and _nothing_written(tmp_path / "tfds")
+
+
+# --- gender and group columns ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    ("male", "male"),
+    ("Female", "female"),
+    (" M ", "male"),
+    ("f", "female"),
+    ("0", "male"),
+    ("1", "female"),
+    ("", "unknown"),
+    ("  ", "unknown"),
+    ("Unknown", "unknown"),
+    ("x", None),
+    ("2", None),
+    ("mf", None),
+    ("woman", None),
+  ],
+)
+def test_parse_gender(text, expected):
+  assert csv_faces.parse_gender(text) == expected
+
+
+def test_a_dataset_without_group_columns_has_no_groupings(built, tmp_path):
+  assert built.info.metadata["groups"] == {} and built.group_names() == {}
+  cfg = {"name": "csv_faces", "data_dir": built.data_dir_root, "builder_config": "tiny", "cache_dir": str(tmp_path)}
+  data = pipeline.load_split(ml_collections.ConfigDict(cfg), "train")
+  assert len(data) == len(TRAIN) and data.groups == {} and data.group_names == {}
+
+
+def test_gender_and_group_columns_become_groupings(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(9):
+    (manual / f"a{i}.jpg").write_bytes(_image(rng))
+  (manual / "broken.jpg").write_bytes(b"not an image")
+  train = [
+    "file_name,age,gender,group",
+    "a0.jpg,20,M,north",
+    "a1.jpg,21,female,",  # an empty group cell: unknown
+    "a2.jpg,22,,south",  # an empty gender cell: unknown
+    "a3.jpg,23,1,unknown",  # "unknown" is unknown, not a group of its own
+    "a4.jpg,24, F , north ",  # cells are stripped
+    "broken.jpg,25,m,ghost",  # skipped: its label names no group
+    "a5.jpg,26,0",  # a short row: group unknown
+  ]
+  (manual / "train.csv").write_text("\n".join(train) + "\n")
+  (manual / "validation.csv").write_text("file_name,age,group\na6.jpg,30,Zone 9\na7.jpg,31,south\n")
+  (manual / "test.csv").write_text("file_name,age\na8.jpg,40\n")  # no group column: all unknown
+  builder = _prepare(manual, tmp_path / "tfds")
+
+  groups = {"gender": ("male", "female", "unknown"), "group": ("Zone 9", "north", "south", "unknown")}
+  assert builder.info.metadata["groups"] == {name: list(names) for name, names in groups.items()}
+  assert builder.group_names() == groups
+  expected = {
+    "train": {
+      "a0.jpg": ("male", "north"),
+      "a1.jpg": ("female", "unknown"),
+      "a2.jpg": ("unknown", "south"),
+      "a3.jpg": ("female", "unknown"),
+      "a4.jpg": ("female", "north"),
+      "a5.jpg": ("male", "unknown"),
+    },
+    "validation": {"a6.jpg": ("unknown", "Zone 9"), "a7.jpg": ("unknown", "south")},
+    "test": {"a8.jpg": ("unknown", "unknown")},
+  }
+  cfg = {"name": "csv_faces", "data_dir": str(tmp_path / "tfds"), "builder_config": "tiny", "cache_dir": str(tmp_path)}
+  for split, by_file in expected.items():
+    records = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+    files = [ex["file_name"].decode() for ex in records]  # the array cache's order
+    assert sorted(files) == sorted(by_file)
+    if split == "train":  # stored as a class label, and the cell's text
+      stored = {ex["file_name"].decode(): (ex["gender"], ex["group"].decode()) for ex in records}
+      assert stored["a0.jpg"] == (0, "north") and stored["a3.jpg"] == (1, "")
+    data = pipeline.load_split(ml_collections.ConfigDict(cfg), split)
+    assert data.group_names == groups
+    for grouping, names in groups.items():
+      codes = data.groups[grouping]
+      assert codes.dtype == np.int32 and len(codes) == len(data)
+      assert [names[c] for c in codes] == [by_file[f][list(groups).index(grouping)] for f in files], (split, grouping)
+
+
+@pytest.mark.parametrize("cell", ["x", "2", "woman"])
+def test_a_bad_gender_fails_naming_the_file_line_and_value(tmp_path, cell):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    (manual / f"a{i}.jpg").write_bytes(_image(rng))
+  (manual / "train.csv").write_text(f"file_name,age,gender\na0.jpg,20,m\na1.jpg,21,{cell}\n")
+  (manual / "validation.csv").write_text("file_name,age,gender\na2.jpg,30,f\n")
+  with pytest.raises(ValueError) as error:
+    _prepare(manual, tmp_path / "tfds")
+  assert str(error.value) == (
+    f"{manual / 'train.csv'} line 3: gender {cell!r} is not male, female, m, f, 0 (male) or 1 (female); leave "
+    f"the cell empty when unknown"
+  )
+  assert _nothing_written(tmp_path / "tfds")

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from agejax.data.demo_faces import MAX_AGE, MIN_AGE, draw_face, generate, sample_example
+from agejax.data.demo_faces import (
+  GROUPS,
+  MAX_AGE,
+  MIN_AGE,
+  draw_face,
+  draw_person,
+  generate,
+  sample_example,
+  sample_person,
+)
 
 N_TRAIN, N_TEST, SIZE = 1200, 300, 32
 
@@ -90,3 +99,26 @@ def test_mean_brightness_alone_is_a_poor_predictor(dataset):
   m = images.reshape(len(images), -1).mean(1) / 255
   mae, baseline = _ridge_mae(np.stack([m, m**2], 1), ages, lam=1e-6)  # allow a curved relation
   assert mae > 0.8 * baseline, (mae, baseline)  # measured ~0.95: lighting nuisance dominates
+
+
+def test_groups_come_with_the_same_draws():
+  # Recording the groups draws nothing more: the image is draw_face's, bit for bit.
+  for index in range(6):
+    image, age, groups = sample_person(seed=2, index=index, size=32)
+    same_image, same_age = sample_example(seed=2, index=index, size=32)
+    assert age == same_age and np.array_equal(image, same_image)
+    assert set(groups) == set(GROUPS) and all(groups[g] in GROUPS[g] for g in GROUPS)
+  face, groups = draw_person(40, np.random.default_rng(5), size=32)
+  assert np.array_equal(face, draw_face(40, np.random.default_rng(5), size=32))
+  # A person keeps their groups at every age (the draws come first, whatever the age).
+  assert all(draw_person(age, np.random.default_rng(5), size=32)[1] == groups for age in (2, 30, 80))
+
+
+def test_every_group_is_drawn_about_equally_often():
+  counts = {g: dict.fromkeys(names, 0) for g, names in GROUPS.items()}
+  for index in range(600):
+    for g, name in sample_person(seed=9, index=index, size=8)[2].items():
+      counts[g][name] += 1
+  for g, by_name in counts.items():
+    share = 600 / len(by_name)
+    assert all(abs(n - share) < 0.25 * share for n in by_name.values()), (g, by_name)

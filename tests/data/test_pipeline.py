@@ -85,14 +85,55 @@ def test_ages_outside_the_bins_are_clipped_or_dropped_and_counted():
   assert n == 2 and len(dropped) == 3 and dropped.age.tolist() == [5, 50, 100]
   batch = dropped.gather(np.array([0, 2]))
   assert batch["image"][:, 0, 0, 0].tolist() == [1, 3]  # image rows follow the kept examples
+  assert dropped.groups == {} and dropped.group_names == {}  # none by default
   twice, _ = dropped.restrict_ages(6, 100, "drop")
   assert twice.gather(np.array([0]))["image"][0, 0, 0, 0] == 2
   with pytest.raises(ValueError, match="config.labels.out_of_range='wrap'"):
     data.restrict_ages(1, 100, "wrap")
 
 
+def test_dropping_ages_keeps_the_groups_aligned():
+  names = {"gender": ("male", "female", "unknown")}
+  data = pipeline.ArraySplit(
+    np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8),
+    np.array([0, 5, 50, 100, 116], np.float32),
+    np.zeros(5, np.float32),
+    groups={"gender": np.array([0, 1, 2, 0, 1], np.int32)},
+    group_names=names,
+  )
+  clipped, _ = data.restrict_ages(1, 100, "clip")
+  assert clipped.groups["gender"].tolist() == [0, 1, 2, 0, 1] and clipped.group_names == names
+  dropped, _ = data.restrict_ages(1, 100, "drop")
+  assert dropped.groups["gender"].tolist() == [1, 2, 0] and dropped.group_names == names
+  twice, _ = dropped.restrict_ages(6, 100, "drop")
+  assert twice.groups["gender"].tolist() == [2, 0] and twice.age.tolist() == [50, 100]
+  assert data.groups["gender"].tolist() == [0, 1, 2, 0, 1]  # the original is untouched
+
+
+def test_the_demo_split_has_its_groups(tiny_config):
+  from agejax.data import demo_faces
+
+  data = pipeline.load_labelled_split(tiny_config, "validation")
+  assert data.group_names == {"skin_tone": ("light", "medium", "dark"), "gender": ("male", "female")}
+  assert data.group_names == demo_faces.GROUPS
+  for grouping, names in data.group_names.items():
+    codes = data.groups[grouping]
+    assert codes.dtype == np.int32 and codes.shape == data.age.shape
+    counts = np.bincount(codes, minlength=len(names))
+    assert len(counts) == len(names) and counts.sum() == len(data) and (counts > 0).all(), (grouping, counts)
+  # Each example's codes name what the generator drew for its image (TFDS stores them in another order).
+  seed = datasets.get_builder("demo", tiny_config.data.data_dir, "tiny").SPLIT_SEEDS["validation"]
+  drawn = {}
+  for index in range(len(data)):
+    image, _, groups = demo_faces.sample_person(seed, index, data.images.shape[1])
+    drawn[image.tobytes()] = groups
+  for i in range(len(data)):
+    groups = drawn[np.asarray(data.images[i]).tobytes()]
+    assert {g: names[data.groups[g][i]] for g, names in data.group_names.items()} == groups, i
+
+
 def _cache_folders(cache_dir, split: str) -> list:
-  return sorted((cache_dir / "agejax_demo" / "tiny" / "1.0.0").glob(f"{split}-*"))
+  return sorted((cache_dir / "agejax_demo" / "tiny" / "2.0.0").glob(f"{split}-*"))
 
 
 def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(data_dir, tmp_path, capsys):
@@ -108,15 +149,24 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   )
   first = pipeline.load_split(cfg, "validation")
   out = capsys.readouterr().out
-  assert "built the agejax_demo/tiny/1.0.0 validation array cache (50 examples, 0.2 MB) in " in out, out
+  assert "built the agejax_demo/tiny/2.0.0 validation array cache (50 examples, 0.2 MB) in " in out, out
   [folder] = _cache_folders(tmp_path / "arrays", "validation")
   assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "labels.npz"]
   assert not list(data.rglob("*.npy"))  # nothing beside the TFDS files
-  assert pipeline.load_split(cfg, "validation").images.filename == first.images.filename  # reused, not rebuilt
+  again = pipeline.load_split(cfg, "validation")
+  assert again.images.filename == first.images.filename  # reused, not rebuilt
   assert "built" not in capsys.readouterr().out
+  # The groups survive the round trip through the cache, as the TFDS records hold them.
+  builder = datasets.get_builder("demo", str(data), "tiny")
+  records = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
+  assert set(first.groups) == set(first.group_names) == {"skin_tone", "gender"}
+  assert again.group_names == first.group_names == builder.group_names()
+  for grouping, codes in first.groups.items():
+    assert codes.dtype == np.int32 and codes.tolist() == [int(r[grouping]) for r in records]
+    np.testing.assert_array_equal(again.groups[grouping], codes)
   # The dataset changes under the same name: the validation records are replaced by the test split's.
   files = {
-    s: next((data / "agejax_demo" / "tiny" / "1.0.0").glob(f"agejax_demo-{s}.tfrecord*"))
+    s: next((data / "agejax_demo" / "tiny" / "2.0.0").glob(f"agejax_demo-{s}.tfrecord*"))
     for s in ("validation", "test")
   }
   shutil.copyfile(files["test"], files["validation"])
@@ -126,6 +176,7 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   records = list(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False)))
   np.testing.assert_array_equal(changed.images, np.stack([r["image"] for r in records]))
   np.testing.assert_array_equal(changed.age, [r["age"] for r in records])
+  np.testing.assert_array_equal(changed.groups["gender"], [r["gender"] for r in records])
   assert [f.name for f in _cache_folders(tmp_path / "arrays", "validation")] != [folder.name]  # the stale one went
   assert len(_cache_folders(tmp_path / "arrays", "validation")) == 1
 
@@ -135,7 +186,7 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
   import shutil
 
   tiny_config.data.cache_dir = str(tmp_path / "arrays")
-  root = tmp_path / "arrays" / "agejax_demo" / "tiny" / "1.0.0"
+  root = tmp_path / "arrays" / "agejax_demo" / "tiny" / "2.0.0"
   partial = root / ".validation-0123456789abcdef.tmp99999"  # a build killed mid-way
   partial.mkdir(parents=True)
   (partial / "images.npy").write_bytes(b"\0" * 1000)
@@ -145,7 +196,7 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
   monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
   with pytest.raises(
     ValueError,
-    match=r"^config.data.cache_dir='.*': the agejax_demo/tiny/1.0.0 train array cache "
+    match=r"^config.data.cache_dir='.*': the agejax_demo/tiny/2.0.0 train array cache "
     r"needs 2.0 MB and .* has 0.0 MB free; set --config.data.cache_dir",
   ):
     pipeline.load_split(tiny_config.data, "train")

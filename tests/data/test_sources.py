@@ -224,7 +224,7 @@ def test_utkface_from_an_archive_path_and_another_archive_refused(tmp_path):
   with pytest.raises(ValueError) as error:
     datasets.prepare("utkface", str(data_dir), str(second), "tiny")
   assert str(error.value) == (
-    f"agejax_utkface/tiny/2.0.0 in {data_dir} was prepared from {first}, not from "
+    f"agejax_utkface/tiny/3.0.0 in {data_dir} was prepared from {first}, not from "
     f"{second} (different: UTKFace.tar.gz): pass --rebuild to delete it and prepare it "
     f"again"
   )
@@ -275,7 +275,7 @@ def test_named_csv_datasets_live_side_by_side_and_train_on_them(tmp_path):
   datasets.prepare("csv_faces", data_dir, str(morph))  # unnamed: the default config, as before
   for name, ages in (("appa", APPA), ("morph", MORPH), ("", MORPH)):
     builder = datasets.get_builder("csv_faces", data_dir, name)
-    assert builder.info.full_name == f"agejax_csv_faces/{name or 'default'}/2.0.0"
+    assert builder.info.full_name == f"agejax_csv_faces/{name or 'default'}/3.0.0"
     assert builder.info.features["image"].shape == (224, 224, 3)
     assert _csv_ages(builder) == ages
   # The trainer selects one with --config.data.builder_config=NAME.
@@ -307,7 +307,7 @@ def test_a_name_prepared_from_another_folder_is_refused(tmp_path, name):
   with pytest.raises(ValueError) as error:
     datasets.prepare("csv_faces", str(data_dir), str(morph), name)
   assert str(error.value) == (
-    f"agejax_csv_faces/{name or 'default'}/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} "
+    f"agejax_csv_faces/{name or 'default'}/3.0.0 in {data_dir} was prepared from {appa}, not from {morph} "
     f"(different: images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or "
     f"--name NAME to prepare it as another dataset"
   )
@@ -325,7 +325,7 @@ def test_a_changed_folder_is_refused_until_rebuilt(tmp_path):
   original = train_csv.read_bytes()
   train_csv.write_bytes(original.replace(b"train0.jpg,20", b"train0.jpg,21"))  # a fixed age
   refusal = (
-    f"agejax_csv_faces/tiny/2.0.0 in {data_dir} was prepared from {appa}, which has changed since "
+    f"agejax_csv_faces/tiny/3.0.0 in {data_dir} was prepared from {appa}, which has changed since "
     f"(different: {{}}): pass --rebuild to delete it and prepare it again, or --name NAME to prepare it "
     f"as another dataset"
   )
@@ -375,7 +375,7 @@ def test_prepare_data_script_refuses_then_rebuilds(tmp_path):
   refused = _script(*args)
   assert refused.returncode == 1 and refused.stdout == ""
   assert refused.stderr.splitlines()[-1] == (
-    f"error: agejax_csv_faces/appa/2.0.0 in {data_dir} was prepared from {appa}, not from {morph} (different: "
+    f"error: agejax_csv_faces/appa/3.0.0 in {data_dir} was prepared from {appa}, not from {morph} (different: "
     f"images, train.csv, validation.csv): pass --rebuild to delete it and prepare it again, or --name NAME to "
     f"prepare it as another dataset"
   )
@@ -385,13 +385,13 @@ def test_prepare_data_script_refuses_then_rebuilds(tmp_path):
   assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
   report = rebuilt.stdout[rebuilt.stdout.index("csv_faces --name") :]  # after TFDS's own progress lines
   assert report.splitlines()[:4] == [
-    f"csv_faces --name appa prepared in {data_dir}/agejax_csv_faces/appa/2.0.0",
+    f"csv_faces --name appa prepared in {data_dir}/agejax_csv_faces/appa/3.0.0",
     f"  from         {morph}",
     "  train               3 examples",
     "  validation          1 examples",
   ]
   again = _script(*args)
   assert again.returncode == 0 and again.stdout.splitlines()[:2] == [
-    f"csv_faces --name appa was already prepared in {data_dir}/agejax_csv_faces/appa/2.0.0",
+    f"csv_faces --name appa was already prepared in {data_dir}/agejax_csv_faces/appa/3.0.0",
     f"  from         {morph} (unchanged)",
   ]

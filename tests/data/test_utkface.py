@@ -5,12 +5,13 @@ import re
 import tarfile
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax.data import datasets, faces, utkface
+from agejax.data import datasets, faces, pipeline, utkface
 from agejax.data.utkface import assign_split, parse_utkface_name
 
 SIZE = 32  # the `tiny` builder config
@@ -29,24 +30,42 @@ MALFORMED = [
 @pytest.mark.parametrize(
   "name, expected",
   [
-    ("1_0_0_20161219140623097.jpg.chip.jpg", (1, 0, 0, "20161219140623097")),
-    ("116_1_4_20170120134639935.jpg.chip.jpg", (116, 1, 4, "20170120134639935")),
-    ("UTKFace/sub/26_1_3_20170104235421282.jpg", (26, 1, 3, "20170104235421282")),
-    ("39_1_20170116174525125.jpg.chip.jpg", (39, 1, -1, "20170116174525125")),
-    ("61_1_20170109150557335.jpg.chip.jpg", (61, 1, -1, "20170109150557335")),
-    ("61_1_20170109142408075.jpg.chip.jpg", (61, 1, -1, "20170109142408075")),
-    ("53__0_20170116184028385.jpg.chip.jpg", (53, -1, 0, "20170116184028385")),
-    ("25_7_9_20170116184028385.jpg", (25, -1, -1, "20170116184028385")),  # codes out of range
-    ("40_0_20170116184028385.png", (40, 0, -1, "20170116184028385")),
-    ("40.jpg", (40, -1, -1, "")),
-    ("007_0_2.jpg", (7, 0, 2, "")),
-    ("-3_0_1_20170116184028385.jpg", (-3, 0, 1, "20170116184028385")),  # the builder skips it
-    ("24_0_1_20170116220224657 .jpg.chip.jpg", (24, 0, 1, "20170116220224657")),  # two quirks of the archive
-    ("55_0_0_20170116232725357jpg.chip.jpg", (55, 0, 0, "20170116232725357")),
+    ("1_0_0_20161219140623097.jpg.chip.jpg", (1, "male", "white", "20161219140623097")),
+    ("116_1_4_20170120134639935.jpg.chip.jpg", (116, "female", "others", "20170120134639935")),
+    ("UTKFace/sub/26_1_3_20170104235421282.jpg", (26, "female", "indian", "20170104235421282")),
+    ("35_0_1_20170117135403519.jpg.chip.jpg", (35, "male", "black", "20170117135403519")),
+    ("28_1_2_20170116175722548.jpg.chip.jpg", (28, "female", "asian", "20170116175722548")),
+    # The three real names without the race field: gender kept, race unknown.
+    ("39_1_20170116174525125.jpg.chip.jpg", (39, "female", "unknown", "20170116174525125")),
+    ("61_1_20170109150557335.jpg.chip.jpg", (61, "female", "unknown", "20170109150557335")),
+    ("61_1_20170109142408075.jpg.chip.jpg", (61, "female", "unknown", "20170109142408075")),
+    ("40_0_20170116184028385.png", (40, "male", "unknown", "20170116184028385")),
+    # Without the gender field (empty), or without both.
+    ("53__0_20170116184028385.jpg.chip.jpg", (53, "unknown", "white", "20170116184028385")),
+    ("53___20170116184028385.jpg.chip.jpg", (53, "unknown", "unknown", "20170116184028385")),
+    ("39_20170116174525125.jpg.chip.jpg", (39, "unknown", "unknown", "20170116174525125")),
+    ("25_7_9_20170116184028385.jpg", (25, "unknown", "unknown", "20170116184028385")),  # codes out of range
+    ("25_2_5_20170116184028385.jpg", (25, "unknown", "unknown", "20170116184028385")),  # one past the last
+    ("40.jpg", (40, "unknown", "unknown", "")),
+    ("007_0_2.jpg", (7, "male", "asian", "")),
+    ("-3_0_1_20170116184028385.jpg", (-3, "male", "black", "20170116184028385")),  # the builder skips it
+    ("24_0_1_20170116220224657 .jpg.chip.jpg", (24, "male", "black", "20170116220224657")),  # two quirks of the archive
+    ("55_0_0_20170116232725357jpg.chip.jpg", (55, "male", "white", "20170116232725357")),
   ],
 )
 def test_parse_good_and_malformed_names(name, expected):
-  assert parse_utkface_name(name) == dict(zip(("age", "gender", "race", "date"), expected))
+  parsed = parse_utkface_name(name)
+  assert parsed == dict(zip(("age", "gender", "race", "date"), expected))
+  assert parsed["gender"] in utkface.GENDERS and parsed["race"] in utkface.RACES
+
+
+def test_group_names_follow_utkface_codes_with_unknown_last():
+  assert utkface.GENDERS == ("male", "female", "unknown")
+  assert utkface.RACES == ("white", "black", "asian", "indian", "others", "unknown")
+  for gender in range(2):
+    for race in range(5):
+      parsed = parse_utkface_name(f"30_{gender}_{race}_20170116174525125.jpg.chip.jpg")
+      assert (utkface.GENDERS.index(parsed["gender"]), utkface.RACES.index(parsed["race"])) == (gender, race)
 
 
 @pytest.mark.parametrize(
@@ -226,7 +245,7 @@ def test_skip_counter_records_totals_per_split_and_examples():
 
 
 def _write_manual_folder(root: Path) -> dict[str, tuple[int, int, int]]:
-  """Writes a UTKFace-like folder; returns {good base name: (age, gender, race)}."""
+  """Writes a UTKFace-like folder; returns {good base name: (age, gender code, race code)}, -1 unknown."""
   rng = np.random.default_rng(0)
   good = {}
 
@@ -312,9 +331,11 @@ def test_folder_build_labels_images_and_skips(built):
   assert sum(builder.info.splits[s].num_examples for s in examples) == len(good)
   merged = {name: ex for split in examples.values() for name, ex in split.items()}
   assert set(merged) == set(good)
+  genders, races = builder.info.features["gender"], builder.info.features["race"]
   for name, (age, gender, race) in good.items():
     ex = merged[name]
-    assert (ex["age"], ex["gender"], ex["race"], ex["age_std"]) == (age, gender, race, 0.0), name
+    got = (ex["age"], genders.int2str(ex["gender"]), races.int2str(ex["race"]), ex["age_std"])
+    assert got == (age, utkface.GENDERS[gender], utkface.RACES[race], 0.0), name  # -1: "unknown", the last
     assert ex["image"].dtype == np.uint8 and ex["image"].shape == (SIZE, SIZE, 3)
   for split, split_examples in examples.items():
     assert all(assign_split(name, FRACTIONS, seed=0) == split for name in split_examples)
@@ -331,6 +352,27 @@ def test_folder_build_labels_images_and_skips(built):
   assert sorted(metadata["skipped_examples"]["unparseable name"]) == ["IMG_0001.jpg", "part1/notes.txt"]
   assert metadata["skipped_examples"]["non-UTF-8 file name"] == ["part1/33_0_1_2017010100000001\\xe9.jpg.chip.jpg"]
   assert (Path(builder.data_dir) / "metadata.json").exists()
+
+
+def test_groups_reach_the_array_split(built, tmp_path):
+  _, builder, _, good = built
+  assert builder.group_names() == {"gender": utkface.GENDERS, "race": utkface.RACES}
+  cfg = ml_collections.ConfigDict(
+    {"name": "utkface", "data_dir": builder.data_dir_root, "builder_config": "tiny", "cache_dir": str(tmp_path)}
+  )
+  unknown_race = 0
+  for split in builder.info.splits:
+    data = pipeline.load_split(cfg, split)
+    assert data.group_names == {"gender": utkface.GENDERS, "race": utkface.RACES}
+    records = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    names = [ex["file_name"].decode() for ex in records]  # the array cache's order
+    for grouping, names_of in (("gender", utkface.GENDERS), ("race", utkface.RACES)):
+      codes = data.groups[grouping]
+      assert codes.dtype == np.int32 and len(codes) == len(data.age) == len(names)
+      expected = [names_of.index(names_of[good[n][1 if grouping == "gender" else 2]]) for n in names]
+      assert codes.tolist() == expected, (split, grouping)
+    unknown_race += int((data.groups["race"] == len(utkface.RACES) - 1).sum())
+  assert unknown_race == len(MALFORMED)
 
 
 def test_tar_build_matches_the_folder_build(built):
