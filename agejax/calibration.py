@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import errors, storage
+from agejax import errors, labels, metrics, storage
 
 FILE = "calibration.json"  # WORKDIR/calibration.json: temperature, split, nll_before, nll_after
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
@@ -20,6 +20,8 @@ INTERVAL_MASS = 0.8  # the interval predict.py and the server print beside each 
 # log(T) is searched in this range: a model so far off that T leaves it is better retrained.
 LOG_T_RANGE = (float(np.log(0.05)), float(np.log(20.0)))
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+RELIABILITY_BINS = 10  # predicted-std bins of equal counts in the reliability plot
+CURVE_LEVELS = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2)) + (0.99,)  # nominal masses on the coverage curve
 
 
 def scaled(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
@@ -98,6 +100,60 @@ def fit_temperature(
 
   lo, hi = jax.lax.fori_loop(0, iterations, body, tuple(jnp.asarray(x, jnp.float32) for x in LOG_T_RANGE))
   return jnp.exp(0.5 * (lo + hi))
+
+
+@jax.jit
+def _report_arrays(logits: jax.Array, probs: jax.Array, bins: jax.Array, age: jax.Array) -> dict[str, jax.Array]:
+  """NLL, coverage (COVERAGE_LEVELS, then CURVE_LEVELS) and reliability bins of the raw and calibrated model."""
+  out = {}
+  for name, p in (("uncalibrated", jax.nn.softmax(logits)), ("calibrated", probs)):
+    u = pit(p, bins, age)
+    levels = jnp.asarray(COVERAGE_LEVELS + CURVE_LEVELS, jnp.float32)
+    std = labels.distribution_std(p, bins)
+    squared_error = jnp.square(labels.expected_age(p, bins) - age)
+    edges = jnp.quantile(std, jnp.linspace(0.0, 1.0, RELIABILITY_BINS + 1))
+    one_hot = jax.nn.one_hot(jnp.searchsorted(edges[1:-1], std, side="right"), RELIABILITY_BINS)
+    count = jnp.sum(one_hot, axis=0)
+    out[name] = {
+      "nll": jnp.mean(nll(p, bins, age)),
+      "coverage": jnp.mean(jnp.abs(u[:, None] - 0.5) <= levels / 2.0, axis=0),
+      "count": count,
+      "mean_std": jnp.sum(one_hot * std[:, None], axis=0) / jnp.maximum(count, 1.0),
+      "rms_error": jnp.sqrt(jnp.sum(one_hot * squared_error[:, None], axis=0) / jnp.maximum(count, 1.0)),
+    }
+  return out
+
+
+def report(logits: jax.Array, probs: jax.Array, bins: jax.Array, age: jax.Array, temperature: float) -> dict:
+  """The calibration report of per-example raw log-probabilities and calibrated distributions.
+
+  Args:
+    logits: [N, K] the raw model's log-probabilities (temperature 1).
+    probs: [N, K] the distributions the model reports (with `temperature`).
+    bins: [K] the ages of the bins.
+    age: [N] the true ages.
+    temperature: the temperature `probs` were made with.
+
+  Returns:
+    temperature, nll, coverage {level: share}, nll_uncalibrated, coverage_uncalibrated, and for
+    the plots coverage_curve and reliability (predicted std bins against the RMS error).
+  """
+  arrays = _report_arrays(logits, probs, bins, age)
+  host = jax.tree.map(lambda x: np.asarray(metrics.fetch_array(x), np.float64), arrays)  # works on every process
+  n = len(COVERAGE_LEVELS)
+  coverage = {name: dict(zip(map(str, COVERAGE_LEVELS), host[name]["coverage"][:n].tolist())) for name in host}
+  return {
+    "temperature": float(temperature),
+    "nll": float(host["calibrated"]["nll"]),
+    "coverage": coverage["calibrated"],
+    "nll_uncalibrated": float(host["uncalibrated"]["nll"]),
+    "coverage_uncalibrated": coverage["uncalibrated"],
+    "coverage_curve": {
+      "nominal": [float(v) for v in CURVE_LEVELS],
+      **{name: host[name]["coverage"][n:].tolist() for name in host},
+    },
+    "reliability": {name: {k: host[name][k].tolist() for k in ("mean_std", "rms_error", "count")} for name in host},
+  }
 
 
 def load_temperature(workdir: storage.Location) -> float | None:

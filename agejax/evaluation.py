@@ -1,6 +1,5 @@
 """Evaluator: one jitted eval step for every score of a split; used by the train loop and scripts/evaluate.py."""
 
-import functools
 import json
 from typing import Any
 
@@ -8,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from agejax import augment, checkpointing, labels, metrics, parallel, plots, steps, storage
+from agejax import calibration, checkpointing, groups, inference, labels, metrics, parallel, plots, steps, storage
 from agejax.data import pipeline
 
 OUTPUT_KEYS = ("predicted_age", "argmax_age", "std")  # per-example outputs kept in <split>_predictions.jsonl
@@ -39,25 +39,27 @@ class Evaluator:
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
     # The sums are a few small arrays, not donated: the loop waits on them to bound the dispatch.
     self._steps = {
-      outputs: jax.jit(
-        functools.partial(self._step, outputs=outputs),
-        in_shardings=(replicated, replicated, sharded),
-        out_shardings=replicated,
-      )
-      for outputs in (False, True)
+      outputs: jax.jit(fn, in_shardings=(replicated, replicated, sharded, replicated), out_shardings=replicated)
+      for outputs, fn in ((False, self._sums_step), (True, self._outputs_step))
     }
+    # The per-example outputs of all batches, in the split's order without the padding, on every device.
+    self._gather = jax.jit(
+      lambda batches: jax.tree.map(lambda *xs: jnp.concatenate(xs)[: len(data)], *batches), out_shardings=replicated
+    )
     self._zeros = jax.device_put(metrics.report_zeros(), replicated)
+    self._replicated = replicated
 
-  def _step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, *, outputs: bool):
-    fns, size = self.fns, self.fns.cfg.image_size
-    logits, _ = fns.logits(state.params, state.model_state, augment.preprocess(batch["image"], size), train=False)
-    probs = jax.nn.softmax(logits)
-    if self.flip:
-      mirrored, _ = fns.logits(
-        state.params, state.model_state, augment.preprocess(batch["image"][:, :, ::-1], size), train=False
-      )
-      probs = 0.5 * (probs + jax.nn.softmax(mirrored))
-      logits = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))  # the loss of the averaged distribution
+  def _sums_step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array):
+    return self._step(state, sums, batch, temperature, outputs=False)
+
+  def _outputs_step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array):
+    return self._step(state, sums, batch, temperature, outputs=True)
+
+  def _step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array, *, outputs: bool):
+    fns = self.fns
+    logits, probs = inference.outputs(fns, state, batch["image"], temperature, self.flip)
+    # The loss of the distribution reported (exactly the raw logits' loss at temperature 1).
+    scored = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)) if self.flip else logits / temperature
     ages = batch["age"].astype(jnp.float32)
     out = {
       "predicted_age": labels.expected_age(probs, fns.bins),
@@ -65,46 +67,74 @@ class Evaluator:
       "std": labels.distribution_std(probs, fns.bins),
     }
     batch_sums = metrics.report_sums(
-      fns.loss_fn(logits, ages), out["predicted_age"], ages, fns.sigma(batch), out["std"], batch["mask"]
+      fns.loss_fn(scored, ages), out["predicted_age"], ages, fns.sigma(batch), out["std"], batch["mask"]
     )
     sums = metrics.add(sums, batch_sums)
-    return (sums, {**out, "distribution": probs}) if outputs else sums
+    return (sums, {**out, "distribution": probs, "logits": logits}) if outputs else sums
 
-  def run(
-    self, state: steps.TrainState, *, outputs: bool = False
-  ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Evaluates `state` on the whole split.
-
-    Args:
-      state: the model state, replicated over the mesh.
-      outputs: also return the per-example outputs, in the split's order.
-
-    Returns:
-      The report (see `report`), and with `outputs` a dict of per-example arrays [N, ...].
-    """
+  def _collect(self, state: steps.TrainState, temperature: float, outputs: bool):
+    """Runs the eval step over the split; returns the device sums and, with `outputs`, the per-example outputs."""
     step, sums = self._steps[outputs], self._zeros
+    temperature = jax.device_put(np.float32(temperature), self._replicated)
     in_flight, collected = parallel.InFlight(), []
     batches = pipeline.device_prefetch(
       pipeline.eval_batches(self.data, self.batch_size), parallel.data_sharded(self.mesh)
     )
     for batch in batches:
-      result = step(state, sums, batch)
+      result = step(state, sums, batch, temperature)
       sums = result[0] if outputs else result
       if outputs:
         collected.append(result[1])
       in_flight.add(sums)
-    with jax.transfer_guard("allow"):  # the evaluation's one fetch
-      host = {k: metrics.fetch_array(v).astype(np.float64) for k, v in sums.items()}
-      per_example = (
-        {
-          k: np.concatenate([metrics.fetch_array(o[k]) for o in collected])[: len(self.data)]
-          for k in (*OUTPUT_KEYS, "distribution")
-        }
-        if outputs
-        else None
+    return sums, (self._gather(collected) if outputs else None)
+
+  def groupings(self) -> groups.Groupings:
+    """The split's groupings: the dataset's own (e.g. gender, race), then age groups by decade."""
+    age_codes = np.asarray(metrics.age_group(np.asarray(self.data.age, np.float32)))
+    return {
+      **{name: (codes, self.data.group_names[name]) for name, codes in self.data.groups.items()},
+      "age_group": (age_codes, metrics.AGE_GROUPS),
+    }
+
+  def run(
+    self, state: steps.TrainState, *, temperature: float = 1.0, outputs: bool = False, seed: int = groups.SEED
+  ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluates `state` on the whole split.
+
+    Args:
+      state: the model state, replicated over the mesh.
+      temperature: divides the logits (calibration.json's; 1.0: the raw model).
+      outputs: also report error by group and calibration, and return the per-example outputs.
+      seed: the seed of the groups' bootstrap intervals.
+
+    Returns:
+      The report (see `report`), and with `outputs` the report's `groups`, `largest_mae_gap` and
+      `calibration`, and a dict of per-example host arrays [N, ...] in the split's order.
+    """
+    sums, per_example = self._collect(state, temperature, outputs)
+    with jax.transfer_guard("allow"):  # the evaluation's fetches
+      report = self.report({k: metrics.fetch_array(v).astype(np.float64) for k, v in sums.items()})
+      if not outputs:
+        return report
+      age = jax.device_put(np.asarray(self.data.age, np.float32), self._replicated)
+      by_group = groups.report(per_example["predicted_age"], age, self.groupings(), seed=seed)
+      report["groups"], report["largest_mae_gap"] = by_group["groups"], by_group["largest_gaps"]
+      report["calibration"] = calibration.report(
+        per_example["logits"], per_example["distribution"], self.fns.bins, age, temperature
       )
-    report = self.report(host)
-    return (report, per_example) if outputs else report
+      host = {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution")}
+    return report, host
+
+  def fit_temperature(self, state: steps.TrainState) -> dict[str, float]:
+    """Fits calibration's temperature to this split; returns temperature, nll_before and nll_after."""
+    _, per_example = self._collect(state, 1.0, True)
+    with jax.transfer_guard("allow"):
+      age = jax.device_put(np.asarray(self.data.age, np.float32), self._replicated)
+      logits, mask = per_example["logits"], jnp.ones_like(age)
+      temperature = calibration.fit_temperature(logits, self.fns.bins, age, mask)
+      nll = lambda t: float(calibration.mean_nll(logits, self.fns.bins, age, mask, jnp.log(t)))  # noqa: E731
+      t = float(metrics.fetch_array(temperature))
+      return {"temperature": t, "nll_before": nll(1.0), "nll_after": nll(t)}
 
   def report(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
     """The report of host sums: means, CS@k, MAE per age group, mean predicted std, which sigma scored."""
@@ -137,6 +167,14 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
   }
 
 
+def calibrate(evaluator: Evaluator, state: steps.TrainState, workdir: storage.Location, split: str) -> dict[str, Any]:
+  """Fits the temperature on `evaluator`'s split and writes WORKDIR/calibration.json (process 0); returns it."""
+  record = {"split": split, "step": int(metrics.fetch_array(state.step)), **evaluator.fit_temperature(state)}
+  if jax.process_index() == 0:
+    calibration.write(workdir, record)
+  return record
+
+
 def evaluate_workdir(
   config: ml_collections.ConfigDict | None,
   workdir: storage.Location,
@@ -144,6 +182,8 @@ def evaluate_workdir(
   *,
   checkpoint: str | int = "best",
   flip: bool = False,
+  calibrated: bool = True,
+  fit_calibration: bool = False,
 ) -> dict[str, Any]:
   """Evaluates a trained workdir's checkpoint on every example of a split and writes WORKDIR/eval/.
 
@@ -156,20 +196,43 @@ def evaluate_workdir(
     split: the dataset split to score.
     checkpoint: 'best', 'latest' or a step number.
     flip: average each face's distribution with its mirror image's.
+    calibrated: apply WORKDIR/calibration.json's temperature when present (False: the raw model).
+    fit_calibration: first fit the temperature of this checkpoint on the config's eval split (the
+      validation split) and write WORKDIR/calibration.json.
 
   Returns:
-    The report, with the workdir, split, checkpoint, step and flip.
+    The report, with the workdir, split, checkpoint, step, flip and temperature.
   """
   config, fns, state = checkpointing.load_trained(workdir, checkpoint, config)
-  data = pipeline.load_labelled_split(config, split)
   batch_size = config.get("eval_batch_size", 0) or config.batch_size
-  report, per_example = Evaluator(fns, data, batch_size, parallel.make_mesh(), flip=flip).run(state, outputs=True)
+  mesh = parallel.make_mesh()
+  if fit_calibration:
+    fit_split = config.data.eval_split
+    fitted = calibrate(
+      Evaluator(fns, pipeline.load_labelled_split(config, fit_split), batch_size, mesh), state, workdir, fit_split
+    )
+    logging.info("calibration: temperature %.4f on %s", fitted["temperature"], fit_split)
+  temperature = calibration.load_temperature(workdir) if calibrated else None
+  if temperature is not None:
+    fitted_step = storage.read_json_object(storage.path(workdir) / calibration.FILE).get("step")
+    if fitted_step is not None and fitted_step != int(state.step):
+      logging.warning(
+        "%s was fitted for step %s, not step %d: evaluate.py --calibrate refits it",
+        calibration.FILE,
+        fitted_step,
+        int(state.step),
+      )
+  data = pipeline.load_labelled_split(config, split)
+  report, per_example = Evaluator(fns, data, batch_size, mesh, flip=flip).run(
+    state, temperature=temperature or 1.0, outputs=True
+  )
   report = {
     "workdir": str(workdir),
     "split": split,
     "checkpoint": str(checkpoint),
     "step": int(state.step),
     "flip": flip,
+    "temperature": temperature or 1.0,
     **report,
   }
   if jax.process_index() == 0:
@@ -200,4 +263,23 @@ def format_table(report: dict[str, Any]) -> str:
   for name, group in report["mae_by_age_group"].items():
     mae = "-" if group["mae"] is None else f"{group['mae']:.3f}"
     lines.append(f"    {name:>6}  {mae:>8}  ({group['count']} examples)")
+  if "groups" in report:
+    lines.append("  MAE by group, 95% bootstrap interval")
+    for grouping, entries in report["groups"].items():
+      if grouping == "age_group":
+        continue  # above
+      for name, g in entries.items():
+        ci = "" if g["mae"] is None else f"{g['mae']:8.3f}  [{g['mae_ci95'][0]:.2f}, {g['mae_ci95'][1]:.2f}]"
+        lines.append(f"    {grouping:>10} {name:<10}{ci:<26}({g['count']} examples)")
+    lines.append("  largest MAE gap between groups (gap [95% interval]: worst vs best group)")
+    lines.extend(groups.format_gaps(report["largest_mae_gap"], report["groups"]))
+  if "calibration" in report:
+    c = report["calibration"]
+    coverage = lambda key: "  ".join(f"{float(k):.0%}:{v:.3f}" for k, v in c[key].items())  # noqa: E731
+    lines += [
+      f"  calibration (temperature {c['temperature']:.3f})",
+      f"    NLL       {c['nll']:.4f}   raw model {c['nll_uncalibrated']:.4f}",
+      f"    coverage  {coverage('coverage')}",
+      f"    raw model {coverage('coverage_uncalibrated')}",
+    ]
   return "\n".join(lines)

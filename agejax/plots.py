@@ -73,13 +73,59 @@ def scatter_figure(age: np.ndarray, predicted: np.ndarray, split: str):
   return fig
 
 
+def groups_figure(report: dict):
+  """Returns a Figure of the MAE of every group of people, one panel a grouping, with 95% bootstrap intervals."""
+  groupings = report["groups"]
+  fig = figure((3.2 * len(groupings) + 0.6, 3.6))
+  for ax, (grouping, entries) in zip(np.atleast_1d(fig.subplots(1, len(groupings), sharey=True)), groupings.items()):
+    present = {name: g for name, g in entries.items() if g["count"]}
+    mae = np.array([g["mae"] for g in present.values()])
+    ci = np.array([g["mae_ci95"] for g in present.values()]).reshape(-1, 2)
+    x = np.arange(len(present))
+    ax.bar(x, mae, color="C0", alpha=0.7)
+    ax.errorbar(x, mae, yerr=np.abs(ci.T - mae), fmt="none", ecolor="k", capsize=3)
+    ax.axhline(report["mae"], color="k", linestyle="--", linewidth=1)
+    ax.set_xticks(x, [f"{name}\nn={g['count']}" for name, g in present.items()], fontsize=7, rotation=45)
+    ax.set_title(grouping.replace("_", " "))
+  fig.axes[0].set_ylabel("MAE (years), 95% interval")
+  fig.suptitle(f"error by group ({report['split']}; dashed: overall {report['mae']:.2f})", fontsize=10)
+  return fig
+
+
+def calibration_figure(report: dict):
+  """Returns a Figure of the reliability (predicted std against RMS error) and nominal against actual coverage."""
+  c = report["calibration"]
+  fig = figure((9, 3.8))
+  ax_std, ax_cov = fig.subplots(1, 2)
+  styles = {"uncalibrated": ("C1", "raw model"), "calibrated": ("C0", f"temperature {c['temperature']:.2f}")}
+  top = 0.0
+  for name, (colour, label) in styles.items():
+    r = c["reliability"][name]
+    ax_std.plot(r["mean_std"], r["rms_error"], marker="o", color=colour, label=label)
+    top = max(top, *r["mean_std"], *r["rms_error"])
+    ax_cov.plot(c["coverage_curve"]["nominal"], c["coverage_curve"][name], marker=".", color=colour, label=label)
+  ax_std.plot([0, top], [0, top], color="k", linewidth=1, label="ideal")
+  ax_std.set(xlabel="predicted std (years, bin mean)", ylabel="RMS error (years)", title="reliability")
+  ax_cov.plot([0, 1], [0, 1], color="k", linewidth=1, label="ideal")
+  ax_cov.set(xlabel="nominal interval mass", ylabel="share of true ages inside", title="interval coverage")
+  for ax in (ax_std, ax_cov):
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"calibration ({report['split']})", fontsize=10)
+  return fig
+
+
 def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath.Path, split: str) -> list[epath.Path]:
-  """Saves the CS curve, MAE-by-age-group and scatter plots as `<split>_*.png` in `out`."""
+  """Saves the CS curve, MAE-by-age-group, scatter, group and calibration plots as `<split>_*.png` in `out`."""
   figures = {
     "cs_curve": cs_curve_figure(report),
     "mae_by_age_group": age_group_figure(report),
     "predicted_vs_true": scatter_figure(np.asarray(age), predicted, split),
   }
+  if "groups" in report:
+    figures["groups"] = groups_figure(report)
+  if "calibration" in report:
+    figures["calibration"] = calibration_figure(report)
   paths = []
   for name, fig in figures.items():
     paths.append(out / f"{split}_{name}.png")

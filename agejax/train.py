@@ -255,6 +255,11 @@ def _train(
     ckpts.wait()
     if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
       eval_metrics = evaluation.headline(b["evaluator"].run(state))
+    # Calibrate the checkpoint inference uses by default (the best), before final metrics mark the run done.
+    best = ckpts.best_step()
+    fitted = evaluation.calibrate(
+      b["evaluator"], state if best in (None, step) else ckpts.restore(state, best), workdir, config.data.eval_split
+    )
     final = {
       "step": step,
       **{f"eval_{k}": v for k, v in eval_metrics.items()},
@@ -264,6 +269,7 @@ def _train(
       "train_steps_per_s": _steady_rate(synced),
       "first_step_s": first_step_s,
       "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps)),
+      "temperature": fitted["temperature"],
     }
   ckpts.close()
   if lock is not None:
@@ -299,5 +305,6 @@ def summary(final: dict[str, Any]) -> str:
       f"  epsilon-error  {final['eval_epsilon_error']:.4f}",
       f"  CS@5           {final['eval_cs5']:.4f}",
       f"  loss           {final['eval_loss']:.4f}",
+      f"  temperature    {final.get('temperature', float('nan')):.3f}  (calibration.json, best checkpoint)",
     ]
   )

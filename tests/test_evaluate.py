@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tiny_run
 from PIL import Image
+from test_calibration import reference_quantile
 
-from agejax import checkpointing, evaluation, inference, metrics, parallel, plots
+from agejax import calibration, checkpointing, evaluation, inference, metrics, parallel, plots
 from agejax.data import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,11 +75,18 @@ def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_met
   """One Evaluator scores both: the same numbers to float32 rounding."""
   config, workdir, final = trained
   proc = run_script(
-    "scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--split", config.data.eval_split
+    "scripts/evaluate.py",
+    "--workdir",
+    str(workdir),
+    "--checkpoint",
+    "latest",
+    "--split",
+    config.data.eval_split,
+    "--no-calibration",  # the trainer's evaluations score the raw model
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "eval" / f"{config.data.eval_split}.json").read_text())
-  assert report["step"] == 20 and report["num_examples"] == 50
+  assert report["step"] == 20 and report["num_examples"] == 50 and report["temperature"] == 1.0
   assert report["mae"] == pytest.approx(final["eval_mae"], rel=1e-6)
   assert report["epsilon_error"] == pytest.approx(final["eval_epsilon_error"], rel=1e-6)
   assert report["cumulative_score"]["5"] == pytest.approx(final["eval_cs5"], rel=1e-6)
@@ -89,7 +97,7 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   """Every number of the report, recomputed in float64 NumPy from the Predictor's distributions."""
   config, workdir, _ = trained
   data = pipeline.load_labelled_split(config, "test")
-  predictor = inference.Predictor(workdir, "latest", batch_size=8)
+  predictor = inference.Predictor(workdir, "latest", batch_size=8, calibrated=False)
   probs = predictor(data.images).astype(np.float64)
   bins = predictor.bins.astype(np.float64)
   predicted = probs @ bins
@@ -111,6 +119,70 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   for g, (name, entry) in enumerate(report["mae_by_age_group"].items()):
     assert entry["count"] == int(np.sum(groups == g)), name
     assert entry["mae"] == (pytest.approx(error[groups == g].mean(), rel=1e-5) if entry["count"] else None)
+
+
+def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(trained):
+  """Groups and calibration, with the trainer's temperature, recomputed in float64 from the Predictor's outputs."""
+  config, workdir, final = trained
+  data = pipeline.load_labelled_split(config, "test")
+  fitted = json.loads((workdir / calibration.FILE).read_text())
+  assert fitted["temperature"] == final["temperature"] and fitted["split"] == config.data.eval_split
+  assert fitted["step"] == final["best_step"] and fitted["nll_after"] <= fitted["nll_before"]
+  predictor = inference.Predictor(workdir, "latest", batch_size=8)
+  assert predictor.temperature == fitted["temperature"] != 1.0
+  probs = predictor(data.images).astype(np.float64)
+  raw = inference.Predictor(workdir, "latest", batch_size=8, calibrated=False)(data.images).astype(np.float64)
+  bins = predictor.bins.astype(np.float64)
+  predicted = probs @ bins
+  _, fns, state = checkpointing.load_trained(workdir, "latest")
+  report, _ = evaluation.Evaluator(fns, data, 16, parallel.make_mesh()).run(
+    state, temperature=predictor.temperature, outputs=True
+  )
+  assert report["mae"] == pytest.approx(np.mean(np.abs(predicted - data.age)), rel=1e-5)
+  groupings = {**{k: (v, data.group_names[k]) for k, v in data.groups.items()}}
+  groupings["age_group"] = (np.clip(np.floor(data.age / 10), 0, 7).astype(int), metrics.AGE_GROUPS)
+  assert list(report["groups"]) == list(groupings) and len(groupings) >= 3  # the demo's own groupings too
+  for grouping, (codes, names) in groupings.items():
+    assert list(report["groups"][grouping]) == list(names)
+    for g, name in enumerate(names):
+      entry, inside = report["groups"][grouping][name], codes == g
+      assert entry["count"] == int(inside.sum()), (grouping, name)
+      if entry["count"]:
+        assert entry["mae"] == pytest.approx(np.mean(np.abs(predicted - data.age)[inside]), rel=1e-5)
+        assert entry["mean_error"] == pytest.approx(np.mean((predicted - data.age)[inside]), rel=1e-4, abs=1e-4)
+    assert sum(e["count"] for e in report["groups"][grouping].values()) == len(data)
+  c = report["calibration"]
+  age_bin = (data.age - config.labels.min_age).astype(int)
+  for p, nll_key, coverage_key in ((probs, "nll", "coverage"), (raw, "nll_uncalibrated", "coverage_uncalibrated")):
+    assert c[nll_key] == pytest.approx(np.mean(-np.log(p[np.arange(len(data)), age_bin])), rel=1e-4)
+    for level, share in c[coverage_key].items():
+      m = float(level)
+      inside = [
+        reference_quantile(row, (1 - m) / 2) <= a <= reference_quantile(row, (1 + m) / 2) for row, a in zip(p, data.age)
+      ]
+      assert share == pytest.approx(np.mean(inside), abs=1.5 / len(data))
+
+
+def test_calibrate_refits_and_no_calibration_scores_the_raw_model(trained):
+  config, workdir, _ = trained
+  proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--calibrate")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  fitted = json.loads((workdir / calibration.FILE).read_text())
+  assert fitted["step"] == 20 and fitted["split"] == config.data.eval_split
+  report = json.loads((workdir / "eval" / "test.json").read_text())
+  assert report["temperature"] == report["calibration"]["temperature"] == fitted["temperature"]
+  assert "largest MAE gap" in proc.stdout and "calibration (temperature" in proc.stdout
+  for name in ("groups", "calibration"):
+    with Image.open(workdir / "eval" / f"test_{name}.png") as png:
+      assert png.format == "PNG" and png.width > 300
+  proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--no-calibration")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  raw = json.loads((workdir / "eval" / "test.json").read_text())
+  assert raw["temperature"] == 1.0 and raw["calibration"]["nll"] == pytest.approx(
+    report["calibration"]["nll_uncalibrated"]
+  )
+  proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--calibrate", "--no-calibration")
+  assert proc.returncode != 0 and "give one of them" in proc.stderr
 
 
 def mirror_symmetric(params: dict) -> dict:

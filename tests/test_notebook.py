@@ -34,8 +34,8 @@ def test_notebook_executes_and_draws_its_plots(workdir, monkeypatch):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
   pngs = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-  # Age histogram, face grid, normalisation, >= 1 distribution figure, three evaluation plots.
-  assert len(pngs) >= 7
+  # Age histogram, face grid, normalisation, >= 1 distribution figure, three evaluation plots, groups, calibration.
+  assert len(pngs) >= 9
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-  assert str(workdir) in text and "MAE" in text
+  assert str(workdir) in text and "MAE" in text and "largest MAE gap" in text and "90% interval coverage" in text
   assert (workdir / "eval" / "test.json").exists()

@@ -98,6 +98,13 @@ def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
   assert abs(sum(face["distribution"]) - 1.0) < 1e-5
   assert config.labels.min_age <= face["predicted_age"] <= config.labels.max_age
   assert face["argmax_age"] == config.labels.min_age + int(np.argmax(face["distribution"]))
+  # The central 80% interval: 10% of the distribution's mass lies below it, with each year's bin
+  # spread over [age - 0.5, age + 0.5].
+  bins = np.arange(config.labels.min_age, config.labels.max_age + 1)
+  below = lambda t: float(np.sum(np.asarray(face["distribution"]) * np.clip(t - (bins - 0.5), 0, 1)))  # noqa: E731
+  low, high = face["interval80"]
+  assert low < face["predicted_age"] < high
+  assert below(low) == pytest.approx(0.1, abs=1e-3) and below(high) == pytest.approx(0.9, abs=1e-3)
   with Image.open(plot) as png:
     assert png.format == "PNG"
 
