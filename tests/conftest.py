@@ -78,6 +78,43 @@ def train_command(
   ]
 
 
+def free_port() -> int:
+  """A TCP port free on the loopback interface now."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(workdir, *overrides: str, data_dir: str, cache: str, count: int = 2) -> list:
+  """Starts `count` scripts/train.py processes of one multi-process run (2 CPU devices each) on loopback."""
+  import subprocess
+
+  port = free_port()
+  return [
+    subprocess.Popen(
+      train_command(
+        workdir,
+        *overrides,
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        str(count),
+        "--process_id",
+        str(i),
+        data_dir=data_dir,
+        cache=cache,
+      ),
+      env=cpu_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(count)
+  ]
+
+
 def cpu_env(devices: int = 1) -> dict[str, str]:
   """Environment for a subprocess that sees `devices` CPU devices."""
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")

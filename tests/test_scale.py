@@ -2,11 +2,10 @@
 
 import json
 import signal
-import socket
 import subprocess
 import time
 
-from conftest import assert_close_relative, checkpoint, cpu_env, train_command
+from conftest import assert_close_relative, checkpoint, cpu_env, start_processes, train_command
 
 # The project's default learning rate (`:tiny` raises it to learn fast): float32 reassociation
 # differences then stay far below 1e-5, while a real mismatch (data, shards, rng) stays far above.
@@ -49,12 +48,6 @@ def test_eight_devices_equal_one_with_a_demo_size_eval_split(compilation_cache, 
     assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), key
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   single = tmp_path / "single"
   subprocess.run(
@@ -65,28 +58,7 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
     timeout=600,
   )
   multi = tmp_path / "multi"
-  port = free_port()
-  procs = [
-    subprocess.Popen(
-      train_command(
-        multi,
-        *STEPS,
-        "--coordinator_address",
-        f"127.0.0.1:{port}",
-        "--num_processes",
-        "2",
-        "--process_id",
-        str(i),
-        data_dir=data_dir,
-        cache=compilation_cache,
-      ),
-      env=cpu_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = start_processes(multi, *STEPS, data_dir=data_dir, cache=compilation_cache)
   outputs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
   assert_close_relative(checkpoint(multi, 20)["params"], checkpoint(single, 20)["params"], 1e-5)
@@ -97,34 +69,14 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
 
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation_cache, data_dir, tmp_path):
   """JAX's preemption service owns SIGTERM with several processes; all stop at its sync step."""
-  workdir, port = tmp_path / "multi", free_port()
+  workdir = tmp_path / "multi"
   long = (
     "--config.num_train_steps=5000",
     "--config.eval_every_steps=5000",
     "--config.checkpoint_every_steps=5000",
     "--config.log_every_steps=20",
   )
-  procs = [
-    subprocess.Popen(
-      train_command(
-        workdir,
-        *long,
-        "--coordinator_address",
-        f"127.0.0.1:{port}",
-        "--num_processes",
-        "2",
-        "--process_id",
-        str(i),
-        data_dir=data_dir,
-        cache=compilation_cache,
-      ),
-      env=cpu_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = start_processes(workdir, *long, data_dir=data_dir, cache=compilation_cache)
   try:
     while not list(workdir.glob("events.out.tfevents.*")):  # process 0's loop has started
       assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import cpu_env, train_command
+from conftest import cpu_env, start_processes, train_command
 
 from agejax import storage, workdir_lock
 
@@ -150,32 +150,10 @@ def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_pa
 
 def test_with_two_processes_both_fail_in_one_line_when_the_workdir_is_busy(compilation_cache, data_dir, tmp_path):
   """Process 0 takes the lock for the run; the other learns that it failed instead of waiting for it."""
-  from test_scale import free_port
-
-  workdir, port = tmp_path / "run", free_port()
+  workdir = tmp_path / "run"
   workdir.mkdir()
   with workdir_lock.WorkdirLock(workdir) as lock:
-    procs = [
-      subprocess.Popen(
-        train_command(
-          workdir,
-          *SHORT,
-          "--coordinator_address",
-          f"127.0.0.1:{port}",
-          "--num_processes",
-          "2",
-          "--process_id",
-          str(i),
-          data_dir=data_dir,
-          cache=compilation_cache,
-        ),
-        env=cpu_env(2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-      )
-      for i in range(2)
-    ]
+    procs = start_processes(workdir, *SHORT, data_dir=data_dir, cache=compilation_cache)
     try:
       outputs = [p.communicate(timeout=300) for p in procs]
     finally:
