@@ -116,3 +116,20 @@ class Predictor:
       images_device = parallel.global_batch({"image": batch["image"]}, self.sharding)["image"]
       out.append(in_flight.add(self.predict_device(self.state, images_device, self._temperature)))
     return np.concatenate([metrics.fetch_array(o) for o in out])[: len(images)]
+
+  def predict_padded(self, images: np.ndarray) -> np.ndarray:
+    """Returns distributions [B, K] of exactly this batch, in one call compiled for batch size B.
+
+    A server pads its batches to a few fixed sizes and calls this, so each size compiles once
+    (`__call__` always pads to `batch_size`, which wastes compute on a batch of one).
+
+    Args:
+      images: uint8 RGB face crops, [B, H, W, 3], B a multiple of the device count (already padded).
+
+    Returns:
+      float32 probabilities over the age bins, [B, K].
+    """
+    if len(images) % jax.device_count():
+      raise ValueError(f"batch of {len(images)} images: must be a multiple of the {jax.device_count()} devices")
+    images_device = parallel.global_batch({"image": np.asarray(images)}, self.sharding)["image"]
+    return metrics.fetch_array(self.predict_device(self.state, images_device, self._temperature))

@@ -125,6 +125,16 @@ def list_files(inputs: Iterable[storage.Location]) -> list[epath.Path]:
   return files
 
 
+def find_faces(
+  photo: Image.Image, size: int, *, aligned: bool = False, detector: FaceDetector | None = None
+) -> tuple[str, list[Face], list[np.ndarray]]:
+  """Returns (status, faces, size x size crops) of a photo: its centre square if `aligned`, else each detected face."""
+  if aligned:  # the file is one face crop: its centre square, as training read them
+    return "ok", [Face(faces.centre_square_box(*photo.size))], [faces.centre_square(photo, size)]
+  found = detector(photo)
+  return ("ok" if found else "no face found"), [Face(d.box) for d in found], [align_face(photo, d, size) for d in found]
+
+
 def predict_files(
   predictor: inference.Predictor,
   files: Iterable[str | os.PathLike],
@@ -161,13 +171,9 @@ def predict_files(
     photo = faces.open_rgb(path)
     if isinstance(photo, str):
       result, new_chips = ImageResult(str(path), photo), []
-    elif aligned:
-      result = ImageResult(str(path), "ok", [Face(faces.centre_square_box(*photo.size))])
-      new_chips = [faces.centre_square(photo, size)]
     else:
-      found = detector(photo)
-      result = ImageResult(str(path), "ok" if found else "no face found", [Face(d.box) for d in found])
-      new_chips = [align_face(photo, d, size) for d in found]
+      status, found, new_chips = find_faces(photo, size, aligned=aligned, detector=detector)
+      result = ImageResult(str(path), status, found)
     if result.faces and kept < keep_photos:
       result.photo, kept = photo, kept + 1
       for face, chip in zip(result.faces, new_chips):

@@ -1,4 +1,4 @@
-"""Benchmarks: python scripts/benchmark.py {train,torch,loop,startup,input} [options].
+"""Benchmarks: python scripts/benchmark.py {train,torch,loop,startup,input,serve} [options].
 
 Each mode prints a human table, then last a single JSON line (a list when several configs ran).
 """
@@ -91,6 +91,16 @@ def main() -> None:
   p.add_argument("--builder_config", default="")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--batches", type=int, default=200)
+  p = sub.add_parser("serve", help="scripts/serve.py on loopback: requests/s and latency, batching on and off")
+  model = p.add_mutually_exclusive_group(required=True)
+  model.add_argument("--workdir", help="training workdir to serve")
+  model.add_argument("--export", help="export folder to serve (scripts/export.py)")
+  p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+  p.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+  p.add_argument("--max_seconds", type=float, default=20.0, help="longest measurement")
+  p.add_argument("--max_batch", type=int, default=32, help="the server's --max_batch with batching on")
+  p.add_argument("--max_wait_ms", type=float, default=5.0, help="the server's --max_wait_ms with batching on")
+  p.add_argument("--photo", help="send this photo (faces detected) instead of drawn face crops (aligned=true)")
   args = parser.parse_args()
 
   if args.mode == "torch":
@@ -132,6 +142,28 @@ def main() -> None:
       row = benchmarking.loop(config, workdir, args.steps)
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
     print(json.dumps(row))
+  elif args.mode == "serve":
+    from agejax.serving import benchmark as serve_benchmark
+
+    model_flags = ["--workdir", args.workdir] if args.workdir else ["--export", args.export]
+    print("environment:", json.dumps(benchmarking.environment() | serve_benchmark.versions()))
+    try:
+      rows = serve_benchmark.serve(
+        ROOT / "scripts" / "serve.py",
+        model_flags,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_seconds=args.max_seconds,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        photo=args.photo,
+      )
+    except RuntimeError as e:  # the server did not start: its log's last lines say why
+      sys.exit(f"error: {e}")
+    keys = ["batching", "concurrency", "requests", "errors", "requests_per_s", "p50_ms", "p95_ms"]
+    keys += ["server_p50_ms", "server_p95_ms", "mean_batch"]
+    print(table(rows, keys))
+    print(json.dumps(rows))
   elif args.mode == "startup":
     row = benchmarking.startup(
       default_config(args.config),

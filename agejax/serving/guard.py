@@ -1,0 +1,108 @@
+"""The server's outermost layer: Prometheus metrics of every request and model call, and the body size limit."""
+
+import time
+from typing import Any
+
+import prometheus_client
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PATHS = ("/", "/v1/predict", "/healthz", "/metrics")  # metric labels, with "/static" (the page's files) and "other"
+
+
+class BodyTooLarge(Exception):
+  """The request body passed the size limit while it was being read."""
+
+
+class Metrics:
+  """The server's Prometheus metrics, in a registry of its own (several apps can share a process)."""
+
+  def __init__(self):
+    self.registry = prometheus_client.CollectorRegistry()
+    self.requests = prometheus_client.Counter(
+      "agejax_http_requests", "HTTP requests answered, by path and status.", ["path", "status"], registry=self.registry
+    )
+    self.latency = prometheus_client.Histogram(
+      "agejax_http_request_duration_seconds",
+      "Time from a request's arrival to its answer's end, by path.",
+      ["path"],
+      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+      registry=self.registry,
+    )
+    self.in_flight = prometheus_client.Gauge(
+      "agejax_http_requests_in_flight", "Requests being answered now.", registry=self.registry
+    )
+    self.batch_faces = prometheus_client.Histogram(
+      "agejax_batch_faces",
+      "Faces in each model call (before padding).",
+      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+      registry=self.registry,
+    )
+    self.padded_faces = prometheus_client.Counter(
+      "agejax_batch_padding_faces", "Padding rows added to model calls.", registry=self.registry
+    )
+    self.model_seconds = prometheus_client.Histogram(
+      "agejax_model_call_seconds",
+      "Duration of each model call (distributions and summaries).",
+      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+      registry=self.registry,
+    )
+
+  def on_batch(self, faces: int, size: int, seconds: float) -> None:
+    """Records one model call."""
+    self.batch_faces.observe(faces)
+    self.padded_faces.inc(size - faces)
+    self.model_seconds.observe(seconds)
+
+
+class Guard:
+  """Outermost ASGI layer: counts and times every request, and enforces the body size limit.
+
+  A declared Content-Length over the limit is answered 413 before any byte of the body is read;
+  a body without one (chunked) raises `BodyTooLarge` from `receive` once it passes the limit.
+  """
+
+  def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int):
+    self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+  async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    path = scope["path"] if scope["path"] in PATHS else "/static" if scope["path"].startswith("/static/") else "other"
+    start, status, received = time.perf_counter(), 500, 0
+
+    async def counted_send(message: Message) -> None:
+      nonlocal status
+      if message["type"] == "http.response.start":
+        status = message["status"]
+      await send(message)
+
+    async def limited_receive() -> Message:
+      nonlocal received
+      message = await receive()
+      received += len(message.get("body", b""))
+      if received > self.max_body_bytes:
+        raise BodyTooLarge
+      return message
+
+    self.metrics.in_flight.inc()
+    try:
+      declared = dict(scope["headers"]).get(b"content-length", b"")
+      if declared.isdigit() and int(declared) > self.max_body_bytes:
+        await too_large(self.max_body_bytes)(scope, receive, counted_send)
+      else:
+        await self.app(scope, limited_receive, counted_send)
+    finally:
+      self.metrics.in_flight.dec()
+      self.metrics.requests.labels(path, str(status)).inc()
+      self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+def too_large(limit: int) -> JSONResponse:
+  """The 413 answer."""
+  return error(413, f"request body over the {limit / 1e6:g} MB limit (--max_body_mb)")
+
+
+def error(status: int, message: str, **fields: Any) -> JSONResponse:
+  """A JSON error answer: {"error": message, ...fields}."""
+  return JSONResponse({"error": message, **fields}, status_code=status)

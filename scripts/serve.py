@@ -1,0 +1,66 @@
+"""Serves a trained model over HTTP: python scripts/serve.py (--workdir DIR | --export OUT) [--host H] [--port P].
+
+POST /v1/predict takes images (multipart field `files`, optional `aligned=true`) and answers the
+faces' ages as JSON; GET / is a page to drop photos on; GET /healthz; GET /metrics (Prometheus).
+Faces from concurrent requests share model calls (--max_batch, --max_wait_ms). SIGTERM or Ctrl-C
+stops accepting, finishes the requests in flight and exits 0.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+from agejax import checkpointing, configuration, errors
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
+_EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+_PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=1, upper_bound=65535)
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most faces in one model call (1: no batching).", lower_bound=1)
+_MAX_WAIT_MS = flags.DEFINE_float(
+  "max_wait_ms", 5.0, "Longest a face waits for faces of other requests to join its call.", lower_bound=0
+)
+_MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 20.0, "Largest request body (MB); larger ones get 413.", lower_bound=0)
+_MAX_FILES = flags.DEFINE_integer("max_files", 64, "Most images in one request.", lower_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 4, "Threads decoding images and detecting faces.", lower_bound=1)
+_GRACE_S = flags.DEFINE_float(
+  "graceful_timeout_s", 60.0, "After SIGTERM, longest wait for requests in flight.", lower_bound=0
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache_dir", None, "JAX persistent compilation cache ('' disables it; default: the workdir config's)."
+)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from agejax import photos, serving, train
+  from agejax.serving import app as serving_app
+
+  try:
+    model = serving.load_model(_WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value)
+    config = getattr(model, "config", None)
+    cache = _COMPILATION_CACHE.value
+    train.enable_compilation_cache(config.get("compilation_cache_dir", "") if cache is None and config else cache or "")
+    settings = serving_app.Settings(
+      max_batch=_MAX_BATCH.value,
+      max_wait_ms=_MAX_WAIT_MS.value,
+      max_body_bytes=int(_MAX_BODY_MB.value * 1e6),
+      max_files=_MAX_FILES.value,
+      workers=_WORKERS.value,
+    )
+    min_age = int(model.bins[0])
+    server = serving_app.create_app(model, photos.FaceDetector(), settings, min_age, getattr(model, "step", None))
+    serving.run(server, _HOST.value, _PORT.value, _GRACE_S.value)
+  except errors.UserError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=configuration.parse_flags)

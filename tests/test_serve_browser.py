@@ -1,0 +1,56 @@
+"""The page at / in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload, labels, chart."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import tiny_run
+from test_serve import ENV, SERVE, photo_with_a_face
+
+from agejax.serving import local
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory, compilation_cache):
+  """A server of the session's tiny trained workdir."""
+  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
+  flags = ["--workdir", str(workdir), f"--compilation_cache_dir={compilation_cache}"]
+  with local.LocalServer(SERVE, flags, env=ENV) as running:
+    yield running
+
+
+def test_the_page_boxes_the_face_labels_its_age_and_charts_its_distribution(server, tmp_path):
+  import httpx
+  from playwright.sync_api import expect, sync_playwright
+
+  assert CHROMIUM, "this test needs Debian's chromium: apt-get install chromium (.ci/run installs it)"
+
+  image, _ = photo_with_a_face(900, 600, at=(380, 200))
+  photo = tmp_path / "astronaut.png"
+  photo.write_bytes(image)
+  # Root (CI containers) cannot use Chromium's sandbox; the page is our own, served on loopback.
+  args = ["--no-sandbox"] if os.geteuid() == 0 else []
+  with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True, timeout=60_000)
+    try:
+      page = browser.new_page(viewport={"width": 1100, "height": 700})
+      page.set_default_timeout(60_000)
+      page.goto(server.url + "/")
+      page.set_input_files("#files", str(photo))
+      label = page.locator(".age-label").first
+      expect(label).to_contain_text("Face 1: age ")
+      chart = page.locator("svg.chart").first
+      expect(chart).to_be_visible()
+      assert chart.locator("rect.bar").count() == 100  # one bar per age bin, 1..100
+      assert page.locator("canvas").count() == 1
+      age = float(label.inner_text().split("age ")[1].split()[0])
+      api = httpx.post(server.url + "/v1/predict", files={"files": ("astronaut.png", image)}, timeout=60).json()
+      assert age == pytest.approx(api["results"][0]["faces"][0]["age"], abs=0.051)  # the page shows one decimal
+      screenshot = Path(tmp_path) / "page.png"
+      page.screenshot(path=str(screenshot), full_page=True)
+      assert screenshot.stat().st_size > 10_000
+    finally:
+      browser.close()
