@@ -106,12 +106,12 @@ def main() -> None:
   if args.mode == "torch":
     # JAX would otherwise take 75% of the GPU up front and leave PyTorch too little at large batches.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from agejax import benchmarking, errors
+  from agejax import benchmarking, benchmarking_runs, benchmarking_torch, errors
 
   if args.mode in ("train", "torch"):
     print("environment:", json.dumps(benchmarking.environment()))
     torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
-    rows = benchmarking.side_by_side(
+    rows = benchmarking_torch.side_by_side(
       default_config(),
       args.batch,
       args.dtype,
@@ -139,7 +139,7 @@ def main() -> None:
     config.eval_every_steps = args.steps  # evaluate once, at the end, outside the timed window
     config.log_every_steps, config.checkpoint_every_steps = args.log_every, args.checkpoint_every
     with tempfile.TemporaryDirectory() as workdir:
-      row = benchmarking.loop(config, workdir, args.steps)
+      row = benchmarking_runs.loop(config, workdir, args.steps)
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
     print(json.dumps(row))
   elif args.mode == "serve":
@@ -165,7 +165,7 @@ def main() -> None:
     print(table(rows, keys))
     print(json.dumps(rows))
   elif args.mode == "startup":
-    row = benchmarking.startup(
+    row = benchmarking_runs.startup(
       default_config(args.config),
       str(ROOT / "configs" / "vgg16_kl.py"),
       args.config,
@@ -178,7 +178,7 @@ def main() -> None:
     print(json.dumps(row))
   else:
     try:
-      row = benchmarking.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
+      row = benchmarking_runs.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
     except errors.UserError as e:  # unknown or unprepared dataset: one line, no traceback
       sys.exit(f"error: {e}")
     print(

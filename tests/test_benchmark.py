@@ -181,7 +181,7 @@ TORCH_FLOPS = """
 import json, sys, torch, torchvision
 from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, ".")
-from agejax.benchmarking import torch_vgg16
+from agejax.benchmarking_torch import torch_vgg16
 
 def per_image(model, size, backward):
   with FlopCounterMode(display=False) as counter:  # the input needs no gradient, as in training
