@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from agejax import errors, labels, metrics, storage
 
@@ -156,12 +157,20 @@ def report(logits: jax.Array, probs: jax.Array, bins: jax.Array, age: jax.Array,
   }
 
 
-def load_temperature(workdir: storage.Location) -> float | None:
-  """Returns WORKDIR/calibration.json's temperature, or None when the workdir was never calibrated."""
+def load_temperature(workdir: storage.Location, step: int | None = None) -> float | None:
+  """Returns WORKDIR/calibration.json's temperature, or None when the workdir was never calibrated.
+
+  With `step`, warns when the temperature was fitted for another checkpoint's model.
+  """
   path = storage.path(workdir) / FILE
   if not path.exists():
     return None
-  temperature = storage.read_json_object(path).get("temperature")
+  record = storage.read_json_object(path)
+  temperature = record.get("temperature")
+  if step is not None and record.get("step") not in (None, step):
+    logging.warning(
+      "%s was fitted for step %s, not step %d: evaluate.py --calibrate refits it", path, record["step"], step
+    )
   if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
     raise errors.UserError(
       f"{path}: temperature={temperature!r} is not a positive number; delete it or rerun evaluate.py --calibrate"

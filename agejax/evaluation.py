@@ -212,16 +212,7 @@ def evaluate_workdir(
       Evaluator(fns, pipeline.load_labelled_split(config, fit_split), batch_size, mesh), state, workdir, fit_split
     )
     logging.info("calibration: temperature %.4f on %s", fitted["temperature"], fit_split)
-  temperature = calibration.load_temperature(workdir) if calibrated else None
-  if temperature is not None:
-    fitted_step = storage.read_json_object(storage.path(workdir) / calibration.FILE).get("step")
-    if fitted_step is not None and fitted_step != int(state.step):
-      logging.warning(
-        "%s was fitted for step %s, not step %d: evaluate.py --calibrate refits it",
-        calibration.FILE,
-        fitted_step,
-        int(state.step),
-      )
+  temperature = calibration.load_temperature(workdir, int(state.step)) if calibrated else None
   data = pipeline.load_labelled_split(config, split)
   report, per_example = Evaluator(fns, data, batch_size, mesh, flip=flip).run(
     state, temperature=temperature or 1.0, outputs=True

@@ -79,7 +79,7 @@ class Predictor:
     self.config, self.steps, self.state = checkpointing.load_trained(workdir, checkpoint, config)
     self.record = checkpointing.load_inference_record(workdir)
     self.step = int(self.state.step)
-    self.temperature = (calibration.load_temperature(workdir) if calibrated else None) or 1.0
+    self.temperature = (calibration.load_temperature(workdir, self.step) if calibrated else None) or 1.0
     self.bins = np.asarray(self.steps.bins)
     self.mesh = parallel.make_mesh()
     n = jax.device_count()

@@ -108,3 +108,12 @@ def test_load_temperature_refuses_a_bad_file(tmp_path):
     calibration.load_temperature(tmp_path)
   calibration.write(tmp_path, {"temperature": 1.25, "split": "validation", "nll_before": 3.0, "nll_after": 2.9})
   assert calibration.load_temperature(tmp_path) == 1.25
+
+
+def test_a_temperature_fitted_for_another_checkpoint_is_applied_with_a_warning(tmp_path, caplog):
+  calibration.write(tmp_path, {"temperature": 0.8, "split": "validation", "step": 10})
+  with caplog.at_level("WARNING"):
+    assert calibration.load_temperature(tmp_path, 10) == 0.8
+    assert not caplog.records
+    assert calibration.load_temperature(tmp_path, 20) == 0.8
+  assert "fitted for step 10, not step 20" in caplog.text
