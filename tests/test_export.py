@@ -93,7 +93,7 @@ def crops(workdir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def exported(workdir, tmp_path_factory) -> tuple[Path, dict]:
-  """(the export folder, its manifest) of the tiny run's best checkpoint, uncalibrated, with a SavedModel."""
+  """(the export folder, its manifest) of the tiny run's best checkpoint, temperature applied, with a SavedModel."""
   out = tmp_path_factory.mktemp("export")
   return out, export.export_workdir(workdir, out)
 
@@ -112,7 +112,7 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
   assert on_disk == manifest
   record = checkpointing.load_inference_record(exported[1]["workdir"])
   assert manifest["input_size"] == record["input_size"] == x.shape[1]
-  temperature = calibration.load_temperature(manifest["workdir"])  # the trainer may have calibrated it
+  temperature = calibration.load_temperature(manifest["workdir"])  # the trainer fitted one at the end
   assert (manifest["min_age"], manifest["max_age"]) == (1, 100)
   assert (manifest["temperature"], manifest["calibrated"]) == (temperature or 1.0, temperature is not None)
   assert manifest["step"] == inference.Predictor(manifest["workdir"]).step
