@@ -18,6 +18,9 @@ from agejax import checkpointing, configuration, errors
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
+_NO_CALIBRATION = flags.DEFINE_bool(
+  "no-calibration", False, "Ignore WORKDIR/calibration.json's temperature: serve the raw model's distributions."
+)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=1, upper_bound=65535)
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most faces in one model call (1: no batching).", lower_bound=1)
@@ -44,7 +47,9 @@ def main(argv):
   from agejax.serving import app as serving_app
 
   try:
-    model = serving.load_model(_WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value)
+    model = serving.load_model(
+      _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=not _NO_CALIBRATION.value
+    )
     config = getattr(model, "config", None)
     cache = _COMPILATION_CACHE.value
     train.enable_compilation_cache(config.get("compilation_cache_dir", "") if cache is None and config else cache or "")

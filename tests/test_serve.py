@@ -321,3 +321,13 @@ def test_padded_sizes_are_powers_of_two_up_to_the_maximum_on_every_device():
   assert batcher.padded_sizes(1, 1) == [1]
   assert batcher.padded_sizes(24, 1) == [1, 2, 4, 8, 16, 24]
   assert batcher.padded_sizes(10, 4) == [4, 8, 12]
+
+
+def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, tmp_path):
+  from agejax import calibration, serving
+
+  fitted = calibration.load_temperature(workdir)  # the trainer fitted one at the end of the run
+  assert fitted is not None and serving.load_model(workdir, None).temperature == fitted
+  assert serving.load_model(workdir, None, calibrated=False).temperature == 1.0
+  with pytest.raises(serving.errors.UserError, match="--no-calibration applies to --workdir"):
+    serving.load_model(None, tmp_path, calibrated=False)

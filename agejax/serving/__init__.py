@@ -13,7 +13,12 @@ from agejax import errors, storage
 
 
 def load_model(
-  workdir: storage.Location | None, export: storage.Location | None, checkpoint: str = "best", max_batch: int = 32
+  workdir: storage.Location | None,
+  export: storage.Location | None,
+  checkpoint: str = "best",
+  max_batch: int = 32,
+  *,
+  calibrated: bool = True,
 ):
   """Restores the model to serve: a training workdir's checkpoint, or an exported model.
 
@@ -22,6 +27,7 @@ def load_model(
     export: a folder written by scripts/export.py.
     checkpoint: the workdir's checkpoint: 'best', 'latest' or a step number.
     max_batch: the most faces the server puts in one model call.
+    calibrated: apply the workdir's calibration.json temperature (an export has its own baked in).
 
   Returns:
     An `inference.Predictor` or an `export.ExportedPredictor`.
@@ -29,12 +35,14 @@ def load_model(
   if (workdir is None) == (export is None):
     raise errors.UserError("give exactly one of --workdir DIR (a training workdir) or --export OUT (export.py's)")
   if export is not None:
+    if not calibrated:
+      raise errors.UserError("--no-calibration applies to --workdir: an export carries its temperature (export.py)")
     from agejax import export as exporting
 
     return exporting.ExportedPredictor(export, batch_size=max_batch)
   from agejax import inference
 
-  return inference.Predictor(workdir, checkpoint, batch_size=max_batch)
+  return inference.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated)
 
 
 def run(app, host: str, port: int, graceful_timeout_s: float | None = None) -> None:
