@@ -60,9 +60,10 @@ def interval(probs: jax.Array, bins: jax.Array, mass: float = INTERVAL_MASS) -> 
   return quantile(probs, bins, (1.0 - mass) / 2.0), quantile(probs, bins, (1.0 + mass) / 2.0)
 
 
-def covered(probs: jax.Array, bins: jax.Array, age: jax.Array, mass: float) -> jax.Array:
-  """Returns 1.0 where the true age lies in the central interval of `mass`, else 0.0, per example."""
-  return (jnp.abs(pit(probs, bins, age) - 0.5) <= mass / 2.0).astype(jnp.float32)
+def covered(probs: jax.Array, bins: jax.Array, age: jax.Array, masses) -> jax.Array:
+  """Returns [N, len(masses)]: 1.0 where the true age lies in the central interval of each mass, else 0.0."""
+  masses = jnp.asarray(masses, jnp.float32)
+  return (jnp.abs(pit(probs, bins, age) - 0.5)[:, None] <= masses / 2.0).astype(jnp.float32)
 
 
 def mean_nll(logits: jax.Array, bins: jax.Array, age: jax.Array, mask: jax.Array, log_t: jax.Array) -> jax.Array:
@@ -108,8 +109,6 @@ def _report_arrays(logits: jax.Array, probs: jax.Array, bins: jax.Array, age: ja
   """NLL, coverage (COVERAGE_LEVELS, then CURVE_LEVELS) and reliability bins of the raw and calibrated model."""
   out = {}
   for name, p in (("uncalibrated", jax.nn.softmax(logits)), ("calibrated", probs)):
-    u = pit(p, bins, age)
-    levels = jnp.asarray(COVERAGE_LEVELS + CURVE_LEVELS, jnp.float32)
     std = labels.distribution_std(p, bins)
     squared_error = jnp.square(labels.expected_age(p, bins) - age)
     edges = jnp.quantile(std, jnp.linspace(0.0, 1.0, RELIABILITY_BINS + 1))
@@ -117,7 +116,7 @@ def _report_arrays(logits: jax.Array, probs: jax.Array, bins: jax.Array, age: ja
     count = jnp.sum(one_hot, axis=0)
     out[name] = {
       "nll": jnp.mean(nll(p, bins, age)),
-      "coverage": jnp.mean(jnp.abs(u[:, None] - 0.5) <= levels / 2.0, axis=0),
+      "coverage": jnp.mean(covered(p, bins, age, COVERAGE_LEVELS + CURVE_LEVELS), axis=0),
       "count": count,
       "mean_std": jnp.sum(one_hot * std[:, None], axis=0) / jnp.maximum(count, 1.0),
       "rms_error": jnp.sqrt(jnp.sum(one_hot * squared_error[:, None], axis=0) / jnp.maximum(count, 1.0)),

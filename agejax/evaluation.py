@@ -88,6 +88,10 @@ class Evaluator:
       in_flight.add(sums)
     return sums, (self._gather(collected) if outputs else None)
 
+  def _device_ages(self) -> jax.Array:
+    """The split's true ages [N] as float32, on every device (for the reports of per-example outputs)."""
+    return jax.device_put(np.asarray(self.data.age, np.float32), self._replicated)
+
   def groupings(self) -> groups.Groupings:
     """The split's groupings: the dataset's own (e.g. gender, race), then age groups by decade."""
     age_codes = np.asarray(metrics.age_group(np.asarray(self.data.age, np.float32)))
@@ -116,7 +120,7 @@ class Evaluator:
       report = self.report({k: metrics.fetch_array(v).astype(np.float64) for k, v in sums.items()})
       if not outputs:
         return report
-      age = jax.device_put(np.asarray(self.data.age, np.float32), self._replicated)
+      age = self._device_ages()
       by_group = groups.report(per_example["predicted_age"], age, self.groupings(), seed=seed)
       report["groups"], report["largest_mae_gap"] = by_group["groups"], by_group["largest_gaps"]
       report["calibration"] = calibration.report(
@@ -129,7 +133,7 @@ class Evaluator:
     """Fits calibration's temperature to this split; returns temperature, nll_before and nll_after."""
     _, per_example = self._collect(state, 1.0, True)
     with jax.transfer_guard("allow"):
-      age = jax.device_put(np.asarray(self.data.age, np.float32), self._replicated)
+      age = self._device_ages()
       logits, mask = per_example["logits"], jnp.ones_like(age)
       temperature = calibration.fit_temperature(logits, self.fns.bins, age, mask)
       nll = lambda t: float(calibration.mean_nll(logits, self.fns.bins, age, mask, jnp.log(t)))  # noqa: E731

@@ -191,23 +191,24 @@ def predict_files(
   yield from pending
 
 
+def face_json(face: Face, age_key: str = "predicted_age") -> dict:
+  """A predicted face's JSON: box, expected age (under `age_key`), argmax age, std, interval80, distribution."""
+  return {
+    "box": [round(v, 1) for v in face.box],
+    age_key: face.predicted_age,
+    "argmax_age": face.argmax_age,
+    "std": face.std,
+    "interval80": [round(v, 2) for v in face.interval80],
+    "distribution": face.distribution.tolist(),
+  }
+
+
 def to_json(result: ImageResult, min_age: int) -> list[dict]:
   """Returns the JSON objects of a result: one per face, or one with the file's status."""
   if not result.faces:
     return [{"file": result.file, "status": result.status}]
   return [
-    {
-      "file": result.file,
-      "status": result.status,
-      "face": i,
-      "box": [round(v, 1) for v in f.box],
-      "predicted_age": f.predicted_age,
-      "argmax_age": f.argmax_age,
-      "std": f.std,
-      "interval80": [round(v, 2) for v in f.interval80],
-      "min_age": min_age,
-      "distribution": f.distribution.tolist(),
-    }
+    {"file": result.file, "status": result.status, "face": i, "min_age": min_age, **face_json(f)}
     for i, f in enumerate(result.faces)
   ]
 

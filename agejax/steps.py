@@ -200,11 +200,6 @@ class Steps:
     )
     return new_state, sums, jnp.mean(per_example)
 
-  def predict(self, params: PyTree, model_state: PyTree, images: jax.Array) -> jax.Array:
-    """Returns predicted age distributions [B, K] for a uint8 batch, without augmentation."""
-    logits, _ = self.logits(params, model_state, augment.preprocess(images, self.cfg.image_size), train=False)
-    return jax.nn.softmax(logits)
-
 
 def jit_train_step(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding) -> Callable:
   """Returns the train step jitted with explicit shardings, donating the state and the sums."""

@@ -16,6 +16,7 @@ from agejax import (
   configuration,
   errors,
   evaluation,
+  inference,
   metrics,
   parallel,
   plots,
@@ -155,7 +156,7 @@ def _train(
     # A few eval faces, drawn with their target and predicted distributions at every evaluation.
     sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
     sample_images = jax.device_put(sample["image"], replicated)
-    predict = jax.jit(b["steps"].predict)
+    predict = jax.jit(functools.partial(inference.distributions, b["steps"]))
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
     batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
     stream = pipeline.device_prefetch(
@@ -233,7 +234,7 @@ def _train(
           with report.timed("eval"):
             eval_metrics = evaluation.headline(b["evaluator"].run(state))
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-          probs = metrics.fetch_array(predict(state.params, state.model_state, sample_images))
+          probs = metrics.fetch_array(predict(state, sample_images))
           writer.write_images(
             step,
             {

@@ -17,6 +17,7 @@ except ImportError:
 import jax
 import numpy as np
 
+from agejax.serving.local import free_port
 from configs import vgg16_kl
 
 
@@ -76,15 +77,6 @@ def train_command(
     f"--config.data.cache_dir={arrays or array_cache(data_dir)}",
     *overrides,
   ]
-
-
-def free_port() -> int:
-  """A TCP port free on the loopback interface now."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def start_processes(workdir, *overrides: str, data_dir: str, cache: str, count: int = 2) -> list:

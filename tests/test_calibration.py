@@ -53,11 +53,11 @@ def test_true_distributions_cover_each_nominal_level_within_binomial_error():
   p = gaussian_distributions(rng, n)
   ages = sample_ages(rng, p)
   for mass in calibration.COVERAGE_LEVELS:
-    share = float(jnp.mean(calibration.covered(jnp.asarray(p, jnp.float32), BINS, jnp.asarray(ages), mass)))
+    share = float(jnp.mean(calibration.covered(jnp.asarray(p, jnp.float32), BINS, jnp.asarray(ages), [mass])))
     assert abs(share - mass) <= 4 * np.sqrt(mass * (1 - mass) / n), (mass, share)
   # An overconfident model (each distribution twice as sharp) covers visibly less.
   sharp = p**4 / np.sum(p**4, axis=1, keepdims=True)
-  share = float(jnp.mean(calibration.covered(jnp.asarray(sharp, jnp.float32), BINS, jnp.asarray(ages), 0.9)))
+  share = float(jnp.mean(calibration.covered(jnp.asarray(sharp, jnp.float32), BINS, jnp.asarray(ages), [0.9])))
   assert share < 0.8
 
 

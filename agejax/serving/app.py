@@ -7,7 +7,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import prometheus_client
@@ -73,18 +72,6 @@ def prepare(
     return photo
   # Detection runs on a copy at most photos.DETECT_MAX_SIDE long: huge photos stay fast.
   return photos.find_faces(photo, size, aligned=aligned, detector=detector)
-
-
-def face_json(face: photos.Face) -> dict[str, Any]:
-  """A predicted face as the API answers it: predict.py --json's fields, `age` being its predicted_age."""
-  return {
-    "box": [round(v, 1) for v in face.box],
-    "age": face.predicted_age,
-    "argmax_age": face.argmax_age,
-    "std": face.std,
-    "interval80": [round(v, 2) for v in face.interval80],
-    "distribution": face.distribution.tolist(),
-  }
 
 
 def create_app(
@@ -173,7 +160,7 @@ def create_app(
     for name, (status, found, _) in zip(names, prepared):
       for face in found:
         _fill(face, next(remaining))
-      results.append({"file": name, "status": status, "faces": [face_json(f) for f in found]})
+      results.append({"file": name, "status": status, "faces": [photos.face_json(f, "age") for f in found]})
     ms = lambda a, b: round(1000 * (b - a), 2)
     return JSONResponse(
       {
