@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
-from agejax import metrics, steps, workdir_lock
+from agejax import metrics, preemption, steps, workdir_lock
 
 LONG = (
   "--config.num_train_steps=300",
@@ -188,3 +188,25 @@ def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
   (g4, p4), (g1, p1) = run(4), run(1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * float(np.max(np.abs(b)))), g4, g1)
   assert_close_relative(p4, p1, 1e-5)  # three Adam steps later, as in test_scale
+
+
+def test_a_sigterm_whose_stop_was_swallowed_before_the_loop_still_stops_the_run():
+  """Python ignores exceptions raised in some callbacks (JAX's gc callback): the signal must not be lost."""
+  import gc
+  import os
+
+  with preemption.Preemption() as signalled:
+    hit = []
+    gc.callbacks.append(lambda *_: hit or (hit.append(1), os.kill(os.getpid(), signal.SIGTERM)))
+    try:
+      gc.collect()  # the handler runs inside the callback; its Stopped is printed and ignored
+    finally:
+      gc.callbacks.pop()
+    assert hit
+    with pytest.raises(preemption.Stopped):
+      signalled.arm()
+  with preemption.Preemption() as signalled:  # armed in time: SIGTERM only sets the flag
+    signalled.arm()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert signalled
