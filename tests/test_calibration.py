@@ -98,7 +98,35 @@ def test_calibration_report_matches_float64_numpy():
       ]
       assert share == pytest.approx(np.mean(inside), abs=1.5 / n)  # one example may sit on an edge
   assert got["temperature"] == temperature
-  assert sum(got["reliability"]["calibrated"]["count"]) == n
+  curve = got["coverage_curve"]
+  assert curve["nominal"] == pytest.approx(list(calibration.CURVE_LEVELS))
+  for p, name in ((probs, "calibrated"), (raw, "uncalibrated")):
+    for m, share in zip(curve["nominal"], curve[name]):
+      inside = [
+        reference_quantile(row, (1 - m) / 2) <= a <= reference_quantile(row, (1 + m) / 2) for row, a in zip(p, ages)
+      ]
+      assert share == pytest.approx(np.mean(inside), abs=1.5 / n), (name, m)
+    reliability = got["reliability"][name]
+    expected = reference_reliability(p, ages)
+    assert reliability["count"] == expected["count"], name
+    np.testing.assert_allclose(reliability["mean_std"], expected["mean_std"], rtol=1e-4)
+    np.testing.assert_allclose(reliability["rms_error"], expected["rms_error"], rtol=1e-4)
+
+
+def reference_reliability(p: np.ndarray, ages: np.ndarray) -> dict[str, list]:
+  """float64: predicted std in RELIABILITY_BINS bins of equal counts, each bin's mean std and RMS error."""
+  bins = BINS.astype(np.float64)
+  mean = p @ bins
+  std = np.sqrt(np.maximum(p @ bins**2 - mean**2, 0.0))
+  edges = np.quantile(std, np.linspace(0, 1, calibration.RELIABILITY_BINS + 1))
+  which = np.searchsorted(edges[1:-1], std, side="right")
+  out = {"count": [], "mean_std": [], "rms_error": []}
+  for b in range(calibration.RELIABILITY_BINS):
+    inside = which == b
+    out["count"].append(int(inside.sum()))
+    out["mean_std"].append(std[inside].mean())
+    out["rms_error"].append(np.sqrt(np.mean((mean[inside] - ages[inside]) ** 2)))
+  return out
 
 
 def test_load_temperature_refuses_a_bad_file(tmp_path):

@@ -39,7 +39,7 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
   report = json.loads((workdir / "eval" / "test.json").read_text())
   data = pipeline.load_labelled_split(config, "test")
   assert report["num_examples"] == len(data) == 50
-  assert report["split"] == "test" and report["step"] in (10, 20) and report["flip"] is False
+  assert report["split"] == "test" and report["step"] in tiny_run.CHECKPOINTS and report["flip"] is False
   assert sorted(map(int, report["cumulative_score"])) == list(range(1, 11))
   cs = list(report["cumulative_score"].values())
   assert all(0 <= a <= b <= 1 for a, b in zip(cs, cs[1:]))
@@ -86,7 +86,7 @@ def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_met
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "eval" / f"{config.data.eval_split}.json").read_text())
-  assert report["step"] == 20 and report["num_examples"] == 50 and report["temperature"] == 1.0
+  assert report["step"] == tiny_run.STEPS and report["num_examples"] == 50 and report["temperature"] == 1.0
   assert report["mae"] == pytest.approx(final["eval_mae"], rel=1e-6)
   assert report["epsilon_error"] == pytest.approx(final["eval_epsilon_error"], rel=1e-6)
   assert report["cumulative_score"]["5"] == pytest.approx(final["eval_cs5"], rel=1e-6)
@@ -168,7 +168,7 @@ def test_calibrate_refits_and_no_calibration_scores_the_raw_model(trained):
   proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--calibrate")
   assert proc.returncode == 0, proc.stderr[-3000:]
   fitted = json.loads((workdir / calibration.FILE).read_text())
-  assert fitted["step"] == 20 and fitted["split"] == config.data.eval_split
+  assert fitted["step"] == tiny_run.STEPS and fitted["split"] == config.data.eval_split
   report = json.loads((workdir / "eval" / "test.json").read_text())
   assert report["temperature"] == report["calibration"]["temperature"] == fitted["temperature"]
   assert "largest MAE gap" in proc.stdout and "calibration (temperature" in proc.stdout
@@ -229,7 +229,7 @@ def test_missing_checkpoints_and_unknown_steps_fail_with_one_line(trained, tmp_p
   _, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match="python scripts/train.py --config configs/vgg16_kl.py --workdir"):
     checkpointing.load_trained(tmp_path / "never_trained")
-  with pytest.raises(ValueError, match=r"available: \[10, 20\]"):
-    checkpointing.load_trained(workdir, "15")
+  with pytest.raises(ValueError, match=rf"available: \[{', '.join(map(str, tiny_run.CHECKPOINTS))}\]"):
+    checkpointing.load_trained(workdir, "15")  # not a checkpoint
   with pytest.raises(ValueError, match="best, latest or a step number"):
     checkpointing.load_trained(workdir, "newest")

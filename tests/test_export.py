@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_run
-from conftest import cpu_env
+from conftest import assert_same_distributions, cpu_env
 from gcs_sandbox import GcsSandbox
 from PIL import Image
 
@@ -103,8 +103,8 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
   crops_file, x, expected = crops
   run_python(JAX_ONLY, out, crops_file, tmp_path / "jax.npy")
   got = np.load(tmp_path / "jax.npy")
-  np.testing.assert_allclose(got[:1], expected[:1], atol=1e-5, rtol=0)
-  np.testing.assert_allclose(got[1:], expected, atol=1e-5, rtol=0)
+  assert_same_distributions(got[:1], expected[:1])
+  assert_same_distributions(got[1:], expected)
   assert got.shape == (6, 100)
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
@@ -120,13 +120,22 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
   assert set(manifest["platforms"]) == set(export.PLATFORMS)
 
 
+def test_the_shared_tolerance_sees_one_grey_level_of_brightness(workdir, crops):
+  """The export, SavedModel and server tests compare with `assert_same_distributions`: drift fails them."""
+  _, x, expected = crops
+  brighter = inference.Predictor(workdir)(np.minimum(x.astype(np.int16) + 1, 255).astype(np.uint8))
+  with pytest.raises(AssertionError):
+    assert_same_distributions(brighter, expected)
+  assert_same_distributions(inference.Predictor(workdir, batch_size=2)(x), expected)  # another batching is no drift
+
+
 def test_saved_model_runs_with_only_tensorflow_and_matches_the_predictor(exported, crops, tmp_path):
   out, _ = exported
   crops_file, _, expected = crops
   run_python(TF_ONLY, out, crops_file, tmp_path / "tf.npy")
   got = np.load(tmp_path / "tf.npy")
-  np.testing.assert_allclose(got[:1], expected[:1], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(got[1:], expected, atol=1e-4, rtol=0)
+  assert_same_distributions(got[:1], expected[:1])
+  assert_same_distributions(got[1:], expected)
 
 
 def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_out(workdir, crops, tmp_path):
@@ -139,14 +148,14 @@ def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_ou
   assert (manifest["temperature"], manifest["calibrated"]) == (2.0, True)
   assert not (tmp_path / "calibrated" / export.SAVED_MODEL_DIR).exists()
   tempered = export.ExportedPredictor(tmp_path / "calibrated")(x)
-  np.testing.assert_allclose(tempered, inference.Predictor(calibrated_run, calibrated=True)(x), atol=1e-5, rtol=0)
+  assert_same_distributions(tempered, inference.Predictor(calibrated_run, calibrated=True)(x))
 
   proc = run_export("--workdir", str(calibrated_run), "--output", str(tmp_path / "raw"), "--no-calibration")
   assert proc.returncode == 0, proc.stderr[-3000:]
   raw_manifest = json.loads((tmp_path / "raw" / export.MANIFEST_FILE).read_text())
   assert (raw_manifest["temperature"], raw_manifest["calibrated"]) == (1.0, False)
   raw = export.ExportedPredictor(tmp_path / "raw")(x)
-  np.testing.assert_allclose(raw, inference.Predictor(calibrated_run, calibrated=False)(x), atol=1e-5, rtol=0)
+  assert_same_distributions(raw, inference.Predictor(calibrated_run, calibrated=False)(x))
   assert np.abs(tempered - raw).max() > 1e-3
   assert np.all(tempered.max(-1) < raw.max(-1))  # T = 2 flattens every distribution
 
@@ -157,8 +166,12 @@ def test_the_script_exports_a_chosen_checkpoint_and_fails_in_one_line(workdir, t
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert str(out / export.MODEL_FILE) in proc.stdout
   manifest = json.loads((out / export.MANIFEST_FILE).read_text())
-  assert (manifest["step"], manifest["checkpoint"], manifest["files"]["saved_model"]) == (20, "latest", None)
-  assert export.ExportedPredictor(out).step == 20
+  assert (manifest["step"], manifest["checkpoint"], manifest["files"]["saved_model"]) == (
+    tiny_run.STEPS,
+    "latest",
+    None,
+  )
+  assert export.ExportedPredictor(out).step == tiny_run.STEPS
 
   (tmp_path / "a_file").write_text("")
   for args, message in [
@@ -184,7 +197,7 @@ def test_aligned_photos_through_the_export_match_the_predictor(workdir, exported
   assert len(from_export) == len(from_workdir) == 10
   for a, b in zip(from_export, from_workdir):
     (fa,), (fb,) = a.faces, b.faces
-    np.testing.assert_allclose(fa.distribution, fb.distribution, atol=1e-5, rtol=0)
+    assert_same_distributions(fa.distribution, fb.distribution)
     assert abs(fa.predicted_age - fb.predicted_age) < 1e-3
 
 
@@ -217,4 +230,4 @@ def test_an_export_goes_to_a_bucket_and_serves_from_it(workdir, crops, tmp_path)
   for name in ("model.jax", "saved_model/saved_model.pb", "saved_model/variables/variables.index"):
     assert f"export/{name}" in names, names
   assert manifest["step"] == inference.Predictor(workdir).step
-  np.testing.assert_allclose(np.load(tmp_path / "gs.npy"), expected, atol=1e-5, rtol=0)
+  assert_same_distributions(np.load(tmp_path / "gs.npy"), expected)

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import tiny_run
+from conftest import DISTRIBUTION_ATOL, assert_same_distributions
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,7 +103,7 @@ def test_answers_a_generated_face_with_predictors_numbers(server, predictor):
     assert set(face) == {"box", "age", "argmax_age", "std", "interval80", "distribution"}
     assert face["box"] == [0, 0, side, side]
     probs = expected(predictor, image)
-    np.testing.assert_allclose(face["distribution"], probs, atol=1e-4)
+    assert_same_distributions(face["distribution"], probs)
     stats = inference.summaries(probs[None], predictor.bins)
     assert face["age"] == pytest.approx(float(stats["predicted_age"][0]), abs=1e-3)
     assert face["argmax_age"] == float(stats["argmax_age"][0])
@@ -196,7 +197,7 @@ def test_concurrent_clients_share_batches_and_get_their_own_faces(server, predic
       assert response.status_code == 200, response.text
       (result,) = response.json()["results"]
       assert result["file"] == f"{i}.png"
-      np.testing.assert_allclose(result["faces"][0]["distribution"], references[i], atol=1e-4)
+      assert_same_distributions(result["faces"][0]["distribution"], references[i])
   total, calls = (a - b for a, b in zip(batch_faces(server.url), metrics_before))
   assert total == clients * rounds
   assert total / calls > 1, f"{calls} model calls for {total} faces: no batching"
@@ -243,9 +244,15 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(workdir, compilation
       assert time.monotonic() < deadline
       time.sleep(0.02)
     running.process.terminate()  # SIGTERM
-    time.sleep(0.3)
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
-      httpx.get(running.url + "/healthz", timeout=5)
+    while True:  # the server stops accepting connections soon after, with the slow request still in flight
+      try:
+        httpx.get(running.url + "/healthz", timeout=5)
+      except httpx.ConnectError:
+        break
+      except (httpx.ReadError, httpx.RemoteProtocolError):
+        pass  # accepted just before the listener closed, then dropped unanswered (seen once in ~12 runs)
+      assert time.monotonic() < deadline and thread.is_alive(), "still accepting connections"
+      time.sleep(0.02)
     thread.join(60)
     assert answer["response"].status_code == 200, answer["response"].text
     assert answer["response"].json()["results"][0]["status"] == "ok"
@@ -263,7 +270,26 @@ def test_serves_an_export_with_the_same_numbers(workdir, predictor, compilation_
     response = post(running.url, ("a.png", image), aligned="true")
     assert response.status_code == 200, response.text
     (face,) = response.json()["results"][0]["faces"]
-    np.testing.assert_allclose(face["distribution"], expected(predictor, image), atol=1e-4)
+    assert_same_distributions(face["distribution"], expected(predictor, image))
+
+
+def test_no_calibration_serves_the_raw_model_over_http(workdir, predictor, compilation_cache):
+  raw = inference.Predictor(workdir, calibrated=False)
+  assert predictor.temperature != 1.0 == raw.temperature  # the trainer fitted a temperature at the end
+  flags = [
+    "--workdir",
+    str(workdir),
+    "--no-calibration",
+    f"--compilation_cache_dir={compilation_cache}",
+    "--max_batch=4",
+  ]
+  with local.LocalServer(SERVE, flags, env=ENV) as running:
+    image = drawn_face(5)
+    response = post(running.url, ("a.png", image), aligned="true")
+    assert response.status_code == 200, response.text
+    (face,) = response.json()["results"][0]["faces"]
+  assert_same_distributions(face["distribution"], expected(raw, image))
+  assert np.abs(np.asarray(face["distribution"]) - expected(predictor, image)).max() > 100 * DISTRIBUTION_ATOL
 
 
 def in_flight(url: str) -> float:

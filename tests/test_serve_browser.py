@@ -48,7 +48,23 @@ def test_the_page_boxes_the_face_labels_its_age_and_charts_its_distribution(serv
       assert page.locator("canvas").count() == 1
       age = float(label.inner_text().split("age ")[1].split()[0])
       api = httpx.post(server.url + "/v1/predict", files={"files": ("astronaut.png", image)}, timeout=60).json()
-      assert age == pytest.approx(api["results"][0]["faces"][0]["age"], abs=0.051)  # the page shows one decimal
+      (face,) = api["results"][0]["faces"]
+      assert age == pytest.approx(face["age"], abs=0.051)  # the page shows one decimal
+      # The face box: one per face, in the photo's pixels as the API gives it, and on screen where
+      # the face is on the displayed photo.
+      boxes = page.locator("svg.boxes rect.face-box")
+      assert boxes.count() == 1
+      drawn = [float(boxes.first.get_attribute(k)) for k in ("x", "y", "width", "height")]
+      assert drawn == pytest.approx(face["box"], abs=1e-6)
+      photo_on_screen = page.locator("canvas").first.bounding_box()
+      on_screen = boxes.first.bounding_box()
+      half_line = float(boxes.first.get_attribute("stroke-width")) / 2  # the outline is centred on the box's edge
+      shown = photo_on_screen["width"] / 900  # the displayed photo's size over the photo's (900 x 600)
+      x, y, w, h = face["box"]
+      assert on_screen["x"] + half_line - photo_on_screen["x"] == pytest.approx(x * shown, abs=1.0)
+      assert on_screen["y"] + half_line - photo_on_screen["y"] == pytest.approx(y * shown, abs=1.0)
+      assert on_screen["width"] - 2 * half_line == pytest.approx(w * shown, abs=1.0)
+      assert on_screen["height"] - 2 * half_line == pytest.approx(h * shown, abs=1.0)
       screenshot = Path(tmp_path) / "page.png"
       page.screenshot(path=str(screenshot), full_page=True)
       assert screenshot.stat().st_size > 10_000

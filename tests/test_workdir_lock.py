@@ -69,6 +69,12 @@ def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_inta
 
 
 def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilation_cache, data_dir, tmp_path):
+  """Two whole trainers started together: one run, intact, and one line from the other naming it.
+
+  The loser's message names the winner's pid, so the two did overlap (the loser met the lock while
+  the winner held it). Whether they reached the lock in the same millisecond depends on start-up;
+  test_processes_released_by_a_barrier_race_for_the_lock makes that race certain.
+  """
   workdir = tmp_path / "run"
   procs = {
     seed: subprocess.Popen(
@@ -92,6 +98,68 @@ def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilati
     f"error: workdir {workdir} is in use by another run: pid {procs[winner].pid} on {socket.gethostname()} since "
   ), outputs[loser][1][-3000:]
   assert_intact_run(workdir, seed=winner)
+
+
+# A racer: waits at a barrier (every racer's ready file, then GO), tries the lock, reports, and a winner
+# holds it until RELEASE appears.
+RACER = """
+import os, sys, time
+from agejax import workdir_lock
+workdir, barrier, index, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+open(os.path.join(barrier, "ready" + index), "w").close()
+while not os.path.exists(os.path.join(barrier, "GO")):
+  time.sleep(0.001)
+tried = time.monotonic()
+try:
+  lock = workdir_lock.WorkdirLock(workdir).acquire()
+except workdir_lock.WorkdirBusy as e:
+  print("busy", tried, str(e), flush=True)
+  sys.exit(0)
+print("won", tried, flush=True)
+while not os.path.exists(os.path.join(barrier, "RELEASE")):
+  time.sleep(0.01)
+lock.release()
+"""
+
+
+def test_processes_released_by_a_barrier_race_for_the_lock_and_exactly_one_wins(tmp_path):
+  workdir, barrier, count = tmp_path / "run", tmp_path / "barrier", 4
+  workdir.mkdir()
+  barrier.mkdir()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", RACER, str(workdir), str(barrier), str(i), str(count)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(count)
+  ]
+  try:
+    deadline = time.monotonic() + 120
+    while len(list(barrier.glob("ready*"))) < count:  # every racer imported agejax and waits at the barrier
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+      time.sleep(0.01)
+    (barrier / "GO").touch()
+    while sum(p.poll() is not None for p in procs) < count - 1:  # the losers report and exit; the winner holds
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    (barrier / "RELEASE").touch()
+    outputs = [p.communicate(timeout=60) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), outputs
+  reports = [out.split(" ", 2) for out, _ in outputs]
+  [winner] = [procs[i].pid for i, r in enumerate(reports) if r[0] == "won"]
+  losers = [r for r in reports if r[0] == "busy"]
+  assert len(losers) == count - 1
+  for _, _, message in losers:
+    assert message.startswith(f"workdir {workdir} is in use by another run: pid {winner} on "), message
+  tried = [float(r[1]) for r in reports]
+  # Released together: all tried within a moment of each other, while the winner held the lock.
+  assert max(tried) - min(tried) < 0.5, tried
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 def test_a_lock_is_released_on_errors_and_leftover_temporaries_of_dead_writers_are_removed(tmp_path):

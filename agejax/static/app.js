@@ -68,9 +68,15 @@ async function show(card, file, result, minAge, timing) {
   const bitmap = await createImageBitmap(file);
   const scale = Math.min(1, PHOTO_MAX_SIDE / Math.max(bitmap.width, bitmap.height));
   const canvas = element("canvas", { width: Math.round(bitmap.width * scale), height: Math.round(bitmap.height * scale) });
-  const ctx = canvas.getContext("2d");
-  ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
-  result.faces.forEach((face, i) => drawBox(ctx, face, i, scale));
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  // The boxes are SVG over the photo, in the photo's own pixels (the API's box units), so they stay
+  // on the faces at any displayed size and can be read back from the page.
+  const boxes = svgElement("svg", {
+    class: "boxes", viewBox: `0 0 ${bitmap.width} ${bitmap.height}`, preserveAspectRatio: "none", "aria-hidden": "true",
+  });
+  result.faces.forEach((face, i) => drawBox(boxes, face, i, scale));
+  const photo = element("div", { class: "photo-frame" });
+  photo.append(canvas, boxes);
 
   const list = element("div", { class: "faces" });
   if (!result.faces.length) list.append(element("p", { class: "none" }, "No face found."));
@@ -84,27 +90,23 @@ async function show(card, file, result, minAge, timing) {
   });
   list.append(element("p", { class: "none" }, `Server time ${timing.total.toFixed(0)} ms (model ${timing.model.toFixed(1)} ms).`));
   const body = element("div", { class: "body" });
-  body.append(canvas, list);
+  body.append(photo, list);
   card.append(body);
 }
 
-function drawBox(ctx, face, i, scale) {
-  const [x, y, w, h] = face.box.map((v) => v * scale);
-  const line = Math.max(2, Math.round(Math.max(ctx.canvas.width, ctx.canvas.height) / 200));
-  ctx.strokeStyle = "#e4572e";
-  ctx.lineWidth = line;
-  ctx.strokeRect(x, y, w, h);
-  const text = `${i + 1}: ${face.age.toFixed(1)}`;
-  ctx.font = `600 ${Math.max(13, line * 7)}px system-ui, sans-serif`;
-  const pad = 4;
-  const tw = ctx.measureText(text).width + 2 * pad;
-  const th = Math.max(13, line * 7) + 2 * pad;
+// A face's box and its "n: age" tag, in photo pixels; `scale` is the canvas's size over the photo's.
+function drawBox(svg, face, i, scale) {
+  const [x, y, w, h] = face.box;
+  const line = Math.max(2, Math.round(PHOTO_MAX_SIDE / 200)); // in displayed pixels
+  svg.append(svgElement("rect", { class: "face-box", x, y, width: w, height: h, "stroke-width": line }));
+  const size = Math.max(13, line * 7) / scale; // the tag's font size in photo pixels
+  const pad = 4 / scale;
+  const text = svgElement("text", { class: "face-tag", "font-size": size, x: x + pad, "dominant-baseline": "hanging" }, `${i + 1}: ${face.age.toFixed(1)}`);
+  const th = size + 2 * pad;
   const ty = y - th >= 0 ? y - th : y + h; // above the box, or below it at the photo's top edge
-  ctx.fillStyle = "#e4572e";
-  ctx.fillRect(x - line / 2, ty, tw, th);
-  ctx.fillStyle = "#fff";
-  ctx.textBaseline = "top";
-  ctx.fillText(text, x - line / 2 + pad, ty + pad);
+  text.setAttribute("y", ty + pad);
+  const tag = svgElement("rect", { class: "face-tag-back", x, y: ty, width: (text.textContent.length * 0.62 * size) + 2 * pad, height: th });
+  svg.append(tag, text);
 }
 
 // Bars of P(age), the central 80% darker, a line at the predicted (expected) age.
