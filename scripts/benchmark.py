@@ -106,12 +106,13 @@ def main() -> None:
   if args.mode == "torch":
     # JAX would otherwise take 75% of the GPU up front and leave PyTorch too little at large batches.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from agejax import benchmarking, benchmarking_runs, benchmarking_torch, errors
+  from agejax import errors
+  from agejax.benchmarks import jax_step, runs, torch_baseline
 
   if args.mode in ("train", "torch"):
-    print("environment:", json.dumps(benchmarking.environment()))
+    print("environment:", json.dumps(jax_step.environment()))
     torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
-    rows = benchmarking_torch.side_by_side(
+    rows = torch_baseline.side_by_side(
       default_config(),
       args.batch,
       args.dtype,
@@ -123,7 +124,7 @@ def main() -> None:
       compile_at=getattr(args, "compile_at", "all"),
     )
     print(table(rows, TRAIN_KEYS + (["jax_speedup"] if args.mode == "torch" else [])))
-    best = benchmarking.best_of(rows)
+    best = jax_step.best_of(rows)
     print("best:", ", ".join(f"{k} {r['images_per_s']:.1f} images/s at batch {r['batch']}" for k, r in best.items()))
     if len(best) > 1:
       jax_best = best["jax"]["images_per_s"]
@@ -139,14 +140,14 @@ def main() -> None:
     config.eval_every_steps = args.steps  # evaluate once, at the end, outside the timed window
     config.log_every_steps, config.checkpoint_every_steps = args.log_every, args.checkpoint_every
     with tempfile.TemporaryDirectory() as workdir:
-      row = benchmarking_runs.loop(config, workdir, args.steps)
+      row = runs.loop(config, workdir, args.steps)
     print(table([row], ["loop_steps_per_s", "bare_steps_per_s", "ratio", "batch"]))
     print(json.dumps(row))
   elif args.mode == "serve":
-    from agejax.serving import benchmark as serve_benchmark
+    from agejax.benchmarks import serving as serve_benchmark
 
     model_flags = ["--workdir", args.workdir] if args.workdir else ["--export", args.export]
-    print("environment:", json.dumps(benchmarking.environment() | serve_benchmark.versions()))
+    print("environment:", json.dumps(jax_step.environment() | serve_benchmark.versions()))
     try:
       rows = serve_benchmark.serve(
         ROOT / "scripts" / "serve.py",
@@ -165,7 +166,7 @@ def main() -> None:
     print(table(rows, keys))
     print(json.dumps(rows))
   elif args.mode == "startup":
-    row = benchmarking_runs.startup(
+    row = runs.startup(
       default_config(args.config),
       str(ROOT / "configs" / "vgg16_kl.py"),
       args.config,
@@ -178,7 +179,7 @@ def main() -> None:
     print(json.dumps(row))
   else:
     try:
-      row = benchmarking_runs.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
+      row = runs.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
     except errors.UserError as e:  # unknown or unprepared dataset: one line, no traceback
       sys.exit(f"error: {e}")
     print(

@@ -14,7 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import checkpointing, configuration, errors, evaluation
+from agejax import errors
+from agejax.evaluation import scoring
+from agejax.training import checkpointing, configuration
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Training config file; default: WORKDIR/config.json.", lock_config=True
@@ -40,7 +42,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; -v 0 restores it
     logging.set_verbosity(logging.WARNING)
   try:
-    report = evaluation.evaluate_workdir(
+    report = scoring.evaluate_workdir(
       _CONFIG.value,
       _WORKDIR.value,
       _SPLIT.value,
@@ -51,7 +53,7 @@ def main(argv):
     )
   except errors.UserError as e:
     sys.exit(f"error: {e}")
-  print(evaluation.format_table(report))
+  print(scoring.format_table(report))
   print(f"wrote {os.path.join(_WORKDIR.value, 'eval', _SPLIT.value)}.json, _predictions.jsonl and plots")
 
 

@@ -16,7 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from agejax import checkpointing, configuration, errors, inference, photos, plots
+from agejax import errors
+from agejax.evaluation import plots
+from agejax.inference import photos, prediction
+from agejax.training import checkpointing, configuration
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
@@ -39,7 +42,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    predictor = inference.Predictor(
+    predictor = prediction.Predictor(
       _WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value, calibrated=not _NO_CALIBRATION.value
     )
   except errors.UserError as e:

@@ -13,7 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from agejax import checkpointing, configuration, errors
+from agejax import errors
+from agejax.training import checkpointing, configuration
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
@@ -43,8 +44,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from agejax import photos, serving, train
+  from agejax import serving
+  from agejax.inference import photos
   from agejax.serving import app as serving_app
+  from agejax.training import train
 
   try:
     model = serving.load_model(

@@ -8,7 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from agejax import configuration, errors, parallel, train
+from agejax import errors, parallel
+from agejax.training import configuration, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final metrics.")

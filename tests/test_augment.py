@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agejax import augment
+from agejax.training import augment
 
 
 def cfg(**kw) -> ml_collections.ConfigDict:

@@ -37,7 +37,9 @@ WITHOUT_TENSORFLOW = """
 import runpy, sys
 for name in ("tensorflow", "tensorflow_datasets", "clu"):
   sys.modules[name] = None  # any import of them now raises ImportError
-from agejax import benchmarking, losses, models, steps
+from agejax import models
+from agejax.benchmarks import jax_step
+from agejax.training import losses, steps
 sys.argv = ["scripts/benchmark.py", *sys.argv[1:]]
 runpy.run_path("scripts/benchmark.py", run_name="__main__")
 assert all(sys.modules[name] is None for name in ("tensorflow", "tensorflow_datasets", "clu"))
@@ -181,7 +183,7 @@ TORCH_FLOPS = """
 import json, sys, torch, torchvision
 from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, ".")
-from agejax.benchmarking_torch import torch_vgg16
+from agejax.benchmarks.torch_baseline import torch_vgg16
 
 def per_image(model, size, backward):
   with FlopCounterMode(display=False) as counter:  # the input needs no gradient, as in training
@@ -221,11 +223,13 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   import jax
   import jax.numpy as jnp
 
-  from agejax import benchmarking, metrics, steps
+  from agejax import metrics
+  from agejax.benchmarks import jax_step
+  from agejax.training import steps
   from configs import vgg16_kl
 
   reference = torch_flops["train"]  # ~92.6 GFLOP
-  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 224, 1.0)
+  config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 224, 1.0)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
   batch = {
     "image": jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8),
@@ -233,7 +237,7 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
     "age_std": jax.ShapeDtypeStruct((2,), jnp.float32),
   }
   compiled = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), batch).compile()
-  xla = benchmarking.xla_flops(compiled) / 2
+  xla = jax_step.xla_flops(compiled) / 2
   # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam.
   assert abs(3 * models.forward_flops(224, 100) / reference - 1) < 0.005
   assert abs(xla / reference - 1) < 0.01, (xla, reference)

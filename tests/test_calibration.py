@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agejax import calibration, labels
+from agejax import labels
+from agejax.evaluation import calibration
 
 BINS = labels.age_bins(1, 100)
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from agejax import convert, models, steps
+from agejax import convert, models
+from agejax.training import steps
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")

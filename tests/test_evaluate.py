@@ -13,8 +13,11 @@ import tiny_run
 from PIL import Image
 from test_calibration import reference_quantile
 
-from agejax import calibration, checkpointing, evaluation, inference, metrics, parallel, plots
+from agejax import metrics, parallel
 from agejax.data import pipeline
+from agejax.evaluation import calibration, plots, scoring
+from agejax.inference import prediction
+from agejax.training import checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -97,7 +100,7 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   """Every number of the report, recomputed in float64 NumPy from the Predictor's distributions."""
   config, workdir, _ = trained
   data = pipeline.load_labelled_split(config, "test")
-  predictor = inference.Predictor(workdir, "latest", batch_size=8, calibrated=False)
+  predictor = prediction.Predictor(workdir, "latest", batch_size=8, calibrated=False)
   probs = predictor(data.images).astype(np.float64)
   bins = predictor.bins.astype(np.float64)
   predicted = probs @ bins
@@ -106,7 +109,7 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   sigma = np.where(data.age_std > 0, data.age_std, config.metrics.epsilon_sigma)
   _, fns, state = checkpointing.load_trained(workdir, "latest")
   # A batch that does not divide the split: padding must not count.
-  report = evaluation.Evaluator(fns, data, 16, parallel.make_mesh()).run(state)
+  report = scoring.Evaluator(fns, data, 16, parallel.make_mesh()).run(state)
   assert report["num_examples"] == len(data) == 50
   assert report["mae"] == pytest.approx(error.mean(), rel=1e-5)
   assert report["epsilon_error"] == pytest.approx(
@@ -128,14 +131,14 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
   fitted = json.loads((workdir / calibration.FILE).read_text())
   assert fitted["temperature"] == final["temperature"] and fitted["split"] == config.data.eval_split
   assert fitted["step"] == final["best_step"] and fitted["nll_after"] <= fitted["nll_before"]
-  predictor = inference.Predictor(workdir, "latest", batch_size=8)
+  predictor = prediction.Predictor(workdir, "latest", batch_size=8)
   assert predictor.temperature == fitted["temperature"] != 1.0
   probs = predictor(data.images).astype(np.float64)
-  raw = inference.Predictor(workdir, "latest", batch_size=8, calibrated=False)(data.images).astype(np.float64)
+  raw = prediction.Predictor(workdir, "latest", batch_size=8, calibrated=False)(data.images).astype(np.float64)
   bins = predictor.bins.astype(np.float64)
   predicted = probs @ bins
   _, fns, state = checkpointing.load_trained(workdir, "latest")
-  report, _ = evaluation.Evaluator(fns, data, 16, parallel.make_mesh()).run(
+  report, _ = scoring.Evaluator(fns, data, 16, parallel.make_mesh()).run(
     state, temperature=predictor.temperature, outputs=True
   )
   assert report["mae"] == pytest.approx(np.mean(np.abs(predicted - data.age)), rel=1e-5)
@@ -204,7 +207,7 @@ def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
   mesh = parallel.make_mesh()
 
   def distributions(state, flip: bool) -> np.ndarray:
-    return evaluation.Evaluator(fns, data, 16, mesh, flip=flip).run(state, outputs=True)[1]["distribution"]
+    return scoring.Evaluator(fns, data, 16, mesh, flip=flip).run(state, outputs=True)[1]["distribution"]
 
   # Sanity check: the trained model is not symmetric, so flipping does change its predictions.
   assert np.abs(distributions(state, True) - distributions(state, False)).max() > 1e-4
@@ -216,7 +219,7 @@ def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
 
 def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
   config, workdir, _ = trained
-  predictor = inference.Predictor(workdir)
+  predictor = prediction.Predictor(workdir)
   batch = pipeline.load_labelled_split(config, "validation").gather(np.arange(3))
   probs = predictor(batch["image"])
   images = plots.distribution_figure_images(batch["image"], batch["age"], probs, predictor.bins, config.loss.sigma)

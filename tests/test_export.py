@@ -14,7 +14,10 @@ from conftest import assert_same_distributions, cpu_env
 from gcs_sandbox import GcsSandbox
 from PIL import Image
 
-from agejax import calibration, checkpointing, errors, export, inference, photos
+from agejax import errors
+from agejax.evaluation import calibration
+from agejax.inference import export, photos, prediction
+from agejax.training import checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -52,7 +55,7 @@ np.save(result, np.concatenate(out))
 TO_BUCKET = """
 import sys
 import numpy as np
-from agejax import export
+from agejax.inference import export
 workdir, out, crops, result = sys.argv[1:5]
 export.export_workdir(workdir, out)
 np.save(result, export.ExportedPredictor(out)(np.load(crops)))
@@ -81,7 +84,7 @@ def workdir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def crops(workdir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
   """(a .npy file of 5 random S x S uint8 crops, those crops, Predictor's distributions of them)."""
-  predictor = inference.Predictor(workdir)
+  predictor = prediction.Predictor(workdir)
   size = predictor.input_size
   x = np.random.default_rng(0).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
   x[1] = 0  # a black face and a white one: the ends of the uint8 range
@@ -115,7 +118,7 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
   temperature = calibration.load_temperature(manifest["workdir"])  # the trainer fitted one at the end
   assert (manifest["min_age"], manifest["max_age"]) == (1, 100)
   assert (manifest["temperature"], manifest["calibrated"]) == (temperature or 1.0, temperature is not None)
-  assert manifest["step"] == inference.Predictor(manifest["workdir"]).step
+  assert manifest["step"] == prediction.Predictor(manifest["workdir"]).step
   assert manifest["agejax_version"] and manifest["jax_version"]
   assert set(manifest["platforms"]) == set(export.PLATFORMS)
 
@@ -123,10 +126,10 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
 def test_the_shared_tolerance_sees_one_grey_level_of_brightness(workdir, crops):
   """The export, SavedModel and server tests compare with `assert_same_distributions`: drift fails them."""
   _, x, expected = crops
-  brighter = inference.Predictor(workdir)(np.minimum(x.astype(np.int16) + 1, 255).astype(np.uint8))
+  brighter = prediction.Predictor(workdir)(np.minimum(x.astype(np.int16) + 1, 255).astype(np.uint8))
   with pytest.raises(AssertionError):
     assert_same_distributions(brighter, expected)
-  assert_same_distributions(inference.Predictor(workdir, batch_size=2)(x), expected)  # another batching is no drift
+  assert_same_distributions(prediction.Predictor(workdir, batch_size=2)(x), expected)  # another batching is no drift
 
 
 def test_saved_model_runs_with_only_tensorflow_and_matches_the_predictor(exported, crops, tmp_path):
@@ -148,14 +151,14 @@ def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_ou
   assert (manifest["temperature"], manifest["calibrated"]) == (2.0, True)
   assert not (tmp_path / "calibrated" / export.SAVED_MODEL_DIR).exists()
   tempered = export.ExportedPredictor(tmp_path / "calibrated")(x)
-  assert_same_distributions(tempered, inference.Predictor(calibrated_run, calibrated=True)(x))
+  assert_same_distributions(tempered, prediction.Predictor(calibrated_run, calibrated=True)(x))
 
   proc = run_export("--workdir", str(calibrated_run), "--output", str(tmp_path / "raw"), "--no-calibration")
   assert proc.returncode == 0, proc.stderr[-3000:]
   raw_manifest = json.loads((tmp_path / "raw" / export.MANIFEST_FILE).read_text())
   assert (raw_manifest["temperature"], raw_manifest["calibrated"]) == (1.0, False)
   raw = export.ExportedPredictor(tmp_path / "raw")(x)
-  assert_same_distributions(raw, inference.Predictor(calibrated_run, calibrated=False)(x))
+  assert_same_distributions(raw, prediction.Predictor(calibrated_run, calibrated=False)(x))
   assert np.abs(tempered - raw).max() > 1e-3
   assert np.all(tempered.max(-1) < raw.max(-1))  # T = 2 flattens every distribution
 
@@ -193,7 +196,7 @@ def test_aligned_photos_through_the_export_match_the_predictor(workdir, exported
     files.append(tmp_path / f"face{i}.png")
     Image.fromarray(crop).save(files[-1])
   from_export = list(photos.predict_files(export.ExportedPredictor(out, batch_size=4), files, aligned=True))
-  from_workdir = list(photos.predict_files(inference.Predictor(workdir, batch_size=4), files, aligned=True))
+  from_workdir = list(photos.predict_files(prediction.Predictor(workdir, batch_size=4), files, aligned=True))
   assert len(from_export) == len(from_workdir) == 10
   for a, b in zip(from_export, from_workdir):
     (fa,), (fb,) = a.faces, b.faces
@@ -229,5 +232,5 @@ def test_an_export_goes_to_a_bucket_and_serves_from_it(workdir, crops, tmp_path)
     manifest = json.loads(gcs.read_object(BUCKET, "export/manifest.json"))
   for name in ("model.jax", "saved_model/saved_model.pb", "saved_model/variables/variables.index"):
     assert f"export/{name}" in names, names
-  assert manifest["step"] == inference.Predictor(workdir).step
+  assert manifest["step"] == prediction.Predictor(workdir).step
   assert_same_distributions(np.load(tmp_path / "gs.npy"), expected)

@@ -11,7 +11,8 @@ import optax
 import pytest
 from conftest import checkpoint
 
-from agejax import configuration, convert, models, optim, train
+from agejax import convert, models
+from agejax.training import configuration, optim, train
 
 
 def opt_cfg(**kw) -> ml_collections.ConfigDict:

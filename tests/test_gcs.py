@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, checkpoint, cpu_env, train_command
 from gcs_sandbox import GcsSandbox
 
-from agejax import workdir_lock
+from agejax.training import workdir_lock
 
 BUCKET = "agejax-test"
 LONG = (
@@ -169,7 +169,7 @@ import json, logging, os, socket, subprocess, sys, time
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stdout)
 from google.api_core import exceptions
 from google.cloud import storage as gcs
-from agejax import workdir_lock
+from agejax.training import workdir_lock
 url = sys.argv[1]
 bucket_name, prefix = url[len("gs://"):].split("/", 1)
 bucket = gcs.Client(project=None).bucket(bucket_name)
@@ -333,7 +333,8 @@ def test_an_unusable_bucket_fails_in_one_line_before_compiling(gcs, data_dir, re
 CONVERTED = r"""
 import sys, jax, numpy as np, ml_collections
 from flax import nnx
-from agejax import configuration, convert, models, steps
+from agejax import convert, models
+from agejax.training import configuration, steps
 url = sys.argv[1]
 config = ml_collections.ConfigDict({"model": {"pretrained": url + "/missing", "batch_norm": False}})
 try:

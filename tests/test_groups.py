@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agejax import groups
+from agejax.evaluation import groups
 
 
 def small_set():

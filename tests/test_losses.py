@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agejax import labels, losses
+from agejax import labels
+from agejax.training import losses
 
 
 def log_softmax_f64(logits):

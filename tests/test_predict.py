@@ -11,8 +11,9 @@ import pytest
 import tiny_run
 from PIL import Image
 
-from agejax import checkpointing, inference, photos
 from agejax.data import pipeline
+from agejax.inference import photos, prediction
+from agejax.training import checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -146,7 +147,7 @@ def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
     if i == 2:
       files.append(tmp_path / "notes.txt")
       files[-1].write_text("x")
-  predictor = inference.Predictor(workdir, batch_size=2)
+  predictor = prediction.Predictor(workdir, batch_size=2)
   results = list(photos.predict_files(predictor, files, aligned=True))
   assert [r.file for r in results] == [str(f) for f in files]
   assert [r.status for r in results] == ["ok"] * 3 + ["not an image"] + ["ok"] * 2
@@ -167,7 +168,7 @@ def test_a_batch_size_below_one_fails_in_one_line(trained, value, tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [f"error: flag --batch_size={value}: {value} is not a positive integer"]
   with pytest.raises(ValueError, match=f"^batch_size={value}: must be a positive number of faces per model call"):
-    inference.Predictor(workdir, batch_size=int(value))
+    prediction.Predictor(workdir, batch_size=int(value))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
-from agejax import metrics, preemption, steps, workdir_lock
+from agejax import metrics
+from agejax.training import preemption, steps, workdir_lock
 
 LONG = (
   "--config.num_train_steps=300",
@@ -143,7 +144,7 @@ def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
 
 
 def test_skip_policy_counts_nonfinite_steps_across_a_resume(tiny_config, tmp_path):
-  from agejax import train
+  from agejax.training import train
 
   tiny_config.update(
     nonfinite="skip", num_train_steps=6, log_every_steps=3, eval_every_steps=6, checkpoint_every_steps=6

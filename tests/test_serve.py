@@ -18,8 +18,8 @@ from conftest import DISTRIBUTION_ATOL, assert_same_distributions
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from agejax import inference
 from agejax.data import demo_faces, faces
+from agejax.inference import prediction
 from agejax.serving import batcher, local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,9 @@ def workdir(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(workdir) -> inference.Predictor:
+def predictor(workdir) -> prediction.Predictor:
   """The model the server serves, in this process: the reference answers."""
-  return inference.Predictor(workdir)
+  return prediction.Predictor(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def server(workdir, compilation_cache):
     yield running
 
 
-def expected(predictor: inference.Predictor, image: bytes) -> np.ndarray:
+def expected(predictor: prediction.Predictor, image: bytes) -> np.ndarray:
   """The distribution Predictor gives for an aligned upload (the centre square, as the server crops it)."""
   chip = faces.centre_square(faces.open_rgb(image), predictor.input_size)
   return predictor(chip[None])[0]
@@ -104,7 +104,7 @@ def test_answers_a_generated_face_with_predictors_numbers(server, predictor):
     assert face["box"] == [0, 0, side, side]
     probs = expected(predictor, image)
     assert_same_distributions(face["distribution"], probs)
-    stats = inference.summaries(probs[None], predictor.bins)
+    stats = prediction.summaries(probs[None], predictor.bins)
     assert face["age"] == pytest.approx(float(stats["predicted_age"][0]), abs=1e-3)
     assert face["argmax_age"] == float(stats["argmax_age"][0])
     assert face["std"] == pytest.approx(float(stats["std"][0]), abs=1e-3)
@@ -260,7 +260,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(workdir, compilation
 
 
 def test_serves_an_export_with_the_same_numbers(workdir, predictor, compilation_cache, tmp_path):
-  from agejax import export
+  from agejax.inference import export
 
   export.export_workdir(workdir, tmp_path / "export", saved_model=False, platforms=("cpu",))
   flags = ["--export", str(tmp_path / "export"), f"--compilation_cache_dir={compilation_cache}", "--max_batch=8"]
@@ -274,7 +274,7 @@ def test_serves_an_export_with_the_same_numbers(workdir, predictor, compilation_
 
 
 def test_no_calibration_serves_the_raw_model_over_http(workdir, predictor, compilation_cache):
-  raw = inference.Predictor(workdir, calibrated=False)
+  raw = prediction.Predictor(workdir, calibrated=False)
   assert predictor.temperature != 1.0 == raw.temperature  # the trainer fitted a temperature at the end
   flags = [
     "--workdir",
@@ -350,7 +350,8 @@ def test_padded_sizes_are_powers_of_two_up_to_the_maximum_on_every_device():
 
 
 def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, tmp_path):
-  from agejax import calibration, serving
+  from agejax import serving
+  from agejax.evaluation import calibration
 
   fitted = calibration.load_temperature(workdir)  # the trainer fitted one at the end of the run
   assert fitted is not None and serving.load_model(workdir, None).temperature == fitted

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import benchmarking, metrics, parallel, steps
+from agejax import metrics, parallel
+from agejax.benchmarks import jax_step
+from agejax.training import steps
 from configs import vgg16_kl
 
 
@@ -20,7 +22,7 @@ def _batch(size: int, batch: int = 2) -> dict:
 
 
 def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32():
-  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
+  config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
   lowered = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), _batch(32))
   convs = [line for line in lowered.as_text().splitlines() if "stablehlo.convolution" in line]
@@ -34,14 +36,14 @@ def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32(
 
 
 def test_float32_config_has_no_bf16_convolution():
-  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "float32", 32, 0.0625)
+  config = jax_step.bench_config(vgg16_kl.get_config(), 2, "float32", 32, 0.0625)
   fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
   text = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), _batch(32)).as_text()
   assert "bf16" not in text
 
 
 def test_train_step_donates_state_and_sums_but_not_the_batch():
-  config = benchmarking.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
+  config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
   fns, state, _ = steps.create(config, steps_per_epoch=100)
   mesh = parallel.make_mesh()
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)

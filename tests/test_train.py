@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import array_cache, checkpoint
 
-from agejax import train
+from agejax.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = (
@@ -167,7 +167,8 @@ def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
 
 
 def test_sigma_at_the_bound_gives_a_finite_gaussian_target_and_below_it_one_hot():
-  from agejax import configuration, labels
+  from agejax import labels
+  from agejax.training import configuration
 
   bins = labels.age_bins(1, 100)
   at = np.asarray(labels.label_distribution(np.float32(50), bins, configuration.MIN_SIGMA * 1.001))
@@ -283,7 +284,7 @@ def test_a_shifted_age_range_on_resume_fails_in_one_line_and_leaves_the_workdir_
 
 
 def test_resume_may_extend_the_run_and_move_its_data_but_not_change_its_seed(trained, tmp_path):
-  from agejax import configuration
+  from agejax.training import configuration
 
   config, workdir, _ = trained
   recorded = json.loads((workdir / "config.json").read_text())
@@ -300,7 +301,7 @@ def test_resume_may_extend_the_run_and_move_its_data_but_not_change_its_seed(tra
 @pytest.mark.parametrize("variant", ["", "demo", "tiny"])
 def test_every_config_key_is_classified_for_resume(variant):
   """A new key must be put in RESUME_MUST_MATCH or RESUME_MAY_CHANGE (unlisted keys must match)."""
-  from agejax import configuration
+  from agejax.training import configuration
   from configs import vgg16_kl
 
   keys = configuration.flatten(vgg16_kl.get_config(variant).to_dict())

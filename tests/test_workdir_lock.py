@@ -11,7 +11,8 @@ import time
 import pytest
 from conftest import cpu_env, start_processes, train_command
 
-from agejax import storage, workdir_lock
+from agejax import storage
+from agejax.training import workdir_lock
 
 SHORT = ("--config.num_train_steps=20", "--config.eval_every_steps=10", "--config.checkpoint_every_steps=10")
 
@@ -104,7 +105,7 @@ def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilati
 # holds it until RELEASE appears.
 RACER = """
 import os, sys, time
-from agejax import workdir_lock
+from agejax.training import workdir_lock
 workdir, barrier, index, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 open(os.path.join(barrier, "ready" + index), "w").close()
 while not os.path.exists(os.path.join(barrier, "GO")):
@@ -192,7 +193,7 @@ def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_pa
     [
       sys.executable,
       "-c",
-      "import sys, time\nfrom agejax import workdir_lock\n"
+      "import sys, time\nfrom agejax.training import workdir_lock\n"
       "workdir_lock.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
       str(workdir),
     ],

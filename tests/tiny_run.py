@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import array_cache
 
-from agejax import train
+from agejax.training import train
 from configs import vgg16_kl
 
 STEPS = 300

@@ -30,19 +30,19 @@ def load_model(
     calibrated: apply the workdir's calibration.json temperature (an export has its own baked in).
 
   Returns:
-    An `inference.Predictor` or an `export.ExportedPredictor`.
+    An `prediction.Predictor` or an `export.ExportedPredictor`.
   """
   if (workdir is None) == (export is None):
     raise errors.UserError("give exactly one of --workdir DIR (a training workdir) or --export OUT (export.py's)")
   if export is not None:
     if not calibrated:
       raise errors.UserError("--no-calibration applies to --workdir: an export carries its temperature (export.py)")
-    from agejax import export as exporting
+    from agejax.inference import export as exporting
 
     return exporting.ExportedPredictor(export, batch_size=max_batch)
-  from agejax import inference
+  from agejax.inference import prediction
 
-  return inference.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated)
+  return prediction.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated)
 
 
 def run(app, host: str, port: int, graceful_timeout_s: float | None = None) -> None:

@@ -12,13 +12,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from agejax import inference
+from agejax.inference import prediction
 
 POLL_S = 0.0005  # how often a waiting batch checks whether requests are still on their way
 
 
 class Model(Protocol):
-  """What the batcher needs of a model: `inference.Predictor` or `export.ExportedPredictor`."""
+  """What the batcher needs of a model: `prediction.Predictor` or `export.ExportedPredictor`."""
 
   input_size: int
   bins: np.ndarray
@@ -120,7 +120,7 @@ class Batcher:
 
   def _predict(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     probs = self._run(images)
-    return probs, jax.device_get(inference.summaries(probs, self.model.bins))
+    return probs, jax.device_get(prediction.summaries(probs, self.model.bins))
 
   def _loop(self) -> None:
     stopping = False

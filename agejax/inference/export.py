@@ -18,10 +18,11 @@ import numpy as np
 from jax import export as jax_export
 
 import agejax
-from agejax import calibration, errors, labels, parallel, storage
+from agejax import errors, labels, parallel, storage
+from agejax.evaluation import calibration
 
 if TYPE_CHECKING:  # the model code is imported only to export, never to serve an export
-  from agejax import inference
+  from agejax.inference import prediction
 
 MODEL_FILE = "model.jax"
 MANIFEST_FILE = "manifest.json"
@@ -46,17 +47,18 @@ def _write_bytes(file: storage.Location, data: bytes) -> None:
 
 
 def _probabilities_fn(
-  predictor: "inference.Predictor", treedef: jax.tree_util.PyTreeDef
+  predictor: "prediction.Predictor", treedef: jax.tree_util.PyTreeDef
 ) -> Callable[[list, jax.Array], jax.Array]:
-  """Returns f(weight leaves, uint8 images) -> probabilities: `inference.distributions`, so the numbers are the same."""
-  from agejax import inference, steps  # the model code: only exporting needs it
+  """Returns f(weight leaves, uint8 images) -> probabilities through `prediction.distributions`: the same numbers."""
+  from agejax.inference import prediction
+  from agejax.training import steps  # the model code: only exporting needs it
 
   temperature = np.float32(predictor.temperature)
 
   def probabilities(leaves: list, images: jax.Array) -> jax.Array:
     params, model_state = jax.tree.unflatten(treedef, leaves)
     state = steps.TrainState(step=None, params=params, model_state=model_state, opt_state=None, skipped_steps=None)
-    return inference.distributions(predictor.steps, state, images, temperature)
+    return prediction.distributions(predictor.steps, state, images, temperature)
 
   return probabilities
 
@@ -145,7 +147,7 @@ def export_workdir(
   Returns:
     The manifest (also written to OUT/manifest.json).
   """
-  from agejax import inference  # the model code: ExportedPredictor must not need it
+  from agejax.inference import prediction  # the model code: ExportedPredictor must not need it
 
   if not storage.path(workdir).is_dir():
     raise errors.MissingInput(f"workdir {storage.path(workdir)} does not exist")
@@ -155,7 +157,7 @@ def export_workdir(
   if saved_model:
     _saved_model_tools()  # before any work
   out = storage.check_writable(output, "export folder")
-  predictor = inference.Predictor(workdir, checkpoint, calibrated=calibrated)
+  predictor = prediction.Predictor(workdir, checkpoint, calibrated=calibrated)
   size = predictor.input_size
   # Host copies: the export holds plain arrays, not arrays laid out over this machine's devices.
   leaves, treedef = jax.tree.flatten(jax.device_get((predictor.state.params, predictor.state.model_state)))

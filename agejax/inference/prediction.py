@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agejax import augment, calibration, checkpointing, errors, labels, metrics, parallel, steps, storage
+from agejax import errors, labels, metrics, parallel, storage
 from agejax.data import pipeline
+from agejax.evaluation import calibration
+from agejax.training import augment, checkpointing, steps
 
 
 @jax.jit

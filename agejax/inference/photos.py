@@ -11,8 +11,9 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from agejax import inference, parallel, storage
+from agejax import parallel, storage
 from agejax.data import faces
+from agejax.inference import prediction
 
 # The crop's side over the detector box's longer side: MTCNN boxes hug brow-to-chin, while
 # UTKFace's aligned chips (what the models are trained on) show the whole head with some margin.
@@ -136,7 +137,7 @@ def find_faces(
 
 
 def predict_files(
-  predictor: inference.Predictor,
+  predictor: prediction.Predictor,
   files: Iterable[str | os.PathLike],
   *,
   aligned: bool = False,
@@ -157,7 +158,7 @@ def predict_files(
 
   def fill() -> None:
     probs = predictor(np.stack(chips))
-    stats = jax.device_get(inference.summaries(probs, predictor.bins))
+    stats = jax.device_get(prediction.summaries(probs, predictor.bins))
     for i, face in enumerate(waiting):
       face.distribution = probs[i]
       face.predicted_age, face.argmax_age, face.std = (

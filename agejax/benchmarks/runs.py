@@ -5,12 +5,12 @@ import time
 from typing import Any
 
 from agejax import errors
-from agejax.benchmarking import bare_steps_per_s
+from agejax.benchmarks.jax_step import bare_steps_per_s
 
 
 def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
   """Full training loop (host pipeline, logging, metrics, checkpoints) vs the bare jitted step."""
-  from agejax import train
+  from agejax.training import train
 
   if num_steps <= config.log_every_steps:
     raise errors.UserError(

@@ -8,7 +8,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from agejax import augment, errors, parallel, steps, storage
+from agejax import errors, parallel, storage
+from agejax.training import augment, steps
 
 BEST_METRIC = "eval_mae"
 CONFIG_FILE = "config.json"

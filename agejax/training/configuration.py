@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from agejax import errors, losses, models, optim, storage
+from agejax import errors, models, storage
+from agejax.training import losses, optim
 
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
 # The Gaussian target gives the bins next to the age exp(-1 / (2 sigma^2)) of the centre's mass:

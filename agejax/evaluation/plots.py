@@ -10,7 +10,7 @@ from etils import epath
 from agejax import errors, labels, storage
 
 if TYPE_CHECKING:
-  from agejax import photos
+  from agejax.inference import photos
 
 PLOT_MAX_INSETS = 3
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import metrics, models, parallel, steps
+from agejax import metrics, models, parallel
+from agejax.training import steps
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {

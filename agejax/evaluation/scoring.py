@@ -9,8 +9,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from agejax import calibration, checkpointing, groups, inference, labels, metrics, parallel, plots, steps, storage
+from agejax import labels, metrics, parallel, storage
 from agejax.data import pipeline
+from agejax.evaluation import calibration, groups, plots
+from agejax.inference import prediction
+from agejax.training import checkpointing, steps
 
 OUTPUT_KEYS = ("predicted_age", "argmax_age", "std")  # per-example outputs kept in <split>_predictions.jsonl
 
@@ -57,7 +60,7 @@ class Evaluator:
 
   def _step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array, *, outputs: bool):
     fns = self.fns
-    logits, probs = inference.outputs(fns, state, batch["image"], temperature, self.flip)
+    logits, probs = prediction.outputs(fns, state, batch["image"], temperature, self.flip)
     # The loss of the distribution reported (exactly the raw logits' loss at temperature 1).
     scored = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)) if self.flip else logits / temperature
     ages = batch["age"].astype(jnp.float32)

@@ -11,22 +11,11 @@ import jax
 import numpy as np
 from etils import epath
 
-from agejax import (
-  checkpointing,
-  configuration,
-  errors,
-  evaluation,
-  inference,
-  metrics,
-  parallel,
-  plots,
-  preemption,
-  profiling,
-  steps,
-  storage,
-  workdir_lock,
-)
+from agejax import errors, metrics, parallel, storage
 from agejax.data import pipeline
+from agejax.evaluation import plots, scoring
+from agejax.inference import prediction
+from agejax.training import checkpointing, configuration, preemption, profiling, steps, workdir_lock
 
 FINAL_METRICS = "final_metrics.json"
 
@@ -49,7 +38,7 @@ def build(config) -> dict[str, Any]:
   replicated = parallel.replicated(mesh)
   state = jax.device_put(state, replicated)
   train_step = steps.jit_train_step(fns, replicated, parallel.data_sharded(mesh))
-  evaluator = evaluation.Evaluator(fns, eval_data, config.eval_batch_size or config.batch_size, mesh)
+  evaluator = scoring.Evaluator(fns, eval_data, config.eval_batch_size or config.batch_size, mesh)
   return dict(
     mesh=mesh,
     train_data=train_data,
@@ -156,7 +145,7 @@ def _train(
     # A few eval faces, drawn with their target and predicted distributions at every evaluation.
     sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
     sample_images = jax.device_put(sample["image"], replicated)
-    predict = jax.jit(functools.partial(inference.distributions, b["steps"]))
+    predict = jax.jit(functools.partial(prediction.distributions, b["steps"]))
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
     batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
     stream = pipeline.device_prefetch(
@@ -232,7 +221,7 @@ def _train(
           bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
         if evaluated:
           with report.timed("eval"):
-            eval_metrics = evaluation.headline(b["evaluator"].run(state))
+            eval_metrics = scoring.headline(b["evaluator"].run(state))
           writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           probs = metrics.fetch_array(predict(state, sample_images))
           writer.write_images(
@@ -255,10 +244,10 @@ def _train(
   with jax.transfer_guard("allow"):
     ckpts.wait()
     if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
-      eval_metrics = evaluation.headline(b["evaluator"].run(state))
+      eval_metrics = scoring.headline(b["evaluator"].run(state))
     # Calibrate the checkpoint inference uses by default (the best), before final metrics mark the run done.
     best = ckpts.best_step()
-    fitted = evaluation.calibrate(
+    fitted = scoring.calibrate(
       b["evaluator"], state if best in (None, step) else ckpts.restore(state, best), workdir, config.data.eval_split
     )
     final = {

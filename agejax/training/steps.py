@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from agejax import augment, labels, losses, metrics, models, optim
+from agejax import labels, metrics, models
+from agejax.training import augment, losses, optim
 
 PyTree = Any
 

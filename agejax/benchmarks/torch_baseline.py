@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agejax import augment, models
-from agejax.benchmarking import bench_config, jax_train, peak_flops, speed
+from agejax import models
+from agejax.benchmarks.jax_step import bench_config, jax_train, peak_flops, speed
+from agejax.training import augment
 
 
 def torch_vgg16(num_bins: int, width: float = 1.0):

@@ -1,0 +1,1 @@
+"""Benchmarks: the JAX train step, the PyTorch baseline, loop/start-up/input, serving."""

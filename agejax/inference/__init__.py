@@ -1,0 +1,1 @@
+"""Inference: Predictor, photos (detection and crops), export."""
