@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from agejax import errors
 
@@ -14,7 +15,7 @@ def age_bins(min_age: int, max_age: int) -> np.ndarray:
   return np.arange(min_age, max_age + 1, dtype=np.float32)
 
 
-def label_distribution(ages: jax.Array, bins: jax.Array, sigma: float | jax.Array) -> jax.Array:
+def label_distribution(ages: ArrayLike, bins: ArrayLike, sigma: ArrayLike) -> jax.Array:
   """Returns N(age, sigma^2) evaluated at the bins and normalised to sum 1, shape [..., K]."""
   ages = jnp.asarray(ages, jnp.float32)[..., None]
   sigma = jnp.asarray(sigma, jnp.float32)
@@ -23,7 +24,7 @@ def label_distribution(ages: jax.Array, bins: jax.Array, sigma: float | jax.Arra
   return jax.nn.softmax(-0.5 * jnp.square((bins - ages) / sigma), axis=-1)
 
 
-def expected_age(probs: jax.Array, bins: jax.Array) -> jax.Array:
+def expected_age(probs: ArrayLike, bins: ArrayLike) -> jax.Array:
   """Returns the expectation of the age under the distribution over bins."""
   return jnp.sum(probs * bins, axis=-1)
 

@@ -1,8 +1,11 @@
 """Age-estimation metrics (MAE, epsilon-error, CS@k) as on-device masked sums and their means."""
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 Sums = dict[str, jax.Array]
 
@@ -36,7 +39,7 @@ def per_image_sigma(age_std: jax.Array | None, age: jax.Array, default: float) -
   return jnp.where(age_std > 0, age_std, default)
 
 
-def age_group(age: jax.Array) -> jax.Array:
+def age_group(age: ArrayLike) -> jax.Array:
   """Index into AGE_GROUPS of each age (decades, 70 and over together)."""
   return jnp.clip(jnp.floor(age / 10.0), 0, len(AGE_GROUPS) - 1).astype(jnp.int32)
 
@@ -93,12 +96,12 @@ def add(a: Sums, b: Sums) -> Sums:
   return {k: a[k] + b[k] if k in b else a[k] for k in a}
 
 
-def fetch_array(x: jax.Array) -> np.ndarray:
+def fetch_array(x: ArrayLike) -> np.ndarray:
   """Copies a replicated array to the host from a local device (works on every process)."""
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def fetch(sums: Sums) -> dict[str, float]:
+def fetch(sums: Mapping[str, ArrayLike]) -> dict[str, float]:
   """Copies a replicated accumulator to the host."""
   return {k: float(fetch_array(v)) for k, v in sums.items()}
 

@@ -33,6 +33,12 @@ def make_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def device_multiple(batch_size: int) -> int:
+  """A global batch rounded up to a multiple of the device count, so every device gets an equal slice."""
+  n = jax.device_count()
+  return -(-batch_size // n) * n
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Sharding that keeps a full copy on every device (params, optimizer state)."""
   return NamedSharding(mesh, P())

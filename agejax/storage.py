@@ -35,13 +35,13 @@ def path(location: Location) -> epath.Path:
 
 def write_text(file: Location, text: str) -> None:
   """Writes `text` so that readers see the old or the new content, never a partial file."""
-  file = path(file)
-  if is_url(file):
-    file.write_text(text)  # one object write: atomic on object stores
+  target = path(file)
+  if is_url(target):
+    target.write_text(text)  # one object write: atomic on object stores
     return
-  tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+  tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
   tmp.write_text(text)
-  os.replace(tmp, file)  # a rename is atomic on a local file system
+  os.replace(tmp, target)  # a rename is atomic on a local file system
 
 
 def remove_interrupted_writes(directory: Location) -> list[epath.Path]:
@@ -50,11 +50,11 @@ def remove_interrupted_writes(directory: Location) -> list[epath.Path]:
   Call it holding the directory's WorkdirLock; a file whose process still runs on this host is kept.
   Returns the removed files (none for a URL: object writes leave no temporaries).
   """
-  directory = path(directory)
-  if is_url(directory) or not directory.is_dir():
+  folder = path(directory)
+  if is_url(folder) or not folder.is_dir():
     return []
-  removed = []
-  for entry in os.scandir(directory):
+  removed: list[epath.Path] = []
+  for entry in os.scandir(folder):
     match = _TEMPORARY.match(entry.name)
     if match and entry.is_file(follow_symlinks=False) and not process_running(int(match["pid"])):
       os.unlink(entry.path)
@@ -69,13 +69,13 @@ def write_json(file: Location, obj: Any) -> None:
 
 def read_json(file: Location) -> Any:
   """Reads a JSON file; raises FileNotFoundError or ValueError naming the file."""
-  file = path(file)
-  if not file.exists():
-    raise errors.MissingInput(f"{file} does not exist")
+  source = path(file)
+  if not source.exists():
+    raise errors.MissingInput(f"{source} does not exist")
   try:
-    return json.loads(file.read_text())
+    return json.loads(source.read_text())
   except (ValueError, UnicodeDecodeError) as e:
-    raise errors.UserError(f"{file}: not valid JSON ({e})") from None
+    raise errors.UserError(f"{source}: not valid JSON ({e})") from None
 
 
 def read_json_object(file: Location) -> dict[str, Any]:
@@ -101,21 +101,21 @@ def check_writable(directory: Location, what: str = "workdir") -> epath.Path:
   location when writing fails (a missing bucket, no permission, an unreachable endpoint, a file
   in the way), so a run fails before any compilation, not at its first save.
   """
-  directory = path(directory)
-  probe = directory / f".agejax-write-probe-{uuid.uuid4().hex}"
+  folder = path(directory)
+  probe = folder / f".agejax-write-probe-{uuid.uuid4().hex}"
   try:
-    if not is_url(directory):
-      if directory.exists() and not directory.is_dir():
+    if not is_url(folder):
+      if folder.exists() and not folder.is_dir():
         raise NotADirectoryError("it is a file")
-      directory.mkdir(parents=True, exist_ok=True)
+      folder.mkdir(parents=True, exist_ok=True)
     probe.write_text("")
     probe.unlink()
   except Exception as e:  # TensorFlow, fsspec and the OS each raise their own error types
     reason = first_line(e)
-    if is_url(directory) and "404" in reason:
+    if is_url(folder) and "404" in reason:
       reason += " (does the bucket exist?)"
-    raise errors.UserError(f"{what} {directory} is not writable: {reason}") from None
-  return directory
+    raise errors.UserError(f"{what} {folder} is not writable: {reason}") from None
+  return folder
 
 
 def process_running(pid: int) -> bool:

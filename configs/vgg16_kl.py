@@ -22,6 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.nonfinite = "stop"  # a non-finite loss/gradient: "stop" the run, or "skip" the step (counted)
   config.compilation_cache_dir = "~/.cache/agejax/jax_compilation_cache"  # '' disables it
   config.profile_steps = 0  # > 0: a jax.profiler trace of this many train steps after the first log step
+  # Modules to import before anything is built: plug-ins that register a backbone, a loss or rules.
+  config.plugins = ()
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "utkface"  # prepare once: python scripts/prepare_data.py utkface --manual_dir DIR
@@ -42,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.augment.sharpness = 0.0  # up to this weight of unsharp masking
 
   config.model = ml_collections.ConfigDict()
+  config.model.name = "vgg16"  # a registered backbone (agejax.models)
   config.model.width_multiplier = 1.0
   config.model.dtype = "auto"  # bfloat16 compute on accelerators, float32 on CPU; params are float32
   config.model.batch_norm = False
@@ -55,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.labels.out_of_range = "clip"  # ages outside the bins: "clip" to the range or "drop" the example
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = "kl"  # or "onehot": the original project's one-hot NLL, for comparison
+  config.loss.name = "kl"  # training.losses.LOSSES; "onehot": the original project's one-hot NLL, for comparison
   config.loss.sigma = 2.0  # std of the Gaussian label distribution, in years
   config.loss.l1_weight = 0.0  # DLDL-v2: add l1_weight * |E[age] - age|
 
@@ -75,6 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.backbone_lr_multiplier = 1.0
   config.optimizer.freeze_backbone = False
   config.optimizer.head_warmup_steps = 0  # train the head alone for this many steps first
+  # Per-parameter rules before those: (regex over paths like "convs/3/kernel", {"lr": multiplier,
+  # "decay": bool, "frozen": bool, "start_step": int}); the first match wins.
+  config.optimizer.rules = ()
+
+  # More evaluations beside data.eval_split, logged as eval/<name>/... and in final_metrics.json's
+  # "evals": dicts of name, dataset, split (default "test"), builder_config, data_dir, every_steps.
+  config.evals = ()
 
   if arg in ("demo", "tiny"):
     config.data.name = "demo"

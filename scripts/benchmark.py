@@ -60,7 +60,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[64])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--width", type=float, default=1.0, help="VGG16 width multiplier")
+    p.add_argument("--model", default="vgg16", help="backbone (config.model.name)")
+    p.add_argument("--width", type=float, default=1.0, help="the backbone's width multiplier")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     if mode == "torch":
@@ -112,8 +113,10 @@ def main() -> None:
   if args.mode in ("train", "torch"):
     print("environment:", json.dumps(jax_step.environment()))
     torch_modes = "none" if args.mode == "train" else ("eager" if args.no_compile else "eager+compile")
+    base = default_config()
+    base.model.name = args.model
     rows = torch_baseline.side_by_side(
-      default_config(),
+      base,
       args.batch,
       args.dtype,
       args.image_size,

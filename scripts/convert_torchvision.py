@@ -1,16 +1,14 @@
-"""Converts torchvision VGG16 weights for agejax.
+"""Converts torchvision weights for agejax's backbones (each backbone registers the architectures it reads).
 
 python scripts/convert_torchvision.py (--checkpoint FILE.pth|FILE.safetensors | --weights IMAGENET1K_V1)
     --arch vgg16|vgg16_bn --output DIR
 """
 
-import sys
-
 import jax
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 
-from agejax import convert, errors
+from agejax import cli, convert, errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A torchvision state dict: .pth, .pt or .safetensors.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "torchvision weights to download instead, e.g. IMAGENET1K_V1.")
@@ -39,27 +37,25 @@ def download_state_dict(arch: str, name: str) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; -v 0 restores it
-    logging.set_verbosity(logging.WARNING)
-  try:
-    if _CHECKPOINT.value:
-      state_dict, source = convert.load_torch_checkpoint(_CHECKPOINT.value), _CHECKPOINT.value
-    else:
-      state_dict, source = download_state_dict(_ARCH.value, _WEIGHTS.value), f"torchvision:{_WEIGHTS.value}"
-    found = convert.torchvision_arch(state_dict)
-    if found != _ARCH.value:
-      raise errors.UserError(f"{source} holds {found} weights, not --arch={_ARCH.value}")
-    model = convert.vgg16_from_torchvision(state_dict)
-    output = convert.save_converted(model, _OUTPUT.value, source=source)
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CHECKPOINT.value:
+    state_dict, source = convert.load_torch_checkpoint(_CHECKPOINT.value), _CHECKPOINT.value
+  else:
+    state_dict, source = download_state_dict(_ARCH.value, _WEIGHTS.value), f"torchvision:{_WEIGHTS.value}"
+  backbone = convert.backbone_for(_ARCH.value)
+  found = backbone.identify(state_dict) if backbone.identify else _ARCH.value
+  if found not in (None, _ARCH.value):
+    raise errors.UserError(f"{source} holds {found} weights, not --arch={_ARCH.value}")
+  model = convert.from_published(state_dict, _ARCH.value)  # names every missing or mis-shaped key
+  output = convert.save_converted(
+    model, _OUTPUT.value, arch=_ARCH.value, backbone=backbone.name, input_spec=backbone.input_spec, source=source
+  )
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(
     f"wrote {output / convert.WEIGHTS_DIR} and {output / convert.META_FILE}: "
-    f"{_ARCH.value}, {model.head.kernel.shape[1]} classes, {count:,} parameters, from {source}"
+    f"{_ARCH.value}, {convert.load_meta(output)['num_classes']} classes, {count:,} parameters, from {source}"
   )
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

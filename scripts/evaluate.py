@@ -7,16 +7,14 @@ temperature is applied when present (--no-calibration: the raw model; --calibrat
 """
 
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads datasets here
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from agejax import errors
+from agejax import cli
 from agejax.evaluation import scoring
-from agejax.training import checkpointing, configuration
+from agejax.inference import evaluate
+from agejax.training import checkpointing
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Training config file; default: WORKDIR/config.json.", lock_config=True
@@ -39,23 +37,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CALIBRATE.value and _NO_CALIBRATION.value:
     raise app.UsageError("--calibrate fits the temperature that --no-calibration ignores: give one of them")
-  if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; -v 0 restores it
-    logging.set_verbosity(logging.WARNING)
-  try:
-    report = scoring.evaluate_workdir(
-      _CONFIG.value,
-      _WORKDIR.value,
-      _SPLIT.value,
-      checkpoint=_CHECKPOINT.value,
-      flip=_FLIP.value,
-      calibrated=not _NO_CALIBRATION.value,
-      fit_calibration=_CALIBRATE.value,
-    )
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+  report = evaluate.evaluate_workdir(
+    _CONFIG.value,
+    _WORKDIR.value,
+    _SPLIT.value,
+    checkpoint=_CHECKPOINT.value,
+    flip=_FLIP.value,
+    calibrated=not _NO_CALIBRATION.value,
+    fit_calibration=_CALIBRATE.value,
+  )
   print(scoring.format_table(report))
   print(f"wrote {os.path.join(_WORKDIR.value, 'eval', _SPLIT.value)}.json, _predictions.jsonl and plots")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configuration.parse_flags)
+  cli.run(main)

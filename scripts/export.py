@@ -7,16 +7,12 @@ temperature, the checkpoint step, the versions). OUT may be a gs:// URL.
 """
 
 import json
-import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from agejax import errors
+from agejax import cli
 from agejax.inference import export
-from agejax.training import checkpointing, configuration
+from agejax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
@@ -31,18 +27,13 @@ flags.mark_flags_as_required(["workdir", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; -v 0 restores it
-    logging.set_verbosity(logging.WARNING)
-  try:
-    manifest = export.export_workdir(
-      _WORKDIR.value,
-      _OUTPUT.value,
-      _CHECKPOINT.value,
-      calibrated=not _NO_CALIBRATION.value,
-      saved_model=_SAVED_MODEL.value,
-    )
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+  manifest = export.export_workdir(
+    _WORKDIR.value,
+    _OUTPUT.value,
+    _CHECKPOINT.value,
+    calibrated=not _NO_CALIBRATION.value,
+    saved_model=_SAVED_MODEL.value,
+  )
   out = _OUTPUT.value.rstrip("/")
   s = manifest["input_size"]
   print(f"exported step {manifest['step']} (temperature {manifest['temperature']:g}) of {_WORKDIR.value}:")
@@ -53,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configuration.parse_flags)
+  cli.run(main)

@@ -9,17 +9,13 @@ training faces; with --aligned each file is already a face crop.
 """
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from agejax import errors
-from agejax.evaluation import plots
-from agejax.inference import photos, prediction
-from agejax.training import checkpointing, configuration
+from agejax import cli
+from agejax.inference import figures, photos, prediction
+from agejax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
@@ -39,14 +35,9 @@ def main(argv):
 
   if len(argv) < 2:
     raise app.UsageError("give at least one IMAGE_OR_FOLDER")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    predictor = prediction.Predictor(
-      _WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value, calibrated=not _NO_CALIBRATION.value
-    )
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+  predictor = prediction.Predictor(
+    _WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value, calibrated=not _NO_CALIBRATION.value
+  )
   detector = None if _ALIGNED.value else photos.FaceDetector()
   files = photos.list_files(argv[1:])
   plotted = []
@@ -58,7 +49,7 @@ def main(argv):
     keep_photos=PLOT_MAX_PHOTOS if _PLOT.value else 0,
   ):
     if _JSON.value:
-      lines = [json.dumps(obj) for obj in photos.to_json(result, predictor.config.labels.min_age)]
+      lines = [json.dumps(obj) for obj in photos.to_json(result, int(predictor.bins[0]))]
     else:
       lines = photos.to_lines(result)
     for line in lines:
@@ -67,11 +58,11 @@ def main(argv):
       plotted.append(result)
   if _PLOT.value:
     if plotted:
-      plots.plot_results(plotted, predictor.bins, _PLOT.value)
+      figures.plot_results(plotted, predictor.bins, _PLOT.value)
       print(f"plot of {len(plotted)} photo(s) saved to {_PLOT.value}", file=sys.stderr)
     else:
       print(f"no faces: {_PLOT.value} not written", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configuration.parse_flags)
+  cli.run(main)

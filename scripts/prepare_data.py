@@ -5,14 +5,11 @@ so APPA-REAL, MORPH and your own lists live side by side. Preparing a name again
 changed source is refused; `--rebuild` deletes the prepared dataset and prepares it again.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads datasets here
+from absl import flags
 
-from absl import app, flags, logging
-
-from agejax import errors
+from agejax import cli
 from agejax.data import datasets
 
 _MANUAL_DIR = flags.DEFINE_string(
@@ -34,14 +31,10 @@ def main(argv):
       f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
       f"[--name NAME] [--rebuild]"
     )
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   try:
     args = argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BUILDER_CONFIG.value
     already = not _REBUILD.value and datasets.get_builder(args[0], args[1], args[3]).is_prepared()
     builder = datasets.prepare(*args, rebuild=_REBUILD.value)
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
   except AssertionError as e:  # TFDS asserts that the manual folder exists and is not empty
     reason = (str(e).strip().splitlines() or [""])[0].split(". Create it")[0]
     sys.exit(f"error: {reason}; pass --manual_dir FOLDER holding the downloaded files (README: Real datasets)")
@@ -60,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,15 +6,10 @@ Faces from concurrent requests share model calls (--max_batch, --max_wait_ms). S
 stops accepting, finishes the requests in flight and exits 0.
 """
 
-import os
-import sys
+from absl import app, flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags, logging
-
-from agejax import errors
-from agejax.training import checkpointing, configuration
+from agejax import cli
+from agejax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
@@ -42,33 +37,28 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   from agejax import serving
   from agejax.inference import photos
   from agejax.serving import app as serving_app
   from agejax.training import train
 
-  try:
-    model = serving.load_model(
-      _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=not _NO_CALIBRATION.value
-    )
-    config = getattr(model, "config", None)
-    cache = _COMPILATION_CACHE.value
-    train.enable_compilation_cache(config.get("compilation_cache_dir", "") if cache is None and config else cache or "")
-    settings = serving_app.Settings(
-      max_batch=_MAX_BATCH.value,
-      max_wait_ms=_MAX_WAIT_MS.value,
-      max_body_bytes=int(_MAX_BODY_MB.value * 1e6),
-      max_files=_MAX_FILES.value,
-      workers=_WORKERS.value,
-    )
-    min_age = int(model.bins[0])
-    server = serving_app.create_app(model, photos.FaceDetector(), settings, min_age, getattr(model, "step", None))
-    serving.run(server, _HOST.value, _PORT.value, _GRACE_S.value)
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+  model = serving.load_model(
+    _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=not _NO_CALIBRATION.value
+  )
+  cfg = getattr(model, "cfg", None)  # a workdir's settings; an export has none
+  cache = _COMPILATION_CACHE.value
+  train.enable_compilation_cache(cfg.run.compilation_cache_dir if cache is None and cfg else cache or "")
+  limits = serving_app.Settings(
+    max_batch=_MAX_BATCH.value,
+    max_wait_ms=_MAX_WAIT_MS.value,
+    max_body_bytes=int(_MAX_BODY_MB.value * 1e6),
+    max_files=_MAX_FILES.value,
+    workers=_WORKERS.value,
+  )
+  min_age = int(model.bins[0])
+  server = serving_app.create_app(model, photos.FaceDetector(), limits, min_age, getattr(model, "step", None))
+  serving.run(server, _HOST.value, _PORT.value, _GRACE_S.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configuration.parse_flags)
+  cli.run(main)

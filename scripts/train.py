@@ -1,15 +1,10 @@
 """Trains an age estimator: python scripts/train.py --config configs/vgg16_kl.py[:VARIANT] --workdir DIR."""
 
-import os
-import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads datasets here
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from agejax import errors, parallel
-from agejax.training import configuration, train
+from agejax import cli, parallel
+from agejax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and final metrics.")
@@ -22,14 +17,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:  # Orbax and CLU are chatty at INFO; -v 0 restores it
-    logging.set_verbosity(logging.WARNING)
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except errors.UserError as e:
-    sys.exit(f"error: {e}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configuration.parse_flags)
+  cli.run(main)

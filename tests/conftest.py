@@ -55,6 +55,22 @@ def tiny_config(data_dir, compilation_cache):
   return config
 
 
+def data_settings(data):
+  """The data settings (settings.DataSettings) of a config's `data` section (a ConfigDict or dict)."""
+  from agejax import settings
+
+  return settings.DataSettings(**dict(data))
+
+
+def labelled_split(config, split: str, *, training: bool = False):
+  """A config's split with its labels' out-of-range policy applied (data.pipeline.load_labelled_split)."""
+  from agejax import settings
+  from agejax.data import pipeline
+
+  cfg = settings.Settings.from_config(config)
+  return pipeline.load_labelled_split(cfg.data, cfg.labels, split, training=training)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

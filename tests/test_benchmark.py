@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agejax import models
+from agejax import models, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = [
@@ -39,7 +39,7 @@ for name in ("tensorflow", "tensorflow_datasets", "clu"):
   sys.modules[name] = None  # any import of them now raises ImportError
 from agejax import models
 from agejax.benchmarks import jax_step
-from agejax.training import losses, steps
+from agejax.training import learner, losses
 sys.argv = ["scripts/benchmark.py", *sys.argv[1:]]
 runpy.run_path("scripts/benchmark.py", run_name="__main__")
 assert all(sys.modules[name] is None for name in ("tensorflow", "tensorflow_datasets", "clu"))
@@ -80,7 +80,7 @@ def _check_train_row(row: dict, framework: str) -> None:
   # Utilisation = model FLOP/s (3x the forward count, checked against torch below) / measured matmul rate.
   assert math.isclose(
     row["mfu_matmul"] * row["matmul_tflops"] * 1e12,
-    row["images_per_s"] * 3 * models.forward_flops(32, 100, 0.0625),
+    row["images_per_s"] * 3 * models.forward_flops(settings.ModelSettings(width_multiplier=0.0625), 32, 100),
     rel_tol=1e-9,
   )
   assert (row["batch"], row["dtype"], row["image_size"], row["width"]) == (4, "float32", 32, 0.0625)
@@ -183,7 +183,8 @@ TORCH_FLOPS = """
 import json, sys, torch, torchvision
 from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, ".")
-from agejax.benchmarks.torch_baseline import torch_vgg16
+from agejax import settings
+from agejax.models import vgg
 
 def per_image(model, size, backward):
   with FlopCounterMode(display=False) as counter:  # the input needs no gradient, as in training
@@ -193,7 +194,7 @@ def per_image(model, size, backward):
   return counter.get_total_flops() // 2
 
 print(json.dumps({"224,1.0": per_image(torchvision.models.vgg16(num_classes=100), 224, False),
-                  "64,0.25": per_image(torch_vgg16(100, 0.25), 64, False),
+                  "64,0.25": per_image(vgg.torch_model(settings.ModelSettings(width_multiplier=0.25), 100), 64, False),
                   "train": per_image(torchvision.models.vgg16(num_classes=100), 224, True)}))
 """
 
@@ -215,7 +216,10 @@ def torch_flops() -> dict[str, int]:
 
 @pytest.mark.parametrize("image_size,width", [(224, 1.0), (64, 0.25)])
 def test_analytic_forward_flops_match_torch_flop_counter(torch_flops, image_size, width):
-  assert models.forward_flops(image_size, 100, width) == torch_flops[f"{image_size},{width}"]
+  assert (
+    models.forward_flops(settings.ModelSettings(width_multiplier=width), image_size, 100)
+    == torch_flops[f"{image_size},{width}"]
+  )
 
 
 def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torch_flops):
@@ -223,14 +227,14 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   import jax
   import jax.numpy as jnp
 
-  from agejax import metrics
+  from agejax import metrics, settings
   from agejax.benchmarks import jax_step
-  from agejax.training import steps
+  from agejax.training import learner
   from configs import vgg16_kl
 
   reference = torch_flops["train"]  # ~92.6 GFLOP
   config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 224, 1.0)
-  fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
+  fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=100, abstract=True)
   batch = {
     "image": jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8),
     "age": jax.ShapeDtypeStruct((2,), jnp.float32),
@@ -239,5 +243,5 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   compiled = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), batch).compile()
   xla = jax_step.xla_flops(compiled) / 2
   # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam.
-  assert abs(3 * models.forward_flops(224, 100) / reference - 1) < 0.005
+  assert abs(3 * models.forward_flops(settings.ModelSettings(), 224, 100) / reference - 1) < 0.005
   assert abs(xla / reference - 1) < 0.01, (xla, reference)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from agejax import convert, models
-from agejax.training import steps
+from agejax.models import vgg
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -94,13 +94,13 @@ def cli_output(torch_models, tmp_path_factory) -> Iterator[tuple[pathlib.Path, s
 
 def _pure(model: nnx.Module) -> tuple[dict, dict]:
   """The (params, model_state) pure dicts the trainer uses."""
-  _, params, rest = steps.split_model(model)
+  _, params, rest = models.split_model(model)
   return params, rest
 
 
 def _age_model_dicts(width: float, batch_norm: bool) -> tuple[dict, dict]:
   """The trainer's param/state pure dicts for a 100-bin age model (zeros: only shapes matter here)."""
-  abstract = nnx.eval_shape(lambda: models.VGG16(100, width_multiplier=width, batch_norm=batch_norm, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: vgg.VGG16(100, width_multiplier=width, batch_norm=batch_norm, rngs=nnx.Rngs(0)))
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _pure(abstract))
 
 
@@ -161,14 +161,21 @@ def test_numpy_input_needs_no_torch():
 
 def test_save_load_round_trip(converted, scratch):
   model = converted["vgg16_bn"]
-  out = convert.save_converted(model, scratch / "weights", source="test")
+  out = convert.save_converted(model, scratch / "weights", arch="vgg16_bn", backbone="vgg16", source="test")
   params, model_state, meta = convert.load_converted(out)
-  assert meta == {"arch": "vgg16_bn", "num_classes": 1000, "source": "test"}
+  assert meta == {
+    "arch": "vgg16_bn",
+    "backbone": "vgg16",
+    "num_classes": 1000,
+    "input_spec": models.IMAGENET.to_json(),
+    "source": "test",
+  }
+  assert convert.input_spec(out) == models.IMAGENET
   want_params, want_state = _pure(model)
   jax.tree.map(np.testing.assert_array_equal, params, want_params)
   jax.tree.map(np.testing.assert_array_equal, model_state, want_state)
   with pytest.raises(ValueError, match="already exists"):
-    convert.save_converted(model, out)
+    convert.save_converted(model, out, arch="vgg16_bn", backbone="vgg16")
 
 
 def test_cli_converts_a_pth(cli_output, converted):

@@ -13,11 +13,10 @@ import tiny_run
 from PIL import Image
 from test_calibration import reference_quantile
 
-from agejax import metrics, parallel
+from agejax import metrics, parallel, settings
 from agejax.data import pipeline
 from agejax.evaluation import calibration, plots, scoring
-from agejax.inference import prediction
-from agejax.training import checkpointing
+from agejax.inference import loading, prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -27,7 +26,13 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 def trained(request, tmp_path_factory):
   """(config, workdir, final metrics) of the session's tiny run, copied for this module."""
   final, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  return checkpointing.load_config(workdir), workdir, final
+  return settings.Settings.from_config(loading.load_config(workdir)), workdir, final
+
+
+def evaluator(fns, data: pipeline.ArraySplit, flip: bool = False) -> scoring.Evaluator:
+  """An Evaluator of a restored model at batch 16, which does not divide the 50-face splits: padding must not count."""
+  eps = fns.cfg.eval.epsilon_sigma
+  return scoring.Evaluator(fns.model, fns.loss_fn, data, 16, parallel.make_mesh(), epsilon_sigma=eps, flip=flip)
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -40,7 +45,7 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "MAE" in proc.stdout and "CS@k" in proc.stdout
   report = json.loads((workdir / "eval" / "test.json").read_text())
-  data = pipeline.load_labelled_split(config, "test")
+  data = pipeline.load_labelled_split(config.data, config.labels, "test")
   assert report["num_examples"] == len(data) == 50
   assert report["split"] == "test" and report["step"] in tiny_run.CHECKPOINTS and report["flip"] is False
   assert sorted(map(int, report["cumulative_score"])) == list(range(1, 11))
@@ -99,17 +104,17 @@ def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_met
 def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   """Every number of the report, recomputed in float64 NumPy from the Predictor's distributions."""
   config, workdir, _ = trained
-  data = pipeline.load_labelled_split(config, "test")
+  data = pipeline.load_labelled_split(config.data, config.labels, "test")
   predictor = prediction.Predictor(workdir, "latest", batch_size=8, calibrated=False)
   probs = predictor(data.images).astype(np.float64)
   bins = predictor.bins.astype(np.float64)
   predicted = probs @ bins
   std = np.sqrt(np.maximum(probs @ bins**2 - predicted**2, 0))
   error = np.abs(predicted - data.age)
-  sigma = np.where(data.age_std > 0, data.age_std, config.metrics.epsilon_sigma)
-  _, fns, state = checkpointing.load_trained(workdir, "latest")
+  sigma = np.where(data.age_std > 0, data.age_std, config.eval.epsilon_sigma)
+  _, fns, state = loading.load_trained(workdir, "latest")
   # A batch that does not divide the split: padding must not count.
-  report = scoring.Evaluator(fns, data, 16, parallel.make_mesh()).run(state)
+  report = evaluator(fns, data).run(state)
   assert report["num_examples"] == len(data) == 50
   assert report["mae"] == pytest.approx(error.mean(), rel=1e-5)
   assert report["epsilon_error"] == pytest.approx(
@@ -127,7 +132,7 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
 def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(trained):
   """Groups and calibration, with the trainer's temperature, recomputed in float64 from the Predictor's outputs."""
   config, workdir, final = trained
-  data = pipeline.load_labelled_split(config, "test")
+  data = pipeline.load_labelled_split(config.data, config.labels, "test")
   fitted = json.loads((workdir / calibration.FILE).read_text())
   assert fitted["temperature"] == final["temperature"] and fitted["split"] == config.data.eval_split
   assert fitted["step"] == final["best_step"] and fitted["nll_after"] <= fitted["nll_before"]
@@ -137,10 +142,8 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
   raw = prediction.Predictor(workdir, "latest", batch_size=8, calibrated=False)(data.images).astype(np.float64)
   bins = predictor.bins.astype(np.float64)
   predicted = probs @ bins
-  _, fns, state = checkpointing.load_trained(workdir, "latest")
-  report, _ = scoring.Evaluator(fns, data, 16, parallel.make_mesh()).run(
-    state, temperature=predictor.temperature, outputs=True
-  )
+  _, fns, state = loading.load_trained(workdir, "latest")
+  report, _ = evaluator(fns, data).run(state, temperature=predictor.temperature, outputs=True)
   assert report["mae"] == pytest.approx(np.mean(np.abs(predicted - data.age)), rel=1e-5)
   groupings = {**{k: (v, data.group_names[k]) for k, v in data.groups.items()}}
   groupings["age_group"] = (np.clip(np.floor(data.age / 10), 0, 7).astype(int), metrics.AGE_GROUPS)
@@ -202,12 +205,11 @@ def mirror_symmetric(params: dict) -> dict:
 
 def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
   config, workdir, _ = trained
-  data = pipeline.load_labelled_split(config, "test")
-  _, fns, state = checkpointing.load_trained(workdir, "latest")
-  mesh = parallel.make_mesh()
+  data = pipeline.load_labelled_split(config.data, config.labels, "test")
+  _, fns, state = loading.load_trained(workdir, "latest")
 
   def distributions(state, flip: bool) -> np.ndarray:
-    return scoring.Evaluator(fns, data, 16, mesh, flip=flip).run(state, outputs=True)[1]["distribution"]
+    return evaluator(fns, data, flip).run(state, outputs=True)[1]["distribution"]
 
   # Sanity check: the trained model is not symmetric, so flipping does change its predictions.
   assert np.abs(distributions(state, True) - distributions(state, False)).max() > 1e-4
@@ -220,7 +222,7 @@ def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
 def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
   config, workdir, _ = trained
   predictor = prediction.Predictor(workdir)
-  batch = pipeline.load_labelled_split(config, "validation").gather(np.arange(3))
+  batch = pipeline.load_labelled_split(config.data, config.labels, "validation").gather(np.arange(3))
   probs = predictor(batch["image"])
   images = plots.distribution_figure_images(batch["image"], batch["age"], probs, predictor.bins, config.loss.sigma)
   assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == 3 and images.shape[-1] == 3
@@ -231,8 +233,8 @@ def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
 def test_missing_checkpoints_and_unknown_steps_fail_with_one_line(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match="python scripts/train.py --config configs/vgg16_kl.py --workdir"):
-    checkpointing.load_trained(tmp_path / "never_trained")
+    loading.load_trained(tmp_path / "never_trained")
   with pytest.raises(ValueError, match=rf"available: \[{', '.join(map(str, tiny_run.CHECKPOINTS))}\]"):
-    checkpointing.load_trained(workdir, "15")  # not a checkpoint
+    loading.load_trained(workdir, "15")  # not a checkpoint
   with pytest.raises(ValueError, match="best, latest or a step number"):
-    checkpointing.load_trained(workdir, "newest")
+    loading.load_trained(workdir, "newest")

@@ -16,8 +16,7 @@ from PIL import Image
 
 from agejax import errors
 from agejax.evaluation import calibration
-from agejax.inference import export, photos, prediction
-from agejax.training import checkpointing
+from agejax.inference import export, loading, photos, prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -113,7 +112,7 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
 
   on_disk = json.loads((out / export.MANIFEST_FILE).read_text())
   assert on_disk == manifest
-  record = checkpointing.load_inference_record(exported[1]["workdir"])
+  record = loading.load_inference_record(exported[1]["workdir"])
   assert manifest["input_size"] == record["input_size"] == x.shape[1]
   temperature = calibration.load_temperature(manifest["workdir"])  # the trainer fitted one at the end
   assert (manifest["min_age"], manifest["max_age"]) == (1, 100)

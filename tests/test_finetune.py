@@ -5,26 +5,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from conftest import checkpoint
 
-from agejax import convert, models
+from agejax import convert, models, settings
 from agejax.training import configuration, optim, train
 
 
-def opt_cfg(**kw) -> ml_collections.ConfigDict:
-  base = dict(
-    learning_rate=1e-3,
-    weight_decay=0.0,
-    grad_clip_norm=0.0,
-    backbone_lr_multiplier=1.0,
-    freeze_backbone=False,
-    head_warmup_steps=0,
-  )
-  return ml_collections.ConfigDict({**base, **kw})
+def opt_cfg(**kw) -> settings.OptimizerSettings:
+  return settings.OptimizerSettings(**{"learning_rate": 1e-3, **kw})
 
 
 def first_updates(cfg, steps: int = 1):
@@ -77,7 +68,7 @@ def test_training_from_converted_weights_loads_backbone_and_trains_head(tiny_con
   )
   reference = convert.load_torch_checkpoint(source)
   weights = tmp_path / "vgg16"
-  convert.save_converted(convert.vgg16_from_torchvision(reference), weights)
+  convert.save_converted(convert.vgg16_from_torchvision(reference), weights, arch="vgg16", backbone="vgg16")
   config = tiny_config
   config.model.update(width_multiplier=1.0, pretrained=str(weights), dtype="float32")
   config.optimizer.freeze_backbone = True
@@ -87,6 +78,7 @@ def test_training_from_converted_weights_loads_backbone_and_trains_head(tiny_con
   np.testing.assert_array_equal(params["convs"]["0"]["kernel"], reference["features.0.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(params["convs"]["12"]["bias"], reference["features.28.bias"])
   np.testing.assert_array_equal(params["fc2"]["kernel"], reference["classifier.3.weight"].T)
-  fresh_head = models.create_model(config.model, 100, seed=config.seed).head.kernel[...]
+  model_settings = settings.Settings.from_config(config).model
+  fresh_head = models.create_model(model_settings, 100, seed=config.seed).head.kernel[...]
   assert params["head"]["kernel"].shape == (4096, 100)
   assert not np.allclose(params["head"]["kernel"], fresh_head)  # the new head trained

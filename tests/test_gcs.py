@@ -331,23 +331,23 @@ def test_an_unusable_bucket_fails_in_one_line_before_compiling(gcs, data_dir, re
 
 
 CONVERTED = r"""
-import sys, jax, numpy as np, ml_collections
+import dataclasses, sys, jax, numpy as np, ml_collections
 from flax import nnx
-from agejax import convert, models
-from agejax.training import configuration, steps
+from agejax import convert, models, settings
+from agejax.models import vgg
+from agejax.training import configuration
 url = sys.argv[1]
-config = ml_collections.ConfigDict({"model": {"pretrained": url + "/missing", "batch_norm": False}})
+config = settings.Settings.from_config({"model": {"pretrained": url + "/missing", "batch_norm": False}})
 try:
   configuration.check_pretrained(config)
 except FileNotFoundError as e:
   print("MISSING", e)
-model = models.VGG16(10, width_multiplier=0.0625, rngs=nnx.Rngs(1))  # converted weights, at test width
-convert.save_converted(model, url, source="test")
-config.model.pretrained = url
-configuration.check_pretrained(config)
-_, params, model_state = steps.split_model(models.VGG16(100, width_multiplier=0.0625, rngs=nnx.Rngs(2)))
+model = vgg.VGG16(10, width_multiplier=0.0625, rngs=nnx.Rngs(1))  # converted weights, at test width
+convert.save_converted(model, url, arch="vgg16", backbone="vgg16", source="test")
+configuration.check_pretrained(dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=url)))
+_, params, model_state = models.split_model(vgg.VGG16(100, width_multiplier=0.0625, rngs=nnx.Rngs(2)))
 params, _ = convert.backbone_from_converted(url, params, model_state)
-_, want, _ = steps.split_model(model)
+_, want, _ = models.split_model(model)
 same = all(np.array_equal(params[k][i]["kernel"], want[k][i]["kernel"]) for k in ("convs",) for i in params[k])
 print("BACKBONE", same and np.array_equal(params["fc2"]["kernel"], want["fc2"]["kernel"]),
       params["head"]["kernel"].shape)

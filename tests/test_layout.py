@@ -1,4 +1,4 @@
-"""The package's shape: imports run one way (no cycles), read from the source."""
+"""The package's shape, read from the source: imports run one way (no cycles, never up the layers)."""
 
 import ast
 from pathlib import Path
@@ -22,8 +22,10 @@ def imports(path: Path, modules: set[str]) -> set[str]:
       base = node.module or ""
       if node.level:  # relative
         base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-      found.add(base)
-      found.update(f"{base}.{alias.name}" for alias in node.names)
+      submodules = {f"{base}.{alias.name}" for alias in node.names} & modules
+      # `from pkg import module` needs the module (Python runs pkg/__init__ first, but that is pkg's
+      # own business); `from pkg import name` needs pkg.
+      found.update(submodules if submodules else {base})
   return {name for name in found if name in modules}
 
 
@@ -65,3 +67,72 @@ def test_the_agejax_import_graph_has_no_cycle():
   assert {"agejax.training.train", "agejax.evaluation.scoring", "agejax.data.pipeline"} <= set(edges)
   assert "agejax.evaluation.scoring" in edges["agejax.training.train"]  # lazy imports count too
   assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+# The layers, lowest first. A module may import its own layer's leaves and its own package, and
+# anything in a lower layer; never a higher layer, nor another package of its own layer.
+#   leaves: errors, storage, parallel, labels, metrics, settings, cli (each a module at the top);
+#   data and models know nothing of how a model is trained or scored; convert turns published
+#   weights into a registered backbone's; evaluation scores predictions (it needs no training);
+#   training uses evaluation for its periodic scores; inference reads what training wrote;
+#   serving and benchmarks sit on top (the serve benchmark starts a server).
+LAYERS = (
+  ("agejax",),  # the top-level leaf modules
+  ("agejax.data", "agejax.models"),
+  ("agejax.convert",),
+  ("agejax.evaluation",),
+  ("agejax.training",),
+  ("agejax.inference",),
+  ("agejax.serving",),
+  ("agejax.benchmarks",),
+)
+
+
+def layer_of(module: str) -> tuple[int, str]:
+  """(layer index, package) of an agejax module; a top-level module is its own package in layer 0."""
+  parts = module.split(".")
+  package = ".".join(parts[:2]) if len(parts) > 1 else module
+  for i, packages in enumerate(LAYERS):
+    if package in packages:
+      return i, package
+  return 0, module  # agejax.errors, agejax.settings, ...: leaves
+
+
+def test_imports_never_go_up_a_layer_or_across_one():
+  problems = []
+  for module, imported in graph().items():
+    layer, package = layer_of(module)
+    for target in imported:
+      target_layer, target_package = layer_of(target)
+      upward = target_layer > layer
+      sideways = target_layer == layer and layer > 0 and target_package != package
+      if upward or sideways:
+        problems.append(f"{module} (layer {layer}) imports {target} (layer {target_layer})")
+  assert not problems, "\n".join(sorted(problems))
+
+
+def test_the_layer_check_sees_a_planted_upward_import():
+  assert layer_of("agejax.data.pipeline")[0] < layer_of("agejax.training.train")[0]
+  assert layer_of("agejax.evaluation.scoring")[0] < layer_of("agejax.training.learner")[0]
+  assert layer_of("agejax.inference.export")[0] < layer_of("agejax.serving.app")[0]
+  assert layer_of("agejax.errors") == (0, "agejax.errors")
+
+
+def test_only_models_depend_on_a_particular_backbone():
+  """Outside agejax/models, no code names VGG (strings such as the default backbone's name aside)."""
+  offenders = []
+  for path in PACKAGE.rglob("*.py"):
+    if path.relative_to(PACKAGE).parts[0] == "models":
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = []
+      if isinstance(node, ast.Name):
+        names = [node.id]
+      elif isinstance(node, ast.Attribute):
+        names = [node.attr]
+      elif isinstance(node, ast.ImportFrom | ast.Import):
+        names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+      elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+        names = [node.name]
+      offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno} {n}" for n in names if "vgg" in n.lower()]
+  assert not offenders, offenders

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agejax import labels
+from agejax import labels, settings
 from agejax.training import losses
 
 
@@ -48,12 +48,13 @@ def test_onehot_nll_and_l1_term():
   bins = labels.age_bins(1, 100)
   logits = rng.normal(size=(8, 100)).astype(np.float32)
   ages = np.array([1, 100, 5, 50, 77, 23, 64, 9], np.float32)
-  nll = losses.make_loss("onehot", jnp.asarray(bins), 2.0)(jnp.asarray(logits), jnp.asarray(ages))
+  nll = losses.make_loss(settings.LossSettings("onehot"), jnp.asarray(bins))(jnp.asarray(logits), jnp.asarray(ages))
   ref = -log_softmax_f64(logits)[np.arange(8), (ages - 1).astype(int)]
   np.testing.assert_allclose(np.asarray(nll), ref, atol=1e-5)
-  with_l1 = losses.make_loss("kl", jnp.asarray(bins), 2.0, l1_weight=0.5)(jnp.asarray(logits), jnp.asarray(ages))
+  kl_with_l1 = settings.LossSettings("kl", sigma=2.0, l1_weight=0.5)
+  with_l1 = losses.make_loss(kl_with_l1, jnp.asarray(bins))(jnp.asarray(logits), jnp.asarray(ages))
   p = np.exp(log_softmax_f64(logits))
   expect = kl_f64(logits, ages, bins, 2.0) + 0.5 * np.abs(p @ bins - ages)
   np.testing.assert_allclose(np.asarray(with_l1), expect, atol=1e-4)
   with pytest.raises(ValueError, match="config.loss.name='mse'"):
-    losses.make_loss("mse", jnp.asarray(bins), 2.0)
+    losses.make_loss(settings.LossSettings("mse"), jnp.asarray(bins))

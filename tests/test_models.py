@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from agejax import models
+from agejax.models import vgg
 
 
 def adaptive_avg_pool_loop(x: np.ndarray, out: int) -> np.ndarray:
@@ -22,12 +22,12 @@ def adaptive_avg_pool_loop(x: np.ndarray, out: int) -> np.ndarray:
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 9, 14])
 def test_adaptive_avg_pool_matches_torch_windows(size):
   x = np.random.default_rng(size).normal(size=(2, size, size, 5)).astype(np.float32)
-  got = models.adaptive_avg_pool(jnp.asarray(x))
+  got = vgg.adaptive_avg_pool(jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(got), adaptive_avg_pool_loop(x, 7), atol=1e-6)
 
 
 def test_vgg16_structure_at_full_width():
-  model = nnx.eval_shape(lambda: models.VGG16(1000, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: vgg.VGG16(1000, rngs=nnx.Rngs(0)))
   kernels = [c.kernel.shape for c in model.convs]
   assert [k[-1] for k in kernels] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
   assert all(k[:2] == (3, 3) for k in kernels)
@@ -38,7 +38,7 @@ def test_vgg16_structure_at_full_width():
 
 
 def test_dtype_policy_and_dropout():
-  model = models.VGG16(100, width_multiplier=0.0625, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  model = vgg.VGG16(100, width_multiplier=0.0625, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   x = jax.random.normal(jax.random.key(0), (3, 40, 40, 3))
   evaluate = nnx.jit(lambda m, x: m(x))

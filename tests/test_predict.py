@@ -11,9 +11,9 @@ import pytest
 import tiny_run
 from PIL import Image
 
+from agejax import settings
 from agejax.data import pipeline
-from agejax.inference import photos, prediction
-from agejax.training import checkpointing
+from agejax.inference import loading, photos, prediction
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -24,9 +24,9 @@ FACE_CROP = (slice(20, 260), slice(120, 330))
 
 @pytest.fixture(scope="module")
 def trained(request, tmp_path_factory):
-  """(config, workdir) of the session's tiny run, copied for this module."""
+  """(settings, workdir) of the session's tiny run, copied for this module."""
   _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  return checkpointing.load_config(workdir), workdir
+  return settings.Settings.from_config(loading.load_config(workdir)), workdir
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
 
 def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
   config, workdir = trained
-  data = pipeline.load_labelled_split(config, "test")
+  data = pipeline.load_labelled_split(config.data, config.labels, "test")
   images = data.gather(np.arange(5))["image"]
   files = []
   for i, image in enumerate(images):

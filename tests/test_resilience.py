@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import assert_close_relative, checkpoint, cpu_env, train_command
 
-from agejax import metrics
-from agejax.training import preemption, steps, workdir_lock
+from agejax import metrics, settings
+from agejax.training import learner, preemption, workdir_lock
 
 LONG = (
   "--config.num_train_steps=300",
@@ -178,7 +178,7 @@ def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
   def run(accum: int):
     config = tiny_config.copy_and_resolve_references()
     config.grad_accum_steps = accum
-    fns, state, _ = steps.create(config, steps_per_epoch=10)
+    fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=10)
     images = jnp.asarray(batch["image"], jnp.float32) / 255.0
     grads_fn = fns._grads if accum == 1 else fns._accumulated_grads
     grads, _ = jax.jit(grads_fn)(state.params, state.model_state, images, batch["age"], jax.random.key(0))

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import metrics, parallel
+from agejax import metrics, parallel, settings
 from agejax.benchmarks import jax_step
-from agejax.training import steps
+from agejax.training import learner
 from configs import vgg16_kl
 
 
@@ -23,7 +23,7 @@ def _batch(size: int, batch: int = 2) -> dict:
 
 def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32():
   config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
-  fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
+  fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=100, abstract=True)
   lowered = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), _batch(32))
   convs = [line for line in lowered.as_text().splitlines() if "stablehlo.convolution" in line]
   result_types = [re.findall(r"-> tensor<[0-9x]+x(\w+)>", line)[-1] for line in convs]
@@ -37,17 +37,17 @@ def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32(
 
 def test_float32_config_has_no_bf16_convolution():
   config = jax_step.bench_config(vgg16_kl.get_config(), 2, "float32", 32, 0.0625)
-  fns, state, _ = steps.create(config, steps_per_epoch=100, abstract=True)
+  fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=100, abstract=True)
   text = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), _batch(32)).as_text()
   assert "bf16" not in text
 
 
 def test_train_step_donates_state_and_sums_but_not_the_batch():
   config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
-  fns, state, _ = steps.create(config, steps_per_epoch=100)
+  fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=100)
   mesh = parallel.make_mesh()
   replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  train_step = steps.jit_train_step(fns, replicated, sharded)
+  train_step = learner.jit_train_step(fns, replicated, sharded)
   state, sums = jax.device_put((state, metrics.zeros()), replicated)
   batch = jax.device_put(
     {

@@ -9,8 +9,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import array_cache, checkpoint
+from conftest import array_cache, checkpoint, data_settings, labelled_split
 
+from agejax.data import pipeline
 from agejax.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +53,16 @@ def params_at(workdir: Path, step: int):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, compilation_cache):
-  """A 100-step run of the tiny config with checkpoints at steps 50 and 100."""
+  """A 100-step run of the tiny config with checkpoints at steps 50 and 100, scoring the test split too."""
   from configs import vgg16_kl
 
   config = vgg16_kl.get_config("tiny")
   config.data.data_dir, config.compilation_cache_dir = data_dir, compilation_cache
   config.data.cache_dir = array_cache(data_dir)
   config.profile_steps = 5
+  config.evals = (
+    {"name": "demo_test", "dataset": "demo", "builder_config": "tiny", "split": "test", "every_steps": 25},
+  )
   workdir = tmp_path_factory.mktemp("run")
   final = train.train_and_evaluate(config, workdir)
   return config, workdir, final
@@ -91,6 +95,24 @@ def test_run_writes_final_metrics_tensorboard_and_checkpoints(trained):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [50, 100]
   images = series["eval/distributions"]  # image summaries: [width, height, PNG bytes...] per evaluation
   assert len(images) == 2 and len(images[-1]) == 2 + 4 and images[-1][2][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_extra_evaluation_writes_its_scalars_and_final_metrics_as_the_evaluator_scores_it(trained):
+  from agejax import parallel
+  from agejax.inference import loading
+
+  _, workdir, final = trained
+  series = scalars(workdir)
+  for key in ("loss", "mae", "epsilon_error", "cs5"):
+    assert len(series[f"eval/demo_test/{key}"]) == 4, key  # every 25 steps
+  assert set(final["evals"]) == {"demo_test"}
+  assert series["eval/demo_test/mae"][-1] == pytest.approx(final["evals"]["demo_test"]["mae"], rel=1e-6)
+  # The same numbers as scoring the test split with the final checkpoint, independently of the loop.
+  cfg, fns, state = loading.load_trained(workdir, "latest")
+  test = pipeline.load_labelled_split(cfg.data, cfg.labels, "test")
+  report = fns.evaluator(test, parallel.make_mesh()).run(state)
+  assert final["evals"]["demo_test"]["mae"] == pytest.approx(report["mae"], rel=1e-6)
+  assert final["evals"]["demo_test"]["mae"] != pytest.approx(final["eval_mae"], rel=1e-3)  # another split
 
 
 def test_training_lowers_the_loss(trained):
@@ -359,8 +381,8 @@ def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, 
 
   data = vgg16_kl.get_config("tiny").data
   data.data_dir, data.cache_dir = data_dir, array_cache(data_dir)
-  train_ages = set(pipeline.load_split(data, "train").age.astype(int))
-  eval_ages = pipeline.load_split(data, "validation").age
+  train_ages = set(pipeline.load_split(data_settings(data), "train").age.astype(int))
+  eval_ages = pipeline.load_split(data_settings(data), "validation").age
   only_in_train = min(train_ages - set(eval_ages.astype(int)))
   cache = tmp_path / "cache"
   cache.mkdir()
@@ -394,12 +416,12 @@ def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny
   from agejax.data import pipeline
 
   tiny_config.labels.max_age = 30
-  true_eval = pipeline.load_split(tiny_config.data, "validation").age
-  assert true_eval.max() > 30 and pipeline.load_split(tiny_config.data, "train").age.max() > 30
-  assert pipeline.load_labelled_split(tiny_config, "train", training=True).age.max() == 30
-  np.testing.assert_array_equal(pipeline.load_labelled_split(tiny_config, "validation").age, true_eval)
+  true_eval = pipeline.load_split(data_settings(tiny_config.data), "validation").age
+  assert true_eval.max() > 30 and pipeline.load_split(data_settings(tiny_config.data), "train").age.max() > 30
+  assert labelled_split(tiny_config, "train", training=True).age.max() == 30
+  np.testing.assert_array_equal(labelled_split(tiny_config, "validation").age, true_eval)
   tiny_config.labels.out_of_range = "drop"
-  dropped = pipeline.load_labelled_split(tiny_config, "validation").age
+  dropped = labelled_split(tiny_config, "validation").age
   np.testing.assert_array_equal(dropped, true_eval[true_eval <= 30])
 
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import metrics, models, parallel
-from agejax.training import steps
+from agejax import metrics, models, parallel, settings
+from agejax.training import learner
 
 # Dense bf16 matrix peak per chip (datasheet), for model FLOP utilisation.
 PEAK_BF16_FLOPS = {
@@ -76,20 +76,18 @@ def bench_config(base, batch: int, dtype: str, image_size: int, width: float):
 def speed(
   times: list[float],
   batch: int,
-  image_size: int,
-  num_bins: int,
-  width: float,
+  forward_flops: float,
   dtype: str,
   devices: int = 1,
   peak: float | None = None,
 ) -> dict[str, float | None]:
   """Images/s, step times and model FLOP utilisation (3x the analytic forward) of per-step `times`.
 
-  `mfu_matmul` is over the measured matrix-product rate in `dtype`; `mfu` over the datasheet
-  `peak`, for bfloat16 only.
+  `forward_flops` is one image's analytic forward pass; `mfu_matmul` is over the measured
+  matrix-product rate in `dtype`; `mfu` over the datasheet `peak`, for bfloat16 only.
   """
   step_s = statistics.median(times)
-  model_flops_per_s = 3.0 * models.forward_flops(image_size, num_bins, width) * batch / step_s
+  model_flops_per_s = 3.0 * forward_flops * batch / step_s
   matmul = matmul_flops_per_s(dtype)
   return {
     "images_per_s": batch / step_s,
@@ -129,10 +127,12 @@ def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
     A row: images/s, step times, utilisation, compile time and FLOP counts.
   """
   mesh = parallel.make_mesh()
-  fns, state, _ = steps.create(config, steps_per_epoch=100)
+  cfg = settings.Settings.from_config(config)  # no check of model.pretrained: timing needs no weights
+  models.load_plugins(cfg.run.plugins)
+  fns, state, _ = learner.create(cfg, steps_per_epoch=100)
   rep, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   state = jax.device_put(state, rep)
-  train_step = steps.jit_train_step(fns, rep, sharded)
+  train_step = learner.jit_train_step(fns, rep, sharded)
   rng = np.random.default_rng(0)
   size = config.data.image_size
   host = {
@@ -150,6 +150,7 @@ def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
   times = time_steps(compiled, carry, data, num_steps, repeats)
   width, n = config.model.width_multiplier, jax.device_count()
   compute = models.compute_dtype(config.model.dtype).name
+  forward = models.forward_flops(cfg.model, size, len(fns.bins))
   return {
     "mode": "train",
     "framework": "jax",
@@ -159,10 +160,11 @@ def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
     "dtype": config.model.dtype,
     "image_size": size,
     "width": width,
-    **speed(times, config.batch_size, size, len(fns.bins), width, compute, n, peak_flops()),
+    "model": cfg.model.name,
+    **speed(times, config.batch_size, forward, compute, n, peak_flops()),
     "compile_s": compile_s,
     "xla_gflop_per_image": flops / config.batch_size / 1e9,
-    "analytic_gflop_per_image": 3.0 * models.forward_flops(size, len(fns.bins), width) / 1e9,
+    "analytic_gflop_per_image": 3.0 * forward / 1e9,
   }
 
 
@@ -174,7 +176,7 @@ def bare_steps_per_s(config, num_steps: int = 50) -> float:
 
 def best_of(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   """The fastest row of each framework, by images/s."""
-  best = {}
+  best: dict[str, dict[str, Any]] = {}
   for r in rows:
     if r["framework"] not in best or r["images_per_s"] > best[r["framework"]]["images_per_s"]:
       best[r["framework"]] = r

@@ -19,6 +19,7 @@ def loop(config, workdir: str, num_steps: int = 60) -> dict[str, Any]:
     )
   config.num_train_steps = num_steps
   final = train.train_and_evaluate(config, workdir)
+  assert final is not None  # None only when a SIGTERM stopped the benchmark's run
   bare = bare_steps_per_s(config, num_steps)
   return {
     "mode": "loop",
@@ -43,12 +44,14 @@ def startup(
   import tempfile
   from pathlib import Path
 
+  from agejax import settings
   from agejax.data import pipeline
 
   config = config.copy_and_resolve_references()
   config.data.data_dir = data_dir
-  for split in ("train", config.data.eval_split):  # prepare outside the timed runs
-    pipeline.load_split(config.data, split)
+  data = settings.Settings.from_config(config).data
+  for split in ("train", data.eval_split):  # prepare outside the timed runs
+    pipeline.load_split(data, split)
   runs = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in ("cold", "warm"):
@@ -96,12 +99,10 @@ def input_pipeline(
   The gather runs in one thread (the trainer's prefetch thread), so `images_per_s_per_core` is the
   single-thread rate and `cores` is 1; `host_cpus` is only what the machine has.
   """
-  import ml_collections
-
+  from agejax import settings
   from agejax.data import pipeline
 
-  cfg = ml_collections.ConfigDict({"name": name, "data_dir": data_dir, "builder_config": builder_config})
-  data = pipeline.load_split(cfg, split)
+  data = pipeline.load_split(settings.DataSettings(name, data_dir, builder_config=builder_config), split)
   batches = pipeline.TrainBatches(data, batch, seed=0, process_index=0, process_count=1)
   for s in range(3):  # warm the page cache and the permutation
     batches.local_batch(s)

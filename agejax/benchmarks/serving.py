@@ -21,7 +21,7 @@ def versions() -> dict[str, str | None]:
   """The serving stack's package versions, to record beside the numbers."""
   import importlib.metadata
 
-  out = {}
+  out: dict[str, str | None] = {}
   for name in ("starlette", "uvicorn", "h11", "python-multipart", "prometheus-client", "httpx", "mtcnn"):
     try:
       out[name] = importlib.metadata.version(name)
@@ -98,6 +98,7 @@ async def load(url: str, bodies: list[bytes], aligned: bool, concurrency: int, r
     timing_ms.total, in seconds), errors, wall seconds, mean faces per model call).
   """
   host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+  assert port is not None  # the local server's URL names its port
   prebuilt = [request_bytes(port, body, aligned) for body in bodies]
   # Connect before the clock starts: the measurement is of requests, not TCP handshakes.
   connections = [await asyncio.open_connection(host, port) for _ in range(concurrency)]

@@ -1,4 +1,4 @@
-"""The PyTorch baseline: torchvision's VGG16 with the same age head, its train step timed as the JAX one is.
+"""The PyTorch baseline: the backbone's PyTorch twin with the same age head, its train step timed as the JAX one is.
 
 `side_by_side` runs JAX, PyTorch eager and torch.compile at the same batches (`benchmark.py train`).
 """
@@ -7,34 +7,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agejax import models
+from agejax import errors, models, settings
 from agejax.benchmarks.jax_step import bench_config, jax_train, peak_flops, speed
-from agejax.training import augment
 
 
-def torch_vgg16(num_bins: int, width: float = 1.0):
-  """torchvision's VGG16 with its classifier's last layer replaced by the age head (scaled by width)."""
-  import torch
-  from torchvision.models import vgg
-
-  cfg = [v if v == "M" else models.scaled(v, width) for v in models.VGG16_LAYERS]
-  model = vgg.VGG(vgg.make_layers(cfg), num_classes=num_bins, init_weights=True)
-  hidden, channels = models.scaled(models.HIDDEN, width), cfg[-2]
-  if width != 1.0:
-    model.classifier = torch.nn.Sequential(
-      torch.nn.Linear(channels * 49, hidden),
-      torch.nn.ReLU(True),
-      torch.nn.Dropout(),
-      torch.nn.Linear(hidden, hidden),
-      torch.nn.ReLU(True),
-      torch.nn.Dropout(),
-      torch.nn.Linear(hidden, num_bins),
-    )
-  return model
-
-
-def torch_train_step(num_bins: int, width: float, device: str, amp: bool, fused: bool) -> Callable:
-  """A PyTorch train step(images, ages) of torchvision's VGG16 + age head with KL loss and Adam.
+def torch_train_step(
+  model_settings: settings.ModelSettings, num_bins: int, device: str, amp: bool, fused: bool
+) -> Callable:
+  """A PyTorch train step(images, ages) of the backbone's PyTorch twin + age head with KL loss and Adam.
 
   It converts uint8 to float, flips and normalises on the device; it does not do the JAX step's
   random crop, brightness and contrast, which only favours PyTorch.
@@ -44,15 +24,21 @@ def torch_train_step(num_bins: int, width: float, device: str, amp: bool, fused:
 
   torch.manual_seed(0)
   bins = torch.arange(1, num_bins + 1, device=device, dtype=torch.float32)
-  model = torch_vgg16(num_bins, width).to(device).to(memory_format=torch.channels_last).train()
+  backbone = models.get(model_settings.name)
+  if backbone.torch_model is None:
+    raise errors.UserError(f"backbone {backbone.name!r} registers no PyTorch twin (Backbone.torch_model)")
+  model = backbone.torch_model(model_settings, num_bins).to(device).to(memory_format=torch.channels_last).train()
   opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
-  mean = torch.tensor(augment.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-  std = torch.tensor(augment.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+  spec = backbone.input_spec
+  mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
   def step(images, ages):
-    x = images.permute(0, 3, 1, 2).float().div(255.0)
+    x = images.permute(0, 3, 1, 2).float().mul(spec.pixel_range / 255.0)
     flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
     x = torch.where(flip, x.flip(3), x)
+    if spec.channels == "BGR":
+      x = x.flip(1)
     x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
       logits = model(x)
@@ -76,6 +62,7 @@ def torch_train(
   width: float = 1.0,
   *,
   compiled: bool = False,
+  model: str = "vgg16",
 ) -> dict[str, Any]:
   """Times the same model, KL loss, Adam and batch in PyTorch: eager AMP + channels_last, or torch.compile.
 
@@ -85,7 +72,8 @@ def torch_train(
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   num_bins, amp = 100, dtype == "bfloat16"
-  step = torch_train_step(num_bins, width, device, amp, fused=device == "cuda" and not compiled)
+  model_settings = settings.ModelSettings(name=model, width_multiplier=width)
+  step = torch_train_step(model_settings, num_bins, device, amp, fused=device == "cuda" and not compiled)
   fn = torch.compile(step) if compiled else step
   images = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, device=device)
   ages = torch.randint(1, 91, (batch,), device=device).float()
@@ -118,7 +106,14 @@ def torch_train(
     "dtype": dtype,
     "image_size": image_size,
     "width": width,
-    **speed(times, batch, image_size, num_bins, width, dtype, peak=peak_flops() if device == "cuda" else None),
+    "model": model,
+    **speed(
+      times,
+      batch,
+      models.forward_flops(model_settings, image_size, num_bins),
+      dtype,
+      peak=peak_flops() if device == "cuda" else None,
+    ),
     "compile_s": warmup_s,
   }
 
@@ -144,13 +139,16 @@ def side_by_side(
   rows = list(jax_rows.values())
   if torch_modes == "none":
     return rows
-  eager = {b: torch_train(b, dtype, image_size, num_steps, repeats, width) for b in batches}
+  model = settings.Settings.from_config(base).model.name
+  eager = {b: torch_train(b, dtype, image_size, num_steps, repeats, width, model=model) for b in batches}
   compile_batches = (
     []
     if torch_modes == "eager"
     else (batches if compile_at == "all" else [max(eager, key=lambda b: eager[b]["images_per_s"])])
   )
-  compiled = [torch_train(b, dtype, image_size, num_steps, repeats, width, compiled=True) for b in compile_batches]
+  compiled = [
+    torch_train(b, dtype, image_size, num_steps, repeats, width, compiled=True, model=model) for b in compile_batches
+  ]
   for r in (*eager.values(), *compiled):
     r["jax_speedup"] = jax_rows[r["batch"]]["images_per_s"] / r["images_per_s"]
   return sorted(rows + list(eager.values()) + compiled, key=lambda r: r["batch"])  # stable: JAX first

@@ -23,7 +23,6 @@ from etils import epath
 from agejax import errors
 from agejax.data import datasets
 
-DEFAULT_CACHE_DIR = "~/.cache/agejax/arrays"
 UNKNOWN = "unknown"  # builders.UNKNOWN (not imported: that module needs TFDS)
 
 
@@ -102,7 +101,7 @@ def _decode_split(builder, split: str, folder: Path) -> None:
   del images
   groups = {f"group.{name}": codes[name] for name in names}
   groups.update({f"names.{name}": np.array(names[name], dtype=str) for name in names})
-  np.savez(folder / "labels.npz", age=ages, age_std=stds, **groups)
+  np.savez(folder / "labels.npz", age=ages, age_std=stds, **groups)  # type: ignore[arg-type]  # no "allow_pickle" key
 
 
 def _size(num_bytes: float) -> str:

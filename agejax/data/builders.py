@@ -122,7 +122,7 @@ class AgejaxDemo(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": image, "age": age, "age_std": 0.0, **groups}
 
 
-class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]  # tfds untyped
   """A dataset prepared from a manually downloaded folder or archive, whose fingerprint it records.
 
   `describe_source(manual_dir)` returns the fingerprint (see `sources`); the builder stores it as

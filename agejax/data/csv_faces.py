@@ -273,7 +273,10 @@ def _read_folder(root: Path) -> _Listing:
         f"file_name,age[,age_std,gender,group]"
       )
   image_dirs = [root / "images", root] if (root / "images").is_dir() else [root]
-  rows, skips, parts, columns = {}, {}, {}, set()
+  rows: dict[str, list[_Row]] = {}
+  skips: dict[str, faces.SkipCounter] = {}
+  parts: dict[str, str] = {}
+  columns: set[str] = set()
   for split, csv_name in SPLIT_FILES.items():
     if (root / csv_name).is_file():
       skips[split] = faces.SkipCounter()

@@ -49,7 +49,7 @@ def open_rgb(path_or_bytes: str | os.PathLike | bytes) -> Image.Image | str:
   if not data:
     return "empty file"
   try:
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
   except Image.DecompressionBombError:
     return "image too large"
   except Exception:  # any decoder error on untrusted bytes means "not something PIL can open"
@@ -134,7 +134,7 @@ class SkipCounter:
     """Adds this split's skips to the dataset metadata and logs them at INFO."""
     by_split = metadata.setdefault("skipped_by_split", {})
     by_split[split] = dict(sorted(self.counts.items()))
-    totals = collections.Counter()
+    totals: collections.Counter[str] = collections.Counter()
     for counts in by_split.values():
       totals.update(counts)
     metadata["skipped"] = dict(sorted(totals.items()))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from agejax import errors, parallel
+from agejax import errors, parallel, settings
 from agejax.data import array_cache, datasets
 
 OUT_OF_RANGE = ("clip", "drop")
@@ -60,63 +60,59 @@ class ArraySplit:
     raise errors.UserError(f"config.labels.out_of_range={policy!r} is not one of {OUT_OF_RANGE}")
 
 
-def load_split(data_cfg, split: str) -> ArraySplit:
-  """Returns a split of `config.data` as arrays, preparing the demo or the local array cache if needed.
+def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
+  """Returns a split of the configured dataset as arrays, preparing the demo or the local array cache if needed.
 
   Args:
-    data_cfg: `config.data` (name, data_dir, builder_config, cache_dir).
+    data: the data settings (name, data_dir, builder_config, cache_dir).
     split: the TFDS split name.
 
   Returns:
     The split: memory-mapped uint8 images, ages, age stds and the dataset's groups.
   """
-  builder = datasets.get_builder(data_cfg.name, data_cfg.data_dir, data_cfg.get("builder_config", ""))
+  builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
   if not builder.is_prepared():
-    if datasets.DATASETS[data_cfg.name][1]:
+    if datasets.DATASETS[data.name][1]:
       raise errors.MissingInput(
-        f"dataset {data_cfg.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
-        f"{data_cfg.name} --manual_dir DOWNLOADED_FOLDER"
-        + (f" --name {data_cfg.builder_config}" if data_cfg.get("builder_config") else "")
-        + (f" --data_dir {data_cfg.data_dir}" if data_cfg.data_dir else "")
+        f"dataset {data.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
+        f"{data.name} --manual_dir DOWNLOADED_FOLDER"
+        + (f" --name {data.builder_config}" if data.builder_config else "")
+        + (f" --data_dir {data.data_dir}" if data.data_dir else "")
       )
-    builder = datasets.prepare(data_cfg.name, data_cfg.data_dir, builder_config=data_cfg.get("builder_config", ""))
+    builder = datasets.prepare(data.name, data.data_dir, builder_config=data.builder_config)
   if split not in builder.info.splits:
-    raise errors.UserError(f"config.data split {split!r} is not in {data_cfg.name}: {sorted(builder.info.splits)}")
-  folder = array_cache.build(builder, split, data_cfg.get("cache_dir", array_cache.DEFAULT_CACHE_DIR))
+    raise errors.UserError(f"config.data split {split!r} is not in {data.name}: {sorted(builder.info.splits)}")
+  folder = array_cache.build(builder, split, data.cache_dir)
   age, age_std, groups, names = array_cache.read_labels(folder)
   return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), age, age_std, groups=groups, group_names=names)
 
 
-def load_labelled_split(config, split: str, *, training: bool = False) -> ArraySplit:
-  """Loads a split and applies `config.labels.out_of_range` to ages outside the bins, saying how many.
+def load_labelled_split(
+  data: settings.DataSettings, labels: settings.LabelSettings, split: str, *, training: bool = False
+) -> ArraySplit:
+  """Loads a split and applies `labels.out_of_range` to ages outside the bins, saying how many.
 
   'clip' changes training targets only: evaluation always scores the true ages ('drop' drops them).
   """
-  data = load_split(config.data, split)
-  policy = config.labels.out_of_range
+  arrays = load_split(data, split)
+  policy = labels.out_of_range
   if policy == "clip" and not training:
-    _, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
+    _, outside = arrays.restrict_ages(labels.min_age, labels.max_age, policy)
     policy = "kept: scored against the true ages"
   else:
-    data, outside = data.restrict_ages(config.labels.min_age, config.labels.max_age, policy)
+    arrays, outside = arrays.restrict_ages(labels.min_age, labels.max_age, policy)
   if outside:
     logging.warning(
-      "%s/%s: %d ages outside %d..%d (%s)",
-      config.data.name,
-      split,
-      outside,
-      config.labels.min_age,
-      config.labels.max_age,
-      policy,
+      "%s/%s: %d ages outside %d..%d (%s)", data.name, split, outside, labels.min_age, labels.max_age, policy
     )
-  if not len(data):  # would end in a ZeroDivisionError or IndexError after training
+  if not len(arrays):  # would end in a ZeroDivisionError or IndexError after training
     if outside:
       raise errors.UserError(
-        f"config.labels.out_of_range='drop' empties split {split!r} of {config.data.name}: none of its {outside} "
-        f"ages is in labels.min_age..labels.max_age = {config.labels.min_age}..{config.labels.max_age}"
+        f"config.labels.out_of_range='drop' empties split {split!r} of {data.name}: none of its {outside} "
+        f"ages is in labels.min_age..labels.max_age = {labels.min_age}..{labels.max_age}"
       )
-    raise errors.UserError(f"split {split!r} of {config.data.name} has no examples")
-  return data
+    raise errors.UserError(f"split {split!r} of {data.name} has no examples")
+  return arrays
 
 
 class TrainBatches:

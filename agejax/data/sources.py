@@ -114,6 +114,7 @@ def verify_archive(path: Path) -> str:
         for member in tar:
           if member.isfile():
             data = tar.extractfile(member)
+            assert data is not None  # isfile(): a regular member always has a stream
             while data.read(_CHUNK):  # a member cut short raises ReadError("unexpected end of data")
               pass
         end = tar.offset

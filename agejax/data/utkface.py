@@ -119,7 +119,8 @@ def scan(root: Path) -> tuple[list[Path], list[Path]]:
         f"the folder holding the UTKFace images or archive"
       )
     return [], [root]
-  files, archives = [], []
+  files: list[Path] = []
+  archives: list[Path] = []
   for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
     dirnames[:] = sorted(d for d in dirnames if _visible(d))
     for name in sorted(filenames):
@@ -212,7 +213,9 @@ class AgejaxUtkface(builders.ManualSourceBuilder):
             name = member.name.rsplit("/", 1)[-1]
             if member.isfile() and _visible(member.name) and assign_split(name, fractions, cfg.split_seed) == split:
               where = sources.display(f"{_relative(archive, root)}:{member.name}")
-              yield name, where, tar.extractfile(member).read()
+              data = tar.extractfile(member)
+              assert data is not None  # isfile(): a regular member always has a stream
+              yield name, where, data.read()
       except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         # It was read whole moments before (describe): it changed while being prepared.
         raise errors.UserError(

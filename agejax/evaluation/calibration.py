@@ -105,9 +105,11 @@ def fit_temperature(
 
 
 @jax.jit
-def _report_arrays(logits: jax.Array, probs: jax.Array, bins: jax.Array, age: jax.Array) -> dict[str, jax.Array]:
+def _report_arrays(
+  logits: jax.Array, probs: jax.Array, bins: jax.Array, age: jax.Array
+) -> dict[str, dict[str, jax.Array]]:
   """NLL, coverage (COVERAGE_LEVELS, then CURVE_LEVELS) and reliability bins of the raw and calibrated model."""
-  out = {}
+  out: dict[str, dict[str, jax.Array]] = {}
   for name, p in (("uncalibrated", jax.nn.softmax(logits)), ("calibrated", probs)):
     std = labels.distribution_std(p, bins)
     squared_error = jnp.square(labels.expected_age(p, bins) - age)

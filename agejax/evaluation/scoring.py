@@ -1,19 +1,15 @@
-"""Evaluator: one jitted eval step for every score of a split; used by the train loop and scripts/evaluate.py."""
+"""Evaluator: one jitted eval step for every score of a split; the train loop and evaluate.py both use it."""
 
-import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import logging
 
-from agejax import labels, metrics, parallel, storage
+from agejax import labels, metrics, models, parallel, storage
 from agejax.data import pipeline
-from agejax.evaluation import calibration, groups, plots
-from agejax.inference import prediction
-from agejax.training import checkpointing, steps
+from agejax.evaluation import calibration, groups
 
 OUTPUT_KEYS = ("predicted_age", "argmax_age", "std")  # per-example outputs kept in <split>_predictions.jsonl
 
@@ -26,19 +22,30 @@ class Evaluator:
   per-example outputs (distribution, expected age, argmax age, std) from the same call.
 
   Args:
-    fns: the model's step functions (steps.create).
+    model: the age model (its bins and input included).
+    loss_fn: the training loss, loss(logits, ages) per example (the report's `loss`).
     data: the split, with true ages.
     batch_size: global eval batch, rounded up to a multiple of the device count.
     mesh: the device mesh.
+    epsilon_sigma: the epsilon-error sigma of images without their own age_std.
     flip: average each face's distribution with its mirror image's (test-time augmentation).
   """
 
   def __init__(
-    self, fns: steps.Steps, data: pipeline.ArraySplit, batch_size: int, mesh: jax.sharding.Mesh, *, flip: bool = False
+    self,
+    model: models.AgeModel,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    data: pipeline.ArraySplit,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    *,
+    epsilon_sigma: float,
+    flip: bool = False,
   ):
-    self.fns, self.data, self.mesh, self.flip = fns, data, mesh, flip
-    n = jax.device_count()
-    self.batch_size = -(-batch_size // n) * n
+    self.model, self.loss_fn, self.data, self.mesh = model, loss_fn, data, mesh
+    self.epsilon_sigma, self.flip = epsilon_sigma, flip
+    self.bins = jnp.asarray(model.bins)
+    self.batch_size = parallel.device_multiple(batch_size)
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
     # The sums are a few small arrays, not donated: the loop waits on them to bound the dispatch.
     self._steps = {
@@ -52,30 +59,30 @@ class Evaluator:
     self._zeros = jax.device_put(metrics.report_zeros(), replicated)
     self._replicated = replicated
 
-  def _sums_step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array):
+  def _sums_step(self, state: models.Weights, sums: metrics.Sums, batch: dict, temperature: jax.Array):
     return self._step(state, sums, batch, temperature, outputs=False)
 
-  def _outputs_step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array):
+  def _outputs_step(self, state: models.Weights, sums: metrics.Sums, batch: dict, temperature: jax.Array):
     return self._step(state, sums, batch, temperature, outputs=True)
 
-  def _step(self, state: steps.TrainState, sums: metrics.Sums, batch: dict, temperature: jax.Array, *, outputs: bool):
-    fns = self.fns
-    logits, probs = prediction.outputs(fns, state, batch["image"], temperature, self.flip)
+  def _step(self, state: models.Weights, sums: metrics.Sums, batch: dict, temperature: jax.Array, *, outputs: bool):
+    logits, probs = self.model.outputs(state, batch["image"], temperature, self.flip)
     # The loss of the distribution reported (exactly the raw logits' loss at temperature 1).
     scored = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)) if self.flip else logits / temperature
     ages = batch["age"].astype(jnp.float32)
     out = {
-      "predicted_age": labels.expected_age(probs, fns.bins),
-      "argmax_age": labels.argmax_age(probs, fns.bins),
-      "std": labels.distribution_std(probs, fns.bins),
+      "predicted_age": labels.expected_age(probs, self.bins),
+      "argmax_age": labels.argmax_age(probs, self.bins),
+      "std": labels.distribution_std(probs, self.bins),
     }
+    sigma = metrics.per_image_sigma(batch.get("age_std"), ages, self.epsilon_sigma)
     batch_sums = metrics.report_sums(
-      fns.loss_fn(scored, ages), out["predicted_age"], ages, fns.sigma(batch), out["std"], batch["mask"]
+      self.loss_fn(scored, ages), out["predicted_age"], ages, sigma, out["std"], batch["mask"]
     )
     sums = metrics.add(sums, batch_sums)
     return (sums, {**out, "distribution": probs, "logits": logits}) if outputs else sums
 
-  def _collect(self, state: steps.TrainState, temperature: float, outputs: bool):
+  def _collect(self, state: models.Weights, temperature: float, outputs: bool):
     """Runs the eval step over the split; returns the device sums and, with `outputs`, the per-example outputs."""
     step, sums = self._steps[outputs], self._zeros
     temperature = jax.device_put(np.float32(temperature), self._replicated)
@@ -103,8 +110,18 @@ class Evaluator:
       "age_group": (age_codes, metrics.AGE_GROUPS),
     }
 
+  @overload
   def run(
-    self, state: steps.TrainState, *, temperature: float = 1.0, outputs: bool = False, seed: int = groups.SEED
+    self, state: models.Weights, *, temperature: float = ..., outputs: Literal[False] = ..., seed: int = ...
+  ) -> dict[str, Any]: ...
+
+  @overload
+  def run(
+    self, state: models.Weights, *, temperature: float = ..., outputs: Literal[True], seed: int = ...
+  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+  def run(
+    self, state: models.Weights, *, temperature: float = 1.0, outputs: bool = False, seed: int = groups.SEED
   ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluates `state` on the whole split.
 
@@ -127,19 +144,19 @@ class Evaluator:
       by_group = groups.report(per_example["predicted_age"], age, self.groupings(), seed=seed)
       report["groups"], report["largest_mae_gap"] = by_group["groups"], by_group["largest_gaps"]
       report["calibration"] = calibration.report(
-        per_example["logits"], per_example["distribution"], self.fns.bins, age, temperature
+        per_example["logits"], per_example["distribution"], self.bins, age, temperature
       )
       host = {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution")}
     return report, host
 
-  def fit_temperature(self, state: steps.TrainState) -> dict[str, float]:
+  def fit_temperature(self, state: models.Weights) -> dict[str, float]:
     """Fits calibration's temperature to this split; returns temperature, nll_before and nll_after."""
     _, per_example = self._collect(state, 1.0, True)
     with jax.transfer_guard("allow"):
       age = self._device_ages()
       logits, mask = per_example["logits"], jnp.ones_like(age)
-      temperature = calibration.fit_temperature(logits, self.fns.bins, age, mask)
-      nll = lambda t: float(calibration.mean_nll(logits, self.fns.bins, age, mask, jnp.log(t)))  # noqa: E731
+      temperature = calibration.fit_temperature(logits, self.bins, age, mask)
+      nll = lambda t: float(calibration.mean_nll(logits, self.bins, age, mask, jnp.log(t)))  # noqa: E731
       t = float(metrics.fetch_array(temperature))
       return {"temperature": t, "nll_before": nll(1.0), "nll_after": nll(t)}
 
@@ -160,7 +177,7 @@ class Evaluator:
       "cumulative_score": {str(k): float(v) / count for k, v in zip(metrics.CS_THRESHOLDS, sums["cs"])},
       "mae_by_age_group": groups,
       "mean_predicted_std": mean("std"),
-      "epsilon_sigma": {"default": float(self.fns.cfg.epsilon_sigma), "per_image_age_std": with_std},
+      "epsilon_sigma": {"default": float(self.epsilon_sigma), "per_image_age_std": with_std},
     }
 
 
@@ -174,77 +191,12 @@ def headline(report: dict[str, Any]) -> dict[str, float]:
   }
 
 
-def calibrate(evaluator: Evaluator, state: steps.TrainState, workdir: storage.Location, split: str) -> dict[str, Any]:
+def calibrate(evaluator: Evaluator, state: Any, workdir: storage.Location, split: str) -> dict[str, Any]:
   """Fits the temperature on `evaluator`'s split and writes WORKDIR/calibration.json (process 0); returns it."""
   record = {"split": split, "step": int(metrics.fetch_array(state.step)), **evaluator.fit_temperature(state)}
   if jax.process_index() == 0:
     calibration.write(workdir, record)
   return record
-
-
-def evaluate_workdir(
-  config: ml_collections.ConfigDict | None,
-  workdir: storage.Location,
-  split: str = "test",
-  *,
-  checkpoint: str | int = "best",
-  flip: bool = False,
-  calibrated: bool = True,
-  fit_calibration: bool = False,
-) -> dict[str, Any]:
-  """Evaluates a trained workdir's checkpoint on every example of a split and writes WORKDIR/eval/.
-
-  Writes `<split>.json` (the report), `<split>_predictions.jsonl` (one line per example) and
-  `<split>_*.png` plots.
-
-  Args:
-    config: the training config; None: WORKDIR/config.json.
-    workdir: the training workdir (a path or a gs:// URL).
-    split: the dataset split to score.
-    checkpoint: 'best', 'latest' or a step number.
-    flip: average each face's distribution with its mirror image's.
-    calibrated: apply WORKDIR/calibration.json's temperature when present (False: the raw model).
-    fit_calibration: first fit the temperature of this checkpoint on the config's eval split (the
-      validation split) and write WORKDIR/calibration.json.
-
-  Returns:
-    The report, with the workdir, split, checkpoint, step, flip and temperature.
-  """
-  config, fns, state = checkpointing.load_trained(workdir, checkpoint, config)
-  batch_size = config.get("eval_batch_size", 0) or config.batch_size
-  mesh = parallel.make_mesh()
-  if fit_calibration:
-    fit_split = config.data.eval_split
-    fitted = calibrate(
-      Evaluator(fns, pipeline.load_labelled_split(config, fit_split), batch_size, mesh), state, workdir, fit_split
-    )
-    logging.info("calibration: temperature %.4f on %s", fitted["temperature"], fit_split)
-  temperature = calibration.load_temperature(workdir, int(state.step)) if calibrated else None
-  data = pipeline.load_labelled_split(config, split)
-  report, per_example = Evaluator(fns, data, batch_size, mesh, flip=flip).run(
-    state, temperature=temperature or 1.0, outputs=True
-  )
-  report = {
-    "workdir": str(workdir),
-    "split": split,
-    "checkpoint": str(checkpoint),
-    "step": int(state.step),
-    "flip": flip,
-    "temperature": temperature or 1.0,
-    **report,
-  }
-  if jax.process_index() == 0:
-    out = storage.check_writable(storage.path(workdir) / "eval", "evaluation output folder")
-    storage.write_json(out / f"{split}.json", report)
-    storage.write_text(
-      out / f"{split}_predictions.jsonl",
-      "".join(
-        json.dumps({"index": i, "age": float(data.age[i]), **{k: float(per_example[k][i]) for k in OUTPUT_KEYS}}) + "\n"
-        for i in range(len(data))
-      ),
-    )
-    plots.write_plots(report, data.age, per_example["predicted_age"], out, split)
-  return report
 
 
 def format_table(report: dict[str, Any]) -> str:

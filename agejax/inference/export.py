@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
@@ -37,30 +37,31 @@ EXPORT_COMMAND = "python scripts/export.py --workdir DIR --output {output}"
 
 def _write_bytes(file: storage.Location, data: bytes) -> None:
   """Writes `data` so that readers see the old or the new content (as storage.write_text does for text)."""
-  file = storage.path(file)
-  if storage.is_url(file):
-    file.write_bytes(data)  # one object write: atomic on object stores
+  target = storage.path(file)
+  if storage.is_url(target):
+    target.write_bytes(data)  # one object write: atomic on object stores
     return
-  tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+  tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
   tmp.write_bytes(data)
-  os.replace(tmp, file)
+  os.replace(tmp, target)
 
 
 def _probabilities_fn(
   predictor: "prediction.Predictor", treedef: jax.tree_util.PyTreeDef
 ) -> Callable[[list, jax.Array], jax.Array]:
-  """Returns f(weight leaves, uint8 images) -> probabilities through `prediction.distributions`: the same numbers."""
-  from agejax.inference import prediction
-  from agejax.training import steps  # the model code: only exporting needs it
-
+  """Returns f(weight leaves, uint8 images) -> probabilities through `AgeModel.distributions`: the same numbers."""
   temperature = np.float32(predictor.temperature)
 
   def probabilities(leaves: list, images: jax.Array) -> jax.Array:
     params, model_state = jax.tree.unflatten(treedef, leaves)
-    state = steps.TrainState(step=None, params=params, model_state=model_state, opt_state=None, skipped_steps=None)
-    return prediction.distributions(predictor.steps, state, images, temperature)
+    return predictor.model.distributions(_Weights(params, model_state), images, temperature)
 
   return probabilities
+
+
+class _Weights(NamedTuple):
+  params: Any
+  model_state: Any
 
 
 def _input_spec(size: int) -> jax.ShapeDtypeStruct:
@@ -108,16 +109,16 @@ def _write_saved_model(
   local = os.path.join(scratch, SAVED_MODEL_DIR)  # made by TensorFlow, with the umask's permissions
   try:
     tf.saved_model.save(module, local, signatures={"serving_default": serve})
-    target = storage.path(target)
-    if target.exists():
-      target.rmtree()
-    if storage.is_url(target):
+    destination = storage.path(target)
+    if destination.exists():
+      destination.rmtree()
+    if storage.is_url(destination):
       for root, _, files in os.walk(local):
-        folder = target / os.path.relpath(root, local)
+        folder = destination / os.path.relpath(root, local)
         for name in files:
           storage.path(os.path.join(root, name)).copy(folder / name, overwrite=True)
     else:
-      shutil.move(local, target)
+      shutil.move(local, destination)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -174,9 +175,11 @@ def export_workdir(
   manifest = {
     "format": FORMAT,
     "input_size": size,
-    "image_size": int(predictor.record["image_size"]),
-    "min_age": int(predictor.record["min_age"]),
-    "max_age": int(predictor.record["max_age"]),
+    "image_size": predictor.model.image_size,
+    "min_age": int(predictor.bins[0]),
+    "max_age": int(predictor.bins[-1]),
+    "model": predictor.cfg.model.name,
+    "input_spec": predictor.model.input_spec.to_json(),
     "num_bins": len(predictor.bins),
     "temperature": float(predictor.temperature),
     "calibrated": calibrated and calibration.load_temperature(workdir) is not None,
@@ -238,6 +241,7 @@ class ExportedPredictor:
     self.bins = labels.age_bins(self.min_age, self.max_age)
     self.temperature = float(self.manifest["temperature"])
     self.step = int(self.manifest["step"])
+    self.input_spec = self.manifest.get("input_spec")  # what the model inside normalises to (None: before specs)
     self.batch_size = batch_size
     (out,) = self.exported.out_avals
     if out.shape[-1] != len(self.bins):

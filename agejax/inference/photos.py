@@ -59,14 +59,9 @@ class FaceDetector:
         continue
       x, y, w, h = (float(v) / scale for v in face["box"])
       eyes = face["keypoints"]
-      out.append(
-        Detection(
-          (x, y, w, h),
-          tuple(float(v) / scale for v in eyes["left_eye"]),
-          tuple(float(v) / scale for v in eyes["right_eye"]),
-          float(face["confidence"]),
-        )
-      )
+      left_x, left_y = (float(v) / scale for v in eyes["left_eye"])
+      right_x, right_y = (float(v) / scale for v in eyes["right_eye"])
+      out.append(Detection((x, y, w, h), (left_x, left_y), (right_x, right_y), float(face["confidence"])))
     return out
 
 
@@ -132,6 +127,7 @@ def find_faces(
   """Returns (status, faces, size x size crops) of a photo: its centre square if `aligned`, else each detected face."""
   if aligned:  # the file is one face crop: its centre square, as training read them
     return "ok", [Face(faces.centre_square_box(*photo.size))], [faces.centre_square(photo, size)]
+  assert detector is not None  # callers pass one unless `aligned` (serve.py refuses such requests first)
   found = detector(photo)
   return ("ok" if found else "no face found"), [Face(d.box) for d in found], [align_face(photo, d, size) for d in found]
 
@@ -164,18 +160,21 @@ def predict_files(
       face.predicted_age, face.argmax_age, face.std = (
         float(stats[k][i]) for k in ("predicted_age", "argmax_age", "std")
       )
-      face.interval80 = tuple(float(v) for v in stats["interval80"][i])
+      low, high = (float(v) for v in stats["interval80"][i])
+      face.interval80 = (low, high)
     chips.clear()
     waiting.clear()
 
   for path in files:
     photo = faces.open_rgb(path)
+    new_chips: list[np.ndarray]
     if isinstance(photo, str):
       result, new_chips = ImageResult(str(path), photo), []
     else:
       status, found, new_chips = find_faces(photo, size, aligned=aligned, detector=detector)
       result = ImageResult(str(path), status, found)
     if result.faces and kept < keep_photos:
+      assert not isinstance(photo, str)  # a file that could not be opened has no faces
       result.photo, kept = photo, kept + 1
       for face, chip in zip(result.faces, new_chips):
         face.chip = chip
@@ -194,6 +193,7 @@ def predict_files(
 
 def face_json(face: Face, age_key: str = "predicted_age") -> dict:
   """A predicted face's JSON: box, expected age (under `age_key`), argmax age, std, interval80, distribution."""
+  assert face.distribution is not None  # only predicted faces are written out
   return {
     "box": [round(v, 1) for v in face.box],
     age_key: face.predicted_age,

@@ -1,7 +1,5 @@
 """Predictor: a trained model as a function of uint8 face crops -> age distributions, over every device."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +8,7 @@ import numpy as np
 from agejax import errors, labels, metrics, parallel, storage
 from agejax.data import pipeline
 from agejax.evaluation import calibration
-from agejax.training import augment, checkpointing, steps
+from agejax.inference import loading
 
 
 @jax.jit
@@ -23,32 +21,6 @@ def summaries(probs: jax.Array, bins: jax.Array) -> dict[str, jax.Array]:
     "std": labels.distribution_std(probs, bins),
     "interval80": jnp.stack([low, high], axis=-1),
   }
-
-
-def outputs(
-  fns: steps.Steps, state: steps.TrainState, images: jax.Array, temperature: jax.Array | float = 1.0, flip: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """Returns (the raw model's log-probabilities, the calibrated distributions), each [B, K], of a uint8 batch.
-
-  The distributions are softmax(logits / temperature); `flip` averages each face's distribution
-  with its mirror image's (test-time augmentation: a mirrored face is an equally valid view).
-  """
-  size = fns.cfg.image_size
-  view = lambda x: fns.logits(state.params, state.model_state, augment.preprocess(x, size), train=False)[0]  # noqa: E731
-  logits = view(images)
-  if not flip:
-    return logits, calibration.scaled(logits, temperature)
-  mirrored = view(images[:, :, ::-1])
-  raw = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(mirrored))
-  probs = 0.5 * (calibration.scaled(logits, temperature) + calibration.scaled(mirrored, temperature))
-  return jnp.log(jnp.maximum(raw, jnp.finfo(jnp.float32).tiny)), probs
-
-
-def distributions(
-  fns: steps.Steps, state: steps.TrainState, images: jax.Array, temperature: jax.Array | float = 1.0, flip: bool = False
-) -> jax.Array:
-  """Returns the calibrated age distributions [B, K] of a uint8 batch (see `outputs`)."""
-  return outputs(fns, state, images, temperature, flip)[1]
 
 
 class Predictor:
@@ -78,23 +50,27 @@ class Predictor:
       raise errors.UserError(
         f"batch_size={batch_size}: must be a positive number of faces per model call (None: the config's eval batch)"
       )
-    self.config, self.steps, self.state = checkpointing.load_trained(workdir, checkpoint, config)
-    self.record = checkpointing.load_inference_record(workdir)
+    self.cfg, self.learner, self.state = loading.load_trained(workdir, checkpoint, config)
+    self.model = self.learner.model
+    self.record = loading.load_inference_record(workdir)
     self.step = int(self.state.step)
     self.temperature = (calibration.load_temperature(workdir, self.step) if calibrated else None) or 1.0
-    self.bins = np.asarray(self.steps.bins)
+    self.bins = np.asarray(self.model.bins)
     self.mesh = parallel.make_mesh()
-    n = jax.device_count()
-    size = batch_size or self.config.get("eval_batch_size", 0) or self.config.batch_size
-    self.batch_size = -(-size // n) * n  # every device gets an equal slice
+    self.batch_size = parallel.device_multiple(batch_size or self.cfg.eval.batch_size)
     self.sharding = parallel.data_sharded(self.mesh)
     replicated = parallel.replicated(self.mesh)
     self._temperature = jax.device_put(np.float32(self.temperature), replicated)
     self.predict_device = jax.jit(
-      functools.partial(distributions, self.steps, flip=flip),
+      lambda state, images, temperature: self.model.distributions(state, images, temperature, flip),
       in_shardings=(replicated, self.sharding, replicated),
       out_shardings=replicated,
     )
+
+  @property
+  def input_spec(self) -> dict:
+    """The input the weights expect (pixel range, channel order, mean, std), as inference.json records it."""
+    return self.model.input_spec.to_json()
 
   @property
   def input_size(self) -> int:

@@ -42,6 +42,7 @@ def load_model(
     return exporting.ExportedPredictor(export, batch_size=max_batch)
   from agejax.inference import prediction
 
+  assert workdir is not None  # exactly one of the two was given, and it is not export
   return prediction.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated)
 
 
@@ -61,7 +62,13 @@ def run(app, host: str, port: int, graceful_timeout_s: float | None = None) -> N
   previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     server = uvicorn.Server(
-      uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=graceful_timeout_s, log_level="info")
+      uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # annotated int; a float works
+        log_level="info",
+      )
     )
     server.run()
   finally:

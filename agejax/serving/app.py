@@ -119,7 +119,8 @@ def create_app(
       names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads) if isinstance(u, UploadFile)]
       if len(names) < len(uploads):
         return error(400, 'the form field "files" must hold files (multipart file parts), not text')
-      datas = [await u.read() for u in uploads]
+      files = [u for u in uploads if isinstance(u, UploadFile)]  # all of them: text parts were refused above
+      datas = [await u.read() for u in files]
     except guard.BodyTooLarge:
       return guard.too_large(settings.max_body_bytes)
     except HTTPException as e:  # the multipart parser's complaint, e.g. too many files
@@ -140,14 +141,17 @@ def create_app(
       *(loop.run_in_executor(pool, prepare, data, aligned, model.input_size, detector) for data in datas),
       return_exceptions=True,
     )
+    cropped: list[tuple[str, list[photos.Face], list[np.ndarray]]] = []
     for name, p in zip(names, prepared):
       if isinstance(p, str):
         return error(400, f"{name}: {p}", file=name, reason=p)
       if isinstance(p, Exception):  # a bug or a detector failure on this upload: the others go on
         logging.error("preparing %s failed", name, exc_info=p)
         return error(500, f"{name}: {type(p).__name__}: {p}", file=name)
+      assert not isinstance(p, BaseException)  # only a SystemExit or KeyboardInterrupt in a decode thread
+      cropped.append(p)
     decoded = time.perf_counter()
-    futures = [model_batcher.submit(chip) for _, _, chips in prepared for chip in chips]
+    futures = [model_batcher.submit(chip) for _, _, chips in cropped for chip in chips]
     handed_over()
     try:
       predictions = await asyncio.gather(*map(asyncio.wrap_future, futures))
@@ -157,7 +161,7 @@ def create_app(
     model_ms = max((p.model_ms for p in predictions), default=0.0)
     remaining = iter(predictions)
     results = []
-    for name, (status, found, _) in zip(names, prepared):
+    for name, (status, found, _) in zip(names, cropped):
       for face in found:
         _fill(face, next(remaining))
       results.append({"file": name, "status": status, "faces": [photos.face_json(f, "age") for f in found]})
@@ -178,7 +182,13 @@ def create_app(
 
   async def healthz(request: Request) -> Response:
     return JSONResponse(
-      {"status": "ok", "step": step, "input_size": model.input_size, "batch_sizes": model_batcher.sizes}
+      {
+        "status": "ok",
+        "step": step,
+        "input_size": model.input_size,
+        "input_spec": model.input_spec,
+        "batch_sizes": model_batcher.sizes,
+      }
     )
 
   async def metrics_page(request: Request) -> Response:
@@ -213,7 +223,7 @@ def _fill(face: photos.Face, p: batcher.Prediction) -> None:
   )
 
 
-def _flag(value: str) -> bool:
+def _flag(value: str | UploadFile) -> bool:
   value = str(value).strip().lower()
   if value not in _TRUE + _FALSE:
     raise ValueError(f"aligned={value!r}: use true or false")

@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -23,6 +23,10 @@ class Model(Protocol):
   input_size: int
   bins: np.ndarray
   batch_size: int
+
+  @property
+  def input_spec(self) -> dict[str, Any] | None:
+    """The input the model normalises to (InputSpec.to_json()); None for an export made before specs."""
 
   def __call__(self, images: np.ndarray) -> np.ndarray: ...
 

@@ -1,29 +1,9 @@
-"""On-device augmentation and normalisation of uint8 face batches (runs inside the jitted step)."""
+"""On-device training augmentation of uint8 face batches (runs inside the jitted step), normalised for the backbone."""
 
 import jax
 import jax.numpy as jnp
 
-# torchvision's ImageNet statistics, for RGB in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize(images: jax.Array) -> jax.Array:
-  """Maps RGB in [0, 1] to ImageNet-normalised values."""
-  return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-
-
-def resize(images: jax.Array, size: int) -> jax.Array:
-  """Resizes an NHWC batch to size x size (antialiased bilinear), or returns it unchanged."""
-  b, h, w, c = images.shape
-  if (h, w) == (size, size):
-    return images
-  return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
-
-
-def preprocess(images: jax.Array, size: int) -> jax.Array:
-  """Evaluation path: uint8 NHWC -> float32 resized and normalised, no randomness."""
-  return normalize(resize(images.astype(jnp.float32) / 255.0, size))
+from agejax import models, settings
 
 
 def gaussian_blur(images: jax.Array, sigma: float = 1.0, radius: int = 2) -> jax.Array:
@@ -55,12 +35,14 @@ def _scale_crop(image: jax.Array, scale: jax.Array, shift: jax.Array, size: int)
   )
 
 
-def augment(images: jax.Array, key: jax.Array, size: int, cfg) -> jax.Array:
+def augment(
+  images: jax.Array, key: jax.Array, size: int, cfg: settings.AugmentSettings, spec: models.InputSpec
+) -> jax.Array:
   """Training path: random flip, scale/translation crop, brightness, contrast, blur/sharpness; normalise.
 
-  `cfg` is `config.augment`: flip (bool), scale (max relative zoom), translate (max shift as a
-  fraction of the size), brightness and contrast (max relative change), blur and sharpness (max
-  weight of a move toward, or away from, a Gaussian-blurred copy; 0 disables).
+  `cfg`: flip (bool), scale (max relative zoom), translate (max shift as a fraction of the size),
+  brightness and contrast (max relative change), blur and sharpness (max weight of a move toward,
+  or away from, a Gaussian-blurred copy; 0 disables). `spec` is the input the weights expect.
   """
   b = images.shape[0]
   x = images.astype(jnp.float32) / 255.0
@@ -74,16 +56,15 @@ def augment(images: jax.Array, key: jax.Array, size: int, cfg) -> jax.Array:
     shift = jax.random.uniform(k_shift, (b, 2), minval=-cfg.translate, maxval=cfg.translate) * size
     x = jax.vmap(lambda im, s, t: _scale_crop(im, s, t, size))(x, scale, shift)
   else:
-    x = resize(x, size)
+    x = models.resize(x, size)
   if cfg.brightness:
     x = x * (1.0 + jax.random.uniform(k_bright, (b, 1, 1, 1), minval=-cfg.brightness, maxval=cfg.brightness))
   if cfg.contrast:
     mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
     factor = 1.0 + jax.random.uniform(k_contrast, (b, 1, 1, 1), minval=-cfg.contrast, maxval=cfg.contrast)
     x = (x - mean) * factor + mean
-  blur, sharpness = cfg.get("blur", 0.0), cfg.get("sharpness", 0.0)
-  if blur or sharpness:
+  if cfg.blur or cfg.sharpness:
     # t > 0 blends toward the blurred copy (blur); t < 0 away from it (unsharp-mask sharpening).
-    t = jax.random.uniform(k_blur, (b, 1, 1, 1), minval=-sharpness, maxval=blur)
+    t = jax.random.uniform(k_blur, (b, 1, 1, 1), minval=-cfg.sharpness, maxval=cfg.blur)
     x = x + t * (gaussian_blur(x) - x)
-  return normalize(jnp.clip(x, 0.0, 1.0))
+  return spec.normalize(jnp.clip(x, 0.0, 1.0))

@@ -1,22 +1,19 @@
-"""Orbax checkpoints in WORKDIR/checkpoints (the latest few plus the best by MAE); loading a trained workdir."""
+"""Orbax checkpoints in WORKDIR/checkpoints (the latest few plus the best by MAE) and what the trainer records."""
 
 import logging
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from agejax import errors, parallel, storage
-from agejax.training import augment, steps
+from agejax import errors, models, settings, storage
 
 BEST_METRIC = "eval_mae"
 CONFIG_FILE = "config.json"
 # What inference needs besides the weights, recorded by the trainer: the stored face size that new
 # photos are cropped to, the age bins and the preprocessing. Nothing has to ask the dataset.
 INFERENCE_FILE = "inference.json"
-TRAIN_COMMAND = "python scripts/train.py --config configs/vgg16_kl.py --workdir {workdir}"
 CHECKPOINT_CHOICES = "best, latest or a step number"
 
 
@@ -86,6 +83,7 @@ class Checkpoints:
     config (a changed model or optimizer), before anything is read.
     """
     step = self.latest_step() if step is None else step
+    assert step is not None  # callers restore only once a checkpoint exists (train resumes, loading resolves one)
     problem = self.mismatch(target, step)
     if problem:
       raise errors.UserError(
@@ -120,93 +118,10 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   }
 
 
-def inference_record(config: ml_collections.ConfigDict, input_size: int) -> dict[str, Any]:
-  """What a trained model needs at inference (WORKDIR/inference.json): crop size, age bins, preprocessing."""
-  return {
-    "input_size": int(input_size),
-    "image_size": config.data.image_size,
-    "min_age": config.labels.min_age,
-    "max_age": config.labels.max_age,
-    "mean": list(augment.IMAGENET_MEAN),
-    "std": list(augment.IMAGENET_STD),
-  }
+def inference_record(cfg: settings.Settings, model: models.AgeModel, input_size: int) -> dict[str, Any]:
+  """What a trained model needs at inference besides config.json (WORKDIR/inference.json).
 
-
-def load_config(workdir: storage.Location) -> ml_collections.ConfigDict:
-  """Returns the training config the trainer saved as WORKDIR/config.json."""
-  path = storage.path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise errors.MissingInput(f"{path} does not exist: pass the training config with --config")
-  return ml_collections.ConfigDict(storage.read_json_object(path))
-
-
-def load_inference_record(workdir: storage.Location) -> dict[str, Any]:
-  """Returns WORKDIR/inference.json, which the trainer writes when it starts."""
-  path = storage.path(workdir) / INFERENCE_FILE
-  if not path.exists():
-    raise errors.MissingInput(
-      f"{path} does not exist (the workdir predates it): rerun its training command once "
-      f"to record it; a finished run records it and exits"
-    )
-  return storage.read_json_object(path)
-
-
-def no_checkpoints_message(workdir: storage.Location) -> str:
-  """The one-line error for a workdir that holds no trained model."""
-  return f"{workdir} holds no checkpoints; train a model first: " + TRAIN_COMMAND.format(workdir=workdir)
-
-
-def resolve_step(ckpts: Checkpoints, checkpoint: str | int, workdir: storage.Location) -> int:
-  """Returns the step that `checkpoint` ('best', 'latest' or a step number) names in WORKDIR."""
-  latest = ckpts.latest_step()
-  if latest is None:
-    raise errors.MissingInput(no_checkpoints_message(workdir))
-  checkpoint = str(checkpoint)
-  if checkpoint == "latest":
-    return latest
-  if checkpoint == "best":
-    best = ckpts.best_step()
-    if best is None:  # a run stopped before its first evaluation has no ranked checkpoint
-      logging.warning("%s has no evaluated checkpoint; using the latest, step %d", ckpts.directory, latest)
-      return latest
-    return best
-  available = sorted(ckpts.manager.all_steps())
-  if not checkpoint.isdigit():
-    raise errors.UserError(f"--checkpoint={checkpoint!r}: use {CHECKPOINT_CHOICES} (available steps: {available})")
-  if int(checkpoint) not in available:
-    raise errors.UserError(f"--checkpoint={checkpoint}: no such step in {ckpts.directory} (available: {available})")
-  return int(checkpoint)
-
-
-def load_trained(
-  workdir: storage.Location, checkpoint: str | int = "best", config: ml_collections.ConfigDict | None = None
-) -> tuple[ml_collections.ConfigDict, steps.Steps, steps.TrainState]:
-  """Restores a trained workdir's checkpoint, replicated over every device.
-
-  Nothing is allocated before the restore: the target is the abstract shape of the state the
-  trainer builds.
-
-  Args:
-    workdir: the training workdir (a path or a gs:// URL).
-    checkpoint: 'best' (lowest eval MAE), 'latest' or a step number.
-    config: the training config; default: the WORKDIR/config.json the trainer wrote.
-
-  Returns:
-    (config, the model's step functions, the restored state).
+  The stored face size new photos are cropped to (the data's, not the model's input size), the
+  backbone's name and the input its weights expect.
   """
-  workdir = storage.path(workdir)
-  if not (workdir / "checkpoints").is_dir():
-    raise errors.MissingInput(no_checkpoints_message(workdir))
-  config = load_config(workdir) if config is None else config
-  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
-  try:
-    step = resolve_step(ckpts, checkpoint, workdir)
-    # Restoring needs the optimizer state's structure, not the schedule's values, so one step per
-    # epoch stands in for the training set's size (the data need not be on this machine).
-    fns, abstract, _ = steps.create(config, 1, abstract=True)
-    replicated = parallel.replicated(parallel.make_mesh())
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = ckpts.restore(target, step)
-  finally:
-    ckpts.close()
-  return config, fns, state
+  return {"input_size": int(input_size), "model": cfg.model.name, "input_spec": model.input_spec.to_json()}

@@ -1,18 +1,17 @@
-"""Checks a training config before anything is compiled; resolves its derived values.
+"""Checks a training config before anything is compiled and turns it into typed settings (`validate`).
 
-Also what may change when a run resumes (`check_resume`), and the scripts' flag parsing, which
-turns a bad flag or config override into one line.
+Also what may change when a run resumes (`check_resume`): every config key is classified in
+RESUME_MUST_MATCH or RESUME_MAY_CHANGE.
 """
 
 import json
 import math
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 
-from agejax import errors, models, storage
+from agejax import errors, models, settings, storage
 from agejax.training import losses, optim
 
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
@@ -25,6 +24,7 @@ MIN_SIGMA = 1.0 / math.sqrt(-2.0 * math.log(float(np.finfo(np.float32).tiny)))
 # equal the run's recorded config.json; keys for how long, how often, where and how to compute may change.
 RESUME_MUST_MATCH = (
   "seed",  # data order, augmentation and dropout are functions of (seed, step)
+  "model.name",
   "model.width_multiplier",
   "model.batch_norm",  # the network
   "labels.min_age",
@@ -38,6 +38,7 @@ RESUME_MUST_MATCH = (
   "loss.sigma",
   "loss.l1_weight",  # the objective (sigma: the width of the learnt distributions)
   "metrics.epsilon_sigma",  # the logged epsilon-error
+  "plugins",  # the modules that define the backbone, loss or rules these checkpoints were made with
 )
 RESUME_MAY_CHANGE = (
   "num_train_steps",
@@ -58,6 +59,7 @@ RESUME_MAY_CHANGE = (
   "augment.",
   "model.dropout_rate",  # recovering from divergence; the regime
   "model.pretrained",  # initial weights only: a resumed run restores its checkpoint (the file may move)
+  "evals",  # extra evaluations only report: they never choose the best checkpoint
 )
 
 
@@ -66,110 +68,135 @@ def _require(ok: bool, key: str, value, why: str) -> None:
     raise errors.UserError(f"config.{key}={value!r}: {why}")
 
 
-def check_pretrained(config) -> None:
-  """Fails, with the command that creates them, when `config.model.pretrained` names no converted weights."""
-  if not config.model.pretrained:
+def check_pretrained(cfg: settings.Settings) -> None:
+  """Fails, with the command that creates them, when `model.pretrained` names no converted weights."""
+  if not cfg.model.pretrained:
     return
-  path = storage.path(config.model.pretrained)
-  if not (path / "agejax_weights.json").exists():
-    arch = "vgg16_bn" if config.model.get("batch_norm", False) else "vgg16"
+  from agejax import convert
+
+  path = storage.path(cfg.model.pretrained)
+  if not (path / convert.META_FILE).exists():
+    make = models.get(cfg.model.name).convert_command
+    how = f"create them with: {make(cfg.model, str(path))}, or " if make else ""
     raise errors.MissingInput(
-      f"config.model.pretrained={str(path)!r} holds no converted weights; create them with: python "
-      f"scripts/convert_torchvision.py --weights IMAGENET1K_V1 --arch {arch} --output {path} "
-      f"(or --checkpoint FILE.pth instead of --weights), or set --config.model.pretrained='' to train from scratch"
+      f"config.model.pretrained={str(path)!r} holds no converted weights; {how}set "
+      f"--config.model.pretrained='' to train from scratch"
     )
 
 
-def validate(config) -> None:
-  """Raises ValueError with one line naming the offending key and value; returns None if valid."""
-  n = jax.device_count()
+def validate(config) -> settings.Settings:
+  """Checks a config and returns its settings; raises a UserError of one line naming the key and value.
+
+  Plug-in modules (config.plugins) are imported first: they may define the backbone or loss named.
+
+  Args:
+    config: a training config (ConfigDict) or a workdir's config.json as a dict.
+
+  Returns:
+    The typed settings every module takes.
+  """
+  cfg = settings.Settings.from_config(config)
+  models.load_plugins(cfg.run.plugins)
+  _check_run(cfg.run, jax.device_count())
+  _check_data_and_model(cfg)
+  _check_loss(cfg)
+  _check_optimizer(cfg.optimizer)
+  _check_evals(cfg)
+  check_pretrained(cfg)
+  return cfg
+
+
+def _check_run(run: settings.RunSettings, n: int) -> None:
   _require(
-    isinstance(config.seed, int) and 0 <= config.seed < SEED_LIMIT,
+    isinstance(run.seed, int) and 0 <= run.seed < SEED_LIMIT,
     "seed",
-    config.seed,
+    run.seed,
     "must be an integer in [0, 2**32): numpy's default_rng refuses negative seeds and jax.random.key keeps 32 bits",
   )
   _require(
-    config.batch_size > 0 and config.batch_size % n == 0,
+    run.batch_size > 0 and run.batch_size % n == 0,
     "batch_size",
-    config.batch_size,
+    run.batch_size,
     f"must be a positive multiple of the {n} devices",
   )
-  accum = config.get("grad_accum_steps", 1)
   _require(
-    accum >= 1 and (config.batch_size // n) % accum == 0,
+    run.grad_accum_steps >= 1 and (run.batch_size // n) % run.grad_accum_steps == 0,
     "grad_accum_steps",
-    accum,
-    f"must be >= 1 and divide the per-device batch {config.batch_size // n}",
+    run.grad_accum_steps,
+    f"must be >= 1 and divide the per-device batch {run.batch_size // n}",
   )
+  _require(run.nonfinite in ("stop", "skip"), "nonfinite", run.nonfinite, "must be 'stop' or 'skip'")
+  _require(run.num_train_steps > 0, "num_train_steps", run.num_train_steps, "must be positive")
+  for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
+    _require(getattr(run, key) > 0, key, getattr(run, key), "must be positive")
   _require(
-    config.get("nonfinite", "stop") in ("stop", "skip"),
-    "nonfinite",
-    config.get("nonfinite"),
-    "must be 'stop' or 'skip'",
+    run.keep_checkpoints >= 1,
+    "keep_checkpoints",
+    run.keep_checkpoints,
+    "must be >= 1 (the latest checkpoint is what a resumed run starts from)",
   )
-  eval_bs = config.get("eval_batch_size", 0)
+  _require(run.profile_steps >= 0, "profile_steps", run.profile_steps, "must be >= 0 (0 disables profiling)")
+
+
+def _check_data_and_model(cfg: settings.Settings) -> None:
+  n = jax.device_count()
+  eval_bs = cfg.eval.batch_size
   _require(
-    eval_bs == 0 or (eval_bs > 0 and eval_bs % n == 0),
+    eval_bs > 0 and eval_bs % n == 0,
     "eval_batch_size",
     eval_bs,
     f"must be 0 (use batch_size) or a positive multiple of the {n} devices",
   )
+  labels = cfg.labels
   _require(
-    config.labels.max_age >= config.labels.min_age,
+    labels.max_age >= labels.min_age,
     "labels.max_age",
-    config.labels.max_age,
-    f"empty age range: below labels.min_age={config.labels.min_age}",
+    labels.max_age,
+    f"empty age range: below labels.min_age={labels.min_age}",
   )
   _require(
-    config.labels.out_of_range in ("clip", "drop"),
-    "labels.out_of_range",
-    config.labels.out_of_range,
-    "must be 'clip' or 'drop'",
+    labels.out_of_range in ("clip", "drop"), "labels.out_of_range", labels.out_of_range, "must be 'clip' or 'drop'"
   )
+  _require(cfg.eval.epsilon_sigma > 0, "metrics.epsilon_sigma", cfg.eval.epsilon_sigma, "must be positive")
+  model = cfg.model
+  backbone = models.get(model.name)
   _require(
-    config.loss.sigma >= MIN_SIGMA,
+    cfg.data.image_size >= backbone.min_image_size,
+    "data.image_size",
+    cfg.data.image_size,
+    f"must be at least {backbone.min_image_size} for backbone {backbone.name!r}",
+  )
+  _require(model.width_multiplier > 0, "model.width_multiplier", model.width_multiplier, "must be positive")
+  _require(model.dtype in models.DTYPES, "model.dtype", model.dtype, f"must be one of {models.DTYPES}")
+  _require(0 <= model.dropout_rate < 1, "model.dropout_rate", model.dropout_rate, "must be in [0, 1)")
+  _require(
+    bool(cfg.data.cache_dir) and not storage.is_url(cfg.data.cache_dir),
+    "data.cache_dir",
+    cfg.data.cache_dir,
+    "must be a local folder: the arrays are memory-mapped (data.data_dir may be a URL)",
+  )
+
+
+def _check_loss(cfg: settings.Settings) -> None:
+  loss = cfg.loss
+  _require(
+    loss.sigma >= MIN_SIGMA,
     "loss.sigma",
-    config.loss.sigma,
+    loss.sigma,
     f"must be at least {MIN_SIGMA:.4f} years: below it the Gaussian target's neighbouring bins underflow "
     f"float32 and the target is one-hot (loss.name='onehot' trains on one-hot targets)",
   )
-  _require(config.metrics.epsilon_sigma > 0, "metrics.epsilon_sigma", config.metrics.epsilon_sigma, "must be positive")
-  _require(config.loss.name in losses.LOSSES, "loss.name", config.loss.name, f"must be one of {losses.LOSSES}")
-  _require(config.loss.l1_weight >= 0, "loss.l1_weight", config.loss.l1_weight, "must be >= 0")
-  _require(config.num_train_steps > 0, "num_train_steps", config.num_train_steps, "must be positive")
-  for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
-    _require(config[key] > 0, key, config[key], "must be positive")
+  _require(loss.name in losses.LOSSES, "loss.name", loss.name, f"must be one of {tuple(losses.LOSSES)}")
+  _require(loss.l1_weight >= 0, "loss.l1_weight", loss.l1_weight, "must be >= 0")
+
+
+def _check_optimizer(opt: settings.OptimizerSettings) -> None:
+  _require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "must be positive")
   _require(
-    config.data.image_size >= 32, "data.image_size", config.data.image_size, "must be at least 32 (five 2x2 max-pools)"
+    opt.grad_clip_norm >= 0, "optimizer.grad_clip_norm", opt.grad_clip_norm, "must be >= 0 (0 disables clipping)"
   )
-  _require(
-    config.model.width_multiplier > 0, "model.width_multiplier", config.model.width_multiplier, "must be positive"
-  )
-  _require(config.model.dtype in models.DTYPES, "model.dtype", config.model.dtype, f"must be one of {models.DTYPES}")
-  _require(
-    config.optimizer.learning_rate > 0, "optimizer.learning_rate", config.optimizer.learning_rate, "must be positive"
-  )
-  _require(
-    config.keep_checkpoints >= 1,
-    "keep_checkpoints",
-    config.keep_checkpoints,
-    "must be >= 1 (the latest checkpoint is what a resumed run starts from)",
-  )
-  _require(
-    0 <= config.model.get("dropout_rate", 0.5) < 1,
-    "model.dropout_rate",
-    config.model.get("dropout_rate"),
-    "must be in [0, 1)",
-  )
-  opt = config.optimizer
-  _require(
-    opt.get("grad_clip_norm", 0.0) >= 0,
-    "optimizer.grad_clip_norm",
-    opt.get("grad_clip_norm"),
-    "must be >= 0 (0 disables clipping)",
-  )
-  _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", opt.get("weight_decay"), "must be >= 0")
+  _require(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "must be >= 0")
+  _require(opt.schedule in optim.SCHEDULES, "optimizer.schedule", opt.schedule, f"must be one of {optim.SCHEDULES}")
   if opt.schedule == "step":
     _require(opt.step_every_epochs > 0, "optimizer.step_every_epochs", opt.step_every_epochs, "must be positive")
     _require(opt.step_gamma > 0, "optimizer.step_gamma", opt.step_gamma, "must be positive")
@@ -182,34 +209,18 @@ def validate(config) -> None:
       "must be in [0, 1]",
     )
   _require(
-    opt.get("backbone_lr_multiplier", 1.0) >= 0,
-    "optimizer.backbone_lr_multiplier",
-    opt.get("backbone_lr_multiplier"),
-    "must be >= 0",
+    opt.backbone_lr_multiplier >= 0, "optimizer.backbone_lr_multiplier", opt.backbone_lr_multiplier, "must be >= 0"
   )
-  _require(
-    opt.get("head_warmup_steps", 0) >= 0, "optimizer.head_warmup_steps", opt.get("head_warmup_steps"), "must be >= 0"
-  )
-  _require(
-    config.get("profile_steps", 0) >= 0,
-    "profile_steps",
-    config.get("profile_steps"),
-    "must be >= 0 (0 disables profiling)",
-  )
-  cache_dir = config.data.get("cache_dir", "")
-  _require(
-    bool(cache_dir) and not storage.is_url(cache_dir),
-    "data.cache_dir",
-    cache_dir,
-    "must be a local folder: the arrays are memory-mapped (data.data_dir may be a URL)",
-  )
-  check_pretrained(config)
-  _require(
-    config.optimizer.schedule in optim.SCHEDULES,
-    "optimizer.schedule",
-    config.optimizer.schedule,
-    f"must be one of {optim.SCHEDULES}",
-  )
+  _require(opt.head_warmup_steps >= 0, "optimizer.head_warmup_steps", opt.head_warmup_steps, "must be >= 0")
+  optim.parse_rules(opt.rules)  # a bad rule: one line naming it
+
+
+def _check_evals(cfg: settings.Settings) -> None:
+  names = [e.name for e in cfg.eval.evals]
+  for i, e in enumerate(cfg.eval.evals):
+    _require(bool(e.name) and "/" not in e.name, f"evals[{i}].name", e.name, "must be a non-empty name without '/'")
+    _require(names.count(e.name) == 1, f"evals[{i}].name", e.name, "is used by another evaluation")
+    _require(e.every_steps >= 0, f"evals[{i}].every_steps", e.every_steps, "must be >= 0 (0: with the eval split)")
 
 
 def resume_may_change(key: str) -> bool:
@@ -247,58 +258,3 @@ def check_resume(config, recorded: dict[str, Any], source: storage.Location) -> 
       f"with: {'this key sets' if one else 'these keys set'} what the checkpoints mean and cannot change on "
       f"resume; use a new workdir, or the run's {'value' if one else 'values'}"
     )
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flags_parser for the scripts: a bad flag or `--config` override ends the script in one line.
-
-  ml_collections raises a bare AttributeError/KeyError for an override of a key the config lacks
-  (its "did you mean" hint buried in a traceback) and defers a config file it cannot read to the
-  first use; both become `error: ...` here.
-  """
-  from absl import flags
-
-  try:
-    argv = flags.FLAGS(argv)
-  except flags.Error as e:  # absl: unknown flag, bad value; a config file whose get_config raised
-    sys.exit(f"error: {_flag_error(str(e))}")
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY=... for a KEY the config does not have
-    sys.exit(f"error: {_unknown_key(e, argv)}")
-  except OSError as e:  # an override of a config file that could not be loaded
-    sys.exit(f"error: --config: {_last_line(e)}")
-  if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
-    try:
-      flags.FLAGS["config"].value.keys()  # config_flags keeps a file's load error until the config is used
-    except OSError as e:
-      sys.exit(f"error: --config: {_last_line(e)}")
-  return argv
-
-
-def _last_line(error: BaseException) -> str:
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
-
-
-def _flag_error(message: str) -> str:
-  """The first line of a flag error and, for a multi-line one (a traceback, a list of attempts), its last."""
-  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-  if len(lines) <= 1:
-    return lines[0] if lines else "bad flags"
-  return f"{lines[0].rstrip(':')}: {lines[-1]}"
-
-
-def _unknown_key(error: BaseException, argv: list[str]) -> str:
-  """'--config.a.b=V: config has no key a.b (did you mean ...?)' from ml_collections' error."""
-  text: Any = error
-  while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError("'key'\nDid you mean ..."))
-    text = text.args[0]
-  lines = str(text).splitlines()
-  missing = lines[0].strip("'\"") if lines else ""
-  hint = next((line.strip() for line in lines[1:] if line.strip()), "")
-  hint = f" ({hint[0].lower()}{hint[1:].rstrip('?')}?)" if hint else ""
-  for arg in argv[1:]:
-    name = arg.split("=", 1)[0].lstrip("-")
-    if name.startswith(("config.", "noconfig.")) and missing in name.split(".")[1:]:
-      key = name.split(".", 1)[1]
-      return f"{arg}: the config has no key {key!r}{hint}"
-  return f"the config has no key {missing!r}{hint}"

@@ -1,4 +1,9 @@
-"""Training losses on age logits: KL to a Gaussian label distribution, DLDL-v2 L1, one-hot NLL."""
+"""Training losses by name (`config.loss.name`): KL to a Gaussian label distribution, one-hot NLL, DLDL-v2's L1.
+
+`LOSSES` maps a name to a factory of (loss settings, age bins) -> loss(logits, ages) per example.
+A new loss is one function and one `register` call (from a plug-in module listed in config.plugins);
+`make_loss` adds `l1_weight` times the expectation L1 term to whichever loss is named.
+"""
 
 from collections.abc import Callable
 
@@ -6,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agejax import errors, labels
+from agejax import errors, labels, settings
 
-LOSSES = ("kl", "onehot")
-
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits [B, K], ages [B]) -> per-example loss [B]
+LossFactory = Callable[[settings.LossSettings, jax.Array], LossFn]  # (config.loss, bins [K]) -> loss
 
 
 def kl_loss(logits: jax.Array, ages: jax.Array, bins: jax.Array, sigma: float) -> jax.Array:
@@ -33,14 +37,25 @@ def expectation_l1(logits: jax.Array, ages: jax.Array, bins: jax.Array) -> jax.A
   return jnp.abs(labels.expected_age(probs, bins) - ages)
 
 
-def make_loss(name: str, bins: jax.Array, sigma: float, l1_weight: float = 0.0) -> LossFn:
-  """Returns `loss(logits, ages) -> per-example loss` for a `config.loss`."""
-  if name == "kl":
-    base = lambda logits, ages: kl_loss(logits, ages, bins, sigma)
-  elif name == "onehot":
-    base = lambda logits, ages: onehot_nll(logits, ages, bins)
-  else:
-    raise errors.UserError(f"config.loss.name={name!r} is not one of {LOSSES}")
-  if not l1_weight:
+LOSSES: dict[str, LossFactory] = {
+  "kl": lambda cfg, bins: lambda logits, ages: kl_loss(logits, ages, bins, cfg.sigma),
+  "onehot": lambda cfg, bins: lambda logits, ages: onehot_nll(logits, ages, bins),
+}
+
+
+def register(name: str, factory: LossFactory) -> None:
+  """Adds a loss under `name` (a plug-in module calls this at import; the same module again replaces it)."""
+  known = LOSSES.get(name)
+  if known is not None and known.__module__ != factory.__module__:
+    raise ValueError(f"a loss named {name!r} is already registered by {known.__module__}")
+  LOSSES[name] = factory
+
+
+def make_loss(cfg: settings.LossSettings, bins: jax.Array) -> LossFn:
+  """Returns `loss(logits, ages) -> per-example loss` for `config.loss`, with its DLDL-v2 L1 term."""
+  if cfg.name not in LOSSES:
+    raise errors.UserError(f"config.loss.name={cfg.name!r} is not one of {tuple(LOSSES)}")
+  base = LOSSES[cfg.name](cfg, bins)
+  if not cfg.l1_weight:
     return base
-  return lambda logits, ages: base(logits, ages) + l1_weight * expectation_l1(logits, ages, bins)
+  return lambda logits, ages: base(logits, ages) + cfg.l1_weight * expectation_l1(logits, ages, bins)

@@ -1,14 +1,88 @@
-"""Optimizer and learning-rate schedules (optax): Adam/AdamW with step or warmup-cosine decay."""
+"""Optimizer and learning-rate schedules (optax): Adam/AdamW, step or warmup-cosine decay, rules by parameter path.
+
+Parameters are grouped by rules in the manner of big_vision's optax.py: the first rule whose regex
+fully matches a parameter's "/"-joined path (e.g. "convs/3/kernel", "head/bias") sets its
+learning-rate multiplier, whether weight decay applies, whether it is frozen, and the step its
+updates start at. `config.optimizer.rules` come first; the age head, then everything else (the
+backbone, shaped by the shorthands backbone_lr_multiplier, freeze_backbone and head_warmup_steps)
+close the list, so the default groups are exactly "head" and "backbone".
+"""
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
 
-from agejax import errors
+from agejax import errors, settings
 
 SCHEDULES = ("constant", "step", "cosine")
+RULE_OPTIONS = ("lr", "decay", "frozen", "start_step")
 
 
-def learning_rate_schedule(cfg, num_train_steps: int, steps_per_epoch: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How the parameters whose path fully matches `pattern` are updated."""
+
+  name: str  # the optimizer-state group (checkpoints record it): "head", "backbone" or "rule<i>"
+  pattern: str
+  lr: float = 1.0  # multiplier of the schedule
+  decay: bool = True  # weight decay, when optimizer.weight_decay > 0
+  frozen: bool = False  # never updated (and no optimizer state)
+  start_step: int = 0  # no update before this step (e.g. the head trains alone first)
+
+
+def parse_rules(raw: Sequence[Any]) -> list[Rule]:
+  """config.optimizer.rules: (regex, {"lr": ..., "decay": ..., "frozen": ..., "start_step": ...}) pairs."""
+  rules = []
+  for i, entry in enumerate(raw):
+    try:
+      pattern, options = entry
+      options = dict(options)
+      re.compile(pattern)
+    except (TypeError, ValueError, re.error) as e:
+      raise errors.UserError(
+        f"config.optimizer.rules[{i}]={entry!r}: must be (regex, {{option: value}}) with a valid regex ({e})"
+      ) from None
+    unknown = sorted(set(options) - set(RULE_OPTIONS))
+    if unknown:
+      raise errors.UserError(f"config.optimizer.rules[{i}]: unknown options {unknown}; known: {RULE_OPTIONS}")
+    rules.append(Rule(f"rule{i}", pattern, **options))
+  return rules
+
+
+def rules_for(cfg: settings.OptimizerSettings, head: str = "head") -> list[Rule]:
+  """The rules in order: config.optimizer.rules, the age head's, the backbone's (from the shorthands)."""
+  backbone = Rule(
+    "backbone",
+    ".*",
+    lr=cfg.backbone_lr_multiplier,
+    frozen=cfg.freeze_backbone,
+    start_step=cfg.head_warmup_steps,
+  )
+  return [*parse_rules(cfg.rules), Rule("head", f"{re.escape(head)}/.*"), backbone]
+
+
+def path_name(path: tuple) -> str:
+  """'convs/3/kernel' for a parameter's key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def param_labels(params: Any, rules: Sequence[Rule]) -> Any:
+  """The name of the first rule matching each parameter's path."""
+
+  def label(path, _):
+    name = path_name(path)
+    return next(rule.name for rule in rules if re.fullmatch(rule.pattern, name))
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def learning_rate_schedule(
+  cfg: settings.OptimizerSettings, num_train_steps: int, steps_per_epoch: int
+) -> optax.Schedule:
   """Returns the schedule of `config.optimizer` (`step` mimics torch's StepLR by epochs)."""
   lr = cfg.learning_rate
   if cfg.schedule == "constant":
@@ -25,26 +99,26 @@ def learning_rate_schedule(cfg, num_train_steps: int, steps_per_epoch: int) -> o
   raise errors.UserError(f"config.optimizer.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
 
 
-def _adam(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-  return optax.adamw(schedule, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(schedule)
+def rule_schedule(rule: Rule, schedule: optax.Schedule) -> optax.Schedule:
+  """The schedule scaled by the rule's multiplier, zero before its start step."""
+  if rule.lr == 1.0 and not rule.start_step:
+    return schedule
+  return lambda step: rule.lr * schedule(step) * (step >= rule.start_step)
 
 
-def backbone_schedule(cfg, schedule: optax.Schedule) -> optax.Schedule:
-  """The backbone's schedule: scaled by backbone_lr_multiplier, zero during the head-only warm-up."""
-  warmup, multiplier = cfg.get("head_warmup_steps", 0), cfg.get("backbone_lr_multiplier", 1.0)
-  return lambda step: multiplier * schedule(step) * (step >= warmup)
+def _adam(cfg: settings.OptimizerSettings, rule: Rule, schedule: optax.Schedule) -> optax.GradientTransformation:
+  if rule.frozen:
+    return optax.set_to_zero()
+  lr = rule_schedule(rule, schedule)
+  return optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay and rule.decay else optax.adam(lr)
 
 
-def param_labels(params) -> dict:
-  """Labels each top-level parameter group 'head' (the age head) or 'backbone' (everything else)."""
-  return {k: jax.tree.map(lambda _, k=k: "head" if k == "head" else "backbone", v) for k, v in params.items()}
-
-
-def create_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Returns Adam(W) with optional clipping; the backbone can be frozen, slowed or held for a warm-up."""
-  frozen = cfg.get("freeze_backbone", False)
-  backbone = optax.set_to_zero() if frozen else _adam(cfg, backbone_schedule(cfg, schedule))
-  opt = optax.multi_transform({"head": _adam(cfg, schedule), "backbone": backbone}, param_labels)
+def create_optimizer(
+  cfg: settings.OptimizerSettings, schedule: optax.Schedule, head: str = "head"
+) -> optax.GradientTransformation:
+  """Returns Adam(W) with optional clipping, each parameter group updated as its rule says."""
+  rules = rules_for(cfg, head)
+  opt = optax.multi_transform({r.name: _adam(cfg, r, schedule) for r in rules}, lambda p: param_labels(p, rules))
   if cfg.grad_clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
   return opt

@@ -1,5 +1,6 @@
 """train_and_evaluate(config, workdir): the whole training job, importable from a notebook."""
 
+import dataclasses
 import functools
 import json
 import logging
@@ -9,46 +10,72 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from etils import epath
 
-from agejax import errors, metrics, parallel, storage
+from agejax import errors, metrics, models, parallel, settings, storage
 from agejax.data import pipeline
 from agejax.evaluation import plots, scoring
-from agejax.inference import prediction
-from agejax.training import checkpointing, configuration, preemption, profiling, steps, workdir_lock
+from agejax.training import checkpointing, configuration, learner, preemption, profiling, workdir_lock
 
 FINAL_METRICS = "final_metrics.json"
 
 
-def load_pretrained(config, params, model_state):
-  """Overlays the converted torchvision backbone of `config.model.pretrained`; the age head stays new."""
+@dataclasses.dataclass
+class Built:
+  """Everything a run is made of, built from its settings before the loop starts."""
+
+  mesh: jax.sharding.Mesh
+  train_data: pipeline.ArraySplit
+  eval_data: pipeline.ArraySplit
+  schedule: optax.Schedule
+  state: learner.TrainState
+  learner: learner.Learner
+  train_step: Any  # jitted (state, sums, batch) -> (state, sums, loss)
+  evaluator: scoring.Evaluator
+  steps_per_epoch: int
+  extra_evals: dict[str, tuple[settings.ExtraEval, scoring.Evaluator]]  # config.evals by name
+
+
+def pretrained(cfg: settings.Settings) -> tuple[Any, models.InputSpec | None]:
+  """(the overlay of `model.pretrained`'s converted backbone, the input those weights expect), or (None, None)."""
+  if not cfg.model.pretrained:
+    return None, None
   from agejax import convert
 
-  return convert.backbone_from_converted(config.model.pretrained, params, model_state)
+  head = models.get(cfg.model.name).head
+  overlay = functools.partial(convert.backbone_from_converted, cfg.model.pretrained, head=head)
+  return overlay, convert.input_spec(cfg.model.pretrained)
 
 
-def build(config) -> dict[str, Any]:
-  """Creates the mesh, data, model, optimizer, initial state, train step and evaluator for a validated `config`."""
+def extra_eval_data(cfg: settings.Settings, extra: settings.ExtraEval) -> pipeline.ArraySplit:
+  """The split one of config.evals scores: another dataset (or builder config) of the same data_dir by default."""
+  data = dataclasses.replace(
+    cfg.data, name=extra.dataset, builder_config=extra.builder_config, data_dir=extra.data_dir or cfg.data.data_dir
+  )
+  return pipeline.load_labelled_split(data, cfg.labels, extra.split)
+
+
+def build(cfg: settings.Settings) -> Built:
+  """Creates the mesh, data, learner, initial state, jitted train step and evaluators of validated settings."""
   mesh = parallel.make_mesh()
-  train_data = pipeline.load_labelled_split(config, "train", training=True)
-  eval_data = pipeline.load_labelled_split(config, config.data.eval_split)
-  steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-  overlay = functools.partial(load_pretrained, config) if config.model.pretrained else None
-  fns, state, schedule = steps.create(config, steps_per_epoch, overlay=overlay)
+  train_data = pipeline.load_labelled_split(cfg.data, cfg.labels, "train", training=True)
+  eval_data = pipeline.load_labelled_split(cfg.data, cfg.labels, cfg.data.eval_split)
+  steps_per_epoch = math.ceil(len(train_data) / cfg.run.batch_size)
+  overlay, spec = pretrained(cfg)
+  fns, state, schedule = learner.create(cfg, steps_per_epoch, overlay=overlay, input_spec=spec)
   replicated = parallel.replicated(mesh)
-  state = jax.device_put(state, replicated)
-  train_step = steps.jit_train_step(fns, replicated, parallel.data_sharded(mesh))
-  evaluator = scoring.Evaluator(fns, eval_data, config.eval_batch_size or config.batch_size, mesh)
-  return dict(
+  return Built(
     mesh=mesh,
     train_data=train_data,
     eval_data=eval_data,
     schedule=schedule,
-    state=state,
-    steps=fns,
-    train_step=train_step,
-    evaluator=evaluator,
+    state=jax.device_put(state, replicated),
+    learner=fns,
+    train_step=learner.jit_train_step(fns, replicated, parallel.data_sharded(mesh)),
+    evaluator=fns.evaluator(eval_data, mesh),
     steps_per_epoch=steps_per_epoch,
+    extra_evals={e.name: (e, fns.evaluator(extra_eval_data(cfg, e), mesh)) for e in cfg.eval.evals},
   )
 
 
@@ -65,7 +92,7 @@ def _write_json(path: epath.Path, obj: dict) -> None:
     storage.write_json(path, obj)
 
 
-def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | None:
+def train_and_evaluate(config, workdir: storage.Location) -> dict[str, Any] | None:
   """Trains (resuming from WORKDIR's latest checkpoint), evaluates and checkpoints.
 
   The run holds WORKDIR's lock (workdir_lock.hold) from before anything is built until it returns.
@@ -80,200 +107,241 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, float] | 
     the run (after saving a checkpoint at the current step once training had started).
   """
   started = time.perf_counter()
-  configuration.validate(config)
+  cfg = configuration.validate(config)
   # A missing bucket, a read-only folder or an unreachable endpoint fails here, before any compilation.
-  workdir = storage.check_writable(workdir)
-  enable_compilation_cache(config.get("compilation_cache_dir", ""))
+  directory = storage.check_writable(workdir)
+  enable_compilation_cache(cfg.run.compilation_cache_dir)
   try:
-    with preemption.Preemption() as signalled, workdir_lock.hold(workdir) as lock:
-      ckpts = checkpointing.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+    with preemption.Preemption() as signalled, workdir_lock.hold(directory) as lock:
+      ckpts = checkpointing.Checkpoints(directory / "checkpoints", cfg.run.keep_checkpoints)
       try:
-        return _train(config, workdir, ckpts, lock, signalled, started)
+        return _Run(config, cfg, directory, ckpts, lock, signalled, started).train()
       finally:
         ckpts.close()
   except preemption.Stopped:
-    print(f"stopped by SIGTERM before training started: nothing to save in {workdir}")
+    print(f"stopped by SIGTERM before training started: nothing to save in {directory}")
     return None
 
 
 def _check_recorded_config(config, workdir: epath.Path) -> None:
   """Fails in one line when `config` changes what WORKDIR's checkpoints mean (see configuration.check_resume)."""
-  recorded = workdir / "config.json"
+  recorded = workdir / checkpointing.CONFIG_FILE
   if recorded.exists():
     configuration.check_resume(config, storage.read_json_object(recorded), recorded)
   else:
     logging.warning("%s has checkpoints but no config.json: only their array shapes are checked", workdir)
 
 
-def _train(
-  config,
-  workdir: epath.Path,
-  ckpts: checkpointing.Checkpoints,
-  lock: workdir_lock.WorkdirLock | None,
-  signalled: preemption.Preemption,
-  started: float,
-) -> dict[str, float] | None:
-  """train_and_evaluate's body, run holding the workdir's lock."""
-  from clu import metric_writers, periodic_actions
-  from tqdm.auto import tqdm
+class _Run:
+  """One call of train_and_evaluate, holding the workdir's lock: start-up, the loop, the end."""
 
-  final_path = workdir / FINAL_METRICS
-  with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
-    if ckpts.latest_step() is not None:  # before the data is read and anything compiled
-      _check_recorded_config(config, workdir)
-    b = build(config)
-    state, mesh = b["state"], b["mesh"]
-    replicated = parallel.replicated(mesh)
-    if ckpts.latest_step() is not None:
-      if jax.process_index() == 0:
-        print(f"resuming from step {ckpts.latest_step()} of {ckpts.directory}")
-      state = ckpts.restore(state)
-    start = int(state.step)
-    # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
-    _write_json(
-      workdir / checkpointing.INFERENCE_FILE, checkpointing.inference_record(config, b["train_data"].images.shape[1])
-    )
-    if start >= config.num_train_steps and final_path.exists():
-      final = storage.read_json_object(final_path)
-      print(f"{workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
-      return final
-    # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
-    _write_json(workdir / checkpointing.CONFIG_FILE, config.to_dict())
-    signalled.arm()  # from here a SIGTERM saves a checkpoint at the current step
+  def __init__(
+    self,
+    config,
+    cfg: settings.Settings,
+    workdir: epath.Path,
+    ckpts: checkpointing.Checkpoints,
+    lock: workdir_lock.WorkdirLock | None,
+    signalled: preemption.Preemption,
+    started: float,
+  ):
+    self.config, self.cfg, self.workdir, self.ckpts = config, cfg, workdir, ckpts
+    self.lock, self.signalled, self.started = lock, signalled, started
+    self.eval_metrics: dict[str, float] = {}
+    self.extra_metrics: dict[str, dict[str, float]] = {}
+    self.synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
+    self.first_step_s: float | None = None
 
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-    # A few eval faces, drawn with their target and predicted distributions at every evaluation.
-    sample = b["eval_data"].gather(np.arange(min(4, len(b["eval_data"]))))
-    sample_images = jax.device_put(sample["image"], replicated)
-    predict = jax.jit(functools.partial(prediction.distributions, b["steps"]))
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
-    batches = pipeline.TrainBatches(b["train_data"], config.batch_size, config.seed)
-    stream = pipeline.device_prefetch(
-      (batches.local_batch(s) for s in range(start, config.num_train_steps)), parallel.data_sharded(mesh)
-    )
-    sums = jax.device_put(metrics.zeros(), replicated)  # donated to the step: a fresh one after each log
-  eval_metrics: dict[str, float] = {}
-  step, first_step_s = start, None
-  # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
-  # shows real speed.
-  in_flight = parallel.InFlight()
-  host_cpu = jax.local_devices(backend="cpu")[0]  # this process's own: a global one may be remote
+  def train(self) -> dict[str, Any] | None:
+    """Resumes or starts, runs the loop, and finishes (calibration, final metrics)."""
+    from clu import metric_writers
 
-  def learning_rate(applied: int) -> float:
+    final_path = self.workdir / FINAL_METRICS
+    with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
+      if self.ckpts.latest_step() is not None:  # before the data is read and anything compiled
+        _check_recorded_config(self.config, self.workdir)
+      b = self.b = build(self.cfg)
+      state = b.state
+      if self.ckpts.latest_step() is not None:
+        if jax.process_index() == 0:
+          print(f"resuming from step {self.ckpts.latest_step()} of {self.ckpts.directory}")
+        state = self.ckpts.restore(state)
+      start = int(state.step)
+      # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
+      record = checkpointing.inference_record(self.cfg, b.learner.model, b.train_data.images.shape[1])
+      _write_json(self.workdir / checkpointing.INFERENCE_FILE, record)
+      if start >= self.cfg.run.num_train_steps and final_path.exists():
+        final = storage.read_json_object(final_path)
+        print(f"{self.workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
+        return final
+      # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
+      _write_json(self.workdir / checkpointing.CONFIG_FILE, self.config.to_dict())
+      self.signalled.arm()  # from here a SIGTERM saves a checkpoint at the current step
+      self.writer = metric_writers.create_default_writer(str(self.workdir), just_logging=jax.process_index() > 0)
+    with metric_writers.ensure_flushes(self.writer):
+      last_state, step = self.loop(state, start)
+    if last_state is None:
+      return None  # preempted
+    final = self.finish(last_state, step)
+    _write_json(final_path, final)
+    if jax.process_count() > 1:
+      # No process exits before final_metrics.json exists: a restart loop on any host that checks
+      # for it then stops instead of starting a run whose coordinator is gone.
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("agejax final metrics written")
+    if jax.process_index() == 0:
+      print(summary(final))
+    return final
+
+  def loop(self, state: learner.TrainState, start: int) -> tuple[learner.TrainState | None, int]:
+    """The train steps from `start`; returns the last state and step, or (None, step) when preempted."""
+    from clu import periodic_actions
+    from tqdm.auto import tqdm
+
+    b, run, ckpts = self.b, self.cfg.run, self.ckpts
+    replicated = parallel.replicated(b.mesh)
+    with jax.transfer_guard("allow"):
+      self._sample_distributions_setup()
+      report = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps, writer=self.writer)
+      batches = pipeline.TrainBatches(b.train_data, run.batch_size, run.seed)
+      stream = pipeline.device_prefetch(
+        (batches.local_batch(s) for s in range(start, run.num_train_steps)), parallel.data_sharded(b.mesh)
+      )
+      sums = jax.device_put(metrics.zeros(), replicated)  # donated to the step: a fresh one after each log
+    # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
+    # shows real speed.
+    in_flight = parallel.InFlight()
+    profiler = profiling.Profiler(self.workdir, run.profile_steps, run.log_every_steps, start)
+    step = start
+    with tqdm(total=run.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar:
+      for step in range(start + 1, run.num_train_steps + 1):
+        profiler.before(step)
+        state, sums, loss = b.train_step(state, sums, next(stream))
+        if self.first_step_s is None:
+          loss.block_until_ready()  # once: time to the first finished step (start-up + compilation)
+          self.first_step_s = time.perf_counter() - self.started
+        in_flight.add(loss)
+        report(step)
+        bar.update()
+        last = step == run.num_train_steps
+        profiler.after(step, in_flight, last)
+        # All processes must stop at the same step: with several, JAX's preemption sync point decides.
+        preempted = ckpts.reached_preemption(step) if jax.process_count() > 1 else bool(self.signalled)
+        logged = step % run.log_every_steps == 0 or last
+        evaluated = step % run.eval_every_steps == 0 or last
+        extras = [
+          name for name, (e, _) in b.extra_evals.items() if last or step % (e.every_steps or run.eval_every_steps) == 0
+        ]
+        saving = evaluated or step % run.checkpoint_every_steps == 0 or preempted
+        if not (logged or saving or extras):
+          continue
+        with jax.transfer_guard("allow"):  # the loop's sync points: metric fetches, evaluation, checkpoints
+          host = metrics.fetch(sums)
+          self._check_finite(host)
+          if self.lock is not None:
+            self.lock.check()  # another run took the workdir over (this one stalled): write nothing more
+          if logged:
+            sums = jax.device_put(metrics.zeros(), replicated)
+            self._log_train(step, state, host, bar)
+          if evaluated:
+            with report.timed("eval"):
+              self._evaluate(step, state)
+          for name in extras:
+            self._evaluate_extra(step, state, name)
+          if saving:
+            scored = {checkpointing.BEST_METRIC: self.eval_metrics["mae"]} if evaluated else None
+            ckpts.save(step, state, scored, force=preempted)
+          if preempted and not last:
+            ckpts.wait()
+            ckpts.close()
+            print(f"preempted: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
+            return None, step
+    return state, step
+
+  def _sample_distributions_setup(self) -> None:
+    """A few eval faces, drawn with their target and predicted distributions at every evaluation."""
+    b = self.b
+    self.sample = b.eval_data.gather(np.arange(min(4, len(b.eval_data))))
+    self.sample_images = jax.device_put(self.sample["image"], parallel.replicated(b.mesh))
+    self.predict = jax.jit(b.learner.model.distributions)
+
+  def _learning_rate(self, applied: int) -> float:
     """The rate of the last update (after `applied` updates; skipped steps do not advance the schedule), on the host."""
-    with jax.default_device(host_cpu):  # no accelerator round trip for a logged scalar
-      return float(b["schedule"](applied - 1))
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's own: no accelerator round trip
+      return float(self.b.schedule(applied - 1))
 
-  profiler = profiling.Profiler(workdir, config.get("profile_steps", 0), config.log_every_steps, start)
-  synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
-
-  def check_finite(host_sums: dict[str, float]) -> None:
-    if host_sums["nonfinite_step"] and config.get("nonfinite", "stop") == "stop":
-      ckpts.wait()  # earlier (finite) checkpoints complete; this state is never saved
-      ckpts.close()
+  def _check_finite(self, host_sums: dict[str, float]) -> None:
+    if host_sums["nonfinite_step"] and self.cfg.run.nonfinite == "stop":
+      self.ckpts.wait()  # earlier (finite) checkpoints complete; this state is never saved
+      self.ckpts.close()
       raise errors.Diverged(
         f"non-finite loss or gradient at step {int(host_sums['nonfinite_step'])} (run stopped; latest "
-        f"checkpoint: step {ckpts.latest_step()}); lower optimizer.learning_rate, or set "
+        f"checkpoint: step {self.ckpts.latest_step()}); lower optimizer.learning_rate, or set "
         f"config.nonfinite='skip' to skip such steps"
       )
 
-  with (
-    metric_writers.ensure_flushes(writer),
-    tqdm(total=config.num_train_steps, initial=start, desc="train", disable=jax.process_index() > 0) as bar,
-  ):
-    for step in range(start + 1, config.num_train_steps + 1):
-      profiler.before(step)
-      state, sums, loss = b["train_step"](state, sums, next(stream))
-      if first_step_s is None:
-        loss.block_until_ready()  # once: time to the first finished step (start-up + compilation)
-        first_step_s = time.perf_counter() - started
-      in_flight.add(loss)
-      report(step)
-      bar.update()
-      last = step == config.num_train_steps
-      profiler.after(step, in_flight, last)
-      # All processes must stop at the same step: with several, JAX's preemption sync point decides.
-      preempted = ckpts.reached_preemption(step) if jax.process_count() > 1 else bool(signalled)
-      logged = step % config.log_every_steps == 0 or last
-      evaluated = step % config.eval_every_steps == 0 or last
-      saving = evaluated or step % config.checkpoint_every_steps == 0 or preempted
-      if not (logged or saving):
-        continue
-      with jax.transfer_guard("allow"):  # the loop's sync points: metric fetches, evaluation, checkpoints
-        host = metrics.fetch(sums)
-        check_finite(host)
-        if lock is not None:
-          lock.check()  # another run took the workdir over (this one stalled): write nothing more
-        if logged:
-          synced.append((step, time.perf_counter()))
-          train = metrics.means(host)
-          skipped = int(metrics.fetch_array(state.skipped_steps))  # kept over resumes
-          sums = jax.device_put(metrics.zeros(), replicated)
-          writer.write_scalars(
-            step,
-            {
-              "train/loss": train["loss"],
-              "train/mae": train["mae"],
-              "train/learning_rate": learning_rate(step - skipped),
-              "train/nonfinite_steps": skipped,
-            },
-          )
-          bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
-        if evaluated:
-          with report.timed("eval"):
-            eval_metrics = scoring.headline(b["evaluator"].run(state))
-          writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-          probs = metrics.fetch_array(predict(state, sample_images))
-          writer.write_images(
-            step,
-            {
-              "eval/distributions": plots.distribution_figure_images(
-                sample["image"], sample["age"], probs, np.asarray(b["steps"].bins), config.loss.sigma
-              )
-            },
-          )
-        if saving:
-          ckpts.save(
-            step, state, {checkpointing.BEST_METRIC: eval_metrics["mae"]} if evaluated else None, force=preempted
-          )
-        if preempted and not last:
-          ckpts.wait()
-          ckpts.close()
-          print(f"preempted: saved checkpoint at step {step} in {ckpts.directory}; rerun the same command to resume")
-          return None
-  with jax.transfer_guard("allow"):
-    ckpts.wait()
-    if not eval_metrics:  # resumed exactly at the end: evaluate the restored state
-      eval_metrics = scoring.headline(b["evaluator"].run(state))
-    # Calibrate the checkpoint inference uses by default (the best), before final metrics mark the run done.
-    best = ckpts.best_step()
-    fitted = scoring.calibrate(
-      b["evaluator"], state if best in (None, step) else ckpts.restore(state, best), workdir, config.data.eval_split
+  def _log_train(self, step: int, state: learner.TrainState, host: dict[str, float], bar) -> None:
+    self.synced.append((step, time.perf_counter()))
+    train = metrics.means(host)
+    skipped = int(metrics.fetch_array(state.skipped_steps))  # kept over resumes
+    self.writer.write_scalars(
+      step,
+      {
+        "train/loss": train["loss"],
+        "train/mae": train["mae"],
+        "train/learning_rate": self._learning_rate(step - skipped),
+        "train/nonfinite_steps": skipped,
+      },
     )
-    final = {
-      "step": step,
-      **{f"eval_{k}": v for k, v in eval_metrics.items()},
-      "baseline_mae": metrics.mean_baseline_mae(b["train_data"].age, b["eval_data"].age),
-      "best_step": ckpts.best_step(),
-      "eval_split": config.data.eval_split,
-      "train_steps_per_s": _steady_rate(synced),
-      "first_step_s": first_step_s,
-      "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps)),
-      "temperature": fitted["temperature"],
-    }
-  ckpts.close()
-  if lock is not None:
-    lock.check()
-  _write_json(final_path, final)
-  if jax.process_count() > 1:
-    # No process exits before final_metrics.json exists: a restart loop on any host that checks
-    # for it then stops instead of starting a run whose coordinator is gone.
-    from jax.experimental import multihost_utils
+    bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
 
-    multihost_utils.sync_global_devices("agejax final metrics written")
-  if jax.process_index() == 0:
-    print(summary(final))
-  return final
+  def _evaluate(self, step: int, state: learner.TrainState) -> None:
+    b = self.b
+    self.eval_metrics = scoring.headline(b.evaluator.run(state))
+    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in self.eval_metrics.items()})
+    probs = metrics.fetch_array(self.predict(state, self.sample_images))
+    bins = np.asarray(b.learner.model.bins)
+    figure = plots.distribution_figure_images(
+      self.sample["image"], self.sample["age"], probs, bins, self.cfg.loss.sigma
+    )
+    self.writer.write_images(step, {"eval/distributions": figure})
+
+  def _evaluate_extra(self, step: int, state: learner.TrainState, name: str) -> None:
+    self.extra_metrics[name] = scoring.headline(self.b.extra_evals[name][1].run(state))
+    self.writer.write_scalars(step, {f"eval/{name}/{k}": v for k, v in self.extra_metrics[name].items()})
+
+  def finish(self, state: learner.TrainState, step: int) -> dict[str, Any]:
+    """After the last step: the calibration of the best checkpoint and the final metrics."""
+    b, ckpts = self.b, self.ckpts
+    with jax.transfer_guard("allow"):
+      ckpts.wait()
+      if not self.eval_metrics:  # resumed exactly at the end: evaluate the restored state
+        self.eval_metrics = scoring.headline(b.evaluator.run(state))
+      for name, (_, evaluator) in b.extra_evals.items():
+        if name not in self.extra_metrics:
+          self.extra_metrics[name] = scoring.headline(evaluator.run(state))
+      # Calibrate the checkpoint inference uses by default (the best), before final metrics mark the run done.
+      best = ckpts.best_step()
+      scored = state if best in (None, step) else ckpts.restore(state, best)
+      fitted = scoring.calibrate(b.evaluator, scored, self.workdir, self.cfg.data.eval_split)
+      final = {
+        "step": step,
+        **{f"eval_{k}": v for k, v in self.eval_metrics.items()},
+        "baseline_mae": metrics.mean_baseline_mae(b.train_data.age, b.eval_data.age),
+        "best_step": ckpts.best_step(),
+        "eval_split": self.cfg.data.eval_split,
+        "train_steps_per_s": _steady_rate(self.synced),
+        "first_step_s": self.first_step_s,
+        "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps)),
+        "temperature": fitted["temperature"],
+      }
+      if self.extra_metrics:
+        final["evals"] = self.extra_metrics
+    ckpts.close()
+    if self.lock is not None:
+      self.lock.check()
+    return final
 
 
 def _steady_rate(synced: list[tuple[int, float]]) -> float | None:

@@ -11,12 +11,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from agejax import errors, storage
+
+if TYPE_CHECKING:  # imported where used at run time: only gs:// locks need it
+  from google.cloud.storage import Blob
 
 LOCK_FILE = ".agejax-lock.json"
 LOCK_HEARTBEAT_S = 60.0  # how often the holder of a gs:// lock rewrites it
@@ -97,7 +100,7 @@ class WorkdirLock:
       **_machine(),
     }
     self._fd: int | None = None
-    self._blob = None
+    self._blob: Blob | None = None
     self._generation: int | None = None
     self._lost: str | None = None
     self._stop = threading.Event()
@@ -157,12 +160,14 @@ class WorkdirLock:
   def _delete_object(self) -> None:
     from google.api_core import exceptions
 
+    blob = self._blob
+    assert blob is not None  # called only while this run holds the object
     try:
-      self._blob.delete(if_generation_match=self._generation)
+      blob.delete(if_generation_match=self._generation)
     except exceptions.NotFound:
       pass  # gone already (a retried delete whose first reply was lost)
     except exceptions.PreconditionFailed:
-      found = self._read_object(self._blob.bucket, self._blob.name)
+      found = self._read_object(blob.bucket, blob.name)
       if found and found[1] and found[1].get("token") == self.holder["token"]:
         self._generation = found[0]  # our last heartbeat landed after all
         self._delete_object()
@@ -174,6 +179,7 @@ class WorkdirLock:
   # Local files: flock.
 
   def _is_our_file(self) -> bool:
+    assert self._fd is not None  # called only while holding the open lock file
     try:
       return os.path.samestat(os.fstat(self._fd), os.stat(self.file))
     except FileNotFoundError:
@@ -199,6 +205,7 @@ class WorkdirLock:
         self.workdir,
         describe_holder(previous),
       )
+    assert self._fd is not None  # the loop above ends only with the file locked
     os.ftruncate(self._fd, 0)
     os.pwrite(self._fd, (json.dumps(self.holder) + "\n").encode(), 0)
     os.fsync(self._fd)
@@ -233,7 +240,7 @@ class WorkdirLock:
       except (exceptions.PreconditionFailed, exceptions.NotFound):  # rewritten or removed meanwhile: read again
         continue
     try:
-      beat = _seconds(holder["heartbeat"])
+      beat = _seconds((holder or {})["heartbeat"])  # no holder: a KeyError
     except (TypeError, KeyError, ValueError):  # unreadable: the object's own time stands in
       beat = blob.updated.timestamp() if blob.updated else time.time()
     return blob.generation, holder, time.time() - beat
@@ -286,15 +293,15 @@ class WorkdirLock:
   def _heartbeat(self) -> None:
     from google.api_core import exceptions
 
+    blob = self._blob
+    assert blob is not None  # the thread starts once the object is ours; release() clears it after joining
     while not self._stop.wait(self.heartbeat_s):
       self.holder["heartbeat"] = _utc(time.time())
       try:
-        self._blob.upload_from_string(
-          self._payload(), content_type="application/json", if_generation_match=self._generation
-        )
-        self._generation = self._blob.generation
+        blob.upload_from_string(self._payload(), content_type="application/json", if_generation_match=self._generation)
+        self._generation = blob.generation
       except (exceptions.PreconditionFailed, exceptions.NotFound):
-        found = self._read_object(self._blob.bucket, self._blob.name)
+        found = self._read_object(blob.bucket, blob.name)
         if found and found[1] and found[1].get("token") == self.holder["token"]:
           self._generation = found[0]  # our own write, retried after a lost reply
           continue

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import data_settings
 from PIL import Image
 
 from agejax.data import csv_faces, datasets, pipeline
@@ -280,7 +281,7 @@ def test_parse_gender(text, expected):
 def test_a_dataset_without_group_columns_has_no_groupings(built, tmp_path):
   assert built.info.metadata["groups"] == {} and built.group_names() == {}
   cfg = {"name": "csv_faces", "data_dir": built.data_dir_root, "builder_config": "tiny", "cache_dir": str(tmp_path)}
-  data = pipeline.load_split(ml_collections.ConfigDict(cfg), "train")
+  data = pipeline.load_split(data_settings(ml_collections.ConfigDict(cfg)), "train")
   assert len(data) == len(TRAIN) and data.groups == {} and data.group_names == {}
 
 
@@ -329,7 +330,7 @@ def test_gender_and_group_columns_become_groupings(tmp_path):
     if split == "train":  # stored as a class label, and the cell's text
       stored = {ex["file_name"].decode(): (ex["gender"], ex["group"].decode()) for ex in records}
       assert stored["a0.jpg"] == (0, "north") and stored["a3.jpg"] == (1, "")
-    data = pipeline.load_split(ml_collections.ConfigDict(cfg), split)
+    data = pipeline.load_split(data_settings(ml_collections.ConfigDict(cfg)), split)
     assert data.group_names == groups
     for grouping, names in groups.items():
       codes = data.groups[grouping]

@@ -1,6 +1,7 @@
 import ml_collections
 import numpy as np
 import pytest
+from conftest import data_settings, labelled_split
 
 from agejax.data import datasets, pipeline
 
@@ -53,7 +54,7 @@ def test_train_batches_cross_epoch_boundaries_and_split_over_processes():
 def test_load_split_equals_tfds_records(tiny_config):
   import tensorflow_datasets as tfds
 
-  split = pipeline.load_split(tiny_config.data, "validation")
+  split = pipeline.load_split(data_settings(tiny_config.data), "validation")
   builder = datasets.get_builder("demo", tiny_config.data.data_dir, "tiny")
   records = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
   assert len(split) == len(records) == 50
@@ -67,10 +68,10 @@ def test_load_split_equals_tfds_records(tiny_config):
 def test_unknown_dataset_and_split_name_the_key(tiny_config):
   tiny_config.data.name = "imagenet"
   with pytest.raises(ValueError, match="config.data.name='imagenet'"):
-    pipeline.load_split(tiny_config.data, "train")
+    pipeline.load_split(data_settings(tiny_config.data), "train")
   tiny_config.data.name = "demo"
   with pytest.raises(ValueError, match="'valid'"):
-    pipeline.load_split(tiny_config.data, "valid")
+    pipeline.load_split(data_settings(tiny_config.data), "valid")
 
 
 def test_ages_outside_the_bins_are_clipped_or_dropped_and_counted():
@@ -113,7 +114,7 @@ def test_dropping_ages_keeps_the_groups_aligned():
 def test_the_demo_split_has_its_groups(tiny_config):
   from agejax.data import demo_faces
 
-  data = pipeline.load_labelled_split(tiny_config, "validation")
+  data = labelled_split(tiny_config, "validation")
   assert data.group_names == {"skin_tone": ("light", "medium", "dark"), "gender": ("male", "female")}
   assert data.group_names == demo_faces.GROUPS
   for grouping, names in data.group_names.items():
@@ -147,13 +148,13 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   cfg = ml_collections.ConfigDict(
     {"name": "demo", "data_dir": str(data), "builder_config": "tiny", "cache_dir": str(tmp_path / "arrays")}
   )
-  first = pipeline.load_split(cfg, "validation")
+  first = pipeline.load_split(data_settings(cfg), "validation")
   out = capsys.readouterr().out
   assert "built the agejax_demo/tiny/2.0.0 validation array cache (50 examples, 0.2 MB) in " in out, out
   [folder] = _cache_folders(tmp_path / "arrays", "validation")
   assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "labels.npz"]
   assert not list(data.rglob("*.npy"))  # nothing beside the TFDS files
-  again = pipeline.load_split(cfg, "validation")
+  again = pipeline.load_split(data_settings(cfg), "validation")
   assert again.images.filename == first.images.filename  # reused, not rebuilt
   assert "built" not in capsys.readouterr().out
   # The groups survive the round trip through the cache, as the TFDS records hold them.
@@ -171,7 +172,7 @@ def test_the_array_cache_is_local_keyed_and_rebuilt_when_the_dataset_changes(dat
   }
   shutil.copyfile(files["test"], files["validation"])
   os.utime(files["validation"], (1, 1))
-  changed = pipeline.load_split(cfg, "validation")
+  changed = pipeline.load_split(data_settings(cfg), "validation")
   builder = datasets.get_builder("demo", str(data_dir), "tiny")
   records = list(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False)))
   np.testing.assert_array_equal(changed.images, np.stack([r["image"] for r in records]))
@@ -190,7 +191,7 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
   partial = root / ".validation-0123456789abcdef.tmp99999"  # a build killed mid-way
   partial.mkdir(parents=True)
   (partial / "images.npy").write_bytes(b"\0" * 1000)
-  pipeline.load_split(tiny_config.data, "validation")
+  pipeline.load_split(data_settings(tiny_config.data), "validation")
   assert not partial.exists()
   usage = collections.namedtuple("usage", "total used free")
   monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
@@ -199,7 +200,7 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
     match=r"^config.data.cache_dir='.*': the agejax_demo/tiny/2.0.0 train array cache "
     r"needs 2.0 MB and .* has 0.0 MB free; set --config.data.cache_dir",
   ):
-    pipeline.load_split(tiny_config.data, "train")
+    pipeline.load_split(data_settings(tiny_config.data), "train")
   assert not list(root.glob("train-*")) and not list(root.glob(".train-*"))
 
 
@@ -208,9 +209,9 @@ def test_two_processes_building_the_same_cache_at_once_agree(data_dir, tmp_path)
   import sys
 
   code = (
-    "import sys, ml_collections, numpy as np; from agejax.data import pipeline; "
-    "cfg = ml_collections.ConfigDict(dict(name='demo', data_dir=sys.argv[1], builder_config='tiny', "
-    "cache_dir=sys.argv[2])); s = pipeline.load_split(cfg, 'train'); "
+    "import sys, numpy as np; from agejax import settings; from agejax.data import pipeline; "
+    "cfg = settings.DataSettings(name='demo', data_dir=sys.argv[1], builder_config='tiny', "
+    "cache_dir=sys.argv[2]); s = pipeline.load_split(cfg, 'train'); "
     "print('sum', int(s.images.astype(np.int64).sum()), int(s.age.sum()))"
   )
   procs = [
@@ -226,8 +227,10 @@ def test_two_processes_building_the_same_cache_at_once_agree(data_dir, tmp_path)
   assert [p.returncode for p in procs] == [0, 0], outputs
   sums = [next(line for line in out.splitlines() if line.startswith("sum ")) for out, _ in outputs]
   expected = pipeline.load_split(
-    ml_collections.ConfigDict(
-      {"name": "demo", "data_dir": data_dir, "builder_config": "tiny", "cache_dir": str(tmp_path / "fresh")}
+    data_settings(
+      ml_collections.ConfigDict(
+        {"name": "demo", "data_dir": data_dir, "builder_config": "tiny", "cache_dir": str(tmp_path / "fresh")}
+      )
     ),
     "train",
   )

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import data_settings
 from PIL import Image
 
 from agejax.data import datasets, pipeline, sources
@@ -282,7 +283,7 @@ def test_named_csv_datasets_live_side_by_side_and_train_on_them(tmp_path):
   data = ml_collections.ConfigDict(
     {"name": "csv_faces", "data_dir": data_dir, "builder_config": "appa", "cache_dir": str(tmp_path / "arrays")}
   )
-  assert sorted(pipeline.load_split(data, "train").age.tolist()) == APPA["train"]
+  assert sorted(pipeline.load_split(data_settings(data), "train").age.tolist()) == APPA["train"]
 
   with pytest.raises(
     ValueError,

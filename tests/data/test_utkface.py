@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import data_settings
 from PIL import Image
 
 from agejax.data import datasets, faces, pipeline, utkface
@@ -362,7 +363,7 @@ def test_groups_reach_the_array_split(built, tmp_path):
   )
   unknown_race = 0
   for split in builder.info.splits:
-    data = pipeline.load_split(cfg, split)
+    data = pipeline.load_split(data_settings(cfg), split)
     assert data.group_names == {"gender": utkface.GENDERS, "race": utkface.RACES}
     records = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
     names = [ex["file_name"].decode() for ex in records]  # the array cache's order

@@ -1,6 +1,8 @@
-"""The jitted train and eval steps over a data-parallel mesh (no TensorFlow, TFDS or CLU here)."""
+"""The learner: an age model, its optimizer and its loss, and the pure train step they make (jitted over a mesh).
 
-import dataclasses
+No TensorFlow, TFDS or CLU here: the benchmark runs it on a machine with only jax, flax and optax.
+"""
+
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +12,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from agejax import labels, metrics, models
+from agejax import labels, metrics, models, settings
+from agejax.evaluation import scoring
 from agejax.training import augment, losses, optim
 
 PyTree = Any
@@ -30,44 +33,6 @@ class TrainState:
   skipped_steps: jax.Array  # steps with a non-finite loss or gradient that changed nothing (nonfinite='skip')
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """What the steps need from the config, frozen so the steps close over plain values."""
-
-  image_size: int
-  min_age: int
-  max_age: int
-  loss_name: str
-  loss_sigma: float
-  l1_weight: float
-  epsilon_sigma: float
-  augment: Any  # config.augment (read at trace time only)
-  seed: int
-  grad_accum_steps: int = 1
-
-  @classmethod
-  def from_config(cls, config) -> "StepConfig":
-    """Reads the fields the steps use from a full config."""
-    return cls(
-      image_size=config.data.image_size,
-      min_age=config.labels.min_age,
-      max_age=config.labels.max_age,
-      loss_name=config.loss.name,
-      loss_sigma=config.loss.sigma,
-      l1_weight=config.loss.l1_weight,
-      epsilon_sigma=config.metrics.epsilon_sigma,
-      augment=config.augment,
-      seed=config.seed,
-      grad_accum_steps=config.get("grad_accum_steps", 1),
-    )
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
-  """Splits an NNX model into its graph definition, params and other state as plain dicts."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-
 def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTransformation) -> TrainState:
   """Returns the state at step 0."""
   return TrainState(
@@ -80,55 +45,70 @@ def create_train_state(params: PyTree, model_state: PyTree, tx: optax.GradientTr
 
 
 def create(
-  config,
+  cfg: settings.Settings,
   steps_per_epoch: int,
   *,
   abstract: bool = False,
   overlay: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]] | None = None,
-) -> tuple["Steps", TrainState, optax.Schedule]:
-  """Builds `config`'s model, optimizer and step functions, and the state at step 0 (on the host).
+  input_spec: models.InputSpec | None = None,
+) -> tuple["Learner", TrainState, optax.Schedule]:
+  """Builds the settings' model, optimizer and loss, and the state at step 0 (on the host).
 
   Args:
-    config: the training config.
+    cfg: the training settings.
     steps_per_epoch: training batches per epoch (the step schedule counts epochs).
     abstract: give shapes only (a restore target; nothing is allocated).
     overlay: `overlay(params, model_state)` replaces the initial weights (a pretrained backbone).
+    input_spec: the input the weights expect; default: the backbone's own (training from scratch).
 
   Returns:
-    (the step functions, the state at step 0, the learning-rate schedule).
+    (the learner, the state at step 0, the learning-rate schedule).
   """
-  num_bins = len(labels.age_bins(config.labels.min_age, config.labels.max_age))
-  make = lambda: models.create_model(config.model, num_bins, seed=config.seed)
-  graphdef, params, model_state = split_model(nnx.eval_shape(make) if abstract else make())
+  backbone = models.get(cfg.model.name)
+  bins = labels.age_bins(cfg.labels.min_age, cfg.labels.max_age)
+  make = lambda: models.create_model(cfg.model, len(bins), seed=cfg.run.seed)
+  graphdef, params, model_state = models.split_model(nnx.eval_shape(make) if abstract else make())
   if overlay is not None:
     params, model_state = overlay(params, model_state)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.num_train_steps, steps_per_epoch)
-  tx = optim.create_optimizer(config.optimizer, schedule)
+  schedule = optim.learning_rate_schedule(cfg.optimizer, cfg.run.num_train_steps, steps_per_epoch)
+  tx = optim.create_optimizer(cfg.optimizer, schedule, backbone.head)
   init = lambda p, s: create_train_state(p, s, tx)
   state = jax.eval_shape(init, params, model_state) if abstract else init(params, model_state)
-  return Steps(graphdef, tx, StepConfig.from_config(config)), state, schedule
+  model = models.AgeModel(graphdef, bins, cfg.data.image_size, input_spec or backbone.input_spec)
+  return Learner(model, tx, losses.make_loss(cfg.loss, jnp.asarray(bins)), cfg), state, schedule
 
 
-class Steps:
-  """Builds the pure train step and the model's forward functions for one model, optimizer and config."""
+class Learner:
+  """An age model, its optimizer and its loss: builds the pure train step.
 
-  def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: StepConfig):
-    self.graphdef, self.tx, self.cfg = graphdef, tx, cfg
-    self.bins = jnp.asarray(labels.age_bins(cfg.min_age, cfg.max_age))
-    self.loss_fn = losses.make_loss(cfg.loss_name, self.bins, cfg.loss_sigma, cfg.l1_weight)
+  Args:
+    model: the age model (backbone graph, bins, input size and spec).
+    tx: the optimizer.
+    loss_fn: loss(logits, ages) per example.
+    cfg: the training settings (seed, augmentation, gradient accumulation, epsilon-error sigma).
+  """
+
+  def __init__(
+    self, model: models.AgeModel, tx: optax.GradientTransformation, loss_fn: losses.LossFn, cfg: settings.Settings
+  ):
+    self.model, self.tx, self.loss_fn, self.cfg = model, tx, loss_fn, cfg
+    self.bins = jnp.asarray(model.bins)
+
+  def evaluator(self, data: Any, mesh: jax.sharding.Mesh, *, flip: bool = False) -> scoring.Evaluator:
+    """An Evaluator of this model on a split, with the loss, eval batch and epsilon-error sigma of the settings."""
+    return scoring.Evaluator(
+      self.model,
+      self.loss_fn,
+      data,
+      self.cfg.eval.batch_size,
+      mesh,
+      epsilon_sigma=self.cfg.eval.epsilon_sigma,
+      flip=flip,
+    )
 
   def sigma(self, batch: dict) -> jax.Array:
     """Per-image epsilon-error sigma of a batch (see metrics.per_image_sigma)."""
-    return metrics.per_image_sigma(batch.get("age_std"), batch["age"], self.cfg.epsilon_sigma)
-
-  def logits(
-    self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool, key: jax.Array | None = None
-  ) -> tuple[jax.Array, PyTree]:
-    """Runs the model on normalised images; returns logits and the updated model state."""
-    model = nnx.merge(self.graphdef, params, model_state)
-    out = model(images, train=train, rngs=key)
-    _, _, rest = nnx.split(model, nnx.Param, ...)
-    return out, nnx.to_pure_dict(rest)
+    return metrics.per_image_sigma(batch.get("age_std"), batch["age"], self.cfg.eval.epsilon_sigma)
 
   def _grads(
     self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array, key: jax.Array
@@ -136,7 +116,7 @@ class Steps:
     """Gradient of the mean loss; aux is (per-example loss, logits, updated model state)."""
 
     def loss_of(params):
-      logits, new_state = self.logits(params, model_state, images, train=True, key=key)
+      logits, new_state = self.model.logits(params, model_state, images, train=True, key=key)
       per_example = self.loss_fn(logits, ages)
       return jnp.mean(per_example), (per_example, logits, new_state)
 
@@ -146,7 +126,7 @@ class Steps:
     self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array, key: jax.Array
   ) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
     """`_grads` over `grad_accum_steps` micro-batches in a scan: the same mean gradient, less memory."""
-    k = self.cfg.grad_accum_steps
+    k = self.cfg.run.grad_accum_steps
     # Micro-batch j takes examples j, j+k, ...: each device keeps its own rows, so no data moves.
     split = lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
     merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
@@ -172,11 +152,11 @@ class Steps:
     `skipped_steps` and, for the first such step since the sums were reset, the sums' `nonfinite_step`.
     """
     # Randomness is a function of (seed, step): a resumed run draws exactly the same numbers.
-    key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+    key = jax.random.fold_in(jax.random.key(self.cfg.run.seed), state.step)
     aug_key, dropout_key = jax.random.split(key)
-    images = augment.augment(batch["image"], aug_key, self.cfg.image_size, self.cfg.augment)
+    images = augment.augment(batch["image"], aug_key, self.model.image_size, self.cfg.augment, self.model.input_spec)
     ages = batch["age"].astype(jnp.float32)
-    grads_fn = self._grads if self.cfg.grad_accum_steps == 1 else self._accumulated_grads
+    grads_fn = self._grads if self.cfg.run.grad_accum_steps == 1 else self._accumulated_grads
     grads, (per_example, logits, model_state) = grads_fn(state.params, state.model_state, images, ages, dropout_key)
     finite = jnp.isfinite(jnp.mean(per_example)) & jnp.all(
       jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
@@ -202,11 +182,13 @@ class Steps:
     return new_state, sums, jnp.mean(per_example)
 
 
-def jit_train_step(steps: Steps, state_sharding: PyTree, batch_sharding: jax.sharding.Sharding) -> Callable:
+def jit_train_step(
+  learner: Learner, state_sharding: PyTree, batch_sharding: jax.sharding.NamedSharding
+) -> jax.stages.Wrapped:
   """Returns the train step jitted with explicit shardings, donating the state and the sums."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(
-    steps.train_step,
+    learner.train_step,
     in_shardings=(state_sharding, replicated, batch_sharding),
     out_shardings=(state_sharding, replicated, replicated),
     donate_argnums=(0, 1),

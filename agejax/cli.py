@@ -1,0 +1,88 @@
+"""What every script shares: flags parsed into one-line errors, quiet logs, and `error: ...` for bad input.
+
+Each of scripts/*.py defines its flags and a `main(argv)`, and ends with `cli.run(main)`. A bad
+flag or `--config.KEY` override, and any errors.UserError that main raises, end the script with one
+line `error: ...` on stderr and exit code 1; a real bug keeps its traceback.
+"""
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow: its C++ banner
+
+from absl import app, flags, logging  # noqa: E402
+
+from agejax import errors  # noqa: E402
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """Runs a script's `main(argv)` under absl: one-line errors for bad flags and UserErrors, logs at WARNING.
+
+  Args:
+    main: the script's body; it gets the positional arguments (argv[0] is the script).
+  """
+
+  def body(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:  # Orbax, CLU and TFDS are chatty at INFO; -v 0 restores it
+      logging.set_verbosity(logging.WARNING)
+    try:
+      main(argv)
+    except errors.UserError as e:
+      sys.exit(f"error: {e}")
+
+  app.run(body, flags_parser=parse_flags)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flags_parser: a bad flag or `--config` override ends the script in one line.
+
+  ml_collections raises a bare AttributeError/KeyError for an override of a key the config lacks
+  (its "did you mean" hint buried in a traceback) and defers a config file it cannot read to the
+  first use; both become `error: ...` here.
+  """
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as e:  # absl: unknown flag, bad value; a config file whose get_config raised
+    sys.exit(f"error: {_flag_error(str(e))}")
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY=... for a KEY the config does not have
+    sys.exit(f"error: {_unknown_key(e, argv)}")
+  except OSError as e:  # an override of a config file that could not be loaded
+    sys.exit(f"error: --config: {_last_line(e)}")
+  if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+    try:
+      flags.FLAGS["config"].value.keys()  # config_flags keeps a file's load error until the config is used
+    except OSError as e:
+      sys.exit(f"error: --config: {_last_line(e)}")
+  return argv
+
+
+def _last_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _flag_error(message: str) -> str:
+  """The first line of a flag error and, for a multi-line one (a traceback, a list of attempts), its last."""
+  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+  if len(lines) <= 1:
+    return lines[0] if lines else "bad flags"
+  return f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
+def _unknown_key(error: BaseException, argv: list[str]) -> str:
+  """'--config.a.b=V: config has no key a.b (did you mean ...?)' from ml_collections' error."""
+  text: Any = error
+  while isinstance(text, BaseException) and text.args:  # AttributeError(KeyError("'key'\nDid you mean ..."))
+    text = text.args[0]
+  lines = str(text).splitlines()
+  missing = lines[0].strip("'\"") if lines else ""
+  hint = next((line.strip() for line in lines[1:] if line.strip()), "")
+  hint = f" ({hint[0].lower()}{hint[1:].rstrip('?')}?)" if hint else ""
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0].lstrip("-")
+    if name.startswith(("config.", "noconfig.")) and missing in name.split(".")[1:]:
+      key = name.split(".", 1)[1]
+      return f"{arg}: the config has no key {key!r}{hint}"
+  return f"the config has no key {missing!r}{hint}"

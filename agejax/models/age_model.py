@@ -1,0 +1,87 @@
+"""The age model as functions: a backbone's graph, its age bins and its input, from uint8 crops to distributions."""
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import ArrayLike
+
+from agejax.models import registry
+
+PyTree = Any
+
+
+class Weights(Protocol):
+  """Anything holding a model's parameters and its other state (batch statistics), e.g. a TrainState."""
+
+  @property
+  def params(self) -> PyTree: ...
+
+  @property
+  def model_state(self) -> PyTree: ...
+
+
+def resize(images: jax.Array, size: int) -> jax.Array:
+  """Resizes an NHWC batch to size x size (antialiased bilinear), or returns it unchanged."""
+  b, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+  """Splits an NNX model into its graph definition, params and other state as plain dicts."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax: a variadic tuple
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AgeModel:
+  """A backbone's graph with the age bins it predicts over, its input size and the input its weights expect.
+
+  Pure functions of (weights, images): jit them, or call them inside a jitted step.
+  """
+
+  graphdef: nnx.GraphDef
+  bins: np.ndarray  # [K] float32 ages
+  image_size: int
+  input_spec: registry.InputSpec
+
+  def logits(
+    self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool, key: jax.Array | None = None
+  ) -> tuple[jax.Array, PyTree]:
+    """Runs the backbone on normalised images; returns the logits and the updated model state."""
+    model = nnx.merge(self.graphdef, params, model_state)
+    out = model(images, train=train, rngs=key)
+    _, _, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax: a variadic tuple
+    return out, nnx.to_pure_dict(rest)
+
+  def preprocess(self, images: jax.Array) -> jax.Array:
+    """Evaluation input: uint8 NHWC -> resized to the model's size and normalised, no randomness."""
+    return self.input_spec.normalize(resize(images.astype(jnp.float32) / 255.0, self.image_size))
+
+  def outputs(
+    self, weights: Weights, images: jax.Array, temperature: ArrayLike = 1.0, flip: bool = False
+  ) -> tuple[jax.Array, jax.Array]:
+    """Returns (the raw model's log-probabilities, the calibrated distributions), each [B, K], of a uint8 batch.
+
+    The distributions are softmax(logits / temperature); `flip` averages each face's distribution
+    with its mirror image's (test-time augmentation: a mirrored face is an equally valid view).
+    """
+    view = lambda x: self.logits(weights.params, weights.model_state, self.preprocess(x), train=False)[0]  # noqa: E731
+    logits = view(images)
+    if not flip:
+      return logits, jax.nn.softmax(logits / temperature, axis=-1)
+    mirrored = view(images[:, :, ::-1])
+    raw = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(mirrored))
+    probs = 0.5 * (jax.nn.softmax(logits / temperature) + jax.nn.softmax(mirrored / temperature))
+    return jnp.log(jnp.maximum(raw, jnp.finfo(jnp.float32).tiny)), probs
+
+  def distributions(
+    self, weights: Weights, images: jax.Array, temperature: ArrayLike = 1.0, flip: bool = False
+  ) -> jax.Array:
+    """Returns the calibrated age distributions [B, K] of a uint8 batch (see `outputs`)."""
+    return self.outputs(weights, images, temperature, flip)[1]

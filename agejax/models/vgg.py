@@ -1,0 +1,310 @@
+"""VGG16 with torchvision's structure in Flax NNX, ending in an age head; registered as backbone "vgg16".
+
+Also its FLOPs, its input (ImageNet's statistics, RGB in [0, 1]), its converter from torchvision's
+vgg16 / vgg16_bn state dicts, and its PyTorch twin for the benchmark.
+"""
+
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from agejax import errors, settings
+from agejax.models import registry
+
+# torchvision's VGG16 "D" configuration: output channels of each 3x3 conv, "M" for a 2x2 max-pool.
+VGG16_LAYERS: tuple[int | Literal["M"], ...]
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+POOLED_SIZE = 7  # torchvision's AdaptiveAvgPool2d((7, 7))
+HIDDEN = 4096
+
+
+def scaled(width: int, multiplier: float) -> int:
+  """Returns a layer width scaled by the width multiplier (at least 1)."""
+  return max(1, int(round(width * multiplier)))
+
+
+@functools.cache
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """Returns the [out, in] averaging matrix of torch's adaptive_avg_pool on one axis."""
+  m = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -((-(i + 1) * in_size) // out_size)  # ceil, as torch does
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x: jax.Array, out_size: int = POOLED_SIZE) -> jax.Array:
+  """Adaptive average pooling of an NHWC batch to out_size x out_size, with torch's bin edges."""
+  _, h, w, _ = x.shape
+  if h == out_size and w == out_size:
+    return x
+  ph = jnp.asarray(_adaptive_pool_matrix(h, out_size), x.dtype)
+  pw = jnp.asarray(_adaptive_pool_matrix(w, out_size), x.dtype)
+  return jnp.einsum("oh,bhwc,pw->bopc", ph, x, pw)
+
+
+class VGG16(nnx.Module):
+  """torchvision's VGG16 (optionally with batch norm) on NHWC input; `head` gives the logits.
+
+  `width_multiplier` scales every conv and hidden width, so tests and the demo run on a CPU.
+  `dtype` is the compute dtype (bfloat16 on accelerators); parameters stay float32 and the logits
+  are returned in float32.
+  """
+
+  def __init__(
+    self,
+    num_classes: int = 1000,
+    *,
+    width_multiplier: float = 1.0,
+    batch_norm: bool = False,
+    dropout_rate: float = 0.5,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    # torchvision's initialisation: kaiming-normal (fan_out) convs, N(0, 0.01) linears, zero biases.
+    conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+    linear_init = nnx.initializers.normal(0.01)
+    convs, norms = [], []
+    channels = 3
+    for v in VGG16_LAYERS:
+      if v == "M":
+        continue
+      out = scaled(v, width_multiplier)
+      convs.append(
+        nnx.Conv(channels, out, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init, dtype=dtype, rngs=rngs)
+      )
+      if batch_norm:
+        # torch's BatchNorm2d: eps 1e-5, running stats updated with momentum 0.1.
+        norms.append(nnx.BatchNorm(out, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs))
+      channels = out
+    self.convs = nnx.List(convs)
+    self.norms = nnx.List(norms) if batch_norm else None
+    hidden = scaled(HIDDEN, width_multiplier)
+    self.fc1 = nnx.Linear(POOLED_SIZE * POOLED_SIZE * channels, hidden, kernel_init=linear_init, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, hidden, kernel_init=linear_init, dtype=dtype, rngs=rngs)
+    # The head computes in float32: its logits feed a log-softmax over ~100 bins.
+    self.head = nnx.Linear(hidden, num_classes, kernel_init=linear_init, dtype=jnp.float32, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout_rate)
+    self.dtype = dtype
+
+  def features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Returns the pooled conv features, NHWC [B, 7, 7, C]."""
+    x = x.astype(self.dtype)
+    i = 0
+    for v in VGG16_LAYERS:
+      if v == "M":
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        continue
+      x = self.convs[i](x)
+      if self.norms is not None:
+        x = self.norms[i](x, use_running_average=not train)
+      x = nnx.relu(x)
+      i += 1
+    return adaptive_avg_pool(x)
+
+  def embed(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """Returns the 4096-wide (scaled) representation that feeds the head."""
+    x = self.features(x, train=train)
+    x = x.reshape(x.shape[0], -1)  # H, W, C order; convert.py permutes torch's C, H, W rows to it
+    x = self.dropout(nnx.relu(self.fc1(x)), deterministic=not train, rngs=rngs)
+    return self.dropout(nnx.relu(self.fc2(x)), deterministic=not train, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """Returns float32 logits [B, num_classes] for an NHWC batch of normalised images."""
+    return self.head(self.embed(x, train=train, rngs=rngs).astype(jnp.float32))
+
+
+def create(model: settings.ModelSettings, num_bins: int, dtype: Any, rngs: nnx.Rngs) -> VGG16:
+  """The age model of `model` settings: VGG16 (with batch norm if asked) and `num_bins` outputs."""
+  return VGG16(
+    num_bins,
+    width_multiplier=model.width_multiplier,
+    batch_norm=model.batch_norm,
+    dropout_rate=model.dropout_rate,
+    dtype=dtype,
+    rngs=rngs,
+  )
+
+
+def forward_flops(model: settings.ModelSettings, image_size: int, num_bins: int) -> float:
+  """Analytic FLOPs (2 per multiply-add) of one image's forward pass; ~30.9e9 for VGG16 at 224."""
+  flops, size, channels = 0.0, image_size, 3
+  for v in VGG16_LAYERS:
+    if v == "M":
+      size //= 2
+      continue
+    out = scaled(v, model.width_multiplier)
+    flops += 2.0 * size * size * 9 * channels * out
+    channels = out
+  hidden = scaled(HIDDEN, model.width_multiplier)
+  return flops + 2.0 * (POOLED_SIZE * POOLED_SIZE * channels * hidden + hidden * hidden + hidden * num_bins)
+
+
+# torchvision's state dicts.
+
+
+def identify(state_dict: Mapping[str, Any]) -> str | None:
+  """'vgg16_bn' or 'vgg16' for a torchvision VGG16 state dict (features.1 is BN in the first, ReLU in the other)."""
+  if "features.0.weight" not in state_dict or "classifier.0.weight" not in state_dict:
+    return None
+  return "vgg16_bn" if any(k.startswith("features.1.") for k in state_dict) else "vgg16"
+
+
+def _feature_layers(batch_norm: bool) -> Iterator[tuple[int, int, int, int]]:
+  """Yields (conv number, torch index of the conv in `features`, in channels, out channels)."""
+  index, conv, channels = 0, 0, 3
+  for v in VGG16_LAYERS:
+    if v == "M":
+      index += 1
+      continue
+    assert isinstance(v, int)
+    yield conv, index, channels, v
+    index += 3 if batch_norm else 2  # conv, [bn,] relu
+    conv, channels = conv + 1, v
+
+
+def _expected_shapes(batch_norm: bool, num_classes: int | None) -> dict[str, tuple[int | None, ...]]:
+  """torchvision's key -> tensor shape; None stands for any size (the class count is read from the dict)."""
+  shapes: dict[str, tuple[int | None, ...]] = {}
+  for _, i, cin, cout in _feature_layers(batch_norm):
+    shapes[f"features.{i}.weight"] = (cout, cin, 3, 3)
+    shapes[f"features.{i}.bias"] = (cout,)
+    if batch_norm:
+      for name in ("weight", "bias", "running_mean", "running_var"):
+        shapes[f"features.{i + 1}.{name}"] = (cout,)
+  pooled = POOLED_SIZE * POOLED_SIZE * int(VGG16_LAYERS[-2])
+  shapes.update(
+    {
+      "classifier.0.weight": (HIDDEN, pooled),
+      "classifier.0.bias": (HIDDEN,),
+      "classifier.3.weight": (HIDDEN, HIDDEN),
+      "classifier.3.bias": (HIDDEN,),
+      "classifier.6.weight": (None, HIDDEN),
+      "classifier.6.bias": (num_classes,),
+    }
+  )
+  return shapes
+
+
+def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
+  """Raises one UserError naming every unknown, missing and mis-shaped key."""
+  head = state_dict.get("classifier.6.weight")
+  num_classes = head.shape[0] if head is not None and head.ndim == 2 else None
+  expected = _expected_shapes(batch_norm, num_classes)
+  fits = lambda shape, want: len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
+  ignored = {f"features.{i + 1}.num_batches_tracked" for _, i, _, _ in _feature_layers(batch_norm) if batch_norm}
+  unknown = [k for k in state_dict if k not in expected and k not in ignored]
+  missing = [k for k in expected if k not in state_dict]
+  misshaped = [
+    f"{k} {tuple(state_dict[k].shape)} (expected {shape})"
+    for k, shape in expected.items()
+    if k in state_dict and not fits(state_dict[k].shape, shape)
+  ]
+  problems = [
+    f"{what}: {', '.join(keys)}"
+    for what, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
+    if keys
+  ]
+  if problems:
+    arch = "vgg16_bn" if batch_norm else "vgg16"
+    raise errors.UserError(f"not a torchvision {arch} state dict: {'; '.join(problems)}")
+
+
+def from_torchvision(state_dict: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float32) -> VGG16:
+  """Returns a full-width Flax VGG16 whose logits on NHWC input equal torchvision's eval() logits on NCHW.
+
+  Args:
+    state_dict: torchvision's vgg16 or vgg16_bn state dict (tensors or NumPy arrays).
+    dtype: the model's compute dtype (parameters stay float32).
+
+  Returns:
+    The Flax model with the converted weights (its 1000-class ImageNet head included).
+  """
+  sd = {k: registry.to_numpy(v) for k, v in state_dict.items()}
+  batch_norm = identify(sd) == "vgg16_bn"
+  _check_keys(sd, batch_norm)
+  f32 = lambda k: np.asarray(sd[k], np.float32)
+  params: dict[str, Any] = {"convs": {}}
+  stats: dict[str, Any] = {}
+  if batch_norm:
+    params["norms"], stats["norms"] = {}, {}
+  for n, i, _, _ in _feature_layers(batch_norm):
+    params["convs"][n] = {
+      "kernel": f32(f"features.{i}.weight").transpose(2, 3, 1, 0),  # OIHW -> HWIO
+      "bias": f32(f"features.{i}.bias"),
+    }
+    if batch_norm:
+      params["norms"][n] = {"scale": f32(f"features.{i + 1}.weight"), "bias": f32(f"features.{i + 1}.bias")}
+      stats["norms"][n] = {"mean": f32(f"features.{i + 1}.running_mean"), "var": f32(f"features.{i + 1}.running_var")}
+  # torch flattens the pooled [C, 7, 7] map channel-major; our NHWC flatten is [7, 7, C]: reorder fc1's rows.
+  # One strided copy straight into a jax array: numpy reshapes would copy these 400 MB twice, ~3x slower.
+  fc1 = f32("classifier.0.weight")
+  cells = POOLED_SIZE * POOLED_SIZE
+  params["fc1"] = {
+    "kernel": jnp.asarray(fc1.reshape(fc1.shape[0], -1, cells).transpose(2, 1, 0)).reshape(-1, fc1.shape[0]),
+    "bias": f32("classifier.0.bias"),
+  }
+  params["fc2"] = {"kernel": f32("classifier.3.weight").T, "bias": f32("classifier.3.bias")}
+  params["head"] = {"kernel": f32("classifier.6.weight").T, "bias": f32("classifier.6.bias")}
+  num_classes = params["head"]["bias"].shape[0]
+  # Build abstractly: random-initialising 138M parameters only to overwrite them costs seconds.
+  abstract = nnx.eval_shape(
+    lambda: VGG16(num_classes, width_multiplier=1.0, batch_norm=batch_norm, dtype=dtype, rngs=nnx.Rngs(0))
+  )
+  graphdef, param_state, rest = nnx.split(abstract, nnx.Param, ...)  # type: ignore[misc]  # flax: a variadic tuple
+  nnx.replace_by_pure_dict(param_state, jax.tree.map(jnp.asarray, params))
+  nnx.replace_by_pure_dict(rest, jax.tree.map(jnp.asarray, stats))
+  return nnx.merge(graphdef, param_state, rest)
+
+
+def convert_command(model: settings.ModelSettings, output: str) -> str:
+  """The command that writes torchvision's ImageNet weights for this model to `output`."""
+  arch = "vgg16_bn" if model.batch_norm else "vgg16"
+  return (
+    f"python scripts/convert_torchvision.py --weights IMAGENET1K_V1 --arch {arch} --output {output} "
+    f"(or --checkpoint FILE.pth instead of --weights)"
+  )
+
+
+def torch_model(model: settings.ModelSettings, num_bins: int) -> Any:
+  """torchvision's VGG16 with its classifier's last layer replaced by the age head (scaled by the width)."""
+  import torch
+  from torchvision.models import vgg
+
+  width = model.width_multiplier
+  cfg = [v if v == "M" else scaled(int(v), width) for v in VGG16_LAYERS]
+  net = vgg.VGG(vgg.make_layers(cfg, batch_norm=model.batch_norm), num_classes=num_bins, init_weights=True)
+  hidden, channels = scaled(HIDDEN, width), int(cfg[-2])
+  if width != 1.0:
+    net.classifier = torch.nn.Sequential(
+      torch.nn.Linear(channels * POOLED_SIZE * POOLED_SIZE, hidden),
+      torch.nn.ReLU(True),
+      torch.nn.Dropout(),
+      torch.nn.Linear(hidden, hidden),
+      torch.nn.ReLU(True),
+      torch.nn.Dropout(),
+      torch.nn.Linear(hidden, num_bins),
+    )
+  return net
+
+
+BACKBONE = registry.register(
+  registry.Backbone(
+    name="vgg16",
+    create=create,
+    flops=forward_flops,
+    input_spec=registry.IMAGENET,
+    min_image_size=32,  # five 2x2 max-pools
+    head="head",
+    converters={"vgg16": from_torchvision, "vgg16_bn": from_torchvision},
+    identify=identify,
+    convert_command=convert_command,
+    torch_model=torch_model,
+  )
+)
