@@ -1,5 +1,8 @@
 """Calibration against float64 NumPy references: NLL, intervals, coverage, temperature fitting."""
 
+import json
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,3 +149,97 @@ def test_a_temperature_fitted_for_another_checkpoint_is_applied_with_a_warning(t
     assert not caplog.records
     assert calibration.load_temperature(tmp_path, 20) == 0.8
   assert "fitted for step 10, not step 20" in caplog.text
+
+
+def test_the_documented_levels_bins_and_default_interval():
+  """The numbers a report's reader relies on: 80% intervals, ten std deciles, the curve's masses."""
+  assert calibration.INTERVAL_MASS == 0.8 and calibration.COVERAGE_LEVELS == (0.5, 0.8, 0.9, 0.95)
+  assert calibration.RELIABILITY_BINS == 10
+  assert list(calibration.CURVE_LEVELS) == [round(0.05 * i, 2) for i in range(1, 20)] + [0.99]
+  p = gaussian_distributions(np.random.default_rng(4), 20)
+  low, high = calibration.interval(jnp.asarray(p, jnp.float32), BINS)  # the default mass
+  np.testing.assert_allclose(low, [reference_quantile(row, 0.1) for row in p], atol=2e-3)
+  np.testing.assert_allclose(high, [reference_quantile(row, 0.9) for row in p], atol=2e-3)
+
+
+def test_one_distribution_and_a_batch_of_batches_give_the_same_numbers():
+  """Every function works over the last axis: a single [K] distribution, [N, K] and [A, B, K] agree."""
+  rng = np.random.default_rng(5)
+  p = jnp.asarray(gaussian_distributions(rng, 6), jnp.float32)
+  ages = jnp.asarray(sample_ages(rng, np.asarray(p, np.float64)), jnp.float32)
+  logits = jnp.log(p)
+  for fn in (
+    lambda p, a: calibration.nll(p, BINS, a),
+    lambda p, a: calibration.pit(p, BINS, a),
+    lambda p, a: calibration.quantile(p, BINS, 0.3),
+    lambda p, a: calibration.scaled(jnp.log(p), 1.7),
+  ):
+    batch = np.asarray(fn(p, ages))
+    np.testing.assert_allclose(fn(p[2], ages[2]), batch[2], rtol=1e-6, atol=1e-30)  # subnormals flush
+    grid = fn(p.reshape(2, 3, -1), ages.reshape(2, 3))
+    np.testing.assert_allclose(grid, batch.reshape(2, 3, *batch.shape[1:]), rtol=1e-6, atol=1e-30)
+  np.testing.assert_allclose(calibration.scaled(logits, 1.0), p, rtol=1e-5, atol=1e-30)
+
+
+def test_ages_outside_the_bins_count_in_the_end_bins_and_quantiles_stay_in_the_support():
+  logits = np.random.default_rng(6).normal(size=(4, len(BINS)))  # every bin well above float32's floor
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  ages = jnp.array([0.0, -7.0, 101.0, 250.0])
+  expected = -np.log(p[np.arange(4), [0, 0, 99, 99]])
+  np.testing.assert_allclose(calibration.nll(jnp.asarray(p, jnp.float32), BINS, ages), expected, rtol=1e-5)
+  # A distribution whose float32 mass sums to less than 1: its upper quantiles end at the last bin's edge.
+  short = jnp.asarray(np.full(100, 0.0099999, np.float32))
+  assert float(jnp.sum(short)) < 1.0
+  top = calibration.quantile(short, BINS, 1.0)
+  assert float(top) == pytest.approx(100.5, abs=1e-4)
+
+
+def test_the_mean_nll_counts_only_unmasked_examples():
+  rng = np.random.default_rng(7)
+  logits = jnp.asarray(rng.normal(size=(5, 100)) * 2, jnp.float32)
+  ages = jnp.asarray([10.0, 20.0, 30.0, 40.0, 50.0])
+  per_example = np.asarray(calibration.nll(jax.nn.softmax(logits / 1.3), BINS, ages))
+  mask = jnp.asarray([1.0, 0.0, 1.0, 0.0, 0.0])
+  got = float(calibration.mean_nll(logits, BINS, ages, mask, np.log(1.3)))
+  assert got == pytest.approx((per_example[0] + per_example[2]) / 2, rel=1e-5)
+  one = float(calibration.mean_nll(logits, BINS, ages, jnp.asarray([0.0, 0.0, 0.0, 1.0, 0.0]), np.log(1.3)))
+  assert one == pytest.approx(per_example[3], rel=1e-5)
+  # Padding (masked examples) leaves the fitted temperature unchanged.
+  padded = jnp.concatenate([logits, jnp.zeros((3, 100))])
+  padded_ages = jnp.concatenate([ages, jnp.full(3, 99.0)])
+  fitted = calibration.fit_temperature(padded, BINS, padded_ages, jnp.asarray([1.0] * 5 + [0.0] * 3))
+  assert float(fitted) == pytest.approx(float(calibration.fit_temperature(logits, BINS, ages)), rel=1e-5)
+
+
+def test_the_temperature_search_stops_at_its_documented_range():
+  """A model with no information wants T -> inf, a perfect one T -> 0: the fit stops at 20 and 0.05."""
+  rng = np.random.default_rng(8)
+  ages = jnp.asarray(rng.integers(1, 101, 200), jnp.float32)
+  informative = jax.nn.one_hot(ages.astype(jnp.int32) - 1, 100) * 5.0  # the true age's logit is highest
+  random_logits = jnp.asarray(rng.normal(size=(200, 100)) * 5, jnp.float32)
+  # (float32 NLLs are flat this far out: the search ends within 1e-4 of the bound, not on it.)
+  assert float(calibration.fit_temperature(informative, BINS, ages)) == pytest.approx(0.05, rel=1e-3)
+  assert float(calibration.fit_temperature(random_logits, BINS, ages)) == pytest.approx(20.0, rel=1e-3)
+
+
+def test_reliability_bins_of_single_examples_match_float64():
+  rng = np.random.default_rng(9)
+  n = 10  # ten std deciles of one example each
+  logits = rng.normal(size=(n, len(BINS))) * rng.uniform(0.5, 4, (n, 1))
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  ages = rng.integers(1, 101, n).astype(np.float64)
+  got = calibration.report(
+    jnp.asarray(logits, jnp.float32), jnp.asarray(probs, jnp.float32), BINS, jnp.asarray(ages, jnp.float32), 1.0
+  )["reliability"]["calibrated"]
+  expected = reference_reliability(probs, ages)
+  assert got["count"] == expected["count"] == [1] * 10
+  np.testing.assert_allclose(got["mean_std"], expected["mean_std"], rtol=1e-4)
+  np.testing.assert_allclose(got["rms_error"], expected["rms_error"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -1.5, float("inf"), float("nan"), "hot", None])
+def test_load_temperature_refuses_what_is_not_a_positive_finite_number(tmp_path, value):
+  (tmp_path / calibration.FILE).write_text(json.dumps({"temperature": value}))
+  with pytest.raises(calibration.errors.UserError, match="is not a positive number"):
+    calibration.load_temperature(tmp_path)

@@ -1,5 +1,7 @@
 """Error by group of people against hand-computed values, and the bootstrap's intervals."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -100,12 +102,12 @@ def gap_of(codes, names, mae_by_group: dict[str, float]):
   return groups.report(pred, age, {"g": (codes, names)}, resamples=100)["largest_gaps"]["g"]
 
 
-@pytest.mark.parametrize("small", [groups.MIN_GAP_COUNT - 1, groups.MIN_GAP_COUNT])
+@pytest.mark.parametrize("small", [19, 20])  # the documented rule: ranked from 20 examples
 def test_a_small_named_group_is_ranked_only_from_min_gap_count_examples(small):
   # 300 examples each in two groups with MAE 2 and 3, and a named group with an extreme MAE of 30.
   codes = np.array([0] * 300 + [1] * 300 + [2] * small)
   gap = gap_of(codes, ("a", "b", "rare"), {"a": 2.0, "b": 3.0, "rare": 30.0})
-  if small < groups.MIN_GAP_COUNT:
+  if small < 20:
     assert (gap["high"], gap["low"], gap["gap"]) == ("b", "a", pytest.approx(1.0))
   else:
     assert (gap["high"], gap["low"], gap["gap"]) == ("rare", "a", pytest.approx(28.0))
@@ -113,7 +115,8 @@ def test_a_small_named_group_is_ranked_only_from_min_gap_count_examples(small):
 
 def test_a_large_unknown_group_is_never_ranked():
   codes = np.array([0] * 300 + [1] * 300 + [2] * 400)  # "unknown" is the largest group, with the worst MAE
-  gap = gap_of(codes, ("male", "female", "unknown"), {"male": 2.0, "female": 3.0, "unknown": 30.0})
+  unknown = "".join(["unk", "nown"])  # as a dataset's metadata gives it: equal to, not the same object as, a literal
+  gap = gap_of(codes, ("male", "female", unknown), {"male": 2.0, "female": 3.0, unknown: 30.0})
   assert (gap["high"], gap["low"], gap["gap"]) == ("female", "male", pytest.approx(1.0))
   assert gap_of(codes, ("male", "other", "unknown"), {"male": 2.0, "other": 3.0, "unknown": 30.0})["high"] == "other"
 
@@ -122,3 +125,51 @@ def test_largest_gap_needs_two_ranked_groups():
   assert groups.largest_gap({"male": {"count": 5, "mae": 1.0}}, {}) is None
   codes = np.array([0] * 300 + [1] * 300)
   assert gap_of(codes, ("known", "unknown"), {"known": 2.0, "unknown": 30.0}) is None
+
+
+def test_the_intervals_are_the_2_5th_and_97_5th_percentiles_of_exactly_the_stated_replicates():
+  """White-box: the report's intervals are these percentiles of the replicate MAEs it drew, 100 of them."""
+  pred, age, codes = three_groups(600)
+  one_hot = jax.nn.one_hot(codes, 3, dtype=jnp.float32)
+  key = jax.random.key(3)
+  _, replicates = groups._group_sums(jnp.asarray(pred, jnp.float32), jnp.asarray(age, jnp.float32), one_hot, key, 100)
+  replicates = np.asarray(replicates, np.float64)
+  assert replicates.shape == (100, 3)
+  out = groups.report(pred, age, {"g": (codes, ("a", "b", "c"))}, seed=3, resamples=100)
+  for g, name in enumerate("abc"):
+    assert out["groups"]["g"][name]["mae_ci95"] == pytest.approx(list(np.percentile(replicates[:, g], [2.5, 97.5])))
+  gap = out["largest_gaps"]["g"]
+  assert gap["gap_ci95"] == pytest.approx(list(np.percentile(replicates[:, 2] - replicates[:, 0], [2.5, 97.5])))
+
+
+def test_resampling_draws_every_example_and_a_group_absent_from_a_replicate_is_left_out():
+  # Three examples with errors 0, 10, 20: replicate MAEs reach below 10 only by drawing the first.
+  age = np.full(3, 40.0)
+  out = groups.report(age + np.array([0.0, 10.0, 20.0]), age, {"g": (np.zeros(3, int), ("all",))}, resamples=1000)
+  low, high = out["groups"]["g"]["all"]["mae_ci95"]
+  assert low < 5 and high > 15
+  # One example of 50 in its own group: absent from ~36% of replicates, which have no MAE for it
+  # (not 0): every replicate that has it gives its error, 7.
+  codes = np.array([1] + [0] * 49)
+  age = np.full(50, 30.0)
+  out = groups.report(age + np.where(codes == 1, 7.0, 1.0), age, {"g": (codes, ("many", "one"))}, resamples=1000)
+  assert out["groups"]["g"]["one"]["mae_ci95"] == pytest.approx([7.0, 7.0])
+
+
+def test_cs5_and_mean_error_of_a_group_between_thresholds():
+  age = np.full(4, 50.0)
+  pred = age + np.array([5.5, -4.5, 1.0, 5.0])  # 5.5 is not within 5 years; 5.0 is
+  entry = groups.report(pred, age, {"g": (np.zeros(4, int), ("all",))}, resamples=50)["groups"]["g"]["all"]
+  assert entry["cs5"] == pytest.approx(3 / 4)
+  assert entry["mean_error"] == pytest.approx(7.0 / 4)  # not a whole number
+  assert entry["mae"] == pytest.approx(16.0 / 4)
+
+
+def test_the_printed_gap_lines_carry_the_numbers_to_two_decimals():
+  group = lambda mae, low, high, count: {"count": count, "mae": mae, "mae_ci95": [low, high]}  # noqa: E731
+  entries = {"g": {"a": group(1.234, 1.0, 1.5, 30), "b": group(3.456, 3.0, 4.0, 30)}, "h": {}}
+  gaps = {"g": {"high": "b", "low": "a", "gap": 2.222, "gap_ci95": [1.555, 2.999]}, "h": None}
+  assert groups.format_gaps(gaps, entries) == [
+    "    g: 2.22 years [1.55, 3.00]  b 3.46 [3.00, 4.00] vs a 1.23 [1.00, 1.50]",
+    "    h: fewer than two groups of >= 20 examples",
+  ]

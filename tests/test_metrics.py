@@ -28,3 +28,56 @@ def test_masked_sums_ignore_padding_and_per_image_sigma():
 
 def test_mean_baseline_mae():
   assert metrics.mean_baseline_mae(np.array([10, 20, 30]), np.array([20, 40])) == 10.0
+
+
+def test_report_sums_equal_float64_numpy_with_padding_and_per_image_sigma():
+  """Every sum of an evaluation report (CS@1..10, std, MAE per decade) against NumPy, padding excluded."""
+  rng = np.random.default_rng(0)
+  n = 64
+  age = np.concatenate([[0.0, 9.99, 10.0, 69.9, 70.0, 120.0], rng.uniform(0, 100, n - 6)])
+  pred = age + rng.normal(0, 6, n)
+  pred[:6] = age[:6] + np.array([5.5, 0.5, 10.5, 1.0, 3.0, 7.0])  # errors at and between the CS thresholds
+  std, loss = rng.uniform(1, 9, n), rng.uniform(0, 3, n)
+  age_std = np.where(rng.random(n) < 0.5, rng.uniform(1, 5, n), 0.0)
+  mask = (rng.random(n) < 0.8).astype(np.float32)
+  mask[:6] = 1.0
+  sigma = metrics.per_image_sigma(jnp.asarray(age_std, jnp.float32), jnp.asarray(age, jnp.float32), 3.0)
+  np.testing.assert_allclose(sigma, np.where(age_std > 0, age_std, 3.0), rtol=1e-6)
+  args = [jnp.asarray(x, jnp.float32) for x in (loss, pred, age, sigma, std, mask)]
+  got = {k: np.asarray(v, np.float64) for k, v in metrics.report_sums(*args).items()}
+  keep = mask > 0
+  error = np.abs(pred - age)
+  assert got["count"] == keep.sum()
+  np.testing.assert_allclose(got["loss"], loss[keep].sum(), rtol=1e-5)
+  np.testing.assert_allclose(got["mae"], error[keep].sum(), rtol=1e-5)
+  eps = 1 - np.exp(-((pred - age) ** 2) / (2 * np.where(age_std > 0, age_std, 3.0) ** 2))
+  np.testing.assert_allclose(got["epsilon_error"], eps[keep].sum(), rtol=1e-5)
+  np.testing.assert_allclose(got["std"], std[keep].sum(), rtol=1e-5)
+  assert metrics.CS_THRESHOLDS == tuple(range(1, 11))  # the report's CS@1..CS@10
+  np.testing.assert_array_equal(got["cs"], [np.sum(error[keep] <= k) for k in range(1, 11)])
+  assert got["cs5"] == np.sum(error[keep] <= 5)
+  decade = np.minimum(np.floor(age / 10), 7).astype(int)
+  assert list(decade[:6]) == [0, 0, 1, 6, 7, 7]  # 9.99 is in 0-9, 70 and 120 in 70+
+  np.testing.assert_array_equal(got["group_count"], [np.sum(keep & (decade == g)) for g in range(8)])
+  np.testing.assert_allclose(
+    got["group_abs_error"], [error[keep & (decade == g)].sum() for g in range(8)], rtol=1e-5, atol=1e-4
+  )
+
+
+def test_age_groups_at_their_edges_and_sigma_without_per_image_stds():
+  edges = jnp.array([-1.0, 0.0, 9.999, 10.0, 19.5, 69.999, 70.0, 200.0])
+  np.testing.assert_array_equal(metrics.age_group(edges), [0, 0, 0, 1, 1, 6, 7, 7])
+  assert metrics.AGE_GROUPS[0] == "0-9" and metrics.AGE_GROUPS[-1] == "70+" and len(metrics.AGE_GROUPS) == 8
+  np.testing.assert_array_equal(metrics.per_image_sigma(None, jnp.zeros(3), 2.5), [2.5, 2.5, 2.5])
+
+
+def test_adding_sums_keeps_counters_the_batch_lacks_and_means_of_nothing_are_zero():
+  total = metrics.add(metrics.zeros(), {"loss": jnp.float32(2.0), "count": jnp.float32(4.0)})
+  assert float(total["loss"]) == 2.0 and float(total["count"]) == 4.0 and float(total["mae"]) == 0.0
+  again = metrics.add(total, {"loss": jnp.float32(1.0), "count": jnp.float32(2.0)})
+  assert float(again["loss"]) == 3.0 and float(again["count"]) == 6.0 and float(again["nonfinite_step"]) == 0.0
+  assert metrics.means(metrics.zeros()) == {"loss": 0.0, "mae": 0.0, "epsilon_error": 0.0, "cs5": 0.0}
+  assert metrics.means({"loss": 3.0, "count": 1.0, "nonfinite_step": 0.0}) == {"loss": 3.0}
+  assert metrics.means({"loss": 3.0, "count": 2.0, "nonfinite_step": 0.0}) == {"loss": 1.5}
+  np.testing.assert_array_equal(metrics.fetch_array(np.array([1, 2])), [1, 2])  # host values pass through
+  assert float(metrics.fetch_array(jnp.float32(1.5))) == 1.5
