@@ -15,13 +15,45 @@ def age_bins(min_age: int, max_age: int) -> np.ndarray:
   return np.arange(min_age, max_age + 1, dtype=np.float32)
 
 
-def label_distribution(ages: ArrayLike, bins: ArrayLike, sigma: ArrayLike) -> jax.Array:
-  """Returns N(age, sigma^2) evaluated at the bins and normalised to sum 1, shape [..., K]."""
+MEAN_SEARCH_STEPS = 50  # bisection steps for a mean-preserving target's centre (to ~1e-13 of the bracket)
+
+
+def _gaussian(centres: jax.Array, bins: jax.Array, sigma: jax.Array) -> jax.Array:
+  # A softmax over the log-density normalises exactly and stays finite for centres outside the bins.
+  return jax.nn.softmax(-0.5 * jnp.square((bins - centres) / sigma), axis=-1)
+
+
+def label_distribution(
+  ages: ArrayLike, bins: ArrayLike, sigma: ArrayLike, *, mean_preserving: bool = False
+) -> jax.Array:
+  """Returns a Gaussian of std `sigma` evaluated at the bins and normalised to sum 1, shape [..., K].
+
+  Centred on the age, the Gaussian is cut at the first and last bin, and its mean moves inward:
+  for age 1 with sigma 2 on bins 1..100 it is 1.9. With `mean_preserving`, each Gaussian's centre
+  is moved (outward, near an end) until the distribution's mean is the age: a model that fits the
+  target exactly predicts the age without bias at the ends (the target narrows there instead;
+  at the very first or last bin it is a point mass). Away from the ends both are the same.
+  """
   ages = jnp.asarray(ages, jnp.float32)[..., None]
+  bins = jnp.asarray(bins, jnp.float32)
   sigma = jnp.asarray(sigma, jnp.float32)
   sigma = sigma[..., None] if sigma.ndim else sigma
-  # A softmax over the log-density normalises exactly and stays finite for ages outside the bins.
-  return jax.nn.softmax(-0.5 * jnp.square((bins - ages) / sigma), axis=-1)
+  if not mean_preserving:
+    return _gaussian(ages, bins, sigma)
+  # The mean over the bins rises with the centre: bisect for the centre whose mean is the age.
+  # 20 sigma^2 beyond an end, the end bin's neighbour gets exp(-20) of its mass: a point mass.
+  s = jnp.broadcast_to(sigma, ages.shape)
+  span = 10.0 * s + 20.0 * jnp.square(s)
+  low, high = jnp.minimum(ages, bins[0]) - span, jnp.maximum(ages, bins[-1]) + span
+
+  def step(_, bracket):
+    low, high = bracket
+    mid = 0.5 * (low + high)
+    above = expected_age(_gaussian(mid, bins, sigma), bins)[..., None] > ages
+    return jnp.where(above, low, mid), jnp.where(above, mid, high)
+
+  low, high = jax.lax.fori_loop(0, MEAN_SEARCH_STEPS, step, (low, high))
+  return _gaussian(0.5 * (low + high), bins, sigma)
 
 
 def expected_age(probs: ArrayLike, bins: ArrayLike) -> jax.Array:

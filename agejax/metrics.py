@@ -30,6 +30,16 @@ def cumulative_score(pred: jax.Array, age: jax.Array, k: float) -> jax.Array:
 COUNTERS = ("count", "nonfinite_step")
 CS_THRESHOLDS = tuple(range(1, 11))  # CS@k for these k (years)
 AGE_GROUPS = ("0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")
+# Where age models fail users: babies, children, teenagers (minors together) and the old. A face may
+# be in several buckets (a 10-year-old is in 3-12 and minors): (name, first age, end age).
+AGE_BUCKETS = (
+  ("0-2", 0.0, 3.0),
+  ("3-12", 3.0, 13.0),
+  ("13-17", 13.0, 18.0),
+  ("18+", 18.0, float("inf")),
+  ("minors", 0.0, 18.0),
+  ("60+", 60.0, float("inf")),
+)
 
 
 def per_image_sigma(age_std: jax.Array | None, age: jax.Array, default: float) -> jax.Array:
@@ -37,6 +47,14 @@ def per_image_sigma(age_std: jax.Array | None, age: jax.Array, default: float) -
   if age_std is None:
     return jnp.full_like(age, default, jnp.float32)
   return jnp.where(age_std > 0, age_std, default)
+
+
+def age_buckets(age: ArrayLike) -> jax.Array:
+  """[N, len(AGE_BUCKETS)] 1.0 where each true age falls in each bucket (ages below 0 count as 0)."""
+  age = jnp.maximum(jnp.asarray(age, jnp.float32), 0.0)[..., None]
+  first = jnp.asarray([b[1] for b in AGE_BUCKETS], jnp.float32)
+  end = jnp.asarray([b[2] for b in AGE_BUCKETS], jnp.float32)
+  return ((age >= first) & (age < end)).astype(jnp.float32)
 
 
 def age_group(age: ArrayLike) -> jax.Array:
@@ -63,17 +81,21 @@ def batch_sums(
 def report_sums(
   loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array, std: jax.Array, mask: jax.Array
 ) -> Sums:
-  """Masked sums of everything an evaluation report needs: `batch_sums`, CS@1..10, std, per age group."""
+  """Masked sums of everything an evaluation report needs: `batch_sums`, CS@1..10, std, per age group and bucket."""
   mask = mask.astype(jnp.float32)
   error = absolute_error(pred, age)
   cs = jnp.stack([cumulative_score(pred, age, k) for k in CS_THRESHOLDS], axis=-1)
   groups = jax.nn.one_hot(age_group(age), len(AGE_GROUPS)) * mask[:, None]
+  buckets = age_buckets(age) * mask[:, None]
   return {
     **batch_sums(loss, pred, age, sigma, mask),
     "cs": jnp.sum(cs * mask[:, None], axis=0),
     "std": jnp.sum(std * mask),
     "group_count": jnp.sum(groups, axis=0),
     "group_abs_error": jnp.sum(groups * error[:, None], axis=0),
+    "bucket_count": jnp.sum(buckets, axis=0),
+    "bucket_abs_error": jnp.sum(buckets * error[:, None], axis=0),
+    "bucket_error": jnp.sum(buckets * (pred - age)[:, None], axis=0),
   }
 
 
@@ -84,7 +106,12 @@ def zeros() -> Sums:
 
 def report_zeros() -> Sums:
   """An empty accumulator of `report_sums`."""
-  vectors = {"cs": len(CS_THRESHOLDS), "group_count": len(AGE_GROUPS), "group_abs_error": len(AGE_GROUPS)}
+  vectors = {
+    "cs": len(CS_THRESHOLDS),
+    "group_count": len(AGE_GROUPS),
+    "group_abs_error": len(AGE_GROUPS),
+    **{k: len(AGE_BUCKETS) for k in ("bucket_count", "bucket_abs_error", "bucket_error")},
+  }
   return {
     **{k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", "count", "std")},
     **{k: jnp.zeros((n,), jnp.float32) for k, n in vectors.items()},

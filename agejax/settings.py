@@ -86,7 +86,7 @@ class AugmentSettings:
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-  """config.loss: the loss by name (training.losses.LOSSES), its Gaussian width, the DLDL-v2 L1 weight.
+  """config.loss: the loss by name (training.losses.LOSSES), its target, the DLDL-v2 L1 weight.
 
   `options` holds any other config.loss key, as (key, value) pairs, for plug-in losses.
   """
@@ -94,6 +94,9 @@ class LossSettings:
   name: str = "kl"
   sigma: float = 2.0
   l1_weight: float = 0.0
+  target: str = "gaussian"  # configs before the key trained on the Gaussian cut at the ends of the bins
+  sigma_from_data: bool = False
+  sigma_floor: float = 1.0
   options: tuple[tuple[str, Any], ...] = ()
 
   def option(self, key: str, default: Any = None) -> Any:
@@ -128,6 +131,7 @@ class EvalSettings:
   batch_size: int  # global: config.eval_batch_size, or batch_size when that is 0
   epsilon_sigma: float = 3.0
   evals: tuple["ExtraEval", ...] = ()
+  flip: bool = False  # config.eval.flip: score (and calibrate, and pick the best checkpoint by) flip averages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,5 +198,6 @@ class Settings:
         batch_size=top.get("eval_batch_size") or run.batch_size,
         evals=tuple(ExtraEval(**dict(e)) for e in top.get("evals", ()) or ()),
         **_pick(EvalSettings, _section(config, "metrics")),  # metrics.epsilon_sigma
+        **_pick(EvalSettings, _section(config, "eval")),  # eval.flip
       ),
     )

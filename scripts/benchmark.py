@@ -1,4 +1,4 @@
-"""Benchmarks: python scripts/benchmark.py {train,torch,loop,startup,input,serve} [options].
+"""Benchmarks: python scripts/benchmark.py {train,torch,loop,startup,input,serve,statistics} [options].
 
 Each mode prints a human table, then last a single JSON line (a list when several configs ran).
 """
@@ -92,6 +92,10 @@ def main() -> None:
   p.add_argument("--builder_config", default="")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--batches", type=int, default=200)
+  p = sub.add_parser("statistics", help="simulations where the truth is known: coverage and the group-gap test")
+  p.add_argument("--simulations", type=int, default=2000, help="null simulations of the gap test")
+  p.add_argument("--power_simulations", type=int, default=500, help="simulations with a real 1-year gap")
+  p.add_argument("--permutations", type=int, default=1000, help="shuffles per gap test (the report's: 1000)")
   p = sub.add_parser("serve", help="scripts/serve.py on loopback: requests/s and latency, batching on and off")
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--workdir", help="training workdir to serve")
@@ -168,6 +172,17 @@ def main() -> None:
     keys += ["server_p50_ms", "server_p95_ms", "mean_batch"]
     print(table(rows, keys))
     print(json.dumps(rows))
+  elif args.mode == "statistics":
+    from agejax.benchmarks import statistics
+
+    rows = [{"sigma": sigma, **statistics.coverage(sigma)} for sigma in (1.0, 2.0)]
+    print(table(rows, ["sigma", "0.5", "0.8", "0.9", "0.95"]))
+    gaps = [
+      statistics.gap_test(0.0, args.simulations, permutations=args.permutations),
+      statistics.gap_test(1.0, args.power_simulations, seed=1, permutations=args.permutations),
+    ]
+    print(table(gaps, ["shift_years", "simulations", "permutations", "flag_rate", "flag_rate_se", "mean_p", "n"]))
+    print(json.dumps({"mode": "statistics", "coverage": rows, "gap_test": gaps}))
   elif args.mode == "startup":
     row = runs.startup(
       default_config(args.config),

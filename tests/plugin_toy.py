@@ -57,7 +57,7 @@ def expectation_l2(cfg: settings.LossSettings, bins: jax.Array) -> losses.LossFn
   """(E[age] - age)^2 / scale per example; `scale` is this loss's own key, config.loss.scale."""
   scale = float(cfg.option("scale", 100.0))
 
-  def loss(logits: jax.Array, ages: jax.Array) -> jax.Array:
+  def loss(logits: jax.Array, ages: jax.Array, age_std: jax.Array) -> jax.Array:
     return jnp.square(labels.expected_age(jax.nn.softmax(logits), bins) - ages) / scale
 
   return loss

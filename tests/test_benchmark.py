@@ -245,3 +245,15 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam.
   assert abs(3 * models.forward_flops(settings.ModelSettings(), 224, 100) / reference - 1) < 0.005
   assert abs(xla / reference - 1) < 0.01, (xla, reference)
+
+
+def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
+  row = _last_json(
+    compilation_cache, "statistics", "--simulations", "100", "--power_simulations", "100", "--permutations", "100"
+  )
+  assert row["mode"] == "statistics" and [c["sigma"] for c in row["coverage"]] == [1.0, 2.0]
+  for c in row["coverage"]:
+    assert all(abs(c[level] - float(level)) < 0.02 for level in ("0.5", "0.8", "0.9", "0.95")), c
+  null, power = row["gap_test"]
+  assert (null["shift_years"], power["shift_years"], null["n"]) == (0.0, 1.0, 2370)
+  assert null["flag_rate"] < 0.15 and power["flag_rate"] > 0.5

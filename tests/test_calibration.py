@@ -35,6 +35,19 @@ def reference_quantile(p, q):
   return float(np.interp(q, cdf[keep], edges[keep]))
 
 
+def reference_covered(p: np.ndarray, ages: np.ndarray, mass: float) -> np.ndarray:
+  """float64: whether each age is in the central interval of `mass` by the randomized PIT, with the report's draws.
+
+  The PIT enters the age's bin (end bins for ages outside) at the uniform draw the report makes
+  from calibration.COVERAGE_SEED.
+  """
+  v = np.asarray(jax.random.uniform(jax.random.key(calibration.COVERAGE_SEED), (len(ages),)), np.float64)
+  index = np.clip(np.round(np.asarray(ages) - BINS[0]), 0, p.shape[1] - 1).astype(int)
+  below = np.array([row[:i].sum() for row, i in zip(p, index)])
+  u = below + v * p[np.arange(len(p)), index]
+  return np.abs(u - 0.5) <= mass / 2
+
+
 def test_nll_and_interval_match_float64_references():
   rng = np.random.default_rng(0)
   p = gaussian_distributions(rng, 50)
@@ -97,19 +110,13 @@ def test_calibration_report_matches_float64_numpy():
     assert got[nll_key] == pytest.approx(np.mean(-np.log(p[np.arange(n), (ages - 1).astype(int)])), rel=1e-5)
     for level, share in got[coverage_key].items():
       m = float(level)
-      inside = [
-        reference_quantile(row, (1 - m) / 2) <= a <= reference_quantile(row, (1 + m) / 2) for row, a in zip(p, ages)
-      ]
-      assert share == pytest.approx(np.mean(inside), abs=1.5 / n)  # one example may sit on an edge
+      assert share == pytest.approx(np.mean(reference_covered(p, ages, m)), abs=1.5 / n)  # float32 at an edge
   assert got["temperature"] == temperature
   curve = got["coverage_curve"]
   assert curve["nominal"] == pytest.approx(list(calibration.CURVE_LEVELS))
   for p, name in ((probs, "calibrated"), (raw, "uncalibrated")):
     for m, share in zip(curve["nominal"], curve[name]):
-      inside = [
-        reference_quantile(row, (1 - m) / 2) <= a <= reference_quantile(row, (1 + m) / 2) for row, a in zip(p, ages)
-      ]
-      assert share == pytest.approx(np.mean(inside), abs=1.5 / n), (name, m)
+      assert share == pytest.approx(np.mean(reference_covered(p, ages, m)), abs=1.5 / n), (name, m)
     reliability = got["reliability"][name]
     expected = reference_reliability(p, ages)
     assert reliability["count"] == expected["count"], name
@@ -170,7 +177,6 @@ def test_one_distribution_and_a_batch_of_batches_give_the_same_numbers():
   logits = jnp.log(p)
   for fn in (
     lambda p, a: calibration.nll(p, BINS, a),
-    lambda p, a: calibration.pit(p, BINS, a),
     lambda p, a: calibration.quantile(p, BINS, 0.3),
     lambda p, a: calibration.scaled(jnp.log(p), 1.7),
   ):
@@ -179,6 +185,20 @@ def test_one_distribution_and_a_batch_of_batches_give_the_same_numbers():
     grid = fn(p.reshape(2, 3, -1), ages.reshape(2, 3))
     np.testing.assert_allclose(grid, batch.reshape(2, 3, *batch.shape[1:]), rtol=1e-6, atol=1e-30)
   np.testing.assert_allclose(calibration.scaled(logits, 1.0), p, rtol=1e-5, atol=1e-30)
+
+
+def test_the_randomized_pit_enters_the_age_s_bin_at_the_draw():
+  p = jnp.asarray(gaussian_distributions(np.random.default_rng(10), 5), jnp.float32)
+  ages = jnp.asarray([3.0, 20.0, 50.0, 77.0, 100.0])
+  key = jax.random.key(4)
+  u = np.asarray(calibration.randomized_pit(p, BINS, ages, key), np.float64)
+  v = np.asarray(jax.random.uniform(key, (5,)), np.float64)
+  cdf = np.cumsum(np.asarray(p, np.float64), axis=1)
+  index = (np.asarray(ages) - 1).astype(int)
+  below = np.where(index > 0, cdf[np.arange(5), np.maximum(index - 1, 0)], 0.0)
+  np.testing.assert_allclose(u, below + v * np.asarray(p, np.float64)[np.arange(5), index], rtol=1e-5, atol=1e-7)
+  again = calibration.covered(p, BINS, ages, [0.5])
+  np.testing.assert_array_equal(again, calibration.covered(p, BINS, ages, [0.5]))  # seeded: the same every time
 
 
 def test_ages_outside_the_bins_count_in_the_end_bins_and_quantiles_stay_in_the_support():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tiny_run
 from PIL import Image
-from test_calibration import reference_quantile
+from test_calibration import reference_covered
 
 from agejax import metrics, parallel, settings
 from agejax.data import pipeline
@@ -163,10 +163,7 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
     assert c[nll_key] == pytest.approx(np.mean(-np.log(p[np.arange(len(data)), age_bin])), rel=1e-4)
     for level, share in c[coverage_key].items():
       m = float(level)
-      inside = [
-        reference_quantile(row, (1 - m) / 2) <= a <= reference_quantile(row, (1 + m) / 2) for row, a in zip(p, data.age)
-      ]
-      assert share == pytest.approx(np.mean(inside), abs=1.5 / len(data))
+      assert share == pytest.approx(np.mean(reference_covered(p, data.age, m)), abs=1.5 / len(data))
 
 
 def test_calibrate_refits_and_no_calibration_scores_the_raw_model(trained):

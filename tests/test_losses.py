@@ -48,11 +48,14 @@ def test_onehot_nll_and_l1_term():
   bins = labels.age_bins(1, 100)
   logits = rng.normal(size=(8, 100)).astype(np.float32)
   ages = np.array([1, 100, 5, 50, 77, 23, 64, 9], np.float32)
-  nll = losses.make_loss(settings.LossSettings("onehot"), jnp.asarray(bins))(jnp.asarray(logits), jnp.asarray(ages))
+  no_std = jnp.zeros(8)
+  nll = losses.make_loss(settings.LossSettings("onehot"), jnp.asarray(bins))(
+    jnp.asarray(logits), jnp.asarray(ages), no_std
+  )
   ref = -log_softmax_f64(logits)[np.arange(8), (ages - 1).astype(int)]
   np.testing.assert_allclose(np.asarray(nll), ref, atol=1e-5)
   kl_with_l1 = settings.LossSettings("kl", sigma=2.0, l1_weight=0.5)
-  with_l1 = losses.make_loss(kl_with_l1, jnp.asarray(bins))(jnp.asarray(logits), jnp.asarray(ages))
+  with_l1 = losses.make_loss(kl_with_l1, jnp.asarray(bins))(jnp.asarray(logits), jnp.asarray(ages), no_std)
   p = np.exp(log_softmax_f64(logits))
   expect = kl_f64(logits, ages, bins, 2.0) + 0.5 * np.abs(p @ bins - ages)
   np.testing.assert_allclose(np.asarray(with_l1), expect, atol=1e-4)

@@ -69,6 +69,8 @@ def test_age_groups_at_their_edges_and_sigma_without_per_image_stds():
   np.testing.assert_array_equal(metrics.age_group(edges), [0, 0, 0, 1, 1, 6, 7, 7])
   assert metrics.AGE_GROUPS[0] == "0-9" and metrics.AGE_GROUPS[-1] == "70+" and len(metrics.AGE_GROUPS) == 8
   np.testing.assert_array_equal(metrics.per_image_sigma(None, jnp.zeros(3), 2.5), [2.5, 2.5, 2.5])
+  small = metrics.per_image_sigma(jnp.array([0.5, 0.0, 7.0]), jnp.zeros(3), 2.5)  # any std > 0 is the image's own
+  np.testing.assert_array_equal(small, [0.5, 2.5, 7.0])
 
 
 def test_adding_sums_keeps_counters_the_batch_lacks_and_means_of_nothing_are_zero():

@@ -130,7 +130,9 @@ def test_a_plugin_loss_and_optimizer_rules_by_parameter_path(tiny_config):
   ages = np.array([3.0, 30.0, 60.0, 90.0], np.float32)
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  np.testing.assert_allclose(fns.loss_fn(logits, ages), (p @ np.arange(1, 101) - ages) ** 2 / 50, rtol=1e-5)
+  np.testing.assert_allclose(
+    fns.loss_fn(logits, ages, np.zeros(4)), (p @ np.arange(1, 101) - ages) ** 2 / 50, rtol=1e-5
+  )
   # Rules: the first conv is frozen; fc1's kernel moves half as far (Adam's first step is lr * g / |g|).
   jax.tree.map(np.testing.assert_array_equal, ruled.params["convs"][0], before.params["convs"][0])
   assert np.abs(plain.params["convs"][0]["kernel"] - before.params["convs"][0]["kernel"]).max() > 0

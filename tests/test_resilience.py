@@ -181,7 +181,8 @@ def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
     fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=10)
     images = jnp.asarray(batch["image"], jnp.float32) / 255.0
     grads_fn = fns._grads if accum == 1 else fns._accumulated_grads
-    grads, _ = jax.jit(grads_fn)(state.params, state.model_state, images, batch["age"], jax.random.key(0))
+    targets = (batch["age"], batch["age_std"])
+    grads, _ = jax.jit(grads_fn)(state.params, state.model_state, images, targets, jax.random.key(0))
     for _ in range(3):
       state, _, _ = jax.jit(fns.train_step)(state, metrics.zeros(), batch)
     return grads, state.params

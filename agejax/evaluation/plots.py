@@ -40,9 +40,9 @@ def cs_curve_figure(report: dict):
 
 
 def age_group_figure(report: dict):
-  """Returns a Figure of the MAE per age group, each bar labelled with its example count."""
-  fig = figure((6, 3.5))
-  ax = fig.add_subplot()
+  """Returns a Figure of the MAE per age decade, and per bucket (children, minors, the old) with its signed error."""
+  fig = figure((10, 3.5))
+  ax, ax_buckets = fig.subplots(1, 2, width_ratios=(1.4, 1))
   groups = report["mae_by_age_group"]
   mae = [g["mae"] or 0.0 for g in groups.values()]
   bars = ax.bar(list(groups), mae, color="C1")
@@ -50,6 +50,15 @@ def age_group_figure(report: dict):
   ax.axhline(report["mae"], color="k", linestyle="--", label=f"overall {report['mae']:.2f}")
   ax.set(xlabel="true age", ylabel="MAE (years)", title=f"MAE by age group ({report['split']})")
   ax.legend()
+  buckets = report["mae_by_bucket"]
+  names = list(buckets)
+  bars = ax_buckets.bar(names, [b["mae"] or 0.0 for b in buckets.values()], color="C1", label="MAE")
+  ax_buckets.bar_label(bars, labels=[f"n={b['count']}" for b in buckets.values()], fontsize=8)
+  signed = [b["mean_error"] if b["mean_error"] is not None else np.nan for b in buckets.values()]
+  ax_buckets.plot(names, signed, "o", color="C3", label="mean signed error")
+  ax_buckets.axhline(0.0, color="k", linewidth=0.8)
+  ax_buckets.set(xlabel="true age", ylabel="years", title="children, minors and the old")
+  ax_buckets.legend(fontsize=8)
   return fig
 
 
@@ -124,14 +133,16 @@ def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath
   return paths
 
 
-def distribution_figure(image: np.ndarray, age: float, probs: np.ndarray, bins: np.ndarray, sigma: float):
-  """Returns a Figure of a face beside its predicted distribution and its Gaussian training target."""
+def distribution_figure(
+  image: np.ndarray, age: float, probs: np.ndarray, bins: np.ndarray, sigma: float, mean_preserving: bool = False
+):
+  """Returns a Figure of a face beside its predicted distribution and its training target (loss.target)."""
   fig = figure((6.4, 2.4))
   ax_face, ax_dist = fig.subplots(1, 2, width_ratios=(1, 2.6))
   ax_face.imshow(image)
   ax_face.axis("off")
   ax_face.set_title(f"age {age:g}")
-  target = np.asarray(labels.label_distribution(age, bins, sigma))
+  target = np.asarray(labels.label_distribution(age, bins, sigma, mean_preserving=mean_preserving))
   predicted = float(labels.expected_age(probs, bins))
   ax_dist.bar(bins, probs, width=1.0, color="C0", alpha=0.6, label=f"predicted (E={predicted:.1f})")
   ax_dist.plot(bins, target, color="C3", label=f"target N({age:g}, {sigma:g}²)")
@@ -143,13 +154,18 @@ def distribution_figure(image: np.ndarray, age: float, probs: np.ndarray, bins: 
 
 
 def distribution_figure_images(
-  images_uint8: np.ndarray, ages: np.ndarray, probs: np.ndarray, bins: np.ndarray, sigma: float
+  images_uint8: np.ndarray,
+  ages: np.ndarray,
+  probs: np.ndarray,
+  bins: np.ndarray,
+  sigma: float,
+  mean_preserving: bool = False,
 ) -> np.ndarray:
   """Renders each face's `distribution_figure` as uint8 RGB [N, H, W, 3] (for TensorBoard images)."""
   images_uint8, ages, probs = (np.asarray(x) for x in (images_uint8, ages, probs))
   out = []
   for image, age, p in zip(images_uint8, ages, probs):
-    fig = distribution_figure(image, float(age), p, np.asarray(bins), sigma)
+    fig = distribution_figure(image, float(age), p, np.asarray(bins), sigma, mean_preserving)
     fig.canvas.draw()
     out.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
   return np.stack(out)

@@ -23,7 +23,7 @@ class Evaluator:
 
   Args:
     model: the age model (its bins and input included).
-    loss_fn: the training loss, loss(logits, ages) per example (the report's `loss`).
+    loss_fn: the training loss, loss(logits, ages, age_stds) per example (the report's `loss`).
     data: the split, with true ages.
     batch_size: global eval batch, rounded up to a multiple of the device count.
     mesh: the device mesh.
@@ -34,7 +34,7 @@ class Evaluator:
   def __init__(
     self,
     model: models.AgeModel,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
     data: pipeline.ArraySplit,
     batch_size: int,
     mesh: jax.sharding.Mesh,
@@ -67,8 +67,7 @@ class Evaluator:
 
   def _step(self, state: models.Weights, sums: metrics.Sums, batch: dict, temperature: jax.Array, *, outputs: bool):
     logits, probs = self.model.outputs(state, batch["image"], temperature, self.flip)
-    # The loss of the distribution reported (exactly the raw logits' loss at temperature 1).
-    scored = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny)) if self.flip else logits / temperature
+    scored = logits / temperature  # the loss of the distribution reported (its log-softmax is log(probs))
     ages = batch["age"].astype(jnp.float32)
     out = {
       "predicted_age": labels.expected_age(probs, self.bins),
@@ -77,7 +76,12 @@ class Evaluator:
     }
     sigma = metrics.per_image_sigma(batch.get("age_std"), ages, self.epsilon_sigma)
     batch_sums = metrics.report_sums(
-      self.loss_fn(scored, ages), out["predicted_age"], ages, sigma, out["std"], batch["mask"]
+      self.loss_fn(scored, ages, batch["age_std"].astype(jnp.float32)),
+      out["predicted_age"],
+      ages,
+      sigma,
+      out["std"],
+      batch["mask"],
     )
     sums = metrics.add(sums, batch_sums)
     return (sums, {**out, "distribution": probs, "logits": logits}) if outputs else sums
@@ -168,6 +172,12 @@ class Evaluator:
       name: {"count": int(c), "mae": float(e / c) if c else None}
       for name, c, e in zip(metrics.AGE_GROUPS, sums["group_count"], sums["group_abs_error"])
     }
+    buckets = {
+      name: {"count": int(c), "mae": float(e / c) if c else None, "mean_error": float(d / c) if c else None}
+      for (name, _, _), c, e, d in zip(
+        metrics.AGE_BUCKETS, sums["bucket_count"], sums["bucket_abs_error"], sums["bucket_error"]
+      )
+    }
     with_std = int((self.data.age_std > 0).sum())
     return {
       "num_examples": int(count),
@@ -176,24 +186,35 @@ class Evaluator:
       "epsilon_error": mean("epsilon_error"),
       "cumulative_score": {str(k): float(v) / count for k, v in zip(metrics.CS_THRESHOLDS, sums["cs"])},
       "mae_by_age_group": groups,
+      "mae_by_bucket": buckets,  # children, teenagers, minors, adults, the old: MAE and signed mean error
+      "mae_minors": buckets["minors"]["mae"],  # None when the split has no one under 18
       "mean_predicted_std": mean("std"),
       "epsilon_sigma": {"default": float(self.epsilon_sigma), "per_image_age_std": with_std},
     }
 
 
-def headline(report: dict[str, Any]) -> dict[str, float]:
-  """The scores the trainer logs and keeps in final_metrics.json: loss, MAE, epsilon-error, CS@5."""
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+  """The scores the trainer logs and keeps in final_metrics.json: loss, MAE, epsilon-error, CS@5, minors' MAE.
+
+  `mae_minors` is None when the split has no one under 18 (nothing is logged for it then).
+  """
   return {
     "loss": report["loss"],
     "mae": report["mae"],
     "epsilon_error": report["epsilon_error"],
     "cs5": report["cumulative_score"]["5"],
+    "mae_minors": report["mae_minors"],
   }
 
 
 def calibrate(evaluator: Evaluator, state: Any, workdir: storage.Location, split: str) -> dict[str, Any]:
   """Fits the temperature on `evaluator`'s split and writes WORKDIR/calibration.json (process 0); returns it."""
-  record = {"split": split, "step": int(metrics.fetch_array(state.step)), **evaluator.fit_temperature(state)}
+  record = {
+    "split": split,
+    "step": int(metrics.fetch_array(state.step)),
+    "flip": evaluator.flip,  # fitted to the flip-averaged distributions, as they are scored
+    **evaluator.fit_temperature(state),
+  }
   if jax.process_index() == 0:
     calibration.write(workdir, record)
   return record
@@ -213,6 +234,12 @@ def format_table(report: dict[str, Any]) -> str:
   for name, group in report["mae_by_age_group"].items():
     mae = "-" if group["mae"] is None else f"{group['mae']:.3f}"
     lines.append(f"    {name:>6}  {mae:>8}  ({group['count']} examples)")
+  lines.append("  children and the old: MAE, mean signed error (+: predicted too old)")
+  for name, bucket in report["mae_by_bucket"].items():
+    if bucket["mae"] is None:
+      lines.append(f"    {name:>6}  {'-':>8}  ({bucket['count']} examples)")
+    else:
+      lines.append(f"    {name:>6}  {bucket['mae']:>8.3f}  {bucket['mean_error']:+8.3f}  ({bucket['count']} examples)")
   if "groups" in report:
     lines.append("  MAE by group, 95% bootstrap interval")
     for grouping, entries in report["groups"].items():

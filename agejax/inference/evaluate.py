@@ -46,9 +46,9 @@ def evaluate_workdir(
   if fit_calibration:
     fit_split = cfg.data.eval_split
     fit_data = pipeline.load_labelled_split(cfg.data, cfg.labels, fit_split)
-    fitted = scoring.calibrate(trained.evaluator(fit_data, mesh), state, workdir, fit_split)
+    fitted = scoring.calibrate(trained.evaluator(fit_data, mesh, flip=flip), state, workdir, fit_split)
     logging.info("calibration: temperature %.4f on %s", fitted["temperature"], fit_split)
-  temperature = calibration.load_temperature(workdir, int(state.step)) if calibrated else None
+  temperature = calibration.load_temperature(workdir, int(state.step), flip=flip) if calibrated else None
   data = pipeline.load_labelled_split(cfg.data, cfg.labels, split)
   report, per_example = trained.evaluator(data, mesh, flip=flip).run(
     state, temperature=temperature or 1.0, outputs=True

@@ -54,7 +54,7 @@ class Predictor:
     self.model = self.learner.model
     self.record = loading.load_inference_record(workdir)
     self.step = int(self.state.step)
-    self.temperature = (calibration.load_temperature(workdir, self.step) if calibrated else None) or 1.0
+    self.temperature = (calibration.load_temperature(workdir, self.step, flip=flip) if calibrated else None) or 1.0
     self.bins = np.asarray(self.model.bins)
     self.mesh = parallel.make_mesh()
     self.batch_size = parallel.device_multiple(batch_size or self.cfg.eval.batch_size)

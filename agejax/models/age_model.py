@@ -68,17 +68,17 @@ class AgeModel:
   ) -> tuple[jax.Array, jax.Array]:
     """Returns (the raw model's log-probabilities, the calibrated distributions), each [B, K], of a uint8 batch.
 
-    The distributions are softmax(logits / temperature); `flip` averages each face's distribution
-    with its mirror image's (test-time augmentation: a mirrored face is an equally valid view).
+    The distributions are softmax(log-probabilities / temperature). `flip` first averages each face's
+    distribution with its mirror image's (test-time augmentation: a mirrored face is an equally
+    valid view), and the temperature tempers that average: the one model a temperature is fitted to.
     """
     view = lambda x: self.logits(weights.params, weights.model_state, self.preprocess(x), train=False)[0]  # noqa: E731
     logits = view(images)
-    if not flip:
-      return logits, jax.nn.softmax(logits / temperature, axis=-1)
-    mirrored = view(images[:, :, ::-1])
-    raw = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(mirrored))
-    probs = 0.5 * (jax.nn.softmax(logits / temperature) + jax.nn.softmax(mirrored / temperature))
-    return jnp.log(jnp.maximum(raw, jnp.finfo(jnp.float32).tiny)), probs
+    if flip:
+      mirrored = view(images[:, :, ::-1])
+      averaged = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(mirrored))
+      logits = jnp.log(jnp.maximum(averaged, jnp.finfo(jnp.float32).tiny))
+    return logits, jax.nn.softmax(logits / temperature, axis=-1)
 
   def distributions(
     self, weights: Weights, images: jax.Array, temperature: ArrayLike = 1.0, flip: bool = False

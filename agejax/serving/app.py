@@ -74,6 +74,45 @@ def prepare(
   return photos.find_faces(photo, size, aligned=aligned, detector=detector)
 
 
+async def read_uploads(request: Request, settings: Settings) -> tuple[list[str], list[bytes], bool] | Response:
+  """(file names, their bytes, aligned) of a multipart request, or the error answer to send instead."""
+  try:
+    form = await request.form(max_files=settings.max_files, max_fields=8)
+    uploads = form.getlist("files")
+    aligned = _flag(request.query_params.get("aligned", form.get("aligned", "")))
+    names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads) if isinstance(u, UploadFile)]
+    if len(names) < len(uploads):
+      return error(400, 'the form field "files" must hold files (multipart file parts), not text')
+    files = [u for u in uploads if isinstance(u, UploadFile)]  # all of them: text parts were refused above
+    datas = [await u.read() for u in files]
+  except guard.BodyTooLarge:
+    return guard.too_large(settings.max_body_bytes)
+  except HTTPException as e:  # the multipart parser's complaint, e.g. too many files
+    return error(e.status_code, f"bad multipart body: {e.detail}")
+  except ClientDisconnect:  # nobody is left to read an answer
+    return error(400, "the client disconnected before sending the whole body")
+  except ValueError as e:
+    return error(400, str(e))
+  if not datas:
+    return error(
+      400, 'no complete file in the body: send images as multipart form field "files" (a truncated upload has none)'
+    )
+  return names, datas, aligned
+
+
+def results_json(
+  names: list[str], cropped: list[tuple[str, list[photos.Face], list[np.ndarray]]], predictions: list
+) -> list[dict]:
+  """Each upload's JSON result, its faces filled in with their predictions (in the order the faces were queued)."""
+  remaining = iter(predictions)
+  results = []
+  for name, (status, found, _) in zip(names, cropped):
+    for face in found:
+      _fill(face, next(remaining))
+    results.append({"file": name, "status": status, "faces": [photos.face_json(f, "age") for f in found]})
+  return results
+
+
 def create_app(
   model: batcher.Model, detector: photos.FaceDetector | None, settings: Settings, min_age: int, step: int | None = None
 ) -> ASGIApp:
@@ -112,27 +151,10 @@ def create_app(
 
   async def answer(request: Request, handed_over: Callable[[], None]) -> Response:
     start = time.perf_counter()
-    try:
-      form = await request.form(max_files=settings.max_files, max_fields=8)
-      uploads = form.getlist("files")
-      aligned = _flag(request.query_params.get("aligned", form.get("aligned", "")))
-      names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads) if isinstance(u, UploadFile)]
-      if len(names) < len(uploads):
-        return error(400, 'the form field "files" must hold files (multipart file parts), not text')
-      files = [u for u in uploads if isinstance(u, UploadFile)]  # all of them: text parts were refused above
-      datas = [await u.read() for u in files]
-    except guard.BodyTooLarge:
-      return guard.too_large(settings.max_body_bytes)
-    except HTTPException as e:  # the multipart parser's complaint, e.g. too many files
-      return error(e.status_code, f"bad multipart body: {e.detail}")
-    except ClientDisconnect:  # nobody is left to read an answer
-      return error(400, "the client disconnected before sending the whole body")
-    except ValueError as e:
-      return error(400, str(e))
-    if not datas:
-      return error(
-        400, 'no complete file in the body: send images as multipart form field "files" (a truncated upload has none)'
-      )
+    read = await read_uploads(request, settings)
+    if isinstance(read, Response):
+      return read
+    names, datas, aligned = read
     if not aligned and detector is None:
       return error(400, "this server detects no faces (started without a detector): send aligned=true")
     uploaded = time.perf_counter()
@@ -159,26 +181,15 @@ def create_app(
       return error(500, f"model call failed: {type(e).__name__}: {e}")
     done = time.perf_counter()
     model_ms = max((p.model_ms for p in predictions), default=0.0)
-    remaining = iter(predictions)
-    results = []
-    for name, (status, found, _) in zip(names, cropped):
-      for face in found:
-        _fill(face, next(remaining))
-      results.append({"file": name, "status": status, "faces": [photos.face_json(f, "age") for f in found]})
     ms = lambda a, b: round(1000 * (b - a), 2)
-    return JSONResponse(
-      {
-        "results": results,
-        "min_age": min_age,
-        "timing_ms": {
-          "upload": ms(start, uploaded),
-          "decode_detect": ms(uploaded, decoded),
-          "batch": ms(decoded, done),
-          "model": round(model_ms, 2),
-          "total": ms(start, time.perf_counter()),
-        },
-      }
-    )
+    timing = {
+      "upload": ms(start, uploaded),
+      "decode_detect": ms(uploaded, decoded),
+      "batch": ms(decoded, done),
+      "model": round(model_ms, 2),
+      "total": ms(start, time.perf_counter()),
+    }
+    return JSONResponse({"results": results_json(names, cropped, predictions), "min_age": min_age, "timing_ms": timing})
 
   async def healthz(request: Request) -> Response:
     return JSONResponse(

@@ -37,7 +37,11 @@ RESUME_MUST_MATCH = (
   "loss.name",
   "loss.sigma",
   "loss.l1_weight",  # the objective (sigma: the width of the learnt distributions)
+  "loss.target",
+  "loss.sigma_from_data",
+  "loss.sigma_floor",
   "metrics.epsilon_sigma",  # the logged epsilon-error
+  "eval.flip",  # what the logged evaluations and "best" mean
   "plugins",  # the modules that define the backbone, loss or rules these checkpoints were made with
 )
 RESUME_MAY_CHANGE = (
@@ -187,6 +191,13 @@ def _check_loss(cfg: settings.Settings) -> None:
     f"float32 and the target is one-hot (loss.name='onehot' trains on one-hot targets)",
   )
   _require(loss.name in losses.LOSSES, "loss.name", loss.name, f"must be one of {tuple(losses.LOSSES)}")
+  _require(loss.target in losses.TARGETS, "loss.target", loss.target, f"must be one of {losses.TARGETS}")
+  _require(
+    loss.sigma_floor >= MIN_SIGMA,
+    "loss.sigma_floor",
+    loss.sigma_floor,
+    f"must be at least {MIN_SIGMA:.4f} years (see loss.sigma): it floors the data's per-image age_std",
+  )
   _require(loss.l1_weight >= 0, "loss.l1_weight", loss.l1_weight, "must be >= 0")
 
 

@@ -17,6 +17,7 @@ from agejax.evaluation import scoring
 from agejax.training import augment, losses, optim
 
 PyTree = Any
+Targets = tuple[jax.Array, jax.Array]  # (ages, age stds: 0 where the data has none)
 
 
 @flax.struct.dataclass
@@ -84,7 +85,7 @@ class Learner:
   Args:
     model: the age model (backbone graph, bins, input size and spec).
     tx: the optimizer.
-    loss_fn: loss(logits, ages) per example.
+    loss_fn: loss(logits, ages, age_stds) per example.
     cfg: the training settings (seed, augmentation, gradient accumulation, epsilon-error sigma).
   """
 
@@ -93,9 +94,10 @@ class Learner:
   ):
     self.model, self.tx, self.loss_fn, self.cfg = model, tx, loss_fn, cfg
     self.bins = jnp.asarray(model.bins)
+    self.rules = optim.rules_for(cfg.optimizer, models.get(cfg.model.name).head)
 
-  def evaluator(self, data: Any, mesh: jax.sharding.Mesh, *, flip: bool = False) -> scoring.Evaluator:
-    """An Evaluator of this model on a split, with the loss, eval batch and epsilon-error sigma of the settings."""
+  def evaluator(self, data: Any, mesh: jax.sharding.Mesh, *, flip: bool | None = None) -> scoring.Evaluator:
+    """An Evaluator of this model on a split: the settings' loss, eval batch, epsilon-error sigma and flip (default)."""
     return scoring.Evaluator(
       self.model,
       self.loss_fn,
@@ -103,7 +105,7 @@ class Learner:
       self.cfg.eval.batch_size,
       mesh,
       epsilon_sigma=self.cfg.eval.epsilon_sigma,
-      flip=flip,
+      flip=self.cfg.eval.flip if flip is None else flip,
     )
 
   def sigma(self, batch: dict) -> jax.Array:
@@ -111,19 +113,19 @@ class Learner:
     return metrics.per_image_sigma(batch.get("age_std"), batch["age"], self.cfg.eval.epsilon_sigma)
 
   def _grads(
-    self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array, key: jax.Array
+    self, params: PyTree, model_state: PyTree, images: jax.Array, targets: Targets, key: jax.Array
   ) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
     """Gradient of the mean loss; aux is (per-example loss, logits, updated model state)."""
 
     def loss_of(params):
       logits, new_state = self.model.logits(params, model_state, images, train=True, key=key)
-      per_example = self.loss_fn(logits, ages)
+      per_example = self.loss_fn(logits, *targets)
       return jnp.mean(per_example), (per_example, logits, new_state)
 
     return jax.grad(loss_of, has_aux=True)(params)
 
   def _accumulated_grads(
-    self, params: PyTree, model_state: PyTree, images: jax.Array, ages: jax.Array, key: jax.Array
+    self, params: PyTree, model_state: PyTree, images: jax.Array, targets: Targets, key: jax.Array
   ) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
     """`_grads` over `grad_accum_steps` micro-batches in a scan: the same mean gradient, less memory."""
     k = self.cfg.run.grad_accum_steps
@@ -133,13 +135,13 @@ class Learner:
 
     def body(carry, xs):
       grad_sum, state = carry
-      imgs, ags, i = xs
-      grads, (per_example, logits, state) = self._grads(params, state, imgs, ags, jax.random.fold_in(key, i))
+      imgs, micro_targets, i = xs
+      grads, (per_example, logits, state) = self._grads(params, state, imgs, micro_targets, jax.random.fold_in(key, i))
       return (jax.tree.map(jnp.add, grad_sum, grads), state), (per_example, logits)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sum, model_state), (per_example, logits) = jax.lax.scan(
-      body, (zeros, model_state), (split(images), split(ages), jnp.arange(k))
+      body, (zeros, model_state), (split(images), jax.tree.map(split, targets), jnp.arange(k))
     )
     return jax.tree.map(lambda g: g / k, grad_sum), (merge(per_example), merge(logits), model_state)
 
@@ -156,8 +158,13 @@ class Learner:
     aug_key, dropout_key = jax.random.split(key)
     images = augment.augment(batch["image"], aug_key, self.model.image_size, self.cfg.augment, self.model.input_spec)
     ages = batch["age"].astype(jnp.float32)
+    targets = (ages, batch["age_std"].astype(jnp.float32))
     grads_fn = self._grads if self.cfg.run.grad_accum_steps == 1 else self._accumulated_grads
-    grads, (per_example, logits, model_state) = grads_fn(state.params, state.model_state, images, ages, dropout_key)
+    grads, (per_example, logits, model_state) = grads_fn(state.params, state.model_state, images, targets, dropout_key)
+    # Frozen layers keep their batch-norm statistics too, not only their parameters.
+    model_state = jax.tree_util.tree_map_with_path(
+      lambda path, new, old: old if optim.is_frozen(path, self.rules) else new, model_state, state.model_state
+    )
     finite = jnp.isfinite(jnp.mean(per_example)) & jnp.all(
       jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )

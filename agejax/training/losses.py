@@ -1,8 +1,9 @@
 """Training losses by name (`config.loss.name`): KL to a Gaussian label distribution, one-hot NLL, DLDL-v2's L1.
 
-`LOSSES` maps a name to a factory of (loss settings, age bins) -> loss(logits, ages) per example.
-A new loss is one function and one `register` call (from a plug-in module listed in config.plugins);
-`make_loss` adds `l1_weight` times the expectation L1 term to whichever loss is named.
+`LOSSES` maps a name to a factory of (loss settings, age bins) -> loss(logits, ages, age_stds) per
+example (age_std 0 where the data has none). A new loss is one function and one `register` call
+(from a plug-in module listed in config.plugins); `make_loss` adds `l1_weight` times the
+expectation L1 term to whichever loss is named.
 """
 
 from collections.abc import Callable
@@ -13,13 +14,19 @@ import optax
 
 from agejax import errors, labels, settings
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits [B, K], ages [B]) -> per-example loss [B]
+LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (logits [B, K], ages [B], age stds [B]) -> loss [B]
 LossFactory = Callable[[settings.LossSettings, jax.Array], LossFn]  # (config.loss, bins [K]) -> loss
 
 
-def kl_loss(logits: jax.Array, ages: jax.Array, bins: jax.Array, sigma: float) -> jax.Array:
-  """Returns KL(N(age, sigma^2) on the bins || softmax(logits)) per example."""
-  target = labels.label_distribution(ages, bins, sigma)
+def kl_loss(
+  logits: jax.Array, ages: jax.Array, bins: jax.Array, sigma: float | jax.Array, mean_preserving: bool = False
+) -> jax.Array:
+  """Returns KL(target || softmax(logits)) per example, the target a Gaussian of std `sigma` on the bins.
+
+  `mean_preserving`: the target's mean is the age itself, also next to the ends of the bins (see
+  labels.label_distribution), so the loss's minimiser predicts the age without bias.
+  """
+  target = labels.label_distribution(ages, bins, sigma, mean_preserving=mean_preserving)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
   # Bins where the target underflows to 0 contribute 0, even where log_probs is -inf.
   return optax.losses.kl_divergence(log_probs, target, where=target > 0)
@@ -37,9 +44,24 @@ def expectation_l1(logits: jax.Array, ages: jax.Array, bins: jax.Array) -> jax.A
   return jnp.abs(labels.expected_age(probs, bins) - ages)
 
 
+TARGETS = ("gaussian", "mean_preserving")
+
+
+def target_sigma(cfg: settings.LossSettings, age_std: jax.Array) -> jax.Array:
+  """Each example's target std: loss.sigma, or with loss.sigma_from_data its age_std (floored) where it has one."""
+  if not cfg.sigma_from_data:
+    return jnp.full_like(age_std, cfg.sigma)
+  return jnp.where(age_std > 0, jnp.maximum(age_std, cfg.sigma_floor), cfg.sigma)
+
+
+def _kl(cfg: settings.LossSettings, bins: jax.Array) -> LossFn:
+  mean_preserving = cfg.target == "mean_preserving"
+  return lambda logits, ages, age_std: kl_loss(logits, ages, bins, target_sigma(cfg, age_std), mean_preserving)
+
+
 LOSSES: dict[str, LossFactory] = {
-  "kl": lambda cfg, bins: lambda logits, ages: kl_loss(logits, ages, bins, cfg.sigma),
-  "onehot": lambda cfg, bins: lambda logits, ages: onehot_nll(logits, ages, bins),
+  "kl": _kl,
+  "onehot": lambda cfg, bins: lambda logits, ages, age_std: onehot_nll(logits, ages, bins),
 }
 
 
@@ -58,4 +80,4 @@ def make_loss(cfg: settings.LossSettings, bins: jax.Array) -> LossFn:
   base = LOSSES[cfg.name](cfg, bins)
   if not cfg.l1_weight:
     return base
-  return lambda logits, ages: base(logits, ages) + cfg.l1_weight * expectation_l1(logits, ages, bins)
+  return lambda logits, ages, age_std: base(logits, ages, age_std) + cfg.l1_weight * expectation_l1(logits, ages, bins)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from agejax import errors, settings
@@ -70,14 +71,21 @@ def path_name(path: tuple) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def rule_for(path: tuple, rules: Sequence[Rule]) -> Rule:
+  """The first rule matching a parameter's (or batch statistic's) key path."""
+  name = path_name(path)
+  return next(rule for rule in rules if re.fullmatch(rule.pattern, name))
+
+
+def is_frozen(path: tuple, rules: Sequence[Rule]) -> bool:
+  """Whether the rules freeze the parameter or batch statistic at this key path."""
+  return rule_for(path, rules).frozen
+
+
 def param_labels(params: Any, rules: Sequence[Rule]) -> Any:
   """The name of the first rule matching each parameter's path."""
 
-  def label(path, _):
-    name = path_name(path)
-    return next(rule.name for rule in rules if re.fullmatch(rule.pattern, name))
-
-  return jax.tree_util.tree_map_with_path(label, params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: rule_for(path, rules).name, params)
 
 
 def learning_rate_schedule(
@@ -106,11 +114,34 @@ def rule_schedule(rule: Rule, schedule: optax.Schedule) -> optax.Schedule:
   return lambda step: rule.lr * schedule(step) * (step >= rule.start_step)
 
 
+def decays(params: Any) -> Any:
+  """Weight decay applies to kernels (matrices, convolutions), never to biases or normalisation scales."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def _adam(cfg: settings.OptimizerSettings, rule: Rule, schedule: optax.Schedule) -> optax.GradientTransformation:
   if rule.frozen:
     return optax.set_to_zero()
   lr = rule_schedule(rule, schedule)
-  return optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay and rule.decay else optax.adam(lr)
+  if cfg.weight_decay and rule.decay:
+    return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decays)
+  return optax.adam(lr)
+
+
+def clip_trained_by_global_norm(max_norm: float, rules: Sequence[Rule]) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm over the trained parameters only: frozen ones neither count nor change.
+
+  A frozen backbone's gradient would otherwise set the norm and shrink the head's update. Its state
+  is clip_by_global_norm's (empty), so checkpoints of either restore into the other.
+  """
+
+  def update(updates, state, params=None):
+    trained = jax.tree_util.tree_map_with_path(lambda path, _: not is_frozen(path, rules), updates)
+    norm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), updates, trained))
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def create_optimizer(
@@ -120,5 +151,5 @@ def create_optimizer(
   rules = rules_for(cfg, head)
   opt = optax.multi_transform({r.name: _adam(cfg, r, schedule) for r in rules}, lambda p: param_labels(p, rules))
   if cfg.grad_clip_norm:
-    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+    opt = optax.chain(clip_trained_by_global_norm(cfg.grad_clip_norm, rules), opt)
   return opt

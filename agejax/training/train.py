@@ -147,8 +147,8 @@ class _Run:
   ):
     self.config, self.cfg, self.workdir, self.ckpts = config, cfg, workdir, ckpts
     self.lock, self.signalled, self.started = lock, signalled, started
-    self.eval_metrics: dict[str, float] = {}
-    self.extra_metrics: dict[str, dict[str, float]] = {}
+    self.eval_metrics: dict[str, Any] = {}
+    self.extra_metrics: dict[str, dict[str, Any]] = {}
     self.synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
     self.first_step_s: float | None = None
 
@@ -299,17 +299,23 @@ class _Run:
   def _evaluate(self, step: int, state: learner.TrainState) -> None:
     b = self.b
     self.eval_metrics = scoring.headline(b.evaluator.run(state))
-    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in self.eval_metrics.items()})
+    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in self.eval_metrics.items() if v is not None})
     probs = metrics.fetch_array(self.predict(state, self.sample_images))
     bins = np.asarray(b.learner.model.bins)
     figure = plots.distribution_figure_images(
-      self.sample["image"], self.sample["age"], probs, bins, self.cfg.loss.sigma
+      self.sample["image"],
+      self.sample["age"],
+      probs,
+      bins,
+      self.cfg.loss.sigma,
+      mean_preserving=self.cfg.loss.target == "mean_preserving",
     )
     self.writer.write_images(step, {"eval/distributions": figure})
 
   def _evaluate_extra(self, step: int, state: learner.TrainState, name: str) -> None:
     self.extra_metrics[name] = scoring.headline(self.b.extra_evals[name][1].run(state))
-    self.writer.write_scalars(step, {f"eval/{name}/{k}": v for k, v in self.extra_metrics[name].items()})
+    scalars = {f"eval/{name}/{k}": v for k, v in self.extra_metrics[name].items() if v is not None}
+    self.writer.write_scalars(step, scalars)
 
   def finish(self, state: learner.TrainState, step: int) -> dict[str, Any]:
     """After the last step: the calibration of the best checkpoint and the final metrics."""
