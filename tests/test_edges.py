@@ -177,3 +177,54 @@ def test_children_teenagers_minors_and_the_old_are_bucketed_with_their_signed_er
   assert count == {"0-2": 2, "3-12": 2, "13-17": 2, "18+": 4, "minors": 6, "60+": 2}
   assert error["0-2"] == 10.0 and error["3-12"] == -2.0 and error["minors"] == pytest.approx(24 / 6)
   assert error["60+"] == -6.0 and error["18+"] == pytest.approx(-10 / 4)
+
+
+def test_a_frozen_backbone_keeps_its_batch_norm_statistics(tiny_config):
+  from agejax.training import configuration, learner
+
+  config = tiny_config.copy_and_resolve_references()
+  config.model.batch_norm = True
+  config.optimizer.freeze_backbone = True
+  config.optimizer.warmup_steps = 0  # the first step's learning rate is not 0
+  fns, state, _ = learner.create(configuration.validate(config), steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  batch = {
+    "image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8),
+    "age": rng.integers(1, 91, 16).astype(np.float32),
+    "age_std": np.zeros(16, np.float32),
+  }
+  after, _, _ = jax.jit(fns.train_step)(state, metrics.zeros(), batch)
+  assert jax.tree.leaves(state.model_state)  # there are statistics to keep
+  jax.tree.map(np.testing.assert_array_equal, after.model_state, state.model_state)
+  jax.tree.map(np.testing.assert_array_equal, after.params["norms"], state.params["norms"])
+  assert np.abs(np.asarray(after.params["head"]["kernel"] - state.params["head"]["kernel"])).max() > 0
+
+
+def test_the_temperature_tempers_the_flip_average():
+  """The temperature applies to the averaged distribution, the model it is fitted to with flip on."""
+  from flax import nnx
+
+  from agejax import models
+
+  class Halves(nnx.Module):  # logits from each half of the image: mirroring changes them
+    def __init__(self):
+      self.scale = nnx.Param(jnp.linspace(-2.0, 2.0, 100))
+
+    def __call__(self, x, *, train=False, rngs=None):
+      return x[:, :, : x.shape[2] // 2].mean(axis=(1, 2, 3))[:, None] * self.scale[...]
+
+  graphdef, params, rest = models.split_model(Halves())
+  model = models.AgeModel(graphdef, labels.age_bins(1, 100), 8, models.IMAGENET)
+
+  class Weights:
+    pass
+
+  weights = Weights()
+  weights.params, weights.model_state = params, rest
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3)), jnp.uint8)
+  raw, probs = model.outputs(weights, images, 0.5, flip=True)
+  one = jax.nn.softmax(model.outputs(weights, images)[0])
+  mirrored = jax.nn.softmax(model.outputs(weights, images[:, :, ::-1])[0])
+  average = 0.5 * (one + mirrored)
+  np.testing.assert_allclose(jnp.exp(raw), average, rtol=1e-5)
+  np.testing.assert_allclose(probs, average**2 / jnp.sum(average**2, axis=-1, keepdims=True), rtol=1e-4)

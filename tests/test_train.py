@@ -23,6 +23,7 @@ TAGS = (
   "eval/mae",
   "eval/epsilon_error",
   "eval/cs5",
+  "eval/mae_minors",
   "train/nonfinite_steps",
 )
 
@@ -113,6 +114,25 @@ def test_an_extra_evaluation_writes_its_scalars_and_final_metrics_as_the_evaluat
   report = fns.evaluator(test, parallel.make_mesh()).run(state)
   assert final["evals"]["demo_test"]["mae"] == pytest.approx(report["mae"], rel=1e-6)
   assert final["evals"]["demo_test"]["mae"] != pytest.approx(final["eval_mae"], rel=1e-3)  # another split
+
+
+def test_eval_flip_scores_calibrates_and_picks_the_best_by_flip_averages(tiny_config, tmp_path):
+  from agejax import parallel
+  from agejax.evaluation import calibration
+  from agejax.inference import loading
+
+  config = tiny_config
+  config.eval.flip = True
+  config.update(num_train_steps=20, eval_every_steps=10, checkpoint_every_steps=10, log_every_steps=10)
+  final = train.train_and_evaluate(config, tmp_path / "run")
+  cfg, fns, state = loading.load_trained(tmp_path / "run", "latest")
+  validation = pipeline.load_labelled_split(cfg.data, cfg.labels, "validation")
+  mesh = parallel.make_mesh()
+  flipped = fns.evaluator(validation, mesh).run(state)  # the settings' flip: on
+  plain = fns.evaluator(validation, mesh, flip=False).run(state)
+  assert final["eval_mae"] == pytest.approx(flipped["mae"], rel=1e-6) != pytest.approx(plain["mae"], rel=1e-4)
+  record = json.loads((tmp_path / "run" / calibration.FILE).read_text())
+  assert record["flip"] is True and record["temperature"] == final["temperature"]
 
 
 def test_training_lowers_the_loss(trained):
