@@ -86,3 +86,21 @@ def _unknown_key(error: BaseException, argv: list[str]) -> str:
       key = name.split(".", 1)[1]
       return f"{arg}: the config has no key {key!r}{hint}"
   return f"the config has no key {missing!r}{hint}"
+
+
+class ClusterFlags:
+  """The flags that join a process to a multi-process run (scripts/train.py, scripts/crossval.py)."""
+
+  def __init__(self):
+    self.multihost = flags.DEFINE_bool("multihost", False, "Multi-process run that JAX discovers (TPU VM pods, SLURM).")
+    self.coordinator = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for other clusters.")
+    self.num_processes = flags.DEFINE_integer("num_processes", 0, "Process count, with --coordinator_address.")
+    self.process_id = flags.DEFINE_integer("process_id", -1, "This process's id, with --coordinator_address.")
+
+  def initialize(self) -> None:
+    """Starts JAX's distributed runtime as the flags say (nothing for a single process)."""
+    from agejax import parallel
+
+    parallel.initialize(
+      self.coordinator.value, self.num_processes.value, self.process_id.value, auto=self.multihost.value
+    )

@@ -48,6 +48,7 @@ class DataSettings:
   builder_config: str = ""
   eval_split: str = "validation"
   image_size: int = 224
+  split: str = ""  # '' the dataset's own splits; K (0-4) or a spec: the benchmark's folders (data/splits.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ModelSettings:
   batch_norm: bool = False
   dropout_rate: float = 0.5
   pretrained: str = ""
+  init_from: str = ""  # another agejax run's WORKDIR[:STEP]: its trained weights start a new run
 
 
 @dataclasses.dataclass(frozen=True)

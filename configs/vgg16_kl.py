@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.builder_config = ""  # TFDS builder config; '' is the builder's default
   config.data.eval_split = "validation"
   config.data.image_size = 224  # model input; stored images are resized on the device
+  # The benchmark's subject-exclusive split of a fae dataset's folders: 0-4 (or a spec such as
+  # "train:1-70,val:71-76,test:77-82"); '' reads the dataset's own train/validation/test splits.
+  config.data.split = ""
 
   config.augment = ml_collections.ConfigDict()
   config.augment.flip = True
@@ -55,6 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.5
   # Converted torchvision weights (scripts/convert_torchvision.py --output PATH); '' trains from scratch.
   config.model.pretrained = "weights/vgg16_imagenet"
+  # Two-stage training: WORKDIR[:STEP] of another agejax run (default: its best checkpoint) starts this
+  # one from its params and batch-norm statistics (the head too when labels.min_age/max_age match;
+  # model.pretrained is then not read). Optimizer and step start fresh; a resumed run restores its own.
+  config.model.init_from = ""
 
   config.labels = ml_collections.ConfigDict()
   config.labels.min_age = 1

@@ -3,6 +3,10 @@
 `--name NAME` names a CSV dataset (a builder config: train with --config.data.builder_config=NAME),
 so APPA-REAL, MORPH and your own lists live side by side. Preparing a name again from another or a
 changed source is refused; `--rebuild` deletes the prepared dataset and prepares it again.
+
+A database of the unified benchmark: python scripts/prepare_data.py fae --database AgeDB_aligned.json
+--images DIR [--name agedb] [--image_size 281] (the name defaults to the JSON's stem, lowercased); it
+prints the examples per folder and the train / validation / test sizes of each benchmark split.
 """
 
 import sys
@@ -18,6 +22,9 @@ _MANUAL_DIR = flags.DEFINE_string(
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir; default ~/tensorflow_datasets.")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", "", "TFDS builder config, e.g. 'tiny' for demo.")
 flags.DEFINE_alias("name", "builder_config")  # csv_faces: the name of your dataset, e.g. 'appa'
+_DATABASE = flags.DEFINE_string("database", "", "fae: the benchmark's database JSON, e.g. AgeDB_aligned.json.")
+_IMAGES = flags.DEFINE_string("images", "", "fae: the folder the JSON's img_path values are relative to.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "fae: the stored crop size; 0 is the benchmark's (281).")
 _REBUILD = flags.DEFINE_bool(
   "rebuild",
   False,
@@ -29,22 +36,35 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in datasets.DATASETS:
     sys.exit(
       f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
-      f"[--name NAME] [--rebuild]"
+      f"[--name NAME] [--rebuild]; fae --database FILE.json --images DIR [--name NAME] [--image_size N]"
     )
+  fae = argv[1] == "fae"
+  name = _BUILDER_CONFIG.value
+  if fae and not name and _DATABASE.value:
+    from agejax.data import fae as fae_data
+
+    name = fae_data.config_name(_DATABASE.value)
   try:
-    args = argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BUILDER_CONFIG.value
-    already = not _REBUILD.value and datasets.get_builder(args[0], args[1], args[3]).is_prepared()
-    builder = datasets.prepare(*args, rebuild=_REBUILD.value)
+    args = argv[1], _DATA_DIR.value, (_IMAGES.value or _MANUAL_DIR.value) if fae else _MANUAL_DIR.value, name
+    extra = {"database": _DATABASE.value, "image_size": _IMAGE_SIZE.value} if fae else {}
+    builder = datasets.get_builder(args[0], args[1], args[3], extra.get("image_size", 0))
+    already = not _REBUILD.value and builder.is_prepared()
+    builder = datasets.prepare(*args, rebuild=_REBUILD.value, **extra)
   except AssertionError as e:  # TFDS asserts that the manual folder exists and is not empty
     reason = (str(e).strip().splitlines() or [""])[0].split(". Create it")[0]
     sys.exit(f"error: {reason}; pass --manual_dir FOLDER holding the downloaded files (README: Real datasets)")
-  name = argv[1] + (f" --name {_BUILDER_CONFIG.value}" if _BUILDER_CONFIG.value else "")
-  print(f"{name} {'was already prepared' if already else 'prepared'} in {builder.data_dir}")
+  shown = argv[1] + (f" --name {name}" if name else "")
+  print(f"{shown} {'was already prepared' if already else 'prepared'} in {builder.data_dir}")
   metadata = builder.info.metadata or {}
   if source := metadata.get("source"):
     print(f"  from         {source['path']}" + (" (unchanged)" if already else ""))
-  for split_name, split in builder.info.splits.items():
-    print(f"  {split_name:<12} {split.num_examples:>8} examples")
+  if fae:
+    from agejax.data import fae as fae_data
+
+    print("\n".join(fae_data.summary(builder)))
+  else:
+    for split_name, split in builder.info.splits.items():
+      print(f"  {split_name:<12} {split.num_examples:>8} examples")
   skipped = metadata.get("skipped") or {}
   print(f"  skipped      {sum(skipped.values()):>8} files" + (":" if skipped else ""))
   for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]):

@@ -20,6 +20,8 @@ import numpy as np
 from agejax.serving.local import free_port
 from configs import vgg16_kl
 
+pytest_plugins = ("fae_fixtures",)  # fae_agedb: a prepared benchmark-style database
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:

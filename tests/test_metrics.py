@@ -62,6 +62,41 @@ def test_report_sums_equal_float64_numpy_with_padding_and_per_image_sigma():
   np.testing.assert_allclose(
     got["group_abs_error"], [error[keep & (decade == g)].sum() for g in range(8)], rtol=1e-5, atol=1e-4
   )
+  # Buckets: a face may be in several (a 10-year-old is in 3-12 and minors); end ages are exclusive.
+  ranges = {
+    "0-2": (0, 3),
+    "3-12": (3, 13),
+    "13-17": (13, 18),
+    "18+": (18, np.inf),
+    "minors": (0, 18),
+    "60+": (60, np.inf),
+  }
+  assert [b[0] for b in metrics.AGE_BUCKETS] == list(ranges)
+  inside = np.stack([(age >= lo) & (age < hi) & keep for lo, hi in ranges.values()], axis=1)
+  np.testing.assert_array_equal(got["bucket_count"], inside.sum(0))
+  np.testing.assert_allclose(got["bucket_abs_error"], (inside * error[:, None]).sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got["bucket_error"], (inside * (pred - age)[:, None]).sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_age_buckets_at_their_edges():
+  ages = jnp.array([-1.0, 0.0, 2.99, 3.0, 12.99, 13.0, 17.99, 18.0, 59.99, 60.0, 200.0])
+  expected = np.array(
+    # 0-2 3-12 13-17 18+ minors 60+
+    [
+      [1, 0, 0, 0, 1, 0],  # below 0 counts as 0
+      [1, 0, 0, 0, 1, 0],
+      [1, 0, 0, 0, 1, 0],
+      [0, 1, 0, 0, 1, 0],
+      [0, 1, 0, 0, 1, 0],
+      [0, 0, 1, 0, 1, 0],
+      [0, 0, 1, 0, 1, 0],
+      [0, 0, 0, 1, 0, 0],
+      [0, 0, 0, 1, 0, 0],
+      [0, 0, 0, 1, 0, 1],
+      [0, 0, 0, 1, 0, 1],
+    ]
+  )
+  np.testing.assert_array_equal(metrics.age_buckets(ages), expected)
 
 
 def test_age_groups_at_their_edges_and_sigma_without_per_image_stds():

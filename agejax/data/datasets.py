@@ -10,6 +10,7 @@ DATASETS = {
   "demo": ("agejax_demo", False),
   "utkface": ("agejax_utkface", True),
   "csv_faces": ("agejax_csv_faces", True),
+  "fae": ("agejax_fae", True),  # a database of the unified benchmark: its JSON + images (data/fae.py)
 }
 
 
@@ -18,20 +19,23 @@ def import_tfds():
   parallel.import_tensorflow()
   import tensorflow_datasets as tfds
 
-  from agejax.data import builders, csv_faces, utkface  # noqa: F401  (registers the builders)
+  from agejax.data import builders, csv_faces, fae, utkface  # noqa: F401  (registers the builders)
 
   return tfds
 
 
-def get_builder(name: str, data_dir: str = "", builder_config: str = ""):
+def get_builder(name: str, data_dir: str = "", builder_config: str = "", image_size: int = 0):
   """Returns the TFDS builder of an agejax dataset name (`config.data.name`) and builder config.
 
-  `builder_config` is a predefined config ('' for the default) or, for csv_faces, a name of the
-  user's own (`prepare_data.py csv_faces --name NAME`), so several CSV datasets live side by side.
+  `builder_config` is a predefined config ('' for the default) or, for csv_faces and fae, a name of
+  the user's own (`prepare_data.py csv_faces --name NAME`), so several datasets live side by side.
+  `image_size` (fae only) is the crop size to prepare at; 0: the prepared one, else the benchmark's.
   """
   if name not in DATASETS:
     raise errors.UserError(f"config.data.name={name!r} is not one of {sorted(DATASETS)}")
   tfds = import_tfds()
+  if name == "fae":
+    return _fae_builder(tfds, data_dir, builder_config, image_size)
   cls = tfds.builder_cls(DATASETS[name][0])
   config = None
   if builder_config:
@@ -49,17 +53,55 @@ def get_builder(name: str, data_dir: str = "", builder_config: str = ""):
   return tfds.builder(DATASETS[name][0], config=config, data_dir=data_dir or None)
 
 
-def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config: str = "", rebuild: bool = False):
+def _fae_builder(tfds, data_dir: str, builder_config: str, image_size: int):
+  """The builder of a benchmark database named by the user, at its prepared crop size (or `image_size`)."""
+  from agejax.data import fae
+
+  if not builder_config:
+    prepared = fae.prepared_names(data_dir)
+    raise errors.UserError(
+      "config.data.builder_config is empty: a fae dataset is the --name it was prepared with "
+      f"(prepare_data.py fae --database FILE.json --images DIR --name NAME); prepared: {prepared or 'none'}"
+    )
+  size = image_size or fae.prepared_image_size(data_dir, builder_config) or fae.DEFAULT_IMAGE_SIZE
+  config = fae.named_config(builder_config, size)
+  if config is None:
+    raise errors.UserError(
+      f"fae dataset name {builder_config!r} or --image_size {size} is invalid: a name is 1-64 lowercase "
+      f"letters, digits, '_' or '-', a size 8-4096"
+    )
+  return tfds.builder(DATASETS["fae"][0], config=config, data_dir=data_dir or None)
+
+
+def prepare(
+  name: str,
+  data_dir: str = "",
+  manual_dir: str = "",
+  builder_config: str = "",
+  rebuild: bool = False,
+  *,
+  database: str = "",
+  image_size: int = 0,
+):
   """Builds the TFDS dataset once (from `manual_dir` for downloaded datasets); returns the builder.
 
   A dataset prepared already is kept when `manual_dir` is the source it was prepared from (the
   fingerprint in its metadata matches) and refused with a ValueError when the source differs or
   changed since; `rebuild` deletes its version folder and prepares it again. The source is read
-  (archives verified) before anything is written or deleted.
+  (archives verified) before anything is written or deleted. For fae, `manual_dir` is the images
+  folder, `database` the benchmark's database JSON and `image_size` the crop size (0: the benchmark's).
   """
   tfds = import_tfds()
-  builder = get_builder(name, data_dir, builder_config)
+  builder = get_builder(name, data_dir, builder_config, image_size)
   manual = DATASETS[name][1]
+  if name == "fae":
+    if not (database and manual_dir):
+      raise errors.MissingInput(
+        "fae needs the benchmark's database JSON and the images folder its img_path values are relative to: "
+        "pass --database FILE.json --images DIR"
+      )
+    _check_fae_size(builder, data_dir, builder_config, image_size, rebuild)
+    builder.database_path = database
   source = builder.describe_source(manual_dir) if manual and manual_dir else None
   if builder.is_prepared():
     if rebuild:
@@ -68,12 +110,26 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = "", builder_config:
           f"rebuilding {name} deletes {builder.data_dir}: pass --manual_dir, the source to prepare it from again"
         )
       epath.Path(builder.data_dir).rmtree()
-      builder = get_builder(name, data_dir, builder_config)
+      builder = get_builder(name, data_dir, builder_config, image_size)
+      if name == "fae":
+        builder.database_path = database
     elif source is not None:
       _check_same_source(name, builder, source)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
   builder.download_and_prepare(download_config=download_config)
   return builder
+
+
+def _check_fae_size(builder, data_dir: str, builder_config: str, image_size: int, rebuild: bool) -> None:
+  """Refuses to prepare a fae dataset again at another crop size than it was prepared at (without rebuild)."""
+  from agejax.data import fae
+
+  prepared = fae.prepared_image_size(data_dir, builder_config)
+  if image_size and prepared and prepared != image_size and not rebuild:
+    raise errors.UserError(
+      f"{builder.info.full_name} in {builder.data_dir_root} was prepared at --image_size {prepared}, not "
+      f"{image_size}: pass --rebuild to prepare it again, or --name NAME to prepare it as another dataset"
+    )
 
 
 def _check_same_source(name: str, builder, source: dict) -> None:
@@ -94,5 +150,5 @@ def _check_same_source(name: str, builder, source: dict) -> None:
       f"{dataset} was prepared from {recorded['path']}, not from {source['path']} "
       f"(different: {sources.differences(recorded, source)})"
     )
-  other = ", or --name NAME to prepare it as another dataset" if name == "csv_faces" else ""
+  other = ", or --name NAME to prepare it as another dataset" if name in ("csv_faces", "fae") else ""
   raise errors.UserError(f"{problem}: pass --rebuild to delete it and prepare it again{other}")

@@ -3,22 +3,75 @@
 A batch is one gather from each host's memory-mapped copy of the split (data/array_cache.py). Batch
 order is a pure function of (seed, step), so a resumed run sees exactly the batches an
 uninterrupted run would.
+
+With `config.data.split` set (data/splits.py), "train", "validation" and "test" are parts of the
+benchmark's folders: each folder has its own array cache, built once and shared by every split
+that uses it, and a part's images are gathered across its folders' memory maps (`FolderImages`).
 """
 
 import dataclasses
 import functools
 import logging
 import queue
+import re
 import threading
-from collections.abc import Iterator
+import typing
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 
 from agejax import errors, parallel, settings
-from agejax.data import array_cache, datasets
+from agejax.data import array_cache, datasets, splits
 
 OUT_OF_RANGE = ("clip", "drop")
+
+
+class FolderImages:
+  """The images of several folders as one read-only [N, H, W, C] array: a gather reads each folder's memory map.
+
+  Nothing is copied into memory until rows are read (a part of UTKFace is gigabytes); indexing with
+  an int, a slice or an integer array returns what the concatenated array would.
+  """
+
+  def __init__(self, parts: Sequence[np.ndarray]):
+    if not parts or len({p.shape[1:] for p in parts}) != 1 or len({p.dtype for p in parts}) != 1:
+      raise ValueError(f"folders of one shape and dtype are needed, got {[(p.shape, p.dtype) for p in parts]}")
+    self.parts = parts
+    self.offsets = np.cumsum([0] + [len(p) for p in parts])
+    self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+    self.dtype = parts[0].dtype
+    self.ndim = len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, index) -> np.ndarray:
+    if isinstance(index, tuple):  # rows first, then the rest as NumPy would
+      return self[index[0]][(slice(None), *index[1:])] if not np.isscalar(index[0]) else self[index[0]][index[1:]]
+    if isinstance(index, slice):
+      index = np.arange(len(self))[index]
+    rows = np.asarray(index)
+    if rows.dtype.kind not in "iu":
+      raise IndexError(f"only integers, slices and integer arrays index rows, not {rows.dtype}")
+    n = len(self)
+    if rows.size and (rows.min() < -n or rows.max() >= n):
+      raise IndexError(f"row index out of range for {n} rows")
+    flat = np.where(rows < 0, rows + n, rows).ravel()
+    part = np.searchsorted(self.offsets, flat, side="right") - 1
+    out = np.empty((flat.size, *self.shape[1:]), self.dtype)
+    for p in np.unique(part):
+      sel = part == p
+      out[sel] = self.parts[p][flat[sel] - self.offsets[p]]
+    return out.reshape(*rows.shape, *self.shape[1:])
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = np.concatenate(self.parts)
+    return out if dtype is None else out.astype(dtype)
+
+  def astype(self, dtype) -> np.ndarray:
+    """All rows, read into memory, as `dtype` (as an ndarray's astype)."""
+    return np.asarray(self, dtype)
 
 
 @dataclasses.dataclass
@@ -31,7 +84,7 @@ class ArraySplit:
   ("unknown", when the dataset can lack the field, last). Both are empty for a dataset without groups.
   """
 
-  images: np.ndarray
+  images: np.ndarray | FolderImages  # FolderImages: a benchmark part over several folders
   age: np.ndarray
   age_std: np.ndarray
   rows: np.ndarray | None = None
@@ -64,8 +117,9 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
   """Returns a split of the configured dataset as arrays, preparing the demo or the local array cache if needed.
 
   Args:
-    data: the data settings (name, data_dir, builder_config, cache_dir).
-    split: the TFDS split name.
+    data: the data settings (name, data_dir, builder_config, cache_dir, split).
+    split: the TFDS split name; with `data.split` set, "train", "validation" or "test": that part of the
+      benchmark's folders.
 
   Returns:
     The split: memory-mapped uint8 images, ages, age stds and the dataset's groups.
@@ -73,18 +127,58 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
   builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
   if not builder.is_prepared():
     if datasets.DATASETS[data.name][1]:
+      how = "--database FILE.json --images DIR" if data.name == "fae" else "--manual_dir DOWNLOADED_FOLDER"
       raise errors.MissingInput(
         f"dataset {data.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
-        f"{data.name} --manual_dir DOWNLOADED_FOLDER"
+        f"{data.name} {how}"
         + (f" --name {data.builder_config}" if data.builder_config else "")
         + (f" --data_dir {data.data_dir}" if data.data_dir else "")
       )
     builder = datasets.prepare(data.name, data.data_dir, builder_config=data.builder_config)
+  folders = dataset_folders(builder)
+  if splits.normalise(data.split):
+    if not folders:
+      raise errors.UserError(
+        f"config.data.split={data.split!r}: dataset {data.name!r} has no benchmark folders (its splits are "
+        f"{sorted(builder.info.splits)}); set --config.data.split='' or prepare a fae dataset"
+      )
+    chosen = splits.resolve(data.split, folders)
+    assert chosen is not None  # normalise() said a split is set
+    part = chosen.folders(split)
+    return _concatenate([_load_cached(builder, f"folder{f}", data.cache_dir) for f in part])
   if split not in builder.info.splits:
-    raise errors.UserError(f"config.data split {split!r} is not in {data.name}: {sorted(builder.info.splits)}")
-  folder = array_cache.build(builder, split, data.cache_dir)
+    hint = "; its folders form train/validation/test with --config.data.split (0-4 or a spec)" if folders else ""
+    raise errors.UserError(f"config.data split {split!r} is not in {data.name}: {sorted(builder.info.splits)}{hint}")
+  return _load_cached(builder, split, data.cache_dir)
+
+
+def dataset_folders(builder) -> list[int]:
+  """The benchmark folders a prepared dataset has (its splits named folder0, folder1, ...); [] for none."""
+  found = (re.fullmatch(r"folder(\d+)", name) for name in builder.info.splits)
+  return sorted(int(m[1]) for m in found if m)
+
+
+def _load_cached(builder, split: str, cache_dir: str) -> ArraySplit:
+  """One TFDS split from its array cache (built once per prepared split and host)."""
+  folder = array_cache.build(builder, split, cache_dir)
   age, age_std, groups, names = array_cache.read_labels(folder)
   return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), age, age_std, groups=groups, group_names=names)
+
+
+def _concatenate(parts: list[ArraySplit]) -> ArraySplit:
+  """Folders' splits as one, in the order given; the images stay in their memory maps."""
+  if len(parts) == 1:
+    return parts[0]
+  names = parts[0].group_names
+  if any(p.group_names != names for p in parts):  # one builder writes one set of names
+    raise RuntimeError(f"folders with different group names: {[p.group_names for p in parts]}")
+  return ArraySplit(
+    FolderImages([typing.cast(np.ndarray, p.images) for p in parts]),  # each folder's is its memory map
+    np.concatenate([p.age for p in parts]),
+    np.concatenate([p.age_std for p in parts]),
+    groups={g: np.concatenate([p.groups[g] for p in parts]) for g in names},
+    group_names=names,
+  )
 
 
 def load_labelled_split(

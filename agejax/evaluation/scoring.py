@@ -1,5 +1,6 @@
 """Evaluator: one jitted eval step for every score of a split; the train loop and evaluate.py both use it."""
 
+import copy
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
@@ -52,12 +53,22 @@ class Evaluator:
       outputs: jax.jit(fn, in_shardings=(replicated, replicated, sharded, replicated), out_shardings=replicated)
       for outputs, fn in ((False, self._sums_step), (True, self._outputs_step))
     }
-    # The per-example outputs of all batches, in the split's order without the padding, on every device.
-    self._gather = jax.jit(
-      lambda batches: jax.tree.map(lambda *xs: jnp.concatenate(xs)[: len(data)], *batches), out_shardings=replicated
-    )
+    self._gather = self._gatherer(len(data), replicated)
     self._zeros = jax.device_put(metrics.report_zeros(), replicated)
     self._replicated = replicated
+
+  @staticmethod
+  def _gatherer(n: int, replicated: jax.sharding.Sharding) -> Callable:
+    """The per-example outputs of all batches, in the split's order without the padding, on every device."""
+    gather = lambda batches: jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *batches)  # noqa: E731
+    return jax.jit(gather, out_shardings=replicated)
+
+  def on(self, data: pipeline.ArraySplit) -> "Evaluator":
+    """This evaluator on another split: the same jitted steps, so nothing compiles again (the split is not in them)."""
+    other = copy.copy(self)
+    other.data = data
+    other._gather = self._gatherer(len(data), self._replicated)
+    return other
 
   def _sums_step(self, state: models.Weights, sums: metrics.Sums, batch: dict, temperature: jax.Array):
     return self._step(state, sums, batch, temperature, outputs=False)

@@ -19,6 +19,7 @@ from jax import export as jax_export
 
 import agejax
 from agejax import errors, labels, parallel, storage
+from agejax.data import framing
 from agejax.evaluation import calibration
 
 if TYPE_CHECKING:  # the model code is imported only to export, never to serve an export
@@ -194,6 +195,8 @@ def export_workdir(
     "jax_version": jax.__version__,
     "calling_convention_version": exported.calling_convention_version,
   }
+  if predictor.record.get("framing"):  # where photos' faces are warped to, as the training crops were framed
+    manifest["framing"] = predictor.record["framing"]
   storage.write_json(out / MANIFEST_FILE, manifest)  # last: a manifest means a complete export
   return manifest
 
@@ -242,6 +245,7 @@ class ExportedPredictor:
     self.temperature = float(self.manifest["temperature"])
     self.step = int(self.manifest["step"])
     self.input_spec = self.manifest.get("input_spec")  # what the model inside normalises to (None: before specs)
+    self.framing = framing.from_record(self.manifest)  # None: the fixed-margin crop
     self.batch_size = batch_size
     (out,) = self.exported.out_avals
     if out.shape[-1] != len(self.bins):

@@ -1,4 +1,9 @@
-"""Faces in photos: MTCNN detection, eye alignment and crops like the training faces; the file walk; results."""
+"""Faces in photos: MTCNN detection, crops framed like the training faces; the file walk; results.
+
+A workdir whose inference.json records the training crops' framing (data/framing.py) gets each
+face warped so that its five landmarks land where the training crops have them; one without (and
+UTKFace's and the demo's runs) gets the fixed-margin crop levelled on the eyes (`align_face`).
+"""
 
 import collections
 import dataclasses
@@ -11,36 +16,34 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from agejax import parallel, storage
+from agejax import storage
 from agejax.data import faces
+from agejax.data.framing import MIN_CONFIDENCE, Framing, detect, fit_similarity, load_mtcnn
 from agejax.inference import prediction
 
 # The crop's side over the detector box's longer side: MTCNN boxes hug brow-to-chin, while
 # UTKFace's aligned chips (what the models are trained on) show the whole head with some margin.
 FACE_MARGIN = 1.4
 DETECT_MAX_SIDE = 1024  # MTCNN's image pyramid is slow on big photos; faces stay findable at this size
-MIN_CONFIDENCE = 0.9
 
 
 @dataclasses.dataclass
 class Detection:
-  """A detected face in the photo's pixels: box (x, y, width, height) and the two eye centres."""
+  """A detected face in the photo's pixels: box (x, y, width, height), the two eye centres, the five landmarks."""
 
   box: tuple[float, float, float, float]
-  left_eye: tuple[float, float]
+  left_eye: tuple[float, float]  # MTCNN's, rounded to whole pixels (the fixed-margin crop uses these)
   right_eye: tuple[float, float]
   confidence: float
+  landmarks: np.ndarray | None = None  # [5, 2] float, framing.LANDMARKS order (the framed crop uses these)
 
 
 class FaceDetector:
   """MTCNN (TensorFlow, CPU) run on a copy of the photo downscaled to at most `max_side` pixels."""
 
   def __init__(self, max_side: int = DETECT_MAX_SIDE, min_confidence: float = MIN_CONFIDENCE):
-    parallel.import_tensorflow()  # on the CPU: JAX owns the accelerators
-    from mtcnn import MTCNN
-
     self.max_side, self.min_confidence = max_side, min_confidence
-    self.mtcnn = MTCNN(device="CPU:0")
+    self.mtcnn = load_mtcnn()  # on the CPU: JAX owns the accelerators
 
   def __call__(self, photo: Image.Image) -> list[Detection]:
     """Returns the faces found in an RGB photo, most confident first, in the photo's coordinates."""
@@ -52,16 +55,17 @@ class FaceDetector:
         Image.Resampling.BILINEAR,
         reducing_gap=2.0,
       )
-    found = self.mtcnn.detect_faces(np.asarray(small))
+    found, landmarks = detect(self.mtcnn, np.asarray(small))
     out = []
-    for face in sorted(found, key=lambda f: -f["confidence"]):
+    for face, points in sorted(zip(found, landmarks), key=lambda f: -f[0]["confidence"]):
       if face["confidence"] < self.min_confidence:
         continue
       x, y, w, h = (float(v) / scale for v in face["box"])
       eyes = face["keypoints"]
       left_x, left_y = (float(v) / scale for v in eyes["left_eye"])
       right_x, right_y = (float(v) / scale for v in eyes["right_eye"])
-      out.append(Detection((x, y, w, h), (left_x, left_y), (right_x, right_y), float(face["confidence"])))
+      confidence = float(face["confidence"])
+      out.append(Detection((x, y, w, h), (left_x, left_y), (right_x, right_y), confidence, points / scale))
     return out
 
 
@@ -85,6 +89,33 @@ def align_face(photo: Image.Image, detection: Detection, size: int, margin: floa
   if n != size:
     chip = chip.resize((size, size), Image.Resampling.LANCZOS)
   return np.asarray(chip, dtype=np.uint8)
+
+
+def warp_face(photo: Image.Image, landmarks: np.ndarray, framing: Framing, size: int) -> np.ndarray:
+  """Crops size x size uint8 with the similarity that best maps the face's five landmarks onto `framing`'s."""
+  m = fit_similarity(landmarks, framing.landmarks * size)  # photo -> crop pixels
+  # Like the stored crops (a face cut at its photo's resolution, then resized with Lanczos): warp to a
+  # canvas at about the photo's scale, then downscale with antialiasing (PIL's affine has none).
+  # Capped at twice the photo's side: degenerate landmarks (a tiny fitted scale) must not allocate a giant canvas.
+  n = min(max(size, round(size / max(math.hypot(m[0, 0], m[1, 0]), 1e-9))), max(size, 2 * max(photo.size)))
+  to_canvas = m * (n / size)
+  inverse = np.linalg.inv(to_canvas[:, :2])
+  shift = -inverse @ to_canvas[:, 2]
+  # PIL's affine maps each output point (u, v) to the input (a u + b v + c, d u + e v + f).
+  coeffs = (*inverse[0], shift[0], *inverse[1], shift[1])
+  chip = photo.transform(
+    (n, n), Image.Transform.AFFINE, tuple(map(float, coeffs)), resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
+  )  # black outside the photo, as in the training crops
+  if n != size:
+    chip = chip.resize((size, size), Image.Resampling.LANCZOS)
+  return np.asarray(chip, dtype=np.uint8)
+
+
+def crop_face(photo: Image.Image, detection: Detection, size: int, framing: Framing | None = None) -> np.ndarray:
+  """A detected face's size x size crop: warped onto `framing` when there is one, else the fixed-margin crop."""
+  if framing is None or detection.landmarks is None:
+    return align_face(photo, detection, size)
+  return warp_face(photo, detection.landmarks, framing, size)
 
 
 @dataclasses.dataclass
@@ -122,14 +153,24 @@ def list_files(inputs: Iterable[storage.Location]) -> list[epath.Path]:
 
 
 def find_faces(
-  photo: Image.Image, size: int, *, aligned: bool = False, detector: FaceDetector | None = None
+  photo: Image.Image,
+  size: int,
+  *,
+  aligned: bool = False,
+  detector: FaceDetector | None = None,
+  framing: Framing | None = None,
 ) -> tuple[str, list[Face], list[np.ndarray]]:
-  """Returns (status, faces, size x size crops) of a photo: its centre square if `aligned`, else each detected face."""
+  """Returns (status, faces, size x size crops) of a photo: its centre square if `aligned`, else each detected face.
+
+  A detected face is framed like the training crops (`framing`, the workdir's record) or, without
+  one, cropped with the fixed margin.
+  """
   if aligned:  # the file is one face crop: its centre square, as training read them
     return "ok", [Face(faces.centre_square_box(*photo.size))], [faces.centre_square(photo, size)]
   assert detector is not None  # callers pass one unless `aligned` (serve.py refuses such requests first)
   found = detector(photo)
-  return ("ok" if found else "no face found"), [Face(d.box) for d in found], [align_face(photo, d, size) for d in found]
+  chips = [crop_face(photo, d, size, framing) for d in found]
+  return ("ok" if found else "no face found"), [Face(d.box) for d in found], chips
 
 
 def predict_files(
@@ -143,10 +184,12 @@ def predict_files(
   """Yields each file's result in order; faces from several files share padded batches.
 
   With `aligned`, each file is one face crop (centre square, as training read them); otherwise
-  `detector` finds the faces, which are aligned and cropped like the dataset's faces. The first
-  `keep_photos` results that have faces keep their photo for plotting.
+  `detector` finds the faces, which are framed like the dataset's faces (the predictor's `framing`,
+  when its workdir records one). The first `keep_photos` results that have faces keep their photo
+  for plotting.
   """
   size = predictor.input_size
+  framing = getattr(predictor, "framing", None)  # an export made before framing records none
   pending: collections.deque[ImageResult] = collections.deque()
   chips: list[np.ndarray] = []
   waiting: list[Face] = []
@@ -171,7 +214,7 @@ def predict_files(
     if isinstance(photo, str):
       result, new_chips = ImageResult(str(path), photo), []
     else:
-      status, found, new_chips = find_faces(photo, size, aligned=aligned, detector=detector)
+      status, found, new_chips = find_faces(photo, size, aligned=aligned, detector=detector, framing=framing)
       result = ImageResult(str(path), status, found)
     if result.faces and kept < keep_photos:
       assert not isinstance(photo, str)  # a file that could not be opened has no faces

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 
 from agejax import errors, labels, metrics, parallel, storage
-from agejax.data import pipeline
+from agejax.data import framing, pipeline
 from agejax.evaluation import calibration
 from agejax.inference import loading
 
@@ -53,6 +53,8 @@ class Predictor:
     self.cfg, self.learner, self.state = loading.load_trained(workdir, checkpoint, config)
     self.model = self.learner.model
     self.record = loading.load_inference_record(workdir)
+    # Where new faces' landmarks go in their crops (the training crops' framing); None: the fixed margin.
+    self.framing = framing.from_record(self.record)
     self.step = int(self.state.step)
     self.temperature = (calibration.load_temperature(workdir, self.step, flip=flip) if calibrated else None) or 1.0
     self.bins = np.asarray(self.model.bins)

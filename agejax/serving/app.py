@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from agejax.data import faces
+from agejax.data.framing import Framing
 from agejax.inference import photos
 from agejax.serving import batcher, guard
 from agejax.serving.guard import error
@@ -64,14 +65,14 @@ class Upstream:
 
 
 def prepare(
-  data: bytes, aligned: bool, size: int, detector: photos.FaceDetector | None
+  data: bytes, aligned: bool, size: int, detector: photos.FaceDetector | None, framing: Framing | None = None
 ) -> tuple[str, list[photos.Face], list[np.ndarray]] | str:
   """Decodes one upload and crops its faces as predict.py does: (status, faces, crops), or why it can't be read."""
   photo = faces.open_rgb(data)
   if isinstance(photo, str):
     return photo
   # Detection runs on a copy at most photos.DETECT_MAX_SIDE long: huge photos stay fast.
-  return photos.find_faces(photo, size, aligned=aligned, detector=detector)
+  return photos.find_faces(photo, size, aligned=aligned, detector=detector, framing=framing)
 
 
 async def read_uploads(request: Request, settings: Settings) -> tuple[list[str], list[bytes], bool] | Response:
@@ -130,6 +131,7 @@ def create_app(
   """
   metrics = guard.Metrics()
   upstream = Upstream()
+  framing = getattr(model, "framing", None)  # the training crops' framing; an export has none yet
   model_batcher = batcher.Batcher(
     model, settings.max_batch, settings.max_wait_ms / 1000, metrics.on_batch, upstream=lambda: upstream.count
   )
@@ -160,7 +162,7 @@ def create_app(
     uploaded = time.perf_counter()
     loop = asyncio.get_running_loop()
     prepared = await asyncio.gather(
-      *(loop.run_in_executor(pool, prepare, data, aligned, model.input_size, detector) for data in datas),
+      *(loop.run_in_executor(pool, prepare, data, aligned, model.input_size, detector, framing) for data in datas),
       return_exceptions=True,
     )
     cropped: list[tuple[str, list[photos.Face], list[np.ndarray]]] = []

@@ -1,13 +1,20 @@
-"""Orbax checkpoints in WORKDIR/checkpoints (the latest few plus the best by MAE) and what the trainer records."""
+"""Orbax checkpoints in WORKDIR/checkpoints (the latest few plus the best by MAE) and what the trainer records.
+
+Also restoring a trained workdir's checkpoint (`restore_trained`, which inference's loading wraps) and
+starting a run from another run's weights (`model.init_from`: `parse_init_from`, `weights_from_run`).
+"""
 
 import logging
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from agejax import errors, models, settings, storage
+from agejax import errors, metrics, models, parallel, settings, storage
+from agejax.training import learner
 
 BEST_METRIC = "eval_mae"
 CONFIG_FILE = "config.json"
@@ -15,6 +22,7 @@ CONFIG_FILE = "config.json"
 # photos are cropped to, the age bins and the preprocessing. Nothing has to ask the dataset.
 INFERENCE_FILE = "inference.json"
 CHECKPOINT_CHOICES = "best, latest or a step number"
+TRAIN_COMMAND = "python scripts/train.py --config configs/vgg16_kl.py --workdir {workdir}"
 
 
 def _mae(metrics: dict) -> float:
@@ -107,6 +115,174 @@ class Checkpoints:
       self.manager.close()
 
 
+def no_checkpoints_message(workdir: storage.Location) -> str:
+  """The one-line error for a workdir that holds no trained model."""
+  return f"{workdir} holds no checkpoints; train a model first: " + TRAIN_COMMAND.format(workdir=workdir)
+
+
+def has_checkpoints(workdir: storage.Location) -> bool:
+  """True when WORKDIR/checkpoints holds a step folder (read without opening, creating or cleaning anything)."""
+  folder = storage.path(workdir) / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def resolve_step(ckpts: Checkpoints, checkpoint: str | int, workdir: storage.Location) -> int:
+  """Returns the step that `checkpoint` ('best', 'latest' or a step number) names in WORKDIR."""
+  latest = ckpts.latest_step()
+  if latest is None:
+    raise errors.MissingInput(no_checkpoints_message(workdir))
+  checkpoint = str(checkpoint)
+  if checkpoint == "latest":
+    return latest
+  if checkpoint == "best":
+    best = ckpts.best_step()
+    if best is None:  # a run stopped before its first evaluation has no ranked checkpoint
+      logging.warning("%s has no evaluated checkpoint; using the latest, step %d", ckpts.directory, latest)
+      return latest
+    return best
+  available = sorted(ckpts.manager.all_steps())
+  if not checkpoint.isdigit():
+    raise errors.UserError(f"--checkpoint={checkpoint!r}: use {CHECKPOINT_CHOICES} (available steps: {available})")
+  if int(checkpoint) not in available:
+    raise errors.UserError(f"--checkpoint={checkpoint}: no such step in {ckpts.directory} (available: {available})")
+  return int(checkpoint)
+
+
+def recorded_input_spec(workdir: storage.Location) -> models.InputSpec:
+  """The input a trained workdir's weights expect (its inference.json); ImageNet's for workdirs that predate it."""
+  path = storage.path(workdir) / INFERENCE_FILE
+  # Workdirs from before inference.json (and before input specs) were all trained on ImageNet's input.
+  if not path.exists():
+    return models.IMAGENET
+  return models.InputSpec.from_json(storage.read_json_object(path).get("input_spec"))
+
+
+def restore_trained(
+  workdir: storage.Location, checkpoint: str | int, cfg: settings.Settings, spec: models.InputSpec
+) -> tuple[learner.Learner, learner.TrainState]:
+  """Restores a trained workdir's checkpoint ('best', 'latest' or a step), replicated over every device.
+
+  Nothing is allocated before the restore: the target is the abstract shape of the state the
+  trainer builds from `cfg` (the settings the workdir was trained with).
+
+  Returns:
+    (the learner (model with `spec`, optimizer, loss), the restored state).
+  """
+  folder = storage.path(workdir)
+  if not (folder / "checkpoints").is_dir():
+    raise errors.MissingInput(no_checkpoints_message(folder))
+  ckpts = Checkpoints(folder / "checkpoints", read_only=True)
+  try:
+    step = resolve_step(ckpts, checkpoint, folder)
+    # Restoring needs the optimizer state's structure, not the schedule's values, so one step per
+    # epoch stands in for the training set's size (the data need not be on this machine).
+    trained, abstract, _ = learner.create(cfg, 1, abstract=True, input_spec=spec)
+    replicated = parallel.replicated(parallel.make_mesh())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    state = ckpts.restore(target, step)
+  finally:
+    ckpts.close()
+  return trained, state
+
+
+def parse_init_from(value: str) -> tuple[str, str]:
+  """`model.init_from` as (workdir, checkpoint): 'WORKDIR' is its best checkpoint, 'WORKDIR:STEP' that step.
+
+  'WORKDIR:best' and 'WORKDIR:latest' work too; a gs:// URL's own colon is not a step.
+  """
+  head, sep, tail = value.rpartition(":")
+  if sep and head and (tail.isdigit() or tail in ("best", "latest")):
+    return head, tail
+  return value, "best"
+
+
+def source_settings(init_from: str) -> tuple[str, str, settings.Settings]:
+  """(workdir, checkpoint, the settings it was trained with) of `model.init_from`; fails in one line naming it."""
+  workdir, checkpoint = parse_init_from(init_from)
+  where = f"config.model.init_from={init_from!r}"
+  folder = storage.path(workdir)
+  if not has_checkpoints(folder):
+    state = "does not exist" if not folder.exists() else "holds no checkpoints"
+    raise errors.MissingInput(f"{where}: {folder} {state}; name a finished agejax workdir (WORKDIR or WORKDIR:STEP)")
+  recorded = folder / CONFIG_FILE
+  if not recorded.exists():
+    raise errors.MissingInput(f"{where}: {recorded} does not exist (the run that wrote those checkpoints records it)")
+  if checkpoint.isdigit() and not (folder / "checkpoints" / checkpoint).is_dir():
+    steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir() if p.name.isdigit())
+    raise errors.UserError(f"{where}: no checkpoint step {checkpoint} in {folder / 'checkpoints'} (available: {steps})")
+  return workdir, checkpoint, settings.Settings.from_config(storage.read_json_object(recorded))
+
+
+def architecture(model: settings.ModelSettings) -> str:
+  """The settings that shape a backbone's parameters, for messages: 'vgg16 (width_multiplier=1.0, batch_norm=False)'."""
+  return f"{model.name} (width_multiplier={model.width_multiplier}, batch_norm={model.batch_norm})"
+
+
+def check_same_backbone(cfg: settings.Settings, source: settings.Settings, init_from: str) -> None:
+  """Fails in one line naming both when `model.init_from`'s run trained another backbone than `cfg` builds."""
+  if architecture(cfg.model) != architecture(source.model):
+    raise errors.UserError(
+      f"config.model.init_from={init_from!r} trained backbone {architecture(source.model)}, which does not fit "
+      f"this config's {architecture(cfg.model)}: set the same model.name, model.width_multiplier and model.batch_norm"
+    )
+
+
+def same_bins(a: settings.LabelSettings, b: settings.LabelSettings) -> bool:
+  """True when two label settings give the same age bins (the head's outputs mean the same ages)."""
+  return (a.min_age, a.max_age) == (b.min_age, b.max_age)
+
+
+def weights_from_run(
+  init_from: str, labels: settings.LabelSettings, params: Any, model_state: Any, *, head: str = "head"
+) -> tuple[Any, Any]:
+  """Copies of `params` and `model_state` with `model.init_from`'s trained weights (an `overlay` of learner.create).
+
+  The whole network comes across when the age bins match; otherwise the head (the parameter group
+  `head`) keeps its fresh initialisation and a warning names both bin ranges. Optimizer state and
+  step are not read: the new run starts them fresh.
+  """
+  workdir, checkpoint, source = source_settings(init_from)
+  models.load_plugins(source.run.plugins)
+  _, state = restore_trained(workdir, checkpoint, source, recorded_input_spec(workdir))
+  whole = same_bins(source.labels, labels)
+  if not whole:
+    logging.warning(
+      "model.init_from=%s: its age bins %d..%d differ from this config's %d..%d; the head (%s) starts fresh, "
+      "the backbone comes across",
+      init_from,
+      source.labels.min_age,
+      source.labels.max_age,
+      labels.min_age,
+      labels.max_age,
+      head,
+    )
+  mismatches: list[str] = []
+  new_params = _overlay(state.params, params, None if whole else head, "params", mismatches)
+  new_state = _overlay(state.model_state, model_state, None if whole else head, "model_state", mismatches)
+  if mismatches:  # a backstop: check_same_backbone compares the settings that shape the parameters
+    raise errors.UserError(f"config.model.init_from={init_from!r} does not fit this model: {'; '.join(mismatches[:3])}")
+  step = int(metrics.fetch_array(state.step))
+  print(f"initialised from step {step} of {workdir}{'' if whole else f' (all but its {head})'}")
+  return new_params, new_state
+
+
+def _overlay(trained: Any, fresh: Any, skip: str | None, kind: str, mismatches: list[str]) -> Any:
+  """`fresh` with every leaf outside the top-level group `skip` taken from `trained` (host copies)."""
+  flat_fresh = traverse_util.flatten_dict(fresh, keep_empty_nodes=True)
+  # Orbax restores dicts keyed as the target; nnx's pure dicts key list items by int, so compare as text.
+  flat_trained = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(trained).items()}
+  for key, old in flat_fresh.items():
+    if (skip is not None and str(key[0]) == skip) or not hasattr(old, "shape"):  # the head stays new; empty nodes
+      continue
+    new = flat_trained.get(tuple(map(str, key)))
+    if new is None or new.shape != old.shape:
+      shape = "absent" if new is None else tuple(new.shape)
+      mismatches.append(f"{kind}/{'/'.join(map(str, key))}: {shape} there, {tuple(old.shape)} here")
+    else:
+      flat_fresh[key] = np.asarray(metrics.fetch_array(new), old.dtype)
+  return traverse_util.unflatten_dict(flat_fresh)
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """Array shapes of a pytree (or of Orbax tree metadata) by '/'-joined key names."""
 
@@ -118,10 +294,16 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   }
 
 
-def inference_record(cfg: settings.Settings, model: models.AgeModel, input_size: int) -> dict[str, Any]:
+def inference_record(
+  cfg: settings.Settings, model: models.AgeModel, input_size: int, framing: dict[str, Any] | None = None
+) -> dict[str, Any]:
   """What a trained model needs at inference besides config.json (WORKDIR/inference.json).
 
   The stored face size new photos are cropped to (the data's, not the model's input size), the
-  backbone's name and the input its weights expect.
+  backbone's name, the input its weights expect and, when measured, the stored crops' framing
+  (`data.framing.framing_record`: where new faces' landmarks go; without it, the fixed-margin crop).
   """
-  return {"input_size": int(input_size), "model": cfg.model.name, "input_spec": model.input_spec.to_json()}
+  record = {"input_size": int(input_size), "model": cfg.model.name, "input_spec": model.input_spec.to_json()}
+  if framing is not None:  # absent, not null: a workdir without it reads exactly as one from before framing
+    record["framing"] = framing
+  return record

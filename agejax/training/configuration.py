@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from agejax import errors, models, settings, storage
-from agejax.training import losses, optim
+from agejax.data import splits
+from agejax.training import checkpointing, losses, optim
 
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
 # The Gaussian target gives the bins next to the age exp(-1 / (2 sigma^2)) of the centre's mass:
@@ -34,6 +35,7 @@ RESUME_MUST_MATCH = (
   "data.builder_config",
   "data.image_size",
   "data.eval_split",  # the data, the input, "best"
+  "data.split",  # which folders train, validate and test
   "loss.name",
   "loss.sigma",
   "loss.l1_weight",  # the objective (sigma: the width of the learnt distributions)
@@ -63,6 +65,7 @@ RESUME_MAY_CHANGE = (
   "augment.",
   "model.dropout_rate",  # recovering from divergence; the regime
   "model.pretrained",  # initial weights only: a resumed run restores its checkpoint (the file may move)
+  "model.init_from",  # the same: read only when a run starts; a resumed run restores its own checkpoint
   "evals",  # extra evaluations only report: they never choose the best checkpoint
 )
 
@@ -88,6 +91,28 @@ def check_pretrained(cfg: settings.Settings) -> None:
     )
 
 
+def check_init_from(cfg: settings.Settings) -> None:
+  """Checks `model.init_from`'s form: '' or WORKDIR[:STEP] (the run it names: `check_init_source`)."""
+  value = cfg.model.init_from
+  _require(isinstance(value, str), "model.init_from", value, "must be a string: WORKDIR or WORKDIR:STEP")
+  workdir, _ = checkpointing.parse_init_from(value)
+  _require(
+    not value or (bool(workdir.strip()) and not workdir.endswith(":")),
+    "model.init_from",
+    value,
+    "must be '' or another run's WORKDIR, WORKDIR:STEP, WORKDIR:best or WORKDIR:latest",
+  )
+
+
+def check_init_source(cfg: settings.Settings) -> None:
+  """Fails in one line when `model.init_from` names no trained run, a missing step, or another backbone.
+
+  Checked only when a run starts (a resumed run restores its own checkpoint and never reads the source).
+  """
+  _, _, source = checkpointing.source_settings(cfg.model.init_from)
+  checkpointing.check_same_backbone(cfg, source, cfg.model.init_from)
+
+
 def validate(config) -> settings.Settings:
   """Checks a config and returns its settings; raises a UserError of one line naming the key and value.
 
@@ -106,7 +131,9 @@ def validate(config) -> settings.Settings:
   _check_loss(cfg)
   _check_optimizer(cfg.optimizer)
   _check_evals(cfg)
-  check_pretrained(cfg)
+  check_init_from(cfg)
+  if not cfg.model.init_from:  # init_from's weights replace the converted ones: those are not read
+    check_pretrained(cfg)
   return cfg
 
 
@@ -173,6 +200,7 @@ def _check_data_and_model(cfg: settings.Settings) -> None:
   _require(model.width_multiplier > 0, "model.width_multiplier", model.width_multiplier, "must be positive")
   _require(model.dtype in models.DTYPES, "model.dtype", model.dtype, f"must be one of {models.DTYPES}")
   _require(0 <= model.dropout_rate < 1, "model.dropout_rate", model.dropout_rate, "must be in [0, 1)")
+  splits.check(cfg.data.split)  # its syntax; the folders are checked against the dataset when it loads
   _require(
     bool(cfg.data.cache_dir) and not storage.is_url(cfg.data.cache_dir),
     "data.cache_dir",

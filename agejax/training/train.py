@@ -14,11 +14,12 @@ import optax
 from etils import epath
 
 from agejax import errors, metrics, models, parallel, settings, storage
-from agejax.data import pipeline
+from agejax.data import datasets, framing, pipeline, splits
 from agejax.evaluation import plots, scoring
 from agejax.training import checkpointing, configuration, learner, preemption, profiling, workdir_lock
 
 FINAL_METRICS = "final_metrics.json"
+TEST_SPLIT = "test"  # scored with the best checkpoint at the end of every run, when the dataset has it
 
 
 @dataclasses.dataclass
@@ -33,12 +34,25 @@ class Built:
   learner: learner.Learner
   train_step: Any  # jitted (state, sums, batch) -> (state, sums, loss)
   evaluator: scoring.Evaluator
+  test_evaluator: scoring.Evaluator | None  # the test split's (None: the dataset has none); eval's compiled steps
   steps_per_epoch: int
   extra_evals: dict[str, tuple[settings.ExtraEval, scoring.Evaluator]]  # config.evals by name
 
 
-def pretrained(cfg: settings.Settings) -> tuple[Any, models.InputSpec | None]:
-  """(the overlay of `model.pretrained`'s converted backbone, the input those weights expect), or (None, None)."""
+def pretrained(cfg: settings.Settings, resumed: epath.Path | None = None) -> tuple[Any, models.InputSpec | None]:
+  """(the overlay of the initial weights, the input those weights expect), or (None, None) from scratch.
+
+  `model.init_from` (another run's trained network) replaces `model.pretrained` (a converted backbone).
+  A run resumed in workdir `resumed` never reads init_from's run: it restores its own checkpoint, whose
+  input its inference.json records.
+  """
+  if cfg.model.init_from:
+    if resumed is not None:
+      return None, checkpointing.recorded_input_spec(resumed)
+    workdir, _ = checkpointing.parse_init_from(cfg.model.init_from)
+    head = models.get(cfg.model.name).head
+    overlay = functools.partial(checkpointing.weights_from_run, cfg.model.init_from, cfg.labels, head=head)
+    return overlay, checkpointing.recorded_input_spec(workdir)
   if not cfg.model.pretrained:
     return None, None
   from agejax import convert
@@ -50,21 +64,41 @@ def pretrained(cfg: settings.Settings) -> tuple[Any, models.InputSpec | None]:
 
 def extra_eval_data(cfg: settings.Settings, extra: settings.ExtraEval) -> pipeline.ArraySplit:
   """The split one of config.evals scores: another dataset (or builder config) of the same data_dir by default."""
+  same = (extra.dataset, extra.builder_config) == (cfg.data.name, cfg.data.builder_config)
   data = dataclasses.replace(
-    cfg.data, name=extra.dataset, builder_config=extra.builder_config, data_dir=extra.data_dir or cfg.data.data_dir
+    cfg.data,
+    name=extra.dataset,
+    builder_config=extra.builder_config,
+    data_dir=extra.data_dir or cfg.data.data_dir,
+    split=cfg.data.split if same else "",  # data.split's folders are the training dataset's
   )
   return pipeline.load_labelled_split(data, cfg.labels, extra.split)
 
 
-def build(cfg: settings.Settings) -> Built:
-  """Creates the mesh, data, learner, initial state, jitted train step and evaluators of validated settings."""
+def test_data(cfg: settings.Settings) -> pipeline.ArraySplit | None:
+  """The test split (with data.split, the split's test part), labels applied; None, said in one line, without one."""
+  if not splits.normalise(cfg.data.split):  # with data.split, the pipeline's test split is the split's test folders
+    builder = datasets.get_builder(cfg.data.name, cfg.data.data_dir, cfg.data.builder_config)
+    if TEST_SPLIT not in builder.info.splits:
+      logging.warning("%s has no %r split: final_metrics.json gets no test scores", cfg.data.name, TEST_SPLIT)
+      return None
+  return pipeline.load_labelled_split(cfg.data, cfg.labels, TEST_SPLIT)
+
+
+def build(cfg: settings.Settings, resumed: epath.Path | None = None) -> Built:
+  """Creates the mesh, data, learner, initial state, jitted train step and evaluators of validated settings.
+
+  `resumed`: the workdir whose checkpoint will replace the initial state (its initial weights are not read).
+  """
   mesh = parallel.make_mesh()
   train_data = pipeline.load_labelled_split(cfg.data, cfg.labels, "train", training=True)
   eval_data = pipeline.load_labelled_split(cfg.data, cfg.labels, cfg.data.eval_split)
+  test = test_data(cfg)
   steps_per_epoch = math.ceil(len(train_data) / cfg.run.batch_size)
-  overlay, spec = pretrained(cfg)
+  overlay, spec = pretrained(cfg, resumed)
   fns, state, schedule = learner.create(cfg, steps_per_epoch, overlay=overlay, input_spec=spec)
   replicated = parallel.replicated(mesh)
+  evaluator = fns.evaluator(eval_data, mesh)
   return Built(
     mesh=mesh,
     train_data=train_data,
@@ -73,7 +107,8 @@ def build(cfg: settings.Settings) -> Built:
     state=jax.device_put(state, replicated),
     learner=fns,
     train_step=learner.jit_train_step(fns, replicated, parallel.data_sharded(mesh)),
-    evaluator=fns.evaluator(eval_data, mesh),
+    evaluator=evaluator,
+    test_evaluator=None if test is None else evaluator.on(test),  # the eval steps: nothing compiles again
     steps_per_epoch=steps_per_epoch,
     extra_evals={e.name: (e, fns.evaluator(extra_eval_data(cfg, e), mesh)) for e in cfg.eval.evals},
   )
@@ -108,6 +143,8 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, Any] | No
   """
   started = time.perf_counter()
   cfg = configuration.validate(config)
+  if cfg.model.init_from and not checkpointing.has_checkpoints(workdir):
+    configuration.check_init_source(cfg)  # a new run: the run it starts from must exist, before anything is written
   # A missing bucket, a read-only folder or an unreachable endpoint fails here, before any compilation.
   directory = storage.check_writable(workdir)
   enable_compilation_cache(cfg.run.compilation_cache_dir)
@@ -160,7 +197,8 @@ class _Run:
     with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
       if self.ckpts.latest_step() is not None:  # before the data is read and anything compiled
         _check_recorded_config(self.config, self.workdir)
-      b = self.b = build(self.cfg)
+      resuming = self.ckpts.latest_step() is not None
+      b = self.b = build(self.cfg, self.workdir if resuming else None)
       state = b.state
       if self.ckpts.latest_step() is not None:
         if jax.process_index() == 0:
@@ -168,8 +206,13 @@ class _Run:
         state = self.ckpts.restore(state)
       start = int(state.step)
       # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
-      record = checkpointing.inference_record(self.cfg, b.learner.model, b.train_data.images.shape[1])
-      _write_json(self.workdir / checkpointing.INFERENCE_FILE, record)
+      # The training crops' framing, measured once when the run starts (process 0 writes the record).
+      inference_file = self.workdir / checkpointing.INFERENCE_FILE
+      face_framing = None
+      if jax.process_index() == 0:
+        face_framing = framing.recorded(inference_file) if start else framing.framing_record(self.cfg, b.train_data)
+      record = checkpointing.inference_record(self.cfg, b.learner.model, b.train_data.images.shape[1], face_framing)
+      _write_json(inference_file, record)
       if start >= self.cfg.run.num_train_steps and final_path.exists():
         final = storage.read_json_object(final_path)
         print(f"{self.workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
@@ -341,6 +384,7 @@ class _Run:
         "first_step_s": self.first_step_s,
         "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps)),
         "temperature": fitted["temperature"],
+        **self._test_scores(scored, fitted["temperature"]),
       }
       if self.extra_metrics:
         final["evals"] = self.extra_metrics
@@ -348,6 +392,18 @@ class _Run:
     if self.lock is not None:
       self.lock.check()
     return final
+
+  def _test_scores(self, state: learner.TrainState, temperature: float) -> dict[str, Any]:
+    """The best checkpoint on the test split as evaluate.py scores it, calibrated by the temperature just fitted."""
+    if self.b.test_evaluator is None:
+      return {}
+    report, _ = self.b.test_evaluator.run(state, temperature=temperature, outputs=True)
+    scores = scoring.headline(report)
+    return {
+      **{f"test_{k}": scores[k] for k in ("mae", "cs5", "epsilon_error", "mae_minors")},
+      # The share of test ages inside the central 90% interval of their calibrated distribution.
+      "test_coverage90": report["calibration"]["coverage"]["0.9"],
+    }
 
 
 def _steady_rate(synced: list[tuple[int, float]]) -> float | None:
@@ -370,5 +426,13 @@ def summary(final: dict[str, Any]) -> str:
       f"  CS@5           {final['eval_cs5']:.4f}",
       f"  loss           {final['eval_loss']:.4f}",
       f"  temperature    {final.get('temperature', float('nan')):.3f}  (calibration.json, best checkpoint)",
+      *(
+        [
+          f"  test split     MAE {final['test_mae']:.3f}  CS@5 {final['test_cs5']:.4f}  "
+          f"90% coverage {final['test_coverage90']:.3f}  (best checkpoint, calibrated)"
+        ]
+        if "test_mae" in final
+        else []
+      ),
     ]
   )
