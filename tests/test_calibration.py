@@ -263,3 +263,45 @@ def test_load_temperature_refuses_what_is_not_a_positive_finite_number(tmp_path,
   (tmp_path / calibration.FILE).write_text(json.dumps({"temperature": value}))
   with pytest.raises(calibration.errors.UserError, match="is not a positive number"):
     calibration.load_temperature(tmp_path)
+
+
+@pytest.mark.parametrize("mass", [0.2, 0.5, 0.95])
+def test_central_intervals_of_every_mass_match_float64_quantiles(mass):
+  rng = np.random.default_rng(11)
+  p = gaussian_distributions(rng, 20)
+  low, high = calibration.interval(jnp.asarray(p, jnp.float32), BINS, mass)
+  np.testing.assert_allclose(low, [reference_quantile(row, (1 - mass) / 2) for row in p], atol=2e-3)
+  np.testing.assert_allclose(high, [reference_quantile(row, (1 + mass) / 2) for row in p], atol=2e-3)
+
+
+@pytest.mark.parametrize("recorded", [None, False, True])
+@pytest.mark.parametrize("applied", [False, True])
+def test_a_temperature_fitted_with_the_other_flip_setting_is_applied_with_a_warning(
+  tmp_path, caplog, recorded, applied
+):
+  """calibration.json without "flip" predates the key: it was fitted without flip averaging."""
+  record = {"temperature": 0.8, "split": "validation"} | ({} if recorded is None else {"flip": recorded})
+  calibration.write(tmp_path, record)
+  with caplog.at_level("WARNING"):
+    assert calibration.load_temperature(tmp_path, flip=applied) == 0.8
+    assert calibration.load_temperature(tmp_path) == 0.8  # flip not given: nothing to compare
+  fitted_with = bool(recorded)
+  if fitted_with == applied:
+    assert not caplog.records
+  else:
+    (warning,) = caplog.records
+    how = {True: "with", False: "without"}
+    assert f"fitted {how[fitted_with]} flip averaging and is applied {how[applied]} it" in warning.getMessage()
+    assert ("evaluate.py --flip --calibrate" in warning.getMessage()) == applied
+
+
+def test_empty_reliability_bins_and_an_empty_mask_give_zeros_not_nans():
+  rng = np.random.default_rng(12)
+  n = 3  # fewer examples than reliability bins: most bins are empty
+  logits = jnp.asarray(rng.normal(size=(n, len(BINS))), jnp.float32)
+  ages = jnp.asarray([5.0, 50.0, 95.0])
+  got = calibration.report(logits, jax.nn.softmax(logits), BINS, ages, 1.0)["reliability"]["calibrated"]
+  empty = np.asarray(got["count"]) == 0
+  assert empty.sum() >= calibration.RELIABILITY_BINS - n and sum(got["count"]) == n
+  assert np.all(np.asarray(got["mean_std"])[empty] == 0) and np.all(np.asarray(got["rms_error"])[empty] == 0)
+  assert float(calibration.mean_nll(logits, BINS, ages, jnp.zeros(n), 0.0)) == 0.0
