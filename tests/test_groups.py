@@ -175,3 +175,44 @@ def test_the_printed_gap_lines_carry_the_numbers_to_two_decimals():
     "    g: 2.22 years [1.55, 3.00] p=0.012, a real gap  b 3.46 [3.00, 4.00] vs a 1.23 [1.00, 1.50]",
     "    h: fewer than two groups of >= 20 examples",
   ]
+
+
+def _numpy_gap_p_value(errors, codes, ranked, permutations, rng):
+  """The permutation test in float64 NumPy: shuffle the ranked groups' errors, re-pick worst and best each time."""
+  keep = np.isin(codes, ranked)
+  e, c = errors[keep], codes[keep]
+
+  def gap(x):
+    maes = [x[c == g].mean() for g in ranked]
+    return max(maes) - min(maes)
+
+  null = np.array([gap(rng.permutation(e)) for _ in range(permutations)])
+  return (1 + np.sum(null >= gap(e))) / (1 + permutations)
+
+
+def test_gap_p_values_match_a_numpy_permutation_test_and_ignore_unranked_groups():
+  rng = np.random.default_rng(3)
+  codes = np.repeat(np.arange(4), (60, 40, 30, 25))  # group 3 (e.g. too small, or unknown) is not ranked
+  ranked = np.arange(3)
+  shifts = np.array([[0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 1.0, 9.0], [0.0, 0.0, 6.0, 9.0]])  # rows: none, some, a gap
+  errors = np.abs(rng.normal(0, 3, (3, codes.size))) + shifts[:, codes]
+  permutations = 2000
+  got = groups.gap_p_values(errors, codes, ranked, seed=0, permutations=permutations)
+  assert got.shape == (3,)
+  exceed = got * (1 + permutations) - 1  # p = (1 + shuffles at least as large) / (1 + shuffles)
+  np.testing.assert_allclose(exceed, np.round(exceed), atol=1e-3)
+  assert np.all((exceed >= 0) & (exceed <= permutations))
+  assert got[2] == pytest.approx(1 / (1 + permutations))  # no shuffle reaches a 6-year gap
+  for row, p in zip(errors, got):  # Monte Carlo error of the difference: below 0.016
+    assert p == pytest.approx(_numpy_gap_p_value(row, codes, ranked, permutations, rng), abs=0.05)
+
+
+def test_a_gap_is_significant_only_below_the_documented_level():
+  rng = np.random.default_rng(4)
+  age = rng.uniform(20, 60, 300)
+  codes = np.repeat(np.arange(3), 100)
+  noise = rng.normal(0, 3, 300)
+  for shift, significant in ((0.0, False), (4.0, True)):
+    pred = age + noise + np.where(codes == 2, shift, 0.0)
+    gap = groups.report(pred, age, {"g": (codes, ("a", "b", "c"))}, resamples=100)["largest_gaps"]["g"]
+    assert gap["significant"] is significant and (gap["p_value"] < 0.05) is significant
