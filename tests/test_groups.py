@@ -216,3 +216,15 @@ def test_a_gap_is_significant_only_below_the_documented_level():
     pred = age + noise + np.where(codes == 2, shift, 0.0)
     gap = groups.report(pred, age, {"g": (codes, ("a", "b", "c"))}, resamples=100)["largest_gaps"]["g"]
     assert gap["significant"] is significant and (gap["p_value"] < 0.05) is significant
+
+
+def test_groups_named_after_unknown_in_the_alphabet_are_ranked_and_p_values_use_1000_shuffles():
+  rng = np.random.default_rng(5)
+  codes = np.repeat(np.arange(3), 40)  # "white" sorts after "unknown": it is ranked all the same
+  age = rng.uniform(20, 60, 120)
+  pred = age + rng.normal(0, 2, 120) + np.where(codes == 2, 8.0, 0.0)
+  gap = groups.report(pred, age, {"race": (codes, ("black", "unknown", "white"))}, resamples=100)["largest_gaps"]
+  assert gap["race"]["high"] == "white" and gap["race"]["low"] == "black"
+  assert groups.PERMUTATIONS == 1000  # the README's "1,000 shuffles": p-values on the grid k / 1001
+  k = gap["race"]["p_value"] * (groups.PERMUTATIONS + 1)
+  assert k == pytest.approx(round(k), abs=1e-3)
