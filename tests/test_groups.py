@@ -228,3 +228,14 @@ def test_groups_named_after_unknown_in_the_alphabet_are_ranked_and_p_values_use_
   assert groups.PERMUTATIONS == 1000  # the README's "1,000 shuffles": p-values on the grid k / 1001
   k = gap["race"]["p_value"] * (groups.PERMUTATIONS + 1)
   assert k == pytest.approx(round(k), abs=1e-3)
+
+
+def test_a_grouping_without_a_gap_does_not_hide_the_gaps_printed_after_it():
+  rng = np.random.default_rng(6)
+  age = rng.uniform(20, 60, 60)
+  pred = age + rng.normal(0, 2, 60)
+  few = (np.repeat([0, 1], (55, 5)), ("x", "y"))  # one group under MIN_GAP_COUNT: no gap to rank
+  two = (np.repeat([0, 1], 30), ("p", "q"))
+  out = groups.report(pred, age, {"few": few, "two": two}, resamples=100)
+  lines = groups.format_gaps(out["largest_gaps"], out["groups"])
+  assert len(lines) == 2 and "few: fewer than two groups" in lines[0] and "two:" in lines[1] and "p=" in lines[1]
