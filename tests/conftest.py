@@ -169,3 +169,19 @@ def assert_close_relative(a, b, rtol: float) -> None:
   norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
   assert jax.tree.structure(a) == jax.tree.structure(b)
   assert np.sqrt(diff) <= rtol * np.sqrt(norm), np.sqrt(diff / norm)
+
+
+def one_train_step(config, steps_per_epoch: int = 10):
+  """(learner, the state at step 0, the state after one train step) of `config` on a seeded random tiny batch."""
+  from agejax import metrics
+  from agejax.training import configuration, learner
+
+  fns, state, _ = learner.create(configuration.validate(config), steps_per_epoch=steps_per_epoch)
+  rng = np.random.default_rng(0)
+  batch = {
+    "image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8),
+    "age": rng.integers(1, 91, 16).astype(np.float32),
+    "age_std": np.zeros(16, np.float32),
+  }
+  after, _, _ = jax.jit(fns.train_step)(state, metrics.zeros(), batch)
+  return fns, state, after

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import one_train_step
 
 from agejax import labels, metrics, settings
 from agejax.evaluation import calibration, groups
@@ -180,20 +181,11 @@ def test_children_teenagers_minors_and_the_old_are_bucketed_with_their_signed_er
 
 
 def test_a_frozen_backbone_keeps_its_batch_norm_statistics(tiny_config):
-  from agejax.training import configuration, learner
-
   config = tiny_config.copy_and_resolve_references()
   config.model.batch_norm = True
   config.optimizer.freeze_backbone = True
   config.optimizer.warmup_steps = 0  # the first step's learning rate is not 0
-  fns, state, _ = learner.create(configuration.validate(config), steps_per_epoch=10)
-  rng = np.random.default_rng(0)
-  batch = {
-    "image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8),
-    "age": rng.integers(1, 91, 16).astype(np.float32),
-    "age_std": np.zeros(16, np.float32),
-  }
-  after, _, _ = jax.jit(fns.train_step)(state, metrics.zeros(), batch)
+  _, state, after = one_train_step(config)
   assert jax.tree.leaves(state.model_state)  # there are statistics to keep
   jax.tree.map(np.testing.assert_array_equal, after.model_state, state.model_state)
   jax.tree.map(np.testing.assert_array_equal, after.params["norms"], state.params["norms"])

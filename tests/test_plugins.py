@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import plugin_toy
 import pytest
-from conftest import ROOT, assert_same_distributions, train_command
+from conftest import ROOT, assert_same_distributions, one_train_step, train_command
 from flax import nnx
 from PIL import Image
 
-from agejax import errors, metrics, models
+from agejax import errors, models
 from agejax.inference import export, loading, prediction
 from agejax.serving import local
 from agejax.training import configuration, learner
@@ -109,15 +109,7 @@ def one_step(tiny_config, **optimizer) -> tuple[learner.TrainState, learner.Trai
   config.loss.name = "expectation_l2"
   config.loss.scale = 50.0  # the plug-in loss's own key
   config.optimizer.update(schedule="constant", **optimizer)
-  cfg = configuration.validate(config)
-  fns, state, _ = learner.create(cfg, steps_per_epoch=10)
-  rng = np.random.default_rng(0)
-  batch = {
-    "image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8),
-    "age": rng.integers(1, 91, 16).astype(np.float32),
-    "age_std": np.zeros(16, np.float32),
-  }
-  after, _, _ = jax.jit(fns.train_step)(state, metrics.zeros(), batch)
+  fns, state, after = one_train_step(config)
   return state, after, fns
 
 
