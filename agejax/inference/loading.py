@@ -7,8 +7,6 @@ import ml_collections
 from agejax import errors, models, settings, storage
 from agejax.training import checkpointing, learner
 
-TRAIN_COMMAND = checkpointing.TRAIN_COMMAND
-
 
 def load_config(workdir: storage.Location) -> ml_collections.ConfigDict:
   """Returns the training config the trainer saved as WORKDIR/config.json."""
@@ -34,11 +32,6 @@ def input_spec(record: dict[str, Any]) -> models.InputSpec:
   return models.InputSpec.from_json(record.get("input_spec"))
 
 
-# Where a trained workdir's checkpoints are found and restored: shared with training's model.init_from.
-no_checkpoints_message = checkpointing.no_checkpoints_message
-resolve_step = checkpointing.resolve_step
-
-
 def load_trained(
   workdir: storage.Location, checkpoint: str | int = "best", config: ml_collections.ConfigDict | None = None
 ) -> tuple[settings.Settings, learner.Learner, learner.TrainState]:
@@ -57,7 +50,7 @@ def load_trained(
   """
   folder = storage.path(workdir)
   if not (folder / "checkpoints").is_dir():
-    raise errors.MissingInput(no_checkpoints_message(folder))
+    raise errors.MissingInput(checkpointing.no_checkpoints_message(folder))
   cfg = settings.Settings.from_config(load_config(folder) if config is None else config)
   models.load_plugins(cfg.run.plugins)
   trained, state = checkpointing.restore_trained(folder, checkpoint, cfg, checkpointing.recorded_input_spec(folder))
