@@ -2,44 +2,65 @@
 
 Writes OUT/model.jax (jax.export: uint8 RGB face crops [B, S, S, 3] -> float32 age probabilities
 [B, K], with preprocessing and WORKDIR/calibration.json's temperature inside; --no-calibration: the
-raw model), OUT/saved_model/ (the same for TensorFlow) and OUT/manifest.json (S, the ages, the
-temperature, the checkpoint step, the versions). OUT may be a gs:// URL.
+raw model), OUT/saved_model/ (the same for TensorFlow), OUT/model.onnx (the same for onnxruntime) and
+OUT/manifest.json (S, the ages, the temperature, the checkpoint step, the versions, every file's
+SHA-256 and a reference prediction). OUT is replaced whole, or left as it was if the export fails.
+OUT may be a gs:// URL.
+
+python scripts/export.py --verify OUT checks an export (manifest, checksums, reference prediction).
 """
 
 import json
 
 from absl import app, flags
 
-from agejax import cli
+from agejax import cli, errors
 from agejax.inference import export
 from agejax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
-_OUTPUT = flags.DEFINE_string("output", None, "Export folder (a path or gs:// URL); its files are replaced.")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Export folder (a path or gs:// URL): new, empty or an earlier export, which is replaced whole."
+)
 _NO_CALIBRATION = flags.DEFINE_bool(
   "no-calibration", False, "Ignore WORKDIR/calibration.json's temperature: export the raw model."
 )
 _SAVED_MODEL = flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (--nosaved_model: skip).")
-flags.mark_flags_as_required(["workdir", "output"])
+_ONNX = flags.DEFINE_bool("onnx", True, "Also write model.onnx through jax2onnx (--noonnx: skip).")
+_VERIFY = flags.DEFINE_bool(
+  "verify", False, "Check the export at --output (manifest, every file's SHA-256, reference prediction); no export."
+)
+flags.mark_flags_as_required(["output"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  out = _OUTPUT.value.rstrip("/")
+  if _VERIFY.value:
+    predictor = export.verify(_OUTPUT.value)
+    print(f"{out}: a whole export of step {predictor.step}; {len(predictor.manifest['sha256'])} files verified")
+    return
+  if _WORKDIR.value is None:
+    raise errors.UserError("--workdir DIR is required to export (or --verify to check the export at --output)")
   manifest = export.export_workdir(
     _WORKDIR.value,
     _OUTPUT.value,
     _CHECKPOINT.value,
     calibrated=not _NO_CALIBRATION.value,
     saved_model=_SAVED_MODEL.value,
+    onnx=_ONNX.value,
   )
-  out = _OUTPUT.value.rstrip("/")
-  s = manifest["input_size"]
+  s, k = manifest["input_size"], manifest["num_bins"]
   print(f"exported step {manifest['step']} (temperature {manifest['temperature']:g}) of {_WORKDIR.value}:")
-  print(f"  {out}/{export.MODEL_FILE}: jax.export, uint8 [B, {s}, {s}, 3] -> float32 [B, {manifest['num_bins']}]")
+  print(f"  {out}/{export.MODEL_FILE}: jax.export, uint8 [B, {s}, {s}, 3] -> float32 [B, {k}]")
   if manifest["files"]["saved_model"]:
     print(f"  {out}/{export.SAVED_MODEL_DIR}/: TensorFlow SavedModel, signature serving_default")
+  if manifest["files"]["onnx"]:
+    print(f"  {out}/{export.ONNX_FILE}: ONNX, {export.INPUT_NAME} uint8 [B, {s}, {s}, 3] -> {export.OUTPUT_NAME}")
+  elif _ONNX.value:
+    print(f"  {out}/{export.ONNX_FILE}: not written: {manifest['onnx_skipped']}")
   print(f"  {out}/{export.MANIFEST_FILE}: {json.dumps({k: manifest[k] for k in ('min_age', 'max_age', 'step')})}")
 
 

@@ -1,12 +1,17 @@
 """export.py: model.jax runs with only jax + numpy, the SavedModel with only TensorFlow, both as Predictor does."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_run
@@ -17,9 +22,10 @@ from PIL import Image
 from agejax import errors
 from agejax.evaluation import calibration
 from agejax.inference import export, loading, photos, prediction
+from agejax.serving.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
 BUCKET = "agejax-test"
 
 # Runs in a process that imports jax and numpy only: the export needs none of agejax's model code.
@@ -56,7 +62,8 @@ import sys
 import numpy as np
 from agejax.inference import export
 workdir, out, crops, result = sys.argv[1:5]
-export.export_workdir(workdir, out)
+export.export_workdir(workdir, out, calibrated=False, saved_model=False, onnx=False)
+export.export_workdir(workdir, out)  # over the first: the swap's renames are copies in a bucket
 np.save(result, export.ExportedPredictor(out)(np.load(crops)))
 """
 
@@ -66,6 +73,40 @@ def run_python(code: str, *args) -> None:
     [sys.executable, "-c", code, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=120
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def edit_manifest(source: Path, folder: Path, **changes) -> Path:
+  """Writes source's manifest into `folder` with `changes` (a dict value updates that object); returns the file."""
+  manifest = json.loads((source / export.MANIFEST_FILE).read_text())
+  for key, value in changes.items():
+    manifest[key] = {**manifest[key], **value} if isinstance(value, dict) else value
+  file = folder / export.MANIFEST_FILE
+  file.write_text(json.dumps(manifest))
+  return file
+
+
+def copy_export(source: Path, folder: Path) -> Path:
+  shutil.copytree(source, folder)
+  return folder
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+  """Every file under `folder` by relative path, with its bytes."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def siblings(folder: Path) -> list[str]:
+  """What an export to `folder` left beside it (staging folders)."""
+  return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(folder.name + "."))
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+  """The single `error: ...` line a script ended with (exit 1, no traceback)."""
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors_ = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors_) == 1 and proc.stderr.strip().splitlines()[-1] == errors_[0], proc.stderr[-3000:]
+  return errors_[0]
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -100,7 +141,7 @@ def exported(workdir, tmp_path_factory) -> tuple[Path, dict]:
   return out, export.export_workdir(workdir, out)
 
 
-def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops, tmp_path):
+def test_model_jax_runs_with_only_jax_and_matches_the_predictor(workdir, exported, crops, tmp_path):
   out, manifest = exported
   crops_file, x, expected = crops
   run_python(JAX_ONLY, out, crops_file, tmp_path / "jax.npy")
@@ -112,12 +153,12 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(exported, crops,
 
   on_disk = json.loads((out / export.MANIFEST_FILE).read_text())
   assert on_disk == manifest
-  record = loading.load_inference_record(exported[1]["workdir"])
+  record = loading.load_inference_record(workdir)
   assert manifest["input_size"] == record["input_size"] == x.shape[1]
-  temperature = calibration.load_temperature(manifest["workdir"])  # the trainer fitted one at the end
+  temperature = calibration.load_temperature(workdir)  # the trainer fitted one at the end
   assert (manifest["min_age"], manifest["max_age"]) == (1, 100)
   assert (manifest["temperature"], manifest["calibrated"]) == (temperature or 1.0, temperature is not None)
-  assert manifest["step"] == prediction.Predictor(manifest["workdir"]).step
+  assert manifest["step"] == prediction.Predictor(workdir).step
   assert manifest["agejax_version"] and manifest["jax_version"]
   assert set(manifest["platforms"]) == set(export.PLATFORMS)
 
@@ -215,8 +256,8 @@ def test_the_exported_predictor_rejects_what_it_cannot_run(exported, tmp_path):
     predictor(np.zeros((1, s + 1, s + 1, 3), np.uint8))
   with pytest.raises(errors.UserError, match="not an export folder"):
     export.ExportedPredictor(tmp_path)
-  shutil.copy(out / export.MANIFEST_FILE, tmp_path)
   (tmp_path / export.MODEL_FILE).write_bytes(b"not a model")
+  edit_manifest(out, tmp_path, sha256={export.MODEL_FILE: hashlib.sha256(b"not a model").hexdigest()})
   with pytest.raises(errors.UserError, match="not a jax.export file"):
     export.ExportedPredictor(tmp_path)
 
@@ -229,7 +270,166 @@ def test_an_export_goes_to_a_bucket_and_serves_from_it(workdir, crops, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = set(gcs.list_objects(BUCKET, "export/"))
     manifest = json.loads(gcs.read_object(BUCKET, "export/manifest.json"))
-  for name in ("model.jax", "saved_model/saved_model.pb", "saved_model/variables/variables.index"):
+    leftovers = [n for n in gcs.list_objects(BUCKET, "") if n.startswith("export.")]
+  for name in ("model.jax", "model.onnx", "saved_model/saved_model.pb", "saved_model/variables/variables.index"):
     assert f"export/{name}" in names, names
+  assert not leftovers, leftovers  # no staging or old folder beside the export
+  assert sorted(manifest["sha256"]) == sorted(n.removeprefix("export/") for n in names - {"export/manifest.json"})
   assert manifest["step"] == prediction.Predictor(workdir).step
   assert_same_distributions(np.load(tmp_path / "gs.npy"), expected)
+
+
+# Re-exports over an export and dies by SIGKILL once model.jax is written, before the SavedModel.
+KILLED_EXPORT = """
+import os, signal, sys
+from agejax.inference import export
+def killed(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGKILL)
+export._write_saved_model = killed
+export.export_workdir(sys.argv[1], sys.argv[2], calibrated=False)
+"""
+
+
+def test_a_killed_or_failed_reexport_leaves_the_previous_export_byte_equal(
+  workdir, exported, crops, tmp_path, monkeypatch
+):
+  out = copy_export(exported[0], tmp_path / "out")
+  before = tree(out)
+  proc = subprocess.run(
+    [sys.executable, "-c", KILLED_EXPORT, str(workdir), str(out)], env=ENV, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert tree(out) == before
+  (staged,) = siblings(out)  # the killed export's half-written folder, beside the export, not in it
+  assert ".tmp-" in staged and (out.parent / staged / export.MODEL_FILE).exists()
+  assert_same_distributions(export.ExportedPredictor(out)(crops[1]), crops[2])
+
+  def disk_full(*args, **kwargs):
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(export, "_write_onnx", disk_full)
+  with pytest.raises(OSError, match="No space"):
+    export.export_workdir(workdir, out, calibrated=False, saved_model=False)
+  assert tree(out) == before and siblings(out) == [staged]
+  with pytest.raises(OSError, match="No space"):  # into a new folder: no folder at all is left
+    export.export_workdir(workdir, tmp_path / "new" / "out", saved_model=False)
+  assert not (tmp_path / "new").exists()
+
+  monkeypatch.undo()
+  manifest = export.export_workdir(workdir, out, calibrated=False, saved_model=False, onnx=False)
+  assert siblings(out) == []  # the killed export's remains went with the next export
+  assert sorted(p.name for p in out.iterdir()) == [export.MANIFEST_FILE, export.MODEL_FILE]  # replaced whole
+  assert (manifest["calibrated"], manifest["files"]["saved_model"], manifest["files"]["onnx"]) == (False, None, None)
+
+
+def test_a_failed_export_leaves_no_folder(workdir, tmp_path):
+  untrained = tmp_path / "untrained"  # a run that has not saved a checkpoint yet
+  untrained.mkdir()
+  shutil.copy(workdir / "config.json", untrained)
+  for args in (["--workdir", str(workdir), "--checkpoint", "999"], ["--workdir", str(untrained)]):
+    line = one_error_line(run_export(*args, "--output", str(tmp_path / "exports" / "demo")))
+    assert not (tmp_path / "exports").exists(), line
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "todo.txt").write_text("mine")  # a folder that is not an export is never replaced
+  line = one_error_line(run_export("--workdir", str(workdir), "--output", str(tmp_path / "notes")))
+  assert "todo.txt, which no export writes" in line and (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_the_manifest_records_checksums_and_no_path_of_the_builder(workdir, exported):
+  out, manifest = exported
+  files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != export.MANIFEST_FILE)
+  assert sorted(manifest["sha256"]) == files and export.ONNX_FILE in files
+  for name, digest in manifest["sha256"].items():
+    assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+  assert manifest["run"] == workdir.name and "workdir" not in manifest
+  assert str(workdir.parent) not in (out / export.MANIFEST_FILE).read_text()
+
+
+@pytest.mark.parametrize(
+  "name", [export.MODEL_FILE, "saved_model/variables/variables.data-00000-of-00001", "model.onnx"]
+)
+def test_a_file_changed_after_export_is_named(exported, tmp_path, name):
+  folder = copy_export(exported[0], tmp_path / "out")
+  file = folder / name
+  data = bytearray(file.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 1024] = bytes(b ^ 0x01 for b in data[middle : middle + 1024])  # the same length
+  file.write_bytes(bytes(data))
+  with pytest.raises(errors.UserError) as error:
+    export.verify(folder)
+  assert str(error.value).startswith(f"{file}: SHA-256 ") and "\n" not in str(error.value)
+  if name == export.MODEL_FILE:  # the server loads through ExportedPredictor: it refuses to start, in one line
+    with pytest.raises(errors.UserError, match="SHA-256"):
+      export.ExportedPredictor(folder)
+    proc = subprocess.run(
+      [sys.executable, "scripts/serve.py", "--export", str(folder), "--port", str(free_port())],
+      cwd=ROOT,
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=180,
+    )
+    assert one_error_line(proc) == f"error: {error.value}"
+  else:
+    export.ExportedPredictor(folder)  # what it runs is whole; `verify` and export.py --verify check the rest
+    line = one_error_line(run_export("--verify", "--output", str(folder)))
+    assert line == f"error: {error.value}"
+
+
+@pytest.mark.parametrize(
+  ("changes", "message"),
+  [
+    ({"input_size": 80}, r"'input_size' is 80, but \S+model\.jax takes uint8 \[B, 40, 40, 3\] crops"),
+    ({"step": None}, r"'step' is null, not a whole number"),
+    ({"temperature": "hot"}, r"'temperature' is \"hot\", not a finite number > 0"),
+    ({"temperature": -1.0}, r"'temperature' is -1.0, not a finite number > 0"),
+    ({"input_size": "forty"}, r"'input_size' is \"forty\", not a whole number of pixels"),
+    ({"num_bins": 99}, r"'num_bins' is 99, not max_age - min_age \+ 1 = 100"),
+    ({"min_age": 11, "max_age": 110}, r"expected age is \d+\.\d\d under 'min_age'..'max_age' 11..110, but the export"),
+    ({"format": "agejax-export/1"}, r"'format' is \"agejax-export/1\", not 'agejax-export/2'"),
+    ({"sha256": {"../model.jax": "0" * 64}}, r"'sha256' is .*, not an object of files in the folder"),
+  ],
+)
+def test_a_bad_manifest_is_refused_in_one_line_naming_the_file_key_and_value(exported, tmp_path, changes, message):
+  folder = copy_export(exported[0], tmp_path / "out")
+  file = edit_manifest(exported[0], folder, **changes)
+  with pytest.raises(errors.UserError) as error:
+    export.ExportedPredictor(folder)
+  text = str(error.value)
+  assert text.startswith(f"{file}: ") and "\n" not in text and re.search(message, text), text
+
+
+def serialized(fn, size: int) -> bytes:
+  """A jax.export file of `fn` on uint8 crops [B, size, size, 3]."""
+  (batch,) = jax.export.symbolic_shape("B")
+  return bytes(jax.export.export(jax.jit(fn))(jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)).serialize())
+
+
+@pytest.mark.parametrize(
+  ("fn", "message"),
+  [
+    (lambda x: jnp.full((x.shape[0], 100), jnp.nan, jnp.float32), "probabilities are not finite"),
+    (lambda x: jnp.full((x.shape[0], 100), 0.01, jnp.float32), "probabilities differ from those in"),
+  ],
+)
+def test_a_model_jax_that_predicts_otherwise_than_recorded_is_refused(exported, tmp_path, fn, message):
+  """Loadable, the right shapes and a matching checksum (a tool rewrote both): the reference prediction catches it."""
+  folder = copy_export(exported[0], tmp_path / "out")
+  data = serialized(fn, exported[1]["input_size"])
+  (folder / export.MODEL_FILE).write_bytes(data)
+  edit_manifest(exported[0], folder, sha256={export.MODEL_FILE: hashlib.sha256(data).hexdigest()})
+  with pytest.raises(errors.UserError, match=message) as error:
+    export.ExportedPredictor(folder)
+  assert str(error.value).startswith(str(folder / export.MODEL_FILE)) and "\n" not in str(error.value)
+
+
+def test_the_reference_crop_is_a_fixed_gradient(exported):
+  crop = export.reference_crop(5)[0]
+  ramp = np.arange(5) * 255 / 4
+  np.testing.assert_array_equal(crop[..., 0], np.round(np.repeat(ramp[:, None], 5, 1)))  # red down the rows
+  np.testing.assert_array_equal(crop[..., 1], np.round(np.repeat(ramp[None, :], 5, 0)))  # green across
+  np.testing.assert_array_equal(crop[..., 2], np.round((ramp[:, None] + ramp[None, :]) / 2))
+  out, manifest = exported
+  got = export.ExportedPredictor(out)(export.reference_crop(manifest["input_size"]))[0]
+  np.testing.assert_allclose(got, manifest["reference"]["distribution"], atol=1e-6)
+  assert abs(float(got.astype(np.float64) @ np.arange(1, 101)) - manifest["reference"]["expected_age"]) < 1e-4

@@ -1,21 +1,39 @@
-"""A trained model for use without agejax: a jax.export file, a TensorFlow SavedModel and their manifest.
+"""A trained model for use without agejax: a jax.export file, a TensorFlow SavedModel, ONNX and their manifest.
 
 `export_workdir` writes OUT/model.jax (preprocessing + model + tempered softmax, serialized with
 jax.export for CPU, CUDA and TPU: uint8 RGB face crops [B, S, S, 3], any B, -> float32 probabilities
 [B, K], the weights inside), OUT/saved_model/ (the same function through jax2tf, the weights as
-variables) and OUT/manifest.json (what the numbers mean). `ExportedPredictor` runs OUT/model.jax with
-only jax and numpy: no model code, Flax or TensorFlow is imported to serve an export.
+variables), OUT/model.onnx (the same function through jax2onnx, for onnxruntime) and
+OUT/manifest.json (what the numbers mean, every file's SHA-256 and a reference prediction).
+
+An export is whole or absent: it is written into a sibling folder and swapped in by renames, so a
+failed or killed export leaves the previous export or nothing. `ExportedPredictor` runs OUT/model.jax
+with only jax and numpy (no model code, Flax or TensorFlow is imported to serve an export) and
+refuses, in one line naming the file, a manifest with a bad field, a model.jax whose checksum or
+shapes differ from the manifest, or one whose reference prediction is not what the export recorded.
 """
 
+import contextlib
+import hashlib
+import io
+import json
+import logging as std_logging
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 from jax import export as jax_export
+from jax.extend import core as jax_core
 
 import agejax
 from agejax import errors, labels, parallel, storage
@@ -28,23 +46,22 @@ if TYPE_CHECKING:  # the model code is imported only to export, never to serve a
 MODEL_FILE = "model.jax"
 MANIFEST_FILE = "manifest.json"
 SAVED_MODEL_DIR = "saved_model"
-FORMAT = "agejax-export/1"  # the manifest's layout; a change that breaks readers bumps it
+ONNX_FILE = "model.onnx"
+ENTRIES = (MANIFEST_FILE, MODEL_FILE, ONNX_FILE, SAVED_MODEL_DIR)  # everything an export folder may hold
+# The manifest's layout; a change that breaks readers bumps it. 2: checksums, a reference prediction, no workdir path.
+FORMAT = "agejax-export/2"
 # One file runs on any of these: jax.export lowers for platforms this machine lacks.
 PLATFORMS = ("cpu", "cuda", "tpu")
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"  # the SavedModel's serving signature
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"  # the SavedModel's serving signature and ONNX's names
 DEFAULT_BATCH_SIZE = 32
 EXPORT_COMMAND = "python scripts/export.py --workdir DIR --output {output}"
-
-
-def _write_bytes(file: storage.Location, data: bytes) -> None:
-  """Writes `data` so that readers see the old or the new content (as storage.write_text does for text)."""
-  target = storage.path(file)
-  if storage.is_url(target):
-    target.write_bytes(data)  # one object write: atomic on object stores
-    return
-  tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, target)
+# How far a load may stray from the reference prediction the export recorded: another platform's
+# float32 (TF32 convolutions on a GPU) moves probabilities by ~1e-3; a damaged model or changed ages move more.
+REFERENCE_ATOL = 5e-3
+REFERENCE_AGE_ATOL = 0.1  # years
+ONNX_ATOL = 1e-4  # onnxruntime against jax on the reference crops, checked at export
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_STAGING = r"^{name}\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{{8}}$"  # the sibling folders a swap uses
 
 
 def _probabilities_fn(
@@ -71,6 +88,13 @@ def _input_spec(size: int) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8)
 
 
+def reference_crop(size: int) -> np.ndarray:
+  """The fixed synthetic crop whose prediction an export records, uint8 [1, S, S, 3]: red down, green across."""
+  ramp = np.linspace(0.0, 255.0, size)
+  red, green = np.meshgrid(ramp, ramp, indexing="ij")
+  return np.round(np.stack([red, green, (red + green) / 2], -1)).astype(np.uint8)[None]
+
+
 def _saved_model_tools() -> tuple[Any, Any]:
   """Returns (tensorflow, jax2tf), or raises a one-line error saying how to do without them."""
   try:
@@ -84,13 +108,8 @@ def _saved_model_tools() -> tuple[Any, Any]:
   return tf, jax2tf
 
 
-def _write_saved_model(
-  fn: Callable, leaves: list, size: int, platforms: Sequence[str], target: storage.Location
-) -> None:
-  """Writes `fn` as a TensorFlow SavedModel through jax2tf: signature serving_default(images) -> {probabilities}.
-
-  It is saved locally and then copied, as the output may be a bucket.
-  """
+def _write_saved_model(fn: Callable, leaves: list, size: int, platforms: Sequence[str], target: str) -> None:
+  """Writes `fn` as a TensorFlow SavedModel at the local folder `target`: serving_default(images) -> {probabilities}."""
   tf, jax2tf = _saved_model_tools()
   module = tf.Module()
   module.weights = [tf.Variable(leaf, trainable=False) for leaf in leaves]  # not constants: graphs stay < 2 GB
@@ -106,22 +125,230 @@ def _write_saved_model(
     return {OUTPUT_NAME: converted(module.weights, images)}
 
   module.serve = serve
-  scratch = tempfile.mkdtemp(prefix="agejax-export-")
-  local = os.path.join(scratch, SAVED_MODEL_DIR)  # made by TensorFlow, with the umask's permissions
-  try:
-    tf.saved_model.save(module, local, signatures={"serving_default": serve})
-    destination = storage.path(target)
-    if destination.exists():
-      destination.rmtree()
-    if storage.is_url(destination):
-      for root, _, files in os.walk(local):
-        folder = destination / os.path.relpath(root, local)
-        for name in files:
-          storage.path(os.path.join(root, name)).copy(folder / name, overwrite=True)
+  tf.saved_model.save(module, target, signatures={"serving_default": serve})
+
+
+def _block_max(x: jax.Array, window: Sequence[int]) -> jax.Array:
+  """A max-pool whose windows tile the input, as reshape + max (ONNX's MaxPool takes at most 3 spatial axes)."""
+  shape: list[Any] = []
+  axes = []
+  for n, w in zip(x.shape, window):
+    if w > 1:
+      axes.append(len(shape) + 1)
+      shape += [n // w, w]
     else:
-      shutil.move(local, destination)
+      shape.append(n)
+  return jnp.max(jnp.reshape(x, shape), axis=tuple(axes))
+
+
+def _tiles(params: dict[str, Any], shape: Sequence[Any]) -> bool:
+  """True for a reduce_window whose windows are its strides, unpadded, undilated, and divide the input."""
+  window = params["window_dimensions"]
+  return (
+    tuple(params["window_strides"]) == tuple(window)
+    and all(p == (0, 0) for p in params["padding"])
+    and all(d == 1 for d in (*params["base_dilation"], *params["window_dilation"]))
+    and all(w == 1 or (isinstance(n, int) and n % w == 0) for n, w in zip(shape, window))
+  )
+
+
+def _inline(jaxpr: jax_core.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+  """Evaluates a jaxpr equation by equation: nested jits inlined, tiling max-pools as reshape + max.
+
+  jax2onnx then traces primitives only, never its own plug-ins for jax.image.resize (which refuses
+  antialiasing and a symbolic batch) or flax's max_pool, and it writes no rank-4 MaxPool, which
+  onnxruntime cannot run.
+  """
+  env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]  # noqa: E731
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in ("jit", "pjit"):
+      inner = eqn.params["jaxpr"]
+      outs = _inline(inner.jaxpr, inner.consts, *ins)
+    elif name == "reduce_window_max" and _tiles(eqn.params, ins[0].shape):
+      outs = [_block_max(ins[0], eqn.params["window_dimensions"])]
+    else:
+      out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+      outs = out if eqn.primitive.multiple_results else [out]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _write_onnx(
+  fn: Callable, leaves: list, size: int, target: str, crops: np.ndarray, expected: np.ndarray
+) -> str | None:
+  """Writes `fn` as ONNX with a dynamic batch through jax2onnx, checked in onnxruntime on `crops`.
+
+  Returns None, or why model.onnx was not written (an op jax2onnx or onnxruntime cannot handle).
+  """
+  try:
+    import jax2onnx
+  except ImportError as e:
+    return f"jax2onnx is not installed ({e}; pip install jax2onnx)"
+  spec = _input_spec(size)
+  closed = jax.make_jaxpr(lambda images: fn(leaves, images))(spec)  # the weights become the jaxpr's constants
+  quiet = std_logging.getLogger("onnx_ir")  # warns of value types it leaves out, about every constant
+  level = quiet.level
+  try:
+    quiet.setLevel(std_logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx prints debug lines
+      model = jax2onnx.to_onnx(
+        lambda images: _inline(closed.jaxpr, closed.consts, images)[0],
+        inputs=[spec],
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        model_name="agejax",
+      )
+  except Exception as e:  # jax2onnx raises NotImplementedError, TypeError or ValueError for what it cannot convert
+    op = re.search(r"primitive '([^']+)'", str(e))
+    return f"jax2onnx cannot convert {f'the op {op[1]!r}' if op else 'the model'} ({storage.first_line(e)})"
   finally:
-    shutil.rmtree(scratch, ignore_errors=True)
+    quiet.setLevel(level)
+  with open(target, "wb") as f:
+    f.write(model.SerializeToString())
+  try:
+    import onnxruntime
+  except ImportError:
+    return None  # written, but not checked here
+  try:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its shape-merging warnings are about intermediate values
+    session = onnxruntime.InferenceSession(target, options, providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {INPUT_NAME: crops[i : i + n]})[0] for i, n in ((0, 1), (1, 2))])
+  except Exception as e:  # onnxruntime's errors name the node: "... running MaxPool node. Name:..."
+    os.remove(target)
+    op = re.search(r"running (\w+) node", str(e))
+    return f"onnxruntime cannot run {f'the op {op[1]!r}' if op else 'it'} ({storage.first_line(e)})"
+  error = float(np.abs(got - expected).max()) if np.all(np.isfinite(got)) else math.inf
+  if error > ONNX_ATOL:
+    os.remove(target)
+    return f"onnxruntime's probabilities differ from jax's by {error:.2g} (more than {ONNX_ATOL:g})"
+  return None
+
+
+def _sha256(file: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with file.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _checksums(folder: str) -> dict[str, str]:
+  """SHA-256 of every file under a local folder but the manifest, by '/'-separated relative path."""
+  sums = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      file = os.path.join(root, name)
+      relative = os.path.relpath(file, folder).replace(os.sep, "/")
+      if relative != MANIFEST_FILE:
+        sums[relative] = _sha256(epath.Path(file))
+  return dict(sorted(sums.items()))
+
+
+def _check_destination(out: epath.Path) -> None:
+  """Refuses, before any work, an output that is a file, cannot be written, or holds more than an export."""
+  if out.exists():
+    if not out.is_dir():
+      raise errors.UserError(f"export folder {out} is not writable: it is a file")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ENTRIES)
+    if foreign:
+      raise errors.UserError(
+        f"export folder {out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which no "
+        f"export writes: give a new or empty folder (an export replaces its folder whole)"
+      )
+  if storage.is_url(out):
+    storage.check_writable(out.parent, "export folder")  # object stores have no folders to create
+    return
+  existing = out.parent
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    reason = "a file" if not existing.is_dir() else "read-only"
+    raise errors.UserError(f"export folder {out} is not writable: {existing} is {reason}")
+
+
+def _swap(staged: epath.Path, out: epath.Path, tag: str) -> None:
+  """Puts the complete export `staged` at `out`: the old one moves aside first, so `out` is never a mix.
+
+  Local renames are atomic. On gs:// a rename copies object by object: a kill in between leaves a
+  folder whose checksums or missing manifest make loading refuse it, never one that serves.
+  """
+  old = None
+  if out.exists():
+    old = out.parent / f"{out.name}.old-{tag}"
+    out.rename(old)
+  try:
+    staged.rename(out)
+  except BaseException:
+    if old is not None and not out.exists():
+      old.rename(out)  # the previous export back in place
+    raise
+  if old is not None:
+    old.rmtree()
+
+
+def _remove_stale(out: epath.Path) -> None:
+  """Removes the staging folders that killed exports to a local `out` left beside it."""
+  if storage.is_url(out):
+    return  # a process on another host may own them
+  pattern = re.compile(_STAGING.format(name=re.escape(out.name)))
+  for entry in out.parent.iterdir():
+    match = pattern.match(entry.name)
+    if match and not storage.process_running(int(match["pid"])):
+      shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staged(out: epath.Path) -> Iterator[str]:
+  """Yields a local folder to write an export into; on success it replaces `out` whole, else `out` is untouched.
+
+  Locally the folder is OUT.tmp-PID-XXXXXXXX beside OUT (same file system: the swap is renames); a
+  gs:// export is written in a local scratch folder and uploaded to that sibling before the swap.
+  """
+  tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  staged = out.parent / f"{out.name}.tmp-{tag}"
+  url = storage.is_url(out)
+  created = None  # the first folder above OUT this export makes: removed again if it fails
+  if not url:
+    created = next((p for p in reversed([out.parent, *out.parent.parents]) if not p.exists()), None)
+  local = tempfile.mkdtemp(prefix="agejax-export-") if url else os.fspath(staged)
+  try:
+    if not url:
+      staged.mkdir(parents=True)
+    yield local
+    if url:
+      for root, _, files in os.walk(local):
+        for name in files:
+          file = os.path.join(root, name)
+          epath.Path(file).copy(staged / os.path.relpath(file, local), overwrite=True)
+    _swap(staged, out, tag)
+  except BaseException:
+    if staged.exists():
+      staged.rmtree()
+    if created is not None:
+      for folder in [out.parent, *out.parent.parents]:  # only the empty folders this export made
+        if not folder.exists() or any(folder.iterdir()):
+          break
+        folder.rmdir()
+        if folder == created:
+          break
+    raise
+  finally:
+    if url:
+      shutil.rmtree(local, ignore_errors=True)
+  _remove_stale(out)
+
+
+def _local_platform() -> str:
+  """This process's default JAX platform as jax.export names it ('cpu', 'cuda', 'rocm' or 'tpu')."""
+  platform = jax.default_backend()
+  if platform == "gpu":
+    return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+  return platform
 
 
 def export_workdir(
@@ -131,23 +358,26 @@ def export_workdir(
   *,
   calibrated: bool = True,
   saved_model: bool = True,
+  onnx: bool = True,
   platforms: Sequence[str] = PLATFORMS,
 ) -> dict[str, Any]:
-  """Exports a trained workdir's checkpoint to OUT/model.jax, OUT/saved_model/ and OUT/manifest.json.
+  """Exports a trained workdir's checkpoint to OUT/model.jax, OUT/saved_model/, OUT/model.onnx and OUT/manifest.json.
 
   The exported function is the evaluation path's preprocessing (resize to the model's image size,
   normalise), the model and softmax(logits / temperature), on uint8 crops of the stored face size S.
+  The folder is replaced whole, and only once the new export has loaded and passed its checks.
 
   Args:
     workdir: the training workdir (a path or a gs:// URL).
-    output: the export folder (a path or a gs:// URL); files already there are replaced.
+    output: the export folder (a path or a gs:// URL): new, empty, or an earlier export, which is replaced.
     checkpoint: 'best' (lowest eval MAE), 'latest' or a step number.
     calibrated: apply WORKDIR/calibration.json's temperature when the workdir has one.
     saved_model: also write the TensorFlow SavedModel.
+    onnx: also write model.onnx (skipped with a warning naming the op when jax2onnx or onnxruntime cannot).
     platforms: where model.jax and the SavedModel may run (a subset of 'cpu', 'cuda', 'rocm', 'tpu').
 
   Returns:
-    The manifest (also written to OUT/manifest.json).
+    The manifest (also written to OUT/manifest.json), with `onnx_skipped` saying why when model.onnx is absent.
   """
   from agejax.inference import prediction  # the model code: ExportedPredictor must not need it
 
@@ -158,22 +388,21 @@ def export_workdir(
     raise errors.UserError(f"platforms={list(platforms)}: use some of cpu, cuda, rocm, tpu")
   if saved_model:
     _saved_model_tools()  # before any work
-  out = storage.check_writable(output, "export folder")
-  predictor = prediction.Predictor(workdir, checkpoint, calibrated=calibrated)
+  out = storage.path(output)
+  _check_destination(out)
+  predictor = prediction.Predictor(workdir, checkpoint, calibrated=calibrated)  # nothing is written before this
   size = predictor.input_size
   # Host copies: the export holds plain arrays, not arrays laid out over this machine's devices.
   leaves, treedef = jax.tree.flatten(jax.device_get((predictor.state.params, predictor.state.model_state)))
   fn = _probabilities_fn(predictor, treedef)
-
   exported = jax_export.export(jax.jit(lambda images: fn(leaves, images)), platforms=tuple(platforms))(
     _input_spec(size)
   )
-  _write_bytes(out / MODEL_FILE, bytes(exported.serialize()))
-  if saved_model:
-    _write_saved_model(fn, leaves, size, platforms, out / SAVED_MODEL_DIR)
-  elif (out / SAVED_MODEL_DIR).exists():
-    (out / SAVED_MODEL_DIR).rmtree()  # never leave one from another model beside this manifest
-  manifest = {
+  # The reference crop, its mirror and its negative: one fixed input recorded, three checked in ONNX (batches 1 and 2).
+  crop = reference_crop(size)
+  crops = np.concatenate([crop, crop[:, :, ::-1], 255 - crop])
+  probabilities = np.asarray(jax.jit(fn)(leaves, crops))
+  manifest: dict[str, Any] = {
     "format": FORMAT,
     "input_size": size,
     "image_size": predictor.model.image_size,
@@ -186,37 +415,167 @@ def export_workdir(
     "calibrated": calibrated and calibration.load_temperature(workdir) is not None,
     "step": predictor.step,
     "checkpoint": str(checkpoint),
-    "workdir": os.fspath(storage.path(workdir)),
+    "run": storage.path(workdir).name,  # the workdir's name only: an export does not carry the builder's paths
     "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["B", size, size, 3], "channels": "RGB"},
     "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["B", len(predictor.bins)]},
     "platforms": list(exported.platforms),
-    "files": {"jax": MODEL_FILE, "saved_model": SAVED_MODEL_DIR if saved_model else None},
+    "reference": {
+      "crop": "export.reference_crop(input_size): red = 255 * row / (S - 1), green = 255 * column / (S - 1), "
+      "blue = their mean, rounded",
+      "distribution": [float(p) for p in probabilities[0]],
+      "expected_age": float(probabilities[0].astype(np.float64) @ predictor.bins.astype(np.float64)),
+    },
     "agejax_version": agejax.__version__,
     "jax_version": jax.__version__,
     "calling_convention_version": exported.calling_convention_version,
   }
   if predictor.record.get("framing"):  # where photos' faces are warped to, as the training crops were framed
     manifest["framing"] = predictor.record["framing"]
-  storage.write_json(out / MANIFEST_FILE, manifest)  # last: a manifest means a complete export
+  with _staged(out) as stage:
+    with open(os.path.join(stage, MODEL_FILE), "wb") as f:
+      f.write(bytes(exported.serialize()))
+    if saved_model:
+      _write_saved_model(fn, leaves, size, platforms, os.path.join(stage, SAVED_MODEL_DIR))
+    skipped = _write_onnx(fn, leaves, size, os.path.join(stage, ONNX_FILE), crops, probabilities) if onnx else None
+    if skipped:
+      logging.warning("%s not written: %s; model.jax and the other formats are", ONNX_FILE, skipped)
+      manifest["onnx_skipped"] = skipped
+    manifest["files"] = {
+      "jax": MODEL_FILE,
+      "saved_model": SAVED_MODEL_DIR if saved_model else None,
+      "onnx": ONNX_FILE if os.path.exists(os.path.join(stage, ONNX_FILE)) else None,
+    }
+    manifest["sha256"] = _checksums(stage)
+    storage.write_json(os.path.join(stage, MANIFEST_FILE), manifest)
+    if _local_platform() in exported.platforms:
+      verify(stage)  # what a server will check, before the export replaces anything
   return manifest
+
+
+def _field_error(file: epath.Path, key: str, value: Any, what: str) -> errors.UserError:
+  shown = json.dumps(value)
+  return errors.UserError(
+    f"{file}: {key!r} is {shown if len(shown) <= 60 else shown[:57] + '...'}, not {what}; export the workdir again"
+  )
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _safe_name(name: Any) -> bool:
+  """A '/'-separated path inside the export folder: no absolute path, no '..'."""
+  return isinstance(name, str) and bool(name) and not name.startswith("/") and ".." not in name.split("/")
+
+
+def _check_fields(manifest: dict[str, Any], file: epath.Path) -> None:
+  """Raises a one-line error naming the file, the key and the value of the first field with a wrong type or value."""
+
+  def check(key: str, ok: Callable[[Any], bool], what: str) -> None:
+    if key not in manifest:
+      raise errors.UserError(f"{file}: {key!r} is missing; export the workdir again")
+    if not ok(manifest[key]):
+      raise _field_error(file, key, manifest[key], what)
+
+  check("format", lambda v: v == FORMAT, f"{FORMAT!r} (older exports have no checksums)")
+  check("input_size", lambda v: _is_int(v) and v >= 1, "a whole number of pixels")
+  check("min_age", _is_int, "a whole number of years")
+  check("max_age", lambda v: _is_int(v) and v >= manifest["min_age"], "a whole number >= min_age")
+  k = manifest["max_age"] - manifest["min_age"] + 1
+  check("num_bins", lambda v: _is_int(v) and v == k, f"max_age - min_age + 1 = {k}")
+  check("temperature", lambda v: _is_number(v) and v > 0, "a finite number > 0")
+  check("step", lambda v: _is_int(v) and v >= 0, "a whole number >= 0")
+  check("calibrated", lambda v: isinstance(v, bool), "true or false")
+  check(
+    "sha256",
+    lambda v: (
+      isinstance(v, dict)
+      and MODEL_FILE in v
+      and all(_safe_name(n) and isinstance(d, str) and _HEX64.match(d) for n, d in v.items())
+    ),
+    f"an object of files in the folder -> 64 hex digits, with {MODEL_FILE!r}",
+  )
+  check(
+    "reference",
+    lambda v: (
+      isinstance(v, dict)
+      and _is_number(v.get("expected_age"))
+      and isinstance(v.get("distribution"), list)
+      and len(v["distribution"]) == k
+      and all(_is_number(p) for p in v["distribution"])
+    ),
+    f"an object with a finite 'expected_age' and a 'distribution' of {k} finite numbers",
+  )
+  if not isinstance(manifest.get("input_spec", {}), dict | None):
+    raise _field_error(file, "input_spec", manifest["input_spec"], "an object or null")
+  try:
+    framing.from_record(manifest)
+  except (TypeError, ValueError, KeyError) as e:
+    raise _field_error(file, "framing", manifest.get("framing"), f"a framing ({storage.first_line(e)})") from None
+
+
+def _missing_export(folder: epath.Path) -> errors.MissingInput:
+  """The error for a folder without a manifest, pointing at a previous export that a killed swap left aside."""
+  aside = []
+  if not storage.is_url(folder) and folder.parent.is_dir():
+    pattern = re.compile(_STAGING.format(name=re.escape(folder.name)))
+    aside = sorted(p.name for p in folder.parent.iterdir() if pattern.match(p.name) and ".old-" in p.name)
+  if aside:
+    return errors.MissingInput(
+      f"{folder / MANIFEST_FILE} does not exist: an interrupted export left the previous one in "
+      f"{folder.parent / aside[-1]} (rename it to {folder.name}, or export again)"
+    )
+  return errors.MissingInput(
+    f"{folder / MANIFEST_FILE} does not exist: not an export folder (make one: {EXPORT_COMMAND.format(output=folder)})"
+  )
 
 
 def load_manifest(path: storage.Location) -> dict[str, Any]:
-  """Returns OUT/manifest.json of an export folder."""
-  file = storage.path(path) / MANIFEST_FILE
+  """Returns OUT/manifest.json of an export folder, its fields checked (one-line errors naming key and value)."""
+  folder = storage.path(path)
+  file = folder / MANIFEST_FILE
   if not file.exists():
-    raise errors.MissingInput(
-      f"{file} does not exist: not an export folder (make one: {EXPORT_COMMAND.format(output=path)})"
-    )
+    raise _missing_export(folder)
   manifest = storage.read_json_object(file)
-  missing = [k for k in ("input_size", "min_age", "max_age", "temperature", "step") if k not in manifest]
-  if missing:
-    raise errors.UserError(f"{file}: missing {', '.join(missing)}; export the workdir again")
+  _check_fields(manifest, file)
   return manifest
+
+
+def _check_digest(file: epath.Path, digest: str, expected: str) -> None:
+  if digest != expected:
+    raise errors.UserError(
+      f"{file}: SHA-256 {digest[:16]}... differs from the manifest's {expected[:16]}...: the file changed after "
+      f"export (damaged or replaced); export again"
+    )
+
+
+def verify(path: storage.Location) -> "ExportedPredictor":
+  """Checks an export whole: its manifest, model.jax (see ExportedPredictor) and every other file's SHA-256.
+
+  Returns the loaded ExportedPredictor; raises a one-line UserError naming the first file that fails.
+  """
+  predictor = ExportedPredictor(path)
+  listed = predictor.manifest["sha256"]
+  for name, expected in listed.items():
+    file = predictor.path / name
+    if name == MODEL_FILE:
+      continue  # checked as it was loaded
+    if not file.exists():
+      raise errors.MissingInput(f"{file} does not exist, but {predictor.path / MANIFEST_FILE} lists it; export again")
+    _check_digest(file, _sha256(file), expected)
+  return predictor
 
 
 class ExportedPredictor:
   """An exported model (OUT/model.jax + OUT/manifest.json) with Predictor's interface, needing only jax.
+
+  Loading checks the manifest's fields, model.jax's SHA-256, its input and output shapes against the
+  manifest, and the reference crop's prediction against the one the export recorded (finite, within
+  REFERENCE_ATOL, and the same expected age under the manifest's ages); each failure is one line.
 
   Faces run in batches of `batch_size`; a last, smaller batch is padded to the next power of two,
   so a single face costs one face's worth of compute and at most ceil(log2(batch_size)) + 1 shapes
@@ -235,22 +594,61 @@ class ExportedPredictor:
     model = self.path / MODEL_FILE
     if not model.exists():
       raise errors.MissingInput(f"{model} does not exist: export again ({EXPORT_COMMAND.format(output=path)})")
+    data = model.read_bytes()
+    _check_digest(model, hashlib.sha256(data).hexdigest(), self.manifest["sha256"][MODEL_FILE])
     try:
-      self.exported = jax_export.deserialize(bytearray(model.read_bytes()))
+      self.exported = jax_export.deserialize(bytearray(data))
     except Exception as e:  # jax raises ValueError, flatbuffers IndexError or struct.error on a damaged file
       raise errors.UserError(f"{model}: not a jax.export file ({storage.first_line(e)}); export again") from None
-    self.input_size = int(self.manifest["input_size"])
-    self.min_age, self.max_age = int(self.manifest["min_age"]), int(self.manifest["max_age"])
+    self.input_size: int = self.manifest["input_size"]
+    self.min_age, self.max_age = self.manifest["min_age"], self.manifest["max_age"]
     self.bins = labels.age_bins(self.min_age, self.max_age)
     self.temperature = float(self.manifest["temperature"])
-    self.step = int(self.manifest["step"])
+    self.step: int = self.manifest["step"]
     self.input_spec = self.manifest.get("input_spec")  # what the model inside normalises to (None: before specs)
     self.framing = framing.from_record(self.manifest)  # None: the fixed-margin crop
     self.batch_size = batch_size
-    (out,) = self.exported.out_avals
-    if out.shape[-1] != len(self.bins):
-      raise errors.UserError(f"{model} returns {out.shape[-1]} ages but the manifest names {len(self.bins)}")
+    self._check_shapes(model)
     self._call = jax.jit(self.exported.call)
+    self._check_reference(model)
+
+  def _check_shapes(self, model: epath.Path) -> None:
+    """The manifest's input_size and ages against the exported function's argument and result shapes."""
+    file, s = self.path / MANIFEST_FILE, self.input_size
+    avals = self.exported.in_avals, self.exported.out_avals
+    if [len(a) for a in avals] != [1, 1]:
+      raise errors.UserError(f"{model} takes {len(avals[0])} and returns {len(avals[1])} arrays, not 1 and 1")
+    (given,), (returned,) = avals
+    if given.dtype != np.uint8 or tuple(given.shape[1:]) != (s, s, 3):
+      shape = ", ".join(map(str, given.shape))
+      raise errors.UserError(
+        f"{file}: 'input_size' is {s}, but {model} takes {given.dtype} [{shape}] crops; export the workdir again"
+      )
+    if returned.shape[-1] != len(self.bins):
+      raise errors.UserError(
+        f"{file}: 'min_age'..'max_age' {self.min_age}..{self.max_age} name {len(self.bins)} ages, but {model} "
+        f"returns {returned.shape[-1]}; export the workdir again"
+      )
+
+  def _check_reference(self, model: epath.Path) -> None:
+    """Runs the reference crop: refuses non-finite outputs, another distribution, or another expected age."""
+    file, reference = self.path / MANIFEST_FILE, self.manifest["reference"]
+    got = self(reference_crop(self.input_size))[0].astype(np.float64)
+    if not np.all(np.isfinite(got)):
+      raise errors.UserError(f"{model}: the reference crop's probabilities are not finite (NaN or inf); export again")
+    error = float(np.abs(got - np.asarray(reference["distribution"])).max())
+    if error > REFERENCE_ATOL:
+      raise errors.UserError(
+        f"{model}: the reference crop's probabilities differ from those in {file} by {error:.2g} "
+        f"(at most {REFERENCE_ATOL:g}): not the model that was exported; export again"
+      )
+    age = float(got @ self.bins.astype(np.float64))
+    if abs(age - reference["expected_age"]) > REFERENCE_AGE_ATOL:
+      raise errors.UserError(
+        f"{file}: the reference crop's expected age is {age:.2f} under 'min_age'..'max_age' "
+        f"{self.min_age}..{self.max_age}, but the export recorded {reference['expected_age']:.2f}: the ages "
+        f"were changed; export the workdir again"
+      )
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Returns distributions [N, K] for uint8 face crops [N, S, S, 3] (S = input_size), run in padded batches.
