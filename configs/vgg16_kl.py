@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "auto"  # bfloat16 compute on accelerators, float32 on CPU; params are float32
   config.model.batch_norm = False
   config.model.dropout_rate = 0.5
-  # Converted torchvision weights (scripts/convert_torchvision.py --output PATH); '' trains from scratch.
+  # Converted torchvision weights (scripts/convert_weights.py --output PATH); '' trains from scratch.
   config.model.pretrained = "weights/vgg16_imagenet"
   # Two-stage training: WORKDIR[:STEP] of another agejax run (default: its best checkpoint) starts this
   # one from its params and batch-norm statistics (the head too when labels.min_age/max_age match;

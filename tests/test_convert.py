@@ -165,6 +165,7 @@ def test_save_load_round_trip(converted, scratch):
   params, model_state, meta = convert.load_converted(out)
   assert meta == {
     "arch": "vgg16_bn",
+    "fresh": [],
     "backbone": "vgg16",
     "num_classes": 1000,
     "input_spec": models.IMAGENET.to_json(),

@@ -44,7 +44,7 @@ def test_backbone_multiplier_freeze_and_head_warmup():
 
 def test_missing_pretrained_weights_fail_with_the_command(tiny_config, tmp_path):
   tiny_config.model.pretrained = str(tmp_path / "nope")
-  with pytest.raises(FileNotFoundError, match="scripts/convert_torchvision.py --weights IMAGENET1K_V1 --arch vgg16"):
+  with pytest.raises(FileNotFoundError, match="scripts/convert_weights.py --weights IMAGENET1K_V1 --arch vgg16"):
     configuration.validate(tiny_config)
 
 

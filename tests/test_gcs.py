@@ -363,7 +363,7 @@ def test_converted_weights_go_to_and_come_from_a_bucket(gcs, tmp_path):
   lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ", 1)[0].isupper())
   assert lines["MISSING"].startswith(
     f"config.model.pretrained='{url}/missing' holds no converted weights; create "
-    f"them with: python scripts/convert_torchvision.py "
+    f"them with: python scripts/convert_weights.py "
   )
   assert lines["BACKBONE"] == "True (256, 100)"
   names = gcs.list_objects(BUCKET, "weights/vgg16_tiny/")

@@ -1,7 +1,7 @@
 """Published weights -> a registered backbone's arrays plus the input they expect, and those arrays on disk.
 
 Each backbone registers converters by architecture name (models.Backbone.converters); this package
-finds the one for a state dict, reads PyTorch files safely (tensors only), writes the converted
+finds the one for a state dict, reads PyTorch files safely (tensors only) and Keras HDF5 files, writes the converted
 arrays with agejax_weights.json (architecture, backbone, input spec, source), and overlays them on
 a new age model, whose head stays new. `<arch>_from_torchvision(state_dict)` names each converter.
 """
@@ -72,7 +72,7 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad header
       raise errors.UserError(f"{checkpoint}: not a readable safetensors file ({e})") from None
   if checkpoint.suffix not in (".pth", ".pt"):
-    raise errors.UserError(f"{checkpoint}: unsupported checkpoint format; expected .pth, .pt or .safetensors")
+    raise errors.UserError(f"{checkpoint}: unsupported checkpoint format; expected .pth, .pt, .safetensors or .h5")
   import pickle
 
   import torch
@@ -96,6 +96,49 @@ def load_torch_checkpoint(path: storage.Location) -> dict[str, np.ndarray]:
   if not_tensors:
     raise errors.UserError(f"{checkpoint}: not a state dict; these entries are not tensors: {', '.join(not_tensors)}")
   return {k: models.to_numpy(v) for k, v in loaded.items()}
+
+
+def load_keras_h5(path: storage.Location) -> dict[str, np.ndarray]:
+  """Reads a Keras 2 HDF5 weights file (model.save_weights, or model.save's model_weights) as "layer/weight" -> array.
+
+  E.g. keras-vggface's rcmalli_vggface_tf_vgg16.h5: group conv1_1 lists its weight_names
+  ("conv1_1/kernel:0", "conv1_1/bias:0"); the result has "conv1_1/kernel" and "conv1_1/bias".
+  """
+  import h5py
+
+  file = storage.path(path)
+  if not file.is_file():
+    raise errors.MissingInput(f"{file}: no such weights file")
+  try:
+    with file.open("rb") as raw, h5py.File(raw, "r") as h5:
+      root = h5["model_weights"] if "model_weights" in h5 else h5
+      if "layer_names" not in root.attrs:
+        raise errors.UserError(f"{file}: not a Keras HDF5 weights file (no layer_names attribute)")
+      weights = {}
+      for layer in (_text(n) for n in root.attrs["layer_names"]):
+        for name in (_text(n) for n in root[layer].attrs.get("weight_names", [])):
+          weights[f"{layer}/{_weight_kind(name)}"] = np.asarray(root[layer][name])
+  except OSError as e:  # h5py's error for a file that is not HDF5
+    raise errors.UserError(f"{file}: not a readable HDF5 file ({e})") from None
+  return weights
+
+
+def _weight_kind(name: str) -> str:
+  """"conv1_1/kernel:0" -> "kernel"; Keras 1's "conv1_1_W:0" / "conv1_1_b:0" -> "kernel" / "bias"."""
+  base = name.rsplit("/", 1)[-1].split(":")[0]
+  return {"W": "kernel", "b": "bias"}.get(base.rsplit("_", 1)[-1], base) if "/" not in name else base
+
+
+def _text(value: Any) -> str:
+  """h5py attributes hold names as bytes or str."""
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def load_weights_file(path: storage.Location) -> dict[str, np.ndarray]:
+  """Reads published weights: a PyTorch state dict (.pth, .pt, .safetensors) or a Keras HDF5 file (.h5)."""
+  if str(path).endswith((".h5", ".hdf5")):
+    return load_keras_h5(path)
+  return load_torch_checkpoint(path)
 
 
 def _numpy_tree(tree: PyTree) -> PyTree:
@@ -124,6 +167,9 @@ def save_converted(
 
   Returns:
     output_dir.
+
+  Parameter groups in the model's `fresh_groups` (a notop file's missing layers) are not written: a
+  model built on these weights initialises them anew, as it does its head.
   """
   import orbax.checkpoint as ocp
 
@@ -131,7 +177,10 @@ def save_converted(
   if (folder / WEIGHTS_DIR).exists():
     raise errors.UserError(f"{folder / WEIGHTS_DIR} already exists; choose a new output directory")
   storage.check_writable(folder, "--output")
+  fresh = tuple(getattr(model, "fresh_groups", ()))
   _, params, rest = models.split_model(model)
+  params = {k: v for k, v in params.items() if k not in fresh}
+  rest = {k: v for k, v in rest.items() if k not in fresh}
   # numpy leaves: the checkpoint then restores on any host and device layout without a target.
   tree = {"params": _numpy_tree(params), "model_state": _numpy_tree(rest)}
   with ocp.StandardCheckpointer() as checkpointer:
@@ -139,6 +188,7 @@ def save_converted(
   head = jax.tree.leaves(params.get(models.get(backbone).head, {}))
   meta = {
     "arch": arch,
+    "fresh": list(fresh),
     "backbone": backbone,
     "num_classes": int(head[-1].shape[-1]) if head else None,
     "input_spec": input_spec.to_json(),
@@ -174,15 +224,17 @@ def load_meta(path: storage.Location) -> dict[str, Any]:
   """save_converted's agejax_weights.json, or a one-line error for a folder that lacks it."""
   meta_file = storage.path(path) / META_FILE
   if not meta_file.is_file():
-    raise errors.MissingInput(f"{path}: no {META_FILE}; not a directory written by convert_torchvision.py")
+    raise errors.MissingInput(f"{path}: no {META_FILE}; not a directory written by convert_weights.py")
   return storage.read_json_object(meta_file)
 
 
-def _overlay_backbone(kind: str, converted: PyTree, given: PyTree, head: str, mismatches: list[str]) -> PyTree:
-  """Returns `given` with every non-head leaf taken from `converted`; appends shape mismatches to `mismatches`."""
+def _overlay_backbone(
+  kind: str, converted: PyTree, given: PyTree, fresh: tuple[str, ...], mismatches: list[str]
+) -> PyTree:
+  """Returns `given` with every leaf outside the `fresh` groups taken from `converted`; appends shape mismatches."""
   flat_given = traverse_util.flatten_dict(given)
-  flat_converted = {k: v for k, v in traverse_util.flatten_dict(converted).items() if k[0] != head}
-  keys = [k for k in flat_given if k[0] != head] + [k for k in flat_converted if k not in flat_given]
+  flat_converted = {k: v for k, v in traverse_util.flatten_dict(converted).items() if k[0] not in fresh}
+  keys = [k for k in flat_given if k[0] not in fresh] + [k for k in flat_converted if k not in flat_given]
   for key in keys:
     new, old = flat_converted.get(key), flat_given.get(key)
     if new is None or old is None or new.shape != old.shape:
@@ -198,12 +250,14 @@ def backbone_from_converted(
 ) -> tuple[PyTree, PyTree]:
   """Returns copies of the age model's params and model_state with the converted backbone and the given head.
 
-  `head` is the top-level parameter group that stays new (the backbone's `Backbone.head`).
+  `head` is the top-level parameter group that stays new (the backbone's `Backbone.head`), as do the
+  groups the converted file lacks (meta "fresh", e.g. a notop file's fully connected layers).
   """
   new_params, new_state, meta = load_converted(path)
+  fresh = (head, *meta.get("fresh", ()))
   mismatches: list[str] = []
-  params = _overlay_backbone("params", new_params, params, head, mismatches)
-  model_state = _overlay_backbone("model_state", new_state, model_state, head, mismatches)
+  params = _overlay_backbone("params", new_params, params, fresh, mismatches)
+  model_state = _overlay_backbone("model_state", new_state, model_state, fresh, mismatches)
   if mismatches:
     more = f"; and {len(mismatches) - 3} more" if len(mismatches) > 3 else ""  # a width mismatch hits every layer
     raise errors.UserError(

@@ -90,9 +90,16 @@ class Backbone:
   # Converters from published weights, by the weights' architecture name (e.g. "vgg16_bn"):
   # converter(state_dict, dtype=...) -> the full model with those weights (its original head included).
   converters: Mapping[str, Callable[..., nnx.Module]] = dataclasses.field(default_factory=dict)
+  # The input each converted architecture expects, where it is not `input_spec` (e.g. VGG-Face's 0..255 RGB).
+  input_specs: Mapping[str, InputSpec] = dataclasses.field(default_factory=dict)
   identify: Callable[[Mapping[str, Any]], str | None] | None = None  # a state dict's architecture, or None
   convert_command: Callable[[settings.ModelSettings, str], str] | None = None  # how to make model.pretrained
   torch_model: Callable[[settings.ModelSettings, int], Any] | None = None  # the PyTorch twin (benchmark.py torch)
+
+
+  def spec_for(self, arch: str) -> InputSpec:
+    """The input that weights of published architecture `arch` expect."""
+    return self.input_specs.get(arch, self.input_spec)
 
 
 _REGISTRY: dict[str, Backbone] = {}

@@ -1,7 +1,8 @@
 """VGG16 with torchvision's structure in Flax NNX, ending in an age head; registered as backbone "vgg16".
 
-Also its FLOPs, its input (ImageNet's statistics, RGB in [0, 1]), its converter from torchvision's
-vgg16 / vgg16_bn state dicts, and its PyTorch twin for the benchmark.
+Also its FLOPs, its input (ImageNet's statistics, RGB in [0, 1]), its converters from torchvision's
+vgg16 / vgg16_bn state dicts and from VGG-Face's two files (mcn's .pth, keras-vggface's .h5; input
+VGG_FACE), and its PyTorch twin for the benchmark.
 """
 
 import functools
@@ -56,6 +57,8 @@ class VGG16(nnx.Module):
   `dtype` is the compute dtype (bfloat16 on accelerators); parameters stay float32 and the logits
   are returned in float32.
   """
+
+  fresh_groups: tuple[str, ...] = ()  # converted from a file without these layers (a notop file): they start new
 
   def __init__(
     self,
@@ -150,7 +153,12 @@ def forward_flops(model: settings.ModelSettings, image_size: int, num_bins: int)
 
 
 def identify(state_dict: Mapping[str, Any]) -> str | None:
-  """'vgg16_bn' or 'vgg16' for a torchvision VGG16 state dict (features.1 is BN in the first, ReLU in the other)."""
+  """The architecture of a VGG16 state dict: 'vgg16' or 'vgg16_bn' (torchvision: features.1 is BN in the
+  second), 'vggface' (mcn's vgg_face_dag.pth) or 'vggface_keras' (keras-vggface's .h5, read by convert)."""
+  if "conv1_1.weight" in state_dict:
+    return "vggface"
+  if "conv1_1/kernel" in state_dict:
+    return "vggface_keras"
   if "features.0.weight" not in state_dict or "classifier.0.weight" not in state_dict:
     return None
   return "vgg16_bn" if any(k.startswith("features.1.") for k in state_dict) else "vgg16"
@@ -192,28 +200,38 @@ def _expected_shapes(batch_norm: bool, num_classes: int | None) -> dict[str, tup
   return shapes
 
 
-def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
-  """Raises one UserError naming every unknown, missing and mis-shaped key."""
-  head = state_dict.get("classifier.6.weight")
-  num_classes = head.shape[0] if head is not None and head.ndim == 2 else None
-  expected = _expected_shapes(batch_norm, num_classes)
+def _check_shapes(
+  state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str, ignored: frozenset[str] = frozenset()
+) -> None:
+  """Raises one UserError naming every unknown, missing and mis-shaped key (a None dimension is any size;
+  a key may map to several allowed shapes)."""
+  allowed = lambda want: want if want and isinstance(want[0], tuple) else (want,)
   fits = lambda shape, want: len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
-  ignored = {f"features.{i + 1}.num_batches_tracked" for _, i, _, _ in _feature_layers(batch_norm) if batch_norm}
   unknown = [k for k in state_dict if k not in expected and k not in ignored]
   missing = [k for k in expected if k not in state_dict]
   misshaped = [
-    f"{k} {tuple(state_dict[k].shape)} (expected {shape})"
+    f"{k} {tuple(state_dict[k].shape)} (expected {' or '.join(map(str, allowed(shape)))})"
     for k, shape in expected.items()
-    if k in state_dict and not fits(state_dict[k].shape, shape)
+    if k in state_dict and not any(fits(state_dict[k].shape, w) for w in allowed(shape))
   ]
   problems = [
-    f"{what}: {', '.join(keys)}"
-    for what, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
+    f"{kind}: {', '.join(keys)}"
+    for kind, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
     if keys
   ]
   if problems:
-    arch = "vgg16_bn" if batch_norm else "vgg16"
-    raise errors.UserError(f"not a torchvision {arch} state dict: {'; '.join(problems)}")
+    raise errors.UserError(f"not {what}: {'; '.join(problems)}")
+
+
+def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
+  """Raises one UserError naming every unknown, missing and mis-shaped key of a torchvision state dict."""
+  head = state_dict.get("classifier.6.weight")
+  num_classes = head.shape[0] if head is not None and head.ndim == 2 else None
+  ignored = frozenset(
+    f"features.{i + 1}.num_batches_tracked" for _, i, _, _ in _feature_layers(batch_norm) if batch_norm
+  )
+  arch = "vgg16_bn" if batch_norm else "vgg16"
+  _check_shapes(state_dict, _expected_shapes(batch_norm, num_classes), f"a torchvision {arch} state dict", ignored)
 
 
 def from_torchvision(state_dict: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float32) -> VGG16:
@@ -263,11 +281,115 @@ def from_torchvision(state_dict: Mapping[str, Any], *, dtype: jnp.dtype = jnp.fl
   return nnx.merge(graphdef, param_state, rest)
 
 
+# VGG-Face (Parkhi et al. 2015): VGG16 without batch norm, trained to recognise 2,622 people. Its two
+# common files: mcn's PyTorch import (vgg_face_dag.pth: conv1_1 ... conv5_3, fc6, fc7, fc8, RGB input) and
+# keras-vggface's .h5 (the same layers in Keras's layout, BGR input; the notop file stops at conv5_3).
+# Both take 0..255 pixels minus a per-channel mean, std 1, at 224 x 224 (pool5 is then 7 x 7).
+VGG_FACE = registry.InputSpec(
+  pixel_range=255.0, channels="RGB", mean=(129.186279296875, 104.76238250732422, 93.59396362304688), std=(1.0, 1.0, 1.0)
+)
+VGG_FACE_CONVS = tuple(f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1))
+FRESH_WITHOUT_TOP = ("fc1", "fc2", "head")  # what a notop file leaves new
+
+
+def _vgg_face_shapes(num_classes: int | None) -> tuple[dict[str, tuple], dict[str, tuple]]:
+  """(conv keys, fc keys) -> shapes of mcn's vgg_face_dag state dict; fc6 comes flat or as a 7 x 7 conv."""
+  convs: dict[str, tuple] = {}
+  for (_, _, cin, cout), name in zip(_feature_layers(False), VGG_FACE_CONVS):
+    convs[f"{name}.weight"], convs[f"{name}.bias"] = (cout, cin, 3, 3), (cout,)
+  channels = int(VGG16_LAYERS[-2])
+  fc6 = ((HIDDEN, POOLED_SIZE * POOLED_SIZE * channels), (HIDDEN, channels, POOLED_SIZE, POOLED_SIZE))
+  fcs = {
+    "fc6.weight": fc6,
+    "fc6.bias": (HIDDEN,),
+    "fc7.weight": (HIDDEN, HIDDEN),
+    "fc7.bias": (HIDDEN,),
+    "fc8.weight": (None, HIDDEN),
+    "fc8.bias": (num_classes,),
+  }
+  return convs, fcs
+
+
+def from_vgg_face(state_dict: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float32) -> VGG16:
+  """Returns VGG-Face as a Flax VGG16 whose logits equal mcn's Vgg_face_dag on 224 x 224 input (see VGG_FACE).
+
+  Args:
+    state_dict: mcn's vgg_face_dag state dict (fc6 flat [4096, 25088] or [4096, 512, 7, 7]), or its
+      conv layers alone (a notop file): fc6, fc7 and the head are then zeros, listed in `fresh_groups`.
+    dtype: the model's compute dtype (parameters stay float32).
+
+  Returns:
+    The Flax model with the converted weights (fc8, the 2,622 identities, as its head).
+  """
+  sd = {k: registry.to_numpy(v) for k, v in state_dict.items()}
+  head = sd.get("fc8.weight")
+  convs, fcs = _vgg_face_shapes(head.shape[0] if head is not None and head.ndim == 2 else None)
+  notop = not any(k in sd for k in fcs)
+  _check_shapes(sd, convs if notop else {**convs, **fcs}, "a VGG-Face (vgg_face_dag) state dict")
+  tv = {}  # renamed to torchvision's keys: the same network, so from_torchvision converts it
+  for (_, index, _, _), name in zip(_feature_layers(False), VGG_FACE_CONVS):
+    tv[f"features.{index}.weight"], tv[f"features.{index}.bias"] = sd[f"{name}.weight"], sd[f"{name}.bias"]
+  if notop:
+    pooled = POOLED_SIZE * POOLED_SIZE * int(VGG16_LAYERS[-2])
+    sd.update(
+      {
+        "fc6.weight": np.zeros((HIDDEN, pooled), np.float32),
+        "fc7.weight": np.zeros((HIDDEN, HIDDEN), np.float32),
+        "fc8.weight": np.zeros((1, HIDDEN), np.float32),
+        **{f"fc{n}.bias": np.zeros((1 if n == 8 else HIDDEN,), np.float32) for n in (6, 7, 8)},
+      }
+    )
+  for key, fc in (("classifier.0", "fc6"), ("classifier.3", "fc7"), ("classifier.6", "fc8")):
+    # A conv-shaped fc6 is [out, C, 7, 7]: flattened it is torch's channel-major flatten of pool5.
+    tv[f"{key}.weight"] = sd[f"{fc}.weight"].reshape(sd[f"{fc}.weight"].shape[0], -1)
+    tv[f"{key}.bias"] = sd[f"{fc}.bias"]
+  model = from_torchvision(tv, dtype=dtype)
+  model.fresh_groups = FRESH_WITHOUT_TOP if notop else ()
+  return model
+
+
+def _vgg_face_keras_shapes() -> tuple[dict[str, tuple], dict[str, tuple]]:
+  """(conv keys, fc keys) -> shapes of keras-vggface's VGG16 weights (HWIO kernels, [in, out] dense kernels)."""
+  convs, fcs = _vgg_face_shapes(None)
+  keras: dict[str, tuple] = {}
+  for name in VGG_FACE_CONVS:
+    out, cin, kh, kw = convs[f"{name}.weight"]
+    keras[f"{name}/kernel"], keras[f"{name}/bias"] = (kh, kw, cin, out), (out,)
+  pooled = fcs["fc6.weight"][0][1]
+  dense = {"fc6/kernel": (pooled, HIDDEN), "fc7/kernel": (HIDDEN, HIDDEN), "fc8/kernel": (HIDDEN, None)}
+  return keras, {**dense, "fc6/bias": (HIDDEN,), "fc7/bias": (HIDDEN,), "fc8/bias": (None,)}
+
+
+def from_vgg_face_keras(weights: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float32) -> VGG16:
+  """Returns VGG-Face from keras-vggface's weights ("layer/kernel" -> array, see convert.load_keras_h5).
+
+  Keras's VGG-Face reads BGR and flattens pool5 as [7, 7, C]; the result takes VGG_FACE's RGB input
+  and equals from_vgg_face of the same network's vgg_face_dag weights, array for array.
+  """
+  sd = {k: registry.to_numpy(v) for k, v in weights.items()}
+  convs, fcs = _vgg_face_keras_shapes()
+  notop = not any(k in sd for k in fcs)
+  _check_shapes(sd, convs if notop else {**convs, **fcs}, "keras-vggface's VGG16 weights")
+  dag = {}
+  for name in VGG_FACE_CONVS:
+    kernel = sd[f"{name}/kernel"]
+    if name == "conv1_1":
+      kernel = kernel[:, :, ::-1, :]  # its input channels in BGR order: ours are RGB
+    dag[f"{name}.weight"], dag[f"{name}.bias"] = kernel.transpose(3, 2, 0, 1), sd[f"{name}/bias"]
+  if not notop:
+    fc6 = sd["fc6/kernel"]  # rows in Keras's [7, 7, C] flatten order; vgg_face_dag's columns are [C, 7, 7]
+    side, channels = POOLED_SIZE, int(VGG16_LAYERS[-2])
+    dag["fc6.weight"] = fc6.reshape(side, side, channels, -1).transpose(3, 2, 0, 1).reshape(fc6.shape[1], -1)
+    dag["fc7.weight"], dag["fc8.weight"] = sd["fc7/kernel"].T, sd["fc8/kernel"].T
+    dag.update({f"fc{n}.bias": sd[f"fc{n}/bias"] for n in (6, 7, 8)})
+  return from_vgg_face(dag, dtype=dtype)
+
+
 def convert_command(model: settings.ModelSettings, output: str) -> str:
   """The command that writes torchvision's ImageNet weights for this model to `output`."""
   arch = "vgg16_bn" if model.batch_norm else "vgg16"
   return (
-    f"python scripts/convert_torchvision.py --weights IMAGENET1K_V1 --arch {arch} --output {output} "
+    f"python scripts/convert_weights.py --weights IMAGENET1K_V1 --arch {arch} --output {output} "
     f"(or --checkpoint FILE.pth instead of --weights)"
   )
 
@@ -302,7 +424,13 @@ BACKBONE = registry.register(
     input_spec=registry.IMAGENET,
     min_image_size=32,  # five 2x2 max-pools
     head="head",
-    converters={"vgg16": from_torchvision, "vgg16_bn": from_torchvision},
+    converters={
+      "vgg16": from_torchvision,
+      "vgg16_bn": from_torchvision,
+      "vggface": from_vgg_face,
+      "vggface_keras": from_vgg_face_keras,
+    },
+    input_specs={"vggface": VGG_FACE, "vggface_keras": VGG_FACE},
     identify=identify,
     convert_command=convert_command,
     torch_model=torch_model,
