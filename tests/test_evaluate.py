@@ -74,7 +74,7 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
     assert r["status"] == "ok" and r["face"] == 0
     assert len(r["distribution"]) == config.labels.max_age - config.labels.min_age + 1
     assert abs(sum(r["distribution"]) - 1.0) < 1e-5
-  predicted = np.array([r["predicted_age"] for r in lines])
+  predicted = np.array([r["age"] for r in lines])
   np.testing.assert_allclose(predicted, [r["predicted_age"] for r in rows], rtol=1e-5)
   assert np.mean(np.abs(predicted - data.age)) == pytest.approx(report["mae"], rel=1e-5)
 

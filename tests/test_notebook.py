@@ -38,4 +38,7 @@ def test_notebook_executes_and_draws_its_plots(workdir, monkeypatch):
   assert len(pngs) >= 9
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert str(workdir) in text and "MAE" in text and "largest MAE gap" in text and "90% interval coverage" in text
+  # The groups cell prints the table's groups part from its heading, not a stray tail of it.
+  groups = next(o["text"] for c in nb.cells if "groups_start" in c.source for o in c.outputs if "text" in o)
+  assert groups.startswith("  MAE by group, 95% bootstrap interval\n"), groups[:200]
   assert (workdir / "eval" / "test.json").exists()

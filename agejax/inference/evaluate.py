@@ -6,14 +6,45 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from agejax import parallel, storage
-from agejax.data import pipeline
+from agejax import errors, parallel, settings, storage
+from agejax.data import datasets, pipeline, splits
 from agejax.evaluation import calibration, plots, scoring
 from agejax.inference import loading
+from agejax.training import checkpointing
+
+
+def check_split(data: settings.DataSettings, split: str) -> None:
+  """Fails in one line, before any model or data loads, when `split` is not one of the dataset's splits.
+
+  With `data.split` (benchmark folders) the splits are its parts; a dataset not prepared yet is
+  checked when it is loaded (the demo is generated then; the others say how to prepare them).
+  """
+  if splits.normalise(data.split):
+    names = list(splits.PARTS)
+  else:
+    builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
+    if not builder.is_prepared():
+      return
+    names = sorted(builder.info.splits)
+  if split not in names:
+    raise errors.UserError(f"--split={split!r}: {data.name} has the splits {', '.join(names)}")
+
+
+def output_prefix(split: str, flip: bool) -> str:
+  """The name the reports of a split start with in WORKDIR/eval/: 'test', or 'test_flip' with --flip."""
+  return f"{split}_flip" if flip else split
 
 
 def evaluate_workdir(
+  config: ml_collections.ConfigDict | None, workdir: storage.Location, split: str = "test", **options: Any
+) -> dict[str, Any]:
+  """`run_evaluation`'s report alone (the notebook's and crossval's call); `options` are its keyword arguments."""
+  return run_evaluation(config, workdir, split, **options)[0]
+
+
+def run_evaluation(
   config: ml_collections.ConfigDict | None,
   workdir: storage.Location,
   split: str = "test",
@@ -22,11 +53,12 @@ def evaluate_workdir(
   flip: bool = False,
   calibrated: bool = True,
   fit_calibration: bool = False,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[epath.Path]]:
   """Evaluates a trained workdir's checkpoint on every example of a split and writes WORKDIR/eval/.
 
   Writes `<split>.json` (the report), `<split>_predictions.jsonl` (one line per example) and
-  `<split>_*.png` plots.
+  `<split>_*.png` plots; with `flip`, `<split>_flip.json` and so on (the two never overwrite each
+  other). The split's name is checked before anything loads.
 
   Args:
     config: the training config; None: WORKDIR/config.json.
@@ -39,8 +71,14 @@ def evaluate_workdir(
       validation split) and write WORKDIR/calibration.json.
 
   Returns:
-    The report, with the workdir, split, checkpoint, step, flip and temperature.
+    (the report, with the workdir, split, checkpoint, step, flip and temperature; the files written,
+    none on processes other than 0). The report's checkpoint is the one scored: 'latest' when 'best'
+    was asked of a run with no evaluated checkpoint.
   """
+  folder = storage.path(workdir)
+  if not checkpointing.has_checkpoints(folder):
+    raise errors.MissingInput(checkpointing.no_checkpoints_message(workdir))
+  check_split(settings.Settings.from_config(loading.load_config(folder) if config is None else config).data, split)
   cfg, trained, state = loading.load_trained(workdir, checkpoint, config)
   mesh = parallel.make_mesh()
   if fit_calibration:
@@ -56,17 +94,20 @@ def evaluate_workdir(
   report = {
     "workdir": str(workdir),
     "split": split,
-    "checkpoint": str(checkpoint),
+    "checkpoint": checkpointing.scored_checkpoint(folder, checkpoint),
     "step": int(state.step),
     "flip": flip,
     "temperature": temperature or 1.0,
     **report,
   }
+  written: list[epath.Path] = []
   if jax.process_index() == 0:
-    out = storage.check_writable(storage.path(workdir) / "eval", "evaluation output folder")
-    storage.write_json(out / f"{split}.json", report)
+    out = storage.check_writable(folder / "eval", "evaluation output folder")
+    prefix = output_prefix(split, flip)
+    written = [out / f"{prefix}.json", out / f"{prefix}_predictions.jsonl"]
+    storage.write_json(written[0], report)
     storage.write_text(
-      out / f"{split}_predictions.jsonl",
+      written[1],
       "".join(
         json.dumps(
           {"index": i, "age": float(data.age[i]), **{k: float(per_example[k][i]) for k in scoring.OUTPUT_KEYS}}
@@ -75,5 +116,5 @@ def evaluate_workdir(
         for i in range(len(data))
       ),
     )
-    plots.write_plots(report, data.age, per_example["predicted_age"], out, split)
-  return report
+    written += plots.write_plots(report, data.age, per_example["predicted_age"], out, prefix)
+  return report, written

@@ -22,7 +22,6 @@ CONFIG_FILE = "config.json"
 # photos are cropped to, the age bins and the preprocessing. Nothing has to ask the dataset.
 INFERENCE_FILE = "inference.json"
 CHECKPOINT_CHOICES = "best, latest or a step number"
-TRAIN_COMMAND = "python scripts/train.py --config configs/vgg16_kl.py --workdir {workdir}"
 
 
 def _mae(metrics: dict) -> float:
@@ -47,7 +46,7 @@ class Checkpoints:
       create=not read_only,
       read_only=read_only,
       enable_async_checkpointing=asynchronous,
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=not read_only,  # a reader leaves the writer's temporaries alone
     )
     self.directory = storage.path(directory)  # Orbax wants local paths absolute
     if not read_only:
@@ -116,8 +115,58 @@ class Checkpoints:
 
 
 def no_checkpoints_message(workdir: storage.Location) -> str:
-  """The one-line error for a workdir that holds no trained model."""
-  return f"{workdir} holds no checkpoints; train a model first: " + TRAIN_COMMAND.format(workdir=workdir)
+  """The one-line error for a workdir that holds no trained model: it does not exist, or has no checkpoints yet.
+
+  The training command it suggests carries the config variant of WORKDIR/config.json when there is
+  one (`:demo` for a run on the demo dataset).
+  """
+  folder = storage.path(workdir)
+  if folder.exists():
+    state = "holds no checkpoints"
+  else:
+    state = f"does not exist{_did_you_mean(folder)}"
+  recorded = folder / CONFIG_FILE
+  config = None
+  if recorded.exists():
+    try:
+      config = storage.read_json_object(recorded)
+    except ValueError:  # a corrupt config.json: the command without its variant still helps
+      config = None
+  return f"{workdir} {state}; train a model first: {train_command(workdir, config)}"
+
+
+def _did_you_mean(folder: Any) -> str:
+  """' (did you mean DIR?)' naming a sibling workdir with checkpoints whose name is close (a typo); '' for none."""
+  import difflib
+
+  parent = folder.parent
+  if storage.is_url(folder) or not parent.is_dir():
+    return ""
+  names = [p.name for p in parent.iterdir() if has_checkpoints(p)]
+  close = difflib.get_close_matches(folder.name, names, n=1)
+  return f" (did you mean {parent / close[0]}?)" if close else ""
+
+
+# The config file of each backbone's recipe (configs/), for suggested commands.
+CONFIG_FILES = {"vgg16": "configs/vgg16_kl.py", "resnet50": "configs/resnet50_kl.py"}
+
+
+def config_argument(recorded: dict[str, Any] | None) -> str:
+  """The `--config` value that gives a recorded config's recipe: 'configs/vgg16_kl.py:demo' for a demo run.
+
+  Without a record (a workdir not trained yet), the default recipe's.
+  """
+  recorded = recorded or {}
+  data, model = recorded.get("data") or {}, recorded.get("model") or {}
+  file = CONFIG_FILES.get(str(model.get("name", "vgg16")), CONFIG_FILES["vgg16"])
+  if data.get("name") != "demo":
+    return file
+  return f"{file}:{'tiny' if data.get('builder_config') == 'tiny' else 'demo'}"
+
+
+def train_command(workdir: storage.Location, recorded: dict[str, Any] | None = None) -> str:
+  """The command that trains WORKDIR with the recipe of its recorded config (`config_argument`)."""
+  return f"python scripts/train.py --config {config_argument(recorded)} --workdir {workdir}"
 
 
 def has_checkpoints(workdir: storage.Location) -> bool:
@@ -146,6 +195,17 @@ def resolve_step(ckpts: Checkpoints, checkpoint: str | int, workdir: storage.Loc
   if int(checkpoint) not in available:
     raise errors.UserError(f"--checkpoint={checkpoint}: no such step in {ckpts.directory} (available: {available})")
   return int(checkpoint)
+
+
+def scored_checkpoint(workdir: storage.Location, checkpoint: str | int) -> str:
+  """What `checkpoint` named in WORKDIR, for reports: 'latest' where 'best' fell back to it (nothing evaluated yet)."""
+  if str(checkpoint) != "best":
+    return str(checkpoint)
+  ckpts = Checkpoints(storage.path(workdir) / "checkpoints", read_only=True)
+  try:
+    return "best" if ckpts.best_step() is not None else "latest"
+  finally:
+    ckpts.close()
 
 
 def recorded_input_spec(workdir: storage.Location) -> models.InputSpec:

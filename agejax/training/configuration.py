@@ -291,9 +291,13 @@ def check_resume(config, recorded: dict[str, Any], source: storage.Location) -> 
   changed = [k for k in keys if new[k] != old[k] and not resume_may_change(k)]
   if changed:
     one = len(changed) == 1
+    # A rerun of a demo workdir without `:demo` changes a dozen keys: the recipe says it in a word.
+    recipe = checkpointing.config_argument(recorded)
+    same = recipe == checkpointing.config_argument(config.to_dict())
+    hint = "" if same else f" (it was trained with --config {recipe})"
     raise errors.UserError(
       f"{', '.join(f'config.{k}={new[k]!r}' for k in changed)} {'differs' if one else 'differ'} from "
       f"{', '.join(f'{k}={old[k]!r}' for k in changed)} in {source}, which this workdir's checkpoints were trained "
       f"with: {'this key sets' if one else 'these keys set'} what the checkpoints mean and cannot change on "
-      f"resume; use a new workdir, or the run's {'value' if one else 'values'}"
+      f"resume; use a new workdir, or the run's {'value' if one else 'values'}{hint}"
     )

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -142,6 +141,8 @@ def train_and_evaluate(config, workdir: storage.Location) -> dict[str, Any] | No
     the run (after saving a checkpoint at the current step once training had started).
   """
   started = time.perf_counter()
+  if checkpointing.has_checkpoints(workdir):  # a rerun: a config that does not fit it is the first thing to say
+    _check_recorded_config(config, storage.path(workdir))
   cfg = configuration.validate(config)
   if cfg.model.init_from and not checkpointing.has_checkpoints(workdir):
     configuration.check_init_source(cfg)  # a new run: the run it starts from must exist, before anything is written
@@ -195,14 +196,14 @@ class _Run:
 
     final_path = self.workdir / FINAL_METRICS
     with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
-      if self.ckpts.latest_step() is not None:  # before the data is read and anything compiled
-        _check_recorded_config(self.config, self.workdir)
       resuming = self.ckpts.latest_step() is not None
       b = self.b = build(self.cfg, self.workdir if resuming else None)
       state = b.state
-      if self.ckpts.latest_step() is not None:
-        if jax.process_index() == 0:
-          print(f"resuming from step {self.ckpts.latest_step()} of {self.ckpts.directory}")
+      latest = self.ckpts.latest_step()
+      finished = latest is not None and latest >= self.cfg.run.num_train_steps and final_path.exists()
+      if latest is not None:
+        if jax.process_index() == 0 and not finished:
+          print(f"resuming from step {latest} of {self.ckpts.directory}")
         state = self.ckpts.restore(state)
       start = int(state.step)
       # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
@@ -215,7 +216,9 @@ class _Run:
       _write_json(inference_file, record)
       if start >= self.cfg.run.num_train_steps and final_path.exists():
         final = storage.read_json_object(final_path)
-        print(f"{self.workdir}: finished at step {start}; final metrics: {json.dumps(final)}")
+        if jax.process_index() == 0:
+          print(f"{self.workdir} finished at step {start}: nothing to train (raise num_train_steps to go on)")
+          print(summary(final))
         return final
       # Only now: a config that does not fit the workdir's checkpoints must not replace the one that does.
       _write_json(self.workdir / checkpointing.CONFIG_FILE, self.config.to_dict())
