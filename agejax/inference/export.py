@@ -190,10 +190,13 @@ def _write_onnx(
     return f"jax2onnx is not installed ({e}; pip install jax2onnx)"
   spec = _input_spec(size)
   closed = jax.make_jaxpr(lambda images: fn(leaves, images))(spec)  # the weights become the jaxpr's constants
-  quiet = std_logging.getLogger("onnx_ir")  # warns of value types it leaves out, about every constant
-  level = quiet.level
+  # onnx_ir warns of every constant's value type; jax2onnx logs a traceback for each optional plug-in
+  # (dm_pix, equinox) that fails to import. None of it is the user's business.
+  quiet = [std_logging.getLogger(name) for name in ("onnx_ir", "jax2onnx")]
+  levels = [logger.level for logger in quiet]
   try:
-    quiet.setLevel(std_logging.ERROR)
+    for logger in quiet:
+      logger.setLevel(std_logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx prints debug lines
       model = jax2onnx.to_onnx(
         lambda images: _inline(closed.jaxpr, closed.consts, images)[0],
@@ -206,7 +209,8 @@ def _write_onnx(
     op = re.search(r"primitive '([^']+)'", str(e))
     return f"jax2onnx cannot convert {f'the op {op[1]!r}' if op else 'the model'} ({storage.first_line(e)})"
   finally:
-    quiet.setLevel(level)
+    for logger, level in zip(quiet, levels):
+      logger.setLevel(level)
   with open(target, "wb") as f:
     f.write(model.SerializeToString())
   try:
@@ -272,11 +276,7 @@ def _check_destination(out: epath.Path) -> None:
 
 
 def _swap(staged: epath.Path, out: epath.Path, tag: str) -> None:
-  """Puts the complete export `staged` at `out`: the old one moves aside first, so `out` is never a mix.
-
-  Local renames are atomic. On gs:// a rename copies object by object: a kill in between leaves a
-  folder whose checksums or missing manifest make loading refuse it, never one that serves.
-  """
+  """Puts the complete local export `staged` at `out` by renames (atomic): the old one moves aside first."""
   old = None
   if out.exists():
     old = out.parent / f"{out.name}.old-{tag}"
@@ -289,6 +289,22 @@ def _swap(staged: epath.Path, out: epath.Path, tag: str) -> None:
     raise
   if old is not None:
     old.rmtree()
+
+
+def _replace_objects(staged: epath.Path, out: epath.Path, names: Sequence[str]) -> None:
+  """Puts the complete export `staged` (files `names`) at the URL `out`, where no rename is atomic.
+
+  The old manifest goes first and the new one comes last, so a reader finds the new export whole,
+  or no manifest ("not an export folder"), never a manifest beside another export's files.
+  """
+  if (out / MANIFEST_FILE).exists():
+    (out / MANIFEST_FILE).unlink()
+  for name in sorted(names, key=lambda n: n == MANIFEST_FILE):  # the manifest last
+    (staged / name).copy(out / name, overwrite=True)
+  for folder, _, files in out.walk():  # the old export's files the new one lacks (a SavedModel no longer written)
+    for name in files:
+      if os.path.relpath(os.fspath(folder / name), os.fspath(out)) not in names:
+        (folder / name).unlink()
 
 
 def _remove_stale(out: epath.Path) -> None:
@@ -307,7 +323,8 @@ def _staged(out: epath.Path) -> Iterator[str]:
   """Yields a local folder to write an export into; on success it replaces `out` whole, else `out` is untouched.
 
   Locally the folder is OUT.tmp-PID-XXXXXXXX beside OUT (same file system: the swap is renames); a
-  gs:// export is written in a local scratch folder and uploaded to that sibling before the swap.
+  gs:// export is written in a local scratch folder, uploaded to that sibling and then copied into OUT
+  (see _replace_objects: whole or refused at load there, as object stores have no atomic rename).
   """
   tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
   staged = out.parent / f"{out.name}.tmp-{tag}"
@@ -321,13 +338,14 @@ def _staged(out: epath.Path) -> Iterator[str]:
       staged.mkdir(parents=True)
     yield local
     if url:
-      for root, _, files in os.walk(local):
-        for name in files:
-          file = os.path.join(root, name)
-          epath.Path(file).copy(staged / os.path.relpath(file, local), overwrite=True)
-    _swap(staged, out, tag)
+      names = [os.path.relpath(os.path.join(root, n), local) for root, _, files in os.walk(local) for n in files]
+      for name in names:  # uploaded beside OUT first: a failed upload leaves the previous export as it was
+        epath.Path(local, name).copy(staged / name, overwrite=True)
+      _replace_objects(staged, out, names)
+    else:
+      _swap(staged, out, tag)
   except BaseException:
-    if staged.exists():
+    if not url and staged.exists():
       staged.rmtree()
     if created is not None:
       for folder in [out.parent, *out.parent.parents]:  # only the empty folders this export made
@@ -340,6 +358,8 @@ def _staged(out: epath.Path) -> Iterator[str]:
   finally:
     if url:
       shutil.rmtree(local, ignore_errors=True)
+      if staged.exists():
+        staged.rmtree()
   _remove_stale(out)
 
 
