@@ -6,7 +6,9 @@ Faces from concurrent requests share model calls (--max_batch, --max_wait_ms). S
 stops accepting, finishes the requests in flight and exits 0.
 """
 
-from absl import app, flags
+import signal
+
+from absl import app, flags, logging
 
 from agejax import cli
 from agejax.training import checkpointing
@@ -25,7 +27,31 @@ _MAX_WAIT_MS = flags.DEFINE_float(
 )
 _MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 20.0, "Largest request body (MB); larger ones get 413.", lower_bound=0)
 _MAX_FILES = flags.DEFINE_integer("max_files", 64, "Most images in one request.", lower_bound=1)
-_WORKERS = flags.DEFINE_integer("workers", 4, "Threads decoding images and detecting faces.", lower_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 4, "Threads decoding photos and detecting their faces.", lower_bound=1)
+_ALIGNED_WORKERS = flags.DEFINE_integer(
+  "aligned_workers", 2, "Threads decoding face crops (aligned=true): they never wait behind detection.", lower_bound=1
+)
+_MAX_PIXELS = flags.DEFINE_float(
+  "max_pixels", 64e6, "Largest image (width x height, from its header); larger ones get 413.", lower_bound=1
+)
+_DECODE_BUDGET_MB = flags.DEFINE_float(
+  "decode_budget_mb", 1000.0, "Decoded pixels in flight over all decode threads (MB); more work waits.", lower_bound=1
+)
+_QUEUE_TIMEOUT_S = flags.DEFINE_float(
+  "queue_timeout_s", 10.0, "Work that can't start within this gets 503 with Retry-After.", lower_bound=0
+)
+_BODY_TIMEOUT_S = flags.DEFINE_float(
+  "body_timeout_s", 60.0, "A request body must arrive within this (else 408).", lower_bound=0
+)
+_HEAD_TIMEOUT_S = flags.DEFINE_float(
+  "head_timeout_s",
+  10.0,
+  "A request line and headers must arrive within this (else the connection closes).",
+  lower_bound=0,
+)
+_KEEP_ALIVE_S = flags.DEFINE_float(
+  "keep_alive_s", 5.0, "An idle kept-alive connection closes after this.", lower_bound=0
+)
 _GRACE_S = flags.DEFINE_float(
   "graceful_timeout_s", 60.0, "After SIGTERM, longest wait for requests in flight.", lower_bound=0
 )
@@ -34,9 +60,45 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 )
 
 
+class _Stopped(Exception):
+  """SIGTERM (or Ctrl-C) arrived while the model was loading."""
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from agejax import serving
+
+  sock = serving.bind(_HOST.value, _PORT.value)  # a port in use fails here, before minutes of loading
+
+  # SIGTERM while loading: stop and exit 0, as after serving. The flag catches a signal whose
+  # exception was swallowed (raised inside a callback a library ignores errors of).
+  stopped = []
+
+  def stop(signum, frame):
+    stopped.append(signum)
+    raise _Stopped
+
+  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    server = build()
+  except _Stopped:
+    server = None
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  if stopped or server is None:
+    logging.warning("stopped by signal %s while loading the model", stopped[0] if stopped else "?")
+    sock.close()
+    return
+  from agejax.serving import limits
+
+  limits.use_mmap_for_large_allocations()  # freed images go back to the OS
+  serving.run(server, sock, _GRACE_S.value, head_timeout_s=_HEAD_TIMEOUT_S.value, keep_alive_s=_KEEP_ALIVE_S.value)
+
+
+def build():
+  """Loads the model and the face detector into the server's ASGI app."""
   from agejax import serving
   from agejax.inference import photos
   from agejax.serving import app as serving_app
@@ -54,10 +116,14 @@ def main(argv):
     max_body_bytes=int(_MAX_BODY_MB.value * 1e6),
     max_files=_MAX_FILES.value,
     workers=_WORKERS.value,
+    aligned_workers=_ALIGNED_WORKERS.value,
+    max_pixels=int(_MAX_PIXELS.value),
+    decode_budget_bytes=int(_DECODE_BUDGET_MB.value * 1e6),
+    queue_timeout_s=_QUEUE_TIMEOUT_S.value,
+    body_timeout_s=_BODY_TIMEOUT_S.value,
   )
   min_age = int(model.bins[0])
-  server = serving_app.create_app(model, photos.FaceDetector(), limits, min_age, getattr(model, "step", None))
-  serving.run(server, _HOST.value, _PORT.value, _GRACE_S.value)
+  return serving_app.create_app(model, photos.FaceDetector(), limits, min_age, getattr(model, "step", None))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import asyncio
 import concurrent.futures
 import io
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -101,7 +102,7 @@ def test_answers_a_generated_face_with_predictors_numbers(server, predictor):
     assert result["status"] == "ok"
     (face,) = result["faces"]
     assert set(face) == {"box", "age", "argmax_age", "std", "interval80", "distribution"}
-    assert face["box"] == [0, 0, side, side]
+    assert face["box"] == [0, 0, side, side] and all(isinstance(v, int) for v in face["box"])
     probs = expected(predictor, image)
     assert_same_distributions(face["distribution"], probs)
     stats = prediction.summaries(probs[None], predictor.bins)
@@ -119,7 +120,8 @@ def test_finds_the_face_in_a_photo_too_large_to_detect_at_full_size(server):
   assert response.status_code == 200, response.text
   (result,) = response.json()["results"]
   assert result["status"] == "ok" and len(result["faces"]) == 1
-  bx, by, bw, bh = result["faces"][0]["box"]
+  bx, by, bw, bh = box = result["faces"][0]["box"]
+  assert all(isinstance(v, int) for v in box)  # whole pixels, as for aligned crops
   assert x - 10 <= bx and bx + bw <= x + w + 10 and y - 10 <= by and by + bh <= y + h + 10
   assert bw > 0.3 * w and bh > 0.3 * h
 
@@ -131,7 +133,12 @@ def test_every_bad_input_is_answered_and_the_server_keeps_serving(server):
     "not an image": (post(url, ("notes.txt", b"just some text\n")), 400, "notes.txt: not an image"),
     "truncated image": (post(url, ("cut.jpg", jpeg[: len(jpeg) // 3])), 400, "cut.jpg: corrupt image"),
     "empty file": (post(url, ("empty.png", b"")), 400, "empty.png: empty file"),
-    "no files": (httpx.post(url + "/v1/predict", data={"x": "1"}, timeout=TIMEOUT), 400, "no complete file"),
+    "no files": (
+      httpx.post(url + "/v1/predict", files={"aligned": (None, "true")}, timeout=TIMEOUT),
+      400,
+      "no complete file",
+    ),
+    "not a form": (httpx.post(url + "/v1/predict", data={"x": "1"}, timeout=TIMEOUT), 415, "send multipart/form-data"),
     "bad aligned": (post(url, ("a.png", drawn_face(0)), aligned="maybe"), 400, "aligned='maybe'"),
     "over the limit": (post(url, ("big.png", os.urandom(MAX_BODY_MB * 1_000_000 + 1))), 413, "MB limit"),
   }
@@ -358,3 +365,161 @@ def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, t
   assert serving.load_model(workdir, None, calibrated=False).temperature == 1.0
   with pytest.raises(serving.errors.UserError, match="--no-calibration applies to --workdir"):
     serving.load_model(None, tmp_path, calibrated=False)
+
+
+def test_http_details_are_answered_in_one_json_line(server):
+  url, face = server.url, drawn_face(6)
+  put = httpx.put(url + "/v1/predict")
+  assert put.status_code == 405 and put.headers["Allow"] == "POST" and "error" in put.json()
+  # No redirect built from the Host header a client sends.
+  static = httpx.get(url + "/static", headers={"Host": "evil.example"})
+  assert static.status_code == 307 and static.headers["Location"] == "/"
+  assert "evil.example" not in str(static.headers) + static.text
+  # A file part named only by RFC 5987's filename*.
+  body = (
+    b"--b\r\nContent-Disposition: form-data; name=files; filename*=UTF-8''%C3%A9t%C3%A9.png\r\n\r\n"
+    + face
+    + b"\r\n--b--\r\n"
+  )
+  star = httpx.post(
+    url + "/v1/predict?aligned=true", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+  )
+  assert star.status_code == 200, star.text
+  assert star.json()["results"][0]["file"] == "été.png" and len(star.json()["results"][0]["faces"]) == 1
+  cases = {  # (response, status, the one-line error)
+    "aligned as a file": (
+      httpx.post(url + "/v1/predict", files=[("files", ("a.png", face)), ("aligned", ("x.txt", b"true"))]),
+      400,
+      'the form field "aligned" must be text (true or false), not a file',
+    ),
+    "aligned twice": (
+      post(url, ("a.png", face), aligned=["true", "false"]),  # type: ignore[arg-type]
+      400,
+      "aligned given 2 times with different values ['true', 'false']: send it once",
+    ),
+    "another field": (
+      httpx.post(url + "/v1/predict", files=[("images", ("a.png", face))]),
+      400,
+      """unexpected form field 'images' (part 0): send images in the field "files" (and "aligned")""",
+    ),
+  }
+  for name, (response, status, message) in cases.items():
+    assert response.status_code == status and response.json() == {"error": message}, (name, response.text)
+  long = post(url, ("x" * 8000 + ".png", face), aligned="true")
+  assert long.status_code == 200, long.text
+  (result,) = long.json()["results"]
+  assert result["file"] == "x" * 254 + "…" and len(result["faces"]) == 1
+
+
+def test_the_json_api_answers_like_multipart(server):
+  import base64
+
+  from test_hostile import jpeg_claiming
+
+  image, _ = photo_with_a_face(640, 480, at=(200, 100))
+  crop = drawn_face(7)
+  for aligned, data in ((False, image), (True, crop)):
+    form = post(server.url, ("images[0]", data), aligned=str(aligned).lower()).json()
+    sent = {"images": [base64.b64encode(data).decode()], "aligned": aligned}
+    answer = httpx.post(server.url + "/v1/predict", json=sent, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"] == form["results"] and answer.json()["min_age"] == form["min_age"]
+  named = {"images": ["data:image/png;base64," + base64.b64encode(crop).decode()], "aligned": True, "names": ["c.png"]}
+  assert httpx.post(server.url + "/v1/predict", json=named).json()["results"][0]["file"] == "c.png"
+  bad = {
+    "not base64": ({"images": ["not base64!"]}, 400, "images[0] is not valid base64"),
+    "not a list": ({"images": "x"}, 400, '"images": a list of base64 strings'),
+    "a bomb": ({"images": [base64.b64encode(jpeg_claiming(13000)).decode()]}, 413, "--max_pixels"),
+    "too many": ({"images": ["AAAA"] * 65}, 413, "at most 64"),
+    "over the body limit": ({"images": ["A" * (MAX_BODY_MB * 1_000_000)]}, 413, "MB limit"),
+  }
+  for name, (doc, status, text) in bad.items():
+    response = httpx.post(server.url + "/v1/predict", json=doc, timeout=TIMEOUT)
+    assert response.status_code == status and text in response.json()["error"], (name, response.text)
+
+
+def test_serve_on_a_port_in_use_fails_in_one_line_before_loading(workdir):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    start = time.monotonic()
+    proc = subprocess.run(
+      [sys.executable, str(SERVE), "--workdir", str(workdir), "--port", str(port)],
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+    f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    " (another server on that port? choose one with --port)"
+  ]
+  assert time.monotonic() - start < 30  # no model was loaded
+
+
+def test_sigterm_while_loading_the_model_exits_0(workdir):
+  port = local.free_port()
+  proc = subprocess.Popen(
+    [sys.executable, str(SERVE), "--workdir", str(workdir), "--port", str(port), "--compilation_cache_dir="],
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  deadline = time.monotonic() + 60
+  while True:  # serve.py binds its port first thing in main(), with its signal handlers
+    with socket.socket() as probe:
+      try:
+        probe.bind(("127.0.0.1", port))
+      except OSError:
+        break
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  time.sleep(0.5)  # into the model's restoring
+  proc.terminate()
+  output, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, output[-3000:]
+  assert "stopped by signal" in output
+
+
+def test_sigterm_answers_every_request_sent_before_it_and_503s_what_runs_past_the_grace(workdir, compilation_cache):
+  from test_hostile import grey_png
+
+  flags = [
+    "--workdir",
+    str(workdir),
+    f"--compilation_cache_dir={compilation_cache}",
+    "--workers=1",
+    "--graceful_timeout_s=3",
+  ]
+  with local.LocalServer(SERVE, flags, env=ENV) as running:
+    slow: dict = {}
+    # 32 photos on one detection thread: far longer than the 3 s of grace.
+    photos = [(f"{i}.png", grey_png(2000)) for i in range(32)]
+    long = threading.Thread(target=lambda: slow.update(response=post(running.url, *photos)))
+    long.start()
+    deadline = time.monotonic() + 30
+    while in_flight(running.url) < 2:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+
+    async def burst() -> list:
+      async with httpx.AsyncClient(base_url=running.url, timeout=TIMEOUT) as c:
+        requests = [
+          asyncio.ensure_future(c.post("/v1/predict?aligned=true", files={"files": (f"{i}.png", drawn_face(i))}))
+          for i in range(24)
+        ]
+        await asyncio.sleep(0.05)  # sent: now the signal
+        running.process.terminate()
+        return await asyncio.gather(*requests, return_exceptions=True)
+
+    answers = asyncio.run(burst())
+    long.join(60)
+    code = running.process.wait(60)
+  failed = [a for a in answers if not isinstance(a, httpx.Response) or a.status_code != 200]
+  assert not failed, failed
+  assert slow["response"].status_code == 503, slow["response"].text
+  assert "shutting down" in slow["response"].json()["error"]
+  assert code == 0

@@ -9,7 +9,7 @@ import collections
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -25,6 +25,9 @@ from agejax.inference import prediction
 # UTKFace's aligned chips (what the models are trained on) show the whole head with some margin.
 FACE_MARGIN = 1.4
 DETECT_MAX_SIDE = 1024  # MTCNN's image pyramid is slow on big photos; faces stay findable at this size
+# Photos are decoded at reduced scale (JPEG's DCT scaling, else one box reduction) with at least this
+# shorter side: faces are cropped from it when large enough there, a finer decode otherwise.
+WORK_MIN_SIDE = 1536
 
 
 @dataclasses.dataclass
@@ -153,24 +156,49 @@ def list_files(inputs: Iterable[storage.Location]) -> list[epath.Path]:
 
 
 def find_faces(
-  photo: Image.Image,
+  photo: Image.Image | faces.Decoded,
   size: int,
   *,
   aligned: bool = False,
   detector: FaceDetector | None = None,
   framing: Framing | None = None,
+  reopen: Callable[[int], faces.Decoded | None] | None = None,
 ) -> tuple[str, list[Face], list[np.ndarray]]:
   """Returns (status, faces, size x size crops) of a photo: its centre square if `aligned`, else each detected face.
 
   A detected face is framed like the training crops (`framing`, the workdir's record) or, without
-  one, cropped with the fixed margin.
+  one, cropped with the fixed margin. A photo decoded at reduced scale (`faces.Decoded`) is searched
+  as it is and boxes come back in its full-size pixels; a face too small there to fill its crop is
+  cropped from `reopen(factor)`, the photo decoded again less reduced, when that returns one.
   """
+  decoded = photo if isinstance(photo, faces.Decoded) else faces.Decoded(photo, photo.size)
+  image, (sx, sy) = decoded.image, decoded.scale
   if aligned:  # the file is one face crop: its centre square, as training read them
-    return "ok", [Face(faces.centre_square_box(*photo.size))], [faces.centre_square(photo, size)]
+    return "ok", [Face(faces.centre_square_box(*decoded.full_size))], [faces.centre_square(image, size)]
   assert detector is not None  # callers pass one unless `aligned` (serve.py refuses such requests first)
-  found = detector(photo)
-  chips = [crop_face(photo, d, size, framing) for d in found]
-  return ("ok" if found else "no face found"), [Face(d.box) for d in found], chips
+  found = detector(image)
+  finer: faces.Decoded | None = None
+  chips = []
+  for d in found:
+    side = FACE_MARGIN * max(d.box[2], d.box[3])  # the crop's side in this image's pixels
+    source, detection = image, d
+    if side < size and reopen is not None and min(sx, sy) < 1:
+      factor = max(1, int(side / size / min(sx, sy)))  # the most reduction that still fills the crop
+      if finer is None or finer.scale[0] * factor < 0.99:
+        finer = reopen(factor) or finer
+      if finer is not None and finer.scale[0] > sx:
+        source, detection = finer.image, _scaled(d, finer.scale[0] / sx, finer.scale[1] / sy)
+    chips.append(crop_face(source, detection, size, framing))
+  boxes = [(x / sx, y / sy, w / sx, h / sy) for x, y, w, h in (d.box for d in found)]
+  return ("ok" if found else "no face found"), [Face(b) for b in boxes], chips
+
+
+def _scaled(d: Detection, kx: float, ky: float) -> Detection:
+  """A detection's coordinates in an image `kx` x `ky` times as large."""
+  x, y, w, h = d.box
+  landmarks = None if d.landmarks is None else d.landmarks * np.array([kx, ky])
+  eyes = [(ex * kx, ey * ky) for ex, ey in (d.left_eye, d.right_eye)]
+  return Detection((x * kx, y * ky, w * kx, h * ky), eyes[0], eyes[1], d.confidence, landmarks)
 
 
 def predict_files(
@@ -209,15 +237,22 @@ def predict_files(
     waiting.clear()
 
   for path in files:
-    photo = faces.open_rgb(path)
+    decoded = open_photo(path, size, aligned=aligned)
     new_chips: list[np.ndarray]
-    if isinstance(photo, str):
-      result, new_chips = ImageResult(str(path), photo), []
+    if isinstance(decoded, str):
+      result, new_chips = ImageResult(str(path), decoded), []
     else:
-      status, found, new_chips = find_faces(photo, size, aligned=aligned, detector=detector, framing=framing)
+      reopen = lambda factor: _or_none(faces.open_reduced(path, factor=factor))  # noqa: B023  (used at once)
+      status, found, new_chips = find_faces(
+        decoded, size, aligned=aligned, detector=detector, framing=framing, reopen=reopen
+      )
       result = ImageResult(str(path), status, found)
     if result.faces and kept < keep_photos:
-      assert not isinstance(photo, str)  # a file that could not be opened has no faces
+      assert not isinstance(decoded, str)  # a file that could not be opened has no faces
+      # The plot draws boxes in the photo's full-size pixels: keep a photo of that size.
+      photo = decoded.image
+      if photo.size != decoded.full_size:
+        photo = photo.resize(decoded.full_size, Image.Resampling.BILINEAR)
       result.photo, kept = photo, kept + 1
       for face, chip in zip(result.faces, new_chips):
         face.chip = chip
@@ -234,11 +269,27 @@ def predict_files(
   yield from pending
 
 
+def min_side(size: int, aligned: bool) -> int:
+  """The least shorter side a photo is decoded at: twice the crop for a face crop, else the detection working size."""
+  return 2 * size if aligned else WORK_MIN_SIDE
+
+
+def open_photo(
+  path_or_bytes: str | os.PathLike | bytes, size: int, *, aligned: bool, max_pixels: int | None = None
+) -> faces.Decoded | str:
+  """Decodes a photo at the reduced scale `find_faces` works at, or returns why it can't be read."""
+  return faces.open_reduced(path_or_bytes, max_pixels=max_pixels, min_side=min_side(size, aligned))
+
+
+def _or_none(decoded: faces.Decoded | str) -> faces.Decoded | None:
+  return None if isinstance(decoded, str) else decoded
+
+
 def face_json(face: Face, age_key: str = "predicted_age") -> dict:
   """A predicted face's JSON: box, expected age (under `age_key`), argmax age, std, interval80, distribution."""
   assert face.distribution is not None  # only predicted faces are written out
   return {
-    "box": [round(v, 1) for v in face.box],
+    "box": [round(v) for v in face.box],  # whole pixels, detected or not: [x, y, width, height]
     age_key: face.predicted_age,
     "argmax_age": face.argmax_age,
     "std": face.std,

@@ -1,29 +1,31 @@
 """The HTTP app: POST /v1/predict, the page at /, /healthz and Prometheus /metrics (Starlette)."""
 
 import asyncio
-import concurrent.futures
+import base64
+import binascii
 import contextlib
 import dataclasses
+import email.message
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import prometheus_client
+import python_multipart.multipart as multipart
 from absl import logging
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from agejax.data import faces
-from agejax.data.framing import Framing
 from agejax.inference import photos
-from agejax.serving import batcher, guard
+from agejax.serving import batcher, guard, limits
 from agejax.serving.guard import error
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,7 +40,12 @@ class Settings:
   max_wait_ms: float = 5.0  # longest a face waits for others to join its batch
   max_body_bytes: int = 20 * 1000 * 1000
   max_files: int = 64  # files per request
-  workers: int = 4  # threads decoding and detecting
+  workers: int = 4  # threads decoding photos and detecting their faces
+  aligned_workers: int = 2  # threads decoding face crops (aligned=true): they never wait behind detection
+  max_pixels: int = 64_000_000  # larger images are refused from their header (50 MP phone photos pass)
+  decode_budget_bytes: int = 1_000_000_000  # decoded pixels in flight over all decode threads
+  queue_timeout_s: float = 10.0  # work that can't start within this gets 503 with Retry-After
+  body_timeout_s: float = 60.0  # a request body must arrive within this (408)
 
 
 class Upstream:
@@ -64,41 +71,177 @@ class Upstream:
       leave()
 
 
-def prepare(
-  data: bytes, aligned: bool, size: int, detector: photos.FaceDetector | None, framing: Framing | None = None
-) -> tuple[str, list[photos.Face], list[np.ndarray]] | str:
-  """Decodes one upload and crops its faces as predict.py does: (status, faces, crops), or why it can't be read."""
-  photo = faces.open_rgb(data)
-  if isinstance(photo, str):
-    return photo
-  # Detection runs on a copy at most photos.DETECT_MAX_SIDE long: huge photos stay fast.
-  return photos.find_faces(photo, size, aligned=aligned, detector=detector, framing=framing)
+MAX_NAME_CHARS = 255  # longer file names are cut (with "…") in answers and logs
 
 
-async def read_uploads(request: Request, settings: Settings) -> tuple[list[str], list[bytes], bool] | Response:
-  """(file names, their bytes, aligned) of a multipart request, or the error answer to send instead."""
+@dataclasses.dataclass
+class Upload:
+  """A request's images: names, bytes, and whether they are face crops already."""
+
+  names: list[str]
+  datas: list[bytes]
+  aligned: bool
+
+
+class Refused(Exception):
+  """A request that gets the error answer it carries."""
+
+  def __init__(self, response: Response):
+    super().__init__(response.status_code)
+    self.response = response
+
+
+def _name(name: str) -> str:
+  return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
+
+
+async def read_upload(request: Request, settings: Settings) -> Upload:
+  """Reads a request's images: multipart field `files`, or JSON {"images": [base64, ...]}; raises `Refused`."""
+  kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
   try:
-    form = await request.form(max_files=settings.max_files, max_fields=8)
-    uploads = form.getlist("files")
-    aligned = _flag(request.query_params.get("aligned", form.get("aligned", "")))
-    names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads) if isinstance(u, UploadFile)]
-    if len(names) < len(uploads):
-      return error(400, 'the form field "files" must hold files (multipart file parts), not text')
-    files = [u for u in uploads if isinstance(u, UploadFile)]  # all of them: text parts were refused above
-    datas = [await u.read() for u in files]
+    if kind == "multipart/form-data":
+      names, datas, form_aligned = await _read_multipart(request, settings)
+    elif kind == "application/json":
+      names, datas, form_aligned = _read_json(await request.body(), settings)
+    else:
+      raise Refused(
+        error(415, 'send multipart/form-data (images in the field "files") or application/json {"images": [base64]}')
+      )
   except guard.BodyTooLarge:
-    return guard.too_large(settings.max_body_bytes)
-  except HTTPException as e:  # the multipart parser's complaint, e.g. too many files
-    return error(e.status_code, f"bad multipart body: {e.detail}")
+    raise Refused(guard.too_large(settings.max_body_bytes)) from None
+  except guard.BodyTimeout:
+    raise Refused(guard.too_slow(settings.body_timeout_s)) from None
   except ClientDisconnect:  # nobody is left to read an answer
-    return error(400, "the client disconnected before sending the whole body")
-  except ValueError as e:
-    return error(400, str(e))
+    raise Refused(error(400, "the client disconnected before sending the whole body")) from None
+  aligned = _aligned(request.query_params.getlist("aligned") + form_aligned)
   if not datas:
-    return error(
-      400, 'no complete file in the body: send images as multipart form field "files" (a truncated upload has none)'
+    raise Refused(
+      error(
+        400, 'no complete file in the body: send images as multipart form field "files" (a truncated upload has none)'
+      )
     )
+  if len(datas) > settings.max_files:
+    raise Refused(error(413, f"{len(datas)} images: at most {settings.max_files} in one request (--max_files)"))
+  return Upload([_name(n) for n in names], datas, aligned)
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[list[str], list[bytes], list[str]]:
+  """(file names, their bytes, the form's `aligned` values) of a multipart body, streamed through python-multipart."""
+  boundary = _options(request.headers["content-type"]).get_param("boundary")
+  if not isinstance(boundary, str) or not boundary:
+    raise Refused(error(400, "bad multipart body: its Content-Type names no boundary"))
+  parts: list[tuple[list[tuple[str, str]], bytearray]] = []
+  header = ["", ""]
+  ended = False
+
+  def on_part_begin() -> None:
+    if len(parts) >= settings.max_files + 8:
+      raise Refused(error(413, f"more than {settings.max_files} files in one request (--max_files)"))
+    parts.append(([], bytearray()))
+
+  def on_header_end() -> None:
+    parts[-1][0].append((header[0].lower(), header[1]))
+    header[:] = ["", ""]
+
+  def on_end() -> None:
+    nonlocal ended
+    ended = True
+
+  callbacks = {
+    "on_part_begin": on_part_begin,
+    "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
+    "on_header_field": lambda data, start, end: header.__setitem__(0, header[0] + _text(data[start:end])),
+    "on_header_value": lambda data, start, end: header.__setitem__(1, header[1] + _text(data[start:end])),
+    "on_header_end": on_header_end,
+    "on_end": on_end,
+  }
+  # File names may be long (they are cut later); the parser's default header limit is 4 KB.
+  parser = multipart.MultipartParser(boundary, callbacks, max_header_size=64 * 1024)  # type: ignore[arg-type]
+  try:
+    async for chunk in request.stream():
+      parser.write(chunk)
+      if ended:
+        break
+    parser.finalize()
+  except multipart.MultipartParseError as e:
+    raise Refused(error(400, f"bad multipart body: {e}")) from None
+  names: list[str] = []
+  datas: list[bytes] = []
+  aligned: list[str] = []
+  for i, (headers, data) in enumerate(parts):
+    disposition = _options(dict(headers).get("content-disposition", ""), "content-disposition")
+    field = disposition.get_param("name", header="content-disposition")
+    filename = disposition.get_filename()
+    if field == "files":
+      if filename is None:
+        raise Refused(error(400, 'the form field "files" must hold files (multipart file parts), not text'))
+      names.append(filename or f"files[{len(names)}]")
+      datas.append(bytes(data))
+    elif field == "aligned":
+      if filename is not None:
+        raise Refused(error(400, 'the form field "aligned" must be text (true or false), not a file'))
+      aligned.append(data.decode("utf-8", "replace"))
+    else:
+      raise Refused(
+        error(400, f'unexpected form field {field!r} (part {i}): send images in the field "files" (and "aligned")')
+      )
+  if not ended and datas:  # the body stopped inside a part: its last file is cut
+    raise Refused(error(400, "the multipart body ends before its closing boundary (a truncated upload)"))
   return names, datas, aligned
+
+
+def _read_json(body: bytes, settings: Settings) -> tuple[list[str], list[bytes], list[str]]:
+  """(names, bytes, `aligned` values) of a JSON body {"images": [base64, ...], "aligned": false, "names": [...]}."""
+  try:
+    doc = json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise Refused(error(400, f"the body is not JSON: {e}")) from None
+  if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+    raise Refused(error(400, 'the JSON body must be an object with "images": a list of base64 strings'))
+  unknown = set(doc) - {"images", "aligned", "names"}
+  if unknown:
+    raise Refused(error(400, f"unexpected JSON key(s) {sorted(unknown)}: use images, aligned and names"))
+  images = doc["images"]
+  if len(images) > settings.max_files:
+    raise Refused(error(413, f"{len(images)} images: at most {settings.max_files} in one request (--max_files)"))
+  names = doc.get("names", [f"images[{i}]" for i in range(len(images))])
+  if not isinstance(names, list) or len(names) != len(images) or not all(isinstance(n, str) for n in names):
+    raise Refused(error(400, '"names" must be a list of strings, one per image'))
+  datas = []
+  for i, text in enumerate(images):
+    if not isinstance(text, str):
+      raise Refused(error(400, f"images[{i}] must be a base64 string, not {type(text).__name__}"))
+    if text.startswith("data:") and "," in text:  # a data: URL, as a browser's FileReader gives
+      text = text.split(",", 1)[1]
+    try:
+      datas.append(base64.b64decode(text, validate=True))
+    except (ValueError, binascii.Error) as e:
+      raise Refused(error(400, f"images[{i}] is not valid base64: {e}", file=names[i])) from None
+  aligned = doc.get("aligned", None)
+  if aligned is not None and not isinstance(aligned, bool):
+    raise Refused(error(400, f'"aligned" must be true or false, not {aligned!r}'))
+  return names, datas, [] if aligned is None else [str(aligned)]
+
+
+def _options(value: str, header: str = "content-type") -> email.message.Message:
+  """A header value parsed like a MIME header (RFC 2231's filename*=UTF-8''... included)."""
+  message = email.message.Message()
+  message[header] = value
+  return message
+
+
+def _text(data: bytes) -> str:
+  return bytes(data).decode("utf-8", "replace")  # browsers send file names as raw UTF-8
+
+
+def _aligned(values: list[str]) -> bool:
+  try:
+    flags = {_flag(v) for v in values}
+  except ValueError as e:
+    raise Refused(error(400, str(e))) from None
+  if len(flags) > 1:
+    raise Refused(error(400, f"aligned given {len(values)} times with different values {values}: send it once"))
+  return flags.pop() if flags else False
 
 
 def results_json(
@@ -135,7 +278,11 @@ def create_app(
   model_batcher = batcher.Batcher(
     model, settings.max_batch, settings.max_wait_ms / 1000, metrics.on_batch, upstream=lambda: upstream.count
   )
-  pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="decode")
+  scheduler = limits.Scheduler(
+    {"detect": settings.workers, "aligned": settings.aligned_workers},
+    settings.decode_budget_bytes,
+    settings.queue_timeout_s,
+  )
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -145,35 +292,89 @@ def create_app(
       yield
     finally:  # uvicorn has answered every request by now
       model_batcher.close()
-      pool.shutdown()
+      scheduler.shutdown()
+
+  def decode(name: str, data: bytes, aligned: bool, header: faces.Header) -> tuple[str, list, list] | str:
+    """In a decode thread: the photo at reduced scale, its faces and their crops (or why it can't be read)."""
+    decoded = photos.open_photo(data, model.input_size, aligned=aligned, max_pixels=settings.max_pixels)
+    if isinstance(decoded, str):
+      return decoded
+    taken: list[int] = []
+
+    def reopen(factor: int) -> faces.Decoded | None:  # a finer decode for a small face, only if the budget allows
+      cost = header.decode_bytes(max(1, min(header.width, header.height) // factor))
+      if not scheduler.try_take(cost):
+        return None
+      taken.append(cost)
+      finer = faces.open_reduced(data, factor=factor)
+      return None if isinstance(finer, str) else finer
+
+    try:
+      return photos.find_faces(
+        decoded, model.input_size, aligned=aligned, detector=detector, framing=framing, reopen=reopen
+      )
+    finally:
+      for cost in taken:
+        scheduler.give(cost)
+      metrics.images.labels("aligned" if aligned else "detect").inc()
+
+  async def prepare_one(owner: limits.Owner, name: str, data: bytes, aligned: bool) -> tuple[str, list, list]:
+    header = faces.read_header(data)  # the header only: cheap, on the event loop
+    if isinstance(header, str):
+      raise Refused(error(400, f"{name}: {header}", file=name, reason=header))
+    if header.pixels > settings.max_pixels:
+      reason = faces.too_large(header, settings.max_pixels)
+      raise Refused(error(413, f"{name}: {reason} (--max_pixels)", file=name, reason=reason))
+    cost = header.decode_bytes(photos.min_side(model.input_size, aligned))
+    try:
+      p = await scheduler.run("aligned" if aligned else "detect", owner, cost, decode, name, data, aligned, header)
+    except limits.Overloaded as e:
+      raise Refused(busy(str(e), e.retry_after_s)) from None
+    except Exception as e:  # a bug or a detector failure on this upload
+      logging.error("preparing %s failed", name, exc_info=e)
+      raise Refused(error(500, f"{name}: {type(e).__name__}: {e}", file=name)) from None
+    if isinstance(p, str):
+      raise Refused(error(400, f"{name}: {p}", file=name, reason=p))
+    return p
 
   async def predict(request: Request) -> Response:
     with upstream.arriving() as handed_over:
-      return await answer(request, handed_over)
+      start = time.perf_counter()
+      try:
+        upload = await read_upload(request, settings)
+      except Refused as e:
+        return e.response
+      if not upload.aligned and detector is None:
+        return error(400, "this server detects no faces (started without a detector): send aligned=true")
+      work = asyncio.ensure_future(answer(upload, start, handed_over))
+      gone = asyncio.ensure_future(_disconnected(request))
+      try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+      finally:  # also when this handler is cancelled (the graceful shutdown ran out): stop the work
+        gone.cancel()
+        if not work.done():
+          work.cancel()
+          metrics.cancelled.inc()
+          with contextlib.suppress(asyncio.CancelledError):
+            await work
+      if work.cancelled():  # the client went away: nobody reads this
+        return error(499, "the client disconnected: its work was cancelled")
+      return work.result()
 
-  async def answer(request: Request, handed_over: Callable[[], None]) -> Response:
-    start = time.perf_counter()
-    read = await read_uploads(request, settings)
-    if isinstance(read, Response):
-      return read
-    names, datas, aligned = read
-    if not aligned and detector is None:
-      return error(400, "this server detects no faces (started without a detector): send aligned=true")
+  async def answer(upload: Upload, start: float, handed_over: Callable[[], None]) -> Response:
     uploaded = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    prepared = await asyncio.gather(
-      *(loop.run_in_executor(pool, prepare, data, aligned, model.input_size, detector, framing) for data in datas),
-      return_exceptions=True,
-    )
-    cropped: list[tuple[str, list[photos.Face], list[np.ndarray]]] = []
-    for name, p in zip(names, prepared):
-      if isinstance(p, str):
-        return error(400, f"{name}: {p}", file=name, reason=p)
-      if isinstance(p, Exception):  # a bug or a detector failure on this upload: the others go on
-        logging.error("preparing %s failed", name, exc_info=p)
-        return error(500, f"{name}: {type(p).__name__}: {p}", file=name)
-      assert not isinstance(p, BaseException)  # only a SystemExit or KeyboardInterrupt in a decode thread
-      cropped.append(p)
+    owner = limits.Owner()  # this request's turn among the decoders
+    tasks = [
+      asyncio.ensure_future(prepare_one(owner, name, data, upload.aligned))
+      for name, data in zip(upload.names, upload.datas)
+    ]
+    try:
+      cropped = await asyncio.gather(*tasks)
+    except Refused as e:
+      return e.response
+    finally:
+      for task in tasks:  # the first refusal (or a cancel) stops this request's other images
+        task.cancel()
     decoded = time.perf_counter()
     futures = [model_batcher.submit(chip) for _, _, chips in cropped for chip in chips]
     handed_over()
@@ -181,6 +382,9 @@ def create_app(
       predictions = await asyncio.gather(*map(asyncio.wrap_future, futures))
     except Exception as e:  # the model failed on one of this request's faces (even alone); the others go on
       return error(500, f"model call failed: {type(e).__name__}: {e}")
+    finally:
+      for future in futures:
+        future.cancel()  # queued faces of a cancelled request are skipped by the batcher
     done = time.perf_counter()
     model_ms = max((p.model_ms for p in predictions), default=0.0)
     ms = lambda a, b: round(1000 * (b - a), 2)
@@ -191,12 +395,24 @@ def create_app(
       "model": round(model_ms, 2),
       "total": ms(start, time.perf_counter()),
     }
-    return JSONResponse({"results": results_json(names, cropped, predictions), "min_age": min_age, "timing_ms": timing})
+    results = results_json(upload.names, cropped, predictions)
+    return JSONResponse({"results": results, "min_age": min_age, "timing_ms": timing})
+
+  def busy(message: str, retry_after_s: int) -> Response:
+    return error(503, message, headers={"Retry-After": str(retry_after_s)})
+
+  async def readyz(request: Request) -> Response:
+    load = scheduler.load()
+    if load["overloaded"]:
+      return busy(f"overloaded: work has waited {load['oldest_wait_s']} s to start", 1)
+    return JSONResponse({"status": "ready", "load": load})
 
   async def healthz(request: Request) -> Response:
+    load = scheduler.load()
     return JSONResponse(
       {
-        "status": "ok",
+        "status": "overloaded" if load["overloaded"] else "ok",
+        "load": load,
         "step": step,
         "input_size": model.input_size,
         "input_spec": model.input_spec,
@@ -211,19 +427,33 @@ def create_app(
   async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
+  async def to_page(request: Request) -> Response:
+    return RedirectResponse("/", 307)  # relative: never built from the request's Host header
+
   app = Starlette(
     routes=[
       Route("/", index),
       Route("/v1/predict", predict, methods=["POST"]),
       Route("/healthz", healthz),
+      Route("/readyz", readyz),
       Route("/metrics", metrics_page),
+      Route("/static", to_page),
+      Route("/static/", to_page),
       Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ],
-    exception_handlers={HTTPException: lambda request, e: error(e.status_code, str(e.detail))},
+    # Starlette's errors (404, 405 with its Allow header) as JSON, their headers kept.
+    exception_handlers={HTTPException: lambda request, e: error(e.status_code, str(e.detail), headers=e.headers)},
     lifespan=lifespan,
   )
-  app.state.batcher, app.state.metrics = model_batcher, metrics
-  return guard.Guard(app, metrics, settings.max_body_bytes)
+  app.router.redirect_slashes = False  # its redirects are absolute URLs built from the Host header
+  app.state.batcher, app.state.metrics, app.state.scheduler = model_batcher, metrics, scheduler
+  return guard.Guard(app, metrics, settings.max_body_bytes, settings.body_timeout_s)
+
+
+async def _disconnected(request: Request) -> None:
+  """Returns when the client hangs up (its body has been read: the next message is the disconnect)."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass
 
 
 def _fill(face: photos.Face, p: batcher.Prediction) -> None:
@@ -236,7 +466,7 @@ def _fill(face: photos.Face, p: batcher.Prediction) -> None:
   )
 
 
-def _flag(value: str | UploadFile) -> bool:
+def _flag(value: str) -> bool:
   value = str(value).strip().lower()
   if value not in _TRUE + _FALSE:
     raise ValueError(f"aligned={value!r}: use true or false")

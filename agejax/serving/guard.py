@@ -1,17 +1,30 @@
 """The server's outermost layer: Prometheus metrics of every request and model call, and the body size limit."""
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import prometheus_client
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-PATHS = ("/", "/v1/predict", "/healthz", "/metrics")  # metric labels, with "/static" (the page's files) and "other"
+PATHS = (
+  "/",
+  "/v1/predict",
+  "/healthz",
+  "/readyz",
+  "/metrics",
+)  # metric labels, with "/static" (the page's files) and "other"
 
 
 class BodyTooLarge(Exception):
   """The request body passed the size limit while it was being read."""
+
+
+class BodyTimeout(Exception):
+  """The request body did not arrive within the body timeout."""
 
 
 class Metrics:
@@ -41,6 +54,14 @@ class Metrics:
     self.padded_faces = prometheus_client.Counter(
       "agejax_batch_padding_faces", "Padding rows added to model calls.", registry=self.registry
     )
+    self.images = prometheus_client.Counter(
+      "agejax_images_decoded", "Images decoded (and their faces found), by lane.", ["lane"], registry=self.registry
+    )
+    self.cancelled = prometheus_client.Counter(
+      "agejax_requests_cancelled",
+      "Requests whose work was cancelled: the client went away, or the graceful shutdown ran out.",
+      registry=self.registry,
+    )
     self.model_seconds = prometheus_client.Histogram(
       "agejax_model_call_seconds",
       "Duration of each model call (distributions and summaries).",
@@ -56,31 +77,39 @@ class Metrics:
 
 
 class Guard:
-  """Outermost ASGI layer: counts and times every request, and enforces the body size limit.
+  """Outermost ASGI layer: counts and times every request, and enforces the body's size and time limits.
 
   A declared Content-Length over the limit is answered 413 before any byte of the body is read;
-  a body without one (chunked) raises `BodyTooLarge` from `receive` once it passes the limit.
+  a body without one (chunked) raises `BodyTooLarge` from `receive` once it passes the limit. A
+  body still incomplete `body_timeout_s` after the request arrived raises `BodyTimeout` (408). A
+  request cancelled before it answered (the graceful shutdown ran out) gets a JSON 503.
   """
 
-  def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int):
-    self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+  def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, body_timeout_s: float = 60.0):
+    self.app, self.metrics, self.max_body_bytes, self.body_timeout_s = app, metrics, max_body_bytes, body_timeout_s
 
   async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
     path = scope["path"] if scope["path"] in PATHS else "/static" if scope["path"].startswith("/static/") else "other"
-    start, status, received = time.perf_counter(), 500, 0
+    start, status, received, body_done, started = time.perf_counter(), 500, 0, False, False
 
     async def counted_send(message: Message) -> None:
-      nonlocal status
+      nonlocal status, started
       if message["type"] == "http.response.start":
-        status = message["status"]
+        status, started = message["status"], True
       await send(message)
 
     async def limited_receive() -> Message:
-      nonlocal received
-      message = await receive()
+      nonlocal received, body_done
+      if body_done:  # the body is in: what comes next is the disconnect, whenever it comes
+        return await receive()
+      try:
+        message = await asyncio.wait_for(receive(), max(0.0, start + self.body_timeout_s - time.perf_counter()))
+      except TimeoutError:
+        raise BodyTimeout from None
       received += len(message.get("body", b""))
+      body_done = message["type"] != "http.request" or not message.get("more_body", False)
       if received > self.max_body_bytes:
         raise BodyTooLarge
       return message
@@ -92,10 +121,23 @@ class Guard:
         await too_large(self.max_body_bytes)(scope, receive, counted_send)
       else:
         await self.app(scope, limited_receive, counted_send)
+    except asyncio.CancelledError:  # uvicorn cancels what is left when --graceful_timeout_s runs out
+      if not started:
+        message = "the server is shutting down and this request did not finish in time (--graceful_timeout_s)"
+        with contextlib.suppress(Exception):
+          await error(503, message, headers={"Connection": "close"})(scope, receive, counted_send)
+      raise
     finally:
       self.metrics.in_flight.dec()
       self.metrics.requests.labels(path, str(status)).inc()
       self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+def too_slow(timeout_s: float) -> JSONResponse:
+  """The 408 answer."""
+  return error(
+    408, f"the request body did not arrive within {timeout_s:g} s (--body_timeout_s)", headers={"Connection": "close"}
+  )
 
 
 def too_large(limit: int) -> JSONResponse:
@@ -103,6 +145,6 @@ def too_large(limit: int) -> JSONResponse:
   return error(413, f"request body over the {limit / 1e6:g} MB limit (--max_body_mb)")
 
 
-def error(status: int, message: str, **fields: Any) -> JSONResponse:
+def error(status: int, message: str, *, headers: Mapping[str, str] | None = None, **fields: Any) -> JSONResponse:
   """A JSON error answer: {"error": message, ...fields}."""
-  return JSONResponse({"error": message, **fields}, status_code=status)
+  return JSONResponse({"error": message, **fields}, status_code=status, headers=headers)
