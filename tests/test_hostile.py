@@ -244,7 +244,10 @@ def test_work_that_cannot_start_in_time_gets_503_with_retry_after():
   app = serving_app.create_app(model, detector, settings, min_age=1)
   with TestClient(app) as client:
     image = png(np.full((8, 8, 3), 7, np.uint8))
-    first = threading.Thread(target=lambda: client.post("/v1/predict", files={"files": ("a.png", image)}))
+    answers = []
+    # Two photos: the second waits behind the first (blocked), its own request's work: no 503 for it.
+    both = [("files", ("a1.png", image)), ("files", ("a2.png", image))]
+    first = threading.Thread(target=lambda: answers.append(client.post("/v1/predict", files=both)))
     first.start()
     while detector.calls == 0:
       time.sleep(0.01)
@@ -255,8 +258,11 @@ def test_work_that_cannot_start_in_time_gets_503_with_retry_after():
     assert client.get("/healthz").json()["load"]["refused"] == 1
     aligned = client.post("/v1/predict", files={"files": ("c.png", image)}, params={"aligned": "true"})
     assert aligned.status_code == 200  # its own lane
+    time.sleep(0.5)  # the first request's second photo has now waited past the timeout too
     detector.release.set()
     first.join()
+    assert answers[0].status_code == 200, answers[0].text
+    assert [r["status"] for r in answers[0].json()["results"]] == ["no face found"] * 2
 
 
 def test_the_scheduler_serves_owners_in_turn_within_its_byte_budget():

@@ -39,6 +39,7 @@ class Owner:
 
   def __init__(self):
     self.started = 0.0  # time.monotonic() when its latest job started
+    self.running = 0  # its jobs in the threads now
 
 
 @dataclasses.dataclass
@@ -83,8 +84,8 @@ class Scheduler:
     self.lanes[lane].waiting.setdefault(owner, collections.deque()).append(waiter)
     self._grant()
     try:
-      # The timeout counts while none of this owner's work starts: a request's 64th image may wait
-      # behind its own first 63, but not for `queue_timeout_s` behind everybody else's.
+      # The timeout counts while none of this owner's work runs or starts: a request's 64th image
+      # may wait behind its own first 63, but not for `queue_timeout_s` behind everybody else's.
       while True:
         progress = max(waiter.since, owner.started)
         left = progress + self.queue_timeout_s - time.monotonic()
@@ -92,11 +93,11 @@ class Scheduler:
           await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, left))
           break
         except TimeoutError:
-          if max(waiter.since, owner.started) == progress:  # none of its work started meanwhile
+          if owner.running == 0 and max(waiter.since, owner.started) == progress:
             raise
     except BaseException as e:  # timed out or cancelled (client gone): leave the queue, or give back a grant
       if waiter.future.done() and not waiter.future.cancelled():
-        self._finish(lane, cost)
+        self._finish(lane, cost, owner)
       else:
         waiter.future.cancel()
         self._forget(lane, owner, waiter)
@@ -106,7 +107,7 @@ class Scheduler:
       raise
     job = self.lanes[lane].pool.submit(self._call, cost, fn, *args)
     # The slot and the bytes are held until the thread is done, even when this request is cancelled.
-    job.add_done_callback(lambda _: self._threadsafe(self._finish, lane, cost))
+    job.add_done_callback(lambda _: self._threadsafe(self._finish, lane, cost, owner))
     return await asyncio.wrap_future(job)
 
   def try_take(self, nbytes: int) -> bool:
@@ -156,8 +157,9 @@ class Scheduler:
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
       self._loop.call_soon_threadsafe(fn, *args)
 
-  def _finish(self, lane: str, cost: int) -> None:
+  def _finish(self, lane: str, cost: int, owner: Owner) -> None:
     self.lanes[lane].running -= 1
+    owner.running -= 1
     with self._lock:
       self.in_flight_bytes -= cost
     self._grant()
@@ -195,7 +197,7 @@ class Scheduler:
           queue.popleft()
           lane.running += 1
           waiter.future.set_result(None)
-          owner.started = time.monotonic()
+          owner.started, owner.running = time.monotonic(), owner.running + 1
           if not queue:
             del lane.waiting[owner]
           progress = True
