@@ -3,9 +3,11 @@
 import json
 import signal
 import subprocess
+import sys
 import time
 
-from conftest import assert_close_relative, checkpoint, cpu_env, start_processes, train_command
+import numpy as np
+from conftest import ROOT, assert_close_relative, checkpoint, cpu_env, start_processes, train_command
 
 # The project's default learning rate (`:tiny` raises it to learn fast): float32 reassociation
 # differences then stay far below 1e-5, while a real mismatch (data, shards, rng) stays far above.
@@ -96,3 +98,60 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation
   assert len(saved) == 1 and 0 < saved[0] < 5000, saved
   for out, _ in outputs:
     assert f"preempted: saved checkpoint at step {saved[0]}" in out, out[-2000:]
+
+
+# Three train steps of a `:tiny`-sized ResNet-50 on seeded random batches sharded over every device, at
+# the default learning rate; saves params and batch statistics. Only the train step compiles: the
+# whole trainer (evaluations, checkpoints) compiles ResNet-50 several times and took 6 minutes here.
+RESNET_STEPS = """
+import sys
+import jax, numpy as np
+from flax import traverse_util
+from agejax import metrics, parallel
+from agejax.training import configuration, learner
+from configs import vgg16_kl
+
+config = vgg16_kl.get_config("tiny")
+config.model.name = "resnet50"
+config.optimizer.learning_rate = 1e-4
+config.optimizer.schedule = "constant"
+fns, state, _ = learner.create(configuration.validate(config), steps_per_epoch=10)
+mesh = parallel.make_mesh()
+state, sums = jax.device_put((state, metrics.zeros()), parallel.replicated(mesh))
+step = jax.jit(fns.train_step)
+rng = np.random.default_rng(0)
+for _ in range(3):
+  batch = {
+    "image": rng.integers(0, 256, (16, 40, 40, 3), dtype=np.uint8),
+    "age": rng.integers(1, 91, 16).astype(np.float32),
+    "age_std": np.zeros(16, np.float32),
+  }
+  state, sums, _ = jax.block_until_ready(step(state, sums, parallel.global_batch(batch, parallel.data_sharded(mesh))))
+tree = traverse_util.flatten_dict({"params": state.params, "model_state": state.model_state})
+np.savez(sys.argv[1], devices=jax.device_count(), **{"/".join(map(str, k)): np.asarray(v) for k, v in tree.items()})
+"""
+
+
+# LLVM's optimisations (not XLA's, which shard the program) took 2/3 of the train step's compile time.
+FAST_COMPILE = " --xla_backend_optimization_level=0"
+
+
+def test_resnet50_on_eight_devices_equals_one_device_batch_norm_statistics_included(tmp_path):
+  """Batch statistics are the global batch's under jit: 8 shards of 2 faces normalise as one device's 16."""
+  runs = {}
+  for devices in (1, 8):
+    runs[devices] = tmp_path / f"d{devices}.npz"
+    proc = subprocess.run(
+      [sys.executable, "-c", RESNET_STEPS, str(runs[devices])],
+      env=dict(env := cpu_env(devices), PYTHONPATH=str(ROOT), XLA_FLAGS=env["XLA_FLAGS"] + FAST_COMPILE),
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  a, b = (dict(np.load(runs[d])) for d in (8, 1))
+  assert (a.pop("devices"), b.pop("devices")) == (8, 1)
+  for group in ("params/", "model_state/"):
+    assert_close_relative(*({k: v for k, v in run.items() if k.startswith(group)} for run in (a, b)), 1e-5)
+  # The statistics moved from their start (means 0): the comparison is not of constants.
+  assert max(float(np.abs(v).max()) for k, v in b.items() if k.endswith("/mean")) > 1e-2

@@ -5,7 +5,7 @@
 Importing this package registers the built-in backbones.
 """
 
-from agejax.models import vgg  # noqa: F401  (registers "vgg16")
+from agejax.models import resnet, vgg  # noqa: F401  (register "resnet50", "vgg16")
 from agejax.models.age_model import AgeModel, Weights, resize, split_model
 from agejax.models.registry import (
   DTYPES,
