@@ -54,6 +54,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
       sys.exit(f"error: {e}")
 
   flags.FLAGS["verbosity"].help = VERBOSITY_HELP
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["verbosity"])  # listed by the script's --help
   app.run(body, flags_parser=parse_flags)
 
 
@@ -107,14 +108,21 @@ def calibration_flag(what: str) -> flags.FlagHolder[bool]:
   Args:
     what: what the raw model is used for without it, e.g. "score the raw model".
   """
-  # The script's flag, not this module's: absl's --help lists the main module's flags only.
-  caller = sys._getframe(1).f_globals.get("__name__", "")
   return flags.DEFINE_bool(
     "calibration",
     True,
     f"Apply WORKDIR/calibration.json's temperature when there is one; --nocalibration (or --no-calibration): {what}.",
-    module_name=sys.argv[0] if caller == "__main__" else caller,
+    module_name=_caller_module(),
   )
+
+
+def _caller_module() -> str:
+  """The module that called the caller, as absl names it: a flag defined here for a script is listed by its --help.
+
+  absl's --help lists the flags of the main module (named by its path, sys.argv[0]) only.
+  """
+  name = sys._getframe(2).f_globals.get("__name__", "")
+  return sys.argv[0] if name == "__main__" else name
 
 
 def _last_line(error: BaseException) -> str:
@@ -151,10 +159,19 @@ class ClusterFlags:
   """The flags that join a process to a multi-process run (scripts/train.py, scripts/crossval.py)."""
 
   def __init__(self):
-    self.multihost = flags.DEFINE_bool("multihost", False, "Multi-process run that JAX discovers (TPU VM pods, SLURM).")
-    self.coordinator = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for other clusters.")
-    self.num_processes = flags.DEFINE_integer("num_processes", 0, "Process count, with --coordinator_address.")
-    self.process_id = flags.DEFINE_integer("process_id", -1, "This process's id, with --coordinator_address.")
+    module = _caller_module()  # the script's flags: its --help lists them
+    self.multihost = flags.DEFINE_bool(
+      "multihost", False, "Multi-process run that JAX discovers (TPU VM pods, SLURM).", module_name=module
+    )
+    self.coordinator = flags.DEFINE_string(
+      "coordinator_address", "", "host:port of process 0, for other clusters.", module_name=module
+    )
+    self.num_processes = flags.DEFINE_integer(
+      "num_processes", 0, "Process count, with --coordinator_address.", module_name=module
+    )
+    self.process_id = flags.DEFINE_integer(
+      "process_id", -1, "This process's id, with --coordinator_address.", module_name=module
+    )
 
   def initialize(self) -> None:
     """Starts JAX's distributed runtime as the flags say (nothing for a single process)."""

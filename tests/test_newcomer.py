@@ -223,6 +223,13 @@ def test_help_shows_a_positive_calibration_flag(name):
   proc = script(name, "--help")  # absl's --help exits 1
   assert "--[no]calibration" in proc.stdout and "no-calibration:" not in proc.stdout and "[no]no-" not in proc.stdout
   assert "--nocalibration (or --no-calibration)" in " ".join(proc.stdout.split())
+  assert "-v,--verbosity: Logging verbosity. Default: agejax's own warnings only" in proc.stdout
+
+
+def test_train_help_lists_the_flags_defined_for_it_in_cli():
+  proc = script("train.py", "--help")  # absl's --help exits 1
+  for flag in ("--[no]multihost", "--coordinator_address", "--num_processes", "--process_id", "-v,--verbosity"):
+    assert f"  {flag}: " in proc.stdout, proc.stdout
 
 
 def test_the_demo_is_generated_not_downloaded(tmp_path):
