@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
@@ -135,7 +136,7 @@ def no_checkpoints_message(workdir: storage.Location) -> str:
   return f"{workdir} {state}; train a model first: {train_command(workdir, config)}"
 
 
-def _did_you_mean(folder: Any) -> str:
+def _did_you_mean(folder: epath.Path) -> str:
   """' (did you mean DIR?)' naming a sibling workdir with checkpoints whose name is close (a typo); '' for none."""
   import difflib
 
