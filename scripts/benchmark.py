@@ -106,6 +106,13 @@ def main() -> None:
   p.add_argument("--max_batch", type=int, default=32, help="the server's --max_batch with batching on")
   p.add_argument("--max_wait_ms", type=float, default=5.0, help="the server's --max_wait_ms with batching on")
   p.add_argument("--photo", help="send this photo (faces detected) instead of drawn face crops (aligned=true)")
+  p.add_argument(
+    "--hostile",
+    action="store_true",
+    help="instead: normal clients' latency alone and beside a client sending the 64-PNG request in a loop",
+  )
+  p.add_argument("--hostile_side", type=int, default=2000, help="side of the hostile request's grey PNGs")
+  p.add_argument("--serve_script", default=str(ROOT / "scripts" / "serve.py"), help="the serve.py to measure")
   args = parser.parse_args()
 
   if args.mode == "torch":
@@ -155,9 +162,26 @@ def main() -> None:
 
     model_flags = ["--workdir", args.workdir] if args.workdir else ["--export", args.export]
     print("environment:", json.dumps(jax_step.environment() | serve_benchmark.versions()))
+    if args.hostile:
+      try:
+        rows = serve_benchmark.hostile_neighbour(
+          args.serve_script,
+          model_flags,
+          concurrency=args.concurrency[0],
+          requests=args.requests,
+          max_seconds=args.max_seconds,
+          hostile_side=args.hostile_side,
+          photo=args.photo,
+        )
+      except RuntimeError as e:
+        sys.exit(f"error: {e}")
+      keys = ["neighbour", "concurrency", "requests", "errors", "requests_per_s", "p50_ms", "p95_ms", "max_ms"]
+      print(table(rows, [*keys, "hostile_requests"]))
+      print(json.dumps(rows))
+      return
     try:
       rows = serve_benchmark.serve(
-        ROOT / "scripts" / "serve.py",
+        args.serve_script,
         model_flags,
         concurrency=args.concurrency,
         requests=args.requests,

@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import os
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -193,4 +194,85 @@ def serve(
             "detect": not aligned,
           }
         )
+  return rows
+
+
+def hostile_payload(images: int, side: int) -> tuple[bytes, str]:
+  """The hostile neighbour's request body: `images` flat grey side x side PNGs (small to send, slow to decode)."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new("L", (side, side), 128).save(buf, "PNG")
+  part = (
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="grey.png"\r\n'
+    "Content-Type: image/png\r\n\r\n"
+  ).encode() + buf.getvalue()
+  body = b"\r\n".join([part] * images) + f"\r\n--{BOUNDARY}--\r\n".encode()
+  return body, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def _hostile_loop(url: str, body: bytes, content_type: str, stop: threading.Event, sent: list[int]) -> None:
+  """Sends the hostile request again and again until `stop` (each waits for its answer)."""
+  while not stop.is_set():
+    request = urllib.request.Request(url + "/v1/predict", body, {"Content-Type": content_type}, method="POST")
+    try:
+      with urllib.request.urlopen(request, timeout=600) as response:
+        response.read()
+    except OSError:  # a 4xx/5xx answer (HTTPError) or a dropped connection: send it again
+      pass
+    sent.append(1)
+
+
+def hostile_neighbour(
+  script: str | os.PathLike,
+  model_flags: Sequence[str],
+  *,
+  concurrency: int = 4,
+  requests: int = 1000,
+  max_seconds: float = 20.0,
+  hostile_images: int = 64,
+  hostile_side: int = 2000,
+  photo: str | None = None,
+) -> list[dict[str, Any]]:
+  """Normal clients' latency alone, then while one more client sends `hostile_images` PNGs in a loop.
+
+  Returns:
+    Two rows ("none", then the neighbour): requests/s, p50/p95 latency (ms), errors (e.g. 503s) of
+    the normal clients, and how many hostile requests were answered meanwhile.
+  """
+  body, content_type = hostile_payload(hostile_images, hostile_side)
+  rows = []
+  with local.LocalServer(script, list(model_flags)) as server:
+    bodies, aligned = payloads(json.loads(fetch(server.url + "/healthz"))["input_size"], photo)
+    asyncio.run(load(server.url, bodies, aligned, 4, 32, max_seconds))  # warm connections and caches
+    for neighbour in (False, True):
+      stop, sent = threading.Event(), list[int]()
+      thread = threading.Thread(target=_hostile_loop, args=(server.url, body, content_type, stop, sent), daemon=True)
+      if neighbour:
+        thread.start()
+        time.sleep(2)  # its images are queued by now
+      try:
+        latencies, _, errors, wall, _ = asyncio.run(
+          load(server.url, bodies, aligned, concurrency, requests, max_seconds)
+        )
+      finally:
+        stop.set()
+      if neighbour:
+        thread.join()
+      ms = 1000 * np.asarray(latencies or [np.nan])
+      rows.append(
+        {
+          "mode": "serve",
+          "neighbour": f"{hostile_images} x {hostile_side}x{hostile_side} PNGs in a loop" if neighbour else "none",
+          "concurrency": concurrency,
+          "requests": len(latencies),
+          "errors": errors,
+          "requests_per_s": len(latencies) / wall,
+          "p50_ms": float(np.percentile(ms, 50)),
+          "p95_ms": float(np.percentile(ms, 95)),
+          "max_ms": float(np.max(ms)),
+          "hostile_requests": len(sent),
+          "detect": not aligned,
+        }
+      )
   return rows
