@@ -433,3 +433,13 @@ def test_the_reference_crop_is_a_fixed_gradient(exported):
   got = export.ExportedPredictor(out)(export.reference_crop(manifest["input_size"]))[0]
   np.testing.assert_allclose(got, manifest["reference"]["distribution"], atol=1e-6)
   assert abs(float(got.astype(np.float64) @ np.arange(1, 101)) - manifest["reference"]["expected_age"]) < 1e-4
+
+
+def test_an_export_killed_between_its_renames_points_at_the_previous_one(exported, tmp_path):
+  # The swap moved the old export aside and died before renaming the new one into place.
+  aside = copy_export(exported[0], tmp_path / "out.old-4194305-0123abcd")
+  with pytest.raises(errors.MissingInput) as error:
+    export.ExportedPredictor(tmp_path / "out")
+  assert f"left the previous one in {aside} (rename it to out, or export again)" in str(error.value)
+  with pytest.raises(errors.MissingInput, match="not an export folder"):
+    export.ExportedPredictor(tmp_path / "other")
