@@ -96,7 +96,6 @@ class Backbone:
   convert_command: Callable[[settings.ModelSettings, str], str] | None = None  # how to make model.pretrained
   torch_model: Callable[[settings.ModelSettings, int], Any] | None = None  # the PyTorch twin (benchmark.py torch)
 
-
   def spec_for(self, arch: str) -> InputSpec:
     """The input that weights of published architecture `arch` expect."""
     return self.input_specs.get(arch, self.input_spec)
@@ -150,6 +149,32 @@ def to_numpy(value: Any) -> np.ndarray:
     value = value.detach().cpu()
     return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
   return np.asarray(value)
+
+
+def check_shapes(
+  state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str, ignored: frozenset[str] = frozenset()
+) -> None:
+  """Raises one UserError, "not {what}: ...", naming every unknown, missing and mis-shaped key of a state dict.
+
+  `expected` maps each key to its shape (None: any size) or to a tuple of allowed shapes; keys in
+  `ignored` may be present or not.
+  """
+  allowed = lambda want: want if want and isinstance(want[0], tuple) else (want,)
+  fits = lambda shape, want: len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
+  unknown = [k for k in state_dict if k not in expected and k not in ignored]
+  missing = [k for k in expected if k not in state_dict]
+  misshaped = [
+    f"{k} {tuple(state_dict[k].shape)} (expected {' or '.join(map(str, allowed(shape)))})"
+    for k, shape in expected.items()
+    if k in state_dict and not any(fits(state_dict[k].shape, w) for w in allowed(shape))
+  ]
+  problems = [
+    f"{kind}: {', '.join(keys)}"
+    for kind, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
+    if keys
+  ]
+  if problems:
+    raise errors.UserError(f"not {what}: {'; '.join(problems)}")
 
 
 def compute_dtype(name: str) -> jnp.dtype:

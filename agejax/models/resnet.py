@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from agejax import errors, settings
+from agejax import settings
 from agejax.models import registry
 from agejax.models.vgg import scaled
 
@@ -210,22 +210,8 @@ def _check_keys(state_dict: Mapping[str, np.ndarray], stem: int) -> None:
   """Raises one UserError naming every unknown, missing and mis-shaped key."""
   fc = state_dict.get("fc.weight")
   expected = _expected_shapes(stem, fc.shape[0] if fc is not None and fc.ndim == 2 else None)
-  fits = lambda shape, want: len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
-  ignored = {k.replace("running_mean", "num_batches_tracked") for k in expected if k.endswith(".running_mean")}
-  unknown = [k for k in state_dict if k not in expected and k not in ignored]
-  missing = [k for k in expected if k not in state_dict]
-  misshaped = [
-    f"{k} {tuple(state_dict[k].shape)} (expected {want})"
-    for k, want in expected.items()
-    if k in state_dict and not fits(state_dict[k].shape, want)
-  ]
-  problems = [
-    f"{what}: {', '.join(keys)}"
-    for what, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
-    if keys
-  ]
-  if problems:
-    raise errors.UserError(f"not a torchvision resnet50 state dict: {'; '.join(problems)}")
+  ignored = frozenset(k.replace("running_mean", "num_batches_tracked") for k in expected if k.endswith(".running_mean"))
+  registry.check_shapes(state_dict, expected, "a torchvision resnet50 state dict", ignored)
 
 
 # torch tensor names -> this module's (a weight is a conv's or the head's kernel, or a norm's scale).

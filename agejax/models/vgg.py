@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agejax import errors, settings
+from agejax import settings
 from agejax.models import registry
 
 # torchvision's VGG16 "D" configuration: output channels of each 3x3 conv, "M" for a 2x2 max-pool.
@@ -200,29 +200,6 @@ def _expected_shapes(batch_norm: bool, num_classes: int | None) -> dict[str, tup
   return shapes
 
 
-def _check_shapes(
-  state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str, ignored: frozenset[str] = frozenset()
-) -> None:
-  """Raises one UserError naming every unknown, missing and mis-shaped key (a None dimension is any size;
-  a key may map to several allowed shapes)."""
-  allowed = lambda want: want if want and isinstance(want[0], tuple) else (want,)
-  fits = lambda shape, want: len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
-  unknown = [k for k in state_dict if k not in expected and k not in ignored]
-  missing = [k for k in expected if k not in state_dict]
-  misshaped = [
-    f"{k} {tuple(state_dict[k].shape)} (expected {' or '.join(map(str, allowed(shape)))})"
-    for k, shape in expected.items()
-    if k in state_dict and not any(fits(state_dict[k].shape, w) for w in allowed(shape))
-  ]
-  problems = [
-    f"{kind}: {', '.join(keys)}"
-    for kind, keys in (("unknown keys", unknown), ("missing keys", missing), ("mis-shaped keys", misshaped))
-    if keys
-  ]
-  if problems:
-    raise errors.UserError(f"not {what}: {'; '.join(problems)}")
-
-
 def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
   """Raises one UserError naming every unknown, missing and mis-shaped key of a torchvision state dict."""
   head = state_dict.get("classifier.6.weight")
@@ -231,7 +208,9 @@ def _check_keys(state_dict: Mapping[str, np.ndarray], batch_norm: bool) -> None:
     f"features.{i + 1}.num_batches_tracked" for _, i, _, _ in _feature_layers(batch_norm) if batch_norm
   )
   arch = "vgg16_bn" if batch_norm else "vgg16"
-  _check_shapes(state_dict, _expected_shapes(batch_norm, num_classes), f"a torchvision {arch} state dict", ignored)
+  registry.check_shapes(
+    state_dict, _expected_shapes(batch_norm, num_classes), f"a torchvision {arch} state dict", ignored
+  )
 
 
 def from_torchvision(state_dict: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float32) -> VGG16:
@@ -325,7 +304,7 @@ def from_vgg_face(state_dict: Mapping[str, Any], *, dtype: jnp.dtype = jnp.float
   head = sd.get("fc8.weight")
   convs, fcs = _vgg_face_shapes(head.shape[0] if head is not None and head.ndim == 2 else None)
   notop = not any(k in sd for k in fcs)
-  _check_shapes(sd, convs if notop else {**convs, **fcs}, "a VGG-Face (vgg_face_dag) state dict")
+  registry.check_shapes(sd, convs if notop else {**convs, **fcs}, "a VGG-Face (vgg_face_dag) state dict")
   tv = {}  # renamed to torchvision's keys: the same network, so from_torchvision converts it
   for (_, index, _, _), name in zip(_feature_layers(False), VGG_FACE_CONVS):
     tv[f"features.{index}.weight"], tv[f"features.{index}.bias"] = sd[f"{name}.weight"], sd[f"{name}.bias"]
@@ -369,7 +348,7 @@ def from_vgg_face_keras(weights: Mapping[str, Any], *, dtype: jnp.dtype = jnp.fl
   sd = {k: registry.to_numpy(v) for k, v in weights.items()}
   convs, fcs = _vgg_face_keras_shapes()
   notop = not any(k in sd for k in fcs)
-  _check_shapes(sd, convs if notop else {**convs, **fcs}, "keras-vggface's VGG16 weights")
+  registry.check_shapes(sd, convs if notop else {**convs, **fcs}, "keras-vggface's VGG16 weights")
   dag = {}
   for name in VGG_FACE_CONVS:
     kernel = sd[f"{name}/kernel"]
