@@ -135,6 +135,8 @@ def test_images_over_max_pixels_are_refused_from_their_header(server):
     "file": "bomb.jpg",
     "reason": "image too large: 13000x13000 pixels is over the limit of 20 megapixels",
   }
+  beyond_pil = post(server.url, [("huge.jpg", jpeg_claiming(20000))])  # 400 MP: PIL refuses to open it
+  assert beyond_pil.status_code == 413 and beyond_pil.json()["error"] == "huge.jpg: image too large"
 
 
 def test_a_client_that_hangs_up_cancels_its_queued_work_and_crops_do_not_wait(server):

@@ -17,7 +17,11 @@ value range (its minimum black, its maximum white; a constant image is mid-gray)
 range says nothing about where a picture's values lie.
 Skip reasons: "empty file", "unreadable file", "not an image" (no format recognised, including a
 file cut inside its header), "corrupt image" (recognised but undecodable, e.g. truncated), "image
-too large" (PIL's decompression-bomb limit).
+too large" (PIL's decompression-bomb limit; with `max_pixels`, "image too large: WxH pixels is over
+the limit of N megapixels", from the header before any pixel is decoded).
+Large images can be decoded at reduced scale (`min_side`): JPEGs by libjpeg's DCT scaling (the
+full size is never held), other formats by one box reduction right after decoding, before any
+mode conversion, so at most one full-size copy exists (`Header.decode_bytes` estimates it).
 """
 
 import collections

@@ -2,7 +2,8 @@
 
 `app.create_app` builds the Starlette app (POST /v1/predict, the page at /, /healthz, /metrics);
 `batcher.Batcher` gathers faces from concurrent requests into padded, precompiled model calls;
-`guard` counts and times requests for Prometheus and enforces the body size limit; `run` serves
+`limits.Scheduler` starts decodes fairly across requests within a byte budget; `guard` counts and
+times requests for Prometheus and enforces the body's size and time limits; `run` serves
 an app with uvicorn until SIGTERM or Ctrl-C, finishing the requests in flight. `local` starts
 scripts/serve.py on a free loopback port and `benchmark` measures it (tests, benchmark.py serve).
 """

@@ -158,10 +158,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[st
   # File names may be long (they are cut later); the parser's default header limit is 4 KB.
   parser = multipart.MultipartParser(boundary, callbacks, max_header_size=64 * 1024)  # type: ignore[arg-type]
   try:
-    async for chunk in request.stream():
+    async for chunk in request.stream():  # to its end: what follows is the disconnect (see _disconnected)
       parser.write(chunk)
-      if ended:
-        break
     parser.finalize()
   except multipart.MultipartParseError as e:
     raise Refused(error(400, f"bad multipart body: {e}")) from None
@@ -320,8 +318,9 @@ def create_app(
 
   async def prepare_one(owner: limits.Owner, name: str, data: bytes, aligned: bool) -> tuple[str, list, list]:
     header = faces.read_header(data)  # the header only: cheap, on the event loop
-    if isinstance(header, str):
-      raise Refused(error(400, f"{name}: {header}", file=name, reason=header))
+    if isinstance(header, str):  # "image too large" here: over PIL's own limit (179 MP)
+      status = 413 if header.startswith("image too large") else 400
+      raise Refused(error(status, f"{name}: {header}", file=name, reason=header))
     if header.pixels > settings.max_pixels:
       reason = faces.too_large(header, settings.max_pixels)
       raise Refused(error(413, f"{name}: {reason} (--max_pixels)", file=name, reason=reason))

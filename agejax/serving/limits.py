@@ -163,6 +163,10 @@ class Scheduler:
     with self._lock:
       self.in_flight_bytes -= cost
     self._grant()
+    if not any(lane.running or lane.waiting for lane in self.lanes.values()) and self._loop is not None:
+      # A burst is over: the decode threads' heaps (many small images add up) go back to the OS.
+      with contextlib.suppress(RuntimeError):  # the loop is closing (shutdown)
+        self._loop.run_in_executor(None, trim_heap)
 
   def _forget(self, lane: str, owner: Owner, waiter: _Waiter) -> None:
     queue = self.lanes[lane].waiting.get(owner)
