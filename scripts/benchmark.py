@@ -6,6 +6,7 @@ Each mode prints a human table, then last a single JSON line (a list when severa
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,8 @@ def table(rows: list[dict], keys: list[str]) -> str:
   """Formats result dicts as an aligned text table."""
 
   def fmt(v):
+    if isinstance(v, int | float) and not isinstance(v, bool) and abs(v) >= 1000:
+      return f"{v:,.0f}"  # 67,683, not 6.768e+04
     return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
 
   cells = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
@@ -56,7 +59,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   sub = parser.add_subparsers(dest="mode", required=True)
   for mode in ("train", "torch"):
-    p = sub.add_parser(mode)
+    p = sub.add_parser(
+      mode,
+      help="the jitted JAX train step's images/s and MFU"
+      if mode == "train"
+      else "the JAX train step beside PyTorch eager and torch.compile on the same model",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[64])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--image-size", type=int, default=224)
@@ -72,7 +80,7 @@ def main() -> None:
         default="all",
         help="torch.compile at every batch, or only where PyTorch eager was fastest",
       )
-  p = sub.add_parser("loop")
+  p = sub.add_parser("loop", help="the whole train loop's steps/s against the bare step's (the loop's overhead)")
   p.add_argument("--config", default="tiny", help="variant of configs/vgg16_kl.py")
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--log-every", type=int, default=100)
@@ -86,7 +94,7 @@ def main() -> None:
   p = sub.add_parser("startup", help="time to the first step with a cold, then a warm, compilation cache")
   p.add_argument("--config", default="demo", help="variant of configs/vgg16_kl.py")
   p.add_argument("--data_dir", default="")
-  p = sub.add_parser("input")
+  p = sub.add_parser("input", help="the input pipeline's images/s from a prepared dataset's array cache")
   p.add_argument("--dataset", required=True)
   p.add_argument("--data_dir", default="")
   p.add_argument("--builder_config", default="")
@@ -112,6 +120,13 @@ def main() -> None:
     help="instead: normal clients' latency alone and beside a client sending the 64-PNG request in a loop",
   )
   p.add_argument("--hostile_side", type=int, default=2000, help="side of the hostile request's grey PNGs")
+  p.add_argument(
+    "--bombs",
+    type=int,
+    metavar="SIDE",
+    help="instead: issue 24's four decompression bombs at SIDE x SIDE pixels, the server's peak and kept RSS",
+  )
+  p.add_argument("--server_flags", default="", help='more flags for serve.py, e.g. "--max_pixels=200e6"')
   p.add_argument("--serve_script", default=str(ROOT / "scripts" / "serve.py"), help="the serve.py to measure")
   args = parser.parse_args()
 
@@ -161,7 +176,17 @@ def main() -> None:
     from agejax.benchmarks import serving as serve_benchmark
 
     model_flags = ["--workdir", args.workdir] if args.workdir else ["--export", args.export]
+    model_flags += shlex.split(args.server_flags)
     print("environment:", json.dumps(jax_step.environment() | serve_benchmark.versions()))
+    if args.bombs:
+      try:
+        rows = serve_benchmark.bombs(args.serve_script, model_flags, args.bombs)
+      except RuntimeError as e:
+        sys.exit(f"error: {e}")
+      keys = ["bomb", "bytes_sent", "status", "seconds", "idle_mb", "peak_over_idle_mb", "after_over_idle_mb"]
+      print(table(rows, [*keys, "normal_status", "normal_s"]))
+      print(json.dumps(rows))
+      return
     if args.hostile:
       try:
         rows = serve_benchmark.hostile_neighbour(

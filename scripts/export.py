@@ -1,7 +1,7 @@
 """Exports a trained model: python scripts/export.py --workdir DIR [--checkpoint best|latest|STEP] --output OUT.
 
 Writes OUT/model.jax (jax.export: uint8 RGB face crops [B, S, S, 3] -> float32 age probabilities
-[B, K], with preprocessing and WORKDIR/calibration.json's temperature inside; --no-calibration: the
+[B, K], with preprocessing and WORKDIR/calibration.json's temperature inside; --nocalibration: the
 raw model), OUT/saved_model/ (the same for TensorFlow), OUT/model.onnx (the same for onnxruntime) and
 OUT/manifest.json (S, the ages, the temperature, the checkpoint step, the versions, every file's
 SHA-256 and a reference prediction). OUT is replaced whole, or left as it was if the export fails.
@@ -23,9 +23,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpoin
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Export folder (a path or gs:// URL): new, empty or an earlier export, which is replaced whole."
 )
-_NO_CALIBRATION = flags.DEFINE_bool(
-  "no-calibration", False, "Ignore WORKDIR/calibration.json's temperature: export the raw model."
-)
+_CALIBRATION = cli.calibration_flag("export the raw model")
 _SAVED_MODEL = flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (--nosaved_model: skip).")
 _ONNX = flags.DEFINE_bool("onnx", True, "Also write model.onnx through jax2onnx (--noonnx: skip).")
 _VERIFY = flags.DEFINE_bool(
@@ -48,7 +46,7 @@ def main(argv):
     _WORKDIR.value,
     _OUTPUT.value,
     _CHECKPOINT.value,
-    calibrated=not _NO_CALIBRATION.value,
+    calibrated=_CALIBRATION.value,
     saved_model=_SAVED_MODEL.value,
     onnx=_ONNX.value,
   )

@@ -19,9 +19,7 @@ from agejax.training import checkpointing
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
-_NO_CALIBRATION = flags.DEFINE_bool(
-  "no-calibration", False, "Ignore WORKDIR/calibration.json's temperature: serve the raw model's distributions."
-)
+_CALIBRATION = cli.calibration_flag("serve the raw model's distributions")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=1, upper_bound=65535)
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most faces in one model call (1: no batching).", lower_bound=1)
@@ -109,7 +107,7 @@ def build():
   from agejax.training import train
 
   model = serving.load_model(
-    _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=not _NO_CALIBRATION.value
+    _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=_CALIBRATION.value
   )
   cfg = getattr(model, "cfg", None)  # a workdir's settings; an export has none
   cache = _COMPILATION_CACHE.value

@@ -6,11 +6,9 @@ docs/benchmarks.md.
 """
 
 import asyncio
-import io
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,48 +18,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import ENV, SERVE, FakeModel, drawn_face, png
 
+from agejax.benchmarks.serving import float_tiff, grey_png, jpeg_claiming, reset_peak, rss_mb
 from agejax.inference import photos
 from agejax.serving import app as serving_app
 from agejax.serving import limits, local
 
 SIDE = 4000  # the bombs' side: 16 MP, 64 MB as float32
 MAX_PIXELS = 20_000_000
-
-
-def grey_png(side: int = SIDE) -> bytes:
-  """A flat grey PNG: tens of KB on the wire, side² bytes decoded."""
-  return png(Image.new("L", (side, side), 128))
-
-
-def float_tiff(side: int = SIDE) -> bytes:
-  """A deflated float32 TIFF: a few hundred KB on the wire, 4 side² bytes decoded (34 side² before the fix)."""
-  values = np.zeros((side, side), np.float32)
-  values[: side // 2] = 1.0
-  buf = io.BytesIO()
-  Image.fromarray(values).save(buf, "TIFF", compression="tiff_adobe_deflate")
-  return buf.getvalue()
-
-
-def jpeg_claiming(side: int) -> bytes:
-  """A few hundred bytes of JPEG whose header claims side x side: libjpeg 'decodes' it to grey."""
-  buf = io.BytesIO()
-  Image.new("L", (16, 16), 128).save(buf, "JPEG")
-  data = bytearray(buf.getvalue())
-  sof = data.find(b"\xff\xc0")
-  data[sof + 5 : sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
-  return bytes(data)
-
-
-def rss_mb(pid: int, key: str = "VmRSS") -> float:
-  """A process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in MB."""
-  for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-    if line.startswith(key + ":"):
-      return int(line.split()[1]) / 1024
-  raise KeyError(key)
-
-
-def reset_peak(pid: int) -> None:
-  Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
 def counter(url: str, name: str, **labels: str) -> float:
@@ -107,9 +70,9 @@ def assert_quick_answer(url: str, within_s: float = 3.0) -> None:
 def test_bombs_keep_memory_bounded_and_it_returns(server):
   pid = server.process.pid
   bombs = {
-    "grey PNG": [grey_png()],
-    "float32 TIFF": [float_tiff()],
-    "4 grey PNGs": [grey_png()] * 4,
+    "grey PNG": [grey_png(SIDE)],
+    "float32 TIFF": [float_tiff(SIDE)],
+    "4 grey PNGs": [grey_png(SIDE)] * 4,
     "4 JPEGs claiming 4000²": [jpeg_claiming(SIDE)] * 4,
   }
   idle = rss_mb(pid)
@@ -144,7 +107,7 @@ def test_a_client_that_hangs_up_cancels_its_queued_work_and_crops_do_not_wait(se
   decoded_before = counter(url, "agejax_images_decoded_total", lane="detect")
   cancelled_before = counter(url, "agejax_requests_cancelled_total")
   with pytest.raises(httpx.TimeoutException):  # hangs up 1 s after sending 16 photos of ~1 s each
-    post(url, [(f"{i}.png", grey_png()) for i in range(16)], timeout=1.0)
+    post(url, [(f"{i}.png", grey_png(SIDE)) for i in range(16)], timeout=1.0)
   assert_quick_answer(url)  # the aligned lane: not behind the photos
   deadline = time.monotonic() + 10
   while counter(url, "agejax_requests_cancelled_total") == cancelled_before:
@@ -301,13 +264,13 @@ def test_the_scheduler_serves_owners_in_turn_within_its_byte_budget():
 def test_decoding_reduces_large_images_once_and_maps_boxes_back():
   from agejax.data import faces
 
-  header = faces.read_header(grey_png())
+  header = faces.read_header(grey_png(SIDE))
   assert header == faces.Header(SIDE, SIDE, "L", "PNG")
-  decoded = faces.open_reduced(grey_png(), min_side=1000)
+  decoded = faces.open_reduced(grey_png(SIDE), min_side=1000)
   assert decoded.image.size == (1000, 1000) and decoded.full_size == (SIDE, SIDE)
   jpeg = faces.open_reduced(jpeg_claiming(13000), min_side=1536)
   assert jpeg.image.size == (1625, 1625) and jpeg.full_size == (13000, 13000)  # DCT scaling by 8: 5 MB, not 507
   assert faces.open_rgb(jpeg_claiming(13000), max_pixels=MAX_PIXELS).startswith("image too large: 13000x13000")
   # Float images are stretched on the reduced copy: the top half 1.0 is white, the bottom 0.0 black.
-  tiff = np.asarray(faces.open_rgb(float_tiff(), min_side=500))
+  tiff = np.asarray(faces.open_rgb(float_tiff(SIDE), min_side=500))
   assert tiff.shape == (500, 500, 3) and (tiff[:250] == 255).all() and (tiff[250:] == 0).all()

@@ -218,7 +218,7 @@ def test_flip_reports_are_named_apart_and_an_unevaluated_run_reports_its_latest_
   assert f"has no evaluated checkpoint; using the latest, step {tiny_run.STEPS}" in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["predict.py", "evaluate.py"])
+@pytest.mark.parametrize("name", ["predict.py", "evaluate.py", "serve.py", "export.py"])
 def test_help_shows_a_positive_calibration_flag(name):
   proc = script(name, "--help")  # absl's --help exits 1
   assert "--[no]calibration" in proc.stdout and "no-calibration:" not in proc.stdout and "[no]no-" not in proc.stdout

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -273,6 +274,116 @@ def hostile_neighbour(
           "max_ms": float(np.max(ms)),
           "hostile_requests": len(sent),
           "detect": not aligned,
+        }
+      )
+  return rows
+
+
+# Issue 24's decompression bombs: small on the wire, huge decoded.
+
+
+def grey_png(side: int) -> bytes:
+  """A flat grey PNG: tens of KB on the wire, side² bytes decoded."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new("L", (side, side), 128).save(buf, "PNG", optimize=True)
+  return buf.getvalue()
+
+
+def float_tiff(side: int) -> bytes:
+  """A deflated float32 TIFF: hundreds of KB on the wire, 4 side² bytes decoded."""
+  from PIL import Image
+
+  values = np.zeros((side, side), np.float32)
+  values[: side // 2] = 1.0
+  buf = io.BytesIO()
+  Image.fromarray(values).save(buf, "TIFF", compression="tiff_adobe_deflate")
+  return buf.getvalue()
+
+
+def jpeg_claiming(side: int) -> bytes:
+  """A few hundred bytes of JPEG whose header claims side x side: libjpeg 'decodes' it to grey."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new("L", (16, 16), 128).save(buf, "JPEG")
+  data = bytearray(buf.getvalue())
+  sof = data.find(b"\xff\xc0")
+  data[sof + 5 : sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
+  return bytes(data)
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+  """A process's resident memory (VmRSS) or its peak since the last reset (VmHWM), in MB (Linux)."""
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return int(line.split()[1]) / 1024
+  raise KeyError(key)
+
+
+def reset_peak(pid: int) -> None:
+  """Linux: sets a process's VmHWM to its VmRSS."""
+  with open(f"/proc/{pid}/clear_refs", "w") as f:
+    f.write("5")
+
+
+def _post_files(url: str, files: Sequence[bytes], aligned: bool = False) -> tuple[int, str, float]:
+  """(status, the answer's start, seconds) of one multipart POST /v1/predict."""
+  parts = [
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{i}.img"\r\n\r\n'.encode() + f
+    for i, f in enumerate(files)
+  ]
+  body = b"\r\n".join(parts) + f"\r\n--{BOUNDARY}--\r\n".encode()
+  query = "?aligned=true" if aligned else ""
+  headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+  request = urllib.request.Request(url + "/v1/predict" + query, body, headers, method="POST")
+  start = time.perf_counter()
+  try:
+    with urllib.request.urlopen(request, timeout=900) as response:
+      status, text = response.status, response.read(120).decode(errors="replace")
+  except urllib.error.HTTPError as e:
+    status, text = e.code, e.read(120).decode(errors="replace")
+  return status, text, time.perf_counter() - start
+
+
+def bombs(script: str | os.PathLike, model_flags: Sequence[str], side: int = 13000) -> list[dict[str, Any]]:
+  """Issue 24's four bombs at `side`, each followed by one normal request (a drawn face crop).
+
+  Returns:
+    One row a bomb: the answer's status and time, the server's RSS at idle, its peak during the bomb
+    (VmHWM, reset before) and after, and the normal request's status and time.
+  """
+  grey, jpeg = grey_png(side), jpeg_claiming(side)
+  cases = {
+    "grey PNG": [grey],
+    "float32 TIFF": [float_tiff(side)],
+    "64 grey PNGs": [grey] * 64,
+    "64 JPEG headers": [jpeg] * 64,
+  }
+  rows = []
+  with local.LocalServer(script, list(model_flags)) as server:
+    pid = server.process.pid
+    crop = payloads(json.loads(fetch(server.url + "/healthz"))["input_size"], None)[0][0]
+    for name, files in cases.items():
+      idle = rss_mb(pid)
+      reset_peak(pid)
+      status, text, seconds = _post_files(server.url, files)
+      peak, after = rss_mb(pid, "VmHWM"), rss_mb(pid)
+      normal_status, _, normal_s = _post_files(server.url, [crop], aligned=True)
+      rows.append(
+        {
+          "bomb": name,
+          "bytes_sent": sum(map(len, files)),
+          "status": status,
+          "seconds": seconds,
+          "idle_mb": idle,
+          "peak_over_idle_mb": peak - idle,
+          "after_over_idle_mb": after - idle,
+          "normal_status": normal_status,
+          "normal_s": normal_s,
+          "answer": text[:80],
         }
       )
   return rows

@@ -169,11 +169,11 @@ class Learner:
       jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    # One conditional over the whole state: a select per leaf compiled ~3x slower for ResNet-50's ~500 leaves.
+    new = (optax.apply_updates(state.params, updates), opt_state, model_state)
+    # One conditional that only selects (the update stays outside, where XLA fuses and counts it as
+    # before): a select per leaf compiled ~3x slower for ResNet-50's ~500 leaves.
     params, opt_state, model_state = jax.lax.cond(
-      finite,
-      lambda: (optax.apply_updates(state.params, updates), opt_state, model_state),
-      lambda: (state.params, state.opt_state, state.model_state),
+      finite, lambda: new, lambda: (state.params, state.opt_state, state.model_state)
     )
     pred = labels.expected_age(jax.nn.softmax(logits), self.bins)
     mask = jnp.broadcast_to(finite, ages.shape)
