@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,15 @@ from agejax.inference import export, prediction
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # onnxruntime's float32 against XLA's: measured ~5e-8 on the tiny run
 
-# The README's three lines (Export section), run as they are printed; `crops` is the user's batch.
-SNIPPET = """\
-import onnxruntime as ort
-session = ort.InferenceSession("exports/demo/model.onnx")
-probabilities = session.run(None, {"images": crops})[0]  # crops: uint8 [N, S, S, 3] RGB face crops
-"""
+
+def readme_snippet() -> str:
+  """The README's onnxruntime lines (Export section), exactly as printed; `crops` is the user's batch."""
+  block = re.search(r"```python\n(import onnxruntime as ort\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+  assert block, "README.md shows no onnxruntime snippet"
+  return block.group(1)
+
+
+SNIPPET = readme_snippet()
 
 # Runs the snippet at batch sizes 1 and 5 in a process that imports numpy and onnxruntime only.
 ONNX_ONLY = """

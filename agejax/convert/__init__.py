@@ -124,7 +124,7 @@ def load_keras_h5(path: storage.Location) -> dict[str, np.ndarray]:
 
 
 def _weight_kind(name: str) -> str:
-  """"conv1_1/kernel:0" -> "kernel"; Keras 1's "conv1_1_W:0" / "conv1_1_b:0" -> "kernel" / "bias"."""
+  """A Keras weight's kind: 'conv1_1/kernel:0' -> 'kernel'; Keras 1's 'conv1_1_W:0' / '_b:0' -> 'kernel' / 'bias'."""
   base = name.rsplit("/", 1)[-1].split(":")[0]
   return {"W": "kernel", "b": "bias"}.get(base.rsplit("_", 1)[-1], base) if "/" not in name else base
 
