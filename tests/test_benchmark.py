@@ -242,9 +242,11 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   }
   compiled = jax.jit(fns.train_step).lower(state, jax.eval_shape(metrics.zeros), batch).compile()
   xla = jax_step.xla_flops(compiled) / 2
-  # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam.
+  # torch skips the first layer's input gradient (0.2%); XLA adds augmentation and Adam. XLA's
+  # count, 91.51 GFLOP an image, is 1.2% under torch's: until the non-finite guard became one
+  # lax.cond, ~415M per-leaf selects added 0.73 GFLOP an image of no arithmetic (92.24).
   assert abs(3 * models.forward_flops(settings.ModelSettings(), 224, 100) / reference - 1) < 0.005
-  assert abs(xla / reference - 1) < 0.01, (xla, reference)
+  assert abs(xla / reference - 1) < 0.015, (xla, reference)
 
 
 def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):

@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from agejax.data import faces
+from agejax.data.framing import Framing
 from agejax.inference import photos
 from agejax.serving import batcher, guard, limits
 from agejax.serving.guard import error
@@ -93,6 +94,27 @@ class Refused(Exception):
 
 def _name(name: str) -> str:
   return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
+
+
+def prepare(
+  data: bytes,
+  aligned: bool,
+  size: int,
+  detector: photos.FaceDetector | None,
+  framing: Framing | None = None,
+  *,
+  max_pixels: int | None = None,
+  reopen: Callable[[int], faces.Decoded | None] | None = None,
+) -> tuple[str, list[photos.Face], list[np.ndarray]] | str:
+  """Decodes one upload (at reduced scale when large) and crops its faces as predict.py does.
+
+  Returns (status, faces, crops), or why the upload can't be read. `reopen(factor)` gives a finer
+  decode for a face too small in the reduced one (the server's, when its memory budget allows).
+  """
+  decoded = photos.open_photo(data, size, aligned=aligned, max_pixels=max_pixels)
+  if isinstance(decoded, str):
+    return decoded
+  return photos.find_faces(decoded, size, aligned=aligned, detector=detector, framing=framing, reopen=reopen)
 
 
 async def read_upload(request: Request, settings: Settings) -> Upload:
@@ -294,9 +316,6 @@ def create_app(
 
   def decode(name: str, data: bytes, aligned: bool, header: faces.Header) -> tuple[str, list, list] | str:
     """In a decode thread: the photo at reduced scale, its faces and their crops (or why it can't be read)."""
-    decoded = photos.open_photo(data, model.input_size, aligned=aligned, max_pixels=settings.max_pixels)
-    if isinstance(decoded, str):
-      return decoded
     taken: list[int] = []
 
     def reopen(factor: int) -> faces.Decoded | None:  # a finer decode for a small face, only if the budget allows
@@ -308,9 +327,7 @@ def create_app(
       return None if isinstance(finer, str) else finer
 
     try:
-      return photos.find_faces(
-        decoded, model.input_size, aligned=aligned, detector=detector, framing=framing, reopen=reopen
-      )
+      return prepare(data, aligned, model.input_size, detector, framing, max_pixels=settings.max_pixels, reopen=reopen)
     finally:
       for cost in taken:
         scheduler.give(cost)
