@@ -171,6 +171,28 @@ def assert_close_relative(a, b, rtol: float) -> None:
   assert np.sqrt(diff) <= rtol * np.sqrt(norm), np.sqrt(diff / norm)
 
 
+def max_relative_error(got, expected) -> float:
+  """max |got - expected| / max |expected|, in float64: one scale for a whole vector of logits or features."""
+  expected = np.asarray(expected, np.float64)
+  scale = np.abs(expected).max()
+  assert scale > 0, "the reference is all zeros"
+  return float(np.abs(np.asarray(got, np.float64) - expected).max() / scale)
+
+
+def randomise_batch_norms(net):
+  """Fresh torch BN layers are an identity in eval mode: make every scale, shift and running statistic count."""
+  import torch
+
+  with torch.no_grad():
+    for layer in net.modules():
+      if isinstance(layer, torch.nn.BatchNorm2d):
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_(0.0, 0.1)
+        layer.running_mean.normal_(0.0, 0.1)
+        layer.running_var.uniform_(0.5, 2.0)
+  return net
+
+
 def one_train_step(config, steps_per_epoch: int = 10):
   """(learner, the state at step 0, the state after one train step) of `config` on a seeded random tiny batch."""
   from agejax import metrics

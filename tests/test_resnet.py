@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import one_train_step
+from conftest import max_relative_error, one_train_step, randomise_batch_norms
 from flax import nnx
 
 from agejax import convert, errors, models, settings
@@ -20,18 +20,6 @@ _forward = nnx.jit(lambda model, x: model(x))
 _train_forward = nnx.jit(lambda model, x: model(x, train=True))  # updates the model's running statistics
 
 
-def randomise_batch_norms(net):
-  """Fresh BN layers are an identity in eval mode; make every scale, shift and statistic count."""
-  with torch.no_grad():
-    for layer in net.modules():
-      if isinstance(layer, torch.nn.BatchNorm2d):
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.normal_(0.0, 0.1)
-        layer.running_mean.normal_(0.0, 0.1)
-        layer.running_var.uniform_(0.5, 2.0)
-  return net
-
-
 def narrow(width: float = 0.125, num_bins: int = 10):
   """The benchmark's width-scaled torchvision twin with random batch norms (seeded)."""
   torch.manual_seed(1)
@@ -43,12 +31,6 @@ def torch_logits(net, x: np.ndarray) -> np.ndarray:
   """torch's logits on the NCHW view of an NHWC batch."""
   with torch.no_grad():
     return net(torch.from_numpy(x).permute(0, 3, 1, 2)).float().numpy()
-
-
-def relative_error(got, expected) -> float:
-  """max |got - expected| / max |expected|."""
-  expected = np.asarray(expected, np.float64)
-  return float(np.abs(np.asarray(got, np.float64) - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +45,7 @@ def full():
 def test_converted_resnet50_equals_torchvision(full, size):
   net, model = full
   x = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
-  assert relative_error(_forward(model, x), torch_logits(net, x)) <= 1e-4
+  assert max_relative_error(_forward(model, x), torch_logits(net, x)) <= 1e-4
   params = nnx.state(model, nnx.Param)
   assert sum(p.size for p in jax.tree.leaves(params)) == RESNET50_PARAMS
   assert {p.dtype for p in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float32)}
@@ -79,17 +61,17 @@ def test_train_mode_batch_norm_and_its_running_statistics_equal_torch():
   model = resnet.from_torchvision(net.state_dict())
   x = np.random.default_rng(0).normal(size=(4, 64, 64, 3)).astype(np.float32)
   logits = _train_forward(model, x)
-  assert relative_error(logits, torch_logits(net, x)) <= 1e-4  # also moves torch's running statistics
+  assert max_relative_error(logits, torch_logits(net, x)) <= 1e-4  # also moves torch's running statistics
   updated = resnet.from_torchvision(net.state_dict())
   got, expected = nnx.state(model, nnx.BatchStat), nnx.state(updated, nnx.BatchStat)
   before = nnx.state(resnet.from_torchvision(narrow().state_dict()), nnx.BatchStat)
   moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(before))]
   assert min(moved) > 1e-3  # the forward did move every statistic
   # Deep statistics carry the forward's float32 rounding: compare each tensor relative to its size.
-  assert max(relative_error(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))) <= 1e-4
+  assert max(max_relative_error(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))) <= 1e-4
   # Eval mode reads the running statistics, and equals torch's eval mode with them.
   net.eval()
-  assert relative_error(_forward(model, x), torch_logits(net, x)) <= 1e-4
+  assert max_relative_error(_forward(model, x), torch_logits(net, x)) <= 1e-4
 
 
 def test_bad_state_dicts_name_their_keys_in_one_line():
@@ -143,10 +125,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits_and_is_as_close_as_tor
     net.train(train)
     with torch.autocast("cpu", dtype=torch.bfloat16):
       autocast = torch_logits(net, x)
-    torch_error = relative_error(autocast, torch_logits(net, x))
+    torch_error = max_relative_error(autocast, torch_logits(net, x))
     low = bf16(x, train=train)
     assert low.dtype == jnp.float32
-    assert relative_error(low, f32(x, train=train)) <= max(1.5 * torch_error, 0.02), (train, torch_error)
+    assert max_relative_error(low, f32(x, train=train)) <= max(1.5 * torch_error, 0.02), (train, torch_error)
 
 
 def test_config_builds_resnet50_and_says_how_to_convert():

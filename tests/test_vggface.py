@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import max_relative_error
 from flax import nnx
 
 from agejax import convert, models
@@ -92,8 +93,7 @@ def flax_features(model: vgg.VGG16, spec: models.InputSpec, images: np.ndarray) 
 
 def assert_relative(actual: np.ndarray, expected: np.ndarray, tolerance: float = 1e-4) -> None:
   """max |actual - expected| / max |expected| within tolerance."""
-  assert np.abs(expected).max() > 0
-  error = np.abs(actual - expected).max() / np.abs(expected).max()
+  error = max_relative_error(actual, expected)
   assert error < tolerance, error
 
 

@@ -63,16 +63,20 @@ def mean_batch(metrics_text: str) -> tuple[float, float]:
 BOUNDARY = "agejax-benchmark"
 
 
+def multipart_body(files: Sequence[tuple[str, bytes]], content_type: str = "application/octet-stream") -> bytes:
+  """A multipart/form-data body (boundary BOUNDARY) holding (file name, bytes) pairs in the field `files`."""
+  parts = [
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'.encode()
+    + f"Content-Type: {content_type}\r\n\r\n".encode()
+    + data
+    for name, data in files
+  ]
+  return b"\r\n".join(parts) + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
 def request_bytes(port: int, image: bytes, aligned: bool) -> bytes:
   """A whole HTTP/1.1 POST /v1/predict of one image (multipart field `files`), built once and resent."""
-  body = (
-    (
-      f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="face.png"\r\n'
-      "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    + image
-    + f"\r\n--{BOUNDARY}--\r\n".encode()
-  )
+  body = multipart_body([("face.png", image)])
   head = (
     f"POST /v1/predict{'?aligned=true' if aligned else ''} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
     f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -204,11 +208,7 @@ def hostile_payload(images: int, side: int) -> tuple[bytes, str]:
 
   buf = io.BytesIO()
   Image.new("L", (side, side), 128).save(buf, "PNG")
-  part = (
-    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="grey.png"\r\n'
-    "Content-Type: image/png\r\n\r\n"
-  ).encode() + buf.getvalue()
-  body = b"\r\n".join([part] * images) + f"\r\n--{BOUNDARY}--\r\n".encode()
+  body = multipart_body([("grey.png", buf.getvalue())] * images, "image/png")
   return body, f"multipart/form-data; boundary={BOUNDARY}"
 
 
@@ -331,11 +331,7 @@ def reset_peak(pid: int) -> None:
 
 def _post_files(url: str, files: Sequence[bytes], aligned: bool = False) -> tuple[int, str, float]:
   """(status, the answer's start, seconds) of one multipart POST /v1/predict."""
-  parts = [
-    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{i}.img"\r\n\r\n'.encode() + f
-    for i, f in enumerate(files)
-  ]
-  body = b"\r\n".join(parts) + f"\r\n--{BOUNDARY}--\r\n".encode()
+  body = multipart_body([(f"{i}.img", f) for i, f in enumerate(files)])
   query = "?aligned=true" if aligned else ""
   headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
   request = urllib.request.Request(url + "/v1/predict" + query, body, headers, method="POST")
