@@ -38,7 +38,9 @@ def compilation_cache(tmp_path_factory) -> str:
   """A JAX compilation cache shared by this session's subprocesses: the same tiny model compiles once."""
   base = tmp_path_factory.getbasetemp()
   path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_compilation_cache"
-  path.mkdir(exist_ok=True)
+  # scripts/mutation.py runs the same tests hundreds of times: one cache across its sessions.
+  path = Path(os.environ.get("AGEJAX_TEST_COMPILATION_CACHE", path))
+  path.mkdir(parents=True, exist_ok=True)
   return str(path)
 
 

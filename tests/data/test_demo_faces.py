@@ -1,8 +1,12 @@
 """Tests for the procedural demo faces: determinism, the API contract, and age in the pixels."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
+from agejax.data import builders
 from agejax.data.demo_faces import (
   GROUPS,
   MAX_AGE,
@@ -122,3 +126,25 @@ def test_every_group_is_drawn_about_equally_often():
   for g, by_name in counts.items():
     share = 600 / len(by_name)
     assert all(abs(n - share) < 0.25 * share for n in by_name.values()), (g, by_name)
+
+
+# SHA-256 of the first 24 faces of the default demo's training split (seed 1, 80x80), their ages and
+# groups, as drawn with the pinned numpy and Pillow when the README's demo numbers were measured.
+DEMO_TRAIN_DIGEST = "f99375f4d8943a373824cc6e61907a08221aedf8d84ebef80808d0bf0b8aa909"
+
+
+def test_the_demo_draws_the_faces_the_readmes_demo_numbers_were_measured_on():
+  """The README's demo MAEs hold only for these exact faces: a change to the drawing must be deliberate.
+
+  A change in any drawn pixel fails here, e.g. demo_faces.py:138's muted background, `c + (c.mean() - c)
+  * u` -> `c % (c.mean() - c) * u`, which no statistical test above sees. After a deliberate change,
+  re-measure the README's demo numbers, then record the new digest.
+  """
+  size = next(c for c in builders.AgejaxDemo.BUILDER_CONFIGS if c.name == "default").image_size
+  assert size == 80
+  digest = hashlib.sha256()
+  for i in range(24):
+    image, age, groups = sample_person(builders.AgejaxDemo.SPLIT_SEEDS["train"], i, size)
+    digest.update(image.tobytes())
+    digest.update(json.dumps([int(age), groups], sort_keys=True).encode())
+  assert digest.hexdigest() == DEMO_TRAIN_DIGEST, "the demo draws other faces than the README's numbers came from"
