@@ -159,6 +159,19 @@ def test_input_mode(compilation_cache, data_dir):
   assert row["examples"] == 192 and row["image_shape"] == [40, 40, 3] and row["batch"] == 32
 
 
+def test_input_rate_is_the_images_gathered_over_the_seconds_they_took(data_dir, monkeypatch):
+  """images/s = batches x batch / the timed seconds, on a clock that the test moves (mutant killed:
+  benchmarks/runs.py:113 `num_batches * batch / dt` -> `num_batches * batch + dt`)."""
+  import types
+
+  from agejax.benchmarks import runs
+
+  ticks = iter([10.0, 12.5])  # the timed loop's start and end: 2.5 s
+  monkeypatch.setattr(runs, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+  row = runs.input_pipeline("demo", data_dir, "tiny", batch=16, num_batches=5)
+  assert row["images_per_s"] == pytest.approx(5 * 16 / 2.5) and row["images_per_s_per_core"] == row["images_per_s"]
+
+
 def test_input_mode_names_an_unprepared_dataset(tmp_path):
   proc = subprocess.run(
     [sys.executable, "scripts/benchmark.py", "input", "--dataset", "utkface", "--data_dir", str(tmp_path)],

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import max_relative_error, randomise_batch_norms
-from flax import nnx
+from flax import nnx, traverse_util
 
 from agejax import convert, models
 from agejax.models import vgg
@@ -232,6 +232,17 @@ def test_backbone_mismatch_names_the_key(cli_output, width, batch_norm, key):
   with pytest.raises(ValueError) as error:
     convert.backbone_from_converted(out, params, model_state)
   assert key in str(error.value)
+  # Three named, the rest counted (mutant killed: convert/__init__.py:262 `len(mismatches) - 3` -> `** 3`).
+  converted_params, converted_state, _ = convert.load_converted(out)
+  n = _mismatched_leaves(converted_params, params) + _mismatched_leaves(converted_state, model_state)
+  assert n > 3 and str(error.value).endswith(f"; and {n - 3} more"), (n, str(error.value)[-80:])
+
+
+def _mismatched_leaves(converted: dict, given: dict) -> int:
+  """How many backbone arrays (all but the head) are absent from one tree or shaped otherwise in the two."""
+  a, b = traverse_util.flatten_dict(converted), traverse_util.flatten_dict(given)
+  keys = {k for k in a | b if k[0] != "head"}
+  return sum(k not in a or k not in b or a[k].shape != b[k].shape for k in keys)
 
 
 def test_pickled_objects_are_refused(tmp_path):
