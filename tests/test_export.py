@@ -376,6 +376,31 @@ def test_a_file_changed_after_export_is_named(exported, tmp_path, name):
     assert line == f"error: {error.value}"
 
 
+def test_crops_run_in_batches_padded_to_a_power_of_two_and_come_back_unpadded(exported, crops):
+  """Any number of crops compiles few shapes: 1, 2, 4, ... up to batch_size (mutant killed: export.py:692
+  `(len(batch) - 1).bit_length()` -> `(len(batch) % 1).bit_length()`, one program per batch size)."""
+  predictor = export.ExportedPredictor(exported[0])
+  shapes: list[int] = []
+  call = predictor._call
+  predictor._call = lambda batch: shapes.append(len(batch)) or call(batch)
+  images = np.concatenate([crops[1]] * 3)[:7]
+  whole = predictor(images)
+  for n in (1, 3, 5, 6):
+    assert_same_distributions(predictor(images[:n]), whole[:n])
+  assert predictor.batch_size >= 8 and shapes == [8, 1, 4, 8, 8], shapes
+
+
+def test_a_file_the_manifest_lists_but_the_folder_lacks_is_named_with_the_manifest(exported, tmp_path):
+  """One line naming the lost file and the manifest that lists it (mutant killed: export.py:588
+  `predictor.path / MANIFEST_FILE` -> `predictor.path // MANIFEST_FILE`, a TypeError instead)."""
+  folder = copy_export(exported[0], tmp_path / "out")
+  lost = folder / export.ONNX_FILE
+  lost.unlink()
+  with pytest.raises(errors.MissingInput) as error:
+    export.verify(folder)
+  assert str(error.value) == f"{lost} does not exist, but {folder / export.MANIFEST_FILE} lists it; export again"
+
+
 @pytest.mark.parametrize(
   ("changes", "message"),
   [
