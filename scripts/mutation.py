@@ -398,6 +398,7 @@ def main() -> None:
   run.add_argument("--seed", type=int, default=0)
   rerun = sub.add_parser("rerun", help="survivors and unverified kills again, with the tests as they are now")
   rerun.add_argument("session", type=Path)
+  rerun.add_argument("--keys", nargs="*", default=None, help="only these mutants (keys as the session writes them)")
   show = sub.add_parser("report", help="per-package kill rates and survivors of a session")
   show.add_argument("session", type=Path)
   for p in (one, run):
@@ -434,6 +435,8 @@ def main() -> None:
   else:
     out = args.session
     mutants = [r for r in read_session(out).values() if r["outcome"] in ("survived", "baseline-failed")]
+    if args.keys is not None:
+      mutants = [m for m in mutants if m["key"] in args.keys]
   print(f"{len(mutants)} mutants -> {out}")
   execute(mutants, out, args.workers, args.timeout, again=args.command == "rerun", source=args.source)
   print(report(read_session(out)))

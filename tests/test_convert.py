@@ -277,3 +277,11 @@ def test_checkpoint_formats(tmp_path):
   (tmp_path / "w.npz").write_bytes(b"")
   with pytest.raises(ValueError, match="w.npz: unsupported"):
     convert.load_torch_checkpoint(tmp_path / "w.npz")
+
+
+def test_only_registered_architectures_from_torchvision_are_converter_names():
+  """`<arch>_from_torchvision` exists for each registered architecture and no other name does (mutant killed:
+  convert/__init__.py:57 `source == "torchvision"` -> `>=`, which made up `vgg16_from_vgg_face`)."""
+  assert callable(convert.vgg16_from_torchvision) and callable(convert.vgg16_bn_from_torchvision)
+  for name in ("vgg16_from_vgg_face", "vgg16_from_zoo", "vgg16_from_", "vgg19_from_torchvision"):
+    assert not hasattr(convert, name), name

@@ -179,3 +179,23 @@ def test_benchmark_splits_of_a_fae_database_train_and_score_their_own_test_folde
     report = evaluate.evaluate_workdir(None, run, "test")
     assert report["num_examples"] == len(test_ages) == 8  # folders 8-9 (split 0), 0-1 (split 1): 2 x 2 people x 2
     assert result["per_split"][k]["test_mae"] == pytest.approx(report["mae"], rel=1e-6)
+
+
+def test_a_split_another_machine_holds_is_skipped_and_the_rest_still_train(tiny_config, tmp_path, monkeypatch, capsys):
+  """crossval.py on several machines shares the splits: a busy split is skipped, never the rest (mutant killed:
+  crossval.py:92 `continue` -> `break`, which stopped at the first busy split)."""
+  from agejax.training import workdir_lock
+
+  trained = []
+
+  def train_and_evaluate(config, directory):
+    if str(directory).endswith("split1"):
+      raise workdir_lock.WorkdirBusy(f"{directory} is held by another run")
+    trained.append(Path(directory).name)
+    return {"step": 1}
+
+  monkeypatch.setattr(crossval.train, "train_and_evaluate", train_and_evaluate)
+  monkeypatch.setattr(crossval, "aggregate", lambda workdir, splits, write: {"splits": list(splits)})
+  assert crossval.run(tiny_config, str(tmp_path), ["0", "1", "2", "3"]) == {"splits": ["0", "1", "2", "3"]}
+  assert trained == ["split0", "split2", "split3"]
+  assert "split 1: skipped, another run holds it:" in capsys.readouterr().out

@@ -220,3 +220,25 @@ def test_the_temperature_tempers_the_flip_average():
   average = 0.5 * (one + mirrored)
   np.testing.assert_allclose(jnp.exp(raw), average, rtol=1e-5)
   np.testing.assert_allclose(probs, average**2 / jnp.sum(average**2, axis=-1, keepdims=True), rtol=1e-4)
+
+
+def test_the_coverage_simulation_draws_distributions_of_the_std_it_is_named_for(monkeypatch):
+  """benchmark.py statistics' 'sigma 1 / 2 years' rows are distributions of that std (mutant killed:
+  benchmarks/statistics.py:28 `exp(-0.5 * z ** 2)` -> `exp(-0.5 - z ** 2)`, a std of sigma / sqrt 2)."""
+  from agejax.benchmarks import statistics
+
+  seen = {}
+  covered = calibration.covered
+
+  def spy(p, bins, ages, levels):
+    seen["p"], seen["bins"] = np.asarray(p, np.float64), np.asarray(bins, np.float64)
+    return covered(p, bins, ages, levels)
+
+  monkeypatch.setattr(statistics.calibration, "covered", spy)
+  for sigma in (1.0, 2.0):
+    statistics.coverage(sigma, n=300)
+    p, bins = seen["p"], seen["bins"]
+    mean = (p * bins).sum(1, keepdims=True)
+    std = np.sqrt((p * (bins - mean) ** 2).sum(1))
+    # A Gaussian read at whole years: within 6% of sigma at sigma >= 1, whatever the centre's fraction.
+    np.testing.assert_allclose(std, sigma, rtol=0.06)
