@@ -241,7 +241,8 @@ class Worker:
       os.killpg(process.pid, signal.SIGKILL)
       output, _ = process.communicate()
       rc = None
-    failed = re.findall(rb"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    # "FAILED tests/x.py::test[id with spaces] - message": the node id runs to " - " or the line's end.
+    failed = re.findall(rb"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)
     return {
       "rc": rc,
       "seconds": round(time.monotonic() - start, 1),

@@ -648,3 +648,21 @@ def test_a_failed_swap_leaves_the_previous_export_byte_equal_and_nothing_beside_
     epath.Path(folder, export.MODEL_FILE).write_bytes(b"new model")
   assert files_of(out) == {export.MODEL_FILE: b"new model"}
   assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_max_files_images_are_answered_and_one_more_is_refused_with_413_in_json_and_multipart():
+  """--max_files is the most a request may carry, by either body (mutant killed: app.py:225 JSON
+  `len(images) > settings.max_files` -> `>=`, which refused exactly max_files)."""
+  import base64
+
+  model = HeldModel()
+  model.gate.set()
+  with live_server(model, max_files=3) as (url, _):
+    for count, status in ((3, 200), (4, 413)):
+      files = [image(10 + i) for i in range(count)]
+      assert post(url, *files, aligned="true").status_code == status, count
+      body = {"images": [base64.b64encode(data).decode() for _, data in files], "aligned": True}
+      answer = httpx.post(url + "/v1/predict", json=body, timeout=WAIT_S)
+      assert answer.status_code == status, (count, answer.text)
+      if status == 200:
+        assert [r["faces"][0]["argmax_age"] for r in answer.json()["results"]] == [11, 12, 13], answer.json()
