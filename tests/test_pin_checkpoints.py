@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import array_cache, checkpoint
+from test_init_from import flat
 from tiny_run import tiny_run
 
 from agejax import errors
@@ -61,15 +62,6 @@ def numpy_mae(workdir: Path, step: int, split: str) -> float:
   data = pipeline.load_labelled_split(cfg.data, cfg.labels, split)
   probs = np.asarray(jax.jit(fns.model.distributions)(state, data.gather(np.arange(len(data)))["image"]), np.float64)
   return float(np.mean(np.abs(probs @ np.asarray(fns.model.bins, np.float64) - data.age)))
-
-
-def flat(tree) -> dict[str, np.ndarray]:
-  """Leaves by '/'-joined key names."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    name = "/".join(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path)
-    out[name] = np.asarray(leaf)
-  return out
 
 
 @pytest.fixture(scope="module")
