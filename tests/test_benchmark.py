@@ -272,3 +272,32 @@ def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
   null, power = row["gap_test"]
   assert (null["shift_years"], power["shift_years"], null["n"]) == (0.0, 1.0, 2370)
   assert null["flag_rate"] < 0.15 and power["flag_rate"] > 0.5
+
+
+def test_torch_train_runs_autocast_for_a_bfloat16_named_at_run_time():
+  """The dtype comes from the command line, a string built at run time: bfloat16 turns on autocast (mutant killed:
+  torch_baseline.py:74 `dtype == "bfloat16"` -> `dtype is "bfloat16"`, true only for the interned literal)."""
+  from agejax.benchmarks import torch_baseline
+
+  dtype = "".join(["bfloat", "16"])  # not the interned literal, as from argparse
+  row = torch_baseline.torch_train(batch=2, dtype=dtype, image_size=32, num_steps=1, repeats=1, width=0.0625)
+  assert (row["framework"], row["dtype"]) == ("torch eager amp", "bfloat16"), row
+  row = torch_baseline.torch_train(batch=2, dtype="float32", image_size=32, num_steps=1, repeats=1, width=0.0625)
+  assert row["framework"] == "torch eager", row
+
+
+def test_xla_flops_reads_the_cost_analysis_in_each_form_jax_has_returned():
+  """cost_analysis's type is undefined across JAX versions and backends (a dict, a one-element list of dicts, None):
+  each gives the count or 0 (mutant killed: jax_step.py:64 `cost[0]` -> `cost[1]`)."""
+  import types
+
+  import jax
+  import jax.numpy as jnp
+
+  from agejax.benchmarks import jax_step
+
+  compiled = jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8), jnp.float32)).compile()
+  flops = jax_step.xla_flops(compiled)
+  assert flops >= 2 * 8**3, flops  # 8x8 @ 8x8: 512 multiply-adds
+  for answer, expected in (([{"flops": 12.0}], 12.0), ({"flops": 12.0}, 12.0), (None, 0.0), ([{}], 0.0)):
+    assert jax_step.xla_flops(types.SimpleNamespace(cost_analysis=lambda a=answer: a)) == expected, answer

@@ -42,3 +42,23 @@ def test_expected_argmax_and_std():
   np.testing.assert_allclose(labels.expected_age(probs, bins), [3.0, 3.0])
   np.testing.assert_allclose(labels.argmax_age(probs[1:], bins), [3.0])
   np.testing.assert_allclose(labels.distribution_std(probs, bins), [1.0, 0.0], atol=1e-6)
+
+
+def test_the_summaries_take_one_distribution_or_any_batch_shape_and_match_float64_numpy():
+  """A notebook passes one distribution, the flip path a (views, batch, bins) stack: each summary reads the last axis
+  (mutant killed: labels.py:66 `argmax(probs, axis=-1)` -> `axis=1`, which fails on one distribution and takes the
+  batch's argmax on a stack)."""
+  bins = np.arange(1, 8, dtype=np.float64)
+  probs = np.random.default_rng(0).dirichlet(np.ones(bins.size), size=(2, 3))
+  mean = (probs * bins).sum(-1)
+  want = {
+    "expected_age": mean,
+    "argmax_age": bins[probs.argmax(-1)],
+    "distribution_std": np.sqrt((probs * (bins - mean[..., None]) ** 2).sum(-1)),
+  }
+  for name, expected in want.items():
+    summary = getattr(labels, name)
+    stacked = np.asarray(summary(jnp.asarray(probs, jnp.float32), jnp.asarray(bins, jnp.float32)))
+    np.testing.assert_allclose(stacked, expected, rtol=1e-5, err_msg=name)
+    one = np.asarray(summary(jnp.asarray(probs[1, 2], jnp.float32), jnp.asarray(bins, jnp.float32)))
+    assert one.shape == () and np.isclose(one, expected[1, 2], rtol=1e-5), name

@@ -666,3 +666,21 @@ def test_max_files_images_are_answered_and_one_more_is_refused_with_413_in_json_
       assert answer.status_code == status, (count, answer.text)
       if status == 200:
         assert [r["faces"][0]["argmax_age"] for r in answer.json()["results"]] == [11, 12, 13], answer.json()
+
+
+def test_a_failed_export_removes_only_the_folders_it_made_even_when_they_vanished_first(tmp_path):
+  """A failed export removes the empty folders above OUT that it created and never a folder the user had, here an
+  empty one, even when its own folders were already gone (mutant killed: export.py:353 `break` -> `continue`, which
+  walked on past a missing folder and removed the user's empty folder above it)."""
+  mine = epath.Path(tmp_path) / "mine"  # the user's, empty
+  mine.mkdir()
+  out = mine / "a" / "b" / "out"
+  with pytest.raises(RuntimeError, match="failed export"):
+    with export._staged(out):
+      raise RuntimeError("failed export")
+  assert mine.is_dir() and list(mine.iterdir()) == []  # a and b, which it made, are gone
+  with pytest.raises(RuntimeError, match="failed export"):
+    with export._staged(out):
+      shutil.rmtree(mine / "a")  # its folders removed under it (another process, a user)
+      raise RuntimeError("failed export")
+  assert mine.is_dir() and list(mine.iterdir()) == []
