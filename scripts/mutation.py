@@ -49,6 +49,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
   "agejax/parallel.py": ("tests/data/test_sharding.py", "tests/test_steps.py", "tests/test_scale.py"),
   "agejax/storage.py": ("tests/test_pin_operations.py", "tests/test_workdir_lock.py", "tests/test_train.py"),
   "agejax/settings.py": (
+    "tests/test_labels.py",
     "tests/test_augment.py",
     "tests/test_losses.py",
     "tests/test_splits.py",

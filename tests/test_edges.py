@@ -242,3 +242,7 @@ def test_the_coverage_simulation_draws_distributions_of_the_std_it_is_named_for(
     std = np.sqrt((p * (bins - mean) ** 2).sum(1))
     # A Gaussian read at whole years: within 6% of sigma at sigma >= 1, whatever the centre's fraction.
     np.testing.assert_allclose(std, sigma, rtol=0.06)
+    # Centred anywhere between whole years, as true ages are (mutant killed: statistics.py:28 `/ sigma` -> `// sigma`,
+    # which centred every distribution on a whole year): the means' fractions fill each quarter of a year.
+    quarters = np.histogram(mean % 1.0, bins=4, range=(0.0, 1.0))[0]
+    assert np.all((quarters > 0.15 * len(mean)) & (quarters < 0.35 * len(mean))), quarters

@@ -62,3 +62,22 @@ def test_the_summaries_take_one_distribution_or_any_batch_shape_and_match_float6
     np.testing.assert_allclose(stacked, expected, rtol=1e-5, err_msg=name)
     one = np.asarray(summary(jnp.asarray(probs[1, 2], jnp.float32), jnp.asarray(bins, jnp.float32)))
     assert one.shape == () and np.isclose(one, expected[1, 2], rtol=1e-5), name
+
+
+def test_the_age_range_is_1_to_100_when_a_config_leaves_it_out_as_in_the_base_config():
+  """The README's default range: a config without a labels section (a hand-written or plug-in config) and the base
+  config both mean ages 1..100, clipped (mutant killed: settings.py:58 `min_age: int = 1` -> `0`)."""
+  import importlib.util
+
+  from conftest import ROOT
+
+  from agejax import settings
+
+  spec = importlib.util.spec_from_file_location("vgg16_kl", ROOT / "configs" / "vgg16_kl.py")
+  base = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(base)
+  for config in ({}, base.get_config()):
+    ranged = settings.Settings.from_config(config).labels
+    assert (ranged.min_age, ranged.max_age, ranged.out_of_range) == (1, 100, "clip"), config
+    bins = np.asarray(labels.age_bins(ranged.min_age, ranged.max_age))
+    np.testing.assert_array_equal(bins, np.arange(1, 101))

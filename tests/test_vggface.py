@@ -120,8 +120,9 @@ def test_vgg_face_dag_converts_to_mcns_fc7_and_fc8(mcn, images, fc6):
   assert np.argmax(fc8, -1).tolist() == np.argmax(expected_fc8, -1).tolist()
 
 
-def write_keras_h5(path: pathlib.Path, state: dict[str, np.ndarray], top: bool = True) -> None:
-  """The weights of keras-vggface's VGG16 (models.VGG16) holding mcn's network, as Keras 2's save_weights writes them.
+def write_keras_h5(path: pathlib.Path, state: dict[str, np.ndarray], top: bool = True, keras1: bool = False) -> None:
+  """The weights of keras-vggface's VGG16 (models.VGG16) holding mcn's network, as Keras 2's save_weights writes them
+  (or Keras 1's, whose weights are named 'conv1_1_W:0' and 'conv1_1_b:0').
 
   Keras's conv kernels are HWIO and its first layer reads BGR; its Flatten of pool5 is [7, 7, C], so
   fc6's rows are in that order; Dense kernels are [in, out].
@@ -150,9 +151,10 @@ def write_keras_h5(path: pathlib.Path, state: dict[str, np.ndarray], top: bool =
     f.attrs["backend"], f.attrs["keras_version"] = b"tensorflow", b"2.0.8"
     for name, weights in layers:
       group = f.require_group(name)
-      group.attrs["weight_names"] = [f"{name}/{w}:0".encode() for w in weights]
+      names = {w: f"{name}_{'W' if w == 'kernel' else 'b'}:0" if keras1 else f"{name}/{w}:0" for w in weights}
+      group.attrs["weight_names"] = [n.encode() for n in names.values()]
       for w, array in weights.items():
-        group.create_dataset(f"{name}/{w}:0", data=np.ascontiguousarray(array))
+        group.create_dataset(names[w], data=np.ascontiguousarray(array))
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,17 @@ def test_keras_vggface_h5_converts_to_the_same_arrays(mcn, keras_files, images):
   no_top = convert.from_published(convert.load_weights_file(notop), "vggface_keras")
   assert no_top.fresh_groups == ("fc1", "fc2", "head")
   jax.tree.map(np.testing.assert_array_equal, pure_params(no_top)["convs"], from_dag["convs"])
+
+
+def test_keras_1_weight_names_load_as_the_same_arrays_as_keras_2s(mcn, keras_files, tmp_path):
+  """rcmalli's first files were written by Keras 1 ('conv1_1_W:0'): they load as the Keras 2 names' arrays (mutant
+  killed: convert/__init__.py:129 `base.rsplit("_", 1)` -> `rsplit("_", 0)`, which kept 'conv1_1_W' as the kind)."""
+  state = {k: v.numpy() for k, v in mcn[0].state_dict().items()}
+  write_keras_h5(tmp_path / "keras1.h5", state, keras1=True)
+  old, new = convert.load_weights_file(tmp_path / "keras1.h5"), convert.load_weights_file(keras_files[0])
+  assert sorted(old) == sorted(new) and "fc8/bias" in old
+  for name in new:
+    np.testing.assert_array_equal(old[name], new[name], err_msg=name)
 
 
 def test_convert_weights_cli_on_a_notop_h5_leaves_the_top_new(keras_files, mcn, tmp_path):
