@@ -244,12 +244,30 @@ class Worker:
       rc = None
     # "FAILED tests/x.py::test[id with spaces] - message": the node id runs to " - " or the line's end.
     failed = re.findall(rb"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)
+    why = re.findall(rb"^E +(.+)$", output, re.M)  # pytest's lines for the failure: the assertion and its values
     return {
       "rc": rc,
       "seconds": round(time.monotonic() - start, 1),
       "failed": failed[0].decode() if failed else None,
+      "why": b" | ".join(why[:4]).decode(errors="replace")[:600] or None,
       "tail": output[-600:].decode(errors="replace") if rc not in (0, 1) else None,
     }
+
+  @staticmethod
+  def find(path: Path, operator, diff: list[str], occurrence: int) -> int | None:
+    """The occurrence of `operator` in the module at `path` that makes `diff` (its recorded one first), or None."""
+    from cosmic_ray.mutating import use_mutation
+
+    tried = itertools.chain([occurrence], (i for i in itertools.count() if i != occurrence))
+    for i in tried:
+      with use_mutation(path, operator, i) as (original, mutated):
+        if mutated is None:
+          if i != occurrence:
+            return None  # past the last occurrence
+          continue
+        if _changed(original, mutated)[:3] == diff:
+          return i
+    return None
 
   def mutate_and_test(self, mutant: dict, timeout: float, cache: Path) -> dict:
     """Applies the mutant in this copy, runs its module's tests, restores the module; returns the result."""
@@ -258,11 +276,16 @@ class Worker:
 
     path = self.dir / mutant["module"]
     operator = cosmic_ray.plugins.get_operator(mutant["operator"])()
+    if mutant.get("diff"):  # a rerun: the module may have been edited since, renumbering its occurrences
+      occurrence = self.find(path, operator, mutant["diff"], mutant["occurrence"])
+      if occurrence is None:
+        return {**mutant, "outcome": "no-mutation"}  # the code it changed is gone
+      mutant = {**mutant, "occurrence": occurrence}
     with use_mutation(path, operator, mutant["occurrence"]) as (original, mutated):
       if mutated is None:
         return {**mutant, "outcome": "no-mutation"}
       shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
-      changed = [f"{a.strip()}  ->  {b.strip()}" for a, b in zip(original.splitlines(), mutated.splitlines()) if a != b]
+      changed = _changed(original, mutated)
       result = self.test(self.tests_for(mutant["module"]), timeout, cache)
     shutil.rmtree(path.parent / "__pycache__", ignore_errors=True)
     if result["rc"] is None:
@@ -272,6 +295,11 @@ class Worker:
     else:
       outcome = "killed"
     return {**mutant, "outcome": outcome, "diff": changed[:3], **result}
+
+
+def _changed(original: str, mutated: str) -> list[str]:
+  """The lines a mutant changes, as `before  ->  after`."""
+  return [f"{a.strip()}  ->  {b.strip()}" for a, b in zip(original.splitlines(), mutated.splitlines()) if a != b]
 
 
 def read_session(path: Path) -> dict[str, dict]:
@@ -313,6 +341,7 @@ def execute(
   # test runs once unmutated (a collection error: its file is collected), and a kill by a test that
   # fails there too is set aside as "baseline-failed". Survivors passed, so they need no baseline.
   verified: dict[str, bool] = {}
+  failures: dict[str, str | None] = {}  # how each such test failed unmutated
 
   def check(result: dict) -> dict:
     test = result.get("failed")
@@ -322,10 +351,12 @@ def execute(
       worker = take()
       try:
         extra = ("--collect-only",) if "::" not in test else ()
-        verified[test] = worker.test((*extra, test), timeout, cache)["rc"] == 0
+        unmutated = worker.test((*extra, test), timeout, cache)
+        verified[test] = unmutated["rc"] == 0
+        failures[test] = unmutated["why"] or unmutated["tail"]
       finally:
         give(worker)
-    return result if verified[test] else {**result, "outcome": "baseline-failed"}
+    return result if verified[test] else {**result, "outcome": "baseline-failed", "baseline": failures[test]}
 
   def one(mutant: dict) -> dict:
     worker = take()

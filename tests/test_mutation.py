@@ -92,3 +92,20 @@ def test_every_argued_equivalent_has_a_one_line_argument():
     assert (ROOT / module).is_file(), key
     assert operator.startswith("core/") and occurrence.isdigit(), key
     assert why.strip() and "\n" not in why, key
+
+
+def test_a_rerun_finds_its_mutant_by_its_change_after_an_edit_renumbers_the_module(tmp_path):
+  """A session records each mutant's change: after an edit adds an earlier `+`, the rerun applies the same change (not
+  the occurrence of the same number), and a mutant whose code is gone is not applied anywhere else."""
+  import cosmic_ray.plugins
+
+  module = tmp_path / "m.py"
+  module.write_text("a = 1 + 2\nb = 3 + 4\n")
+  operator = cosmic_ray.plugins.get_operator("core/ReplaceBinaryOperator_Add_Sub")()
+  diff = ["b = 3 + 4  ->  b = 3 - 4"]
+  assert mutation.Worker.find(module, operator, diff, 1) == 1
+  module.write_text("c = 5 + 6\na = 1 + 2\nb = 3 + 4\n")
+  assert mutation.Worker.find(module, operator, diff, 1) == 2
+  module.write_text("c = 5 + 6\na = 1 + 2\n")
+  assert mutation.Worker.find(module, operator, diff, 1) is None
+  assert module.read_text() == "c = 5 + 6\na = 1 + 2\n"  # every try put the module back

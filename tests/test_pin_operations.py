@@ -285,13 +285,12 @@ class HeldDetector:
 
 @contextlib.contextmanager
 def live_server(model: HeldModel, detector: HeldDetector | None = None, **settings: Any) -> Iterator[tuple[str, Any]]:
-  """(URL, the Starlette app) of create_app served by uvicorn with serve.py's HTTP protocol on a free loopback port."""
+  """(URL, the Starlette app) of create_app served by uvicorn as serve.py serves it, on a free loopback port."""
   import uvicorn
 
   app = serving_app.create_app(model, detector, serving_app.Settings(max_batch=4, **settings), min_age=1)
   sock = serving.bind("127.0.0.1", 0)
-  config = uvicorn.Config(app, http=serving._protocol(5.0), log_level="warning", timeout_graceful_shutdown=1)
-  server = uvicorn.Server(config)
+  server = uvicorn.Server(serving.config(app, 1.0, head_timeout_s=5.0, log_level="warning"))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.monotonic() + 60
@@ -684,3 +683,23 @@ def test_a_failed_export_removes_only_the_folders_it_made_even_when_they_vanishe
       shutil.rmtree(mine / "a")  # its folders removed under it (another process, a user)
       raise RuntimeError("failed export")
   assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+def test_a_request_head_buffered_past_16_kb_is_refused_with_400_and_one_under_it_is_answered():
+  """h11 checks an incomplete request head between reads: one with over 16 KB buffered and still incomplete is refused
+  before the app sees it, one under it is answered (mutant killed: serving/__init__.py
+  `h11_max_incomplete_event_size=16 * 1024` -> `16 ** 1024`, no limit on a head that trickles in)."""
+
+  def head_in_two_reads(port: int, pad: int, first: int) -> bytes:
+    head = f"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {'a' * pad}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+      sock.sendall(head[:first])
+      time.sleep(0.3)  # the server reads the first part on its own
+      sock.sendall(head[first:])
+      return sock.recv(64)
+
+  with live_server(HeldModel()) as (url, _):
+    port = int(url.rsplit(":", 1)[1])
+    assert head_in_two_reads(port, 15_000, 14_000).startswith(b"HTTP/1.1 200 ")
+    assert head_in_two_reads(port, 17_000, 16_500).startswith(b"HTTP/1.1 400 ")
+    assert httpx.get(url + "/healthz", timeout=WAIT_S).status_code == 200  # and it serves on

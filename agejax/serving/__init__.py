@@ -86,22 +86,11 @@ def run(
     head_timeout_s: a connection whose request line and headers take longer is closed (slow clients).
     keep_alive_s: an idle kept-alive connection is closed after this.
   """
-  import uvicorn
-
   # uvicorn re-raises the signal it shut down on once it is done; a handler of our own turns that
   # into a normal return, so the process exits 0 after a graceful stop (the default would kill it).
   previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
-    server = _Server(
-      uvicorn.Config(
-        app,
-        timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # annotated int; a float works
-        timeout_keep_alive=keep_alive_s,  # type: ignore[arg-type]
-        http=_protocol(head_timeout_s),
-        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: at most 16 KB
-        log_level="info",
-      )
-    )
+    server = _Server(config(app, graceful_timeout_s, head_timeout_s=head_timeout_s, keep_alive_s=keep_alive_s))
     server.run(sockets=[sock])
   finally:
     for sig, handler in previous.items():
@@ -109,6 +98,23 @@ def run(
   if not server.started and not server.should_exit:
     host, port = sock.getsockname()[:2]
     raise errors.UserError(f"could not serve on {host}:{port} (see the log above)")
+
+
+def config(
+  app, graceful_timeout_s: float | None = None, *, head_timeout_s: float = 10.0, keep_alive_s: float = 5.0, **options
+):
+  """uvicorn's settings for `app` as `run` serves it (`options`: other uvicorn.Config arguments, e.g. log_level)."""
+  import uvicorn
+
+  return uvicorn.Config(
+    app,
+    timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # annotated int; a float works
+    timeout_keep_alive=keep_alive_s,  # type: ignore[arg-type]
+    http=_protocol(head_timeout_s),
+    # A request head still incomplete with over 16 KB buffered is refused (400); h11 checks between reads.
+    h11_max_incomplete_event_size=16 * 1024,
+    **{"log_level": "info", **options},
+  )
 
 
 def _protocol(head_timeout_s: float):
