@@ -303,15 +303,22 @@ def test_xla_flops_reads_the_cost_analysis_in_each_form_jax_has_returned():
     assert jax_step.xla_flops(types.SimpleNamespace(cost_analysis=lambda a=answer: a)) == expected, answer
 
 
-def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_step():
-  """The side-by-side is fair only if PyTorch trains on the same loss: its first step's loss equals KL(Gaussian target
-  of sigma 2 || the model's softmax) in float64 NumPy (mutant killed: torch_baseline.py:46 the target's
-  `-0.5 * z ** 2` -> `-0.5 + z ** 2`)."""
+@pytest.mark.parametrize("channels", ["RGB", "BGR"])
+def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_step(channels, monkeypatch):
+  """The side-by-side is fair only if PyTorch trains on the same loss and input: its first step's loss equals KL(the
+  Gaussian target of sigma 2 || the model's softmax) in float64 NumPy, the input prepared by the backbone's spec, in
+  RGB or BGR order (mutants killed: torch_baseline.py:46 the target's `-0.5 * z ** 2` -> `-0.5 + z ** 2`; :40
+  `if spec.channels == "BGR"` -> `if not ...`)."""
+  import dataclasses
+
   import numpy as np
   import torch
 
   from agejax.benchmarks import torch_baseline
 
+  vgg16 = models.get("vgg16")
+  spec = dataclasses.replace(vgg16.input_spec, channels=channels, mean=(0.3, 0.5, 0.7), pixel_range=2.0)
+  monkeypatch.setattr(torch_baseline.models, "get", lambda name: dataclasses.replace(vgg16, input_spec=spec))
   model_settings = settings.ModelSettings(width_multiplier=0.0625)
   step = torch_baseline.torch_train_step(model_settings, 100, "cpu", amp=False, fused=False)
   rows = np.random.default_rng(0).integers(0, 256, (2, 32, 1, 3), dtype=np.uint8)
@@ -320,12 +327,13 @@ def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_s
   loss = float(step(torch.from_numpy(images), torch.tensor(ages, dtype=torch.float32)))
 
   torch.manual_seed(0)  # the step's model before its first update, and its random draws (the flip, then dropout)
-  model = models.get("vgg16").torch_model(model_settings, 100).train()
+  model = vgg16.torch_model(model_settings, 100).train()
   torch.rand(len(ages), 1, 1, 1)
-  spec = models.get("vgg16").input_spec
-  x = (images.transpose(0, 3, 1, 2) / 255.0 - np.reshape(spec.mean, (1, 3, 1, 1))) / np.reshape(spec.std, (1, 3, 1, 1))
+  x = images.transpose(0, 3, 1, 2) / 255.0 * spec.pixel_range
+  x = x[:, ::-1] if channels == "BGR" else x
+  x = (x - np.reshape(spec.mean, (1, 3, 1, 1))) / np.reshape(spec.std, (1, 3, 1, 1))
   with torch.no_grad():
-    logits = model(torch.tensor(x, dtype=torch.float32)).double().numpy()
+    logits = model(torch.tensor(x.copy(), dtype=torch.float32)).double().numpy()
   log_q = logits - logits.max(1, keepdims=True)
   log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
   target = np.exp(-0.5 * ((np.arange(1, 101)[None] - ages[:, None]) / 2.0) ** 2)
