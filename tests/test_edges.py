@@ -246,3 +246,14 @@ def test_the_coverage_simulation_draws_distributions_of_the_std_it_is_named_for(
     # which centred every distribution on a whole year): the means' fractions fill each quarter of a year.
     quarters = np.histogram(mean % 1.0, bins=4, range=(0.0, 1.0))[0]
     assert np.all((quarters > 0.15 * len(mean)) & (quarters < 0.35 * len(mean))), quarters
+
+
+def test_the_gap_simulations_flag_rate_carries_its_binomial_standard_error():
+  """benchmark.py statistics states each flag rate with its Monte Carlo error, sqrt(rate (1 - rate) / simulations)
+  (mutant killed: statistics.py:52 `rate * (1 - rate)` -> `rate * (1 / rate)`, which gave 1 / sqrt(simulations))."""
+  from agejax.benchmarks import statistics
+
+  result = statistics.gap_test(1.0, simulations=200, seed=0, permutations=100)
+  rate = result["flag_rate"]
+  assert 0.0 < rate < 1.0 and result["simulations"] == 200, result
+  assert result["flag_rate_se"] == pytest.approx(np.sqrt(rate * (1.0 - rate) / 200), rel=1e-12)

@@ -468,3 +468,24 @@ def test_an_export_killed_between_its_renames_points_at_the_previous_one(exporte
   assert f"left the previous one in {aside} (rename it to out, or export again)" in str(error.value)
   with pytest.raises(errors.MissingInput, match="not an export folder"):
     export.ExportedPredictor(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+  ("size", "window", "strides", "padding"),
+  [
+    (8, 2, 2, "VALID"),  # VGG's pools: rewritten as reshape + max
+    (6, 2, 2, ((1, 1), (1, 1))),  # window = stride, but padded
+    (7, 2, 2, "SAME"),  # padded at the end
+    (9, 3, 2, ((1, 1), (1, 1))),  # ResNet's stem pool
+  ],
+)
+def test_the_onnx_paths_rewriting_of_max_pools_leaves_the_function_unchanged(size, window, strides, padding):
+  """The jaxpr handed to jax2onnx (`_inline`) computes what JAX computes, for tiling pools and every other kind (mutant
+  killed: export.py:149 `all(p == (0, 0) ...)` -> `all(p is not (0, 0) ...)`, which took padded pools for tiles)."""
+  import flax.nnx as nnx
+
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  pool = lambda v: nnx.max_pool(v, (window, window), strides=(strides, strides), padding=padding)  # noqa: E731
+  closed = jax.make_jaxpr(pool)(x)
+  (got,) = export._inline(closed.jaxpr, closed.consts, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(pool(x)))

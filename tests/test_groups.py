@@ -239,3 +239,15 @@ def test_a_grouping_without_a_gap_does_not_hide_the_gaps_printed_after_it():
   out = groups.report(pred, age, {"few": few, "two": two}, resamples=100)
   lines = groups.format_gaps(out["largest_gaps"], out["groups"])
   assert len(lines) == 2 and "few: fewer than two groups" in lines[0] and "two:" in lines[1] and "p=" in lines[1]
+
+
+def test_groups_with_exactly_equal_errors_have_no_gap_and_a_p_value_of_1():
+  """A gap of exactly 0 is matched by every shuffle: p = 1, never significant (mutant killed: groups.py:74 `null >=
+  observed - 1e-6 * |observed|` -> `>`, which counted no shuffle at a zero gap and gave p = 1 / 1001)."""
+  codes = np.repeat(np.arange(3), 50)
+  errors = np.full((2, codes.size), 2.0)
+  errors[1] = np.tile([1.0, 3.0], codes.size // 2)  # every group's MAE exactly 2, each shuffle's gap at least 0
+  np.testing.assert_array_equal(groups.gap_p_values(errors, codes, np.arange(3), seed=0, permutations=200), [1.0, 1.0])
+  pred = np.tile([30.0, 32.0], 75)
+  gap = groups.report(pred, np.full(150, 31.0), {"g": (codes, ("a", "b", "c"))}, resamples=50)["largest_gaps"]["g"]
+  assert (gap["gap"], gap["p_value"], gap["significant"]) == (0.0, 1.0, False), gap
