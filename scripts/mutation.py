@@ -431,7 +431,9 @@ def main() -> None:
   run.add_argument("--seed", type=int, default=0)
   rerun = sub.add_parser("rerun", help="survivors and unverified kills again, with the tests as they are now")
   rerun.add_argument("session", type=Path)
-  rerun.add_argument("--keys", nargs="*", default=None, help="only these mutants (keys as the session writes them)")
+  rerun.add_argument(
+    "--keys", nargs="*", default=None, help="only these mutants (keys as the session writes them; default: all but the equivalent)"
+  )
   show = sub.add_parser("report", help="per-package kill rates and survivors of a session")
   show.add_argument("session", type=Path)
   for p in (one, run):
@@ -470,6 +472,9 @@ def main() -> None:
     mutants = [r for r in read_session(out).values() if r["outcome"] in ("survived", "baseline-failed")]
     if args.keys is not None:
       mutants = [m for m in mutants if m["key"] in args.keys]
+    else:  # a survivor argued equivalent survives again: named with --keys only
+      argued = equivalents()
+      mutants = [m for m in mutants if m["key"] not in argued]
   print(f"{len(mutants)} mutants -> {out}")
   execute(mutants, out, args.workers, args.timeout, again=args.command == "rerun", source=args.source)
   print(report(read_session(out)))

@@ -79,3 +79,15 @@ def test_an_input_spec_sets_range_channel_order_mean_and_std():
   assert models.InputSpec.from_json(None) == IMAGENET  # records from before specs were all ImageNet's
   with pytest.raises(errors.UserError, match="channels='GBR'"):
     models.InputSpec(channels="GBR")
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.6])
+def test_blur_equals_scipys_gaussian_filter_with_edge_padding(sigma):
+  """The blur the `blur` augmentation mixes in is a Gaussian of std sigma over a radius of 2, edges repeated: scipy's
+  filter in float64 (mutant killed: augment.py:11 `arange(...) / sigma` -> `- sigma`, a kernel shifted off centre)."""
+  from scipy import ndimage
+
+  images = np.random.default_rng(0).uniform(0, 1, (2, 9, 11, 3))
+  got = np.asarray(augment.gaussian_blur(jnp.asarray(images, jnp.float32), sigma=sigma))
+  expected = ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=2 / sigma)
+  np.testing.assert_allclose(got, expected, atol=2e-6)
