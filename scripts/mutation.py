@@ -432,7 +432,10 @@ def main() -> None:
   rerun = sub.add_parser("rerun", help="survivors and unverified kills again, with the tests as they are now")
   rerun.add_argument("session", type=Path)
   rerun.add_argument(
-    "--keys", nargs="*", default=None, help="only these mutants (keys as the session writes them; default: all but the equivalent)"
+    "--keys",
+    nargs="*",
+    default=None,
+    help="only these mutants (keys as the session writes them; default: all but those argued equivalent)",
   )
   show = sub.add_parser("report", help="per-package kill rates and survivors of a session")
   show.add_argument("session", type=Path)
