@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -274,16 +275,29 @@ def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
   assert null["flag_rate"] < 0.15 and power["flag_rate"] > 0.5
 
 
+def _in_fresh_python(code: str, *args: str) -> Any:
+  """Runs `code` (with `args`) in a new interpreter; returns the JSON it prints last. PyTorch's lazy imports (dynamo,
+  triton) crashed the test process once TensorFlow and JAX were loaded, so these torch tests run on their own."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_torch_train_runs_autocast_for_a_bfloat16_named_at_run_time():
   """The dtype comes from the command line, a string built at run time: bfloat16 turns on autocast (mutant killed:
   torch_baseline.py:74 `dtype == "bfloat16"` -> `dtype is "bfloat16"`, true only for the interned literal)."""
-  from agejax.benchmarks import torch_baseline
-
-  dtype = "".join(["bfloat", "16"])  # not the interned literal, as from argparse
-  row = torch_baseline.torch_train(batch=2, dtype=dtype, image_size=32, num_steps=1, repeats=1, width=0.0625)
-  assert (row["framework"], row["dtype"]) == ("torch eager amp", "bfloat16"), row
-  row = torch_baseline.torch_train(batch=2, dtype="float32", image_size=32, num_steps=1, repeats=1, width=0.0625)
-  assert row["framework"] == "torch eager", row
+  rows = _in_fresh_python(
+    """
+import json
+from agejax.benchmarks import torch_baseline
+tiny = dict(batch=2, image_size=32, num_steps=1, repeats=1, width=0.0625)
+dtype = "".join(["bfloat", "16"])  # not the interned literal, as from argparse
+rows = [torch_baseline.torch_train(dtype=d, **tiny) for d in (dtype, "float32")]
+print(json.dumps([(r["framework"], r["dtype"]) for r in rows]))
+"""
+  )
+  assert rows == [["torch eager amp", "bfloat16"], ["torch eager", "float32"]], rows
 
 
 def test_xla_flops_reads_the_cost_analysis_in_each_form_jax_has_returned():
@@ -303,40 +317,48 @@ def test_xla_flops_reads_the_cost_analysis_in_each_form_jax_has_returned():
     assert jax_step.xla_flops(types.SimpleNamespace(cost_analysis=lambda a=answer: a)) == expected, answer
 
 
+TORCH_STEP_LOSS = """
+import dataclasses, json, sys
+import numpy as np, torch
+from agejax import models, settings
+from agejax.benchmarks import torch_baseline
+
+channels = sys.argv[1]
+vgg16 = models.get("vgg16")
+spec = dataclasses.replace(vgg16.input_spec, channels=channels, mean=(0.3, 0.5, 0.7), pixel_range=2.0)
+torch_baseline.models.get = lambda name: dataclasses.replace(vgg16, input_spec=spec)
+model_settings = settings.ModelSettings(width_multiplier=0.0625)
+step = torch_baseline.torch_train_step(model_settings, 100, "cpu", amp=False, fused=False)
+rows = np.random.default_rng(0).integers(0, 256, (2, 32, 1, 3), dtype=np.uint8)
+images = np.repeat(rows, 32, axis=2)  # the same in every column: the step's random flip changes nothing
+ages = np.array([3.0, 57.5])
+loss = float(step(torch.from_numpy(images), torch.tensor(ages, dtype=torch.float32)))
+
+torch.manual_seed(0)  # the step's model before its first update, and its random draws (the flip, then dropout)
+model = vgg16.torch_model(model_settings, 100).train()
+torch.rand(len(ages), 1, 1, 1)
+x = images.transpose(0, 3, 1, 2) / 255.0 * spec.pixel_range
+x = x[:, ::-1] if channels == "BGR" else x
+x = (x - np.reshape(spec.mean, (1, 3, 1, 1))) / np.reshape(spec.std, (1, 3, 1, 1))
+with torch.no_grad():
+  logits = model(torch.tensor(x.copy(), dtype=torch.float32)).double().numpy()
+print(json.dumps({"loss": loss, "logits": logits.tolist(), "ages": ages.tolist()}))
+"""
+
+
 @pytest.mark.parametrize("channels", ["RGB", "BGR"])
-def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_step(channels, monkeypatch):
+def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_step(channels):
   """The side-by-side is fair only if PyTorch trains on the same loss and input: its first step's loss equals KL(the
   Gaussian target of sigma 2 || the model's softmax) in float64 NumPy, the input prepared by the backbone's spec, in
   RGB or BGR order (mutants killed: torch_baseline.py:46 the target's `-0.5 * z ** 2` -> `-0.5 + z ** 2`; :40
   `if spec.channels == "BGR"` -> `if not ...`)."""
-  import dataclasses
-
   import numpy as np
-  import torch
 
-  from agejax.benchmarks import torch_baseline
-
-  vgg16 = models.get("vgg16")
-  spec = dataclasses.replace(vgg16.input_spec, channels=channels, mean=(0.3, 0.5, 0.7), pixel_range=2.0)
-  monkeypatch.setattr(torch_baseline.models, "get", lambda name: dataclasses.replace(vgg16, input_spec=spec))
-  model_settings = settings.ModelSettings(width_multiplier=0.0625)
-  step = torch_baseline.torch_train_step(model_settings, 100, "cpu", amp=False, fused=False)
-  rows = np.random.default_rng(0).integers(0, 256, (2, 32, 1, 3), dtype=np.uint8)
-  images = np.repeat(rows, 32, axis=2)  # the same in every column: the step's random flip changes nothing
-  ages = np.array([3.0, 57.5])
-  loss = float(step(torch.from_numpy(images), torch.tensor(ages, dtype=torch.float32)))
-
-  torch.manual_seed(0)  # the step's model before its first update, and its random draws (the flip, then dropout)
-  model = vgg16.torch_model(model_settings, 100).train()
-  torch.rand(len(ages), 1, 1, 1)
-  x = images.transpose(0, 3, 1, 2) / 255.0 * spec.pixel_range
-  x = x[:, ::-1] if channels == "BGR" else x
-  x = (x - np.reshape(spec.mean, (1, 3, 1, 1))) / np.reshape(spec.std, (1, 3, 1, 1))
-  with torch.no_grad():
-    logits = model(torch.tensor(x.copy(), dtype=torch.float32)).double().numpy()
+  out = _in_fresh_python(TORCH_STEP_LOSS, channels)
+  logits, ages = np.asarray(out["logits"]), np.asarray(out["ages"])
   log_q = logits - logits.max(1, keepdims=True)
   log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
   target = np.exp(-0.5 * ((np.arange(1, 101)[None] - ages[:, None]) / 2.0) ** 2)
   target /= target.sum(1, keepdims=True)
   expected = (target * (np.log(np.maximum(target, 1e-300)) - log_q)).sum() / len(ages)
-  assert np.isclose(loss, expected, rtol=1e-4), (loss, expected)
+  assert np.isclose(out["loss"], expected, rtol=1e-4), (out["loss"], expected)
