@@ -265,7 +265,7 @@ class Worker:
           if i != occurrence:
             return None  # past the last occurrence
           continue
-        if _changed(original, mutated)[:3] == diff:
+        if _code(_changed(original, mutated)[:3]) == _code(diff):
           return i
     return None
 
@@ -300,6 +300,11 @@ class Worker:
 def _changed(original: str, mutated: str) -> list[str]:
   """The lines a mutant changes, as `before  ->  after`."""
   return [f"{a.strip()}  ->  {b.strip()}" for a, b in zip(original.splitlines(), mutated.splitlines()) if a != b]
+
+
+def _code(diff: list[str]) -> list[str]:
+  """A recorded change without its lines' trailing comments (an edit of a comment leaves the mutant the same)."""
+  return ["  ->  ".join(side.split("  #")[0].rstrip() for side in line.split("  ->  ")) for line in diff]
 
 
 def read_session(path: Path) -> dict[str, dict]:

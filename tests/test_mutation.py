@@ -106,6 +106,8 @@ def test_a_rerun_finds_its_mutant_by_its_change_after_an_edit_renumbers_the_modu
   assert mutation.Worker.find(module, operator, diff, 1) == 1
   module.write_text("c = 5 + 6\na = 1 + 2\nb = 3 + 4\n")
   assert mutation.Worker.find(module, operator, diff, 1) == 2
+  module.write_text("c = 5 + 6\na = 1 + 2\nb = 3 + 4  # a comment written since\n")
+  assert mutation.Worker.find(module, operator, diff, 1) == 2
   module.write_text("c = 5 + 6\na = 1 + 2\n")
   assert mutation.Worker.find(module, operator, diff, 1) is None
   assert module.read_text() == "c = 5 + 6\na = 1 + 2\n"  # every try put the module back
