@@ -477,7 +477,8 @@ def main() -> None:
     out = args.out or Path("mutation/run.jsonl")
   else:
     out = args.session
-    mutants = [r for r in read_session(out).values() if r["outcome"] in ("survived", "baseline-failed")]
+    again = ("survived", "baseline-failed", "no-mutation")  # no-mutation: not found after an edit, perhaps now
+    mutants = [r for r in read_session(out).values() if r["outcome"] in again]
     if args.keys is not None:
       mutants = [m for m in mutants if m["key"] in args.keys]
     else:  # a survivor argued equivalent survives again: named with --keys only
