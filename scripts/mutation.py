@@ -221,10 +221,12 @@ class Worker:
     """The module's test files that this copy has (a tree from before a test file was written lacks it)."""
     return tuple(t for t in tests_for(module) if (self.dir / t).is_file())
 
-  def test(self, tests: tuple[str, ...], timeout: float, cache: Path) -> dict:
+  def test(self, tests: tuple[str, ...], timeout: float, cache: Path | None) -> dict:
     """Runs the tests (stopping at the first failure); returns rc, seconds and the first failure."""
     env = dict(os.environ, PYTHONPATH=str(self.dir), PYTHONDONTWRITEBYTECODE="1", JAX_PLATFORMS="cpu")
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", AGEJAX_TEST_COMPILATION_CACHE=str(cache))
+    env.update(TF_CPP_MIN_LOG_LEVEL="2")
+    if cache is not None:  # else each run compiles into its own basetemp, as a plain pytest run does
+      env["AGEJAX_TEST_COMPILATION_CACHE"] = str(cache)
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={self.tmp}"]
     start = time.monotonic()
     process = subprocess.Popen(
@@ -269,7 +271,7 @@ class Worker:
           return i
     return None
 
-  def mutate_and_test(self, mutant: dict, timeout: float, cache: Path) -> dict:
+  def mutate_and_test(self, mutant: dict, timeout: float, cache: Path | None) -> dict:
     """Applies the mutant in this copy, runs its module's tests, restores the module; returns the result."""
     import cosmic_ray.plugins
     from cosmic_ray.mutating import use_mutation
@@ -319,7 +321,13 @@ def read_session(path: Path) -> dict[str, dict]:
 
 
 def execute(
-  mutants: list[dict], out: Path, workers: int, timeout: float, again: bool = False, source: Path = ROOT
+  mutants: list[dict],
+  out: Path,
+  workers: int,
+  timeout: float,
+  again: bool = False,
+  source: Path = ROOT,
+  shared_cache: bool = True,
 ) -> None:
   """Runs the mutants not yet in `out` (all of them if `again`) on copies of `source`, appending each result."""
   from tqdm import tqdm
@@ -328,8 +336,10 @@ def execute(
   todo = [m for m in mutants if again or m["key"] not in done]
   out.parent.mkdir(parents=True, exist_ok=True)
   base = Path(os.environ.get("AGEJAX_MUTATION_DIR", "/tmp/agejax-mutation"))
-  cache = base / "jax_compilation_cache"
-  cache.mkdir(parents=True, exist_ok=True)
+  cache: Path | None = None
+  if shared_cache:
+    cache = base / "jax_compilation_cache"
+    cache.mkdir(parents=True, exist_ok=True)
   pool = [Worker(i, base, source) for i in range(workers)]
   free = list(pool)
   lock = threading.Lock()
@@ -450,6 +460,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="seconds a mutant's tests may run (then: killed)")
     p.add_argument("--source", type=Path, default=ROOT, help="the tree to copy (default: this working tree)")
+    p.add_argument(
+      "--no_shared_cache",
+      action="store_true",
+      help="compile in each test run, as plain pytest does (a warm shared cache lowers a server's idle memory, which"
+      " test_hostile's memory bound reads)",
+    )
   args = parser.parse_args()
 
   os.chdir(ROOT)
@@ -485,7 +501,15 @@ def main() -> None:
       argued = equivalents()
       mutants = [m for m in mutants if m["key"] not in argued]
   print(f"{len(mutants)} mutants -> {out}")
-  execute(mutants, out, args.workers, args.timeout, again=args.command == "rerun", source=args.source)
+  execute(
+    mutants,
+    out,
+    args.workers,
+    args.timeout,
+    again=args.command == "rerun",
+    source=args.source,
+    shared_cache=not args.no_shared_cache,
+  )
   print(report(read_session(out)))
 
 
