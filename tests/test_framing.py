@@ -320,3 +320,26 @@ def test_mtcnn_measures_the_framing_the_crops_were_cut_with(detector):
   assert measured is not None and measured.found == 12
   error = np.linalg.norm(measured.landmarks * SIZE - np.median(placed, axis=0), axis=1)
   assert error.max() < 1.5, error
+
+
+def test_a_small_face_in_a_photo_decoded_at_reduced_scale_is_cropped_from_a_finer_decode():
+  """A JPEG decoded at 1/4 scale (draft) holds a face too small to fill the crop: it is cropped from the photo decoded
+  again at full size, where it was found, and its box comes back in full-size pixels (mutant killed: photos.py:187
+  `if finer is None or ...` -> `and`, which raised on the first small face)."""
+  from agejax.data import faces
+
+  full = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+  coarse = faces.Decoded(full.resize((100, 100), Image.BILINEAR), full.size)
+  found = photos.Detection((40.0, 40.0, 10.0, 10.0), (43.0, 44.0), (47.0, 44.0), 0.99)
+  asked = []
+
+  def reopen(factor: int) -> faces.Decoded:
+    asked.append(factor)
+    return faces.Decoded(full, full.size)
+
+  status, boxes, chips = photos.find_faces(coarse, 64, detector=lambda image: [found], reopen=reopen)
+  at_full_size = photos.Detection((160.0, 160.0, 40.0, 40.0), (172.0, 176.0), (188.0, 176.0), 0.99)
+  assert (status, asked, [b.box for b in boxes]) == ("ok", [1], [(160.0, 160.0, 40.0, 40.0)])
+  np.testing.assert_array_equal(chips[0], photos.crop_face(full, at_full_size, 64))
+  _, _, coarse_chips = photos.find_faces(coarse, 64, detector=lambda image: [found])  # no reopen: the coarse pixels
+  assert not np.array_equal(coarse_chips[0], chips[0])
