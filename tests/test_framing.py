@@ -325,12 +325,13 @@ def test_mtcnn_measures_the_framing_the_crops_were_cut_with(detector):
 def test_a_small_face_in_a_photo_decoded_at_reduced_scale_is_cropped_from_a_finer_decode():
   """A JPEG decoded at 1/4 scale (draft) holds a face too small to fill the crop: it is cropped from the photo decoded
   again at full size, where it was found, and its box comes back in full-size pixels (mutant killed: photos.py:187
-  `if finer is None or ...` -> `and`, which raised on the first small face)."""
+  `if finer is None or ...` -> `and`, which raised on the first small face; :200 the eyes' `ex * kx` -> `ex // kx`,
+  which turned the crop by the wrong angle)."""
   from agejax.data import faces
 
   full = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8))
   coarse = faces.Decoded(full.resize((100, 100), Image.BILINEAR), full.size)
-  found = photos.Detection((40.0, 40.0, 10.0, 10.0), (43.0, 44.0), (47.0, 44.0), 0.99)
+  found = photos.Detection((40.0, 40.0, 10.0, 10.0), (43.0, 43.0), (47.0, 45.0), 0.99)  # eyes not level: turned
   asked = []
 
   def reopen(factor: int) -> faces.Decoded:
@@ -338,8 +339,20 @@ def test_a_small_face_in_a_photo_decoded_at_reduced_scale_is_cropped_from_a_fine
     return faces.Decoded(full, full.size)
 
   status, boxes, chips = photos.find_faces(coarse, 64, detector=lambda image: [found], reopen=reopen)
-  at_full_size = photos.Detection((160.0, 160.0, 40.0, 40.0), (172.0, 176.0), (188.0, 176.0), 0.99)
+  at_full_size = photos.Detection((160.0, 160.0, 40.0, 40.0), (172.0, 172.0), (188.0, 180.0), 0.99)
   assert (status, asked, [b.box for b in boxes]) == ("ok", [1], [(160.0, 160.0, 40.0, 40.0)])
   np.testing.assert_array_equal(chips[0], photos.crop_face(full, at_full_size, 64))
   _, _, coarse_chips = photos.find_faces(coarse, 64, detector=lambda image: [found])  # no reopen: the coarse pixels
   assert not np.array_equal(coarse_chips[0], chips[0])
+
+
+def test_a_fixed_margin_crop_of_a_face_larger_than_the_input_is_its_margined_box_resized_with_lanczos():
+  """Level eyes, a 100 px box: the crop is the 140 px square about the box's centre (margin 1.4), cut at the photo's
+  resolution and resized to the input size with Lanczos, as PIL does by hand (mutant killed: photos.py:92 `if n !=
+  size` -> `if n <= size`, which returned the 140 px square unresized)."""
+  photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (400, 400, 3), dtype=np.uint8))
+  face = photos.Detection((200.0, 200.0, 100.0, 100.0), (230.0, 235.0), (270.0, 235.0), 0.99)
+  chip = photos.crop_face(photo, face, 64)
+  expected = np.asarray(photo.crop((180, 180, 320, 320)).resize((64, 64), Image.Resampling.LANCZOS))
+  assert chip.shape == (64, 64, 3)
+  np.testing.assert_array_equal(chip, expected)

@@ -274,3 +274,20 @@ def test_decoding_reduces_large_images_once_and_maps_boxes_back():
   # Float images are stretched on the reduced copy: the top half 1.0 is white, the bottom 0.0 black.
   tiff = np.asarray(faces.open_rgb(float_tiff(SIDE), min_side=500))
   assert tiff.shape == (500, 500, 3) and (tiff[:250] == 255).all() and (tiff[250:] == 0).all()
+
+
+def test_the_bombs_benchmark_reports_each_bomb_and_the_normal_request_after_it(
+  request, tmp_path_factory, compilation_cache
+):
+  """`benchmark.py serving`'s bomb rows (docs/benchmarks.md), at a small side: one row a bomb, each answered, and
+  the normal request after it answered (mutant killed: benchmarks/serving.py:365 the loop over the bombs emptied,
+  which reported none)."""
+  from agejax.benchmarks import serving as serving_benchmark
+
+  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
+  flags = ["--workdir", str(workdir), "--workers=2", f"--compilation_cache_dir={compilation_cache}"]
+  rows = serving_benchmark.bombs(SERVE, flags, side=600)
+  assert [r["bomb"] for r in rows] == ["grey PNG", "float32 TIFF", "64 grey PNGs", "64 JPEG headers"]
+  for row in rows:
+    assert (row["status"], row["normal_status"]) == (200, 200), row
+    assert row["bytes_sent"] > 0 and row["idle_mb"] > 0 and row["peak_over_idle_mb"] >= 0, row
