@@ -356,3 +356,22 @@ def test_a_fixed_margin_crop_of_a_face_larger_than_the_input_is_its_margined_box
   expected = np.asarray(photo.crop((180, 180, 320, 320)).resize((64, 64), Image.Resampling.LANCZOS))
   assert chip.shape == (64, 64, 3)
   np.testing.assert_array_equal(chip, expected)
+
+
+def test_a_jpegs_decode_budget_counts_its_draft_scale_and_other_formats_their_full_size():
+  """What the server reserves for a decode (`decode_bytes`): a JPEG decoded in draft mode at 1/2, 1/4 or 1/8 never
+  holds its full size, other formats do, and both hold the reduced RGB copy (mutant killed: faces.py:67
+  `if self.format == "JPEG"` -> `is not`, which budgeted PNGs as drafts and JPEGs at full size)."""
+  from agejax.data import faces
+
+  def encoded(fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (90, 120, 150)).save(out, fmt)
+    return out.getvalue()
+
+  jpeg, png_header = faces.read_header(encoded("JPEG")), faces.read_header(encoded("PNG"))
+  pixels = 1600 * 1200
+  for min_side, factor, draft in ((300, 4, 4), (100, 12, 8), (None, 1, 1)):
+    reduced = pixels // factor**2 * 3  # the RGB copy at the reduced size
+    assert jpeg.decode_bytes(min_side) == pixels * 3 // draft**2 + reduced, min_side
+    assert png_header.decode_bytes(min_side) == pixels * 3 + reduced, min_side
