@@ -375,3 +375,19 @@ def test_a_jpegs_decode_budget_counts_its_draft_scale_and_other_formats_their_fu
     reduced = pixels // factor**2 * 3  # the RGB copy at the reduced size
     assert jpeg.decode_bytes(min_side) == pixels * 3 // draft**2 + reduced, min_side
     assert png_header.decode_bytes(min_side) == pixels * 3 + reduced, min_side
+
+
+def test_only_the_first_keep_photos_results_with_faces_keep_their_photo(tmp_path):
+  """predict.py's figure needs the photos it draws, and only those: with keep_photos=2 of 4 photos, the first two keep
+  theirs at full size and the rest keep none, so memory does not grow with the number of files (mutant killed:
+  photos.py:256 `kept + 1` -> `kept % 1`, which kept every photo)."""
+  files = []
+  for i in range(4):
+    files.append(tmp_path / f"{i}.png")
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(files[-1])
+  landmarks = np.array([[60.0, 50.0], [100.0, 50.0], [80.0, 70.0], [65.0, 90.0], [95.0, 90.0]])
+  predictor = StubPredictor({"input_size": 32}, has_framing=False)
+  results = list(photos.predict_files(predictor, files, detector=FakeDetector(landmarks), keep_photos=2))
+  assert [len(r.faces) for r in results] == [1, 1, 1, 1]
+  assert [r.photo is not None for r in results] == [True, True, False, False]
+  assert [r.photo.size for r in results[:2]] == [(160, 120), (160, 120)]
