@@ -57,7 +57,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
   ),
   "agejax/cli.py": ("tests/test_newcomer.py", "tests/test_train.py"),
   "agejax/benchmarks/statistics.py": ("tests/test_edges.py", "tests/test_benchmark.py"),
-  "agejax/benchmarks/serving.py": ("tests/test_hostile.py", "tests/test_benchmark.py"),
+  "agejax/benchmarks/serving.py": ("tests/test_pin_operations.py", "tests/test_hostile.py", "tests/test_benchmark.py"),
   "agejax/benchmarks/*.py": ("tests/test_benchmark.py", "tests/test_steps.py"),
   "agejax/convert/*.py": ("tests/test_convert.py", "tests/test_vggface.py", "tests/test_resnet.py"),
   "agejax/data/array_cache.py": ("tests/data/test_pipeline.py", "tests/data/test_sharding.py"),

@@ -703,3 +703,18 @@ def test_a_request_head_buffered_past_16_kb_is_refused_with_400_and_one_under_it
     assert head_in_two_reads(port, 15_000, 14_000).startswith(b"HTTP/1.1 200 ")
     assert head_in_two_reads(port, 17_000, 16_500).startswith(b"HTTP/1.1 400 ")
     assert httpx.get(url + "/healthz", timeout=WAIT_S).status_code == 200  # and it serves on
+
+
+def test_the_load_benchmark_times_each_answered_request_from_send_to_answer():
+  """`benchmark.py serving`'s latencies: one per answered request, each at least the server's own time for it and
+  within the run's wall time (mutant killed: benchmarks/serving.py:124 `perf_counter() - t` -> `perf_counter() ** t`)."""
+  from agejax.benchmarks import serving as serving_benchmark
+
+  model = HeldModel()
+  model.gate.set()
+  with live_server(model) as (url, _):
+    run = serving_benchmark.load(url, [image(3)[1], image(4)[1]], True, concurrency=2, requests=6, max_seconds=60)
+    latencies, server_times, errors, wall, _ = asyncio.run(run)
+  assert (len(latencies), len(server_times), errors) == (6, 6, 0)
+  for client_s, server_s in zip(latencies, server_times):
+    assert 0 < server_s <= client_s <= wall, (server_s, client_s, wall)
