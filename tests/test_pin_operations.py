@@ -707,7 +707,8 @@ def test_a_request_head_buffered_past_16_kb_is_refused_with_400_and_one_under_it
 
 def test_the_load_benchmark_times_each_answered_request_from_send_to_answer():
   """`benchmark.py serving`'s latencies: one per answered request, each at least the server's own time for it and
-  within the run's wall time (mutant killed: benchmarks/serving.py:124 `perf_counter() - t` -> `perf_counter() ** t`)."""
+  within the run's wall time (mutant killed: benchmarks/serving.py:124 `perf_counter() - t` -> `perf_counter() **
+  t`)."""
   from agejax.benchmarks import serving as serving_benchmark
 
   model = HeldModel()
