@@ -278,6 +278,7 @@ class Worker:
 
     path = self.dir / mutant["module"]
     operator = cosmic_ray.plugins.get_operator(mutant["operator"])()
+    mutant = {k: v for k, v in mutant.items() if k != "baseline"}  # a rerun's record says how this run went only
     if mutant.get("diff"):  # a rerun: the module may have been edited since, renumbering its occurrences
       occurrence = self.find(path, operator, mutant["diff"], mutant["occurrence"])
       if occurrence is None:
