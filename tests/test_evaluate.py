@@ -227,6 +227,60 @@ def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
   assert all(image.std() > 10 for image in images)  # something was drawn
 
 
+def target_f64(age: float, sigma: float, mean_preserving: bool, bins: np.ndarray) -> np.ndarray:
+  """The loss's target in float64 NumPy: N(centre, sigma^2) on the bins, normalised; with `mean_preserving` the
+  centre is bisected until the distribution's mean is the age (outward, next to an end)."""
+  bins = np.asarray(bins, np.float64)
+
+  def gaussian(centre: float) -> np.ndarray:
+    z = -0.5 * ((bins - centre) / sigma) ** 2
+    w = np.exp(z - z.max())
+    return w / w.sum()
+
+  if not mean_preserving:
+    return gaussian(age)
+  low, high = bins[0] - 50 * sigma**2 - 50, bins[-1] + 50 * sigma**2 + 50
+  for _ in range(200):
+    mid = 0.5 * (low + high)
+    low, high = (low, mid) if gaussian(mid) @ bins > age else (mid, high)
+  return gaussian(0.5 * (low + high))
+
+
+@pytest.mark.parametrize("target", ["gaussian", "mean_preserving"])
+def test_distribution_figure_images_draw_each_faces_own_target_sigma(target, monkeypatch):
+  """With loss.sigma_from_data, each face's drawn target is its own training target (train.py passes
+  losses.target_sigma), not loss.sigma's: checked against float64 NumPy."""
+  from agejax.training import losses
+
+  drawn = []
+  original = plots.distribution_figure
+
+  def spy(*args, **kwargs):
+    fig = original(*args, **kwargs)
+    (line,) = [x for x in fig.axes[1].get_lines() if x.get_label().startswith("target")]
+    drawn.append((np.asarray(line.get_ydata(), np.float64), line.get_label()))
+    return fig
+
+  monkeypatch.setattr(plots, "distribution_figure", spy)
+  bins = np.arange(1, 101, dtype=np.float32)
+  ages = np.array([2.0, 40.0, 60.0, 98.0], np.float32)
+  age_std = np.array([5.0, 0.0, 0.3, 3.5], np.float32)  # its own; none (loss.sigma); below the floor; its own
+  cfg = settings.LossSettings(sigma=2.0, target=target, sigma_from_data=True, sigma_floor=1.0)
+  sigma = np.asarray(losses.target_sigma(cfg, age_std))
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  probs = np.full((4, 100), 0.01, np.float32)
+  mean_preserving = target == "mean_preserving"
+  out = plots.distribution_figure_images(images, ages, probs, bins, sigma, mean_preserving=mean_preserving)
+  assert out.shape[0] == 4 and len(drawn) == 4
+  for age, own, (curve, label) in zip(ages, [5.0, 2.0, 1.0, 3.5], drawn):
+    np.testing.assert_allclose(curve, target_f64(float(age), own, mean_preserving, bins), rtol=0, atol=2e-5)
+    assert label == f"target N({age:g}, {own:g}²)"
+  drawn.clear()  # one sigma for all faces (loss.sigma_from_data off): the same as before
+  plots.distribution_figure_images(images, ages, probs, bins, 2.0, mean_preserving=mean_preserving)
+  for age, (curve, _) in zip(ages, drawn):
+    np.testing.assert_allclose(curve, target_f64(float(age), 2.0, mean_preserving, bins), rtol=0, atol=2e-5)
+
+
 def test_missing_checkpoints_and_unknown_steps_fail_with_one_line(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match="python scripts/train.py --config configs/vgg16_kl.py --workdir"):

@@ -432,6 +432,43 @@ def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, 
     assert [p.name for p in workdir.iterdir()] == ["checkpoints"]  # no config.json, no events; no steps
 
 
+def test_the_tensorboard_target_figure_draws_each_faces_own_sigma_with_sigma_from_data(tiny_config, tmp_path):
+  """The eval/distributions figure's target curve of each sample face is its training target: its own age_std
+  (floored) with loss.sigma_from_data, loss.sigma where it has none; float64 NumPy's (a toy backbone's short run)."""
+  import dataclasses
+
+  import plugin_toy  # noqa: F401  # the toy backbone: a train step that compiles in seconds
+  from test_evaluate import target_f64
+
+  from agejax.evaluation import plots
+
+  tiny_config.update(num_train_steps=2, log_every_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
+  tiny_config.model.name, tiny_config.plugins = "toy", ("plugin_toy",)
+  tiny_config.loss.update(sigma=2.0, sigma_from_data=True, sigma_floor=1.0, target="mean_preserving")
+  stds = np.array([0.0, 6.0, 0.3, 3.5], np.float32)  # none; wide; below loss.sigma_floor; moderate
+  load, draw, drawn = pipeline.load_labelled_split, plots.distribution_figure, []
+
+  def with_stds(data, labels, split, **kwargs):  # the demo data has no age_std: give the eval split some
+    arrays = load(data, labels, split, **kwargs)
+    if split != tiny_config.data.eval_split:
+      return arrays
+    return dataclasses.replace(arrays, age_std=np.resize(stds, len(arrays)))
+
+  def spy(image, age, probs, bins, sigma, mean_preserving=False):
+    fig = draw(image, age, probs, bins, sigma, mean_preserving)
+    (line,) = [x for x in fig.axes[1].get_lines() if x.get_label().startswith("target")]
+    drawn.append((age, np.asarray(bins), np.asarray(line.get_ydata(), np.float64)))
+    return fig
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(pipeline, "load_labelled_split", with_stds)
+    mp.setattr(plots, "distribution_figure", spy)
+    train.train_and_evaluate(tiny_config, tmp_path / "run")
+  assert len(drawn) == 4  # one evaluation (step 2) of the 4 sample faces
+  for (age, bins, curve), own in zip(drawn, [2.0, 6.0, 1.0, 3.5]):
+    np.testing.assert_allclose(curve, target_f64(age, own, True, bins), rtol=0, atol=2e-5)
+
+
 def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny_config):
   from agejax.data import pipeline
 

@@ -158,14 +158,19 @@ def distribution_figure_images(
   ages: np.ndarray,
   probs: np.ndarray,
   bins: np.ndarray,
-  sigma: float,
+  sigma: float | np.ndarray,
   mean_preserving: bool = False,
 ) -> np.ndarray:
-  """Renders each face's `distribution_figure` as uint8 RGB [N, H, W, 3] (for TensorBoard images)."""
+  """Renders each face's `distribution_figure` as uint8 RGB [N, H, W, 3] (for TensorBoard images).
+
+  `sigma`: the targets' std, one for all faces (loss.sigma) or one per face (losses.target_sigma:
+  with loss.sigma_from_data each face's own age_std, as its training target has it).
+  """
   images_uint8, ages, probs = (np.asarray(x) for x in (images_uint8, ages, probs))
+  sigmas = np.broadcast_to(np.asarray(sigma, np.float64), ages.shape)
   out = []
-  for image, age, p in zip(images_uint8, ages, probs):
-    fig = distribution_figure(image, float(age), p, np.asarray(bins), sigma, mean_preserving)
+  for image, age, p, s in zip(images_uint8, ages, probs, sigmas):
+    fig = distribution_figure(image, float(age), p, np.asarray(bins), float(s), mean_preserving)
     fig.canvas.draw()
     out.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
   return np.stack(out)

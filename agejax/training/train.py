@@ -15,7 +15,7 @@ from etils import epath
 from agejax import errors, metrics, models, parallel, settings, storage
 from agejax.data import datasets, framing, pipeline, splits
 from agejax.evaluation import plots, scoring
-from agejax.training import checkpointing, configuration, learner, preemption, profiling, workdir_lock
+from agejax.training import checkpointing, configuration, learner, losses, preemption, profiling, workdir_lock
 
 FINAL_METRICS = "final_metrics.json"
 TEST_SPLIT = "test"  # scored with the best checkpoint at the end of every run, when the dataset has it
@@ -348,12 +348,13 @@ class _Run:
     self.writer.write_scalars(step, {f"eval/{k}": v for k, v in self.eval_metrics.items() if v is not None})
     probs = metrics.fetch_array(self.predict(state, self.sample_images))
     bins = np.asarray(b.learner.model.bins)
+    sigma = losses.target_sigma(self.cfg.loss, jax.numpy.asarray(self.sample["age_std"]))  # each face's, as trained
     figure = plots.distribution_figure_images(
       self.sample["image"],
       self.sample["age"],
       probs,
       bins,
-      self.cfg.loss.sigma,
+      np.asarray(sigma),
       mean_preserving=self.cfg.loss.target == "mean_preserving",
     )
     self.writer.write_images(step, {"eval/distributions": figure})
