@@ -199,6 +199,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     ("--config.model.dropout_rate=1.5", "config.model.dropout_rate=1.5"),
     ("--config.profile_steps=-1", "config.profile_steps=-1"),
     ("--config.data.cache_dir=gs://bucket/arrays", "config.data.cache_dir='gs://bucket/arrays'"),
+    ("--config.data.eval_split=test", "config.data.eval_split='test': the best checkpoint and the temperature"),
   ],
 )
 def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
@@ -206,6 +207,19 @@ def test_bad_config_fails_in_one_line_before_compiling(override, key, tmp_path):
   last = last_line(proc)
   assert last.startswith("error: ") and key in last, proc.stderr[-2000:]
   assert not (tmp_path / "w").exists()  # nothing was built, compiled or written
+
+
+def test_an_eval_split_that_is_the_test_split_is_refused(tiny_config):
+  """The best checkpoint and the temperature are chosen on data.eval_split: never on the split scored at the end."""
+  from agejax import errors
+  from agejax.training import configuration
+
+  tiny_config.data.eval_split = train.TEST_SPLIT
+  with pytest.raises(errors.UserError, match=r"^config.data.eval_split='test': .* held out; use 'validation'$"):
+    configuration.validate(tiny_config)
+  for split in ("validation", "train"):  # anything else is the user's choice
+    tiny_config.data.eval_split = split
+    assert configuration.validate(tiny_config).data.eval_split == split
 
 
 def test_sigma_at_the_bound_gives_a_finite_gaussian_target_and_below_it_one_hot():

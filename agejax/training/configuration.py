@@ -15,6 +15,7 @@ from agejax import errors, models, settings, storage
 from agejax.data import splits
 from agejax.training import checkpointing, losses, optim
 
+TEST_SPLIT = "test"  # the split train.py scores at the end (train.TEST_SPLIT); never data.eval_split
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
 # The Gaussian target gives the bins next to the age exp(-1 / (2 sigma^2)) of the centre's mass:
 # below this sigma that underflows float32's smallest normal number (devices flush subnormals),
@@ -201,6 +202,13 @@ def _check_data_and_model(cfg: settings.Settings) -> None:
   _require(model.dtype in models.DTYPES, "model.dtype", model.dtype, f"must be one of {models.DTYPES}")
   _require(0 <= model.dropout_rate < 1, "model.dropout_rate", model.dropout_rate, "must be in [0, 1)")
   splits.check(cfg.data.split)  # its syntax; the folders are checked against the dataset when it loads
+  _require(
+    cfg.data.eval_split != TEST_SPLIT,
+    "data.eval_split",
+    cfg.data.eval_split,
+    f"the best checkpoint and the temperature are chosen on this split, so the {TEST_SPLIT!r} split scored at "
+    "the end would no longer be held out; use 'validation'",
+  )
   _require(
     bool(cfg.data.cache_dir) and not storage.is_url(cfg.data.cache_dir),
     "data.cache_dir",
