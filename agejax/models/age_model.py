@@ -1,6 +1,7 @@
 """The age model as functions: a backbone's graph, its age bins and its input, from uint8 crops to distributions."""
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import jax
@@ -51,10 +52,27 @@ class AgeModel:
   input_spec: registry.InputSpec
 
   def logits(
-    self, params: PyTree, model_state: PyTree, images: jax.Array, *, train: bool, key: jax.Array | None = None
+    self,
+    params: PyTree,
+    model_state: PyTree,
+    images: jax.Array,
+    *,
+    train: bool,
+    key: jax.Array | None = None,
+    frozen: Collection[str] = (),
   ) -> tuple[jax.Array, PyTree]:
-    """Runs the backbone on normalised images; returns the logits and the updated model state."""
+    """Runs the backbone on normalised images; returns the logits and the updated model state.
+
+    `frozen` names modules by their "/"-joined paths (e.g. "norms/3", "layer1/0/bn1"). Its norm
+    layers (modules with a `use_running_average` attribute, as nnx.BatchNorm) normalise by their
+    running statistics, and keep them, even when training: a frozen layer computes in the train step
+    what it computes at evaluation. Dropout is not affected.
+    """
     model = nnx.merge(self.graphdef, params, model_state)
+    if train and frozen:  # trace-time: the frozen norms' mode is part of the compiled step
+      for path, node in nnx.iter_graph(model):  # iter_graph: in every flax with nnx.List
+        if isinstance(node, nnx.Module) and hasattr(node, "use_running_average") and "/".join(map(str, path)) in frozen:
+          node.use_running_average = True
     out = model(images, train=train, rngs=key)
     _, _, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax: a variadic tuple
     return out, nnx.to_pure_dict(rest)

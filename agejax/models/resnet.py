@@ -32,6 +32,8 @@ class BatchNorm(nnx.Module):
   nnx.BatchNorm averages the biased variance into its running statistics; torch, whose weights and
   recipes this backbone reproduces, the unbiased one (x n / (n - 1)), which matters on small maps.
   Statistics and normalisation are computed in float32, the output is cast to the compute dtype.
+  `use_running_average` (nnx.BatchNorm's name) set True makes it normalise by its running statistics,
+  and keep them, even when training: a frozen layer (AgeModel.logits sets it).
   """
 
   def __init__(self, features: int, *, momentum: float = 0.1, epsilon: float = 1e-5, dtype: Any = jnp.float32):
@@ -40,11 +42,15 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros(features, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(features, jnp.float32))
     self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
+    self.use_running_average = False
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Normalises by the batch's statistics (and updates the running ones) when training, else by the running ones."""
+    """Normalises by the batch's statistics (and updates the running ones) when training, else by the running ones.
+
+    A frozen norm (`use_running_average`) normalises by its running statistics in training too.
+    """
     xf = x.astype(jnp.float32)
-    if train:
+    if train and not self.use_running_average:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(xf, axes)
       var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass: E[x^2] - E[x]^2 loses digits

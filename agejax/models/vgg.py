@@ -84,7 +84,8 @@ class VGG16(nnx.Module):
       )
       if batch_norm:
         # torch's BatchNorm2d: eps 1e-5, running stats updated with momentum 0.1.
-        norms.append(nnx.BatchNorm(out, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs))
+        # use_running_average: what training uses (True for a frozen layer: AgeModel.logits sets it).
+        norms.append(nnx.BatchNorm(out, use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs))
       channels = out
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms) if batch_norm else None
@@ -106,7 +107,7 @@ class VGG16(nnx.Module):
         continue
       x = self.convs[i](x)
       if self.norms is not None:
-        x = self.norms[i](x, use_running_average=not train)
+        x = self.norms[i](x, use_running_average=None if train else True)  # None: the layer's own setting
       x = nnx.relu(x)
       i += 1
     return adaptive_avg_pool(x)

@@ -112,13 +112,33 @@ class Learner:
     """Per-image epsilon-error sigma of a batch (see metrics.per_image_sigma)."""
     return metrics.per_image_sigma(batch.get("age_std"), batch["age"], self.cfg.eval.epsilon_sigma)
 
+  def frozen_modules(self, params: PyTree, model_state: PyTree) -> frozenset[str]:
+    """The "/"-joined paths of the modules holding a parameter or statistic that the rules freeze.
+
+    A norm layer counts as frozen when any of its scale, bias or statistics is. Only the trees'
+    structure is read: a trace-time decision.
+    """
+    leaves = [path for tree in (params, model_state) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    return frozenset(optim.path_name(path[:-1]) for path in leaves if optim.is_frozen(path, self.rules))
+
+  def train_logits(
+    self, params: PyTree, model_state: PyTree, images: jax.Array, key: jax.Array
+  ) -> tuple[jax.Array, PyTree]:
+    """The train step's forward pass: (logits, updated model state).
+
+    Batch statistics and dropout, except that frozen norm layers normalise by their running
+    statistics, as at evaluation: the trained layers learn on the features they are evaluated on.
+    """
+    frozen = self.frozen_modules(params, model_state)
+    return self.model.logits(params, model_state, images, train=True, key=key, frozen=frozen)
+
   def _grads(
     self, params: PyTree, model_state: PyTree, images: jax.Array, targets: Targets, key: jax.Array
   ) -> tuple[PyTree, tuple[jax.Array, jax.Array, PyTree]]:
     """Gradient of the mean loss; aux is (per-example loss, logits, updated model state)."""
 
     def loss_of(params):
-      logits, new_state = self.model.logits(params, model_state, images, train=True, key=key)
+      logits, new_state = self.train_logits(params, model_state, images, key)
       per_example = self.loss_fn(logits, *targets)
       return jnp.mean(per_example), (per_example, logits, new_state)
 
@@ -161,7 +181,8 @@ class Learner:
     targets = (ages, batch["age_std"].astype(jnp.float32))
     grads_fn = self._grads if self.cfg.run.grad_accum_steps == 1 else self._accumulated_grads
     grads, (per_example, logits, model_state) = grads_fn(state.params, state.model_state, images, targets, dropout_key)
-    # Frozen layers keep their batch-norm statistics too, not only their parameters.
+    # Frozen layers keep their batch-norm statistics too, not only their parameters (frozen norm
+    # layers ran on them and left them as they were; this also holds any other frozen statistic).
     model_state = jax.tree_util.tree_map_with_path(
       lambda path, new, old: old if optim.is_frozen(path, self.rules) else new, model_state, state.model_state
     )
