@@ -50,6 +50,8 @@ def test_the_page_boxes_the_face_labels_its_age_and_charts_its_distribution(serv
       api = httpx.post(server.url + "/v1/predict", files={"files": ("astronaut.png", image)}, timeout=60).json()
       (face,) = api["results"][0]["faces"]
       assert age == pytest.approx(face["age"], abs=0.051)  # the page shows one decimal
+      # argmax_age is the distribution's peak, not the prediction: the page names it so.
+      assert f"peak {face['argmax_age']:.0f} " in label.inner_text() and "likely" not in label.inner_text()
       # The face box: one per face, in the photo's pixels as the API gives it, and on screen where
       # the face is on the displayed photo.
       boxes = page.locator("svg.boxes rect.face-box")

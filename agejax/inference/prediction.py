@@ -13,7 +13,7 @@ from agejax.inference import loading
 
 @jax.jit
 def summaries(probs: jax.Array, bins: jax.Array) -> dict[str, jax.Array]:
-  """Returns each distribution's expected age, most probable age, std and 80% central interval."""
+  """Returns each distribution's expected age, peak (argmax_age, its mode), std and 80% central interval."""
   low, high = calibration.interval(probs, bins, calibration.INTERVAL_MASS)
   return {
     "predicted_age": labels.expected_age(probs, bins),

@@ -84,7 +84,7 @@ async function show(card, file, result, minAge, timing) {
     const item = element("div", { class: "face" });
     const [low, high] = face.interval80;
     const label = element("p", { class: "age-label" }, `Face ${i + 1}: age ${face.age.toFixed(1)} `);
-    label.append(element("small", {}, `80%: ${low.toFixed(0)}–${high.toFixed(0)} · most likely ${face.argmax_age.toFixed(0)} · std ${face.std.toFixed(1)}`));
+    label.append(element("small", {}, `80%: ${low.toFixed(0)}–${high.toFixed(0)} · peak ${face.argmax_age.toFixed(0)} · std ${face.std.toFixed(1)}`));
     item.append(label, chart(face, minAge));
     list.append(item);
   });
