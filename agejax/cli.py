@@ -116,6 +116,21 @@ def calibration_flag(what: str) -> flags.FlagHolder[bool]:
   )
 
 
+def flip_flag(what: str) -> flags.FlagHolder[bool]:
+  """Defines `--flip` (default off): average each face's distribution with its mirror image's.
+
+  Args:
+    what: where the choice shows, e.g. "recorded in the manifest".
+  """
+  return flags.DEFINE_bool(
+    "flip",
+    False,
+    "Average each face's distribution with its mirror image's, calibrated by WORKDIR/calibration.json's flip "
+    f"temperature and interval masses; {what}.",
+    module_name=_caller_module(),
+  )
+
+
 def _caller_module() -> str:
   """The module that called the caller, as absl names it: a flag defined here for a script is listed by its --help.
 

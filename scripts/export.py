@@ -1,11 +1,13 @@
-"""Exports a trained model: python scripts/export.py --workdir DIR [--checkpoint best|latest|STEP] --output OUT.
+"""Exports a trained model: python scripts/export.py --workdir DIR [--checkpoint STEP] [--flip] --output OUT.
 
 Writes OUT/model.jax (jax.export: uint8 RGB face crops [B, S, S, 3] -> float32 age probabilities
 [B, K], with preprocessing and WORKDIR/calibration.json's temperature inside; --nocalibration: the
 raw model), OUT/saved_model/ (the same for TensorFlow), OUT/model.onnx (the same for onnxruntime) and
 OUT/manifest.json (S, the ages, the temperature, the checkpoint step, the versions, every file's
 SHA-256 and a reference prediction). OUT is replaced whole, or left as it was if the export fails.
-OUT may be a gs:// URL.
+OUT may be a gs:// URL. --flip: every format averages each face with its mirror image, with
+calibration.json's flip temperature; the manifest records `flip`, the `temperature` and the 80%
+interval's `interval_masses` by age bucket, which predict and serve apply to an export's intervals.
 
 python scripts/export.py --verify OUT checks an export (manifest, checksums, reference prediction).
 """
@@ -24,6 +26,7 @@ _OUTPUT = flags.DEFINE_string(
   "output", None, "Export folder (a path or gs:// URL): new, empty or an earlier export, which is replaced whole."
 )
 _CALIBRATION = cli.calibration_flag("export the raw model")
+_FLIP = cli.flip_flag("every format predicts so, and the manifest records it")
 _SAVED_MODEL = flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (--nosaved_model: skip).")
 _ONNX = flags.DEFINE_bool("onnx", True, "Also write model.onnx through jax2onnx (--noonnx: skip).")
 _VERIFY = flags.DEFINE_bool(
@@ -47,11 +50,13 @@ def main(argv):
     _OUTPUT.value,
     _CHECKPOINT.value,
     calibrated=_CALIBRATION.value,
+    flip=_FLIP.value,
     saved_model=_SAVED_MODEL.value,
     onnx=_ONNX.value,
   )
   s, k = manifest["input_size"], manifest["num_bins"]
-  print(f"exported step {manifest['step']} (temperature {manifest['temperature']:g}) of {_WORKDIR.value}:")
+  views = "flip averages" if manifest["flip"] else "single views"
+  print(f"exported step {manifest['step']} ({views}, temperature {manifest['temperature']:g}) of {_WORKDIR.value}:")
   print(f"  {out}/{export.MODEL_FILE}: jax.export, uint8 [B, {s}, {s}, 3] -> float32 [B, {k}]")
   if manifest["files"]["saved_model"]:
     print(f"  {out}/{export.SAVED_MODEL_DIR}/: TensorFlow SavedModel, signature serving_default")

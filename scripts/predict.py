@@ -1,12 +1,14 @@
-"""Predicts ages in photos: python scripts/predict.py --workdir DIR IMAGE_OR_FOLDER ... [--aligned] [--json].
+"""Predicts ages in photos: python scripts/predict.py --workdir DIR IMAGE_OR_FOLDER ... [--aligned] [--json] [--flip].
 
-Prints one line per face (file, face number from 1, box x,y,w,h, predicted age, its central 80%
-interval, argmax age, std) or, with --json, one JSON object per line on stdout: `face` (the face's
+Prints one line per face (file, face number from 1, box x,y,w,h, predicted age, its 80% interval,
+argmax age, std) or, with --json, one JSON object per line on stdout: `face` (the face's
 index in its photo, from 0), `box`, `age` (the expected age; `predicted_age` repeats it for one
 release), `argmax_age`, `std`, `interval80` and the full distribution over ages min_age.. ; files
 without a face or that could not be read give {"file", "status"}. A named path that does not exist
 is an error; an unreadable file inside a named folder is a skip. Progress goes to stderr.
-WORKDIR/calibration.json's temperature is applied when present (--nocalibration: the raw model).
+WORKDIR/calibration.json's temperature is applied when present (--nocalibration: the raw model),
+and the 80% interval is adjusted by age bucket (its interval_masses); else it is the central one.
+--flip averages each face with its mirror image, calibrated by calibration.json's flip temperature.
 Without --aligned, faces are found with MTCNN, rotated upright and cropped like the training faces;
 with --aligned each file is already a face crop.
 """
@@ -27,6 +29,7 @@ _ALIGNED = flags.DEFINE_bool("aligned", False, "The images are face crops alread
 _JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distributions) to stdout.")
 _PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here (folders are made).")
 _CALIBRATION = cli.calibration_flag("the raw model's distributions")
+_FLIP = cli.flip_flag("slower (two model calls a face)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Faces per model call.", lower_bound=1)
 PLOT_MAX_PHOTOS = 8
 flags.mark_flags_as_required(["workdir"])
@@ -41,7 +44,7 @@ def main(argv):
   if _PLOT.value:
     figures.check_plot_path(_PLOT.value)
   predictor = prediction.Predictor(
-    _WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value, calibrated=_CALIBRATION.value
+    _WORKDIR.value, _CHECKPOINT.value, batch_size=_BATCH_SIZE.value, calibrated=_CALIBRATION.value, flip=_FLIP.value
   )
   detector = None if _ALIGNED.value else photos.FaceDetector()
   files = photos.list_files(argv[1:])

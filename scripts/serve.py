@@ -6,7 +6,10 @@ POST /v1/predict takes images (multipart field `files`, or JSON {"images": [base
 requests share model calls (--max_batch, --max_wait_ms). Images over --max_pixels are refused
 from their header; decoding shares a byte budget (--decode_budget_mb) and work that can't start
 within --queue_timeout_s gets 503 with Retry-After. SIGTERM or Ctrl-C (also while the model
-loads) stops accepting, finishes the requests in flight and exits 0.
+loads) stops accepting, finishes the requests in flight and exits 0. --flip averages each face
+with its mirror image, calibrated by calibration.json's flip temperature; an export predicts as it
+was exported (export.py --flip). /healthz reports `flip`, the `temperature` and the 80% interval's
+`interval_masses` by age bucket (null: the central interval; calibration.json's when calibrated).
 """
 
 import signal
@@ -20,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkp
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
 _CALIBRATION = cli.calibration_flag("serve the raw model's distributions")
+_FLIP = cli.flip_flag("/healthz reports it (with --export: the export must have been made with --flip)")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=1, upper_bound=65535)
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most faces in one model call (1: no batching).", lower_bound=1)
@@ -107,7 +111,7 @@ def build():
   from agejax.training import train
 
   model = serving.load_model(
-    _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=_CALIBRATION.value
+    _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=_CALIBRATION.value, flip=_FLIP.value
   )
   cfg = getattr(model, "cfg", None)  # a workdir's settings; an export has none
   cache = _COMPILATION_CACHE.value

@@ -18,6 +18,7 @@ import tiny_run
 from conftest import assert_same_distributions, cpu_env
 from gcs_sandbox import GcsSandbox
 from PIL import Image
+from test_predict import FLIP_T, SINGLE_T, calibrated_two_ways, direct_distributions, shown_intervals
 
 from agejax import errors
 from agejax.evaluation import calibration
@@ -141,6 +142,19 @@ def exported(workdir, tmp_path_factory) -> tuple[Path, dict]:
   return out, export.export_workdir(workdir, out)
 
 
+@pytest.fixture(scope="module")
+def two_ways(workdir, tmp_path_factory) -> tuple[Path, dict[bool, calibration.Calibration]]:
+  """`calibrated_two_ways` of the tiny run: single views at SINGLE_T, flip averages at FLIP_T, each its own masses."""
+  return calibrated_two_ways(workdir, tmp_path_factory.mktemp("two_ways") / "run")
+
+
+@pytest.fixture(scope="module")
+def flip_exported(two_ways, tmp_path_factory) -> tuple[Path, dict]:
+  """(the export folder, its manifest) of `two_ways` made with flip: every format, the flip way's calibration."""
+  out = tmp_path_factory.mktemp("flip_export")
+  return out, export.export_workdir(two_ways[0], out, flip=True)
+
+
 def test_model_jax_runs_with_only_jax_and_matches_the_predictor(workdir, exported, crops, tmp_path):
   out, manifest = exported
   crops_file, x, expected = crops
@@ -155,9 +169,11 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(workdir, exporte
   assert on_disk == manifest
   record = loading.load_inference_record(workdir)
   assert manifest["input_size"] == record["input_size"] == x.shape[1]
-  temperature = calibration.load_temperature(workdir)  # the trainer fitted one at the end
+  fitted = calibration.load(workdir)  # the trainer fitted one at the end: single views', with interval masses
+  assert fitted is not None and fitted.interval_masses is not None
   assert (manifest["min_age"], manifest["max_age"]) == (1, 100)
-  assert (manifest["temperature"], manifest["calibrated"]) == (temperature or 1.0, temperature is not None)
+  assert (manifest["temperature"], manifest["calibrated"], manifest["flip"]) == (fitted.temperature, True, False)
+  assert manifest["interval_masses"] == fitted.to_json()["interval_masses"]
   assert manifest["step"] == prediction.Predictor(workdir).step
   assert manifest["agejax_version"] and manifest["jax_version"]
   assert set(manifest["platforms"]) == set(export.PLATFORMS)
@@ -181,26 +197,86 @@ def test_saved_model_runs_with_only_tensorflow_and_matches_the_predictor(exporte
   assert_same_distributions(got[1:], expected)
 
 
-def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_out(workdir, crops, tmp_path):
-  calibrated_run = tmp_path / "run"
-  shutil.copytree(workdir, calibrated_run)
-  calibration.write(calibrated_run, {"temperature": 2.0})
+def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_out(two_ways, crops, tmp_path):
+  """Without flip, the single-view way's temperature and interval masses (calibration.json holds both ways)."""
+  calibrated_run, ways = two_ways
   _, x, _ = crops
 
-  manifest = export.export_workdir(calibrated_run, tmp_path / "calibrated", saved_model=False)
-  assert (manifest["temperature"], manifest["calibrated"]) == (2.0, True)
+  manifest = export.export_workdir(calibrated_run, tmp_path / "calibrated", saved_model=False, onnx=False)
+  assert (manifest["temperature"], manifest["calibrated"], manifest["flip"]) == (SINGLE_T, True, False)
+  assert manifest["interval_masses"] == ways[False].to_json()["interval_masses"]
   assert not (tmp_path / "calibrated" / export.SAVED_MODEL_DIR).exists()
-  tempered = export.ExportedPredictor(tmp_path / "calibrated")(x)
-  assert_same_distributions(tempered, prediction.Predictor(calibrated_run, calibrated=True)(x))
+  loaded = export.ExportedPredictor(tmp_path / "calibrated")
+  assert (loaded.flip, loaded.calibration.to_json()) == (False, ways[False].to_json())
+  tempered = loaded(x)
+  assert_same_distributions(tempered, direct_distributions(calibrated_run, x, SINGLE_T, False))
 
   proc = run_export("--workdir", str(calibrated_run), "--output", str(tmp_path / "raw"), "--no-calibration")
   assert proc.returncode == 0, proc.stderr[-3000:]
   raw_manifest = json.loads((tmp_path / "raw" / export.MANIFEST_FILE).read_text())
   assert (raw_manifest["temperature"], raw_manifest["calibrated"]) == (1.0, False)
+  assert raw_manifest["interval_masses"] is None  # central intervals
   raw = export.ExportedPredictor(tmp_path / "raw")(x)
   assert_same_distributions(raw, prediction.Predictor(calibrated_run, calibrated=False)(x))
   assert np.abs(tempered - raw).max() > 1e-3
   assert np.all(tempered.max(-1) < raw.max(-1))  # T = 2 flattens every distribution
+
+
+def test_a_flip_export_averages_each_face_with_its_mirror_in_every_format(two_ways, flip_exported, crops, tmp_path):
+  """export_workdir(flip=True): model.jax, the SavedModel and model.onnx give flip averages tempered by the flip
+  way's temperature; the manifest records flip and that way's calibration, which ExportedPredictor shows with."""
+  run, ways = two_ways
+  out, manifest = flip_exported
+  crops_file, x, _ = crops
+  expected = direct_distributions(run, x, FLIP_T, True)
+  assert np.abs(direct_distributions(run, x, FLIP_T, False) - expected).max() > 1e-3  # the mirror image counts
+
+  assert (manifest["flip"], manifest["temperature"], manifest["calibrated"]) == (True, FLIP_T, True)
+  assert manifest["interval_masses"] == ways[True].to_json()["interval_masses"]
+  assert json.loads((out / export.MANIFEST_FILE).read_text()) == manifest
+  run_python(JAX_ONLY, out, crops_file, tmp_path / "jax.npy")
+  run_python(TF_ONLY, out, crops_file, tmp_path / "tf.npy")
+  for name in ("jax", "tf"):
+    got = np.load(tmp_path / f"{name}.npy")
+    assert_same_distributions(got[:1], expected[:1])
+    assert_same_distributions(got[1:], expected)
+  if manifest["files"]["onnx"]:  # jax2onnx converts the mirror image's reversed axis and the unrolled tilt
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(out / export.ONNX_FILE), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {export.INPUT_NAME: x})
+    np.testing.assert_allclose(got, expected, atol=export.ONNX_ATOL, rtol=0)
+  else:
+    assert "jax2onnx" in manifest["onnx_skipped"], manifest["onnx_skipped"]  # not installed: nothing else may fail
+
+  loaded = export.ExportedPredictor(out)
+  assert (loaded.flip, loaded.temperature, loaded.calibration.to_json()) == (True, FLIP_T, ways[True].to_json())
+  files = []
+  for i, crop in enumerate(x):
+    files.append(tmp_path / f"face{i}.png")
+    Image.fromarray(crop).save(files[-1])
+  faces = [r.faces[0] for r in photos.predict_files(loaded, files, aligned=True)]
+  assert_same_distributions([f.distribution for f in faces], expected)
+  bins = loaded.bins
+  np.testing.assert_array_equal([f.interval80 for f in faces], shown_intervals(expected, bins, ways[True]))
+
+  old = tmp_path / "old_calibration"
+  shutil.copytree(run, old)
+  calibration.write(old, {"split": "validation", "temperature": 1.5, "flip": False})  # from before one per way
+  with pytest.raises(errors.UserError) as error:
+    export.export_workdir(old, tmp_path / "refused", flip=True)
+  assert "was fitted without flip averaging" in str(error.value) and "\n" not in str(error.value)
+  assert not (tmp_path / "refused").exists()
+
+
+def test_an_export_from_before_flip_and_interval_masses_loads_as_single_views_with_central_intervals(
+  exported, tmp_path
+):
+  folder = copy_export(exported[0], tmp_path / "out")
+  manifest = json.loads((folder / export.MANIFEST_FILE).read_text())
+  del manifest["flip"], manifest["interval_masses"]
+  (folder / export.MANIFEST_FILE).write_text(json.dumps(manifest))
+  loaded = export.ExportedPredictor(folder)
+  assert (loaded.flip, loaded.temperature, loaded.calibration.interval_masses) == (False, manifest["temperature"], None)
 
 
 def test_the_script_exports_a_chosen_checkpoint_and_fails_in_one_line(workdir, tmp_path):
@@ -413,6 +489,9 @@ def test_a_file_the_manifest_lists_but_the_folder_lacks_is_named_with_the_manife
     ({"min_age": 11, "max_age": 110}, r"expected age is \d+\.\d\d under 'min_age'..'max_age' 11..110, but the export"),
     ({"format": "agejax-export/1"}, r"'format' is \"agejax-export/1\", not 'agejax-export/2'"),
     ({"sha256": {"../model.jax": "0" * 64}}, r"'sha256' is .*, not an object of files in the folder"),
+    ({"flip": "yes"}, r"'flip' is \"yes\", not true or false"),
+    ({"interval_masses": [0.8]}, r"'interval_masses' is \[0.8\], not null or, for each level 0.5, 0.8, 0.9, 0.95,"),
+    ({"interval_masses": {"0.8": {"0-2": 1.5}}}, r"'interval_masses' is .*, not null or, for each level"),
   ],
 )
 def test_a_bad_manifest_is_refused_in_one_line_naming_the_file_key_and_value(exported, tmp_path, changes, message):

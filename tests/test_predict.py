@@ -1,18 +1,24 @@
-"""predict.py on photos: MTCNN detection on a real face, alignment, batching, bad inputs, errors."""
+"""predict.py on photos: MTCNN detection on a real face, alignment, batching, flip, bad inputs, errors."""
 
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tiny_run
+from conftest import assert_same_distributions
 from PIL import Image
 
-from agejax import settings
+from agejax import errors, settings
 from agejax.data import pipeline
+from agejax.evaluation import calibration
 from agejax.inference import loading, photos, prediction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +26,8 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 # Where the astronaut's face goes in the large photo: (left, top) and the crop of skimage's portrait.
 PASTE_AT = (1700, 1100)
 FACE_CROP = (slice(20, 260), slice(120, 330))
+# calibrated_two_ways' temperatures: single views flattened, flip averages sharpened (told apart at a glance).
+SINGLE_T, FLIP_T = 2.0, 0.6
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +62,50 @@ def large_photo(path: Path) -> tuple[int, int, int, int]:
   background[y : y + face.shape[0], x : x + face.shape[1]] = face
   Image.fromarray(background).save(path, quality=92)
   return x, y, face.shape[1], face.shape[0]
+
+
+def calibrated_two_ways(workdir: Path, copy: Path) -> tuple[Path, dict[bool, calibration.Calibration]]:
+  """A copy of `workdir` whose calibration.json holds single views at SINGLE_T and flip averages at FLIP_T.
+
+  Each way has its own interval masses, the 80% row's differing by age bucket (so an adjusted interval
+  is not the central one). Returns (the copy, {flip: its Calibration}). Shared by the predict, serve and
+  export tests.
+  """
+  shutil.copytree(workdir, copy)
+  rows = {False: [0.70, 0.75, 0.80, 0.85, 0.90], True: [0.95, 0.90, 0.85, 0.80, 0.75]}
+  levels = calibration.COVERAGE_LEVELS
+  ways = {
+    flip: calibration.Calibration(
+      t, np.asarray([rows[flip] if m == calibration.INTERVAL_MASS else [m] * len(rows[flip]) for m in levels])
+    )
+    for flip, t in ((False, SINGLE_T), (True, FLIP_T))
+  }
+  record = {"split": "validation"}
+  for flip, way in ways.items():
+    assert way.interval_masses is not None
+    masses = {str(m): row.tolist() for m, row in zip(levels, way.interval_masses)}
+    record[calibration.way(flip)] = {"temperature": way.temperature, "interval_masses": masses}
+  calibration.write(copy, record)
+  return copy, ways
+
+
+@functools.cache
+def _distributions_fn(workdir: Path, flip: bool) -> Callable[[np.ndarray, float], np.ndarray]:
+  """The best checkpoint's jitted `AgeModel.distributions` (images, temperature), restored and compiled once."""
+  _, learner, state = loading.load_trained(workdir, "best")
+  fn = jax.jit(lambda s, x, t: learner.model.distributions(s, x, t, flip))
+  return lambda images, temperature: np.asarray(fn(state, images, np.float32(temperature)))
+
+
+def direct_distributions(workdir: Path, images: np.ndarray, temperature: float, flip: bool) -> np.ndarray:
+  """The best checkpoint's `AgeModel.distributions` of uint8 crops, called here: not through Predictor or an export."""
+  return _distributions_fn(Path(workdir), flip)(images, temperature)
+
+
+def shown_intervals(probs: np.ndarray, bins: np.ndarray, way: calibration.Calibration) -> np.ndarray:
+  """[N, 2] the whole-year 80% intervals users are shown under a way's interval masses, from `calibration`."""
+  low, high = calibration.adjusted_interval(probs, bins, way.shown_masses())
+  return np.stack([np.asarray(low), np.asarray(high)], axis=-1)
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
@@ -95,13 +147,13 @@ def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
   assert abs(sum(face["distribution"]) - 1.0) < 1e-5
   assert config.labels.min_age <= face["age"] <= config.labels.max_age
   assert face["argmax_age"] == config.labels.min_age + int(np.argmax(face["distribution"]))
-  # The central 80% interval: 10% of the distribution's mass lies below it, with each year's bin
-  # spread over [age - 0.5, age + 0.5].
-  bins = np.arange(config.labels.min_age, config.labels.max_age + 1)
-  below = lambda t: float(np.sum(np.asarray(face["distribution"]) * np.clip(t - (bins - 0.5), 0, 1)))  # noqa: E731
+  # The 80% interval adjusted by age bucket: the trainer fitted the workdir's interval masses.
+  bins = np.arange(config.labels.min_age, config.labels.max_age + 1, dtype=np.float32)
+  fitted = calibration.load(workdir)
+  assert fitted is not None and fitted.interval_masses is not None
   low, high = face["interval80"]
-  assert low < face["age"] < high
-  assert below(low) == pytest.approx(0.1, abs=1e-3) and below(high) == pytest.approx(0.9, abs=1e-3)
+  assert low <= face["age"] <= high
+  np.testing.assert_array_equal([low, high], shown_intervals(np.asarray([face["distribution"]]), bins, fitted)[0])
   with Image.open(plot) as png:
     assert png.format == "PNG"
 
@@ -192,3 +244,41 @@ def test_a_corrupt_config_json_fails_in_one_line_naming_it(trained, script, cont
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {copy / 'config.json'}: {problem}"), proc.stderr
   assert (copy / "config.json").read_text() == content and not (copy / "eval").exists()
+
+
+def test_flip_predicts_with_the_flip_temperature_and_intervals_and_an_old_calibration_refuses_it(trained, tmp_path):
+  """predict.py --flip: each face averaged with its mirror image, tempered by calibration.json's flip temperature,
+  its 80% interval adjusted by the flip way's masses; without --flip, the single-view way's. A calibration.json
+  from before one temperature per way, fitted without flip, refuses --flip in one line."""
+  config, workdir = trained
+  run, ways = calibrated_two_ways(workdir, tmp_path / "run")
+  images = pipeline.load_labelled_split(config.data, config.labels, "test").gather(np.arange(4))["image"]
+  files = []
+  for i, image in enumerate(images):
+    files.append(tmp_path / f"{i}.png")
+    Image.fromarray(image).save(files[-1])
+  proc = run_predict("--workdir", str(run), "--flip", "--json", "--aligned", *map(str, files))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  flipped = [json.loads(line) for line in proc.stdout.splitlines()]
+  single = [r.faces[0] for r in photos.predict_files(prediction.Predictor(run), files, aligned=True)]
+  answers = {
+    True: ([f["distribution"] for f in flipped], [f["interval80"] for f in flipped]),
+    False: ([f.distribution for f in single], [f.interval80 for f in single]),
+  }
+  bins = np.arange(config.labels.min_age, config.labels.max_age + 1, dtype=np.float32)
+  for flip, (distributions, intervals) in answers.items():
+    expected = direct_distributions(run, images, ways[flip].temperature, flip)
+    assert_same_distributions(distributions, expected)
+    np.testing.assert_array_equal(intervals, shown_intervals(expected, bins, ways[flip]))
+  # Each part counts: the mirror image, the way's temperature, the way's interval masses.
+  assert np.abs(direct_distributions(run, images, FLIP_T, False) - answers[True][0]).max() > 1e-3
+  assert np.abs(direct_distributions(run, images, SINGLE_T, True) - answers[True][0]).max() > 1e-3
+  assert not np.array_equal(answers[True][1], shown_intervals(np.asarray(answers[True][0]), bins, ways[False]))
+
+  # The file from before one temperature per way serves the way it was fitted for, and refuses the other.
+  calibration.write(run, {"split": "validation", "temperature": 1.5, "flip": False})
+  assert prediction.Predictor(run).temperature == 1.5
+  with pytest.raises(errors.UserError) as error:  # scripts print a UserError as their one `error: ...` line
+    prediction.Predictor(run, flip=True)
+  assert str(error.value).startswith(f"{run / calibration.FILE} was fitted without flip averaging")
+  assert "\n" not in str(error.value)

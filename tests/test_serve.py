@@ -18,8 +18,11 @@ import tiny_run
 from conftest import DISTRIBUTION_ATOL, assert_same_distributions
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from test_predict import FLIP_T, SINGLE_T, calibrated_two_ways, direct_distributions, shown_intervals
 
+from agejax import errors
 from agejax.data import demo_faces, faces
+from agejax.evaluation import calibration
 from agejax.inference import prediction
 from agejax.serving import batcher, local
 
@@ -105,12 +108,13 @@ def test_answers_a_generated_face_with_predictors_numbers(server, predictor):
     assert face["box"] == [0, 0, side, side] and all(isinstance(v, int) for v in face["box"])
     probs = expected(predictor, image)
     assert_same_distributions(face["distribution"], probs)
-    stats = prediction.summaries(probs[None], predictor.bins)
+    stats = prediction.summaries(probs[None], predictor.bins, predictor.calibration.shown_masses())
     assert face["age"] == pytest.approx(float(stats["predicted_age"][0]), abs=1e-3)
     assert face["argmax_age"] == float(stats["argmax_age"][0])
     assert face["std"] == pytest.approx(float(stats["std"][0]), abs=1e-3)
     low, high = face["interval80"]
     assert predictor.bins[0] <= low <= face["age"] <= high <= predictor.bins[-1]
+    assert [low, high] == [float(v) for v in stats["interval80"][0]]  # adjusted by age bucket: the trainer fitted it
 
 
 def test_finds_the_face_in_a_photo_too_large_to_detect_at_full_size(server):
@@ -217,9 +221,16 @@ def batch_faces(url: str) -> tuple[float, float]:
   return samples["agejax_batch_faces_sum"], samples["agejax_batch_faces_count"]
 
 
-def test_healthz_metrics_and_the_page_are_served(server, predictor):
+def test_healthz_metrics_and_the_page_are_served(server, predictor, workdir):
   health = httpx.get(server.url + "/healthz").json()
   assert health["status"] == "ok" and health["input_size"] == predictor.input_size
+  fitted = calibration.load(workdir)  # the trainer's: single views' temperature and interval masses
+  assert fitted is not None and fitted.interval_masses is not None
+  assert (health["flip"], health["temperature"], health["interval_masses"]) == (
+    False,
+    fitted.temperature,
+    fitted.to_json()["interval_masses"],
+  )
   assert health["batch_sizes"] == [1, 2, 4, 8, 16, 32]
   post(server.url, ("notes.txt", b"x"))
   metrics = httpx.get(server.url + "/metrics")
@@ -267,17 +278,29 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(workdir, compilation
 
 
 def test_serves_an_export_with_the_same_numbers(workdir, predictor, compilation_cache, tmp_path):
+  from agejax import serving
   from agejax.inference import export
 
   export.export_workdir(workdir, tmp_path / "export", saved_model=False, platforms=("cpu",))
+  with pytest.raises(errors.UserError, match="exported without flip averaging; export it with --flip"):
+    serving.load_model(None, tmp_path / "export", flip=True)
   flags = ["--export", str(tmp_path / "export"), f"--compilation_cache_dir={compilation_cache}", "--max_batch=8"]
   with local.LocalServer(SERVE, flags, env=ENV) as running:
-    assert httpx.get(running.url + "/healthz").json()["batch_sizes"] == [1, 2, 4, 8]
+    health = httpx.get(running.url + "/healthz").json()
+    assert health["batch_sizes"] == [1, 2, 4, 8]
+    # The manifest's calibration: what the server computes the intervals with, as from the workdir.
+    assert (health["flip"], health["temperature"], health["interval_masses"]) == (
+      False,
+      predictor.temperature,
+      predictor.calibration.to_json()["interval_masses"],
+    )
     image = drawn_face(4)
     response = post(running.url, ("a.png", image), aligned="true")
     assert response.status_code == 200, response.text
     (face,) = response.json()["results"][0]["faces"]
     assert_same_distributions(face["distribution"], expected(predictor, image))
+    stats = prediction.summaries(expected(predictor, image)[None], predictor.bins, predictor.calibration.shown_masses())
+    assert face["interval80"] == [float(v) for v in stats["interval80"][0]]
 
 
 def test_no_calibration_serves_the_raw_model_over_http(workdir, predictor, compilation_cache):
@@ -310,6 +333,8 @@ class FakeModel:
 
   input_size, batch_size = 4, 8
   bins = np.arange(1.0, 257.0, dtype=np.float32)
+  flip = False
+  calibration = calibration.Calibration()  # uncalibrated: temperature 1, central intervals
 
   def __init__(self):
     self.calls = []
@@ -358,10 +383,9 @@ def test_padded_sizes_are_powers_of_two_up_to_the_maximum_on_every_device():
 
 def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, tmp_path):
   from agejax import serving
-  from agejax.evaluation import calibration
 
-  fitted = calibration.load_temperature(workdir)  # the trainer fitted one at the end of the run
-  assert fitted is not None and serving.load_model(workdir, None).temperature == fitted
+  fitted = calibration.load(workdir)  # the trainer fitted one at the end of the run
+  assert fitted is not None and serving.load_model(workdir, None).temperature == fitted.temperature
   assert serving.load_model(workdir, None, calibrated=False).temperature == 1.0
   with pytest.raises(serving.errors.UserError, match="--no-calibration applies to --workdir"):
     serving.load_model(None, tmp_path, calibrated=False)
@@ -523,3 +547,35 @@ def test_sigterm_answers_every_request_sent_before_it_and_503s_what_runs_past_th
   assert slow["response"].status_code == 503, slow["response"].text
   assert "shutting down" in slow["response"].json()["error"]
   assert code == 0
+
+
+def test_flip_serves_the_flip_calibration_and_healthz_says_so(workdir, compilation_cache, tmp_path):
+  """serve.py --flip: flip averages tempered by calibration.json's flip temperature, intervals by its masses;
+  without it the single-view way's; an old calibration.json fitted without flip refuses --flip in one line."""
+  from agejax import serving
+
+  run, ways = calibrated_two_ways(workdir, tmp_path / "run")
+  for flip, t in ((False, SINGLE_T), (True, FLIP_T)):
+    model = serving.load_model(run, None, flip=flip)
+    assert (model.flip, model.temperature, model.calibration.to_json()) == (flip, t, ways[flip].to_json())
+  images = [drawn_face(6), drawn_face(7)]
+  flags = ["--workdir", str(run), "--flip", f"--compilation_cache_dir={compilation_cache}", "--max_batch=2"]
+  with local.LocalServer(SERVE, flags, env=ENV) as running:
+    health = httpx.get(running.url + "/healthz").json()
+    response = post(running.url, *[(f"{i}.png", image) for i, image in enumerate(images)], aligned="true")
+  assert (health["flip"], health["temperature"]) == (True, FLIP_T)
+  assert health["interval_masses"] == ways[True].to_json()["interval_masses"]
+  assert response.status_code == 200, response.text
+  answered = [result["faces"][0] for result in response.json()["results"]]
+  size = health["input_size"]
+  crops = np.stack([faces.centre_square(faces.open_rgb(image), size) for image in images])
+  direct = direct_distributions(run, crops, FLIP_T, True)
+  assert_same_distributions([face["distribution"] for face in answered], direct)
+  bins = np.arange(1, len(direct[0]) + 1, dtype=np.float32)
+  np.testing.assert_array_equal([face["interval80"] for face in answered], shown_intervals(direct, bins, ways[True]))
+
+  calibration.write(run, {"split": "validation", "temperature": 1.5, "flip": False})  # from before one per way
+  assert serving.load_model(run, None).temperature == 1.5
+  with pytest.raises(errors.UserError) as error:
+    serving.load_model(run, None, flip=True)
+  assert "was fitted without flip averaging" in str(error.value) and "\n" not in str(error.value)

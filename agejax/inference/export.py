@@ -4,7 +4,10 @@
 jax.export for CPU, CUDA and TPU: uint8 RGB face crops [B, S, S, 3], any B, -> float32 probabilities
 [B, K], the weights inside), OUT/saved_model/ (the same function through jax2tf, the weights as
 variables), OUT/model.onnx (the same function through jax2onnx, for onnxruntime) and
-OUT/manifest.json (what the numbers mean, every file's SHA-256 and a reference prediction).
+OUT/manifest.json (what the numbers mean, every file's SHA-256 and a reference prediction). An
+export made with `flip` averages each face's distribution with its mirror image's in every format,
+tempered by calibration.json's flip temperature; the manifest records `flip` and the calibration
+(temperature, the 80% interval's masses by age bucket), which `ExportedPredictor` carries.
 
 An export is whole or absent: it is written into a sibling folder and swapped in by renames, so a
 failed or killed export leaves the previous export or nothing. `ExportedPredictor` runs OUT/model.jax
@@ -67,12 +70,15 @@ _STAGING = r"^{name}\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{{8}}$"  # the sibling fo
 def _probabilities_fn(
   predictor: "prediction.Predictor", treedef: jax.tree_util.PyTreeDef
 ) -> Callable[[list, jax.Array], jax.Array]:
-  """Returns f(weight leaves, uint8 images) -> probabilities through `AgeModel.distributions`: the same numbers."""
-  temperature = np.float32(predictor.temperature)
+  """Returns f(weight leaves, uint8 images) -> probabilities through `AgeModel.distributions`: the same numbers.
+
+  The predictor's way of predicting (single views or flip averages) with that way's temperature.
+  """
+  temperature, flip = np.float32(predictor.temperature), predictor.flip
 
   def probabilities(leaves: list, images: jax.Array) -> jax.Array:
     params, model_state = jax.tree.unflatten(treedef, leaves)
-    return predictor.model.distributions(_Weights(params, model_state), images, temperature)
+    return predictor.model.distributions(_Weights(params, model_state), images, temperature, flip)
 
   return probabilities
 
@@ -377,6 +383,7 @@ def export_workdir(
   checkpoint: str | int = "best",
   *,
   calibrated: bool = True,
+  flip: bool = False,
   saved_model: bool = True,
   onnx: bool = True,
   platforms: Sequence[str] = PLATFORMS,
@@ -384,14 +391,17 @@ def export_workdir(
   """Exports a trained workdir's checkpoint to OUT/model.jax, OUT/saved_model/, OUT/model.onnx and OUT/manifest.json.
 
   The exported function is the evaluation path's preprocessing (resize to the model's image size,
-  normalise), the model and softmax(logits / temperature), on uint8 crops of the stored face size S.
+  normalise), the model (with `flip`, the mean of each face's and its mirror image's distributions)
+  and the tempered distribution (`labels.tempered`), on uint8 crops of the stored face size S.
   The folder is replaced whole, and only once the new export has loaded and passed its checks.
 
   Args:
     workdir: the training workdir (a path or a gs:// URL).
     output: the export folder (a path or a gs:// URL): new, empty, or an earlier export, which is replaced.
     checkpoint: 'best' (lowest eval MAE), 'latest' or a step number.
-    calibrated: apply WORKDIR/calibration.json's temperature when the workdir has one.
+    calibrated: apply WORKDIR/calibration.json's calibration of this way of predicting when the workdir has one.
+    flip: every format averages each face's distribution with its mirror image's (and applies the
+      flip way's calibration); the manifest records it.
     saved_model: also write the TensorFlow SavedModel.
     onnx: also write model.onnx (skipped with a warning naming the op when jax2onnx or onnxruntime cannot).
     platforms: where model.jax and the SavedModel may run (a subset of 'cpu', 'cuda', 'rocm', 'tpu').
@@ -410,7 +420,7 @@ def export_workdir(
     _saved_model_tools()  # before any work
   out = storage.path(output)
   _check_destination(out)
-  predictor = prediction.Predictor(workdir, checkpoint, calibrated=calibrated)  # nothing is written before this
+  predictor = prediction.Predictor(workdir, checkpoint, calibrated=calibrated, flip=flip)  # nothing written before
   size = predictor.input_size
   # Host copies: the export holds plain arrays, not arrays laid out over this machine's devices.
   leaves, treedef = jax.tree.flatten(jax.device_get((predictor.state.params, predictor.state.model_state)))
@@ -431,8 +441,9 @@ def export_workdir(
     "model": predictor.cfg.model.name,
     "input_spec": predictor.model.input_spec.to_json(),
     "num_bins": len(predictor.bins),
-    "temperature": float(predictor.temperature),
-    "calibrated": calibrated and calibration.load_temperature(workdir) is not None,
+    "flip": predictor.flip,
+    **predictor.calibration.to_json(),  # temperature, and interval_masses (null: central intervals)
+    "calibrated": predictor.calibrated,  # a calibration.json way was applied
     "step": predictor.step,
     "checkpoint": str(checkpoint),
     "run": storage.path(workdir).name,  # the workdir's name only: an export does not carry the builder's paths
@@ -492,6 +503,19 @@ def _safe_name(name: Any) -> bool:
   return isinstance(name, str) and bool(name) and not name.startswith("/") and ".." not in name.split("/")
 
 
+def _manifest_calibration(manifest: dict[str, Any], file: epath.Path) -> calibration.Calibration:
+  """The calibration a manifest records (`Calibration.to_json()`: interval masses by bucket name), checked.
+
+  `Calibration.from_fit` reads each level's masses as a list in INTERVAL_BUCKETS order (calibration.json's
+  shape), so the manifest's {bucket: mass} objects are listed in that order first.
+  """
+  masses = manifest.get("interval_masses")
+  if isinstance(masses, dict):
+    buckets = [b[0] for b in calibration.INTERVAL_BUCKETS]
+    masses = {level: [row.get(b) for b in buckets] if isinstance(row, dict) else row for level, row in masses.items()}
+  return calibration.Calibration.from_fit({**manifest, "interval_masses": masses}, str(file))
+
+
 def _check_fields(manifest: dict[str, Any], file: epath.Path) -> None:
   """Raises a one-line error naming the file, the key and the value of the first field with a wrong type or value."""
 
@@ -510,6 +534,17 @@ def _check_fields(manifest: dict[str, Any], file: epath.Path) -> None:
   check("temperature", lambda v: _is_number(v) and v > 0, "a finite number > 0")
   check("step", lambda v: _is_int(v) and v >= 0, "a whole number >= 0")
   check("calibrated", lambda v: isinstance(v, bool), "true or false")
+  if not isinstance(manifest.get("flip", False), bool):  # absent: an export from before flip averaging
+    raise _field_error(file, "flip", manifest["flip"], "true or false")
+  try:
+    _manifest_calibration(manifest, file)  # absent interval_masses: central intervals
+  except errors.UserError:
+    raise _field_error(
+      file,
+      "interval_masses",
+      manifest.get("interval_masses"),
+      f"null or, for each level {', '.join(map(str, calibration.COVERAGE_LEVELS))}, a mass in [0, 1] per age bucket",
+    ) from None
   check(
     "sha256",
     lambda v: (
@@ -623,7 +658,10 @@ class ExportedPredictor:
     self.input_size: int = self.manifest["input_size"]
     self.min_age, self.max_age = self.manifest["min_age"], self.manifest["max_age"]
     self.bins = labels.age_bins(self.min_age, self.max_age)
-    self.temperature = float(self.manifest["temperature"])
+    self.flip: bool = self.manifest.get("flip", False)  # each face averaged with its mirror image, inside model.jax
+    # The temperature inside model.jax, and the 80% interval's masses by age bucket (None: central intervals).
+    self.calibration = _manifest_calibration(self.manifest, self.path / MANIFEST_FILE)
+    self.temperature = self.calibration.temperature
     self.step: int = self.manifest["step"]
     self.input_spec = self.manifest.get("input_spec")  # what the model inside normalises to (None: before specs)
     self.framing = framing.from_record(self.manifest)  # None: the fixed-margin crop

@@ -131,7 +131,8 @@ class Face:
   predicted_age: float = math.nan
   argmax_age: float = math.nan
   std: float = math.nan
-  interval80: tuple[float, float] = (math.nan, math.nan)  # the central 80% of the distribution (years)
+  # The 80% interval (years): adjusted by age bucket when calibrated (calibration.json's interval_masses), else central.
+  interval80: tuple[float, float] = (math.nan, math.nan)
 
 
 @dataclasses.dataclass
@@ -225,7 +226,7 @@ def predict_files(
 
   def fill() -> None:
     probs = predictor(np.stack(chips))
-    stats = jax.device_get(prediction.summaries(probs, predictor.bins))
+    stats = jax.device_get(prediction.summaries(probs, predictor.bins, predictor.calibration.shown_masses()))
     for i, face in enumerate(waiting):
       face.distribution = probs[i]
       face.predicted_age, face.argmax_age, face.std = (

@@ -12,9 +12,20 @@ from agejax.inference import loading
 
 
 @jax.jit
-def summaries(probs: jax.Array, bins: jax.Array) -> dict[str, jax.Array]:
-  """Returns each distribution's expected age, peak (argmax_age, its mode), std and 80% central interval."""
-  low, high = calibration.interval(probs, bins, calibration.INTERVAL_MASS)
+def summaries(probs: jax.Array, bins: jax.Array, masses: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Returns each distribution's expected age, peak (argmax_age, its mode), std and 80% interval.
+
+  Args:
+    probs: [..., K] distributions over the age bins.
+    bins: [K] the ages of the bins.
+    masses: [len(calibration.INTERVAL_BUCKETS)] the 80% interval's mass per age bucket
+      (`Calibration.shown_masses()`): the whole-year interval that holds by age bucket; None: the
+      central 80% interval.
+  """
+  if masses is None:
+    low, high = calibration.interval(probs, bins, calibration.INTERVAL_MASS)
+  else:
+    low, high = calibration.adjusted_interval(probs, bins, masses)
   return {
     "predicted_age": labels.expected_age(probs, bins),
     "argmax_age": labels.argmax_age(probs, bins),
@@ -30,10 +41,17 @@ class Predictor:
     workdir: the training workdir (a path or a gs:// URL).
     checkpoint: 'best' (lowest eval MAE), 'latest' or a step number.
     config: the training config; default: WORKDIR/config.json.
-    flip: average each face's distribution with its mirror image's.
+    flip: average each face's distribution with its mirror image's (calibrated by the flip way's
+      temperature and interval masses).
     batch_size: faces per model call (rounded up to a multiple of the device count); default: the
       config's eval batch size.
-    calibrated: apply WORKDIR/calibration.json's temperature when the workdir has one.
+    calibrated: apply WORKDIR/calibration.json's calibration of this way of predicting (single
+      views or flip averages) when the workdir has one.
+
+  Attributes:
+    calibration: what the distributions and intervals are calibrated by (temperature 1 and central
+      intervals when uncalibrated); pass `calibration.shown_masses()` to `summaries`.
+    calibrated: whether a calibration.json way was applied.
   """
 
   def __init__(
@@ -56,7 +74,11 @@ class Predictor:
     # Where new faces' landmarks go in their crops (the training crops' framing); None: the fixed margin.
     self.framing = framing.from_record(self.record)
     self.step = int(self.state.step)
-    self.temperature = (calibration.load_temperature(workdir, self.step, flip=flip) if calibrated else None) or 1.0
+    self.flip = flip
+    fitted = calibration.load(workdir, self.step, flip=flip) if calibrated else None
+    self.calibrated = fitted is not None
+    self.calibration = fitted or calibration.Calibration()
+    self.temperature = self.calibration.temperature
     self.bins = np.asarray(self.model.bins)
     self.mesh = parallel.make_mesh()
     self.batch_size = parallel.device_multiple(batch_size or self.cfg.eval.batch_size)

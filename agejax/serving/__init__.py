@@ -23,6 +23,7 @@ def load_model(
   max_batch: int = 32,
   *,
   calibrated: bool = True,
+  flip: bool = False,
 ):
   """Restores the model to serve: a training workdir's checkpoint, or an exported model.
 
@@ -31,7 +32,9 @@ def load_model(
     export: a folder written by scripts/export.py.
     checkpoint: the workdir's checkpoint: 'best', 'latest' or a step number.
     max_batch: the most faces the server puts in one model call.
-    calibrated: apply the workdir's calibration.json temperature (an export has its own baked in).
+    calibrated: apply the workdir's calibration.json calibration (an export has its own baked in).
+    flip: average each face's distribution with its mirror image's, calibrated by calibration.json's
+      flip temperature; an export predicts as it was exported, and refuses `flip` if made without it.
 
   Returns:
     An `prediction.Predictor` or an `export.ExportedPredictor`.
@@ -43,11 +46,17 @@ def load_model(
       raise errors.UserError("--no-calibration applies to --workdir: an export carries its temperature (export.py)")
     from agejax.inference import export as exporting
 
-    return exporting.ExportedPredictor(export, batch_size=max_batch)
+    exported = exporting.ExportedPredictor(export, batch_size=max_batch)
+    if flip and not exported.flip:
+      raise errors.UserError(
+        f"--flip: {export} was exported without flip averaging; export it with --flip (an export predicts as it "
+        f"was exported)"
+      )
+    return exported
   from agejax.inference import prediction
 
   assert workdir is not None  # exactly one of the two was given, and it is not export
-  return prediction.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated)
+  return prediction.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated, flip=flip)
 
 
 SHUTDOWN_GRACE_S = 0.5  # after SIGTERM, how long an idle connection may still bring a request sent just before

@@ -430,6 +430,8 @@ def create_app(
         "status": "overloaded" if load["overloaded"] else "ok",
         "load": load,
         "step": step,
+        "flip": model.flip,
+        **model.calibration.to_json(),  # the temperature applied and the 80% interval's masses by age bucket
         "input_size": model.input_size,
         "input_spec": model.input_spec,
         "batch_sizes": model_batcher.sizes,

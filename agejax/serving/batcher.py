@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from agejax.evaluation import calibration
 from agejax.inference import prediction
 
 POLL_S = 0.0005  # how often a waiting batch checks whether requests are still on their way
@@ -23,6 +24,8 @@ class Model(Protocol):
   input_size: int
   bins: np.ndarray
   batch_size: int
+  flip: bool  # each face's distribution averaged with its mirror image's
+  calibration: calibration.Calibration  # the temperature applied and the interval masses shown
 
   @property
   def input_spec(self) -> dict[str, Any] | None:
@@ -89,6 +92,7 @@ class Batcher:
     upstream: Callable[[], int] | None = None,
   ):
     self.model, self.max_wait_s, self.on_batch = model, max_wait_s, on_batch
+    self._masses = model.calibration.shown_masses()  # the 80% interval by age bucket; None: the central one
     self.upstream = upstream or (lambda: 1)
     if hasattr(model, "predict_padded"):
       self.sizes = padded_sizes(max_batch, jax.device_count())
@@ -124,7 +128,7 @@ class Batcher:
 
   def _predict(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     probs = self._run(images)
-    return probs, jax.device_get(prediction.summaries(probs, self.model.bins))
+    return probs, jax.device_get(prediction.summaries(probs, self.model.bins, self._masses))
 
   def _loop(self) -> None:
     stopping = False

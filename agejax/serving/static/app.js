@@ -109,7 +109,7 @@ function drawBox(svg, face, i, scale) {
   svg.append(tag, text);
 }
 
-// Bars of P(age), the central 80% darker, a line at the predicted (expected) age.
+// Bars of P(age), the 80% interval darker, a line at the predicted (expected) age.
 function chart(face, minAge) {
   const { width, height, left, right, top, bottom } = CHART;
   const probs = face.distribution;
