@@ -75,3 +75,48 @@ def distribution_std(probs: jax.Array, bins: jax.Array) -> jax.Array:
   """Returns the standard deviation of the age under the distribution (the model's uncertainty)."""
   mean = expected_age(probs, bins)
   return jnp.sqrt(jnp.maximum(jnp.sum(probs * jnp.square(bins - mean[..., None]), axis=-1), 0.0))
+
+
+TILT_STEPS = 30  # safeguarded Newton steps for the tilt that keeps a tempered distribution's mean
+_TILT_LIMIT = 50.0  # |tilt| per year: exp(-50) of the mass a year further on is none
+
+
+def tempered_log_probs(logits: jax.Array, bins: ArrayLike, temperature: ArrayLike = 1.0) -> jax.Array:
+  """Log-probabilities [..., K] of softmax(logits) tempered without moving its expected age.
+
+  A plain softmax(logits / T) moves the expectation (for a baby at T 0.57, by -0.4 years): the
+  point prediction would change with the calibration. Here the tempered log-probabilities are
+  tilted by lambda * (age - mean), lambda solved per distribution by safeguarded Newton steps (the
+  mean rises with lambda at the rate of the variance), so the expected age stays the raw model's
+  (to ~1e-4 years) and the temperature only widens or narrows the distribution around it: the
+  exponential-family member nearest softmax(logits / T) with that mean.
+
+  Args:
+    logits: [..., K] unnormalised log-probabilities of the raw model.
+    bins: [K] the ages of the bins.
+    temperature: T > 0, a scalar or one per distribution [...].
+
+  Returns:
+    [..., K] float32 log-probabilities; at temperature 1, log_softmax(logits).
+  """
+  bins = jnp.asarray(bins, jnp.float32)
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  mean = expected_age(jnp.exp(log_p), bins)
+  base = log_p / jnp.asarray(temperature, jnp.float32)[..., None]
+  centred = bins - mean[..., None]
+  lam = jnp.zeros_like(mean)
+  low, high = jnp.full_like(mean, -_TILT_LIMIT), jnp.full_like(mean, _TILT_LIMIT)
+  for _ in range(TILT_STEPS):  # unrolled: exports (ONNX included) see plain ops, no loop primitive
+    q = jax.nn.softmax(base + lam[..., None] * centred, axis=-1)
+    offset = jnp.sum(q * centred, axis=-1)  # the tilted mean minus the target mean: rises with lambda
+    variance = jnp.maximum(jnp.sum(q * jnp.square(centred), axis=-1) - jnp.square(offset), 1e-12)
+    low, high = jnp.where(offset < 0, lam, low), jnp.where(offset > 0, lam, high)
+    newton = lam - offset / variance
+    lam = jnp.where((newton > low) & (newton < high), newton, 0.5 * (low + high))
+  lam = jnp.where(jnp.asarray(temperature) == 1.0, 0.0, lam)  # T 1 is the raw model exactly (no rounding's tilt)
+  return jax.nn.log_softmax(base + lam[..., None] * centred, axis=-1)
+
+
+def tempered(logits: jax.Array, bins: ArrayLike, temperature: ArrayLike = 1.0) -> jax.Array:
+  """The probabilities of `tempered_log_probs`: the calibrated distribution, its mean the raw model's."""
+  return jnp.exp(tempered_log_probs(logits, bins, temperature))

@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,3 +82,45 @@ def test_the_age_range_is_1_to_100_when_a_config_leaves_it_out_as_in_the_base_co
     assert (ranged.min_age, ranged.max_age, ranged.out_of_range) == (1, 100, "clip"), config
     bins = np.asarray(labels.age_bins(ranged.min_age, ranged.max_age))
     np.testing.assert_array_equal(bins, np.arange(1, 101))
+
+
+def tempered_reference(logits: np.ndarray, bins: np.ndarray, t: float) -> np.ndarray:
+  """float64: p^(1/T) tilted by exp(lam * age), lam found by bisection so the mean is p's own."""
+  log_p = logits - logits.max()
+  log_p = log_p - np.log(np.exp(log_p).sum())
+  target = float(np.exp(log_p) @ bins)
+
+  def tilted(lam):
+    z = log_p / t + lam * (bins - target)
+    q = np.exp(z - z.max())
+    return q / q.sum()
+
+  low, high = -50.0, 50.0
+  for _ in range(200):
+    mid = 0.5 * (low + high)
+    low, high = (mid, high) if tilted(mid) @ bins < target else (low, mid)
+  return tilted(0.5 * (low + high))
+
+
+@pytest.mark.parametrize("temperature", [0.4, 1.0, 1.7, 6.0])
+def test_tempering_keeps_the_raw_expected_age_and_matches_a_float64_tilt(temperature):
+  """A temperature widens or narrows a distribution around the raw model's expected age, never moves it.
+
+  A plain softmax(logits / T) (the mutant that drops the tilt) moves a child's and an old person's
+  expectation by years; the mean-preserving target's point mass at the first bin stays one.
+  """
+  rng = np.random.default_rng(3)
+  bins = labels.age_bins(1, 100).astype(np.float64)
+  centres = np.array([1.0, 2.0, 4.0, 30.0, 85.0, 99.5])
+  logits = -0.5 * ((bins[None] - centres[:, None]) / rng.uniform(1.0, 8.0, (len(centres), 1))) ** 2
+  logits += rng.normal(0.0, 0.3, logits.shape)
+  got = np.asarray(labels.tempered(jnp.asarray(logits, jnp.float32), bins, temperature), np.float64)
+  expected = np.stack([tempered_reference(row, bins, temperature) for row in logits])
+  np.testing.assert_allclose(got, expected, atol=2e-5)
+  raw_mean = np.asarray(labels.expected_age(jax.nn.softmax(jnp.asarray(logits, jnp.float32)), bins))
+  np.testing.assert_allclose(got @ bins, raw_mean, atol=2e-4)
+  if temperature != 1.0:  # the plain temperature would have moved the ends' expectations
+    plain = np.asarray(jax.nn.softmax(jnp.asarray(logits / temperature, jnp.float32)), np.float64) @ bins
+    assert np.max(np.abs(plain - raw_mean)) > 0.1
+  point = labels.label_distribution(1.0, bins, 2.0, mean_preserving=True)
+  np.testing.assert_allclose(labels.tempered(jnp.log(point), bins, temperature), point, atol=1e-6)

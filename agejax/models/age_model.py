@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from agejax import labels
 from agejax.models import registry
 
 PyTree = Any
@@ -86,9 +87,10 @@ class AgeModel:
   ) -> tuple[jax.Array, jax.Array]:
     """Returns (the raw model's log-probabilities, the calibrated distributions), each [B, K], of a uint8 batch.
 
-    The distributions are softmax(log-probabilities / temperature). `flip` first averages each face's
-    distribution with its mirror image's (test-time augmentation: a mirrored face is an equally
-    valid view), and the temperature tempers that average: the one model a temperature is fitted to.
+    The distributions are `labels.tempered(log-probabilities, bins, temperature)`: tempered around
+    the raw model's expected age, which they keep. `flip` first averages each face's distribution
+    with its mirror image's (test-time augmentation: a mirrored face is an equally valid view), and
+    the temperature tempers that average: flip averages have their own temperature.
     """
     view = lambda x: self.logits(weights.params, weights.model_state, self.preprocess(x), train=False)[0]  # noqa: E731
     logits = view(images)
@@ -96,7 +98,7 @@ class AgeModel:
       mirrored = view(images[:, :, ::-1])
       averaged = 0.5 * (jax.nn.softmax(logits) + jax.nn.softmax(mirrored))
       logits = jnp.log(jnp.maximum(averaged, jnp.finfo(jnp.float32).tiny))
-    return logits, jax.nn.softmax(logits / temperature, axis=-1)
+    return logits, labels.tempered(logits, self.bins, temperature)
 
   def distributions(
     self, weights: Weights, images: jax.Array, temperature: ArrayLike = 1.0, flip: bool = False
