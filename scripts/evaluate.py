@@ -2,8 +2,10 @@
 
 Prints a table and writes DIR/eval/<split>.json, <split>_predictions.jsonl and <split>_*.png (with
 --flip: <split>_flip.json, ...): the scores, error by group of people with bootstrap intervals, and
-calibration. DIR/calibration.json's temperature is applied when present (--nocalibration: the raw
-model; --calibrate fits it first). `--config` defaults to the DIR/config.json the trainer wrote.
+calibration. DIR/calibration.json's calibration of the way scored (single views, or --flip) is
+applied when present (--nocalibration: the raw model; --calibrate fits both ways first); MAE and the
+other point scores are the raw model's either way. `--config` defaults to the DIR/config.json the
+trainer wrote.
 """
 
 import os
@@ -26,7 +28,7 @@ _FLIP = flags.DEFINE_bool(
   "flip", False, "Average each image's distribution with its mirror image's (reports named <split>_flip*)."
 )
 _CALIBRATE = flags.DEFINE_bool(
-  "calibrate", False, "First fit the temperature on the config's eval split; write WORKDIR/calibration.json."
+  "calibrate", False, "First fit both ways' calibrations on the config's eval split; write WORKDIR/calibration.json."
 )
 _CALIBRATION = cli.calibration_flag("score the raw model")
 flags.mark_flags_as_required(["workdir"])

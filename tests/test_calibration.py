@@ -79,15 +79,16 @@ def test_true_distributions_cover_each_nominal_level_within_binomial_error():
 
 
 @pytest.mark.parametrize("planted", [0.6, 1.0, 2.5])
-def test_a_planted_temperature_is_recovered_within_2_percent(planted):
+def test_a_planted_temperature_is_recovered_within_3_percent(planted):
   rng = np.random.default_rng(2)
-  n = 20_000
+  n = 8_000
   logits = rng.normal(size=(n, len(BINS))) * 3.0 + np.linspace(0, 4, len(BINS))
-  p = np.exp(logits / planted)
+  # Ages drawn from the tempered distributions (labels.tempered: the raw expected age kept).
+  p = np.asarray(labels.tempered(jnp.asarray(logits, jnp.float32), BINS, planted), np.float64)
   p /= p.sum(1, keepdims=True)
   ages = sample_ages(rng, p)
   fitted = float(calibration.fit_temperature(jnp.asarray(logits, jnp.float32), BINS, jnp.asarray(ages, jnp.float32)))
-  assert fitted == pytest.approx(planted, rel=0.02)
+  assert fitted == pytest.approx(planted, rel=0.03)
   # The fit minimises the NLL: nudging the temperature either way only raises it.
   nll = lambda t: float(calibration.mean_nll(jnp.asarray(logits), BINS, jnp.asarray(ages), jnp.ones(n), np.log(t)))  # noqa: E731
   assert nll(fitted) <= min(nll(fitted * 1.05), nll(fitted / 1.05))
@@ -140,21 +141,33 @@ def reference_reliability(p: np.ndarray, ages: np.ndarray) -> dict[str, list]:
   return out
 
 
-def test_load_temperature_refuses_a_bad_file(tmp_path):
-  assert calibration.load_temperature(tmp_path) is None
-  (tmp_path / calibration.FILE).write_text('{"temperature": -1}')
+def test_load_refuses_a_bad_file_and_reads_each_way(tmp_path):
+  assert calibration.load(tmp_path) is None
+  (tmp_path / calibration.FILE).write_text('{"single": {"temperature": -1}}')
   with pytest.raises(calibration.errors.UserError, match="calibration.json: temperature=-1"):
-    calibration.load_temperature(tmp_path)
-  calibration.write(tmp_path, {"temperature": 1.25, "split": "validation", "nll_before": 3.0, "nll_after": 2.9})
-  assert calibration.load_temperature(tmp_path) == 1.25
+    calibration.load(tmp_path)
+  masses = {str(m): [0.5, 0.6, 0.7, 0.8, 0.9] for m in calibration.COVERAGE_LEVELS}
+  calibration.write(
+    tmp_path,
+    {"split": "validation", "single": {"temperature": 1.25}, "flip": {"temperature": 0.9, "interval_masses": masses}},
+  )
+  assert calibration.load(tmp_path) == calibration.Calibration(1.25)
+  flip = calibration.load(tmp_path, flip=True)
+  assert flip.temperature == 0.9
+  np.testing.assert_array_equal(flip.shown_masses(0.8), np.float32([0.5, 0.6, 0.7, 0.8, 0.9]))
+  assert flip.to_json()["interval_masses"]["0.8"] == {"0-2": 0.5, "3-12": 0.6, "13-17": 0.7, "18-59": 0.8, "60+": 0.9}
+  bad = {"single": {"temperature": 1.0, "interval_masses": {**masses, "0.9": [0.5, 1.5, 0.5, 0.5, 0.5]}}}
+  (tmp_path / calibration.FILE).write_text(json.dumps(bad))
+  with pytest.raises(calibration.errors.UserError, match="interval_masses=.* masses in \\[0, 1\\]"):
+    calibration.load(tmp_path)
 
 
-def test_a_temperature_fitted_for_another_checkpoint_is_applied_with_a_warning(tmp_path, caplog):
-  calibration.write(tmp_path, {"temperature": 0.8, "split": "validation", "step": 10})
+def test_a_calibration_fitted_for_another_checkpoint_is_applied_with_a_warning(tmp_path, caplog):
+  calibration.write(tmp_path, {"single": {"temperature": 0.8}, "split": "validation", "step": 10})
   with caplog.at_level("WARNING"):
-    assert calibration.load_temperature(tmp_path, 10) == 0.8
+    assert calibration.load(tmp_path, 10).temperature == 0.8
     assert not caplog.records
-    assert calibration.load_temperature(tmp_path, 20) == 0.8
+    assert calibration.load(tmp_path, 20).temperature == 0.8
   assert "fitted for step 10, not step 20" in caplog.text
 
 
@@ -178,13 +191,13 @@ def test_one_distribution_and_a_batch_of_batches_give_the_same_numbers():
   for fn in (
     lambda p, a: calibration.nll(p, BINS, a),
     lambda p, a: calibration.quantile(p, BINS, 0.3),
-    lambda p, a: calibration.scaled(jnp.log(p), 1.7),
+    lambda p, a: calibration.scaled(jnp.log(p), BINS, 1.7),
   ):
     batch = np.asarray(fn(p, ages))
     np.testing.assert_allclose(fn(p[2], ages[2]), batch[2], rtol=1e-6, atol=1e-30)  # subnormals flush
     grid = fn(p.reshape(2, 3, -1), ages.reshape(2, 3))
     np.testing.assert_allclose(grid, batch.reshape(2, 3, *batch.shape[1:]), rtol=1e-6, atol=1e-30)
-  np.testing.assert_allclose(calibration.scaled(logits, 1.0), p, rtol=1e-5, atol=1e-30)
+  np.testing.assert_allclose(calibration.scaled(logits, BINS, 1.0), p, rtol=1e-5, atol=1e-30)
 
 
 def test_the_randomized_pit_enters_the_age_s_bin_at_the_draw():
@@ -218,17 +231,19 @@ def test_the_mean_nll_counts_only_unmasked_examples():
   rng = np.random.default_rng(7)
   logits = jnp.asarray(rng.normal(size=(5, 100)) * 2, jnp.float32)
   ages = jnp.asarray([10.0, 20.0, 30.0, 40.0, 50.0])
-  per_example = np.asarray(calibration.nll(jax.nn.softmax(logits / 1.3), BINS, ages))
+  per_example = np.asarray(calibration.nll(labels.tempered(logits, BINS, 1.3), BINS, ages))
   mask = jnp.asarray([1.0, 0.0, 1.0, 0.0, 0.0])
   got = float(calibration.mean_nll(logits, BINS, ages, mask, np.log(1.3)))
-  assert got == pytest.approx((per_example[0] + per_example[2]) / 2, rel=1e-5)
+  assert got == pytest.approx((per_example[0] + per_example[2]) / 2, rel=2e-4)  # the tilt solves to ~1e-4 years
   one = float(calibration.mean_nll(logits, BINS, ages, jnp.asarray([0.0, 0.0, 0.0, 1.0, 0.0]), np.log(1.3)))
-  assert one == pytest.approx(per_example[3], rel=1e-5)
+  assert one == pytest.approx(per_example[3], rel=2e-4)
   # Padding (masked examples) leaves the fitted temperature unchanged.
   padded = jnp.concatenate([logits, jnp.zeros((3, 100))])
   padded_ages = jnp.concatenate([ages, jnp.full(3, 99.0)])
   fitted = calibration.fit_temperature(padded, BINS, padded_ages, jnp.asarray([1.0] * 5 + [0.0] * 3))
-  assert float(fitted) == pytest.approx(float(calibration.fit_temperature(logits, BINS, ages)), rel=1e-5)
+  assert float(fitted) == pytest.approx(
+    float(calibration.fit_temperature(logits, BINS, ages)), rel=1e-4
+  )  # float32 sums of another length near a flat minimum
 
 
 def test_the_temperature_search_stops_at_its_documented_range():
@@ -259,10 +274,10 @@ def test_reliability_bins_of_single_examples_match_float64():
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -1.5, float("inf"), float("nan"), "hot", None])
-def test_load_temperature_refuses_what_is_not_a_positive_finite_number(tmp_path, value):
-  (tmp_path / calibration.FILE).write_text(json.dumps({"temperature": value}))
+def test_load_refuses_a_temperature_that_is_not_a_positive_finite_number(tmp_path, value):
+  (tmp_path / calibration.FILE).write_text(json.dumps({"temperature": value}))  # the one-temperature file
   with pytest.raises(calibration.errors.UserError, match="is not a positive number"):
-    calibration.load_temperature(tmp_path)
+    calibration.load(tmp_path)
 
 
 @pytest.mark.parametrize("mass", [0.2, 0.5, 0.95])
@@ -276,23 +291,18 @@ def test_central_intervals_of_every_mass_match_float64_quantiles(mass):
 
 @pytest.mark.parametrize("recorded", [None, False, True])
 @pytest.mark.parametrize("applied", [False, True])
-def test_a_temperature_fitted_with_the_other_flip_setting_is_applied_with_a_warning(
-  tmp_path, caplog, recorded, applied
-):
-  """calibration.json without "flip" predates the key: it was fitted without flip averaging."""
+def test_a_one_temperature_file_serves_only_the_way_it_was_fitted_for(tmp_path, recorded, applied):
+  """calibration.json from before one temperature per way: without "flip" it was fitted to single views."""
   record = {"temperature": 0.8, "split": "validation"} | ({} if recorded is None else {"flip": recorded})
   calibration.write(tmp_path, record)
-  with caplog.at_level("WARNING"):
-    assert calibration.load_temperature(tmp_path, flip=applied) == 0.8
-    assert calibration.load_temperature(tmp_path) == 0.8  # flip not given: nothing to compare
   fitted_with = bool(recorded)
   if fitted_with == applied:
-    assert not caplog.records
+    assert calibration.load(tmp_path, flip=applied) == calibration.Calibration(0.8)
   else:
-    (warning,) = caplog.records
     how = {True: "with", False: "without"}
-    assert f"fitted {how[fitted_with]} flip averaging and is applied {how[applied]} it" in warning.getMessage()
-    assert ("evaluate.py --flip --calibrate" in warning.getMessage()) == applied
+    with pytest.raises(calibration.errors.UserError, match=f"fitted {how[fitted_with]} flip averaging") as e:
+      calibration.load(tmp_path, flip=applied)
+    assert "evaluate.py --calibrate (fits both)" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_empty_reliability_bins_and_an_empty_mask_give_zeros_not_nans():
@@ -305,3 +315,35 @@ def test_empty_reliability_bins_and_an_empty_mask_give_zeros_not_nans():
   assert empty.sum() >= calibration.RELIABILITY_BINS - n and sum(got["count"]) == n
   assert np.all(np.asarray(got["mean_std"])[empty] == 0) and np.all(np.asarray(got["rms_error"])[empty] == 0)
   assert float(calibration.mean_nll(logits, BINS, ages, jnp.zeros(n), 0.0)) == 0.0
+
+
+def test_needed_mass_is_the_smallest_shown_interval_holding_the_age():
+  """needed_mass against a scan over masses of the rounded central interval (float64 quantiles)."""
+  rng = np.random.default_rng(21)
+  p = gaussian_distributions(rng, 8)
+  ages = sample_ages(rng, p)
+  got = np.asarray(calibration.needed_mass(jnp.asarray(p, jnp.float32), BINS, jnp.asarray(ages, jnp.float32)))
+  grid = np.linspace(0.0, 1.0, 2001)
+  for row, age, m in zip(p, ages, got):
+    holds = [
+      round(reference_quantile(row, (1 - g) / 2)) <= age <= round(reference_quantile(row, (1 + g) / 2)) for g in grid
+    ]
+    assert m == pytest.approx(grid[int(np.argmax(holds))], abs=2e-3)
+
+
+def test_the_interval_adjusted_by_age_bucket_holds_90_percent_in_every_bucket():
+  """A fixed-std model whose error grows with age: one temperature covers children ~100% and the old too little.
+
+  The interval adjusted per age bucket (split conformal by the true age's bucket, fitted on a
+  UTKFace-sized validation sample) holds 0.85-0.95 of the test faces in every bucket. Mutants that
+  skip the refit pass or the per-bucket masses leave a bucket outside.
+  """
+  from agejax.benchmarks import statistics
+
+  out = statistics.coverage_by_age(n_test=4000, seed=0, repeats=3)
+  one, adjusted = out["one_temperature"], out["adjusted_by_bucket"]
+  assert one["3-12"]["mean"] > 0.97 and one["60+"]["mean"] < 0.82  # the case the adjustment is for
+  # Means of 3 draws: a teenager bucket of ~140 validation faces varies by ~0.035 a draw.
+  for bucket in ("0-2", "3-12", "13-17", "18+", "minors", "60+"):
+    assert 0.85 <= adjusted[bucket]["mean"] <= 0.95, (bucket, adjusted[bucket])
+  assert abs(adjusted["overall"]["mean"] - 0.9) < 0.02

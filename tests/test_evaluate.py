@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tiny_run
 from PIL import Image
-from test_calibration import reference_covered
+from test_calibration import reference_covered, reference_quantile
 
 from agejax import metrics, parallel, settings
 from agejax.data import pipeline
@@ -133,18 +133,25 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
   """Groups and calibration, with the trainer's temperature, recomputed in float64 from the Predictor's outputs."""
   config, workdir, final = trained
   data = pipeline.load_labelled_split(config.data, config.labels, "test")
-  fitted = json.loads((workdir / calibration.FILE).read_text())
-  assert fitted["temperature"] == final["temperature"] and fitted["split"] == config.data.eval_split
-  assert fitted["step"] == final["best_step"] and fitted["nll_after"] <= fitted["nll_before"]
+  record = json.loads((workdir / calibration.FILE).read_text())
+  fitted = record["single"]  # the tiny config scores single views (eval.flip False)
+  assert fitted["temperature"] == final["temperature"] and record["split"] == config.data.eval_split
+  assert record["step"] == final["best_step"] and fitted["nll_after"] <= fitted["nll_before"]
+  assert record["flip"]["temperature"] != fitted["temperature"]  # flip averages have their own
   predictor = prediction.Predictor(workdir, "latest", batch_size=8)
   assert predictor.temperature == fitted["temperature"] != 1.0
   probs = predictor(data.images).astype(np.float64)
   raw = prediction.Predictor(workdir, "latest", batch_size=8, calibrated=False)(data.images).astype(np.float64)
   bins = predictor.bins.astype(np.float64)
-  predicted = probs @ bins
+  predicted = raw @ bins  # the raw model's expected age: the point prediction, whatever the temperature
+  np.testing.assert_allclose(probs @ bins, predicted, atol=5e-4)  # the calibrated distributions keep it
   _, fns, state = loading.load_trained(workdir, "latest")
-  report, _ = evaluator(fns, data).run(state, temperature=predictor.temperature, outputs=True)
+  report, _ = evaluator(fns, data).run(state, temperature=calibration.Calibration.from_fit(fitted), outputs=True)
   assert report["mae"] == pytest.approx(np.mean(np.abs(predicted - data.age)), rel=1e-5)
+  # A plain softmax(logits / T) moves the expectation: scoring it (the mutant) reads another MAE.
+  plain = np.exp(np.log(np.maximum(raw, 1e-300)) / fitted["temperature"])
+  plain_mae = np.mean(np.abs((plain / plain.sum(1, keepdims=True)) @ bins - data.age))
+  assert abs(plain_mae - report["mae"]) > 1e-3
   groupings = {**{k: (v, data.group_names[k]) for k, v in data.groups.items()}}
   groupings["age_group"] = (np.clip(np.floor(data.age / 10), 0, 7).astype(int), metrics.AGE_GROUPS)
   assert list(report["groups"]) == list(groupings) and len(groupings) >= 3  # the demo's own groupings too
@@ -164,6 +171,19 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
     for level, share in c[coverage_key].items():
       m = float(level)
       assert share == pytest.approx(np.mean(reference_covered(p, data.age, m)), abs=1.5 / len(data))
+  # The 80% interval as shown: per age bucket b, the rounded central interval of mass m_b clipped to
+  # b's ages, from the first to the last such age; the share of whole-year ages inside it.
+  masses = fitted["interval_masses"]["0.8"]
+  inside = []
+  for row, age in zip(probs, data.age):
+    ends = []
+    for (_, first, end), m in zip(calibration.INTERVAL_BUCKETS, masses):
+      low = max(round(reference_quantile(row, (1 - m) / 2)), first, bins[0])
+      high = min(round(reference_quantile(row, (1 + m) / 2)), end - 1, bins[-1])
+      ends += [(low, high)] if low <= high else []
+    inside.append(min(e[0] for e in ends) <= age <= max(e[1] for e in ends))
+  assert c["coverage_shown"]["0.8"] == pytest.approx(np.mean(inside), abs=1.5 / len(data))
+  assert c["coverage_by_bucket"]["18+"]["count"] == int(np.sum(data.age >= 18))
 
 
 def test_calibrate_refits_and_no_calibration_scores_the_raw_model(trained):
@@ -173,7 +193,7 @@ def test_calibrate_refits_and_no_calibration_scores_the_raw_model(trained):
   fitted = json.loads((workdir / calibration.FILE).read_text())
   assert fitted["step"] == tiny_run.STEPS and fitted["split"] == config.data.eval_split
   report = json.loads((workdir / "eval" / "test.json").read_text())
-  assert report["temperature"] == report["calibration"]["temperature"] == fitted["temperature"]
+  assert report["temperature"] == report["calibration"]["temperature"] == fitted["single"]["temperature"]
   assert "largest MAE gap" in proc.stdout and "calibration (temperature" in proc.stdout
   for name in ("groups", "calibration"):
     with Image.open(workdir / "eval" / f"test_{name}.png") as png:

@@ -93,10 +93,10 @@ def groups_figure(report: dict):
 
 
 def calibration_figure(report: dict):
-  """Returns a Figure of the reliability (predicted std against RMS error) and nominal against actual coverage."""
+  """Returns a Figure of the reliability, nominal against actual coverage, and the shown interval's coverage by age."""
   c = report["calibration"]
-  fig = figure((9, 3.8))
-  ax_std, ax_cov = fig.subplots(1, 2)
+  fig = figure((13, 3.8))
+  ax_std, ax_cov, ax_age = fig.subplots(1, 3)
   styles = {"uncalibrated": ("C1", "raw model"), "calibrated": ("C0", f"temperature {c['temperature']:.2f}")}
   top = 0.0
   for name, (colour, label) in styles.items():
@@ -107,8 +107,17 @@ def calibration_figure(report: dict):
   ax_std.plot([0, top], [0, top], color="k", linewidth=1, label="ideal")
   ax_std.set(xlabel="predicted std (years, bin mean)", ylabel="RMS error (years)", title="reliability")
   ax_cov.plot([0, 1], [0, 1], color="k", linewidth=1, label="ideal")
-  ax_cov.set(xlabel="nominal interval mass", ylabel="share of true ages inside", title="interval coverage")
-  for ax in (ax_std, ax_cov):
+  ax_cov.set(xlabel="nominal interval mass", ylabel="share of true ages inside", title="calibration (randomized PIT)")
+  # The interval users see, bucket by bucket: where one temperature over- or under-covers.
+  buckets = [(name, b) for name, b in c["coverage_by_bucket"].items() if b["count"]]
+  x = np.arange(len(buckets))
+  shown = [b["coverage_shown"]["0.8"] for _, b in buckets]
+  ax_age.bar(x, shown, color="C0", label="80% interval as shown")
+  ax_age.axhline(0.8, color="k", linewidth=1, label="nominal 80%")
+  ax_age.set_xticks(x, [f"{name}\n({b['count']})" for name, b in buckets], fontsize=8)
+  adjusted = "adjusted by age bucket" if c.get("interval_masses") else "central"
+  ax_age.set(ylim=(0, 1), ylabel="share of true ages inside", title=f"interval by age ({adjusted})")
+  for ax in (ax_std, ax_cov, ax_age):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   fig.suptitle(f"calibration ({report['split']})", fontsize=10)

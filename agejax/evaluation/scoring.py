@@ -78,10 +78,11 @@ class Evaluator:
 
   def _step(self, state: models.Weights, sums: metrics.Sums, batch: dict, temperature: jax.Array, *, outputs: bool):
     logits, probs = self.model.outputs(state, batch["image"], temperature, self.flip)
-    scored = logits / temperature  # the loss of the distribution reported (its log-softmax is log(probs))
+    scored = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))  # the loss of the distribution reported
     ages = batch["age"].astype(jnp.float32)
     out = {
-      "predicted_age": labels.expected_age(probs, self.bins),
+      # The point prediction is the raw model's (the tempered distribution keeps it, to ~1e-4 years).
+      "predicted_age": labels.expected_age(jax.nn.softmax(logits), self.bins),
       "argmax_age": labels.argmax_age(probs, self.bins),
       "std": labels.distribution_std(probs, self.bins),
     }
@@ -127,22 +128,40 @@ class Evaluator:
 
   @overload
   def run(
-    self, state: models.Weights, *, temperature: float = ..., outputs: Literal[False] = ..., seed: int = ...
+    self,
+    state: models.Weights,
+    *,
+    temperature: "float | calibration.Calibration" = ...,
+    outputs: Literal[False] = ...,
+    seed: int = ...,
   ) -> dict[str, Any]: ...
 
   @overload
   def run(
-    self, state: models.Weights, *, temperature: float = ..., outputs: Literal[True], seed: int = ...
+    self,
+    state: models.Weights,
+    *,
+    temperature: "float | calibration.Calibration" = ...,
+    outputs: Literal[True],
+    seed: int = ...,
   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
 
   def run(
-    self, state: models.Weights, *, temperature: float = 1.0, outputs: bool = False, seed: int = groups.SEED
+    self,
+    state: models.Weights,
+    *,
+    temperature: "float | calibration.Calibration" = 1.0,
+    outputs: bool = False,
+    seed: int = groups.SEED,
   ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluates `state` on the whole split.
 
+    Point scores (MAE, CS@k, epsilon-error) are the raw model's whatever the temperature.
+
     Args:
       state: the model state, replicated over the mesh.
-      temperature: divides the logits (calibration.json's; 1.0: the raw model).
+      temperature: the calibration of this way of predicting (calibration.json's; a float: a
+        temperature with central intervals; 1.0: the raw model).
       outputs: also report error by group and calibration, and return the per-example outputs.
       seed: the seed of the groups' bootstrap intervals.
 
@@ -150,30 +169,35 @@ class Evaluator:
       The report (see `report`), and with `outputs` the report's `groups`, `largest_mae_gap` and
       `calibration`, and a dict of per-example host arrays [N, ...] in the split's order.
     """
-    sums, per_example = self._collect(state, temperature, outputs)
+    fitted = temperature if isinstance(temperature, calibration.Calibration) else calibration.Calibration(temperature)
+    sums, per_example = self._collect(state, fitted.temperature, outputs)
     with jax.transfer_guard("allow"):  # the evaluation's fetches
       report = self.report({k: metrics.fetch_array(v).astype(np.float64) for k, v in sums.items()})
       if not outputs:
         return report
       age = self._device_ages()
-      by_group = groups.report(per_example["predicted_age"], age, self.groupings(), seed=seed)
+      groupings = self.groupings()
+      by_group = groups.report(per_example["predicted_age"], age, groupings, seed=seed)
       report["groups"], report["largest_mae_gap"] = by_group["groups"], by_group["largest_gaps"]
       report["calibration"] = calibration.report(
-        per_example["logits"], per_example["distribution"], self.bins, age, temperature
+        per_example["logits"], per_example["distribution"], self.bins, age, fitted, groupings
       )
       host = {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution")}
     return report, host
 
-  def fit_temperature(self, state: models.Weights) -> dict[str, float]:
-    """Fits calibration's temperature to this split; returns temperature, nll_before and nll_after."""
+  def flipped(self, flip: bool) -> "Evaluator":
+    """This evaluator with flip averaging on or off (its own jitted steps)."""
+    if flip == self.flip:
+      return self
+    return Evaluator(
+      self.model, self.loss_fn, self.data, self.batch_size, self.mesh, epsilon_sigma=self.epsilon_sigma, flip=flip
+    )
+
+  def fit_calibration(self, state: models.Weights) -> dict[str, Any]:
+    """Fits this way of predicting's calibration (calibration.fit) to this split."""
     _, per_example = self._collect(state, 1.0, True)
     with jax.transfer_guard("allow"):
-      age = self._device_ages()
-      logits, mask = per_example["logits"], jnp.ones_like(age)
-      temperature = calibration.fit_temperature(logits, self.bins, age, mask)
-      nll = lambda t: float(calibration.mean_nll(logits, self.bins, age, mask, jnp.log(t)))  # noqa: E731
-      t = float(metrics.fetch_array(temperature))
-      return {"temperature": t, "nll_before": nll(1.0), "nll_after": nll(t)}
+      return calibration.fit(per_example["logits"], self.bins, self._device_ages())
 
   def report(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
     """The report of host sums: means, CS@k, MAE per age group, mean predicted std, which sigma scored."""
@@ -219,12 +243,15 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate(evaluator: Evaluator, state: Any, workdir: storage.Location, split: str) -> dict[str, Any]:
-  """Fits the temperature on `evaluator`'s split and writes WORKDIR/calibration.json (process 0); returns it."""
+  """Fits single views' and flip averages' calibrations on `evaluator`'s split; writes WORKDIR/calibration.json.
+
+  Returns the record (process 0 writes it): split, step, and `calibration.fit`'s record per way.
+  """
   record = {
     "split": split,
     "step": int(metrics.fetch_array(state.step)),
-    "flip": evaluator.flip,  # fitted to the flip-averaged distributions, as they are scored
-    **evaluator.fit_temperature(state),
+    "interval_buckets": [b[0] for b in calibration.INTERVAL_BUCKETS],
+    **{calibration.way(flip): evaluator.flipped(flip).fit_calibration(state) for flip in (False, True)},
   }
   if jax.process_index() == 0:
     calibration.write(workdir, record)
@@ -264,10 +291,19 @@ def format_table(report: dict[str, Any]) -> str:
   if "calibration" in report:
     c = report["calibration"]
     coverage = lambda key: "  ".join(f"{float(k):.0%}:{v:.3f}" for k, v in c[key].items())  # noqa: E731
+    adjusted = "adjusted by age bucket" if c["interval_masses"] else "central, not adjusted"
     lines += [
       f"  calibration (temperature {c['temperature']:.3f})",
       f"    NLL       {c['nll']:.4f}   raw model {c['nll_uncalibrated']:.4f}",
-      f"    coverage  {coverage('coverage')}",
-      f"    raw model {coverage('coverage_uncalibrated')}",
+      f"    calibration coverage (randomized PIT)  {coverage('coverage')}",
+      f"      raw model                            {coverage('coverage_uncalibrated')}",
+      f"    interval as shown ({adjusted}, whole years)  {coverage('coverage_shown')}",
+      "    interval as shown by age bucket and group: 80%, 90% (calibration coverage 90%)",
     ]
+    rows = [("age", name, b) for name, b in c["coverage_by_bucket"].items()]
+    rows += [(grouping, name, g) for grouping, entries in c["coverage_by_group"].items() for name, g in entries.items()]
+    for kind, name, entry in rows:
+      shown, pit = entry["coverage_shown"], entry["coverage"]["0.9"]
+      cells = "-" if pit is None else f"{shown['0.8']:.3f}  {shown['0.9']:.3f}  ({pit:.3f})"
+      lines.append(f"      {kind:>10} {name:<10} {cells:<26}({entry['count']} examples)")
   return "\n".join(lines)

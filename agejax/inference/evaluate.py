@@ -66,9 +66,11 @@ def run_evaluation(
     split: the dataset split to score.
     checkpoint: 'best', 'latest' or a step number.
     flip: average each face's distribution with its mirror image's.
-    calibrated: apply WORKDIR/calibration.json's temperature when present (False: the raw model).
-    fit_calibration: first fit the temperature of this checkpoint on the config's eval split (the
-      validation split) and write WORKDIR/calibration.json.
+    calibrated: apply WORKDIR/calibration.json's calibration of this way (flip or single views) when
+      present (False: the raw model's distributions and central intervals). Point scores are the
+      raw model's either way.
+    fit_calibration: first fit both ways' calibrations of this checkpoint on the config's eval split
+      (the validation split) and write WORKDIR/calibration.json.
 
   Returns:
     (the report, with the workdir, split, checkpoint, step, flip and temperature; the files written,
@@ -85,19 +87,20 @@ def run_evaluation(
     fit_split = cfg.data.eval_split
     fit_data = pipeline.load_labelled_split(cfg.data, cfg.labels, fit_split)
     fitted = scoring.calibrate(trained.evaluator(fit_data, mesh, flip=flip), state, workdir, fit_split)
-    logging.info("calibration: temperature %.4f on %s", fitted["temperature"], fit_split)
-  temperature = calibration.load_temperature(workdir, int(state.step), flip=flip) if calibrated else None
+    for way in calibration.WAYS:
+      logging.info("calibration of %s: temperature %.4f on %s", way, fitted[way]["temperature"], fit_split)
+  fitted_way = (
+    calibration.load(workdir, int(state.step), flip=flip) if calibrated else None
+  ) or calibration.Calibration()
   data = pipeline.load_labelled_split(cfg.data, cfg.labels, split)
-  report, per_example = trained.evaluator(data, mesh, flip=flip).run(
-    state, temperature=temperature or 1.0, outputs=True
-  )
+  report, per_example = trained.evaluator(data, mesh, flip=flip).run(state, temperature=fitted_way, outputs=True)
   report = {
     "workdir": str(workdir),
     "split": split,
     "checkpoint": checkpointing.scored_checkpoint(folder, checkpoint),
     "step": int(state.step),
     "flip": flip,
-    "temperature": temperature or 1.0,
+    "temperature": fitted_way.temperature,
     **report,
   }
   written: list[epath.Path] = []

@@ -503,19 +503,6 @@ def _safe_name(name: Any) -> bool:
   return isinstance(name, str) and bool(name) and not name.startswith("/") and ".." not in name.split("/")
 
 
-def _manifest_calibration(manifest: dict[str, Any], file: epath.Path) -> calibration.Calibration:
-  """The calibration a manifest records (`Calibration.to_json()`: interval masses by bucket name), checked.
-
-  `Calibration.from_fit` reads each level's masses as a list in INTERVAL_BUCKETS order (calibration.json's
-  shape), so the manifest's {bucket: mass} objects are listed in that order first.
-  """
-  masses = manifest.get("interval_masses")
-  if isinstance(masses, dict):
-    buckets = [b[0] for b in calibration.INTERVAL_BUCKETS]
-    masses = {level: [row.get(b) for b in buckets] if isinstance(row, dict) else row for level, row in masses.items()}
-  return calibration.Calibration.from_fit({**manifest, "interval_masses": masses}, str(file))
-
-
 def _check_fields(manifest: dict[str, Any], file: epath.Path) -> None:
   """Raises a one-line error naming the file, the key and the value of the first field with a wrong type or value."""
 
@@ -537,7 +524,7 @@ def _check_fields(manifest: dict[str, Any], file: epath.Path) -> None:
   if not isinstance(manifest.get("flip", False), bool):  # absent: an export from before flip averaging
     raise _field_error(file, "flip", manifest["flip"], "true or false")
   try:
-    _manifest_calibration(manifest, file)  # absent interval_masses: central intervals
+    calibration.Calibration.from_fit(manifest, str(file))  # absent interval_masses: central intervals
   except errors.UserError:
     raise _field_error(
       file,
@@ -660,7 +647,7 @@ class ExportedPredictor:
     self.bins = labels.age_bins(self.min_age, self.max_age)
     self.flip: bool = self.manifest.get("flip", False)  # each face averaged with its mirror image, inside model.jax
     # The temperature inside model.jax, and the 80% interval's masses by age bucket (None: central intervals).
-    self.calibration = _manifest_calibration(self.manifest, self.path / MANIFEST_FILE)
+    self.calibration = calibration.Calibration.from_fit(self.manifest, str(self.path / MANIFEST_FILE))
     self.temperature = self.calibration.temperature
     self.step: int = self.manifest["step"]
     self.input_spec = self.manifest.get("input_spec")  # what the model inside normalises to (None: before specs)

@@ -28,7 +28,8 @@ COLUMNS = (
   ("test_mae", "MAE", 2),
   ("test_cs5", "CS@5", 3),
   ("test_mae_minors", "minors' MAE", 2),
-  ("test_coverage90", "90% coverage", 3),
+  ("test_coverage90", "90% calibration coverage", 3),
+  ("test_coverage80_shown", "80% interval holds", 3),
   ("test_epsilon_error", "epsilon-error", 3),
 )
 TRAIN_SCRIPT = "python scripts/train.py"

@@ -14,7 +14,7 @@ from etils import epath
 
 from agejax import errors, metrics, models, parallel, settings, storage
 from agejax.data import datasets, framing, pipeline, splits
-from agejax.evaluation import plots, scoring
+from agejax.evaluation import calibration, plots, scoring
 from agejax.training import checkpointing, configuration, learner, losses, preemption, profiling, workdir_lock
 
 FINAL_METRICS = "final_metrics.json"
@@ -226,9 +226,9 @@ class _Run:
       self.writer = metric_writers.create_default_writer(str(self.workdir), just_logging=jax.process_index() > 0)
     with metric_writers.ensure_flushes(self.writer):
       last_state, step = self.loop(state, start)
-    if last_state is None:
-      return None  # preempted
-    final = self.finish(last_state, step)
+      if last_state is None:
+        return None  # preempted
+      final = self.finish(last_state, step)
     _write_json(final_path, final)
     if jax.process_count() > 1:
       # No process exits before final_metrics.json exists: a restart loop on any host that checks
@@ -378,6 +378,7 @@ class _Run:
       best = ckpts.best_step()
       scored = state if best in (None, step) else ckpts.restore(state, best)
       fitted = scoring.calibrate(b.evaluator, scored, self.workdir, self.cfg.data.eval_split)
+      way = fitted[calibration.way(b.evaluator.flip)]  # the way the eval split is scored (eval.flip)
       final = {
         "step": step,
         **{f"eval_{k}": v for k, v in self.eval_metrics.items()},
@@ -387,8 +388,8 @@ class _Run:
         "train_steps_per_s": _steady_rate(self.synced),
         "first_step_s": self.first_step_s,
         "nonfinite_steps": int(metrics.fetch_array(state.skipped_steps)),
-        "temperature": fitted["temperature"],
-        **self._test_scores(scored, fitted["temperature"]),
+        "temperature": way["temperature"],
+        **self._test_scores(step, scored, calibration.Calibration.from_fit(way)),
       }
       if self.extra_metrics:
         final["evals"] = self.extra_metrics
@@ -397,16 +398,28 @@ class _Run:
       self.lock.check()
     return final
 
-  def _test_scores(self, state: learner.TrainState, temperature: float) -> dict[str, Any]:
-    """The best checkpoint on the test split as evaluate.py scores it, calibrated by the temperature just fitted."""
+  def _test_scores(self, step: int, state: learner.TrainState, fitted: calibration.Calibration) -> dict[str, Any]:
+    """The best checkpoint on the test split as evaluate.py scores it, with the calibration just fitted.
+
+    The point scores are the raw model's, as eval_mae's; the calibration shapes only the coverage.
+    The coverage of the interval users see, by age bucket, also goes to TensorBoard (test/...).
+    """
     if self.b.test_evaluator is None:
       return {}
-    report, _ = self.b.test_evaluator.run(state, temperature=temperature, outputs=True)
+    report, _ = self.b.test_evaluator.run(state, temperature=fitted, outputs=True)
     scores = scoring.headline(report)
+    c = report["calibration"]
+    by_bucket = {name: b["coverage_shown"]["0.8"] for name, b in c["coverage_by_bucket"].items()}
+    scalars = {f"test/coverage80_shown/{name}": v for name, v in by_bucket.items() if v is not None}
+    self.writer.write_scalars(step, {**scalars, "test/coverage80_shown": c["coverage_shown"]["0.8"]})
     return {
       **{f"test_{k}": scores[k] for k in ("mae", "cs5", "epsilon_error", "mae_minors")},
-      # The share of test ages inside the central 90% interval of their calibrated distribution.
-      "test_coverage90": report["calibration"]["coverage"]["0.9"],
+      # The share of test ages inside the central 90% interval of their calibrated distribution
+      # (randomized PIT: whether the distributions are calibrated).
+      "test_coverage90": c["coverage"]["0.9"],
+      # The share inside the 80% interval users are shown (whole years, adjusted by age bucket), overall and by bucket.
+      "test_coverage80_shown": c["coverage_shown"]["0.8"],
+      "test_coverage80_shown_by_bucket": by_bucket,
     }
 
 
@@ -433,7 +446,7 @@ def summary(final: dict[str, Any]) -> str:
       *(
         [
           f"  test split     MAE {final['test_mae']:.3f}  CS@5 {final['test_cs5']:.4f}  "
-          f"90% coverage {final['test_coverage90']:.3f}  (best checkpoint, calibrated)"
+          f"80% interval holds {final['test_coverage80_shown']:.3f}  (best checkpoint, calibrated)"
         ]
         if "test_mae" in final
         else []
