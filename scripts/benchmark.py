@@ -101,9 +101,9 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--batches", type=int, default=200)
   p = sub.add_parser("statistics", help="simulations where the truth is known: coverage and the group-gap test")
-  p.add_argument("--simulations", type=int, default=2000, help="null simulations of the gap test")
-  p.add_argument("--power_simulations", type=int, default=500, help="simulations with a real 1-year gap")
-  p.add_argument("--permutations", type=int, default=1000, help="shuffles per gap test (the report's: 1000)")
+  p.add_argument("--simulations", type=int, default=10_000, help="simulations of each equal-MAE gap scenario")
+  p.add_argument("--power_simulations", type=int, default=2000, help="simulations with a real 1-year gap")
+  p.add_argument("--resamples", type=int, default=200, help="bootstrap replicates per gap test (the report's: 1000)")
   p = sub.add_parser("serve", help="scripts/serve.py on loopback: requests/s and latency, batching on and off")
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--workdir", help="training workdir to serve")
@@ -227,10 +227,15 @@ def main() -> None:
     rows = [{"sigma": sigma, **statistics.coverage(sigma)} for sigma in (1.0, 2.0)]
     print(table(rows, ["sigma", "0.5", "0.8", "0.9", "0.95"]))
     gaps = [
-      statistics.gap_test(0.0, args.simulations, permutations=args.permutations),
-      statistics.gap_test(1.0, args.power_simulations, seed=1, permutations=args.permutations),
+      statistics.gap_test(s, 0.0, args.simulations, seed=i, resamples=args.resamples)
+      for i, s in enumerate(statistics.GAP_SCENARIOS)
     ]
-    print(table(gaps, ["shift_years", "simulations", "permutations", "flag_rate", "flag_rate_se", "mean_p", "n"]))
+    gaps += [
+      statistics.gap_test(s, 1.0, args.power_simulations, seed=100 + i, resamples=args.resamples)
+      for i, s in enumerate(statistics.POWER_SCENARIOS)
+    ]
+    keys = ["scenario", "shapes", "shift_years", "simulations", "resamples", "flag_rate", "flag_rate_se", "mean_gap"]
+    print(table(gaps, [*keys, "interval_miss_rate"]))
     print(json.dumps({"mode": "statistics", "coverage": rows, "gap_test": gaps}))
   elif args.mode == "startup":
     row = runs.startup(

@@ -264,15 +264,23 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
 
 
 def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
+  from agejax.benchmarks import statistics
+
   row = _last_json(
-    compilation_cache, "statistics", "--simulations", "100", "--power_simulations", "100", "--permutations", "100"
+    compilation_cache, "statistics", "--simulations", "100", "--power_simulations", "100", "--resamples", "50"
   )
   assert row["mode"] == "statistics" and [c["sigma"] for c in row["coverage"]] == [1.0, 2.0]
   for c in row["coverage"]:
     assert all(abs(c[level] - float(level)) < 0.02 for level in ("0.5", "0.8", "0.9", "0.95")), c
-  null, power = row["gap_test"]
-  assert (null["shift_years"], power["shift_years"], null["n"]) == (0.0, 1.0, 2370)
-  assert null["flag_rate"] < 0.15 and power["flag_rate"] > 0.5
+  gaps = row["gap_test"]  # every equal-MAE scenario, then every 1-year gap, as docs/testing.md's table
+  scenarios = [*statistics.GAP_SCENARIOS, *statistics.POWER_SCENARIOS]
+  assert [(g["scenario"], g["shift_years"]) for g in gaps] == [
+    (s.name, 0.0 if i < len(statistics.GAP_SCENARIOS) else 1.0) for i, s in enumerate(scenarios)
+  ]
+  assert {(g["simulations"], g["resamples"]) for g in gaps} == {(100, 50)}
+  assert gaps[1]["sizes"] == "1000/450/355/400/165" and gaps[4]["shapes"] == "uniform/half_normal/gamma_half"
+  null, power = gaps[: len(statistics.GAP_SCENARIOS)], gaps[len(statistics.GAP_SCENARIOS) :]
+  assert all(g["flag_rate"] < 0.15 for g in null) and power[0]["flag_rate"] > 0.5, gaps
 
 
 def _in_fresh_python(code: str, *args: str) -> Any:

@@ -2,11 +2,12 @@
 
 - Coverage: ages drawn from discretised Gaussians that are exactly the predicted distributions; a
   calibrated report's coverage of each mass should be that mass.
-- The largest group gap: five groups with UTKFace's validation race sizes whose errors come from one
-  distribution (no real gap: how often is one flagged?), and the same with one group 1 year worse
-  (how often is it found?).
+- The group-gap test: groups of UTKFace's validation race sizes, and of 30, 300 and 3,000, whose MAEs
+  are equal while their errors' spreads and shapes differ (GAP_SCENARIOS: no real gap, how often is
+  one flagged?), and with the smallest group 1 year worse (POWER_SCENARIOS: how often is it found?).
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -17,7 +18,6 @@ from agejax import labels
 from agejax.evaluation import calibration, groups
 
 UTKFACE_RACE_SIZES = (1000, 450, 355, 400, 165)  # white, black, asian, indian, others of 2,370 faces
-ERROR_STD = 6.27  # |N(0, 6.27)| errors: an MAE of 5 years
 
 
 def coverage(sigma: float, n: int = 20_000, seed: int = 0) -> dict[str, float]:
@@ -33,24 +33,95 @@ def coverage(sigma: float, n: int = 20_000, seed: int = 0) -> dict[str, float]:
   return {str(m): float(c) for m, c in zip(levels, np.asarray(jnp.mean(covered, axis=0)))}
 
 
-def gap_test(shift: float, simulations: int, seed: int = 0, permutations: int = groups.PERMUTATIONS) -> dict[str, Any]:
-  """How often the report flags the largest gap (p < GAP_ALPHA) when the last group's errors are `shift` years worse."""
+ERROR_SHAPES = {  # abs errors of mean 1, rescaled to the scenario's MAE: spread (sd / mean) and skew differ
+  "uniform": lambda rng, size: rng.uniform(0.0, 2.0, size),  # sd 0.58, skew 0: the narrowest
+  "half_normal": lambda rng, size: np.abs(rng.normal(0.0, np.sqrt(np.pi / 2), size)),  # sd 0.76, skew 1.0
+  "exponential": lambda rng, size: rng.exponential(1.0, size),  # sd 1, skew 2
+  "gamma_half": lambda rng, size: rng.gamma(0.5, 2.0, size),  # sd 1.41, skew 2.8: the widest
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GapScenario:
+  """Groups of `sizes` whose abs errors have the `shapes` (ERROR_SHAPES), all of MAE `mae` years."""
+
+  name: str
+  sizes: tuple[int, ...]
+  shapes: tuple[str, ...]
+  mae: float = 5.0
+
+
+SMALL_LARGE = (30, 300, 3000)
+GAP_SCENARIOS = (  # equal MAE in every group: a flag is a false alarm
+  GapScenario("UTKFace races, alike", UTKFACE_RACE_SIZES, ("half_normal",) * 5),
+  GapScenario(
+    "UTKFace races, smallest narrowest",
+    UTKFACE_RACE_SIZES,
+    ("exponential", "half_normal", "gamma_half", "half_normal", "uniform"),
+  ),
+  GapScenario(
+    "UTKFace races, smallest widest",
+    UTKFACE_RACE_SIZES,
+    ("uniform", "half_normal", "uniform", "exponential", "gamma_half"),
+  ),
+  GapScenario("30/300/3000, alike", SMALL_LARGE, ("half_normal",) * 3),
+  GapScenario("30/300/3000, smallest narrowest", SMALL_LARGE, ("uniform", "half_normal", "gamma_half")),
+  GapScenario("30/300/3000, smallest widest", SMALL_LARGE, ("gamma_half", "half_normal", "uniform")),
+  GapScenario("30/300/3000, smallest exponential", SMALL_LARGE, ("exponential", "half_normal", "uniform")),
+)
+POWER_SCENARIOS = (  # the smallest group 1 year worse (its abs errors + 1): a flag finds a real gap
+  GapScenario("UTKFace races, alike", UTKFACE_RACE_SIZES, ("half_normal",) * 5),
+  GapScenario(
+    "UTKFace races, smallest narrowest",
+    UTKFACE_RACE_SIZES,
+    ("exponential", "half_normal", "gamma_half", "half_normal", "uniform"),
+  ),
+  GapScenario("30/300/3000, alike", SMALL_LARGE, ("half_normal",) * 3),
+)
+
+
+def simulated_errors(scenario: GapScenario, simulations: int, shift: float, rng: np.random.Generator) -> np.ndarray:
+  """abs errors [simulations, sum(sizes)], groups in order; the smallest group's `shift` years worse."""
+  smallest = int(np.argmin(scenario.sizes))
+  columns = [
+    scenario.mae * ERROR_SHAPES[shape](rng, (simulations, size)) + (shift if g == smallest else 0.0)
+    for g, (size, shape) in enumerate(zip(scenario.sizes, scenario.shapes))
+  ]
+  return np.concatenate(columns, axis=1)
+
+
+def gap_test(
+  scenario: GapScenario, shift: float, simulations: int, seed: int = 0, resamples: int = groups.GAP_RESAMPLES
+) -> dict[str, Any]:
+  """How often the test flags a gap (p < GAP_ALPHA) when the smallest group is `shift` years worse, and how often
+  the picked pair's simultaneous interval misses its true difference."""
   rng = np.random.default_rng(seed)
-  codes = np.repeat(np.arange(len(UTKFACE_RACE_SIZES)), UTKFACE_RACE_SIZES)
-  p_values = []
-  for start in range(0, simulations, 100):  # 100 simulated validation splits per device call
+  codes = np.repeat(np.arange(len(scenario.sizes)), scenario.sizes)
+  truth = scenario.mae + np.where(np.arange(len(scenario.sizes)) == np.argmin(scenario.sizes), shift, 0.0)
+  p, gap, missed = [], [], []
+  for start in range(0, simulations, 100):  # 100 simulated splits per device call, each call its own draws
     count = min(100, simulations - start)
-    errors = np.abs(rng.normal(0, ERROR_STD, (count, codes.size))) + np.where(codes == codes.max(), shift, 0.0)
-    p_values.append(groups.gap_p_values(errors, codes, np.unique(codes), seed + start, permutations))
-  p = np.concatenate(p_values)
-  rate = float(np.mean(p < groups.GAP_ALPHA))
+    errors = simulated_errors(scenario, count, shift, rng)
+    test = groups.max_t_test(errors, codes, np.unique(codes), seed + start, resamples)
+    high, low = np.argmax(test["mae"], axis=1), np.argmin(test["mae"], axis=1)
+    rows = np.arange(count)
+    margin = test["critical"] * test["se"][rows, high, low]
+    error = test["mae"][rows, high] - test["mae"][rows, low] - (truth[high] - truth[low])
+    p.append(test["p_value"])
+    gap.append(test["mae"][rows, high] - test["mae"][rows, low])
+    missed.append(np.abs(error) > margin)
+  rate, miss = float(np.mean(np.concatenate(p) < groups.GAP_ALPHA)), float(np.mean(np.concatenate(missed)))
   return {
+    "scenario": scenario.name,
+    "sizes": "/".join(map(str, scenario.sizes)),
+    "shapes": "/".join(scenario.shapes),
     "shift_years": shift,
     "simulations": simulations,
-    "permutations": permutations,
+    "resamples": resamples,
     "flag_rate": rate,
     "flag_rate_se": float(np.sqrt(rate * (1 - rate) / simulations)),
-    "mean_p": float(np.mean(p)),
-    "n": int(codes.size),
+    "mean_gap": float(np.mean(np.concatenate(gap))),
+    "interval_miss_rate": miss,
+    "interval_miss_rate_se": float(np.sqrt(miss * (1 - miss) / simulations)),
     "device": jax.devices()[0].device_kind,
   }

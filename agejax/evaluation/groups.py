@@ -5,14 +5,19 @@ resamples the whole split with replacement (so group sizes vary between replicat
 in a new sample of people) and reads each group's MAE off every replicate; the 2.5th and 97.5th
 percentiles of those MAEs are its 95% interval.
 
-The largest gap between groups is picked from the data, so a fixed-pair interval of it finds gaps
-where there are none (29% of null simulations excluded 0 at UTKFace's size). Its p-value comes from
-a permutation test of the same selection: the largest gap of the groups' MAEs after shuffling the
-errors across the ranked groups, against the one observed. Its interval re-picks the worst and the
-best group in every bootstrap replicate.
+The largest gap between groups is picked from the data (the worst minus the best group), so it is
+never below 0 and overstates the truth: five groups of UTKFace's sizes that err alike show about
+half a year. Whether the groups' MAEs differ at all is a test of equal MAE (`max_t_test`): the
+largest Welch-type |t| over all pairs of groups (of their log MAE ratio), calibrated by a bootstrap
+of each group from its own errors, so unequal spreads or shapes alone are not a gap. The gap's
+interval comes from the same bootstrap: simultaneous 95% intervals of every pair's difference, so
+the picked pair's holds despite the picking. The p-values of all the groupings in one report are
+adjusted together by Holm's step-down method: the chance that any "a real gap" of a report is
+wrong is at most 5%.
 """
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -24,8 +29,9 @@ from agejax import metrics
 RESAMPLES = 1000
 SEED = 0
 MIN_GAP_COUNT = 20  # groups smaller than this are reported but not ranked for the largest gap
-PERMUTATIONS = 1000  # of the largest-gap test: p-values in steps of 1/1001
-GAP_ALPHA = 0.05  # a gap whose p-value is below this is reported as one
+GAP_RESAMPLES = 1000  # bootstrap replicates of the equal-MAE test: p-values in steps of 1/1001
+GAP_ALPHA = 0.05  # a gap whose Holm-adjusted p-value is below this is reported as one
+_TINY = 1e-30  # a group's MAE of 0 has a log
 _BLOCK = 50  # bootstrap replicates drawn at once: [_BLOCK, N] weights stay small on the device
 
 Groupings = dict[str, tuple[np.ndarray, tuple[str, ...]]]  # name -> (code per example, group names)
@@ -57,37 +63,138 @@ def _group_sums(pred, age, one_hot, key, resamples: int):
   return sums, mae
 
 
-@functools.partial(jax.jit, static_argnames=("permutations",))
-def _p_values(abs_errors, one_hot, key, permutations: int):
-  """Permutation p-values [S] of the largest group-MAE gap of each row of errors [S, N] (groups: one_hot [N, G])."""
-  counts = jnp.sum(one_hot, axis=0)
-  gap = lambda mae: jnp.max(mae, axis=-1) - jnp.min(mae, axis=-1)  # noqa: E731
-  observed = gap(abs_errors @ one_hot / counts)  # [S]
+def _max_abs_t(estimate, variance, count):
+  """Welch's |t| of every pair of groups and its maximum over pairs.
 
-  def block(key):  # _BLOCK shuffles of every row
-    keys = jax.random.split(key, _BLOCK)
-    shuffled = jax.vmap(lambda k: jax.random.permutation(k, abs_errors, axis=1, independent=True))(keys)
-    return gap(shuffled @ one_hot / counts)  # [_BLOCK, S]
+  Args:
+    estimate: [..., G] each group's estimate minus its value under test (a difference of two is
+      tested against 0).
+    variance: [..., G] the variance of one example's contribution (n - 1 divisor).
+    count: [G] examples per group.
 
-  null = jax.lax.map(block, jax.random.split(key, permutations // _BLOCK)).reshape(-1, abs_errors.shape[0])
-  # An exact tie (the observed order drawn again) counts as at least as large; float32 rounding aside.
-  exceed = jnp.sum(null >= observed - 1e-6 * jnp.abs(observed), axis=0)
-  return (1 + exceed) / (1 + permutations)
+  Returns:
+    (max |t| over pairs [...], the pairwise standard errors sqrt(v_i / n_i + v_j / n_j) [..., G, G]);
+    a pair without spread has |t| infinite if its estimates differ and 0 if they are equal.
+  """
+  se = jnp.sqrt(variance[..., :, None] / count[:, None] + variance[..., None, :] / count[None, :])
+  diff = jnp.abs(estimate[..., :, None] - estimate[..., None, :])
+  t = jnp.where(diff > 0, diff / jnp.where(se > 0, se, 1.0), 0.0)
+  t = jnp.where((se > 0) | (diff == 0), t, jnp.inf)
+  return jnp.max(t, axis=(-2, -1)), se
+
+
+@functools.partial(jax.jit, static_argnames=("resamples", "alpha"))
+def _max_t_test(abs_errors, one_hot, low, high, key, resamples: int, alpha: float):
+  """The equal-MAE test of each row of abs errors [S, N], the examples sorted by group (one_hot [N, G]).
+
+  The test's statistic is the largest |t| of the groups' log MAE ratios (delta-method standard errors
+  sqrt(v_i / (n_i m_i^2) + v_j / (n_j m_j^2))); the intervals in years use the MAE differences' |t|
+  (sqrt(v_i / n_i + v_j / n_j)). Each replicate resamples every group from its own examples (example i
+  from positions [low_i, high_i)) and measures each pair against its observed value: the bootstrap-t
+  max-t of Westfall & Young, whose null has every group's MAE equal and its spread and shape as observed.
+  One set of resampling indices serves every row of a call: each row's p-value is a bootstrap p-value
+  of its own errors, and rows of independent data stay independent but for which of their examples a
+  replicate draws together (calls with another seed redraw the indices).
+  """
+  count = jnp.sum(one_hot, axis=0)
+  mae = abs_errors @ one_hot / count  # [S, G]
+  centred = abs_errors - mae @ one_hot.T  # sums of squares without float32 cancellation
+  variance = (centred * centred) @ one_hot / (count - 1)
+  log_mae = jnp.log(jnp.maximum(mae, _TINY))
+  _, se = _max_abs_t(mae, variance, count)
+  observed, se_log = _max_abs_t(log_mae, variance / jnp.maximum(mae, _TINY) ** 2, count)
+
+  def block(key):  # _BLOCK replicates of every row
+    index = jax.random.randint(key, (_BLOCK, abs_errors.shape[1]), low, high)
+    drawn = centred[:, index]  # [S, _BLOCK, N]
+    shift = drawn @ one_hot / count  # each group's replicate MAE minus its observed MAE
+    var = ((drawn * drawn) @ one_hot - count * shift * shift) / (count - 1)
+    years = _max_abs_t(shift, var, count)[0]
+    replicate = jnp.maximum(mae[:, None] + shift, _TINY)
+    ratio = _max_abs_t(jnp.log(replicate) - log_mae[:, None], var / replicate**2, count)[0]
+    return years, ratio  # [S, _BLOCK] each
+
+  years, ratio = jax.lax.map(block, jax.random.split(key, resamples // _BLOCK))  # [R / _BLOCK, S, _BLOCK]
+  years, ratio = (jnp.moveaxis(x, 1, 0).reshape(abs_errors.shape[0], resamples) for x in (years, ratio))
+  # An exact tie (e.g. a gap of exactly 0 drawn again) counts as at least as large; float32 rounding aside.
+  exceed = jnp.sum(ratio >= observed[:, None] - 1e-6 * observed[:, None], axis=1)
+  rank = min(math.ceil((1 - alpha) * (resamples + 1)), resamples) - 1  # bootstrap-t: T > it iff p < alpha
+  return {
+    "mae": mae,
+    "t_max": observed,
+    "exceed": exceed,
+    "se_log": se_log,
+    "critical_log": jnp.sort(ratio, axis=1)[:, rank],
+    "se": se,
+    "critical": jnp.sort(years, axis=1)[:, rank],
+  }
+
+
+def max_t_test(
+  abs_errors: np.ndarray,
+  codes: np.ndarray,
+  ranked: np.ndarray,
+  seed: int = SEED,
+  resamples: int = GAP_RESAMPLES,
+  alpha: float = GAP_ALPHA,
+) -> dict[str, np.ndarray]:
+  """The test of equal MAE across the `ranked` groups, for each row of abs errors [S, N] (many simulations in one call).
+
+  The statistic is the largest |t| over all pairs of ranked groups of the log of their MAE ratio, over
+  its Welch-type standard error sqrt(cv_i^2 / n_i + cv_j^2 / n_j) (cv: a group's abs errors' std over
+  their mean). It is calibrated by a bootstrap of each group from its own abs errors, each pair's
+  replicate |t| measured from the pair's observed ratio (Westfall & Young's bootstrap max-t): the null
+  of equal MAE, each group's spread and skew as observed. So the test asks whether the MAEs differ,
+  not whether the errors' distributions do. On the log scale a small, skewed group's |t| is closer to
+  its bootstrap's than in years (for gamma-shaped errors the mean and the cv are independent), which
+  holds the level where the same test in years flagged a group of 30 with the widest errors too often
+  (docs/testing.md). Only examples of ranked groups take part.
+
+  Returns:
+    host arrays: mae [S, G] (in the order of `ranked`); t_max [S]; p_value [S] ((1 + replicates at
+    least as large) / (1 + resamples)); se_log [S, G, G] and critical_log [S]: every pair's log MAE
+    ratio lies within `critical_log` of its standard errors of the truth at once with probability
+    1 - alpha (an interval excludes 0 for the pair of the largest |t| exactly when p < alpha); se [S,
+    G, G] and critical [S]: the same for the MAE differences in years, from the same replicates.
+  """
+  if resamples % _BLOCK:
+    raise ValueError(f"resamples={resamples} must be a multiple of {_BLOCK}")
+  ranked = np.asarray(ranked)
+  keep = np.flatnonzero(np.isin(codes, ranked))
+  group = np.argmax(np.asarray(codes)[keep, None] == ranked[None], axis=1)  # index into ranked
+  order = np.argsort(group, kind="stable")  # each group's examples side by side, in the data's order
+  keep, group = keep[order], group[order]
+  sizes = np.bincount(group, minlength=len(ranked))
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  one_hot = jnp.asarray(group[:, None] == np.arange(len(ranked))[None], jnp.float32)
+  errors = jnp.asarray(np.atleast_2d(abs_errors)[:, keep], jnp.float32)
+  low, high = jnp.asarray(starts[group], jnp.int32), jnp.asarray((starts + sizes)[group], jnp.int32)
+  out = _max_t_test(errors, one_hot, low, high, jax.random.key(seed), resamples, alpha)
+  host = {k: np.asarray(metrics.fetch_array(v), np.float64) for k, v in out.items()}
+  host["p_value"] = (1 + host.pop("exceed")) / (1 + resamples)
+  return host
 
 
 def gap_p_values(
-  abs_errors: np.ndarray, codes: np.ndarray, ranked: np.ndarray, seed: int = SEED, permutations: int = PERMUTATIONS
+  abs_errors: np.ndarray, codes: np.ndarray, ranked: np.ndarray, seed: int = SEED, resamples: int = GAP_RESAMPLES
 ) -> np.ndarray:
-  """Permutation p-values of the largest MAE gap between the `ranked` groups, for each row of errors [S, N].
+  """p-values [S] of `max_t_test` (equal MAE across the `ranked` groups) for each row of abs errors [S, N]."""
+  return max_t_test(abs_errors, codes, ranked, seed, resamples)["p_value"]
 
-  Only examples of ranked groups take part; shuffling their errors keeps every group's size, and
-  each shuffle's statistic re-picks the worst and best group, as the reported gap was picked. Many
-  rows (simulations) run in one call.
+
+def holm(p_values: list[float]) -> list[float]:
+  """Holm's step-down adjusted p-values: reject those below alpha and the family-wise error rate is at most alpha.
+
+  The k-th smallest p-value of m is multiplied by m - k + 1, capped at 1, and made non-decreasing
+  in that order.
   """
-  keep = np.isin(codes, ranked)
-  one_hot = jnp.asarray(codes[keep][:, None] == np.asarray(ranked)[None], jnp.float32)
-  errors = jnp.asarray(np.atleast_2d(abs_errors)[:, keep], jnp.float32)
-  return np.asarray(metrics.fetch_array(_p_values(errors, one_hot, jax.random.key(seed), permutations)))
+  m = len(p_values)
+  adjusted = [0.0] * m
+  running = 0.0
+  for k, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+    running = max(running, min(1.0, (m - k) * p_values[i]))
+    adjusted[i] = running
+  return adjusted
 
 
 def report(
@@ -104,12 +211,13 @@ def report(
     pred: [N] predicted ages (on the device or the host).
     age: [N] true ages.
     groupings: name -> (int code per example in [0, len(names)), group names).
-    seed: the bootstrap's random seed; the same seed gives the same intervals.
-    resamples: bootstrap replicates (a multiple of 50).
+    seed: the bootstraps' random seed; the same seed gives the same intervals and p-values.
+    resamples: bootstrap replicates of the groups' intervals (a multiple of 50).
 
   Returns:
-    {"groups": {...}, "largest_gaps": {grouping: gap or None}}; a group without examples has count 0
-    and null metrics.
+    {"groups": {...}, "largest_gaps": {grouping: gap or None}} (see `largest_gap`; the gaps' p-values
+    are Holm-adjusted over every grouping that has one); a group without examples has count 0 and
+    null metrics.
   """
   if resamples % _BLOCK:
     raise ValueError(f"resamples={resamples} must be a multiple of {_BLOCK}")
@@ -138,50 +246,75 @@ def report(
     out[grouping][group] = entry
   host = lambda x: np.asarray(metrics.fetch_array(jnp.asarray(x)), np.float64)  # noqa: E731  (works on every process)
   abs_error = np.abs(host(pred) - host(age))
-  gaps = {}
-  for grouping, (codes, group_names) in groupings.items():
-    columns = {g: replicate_mae[:, names.index((grouping, g))] for g in out[grouping]}
-    gap = largest_gap(out[grouping], columns)
-    if gap is not None:
-      ranked = np.array([group_names.index(g) for g in gap.pop("ranked")])
-      gap["p_value"] = float(gap_p_values(abs_error, np.asarray(codes), ranked, seed)[0])
-      gap["significant"] = gap["p_value"] < GAP_ALPHA
-    gaps[grouping] = gap
+  gaps = {grouping: largest_gap(abs_error, codes, names, seed) for grouping, (codes, names) in groupings.items()}
+  tested = {grouping: gap for grouping, gap in gaps.items() if gap is not None}
+  for gap, adjusted in zip(tested.values(), holm([gap["p_value"] for gap in tested.values()])):
+    gap.update(p_value_holm=adjusted, significant=adjusted < GAP_ALPHA, groupings_tested=len(tested))
   return {"groups": out, "largest_gaps": gaps}
 
 
-def largest_gap(groups: dict[str, dict], replicates: dict[str, np.ndarray]) -> dict[str, Any] | None:
-  """The largest MAE difference between two known groups of >= MIN_GAP_COUNT examples, with its 95% interval.
+def largest_gap(
+  abs_error: np.ndarray, codes: np.ndarray, names: tuple[str, ...], seed: int = SEED
+) -> dict[str, Any] | None:
+  """The worst and best of a grouping's known groups of >= MIN_GAP_COUNT examples, and the test of equal MAE.
 
-  The interval re-picks the worst and best of the ranked groups in each bootstrap replicate (the
-  largest gap is never below 0: whether there is one at all is `report`'s permutation p-value).
-  `ranked` names the groups that took part.
+  Returns:
+    None with fewer than two such groups, else {high, low: the groups of the highest and lowest MAE;
+    gap: their MAE difference as observed (picked as the largest, so it overstates the truth);
+    gap_ci95: its simultaneous 95% interval, in years (every pair's difference lies within its
+    interval at once with probability 95%, so the picked pair's holds despite the picking; it may
+    reach below 0); mae_ratio, mae_ratio_ci95: the high group's MAE over the low one's with its
+    simultaneous 95% interval, on the scale of the test; p_value: `max_t_test`'s (equal MAE in every
+    ranked group); significant: p_value < GAP_ALPHA (`report` decides it over all its groupings);
+    ranked: the groups tested}.
   """
-  ranked = {g: v for g, v in groups.items() if g != "unknown" and v["count"] >= MIN_GAP_COUNT}
+  codes = np.asarray(codes)
+  counts = np.bincount(codes, minlength=len(names))
+  ranked = [i for i, name in enumerate(names) if name != "unknown" and counts[i] >= MIN_GAP_COUNT]
   if len(ranked) < 2:
     return None
-  high = max(ranked, key=lambda g: ranked[g]["mae"])
-  low = min(ranked, key=lambda g: ranked[g]["mae"])
-  columns = np.stack([replicates[g] for g in ranked], axis=1)  # [R, ranked groups]
-  repicked = np.nanmax(columns, axis=1) - np.nanmin(columns, axis=1)
+  test = {k: v[0] for k, v in max_t_test(abs_error, codes, np.array(ranked), seed).items()}
+  mae = np.bincount(codes, abs_error, len(names))[ranked] / counts[ranked]  # float64, as the groups' entries
+  high, low = int(np.argmax(mae)), int(np.argmin(mae))
+  gap, margin = mae[high] - mae[low], test["critical"] * test["se"][high, low]
+  mae_ratio: float | None = None  # none to a group without errors
+  mae_ratio_ci95: list[float] | None = None
+  if mae[low] > 0:
+    log_ratio, log_margin = np.log(mae[high] / mae[low]), test["critical_log"] * test["se_log"][high, low]
+    mae_ratio = float(np.exp(log_ratio))
+    mae_ratio_ci95 = [float(np.exp(log_ratio - log_margin)), float(np.exp(log_ratio + log_margin))]
   return {
-    "high": high,
-    "low": low,
-    "gap": ranked[high]["mae"] - ranked[low]["mae"],
-    "gap_ci95": [float(v) for v in np.nanpercentile(repicked, [2.5, 97.5])],
-    "ranked": list(ranked),
+    "high": names[ranked[high]],
+    "low": names[ranked[low]],
+    "gap": float(gap),
+    "gap_ci95": [float(gap - margin), float(gap + margin)],
+    "mae_ratio": mae_ratio,
+    "mae_ratio_ci95": mae_ratio_ci95,
+    "p_value": float(test["p_value"]),
+    "significant": bool(test["p_value"] < GAP_ALPHA),
+    "ranked": [names[i] for i in ranked],
   }
 
 
 def format_gaps(gaps: dict[str, dict | None], groups: dict[str, dict]) -> list[str]:
-  """Lines naming each grouping's largest MAE gap with the two groups' intervals."""
+  """Lines naming each grouping's largest MAE gap with the two groups' intervals, and what its level means."""
+  tested = sum(gap is not None for gap in gaps.values())
   lines = []
+  if tested:
+    lines.append(
+      f"    (p: the test of equal MAE in a grouping's ranked groups; 'a real gap': below {GAP_ALPHA} after Holm's "
+      f"adjustment over the {tested} grouping{'s' * (tested > 1)} here, so any of them is wrong at most "
+      f"{GAP_ALPHA:.0%} of the time; interval: simultaneous 95% over all pairs, valid for the picked worst and best)"
+    )
   for grouping, gap in gaps.items():
     if gap is None:
       lines.append(f"    {grouping}: fewer than two groups of >= {MIN_GAP_COUNT} examples")
       continue
     hi, lo = groups[grouping][gap["high"]], groups[grouping][gap["low"]]
-    verdict = f"p={gap['p_value']:.3f}" + (", a real gap" if gap["significant"] else ", no evidence of a gap")
+    p = f"p={gap['p_value']:.3f}"
+    if "p_value_holm" in gap:
+      p += f" (Holm {gap['p_value_holm']:.3f})"
+    verdict = p + (", a real gap" if gap["significant"] else ", no evidence of a gap")
     lines.append(
       f"    {grouping}: {gap['gap']:.2f} years [{gap['gap_ci95'][0]:.2f}, {gap['gap_ci95'][1]:.2f}] {verdict}  "
       f"{gap['high']} {hi['mae']:.2f} [{hi['mae_ci95'][0]:.2f}, {hi['mae_ci95'][1]:.2f}] vs "
