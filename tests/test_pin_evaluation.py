@@ -88,7 +88,7 @@ def test_evaluate_py_flip_fits_and_scores_the_average_of_the_two_views(trained, 
   predicted = np.array([r["predicted_age"] for r in rows])
   raw = flip_average(plain, mirrored) @ bins  # the point prediction: the untempered average's expectation
   np.testing.assert_allclose(predicted, raw, rtol=0, atol=1e-4)
-  np.testing.assert_allclose(expected @ bins, raw, rtol=0, atol=1e-9)  # the reference tilt keeps it too
+  np.testing.assert_allclose(expected @ bins, raw, rtol=0, atol=1e-4)  # the reference tilt keeps it too
   assert np.abs(flip_average(plain, plain, t) @ bins - expected @ bins).max() > 0.05  # the mirror view counts
   assert report["mae"] == pytest.approx(np.mean(np.abs(raw - age)), rel=1e-5)
   assert report["calibration"]["nll"] == pytest.approx(mean_nll(expected, age, min_age), rel=1e-5)
