@@ -101,6 +101,8 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--batches", type=int, default=200)
   p = sub.add_parser("statistics", help="simulations where the truth is known: coverage and the group-gap test")
+  p.add_argument("--coverage_repeats", type=int, default=10, help="validation/test draws of the coverage-by-age case")
+  p.add_argument("--coverage_test_faces", type=int, default=20_000, help="test faces per coverage-by-age draw")
   p.add_argument("--simulations", type=int, default=10_000, help="simulations of each equal-MAE gap scenario")
   p.add_argument("--power_simulations", type=int, default=2000, help="simulations with a real 1-year gap")
   p.add_argument("--resamples", type=int, default=200, help="bootstrap replicates per gap test (the report's: 1000)")
@@ -236,7 +238,13 @@ def main() -> None:
     ]
     keys = ["scenario", "shapes", "shift_years", "simulations", "resamples", "flag_rate", "flag_rate_se", "mean_gap"]
     print(table(gaps, [*keys, "interval_miss_rate"]))
-    print(json.dumps({"mode": "statistics", "coverage": rows, "gap_test": gaps}))
+    by_age = statistics.coverage_by_age(n_test=args.coverage_test_faces, repeats=args.coverage_repeats)
+    ages = [
+      {"interval": name, **{b: f"{v['mean']:.3f} ± {v['std']:.3f}" for b, v in by_age[name].items()}}
+      for name in ("one_temperature", "adjusted_by_bucket")
+    ]
+    print(table(ages, ["interval", *by_age["adjusted_by_bucket"]]))
+    print(json.dumps({"mode": "statistics", "coverage": rows, "gap_test": gaps, "coverage_by_age": by_age}))
   elif args.mode == "startup":
     row = runs.startup(
       default_config(args.config),

@@ -267,7 +267,10 @@ def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
   from agejax.benchmarks import statistics
 
   row = _last_json(
-    compilation_cache, "statistics", "--simulations", "100", "--power_simulations", "100", "--resamples", "50"
+    compilation_cache,
+    "statistics",
+    *("--simulations", "100", "--power_simulations", "100", "--resamples", "50"),
+    *("--coverage_repeats", "2", "--coverage_test_faces", "2000"),
   )
   assert row["mode"] == "statistics" and [c["sigma"] for c in row["coverage"]] == [1.0, 2.0]
   for c in row["coverage"]:
@@ -281,6 +284,9 @@ def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
   assert gaps[1]["sizes"] == "1000/450/355/400/165" and gaps[4]["shapes"] == "uniform/half_normal/gamma_half"
   null, power = gaps[: len(statistics.GAP_SCENARIOS)], gaps[len(statistics.GAP_SCENARIOS) :]
   assert all(g["flag_rate"] < 0.15 for g in null) and power[0]["flag_rate"] > 0.5, gaps
+  by_age = row["coverage_by_age"]
+  assert (by_age["repeats"], by_age["n_test"]) == (2, 2000)
+  assert by_age["one_temperature"]["60+"]["mean"] < 0.85 < by_age["adjusted_by_bucket"]["60+"]["mean"], by_age
 
 
 def _in_fresh_python(code: str, *args: str) -> Any:

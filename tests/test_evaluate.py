@@ -148,6 +148,9 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
   _, fns, state = loading.load_trained(workdir, "latest")
   report, _ = evaluator(fns, data).run(state, temperature=calibration.Calibration.from_fit(fitted), outputs=True)
   assert report["mae"] == pytest.approx(np.mean(np.abs(predicted - data.age)), rel=1e-5)
+  # final_metrics.json's test_mae (the best checkpoint, here the latest) is that same raw MAE.
+  assert final["best_step"] == int(state.step)
+  assert final["test_mae"] == pytest.approx(report["mae"], rel=1e-6)
   # A plain softmax(logits / T) moves the expectation: scoring it (the mutant) reads another MAE.
   plain = np.exp(np.log(np.maximum(raw, 1e-300)) / fitted["temperature"])
   plain_mae = np.mean(np.abs((plain / plain.sum(1, keepdims=True)) @ bins - data.age))

@@ -109,14 +109,16 @@ def calibration_figure(report: dict):
   ax_cov.plot([0, 1], [0, 1], color="k", linewidth=1, label="ideal")
   ax_cov.set(xlabel="nominal interval mass", ylabel="share of true ages inside", title="calibration (randomized PIT)")
   # The interval users see, bucket by bucket: where one temperature over- or under-covers.
-  buckets = [(name, b) for name, b in c["coverage_by_bucket"].items() if b["count"]]
-  x = np.arange(len(buckets))
-  shown = [b["coverage_shown"]["0.8"] for _, b in buckets]
-  ax_age.bar(x, shown, color="C0", label="80% interval as shown")
+  bars = [(name, b, "C0") for name, b in c["coverage_by_bucket"].items() if b["count"]]
+  bars += [
+    (name, g, "C2") for entries in c.get("coverage_by_group", {}).values() for name, g in entries.items() if g["count"]
+  ]
+  x = np.arange(len(bars))
+  ax_age.bar(x, [b["coverage_shown"]["0.8"] for _, b, _ in bars], color=[colour for *_, colour in bars])
   ax_age.axhline(0.8, color="k", linewidth=1, label="nominal 80%")
-  ax_age.set_xticks(x, [f"{name}\n({b['count']})" for name, b in buckets], fontsize=8)
+  ax_age.set_xticks(x, [f"{name} ({b['count']})" for name, b, _ in bars], fontsize=7, rotation=60, ha="right")
   adjusted = "adjusted by age bucket" if c.get("interval_masses") else "central"
-  ax_age.set(ylim=(0, 1), ylabel="share of true ages inside", title=f"interval by age ({adjusted})")
+  ax_age.set(ylim=(0, 1), ylabel="share inside the 80% interval as shown", title=f"by age and group ({adjusted})")
   for ax in (ax_std, ax_cov, ax_age):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -411,6 +411,9 @@ class _Run:
     c = report["calibration"]
     by_bucket = {name: b["coverage_shown"]["0.8"] for name, b in c["coverage_by_bucket"].items()}
     scalars = {f"test/coverage80_shown/{name}": v for name, v in by_bucket.items() if v is not None}
+    for grouping, entries in c["coverage_by_group"].items():
+      shown = {f"test/coverage80_shown/{grouping}/{g}": e["coverage_shown"]["0.8"] for g, e in entries.items()}
+      scalars.update({k: v for k, v in shown.items() if v is not None})
     self.writer.write_scalars(step, {**scalars, "test/coverage80_shown": c["coverage_shown"]["0.8"]})
     return {
       **{f"test_{k}": scores[k] for k in ("mae", "cs5", "epsilon_error", "mae_minors")},
