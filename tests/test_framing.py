@@ -10,6 +10,7 @@ from PIL import Image
 
 from agejax import settings
 from agejax.data import framing
+from agejax.evaluation import calibration
 from agejax.inference import photos
 from agejax.serving import app as serving_app
 from agejax.training import checkpointing
@@ -101,6 +102,7 @@ class StubPredictor:
 
   def __init__(self, record: dict, has_framing: bool = True):
     self.input_size, self.batch_size, self.bins = record["input_size"], 4, np.arange(1, 101)
+    self.calibration = calibration.Calibration()  # uncalibrated: central intervals
     if has_framing:  # an export made before framing has no such attribute
       self.framing = framing.from_record(record)
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import ROOT, assert_close_relative, checkpoint, cpu_env, start_processes, train_command
 
 # The project's default learning rate (`:tiny` raises it to learn fast): float32 reassociation
@@ -70,7 +71,13 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   a, b = (json.loads((w / "final_metrics.json").read_text()) for w in (multi, single))
   for key in ("eval_mae", "eval_loss", "eval_cs5", "eval_epsilon_error", "baseline_mae"):
     assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), key
-  assert abs(a["temperature"] - b["temperature"]) <= 1e-3 * b["temperature"]
+  # The same calibration: equally good fits (the NLL at each fitted temperature), and temperatures
+  # within 2%: this 20-step model's optimum sits near T 0.08, where the tilted NLL is flat in T and
+  # float32 sums of another order move the golden-section minimum by ~1.5% (measured 0.0758 vs 0.0770).
+  fits = [json.loads((w / "calibration.json").read_text()) for w in (multi, single)]
+  for way in ("single", "flip"):
+    assert fits[0][way]["nll_after"] == pytest.approx(fits[1][way]["nll_after"], rel=1e-4), way
+  assert abs(a["temperature"] - b["temperature"]) <= 2e-2 * b["temperature"]
 
 
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation_cache, data_dir, tmp_path):

@@ -176,13 +176,19 @@ _REFIT_PASSES = 2
 
 
 @jax.jit
-def _hull_hits(probs: jax.Array, bins: jax.Array, age: jax.Array, masses: jax.Array, bucket: int) -> jax.Array:
-  """[len(_MASS_GRID)] how many faces `adjusted_interval` holds with masses[bucket] set to each grid mass."""
-  grid = jnp.asarray(_MASS_GRID, jnp.float32)
-  one = lambda m: jnp.sum(
-    (lambda lh: (age >= lh[0]) & (age <= lh[1]))(adjusted_interval(probs, bins, masses.at[bucket].set(m)))
-  )  # noqa: E731
-  return jax.lax.map(one, grid)
+def _hull_hits(
+  probs: jax.Array, bins: jax.Array, age: jax.Array, member: jax.Array, masses: jax.Array, bucket: jax.Array
+) -> jax.Array:
+  """[len(_MASS_GRID)] how many `member` faces `adjusted_interval` holds with masses[bucket] set to each grid mass.
+
+  The whole split with a 0/1 mask, the bucket traced: one compilation per split size, not per bucket.
+  """
+
+  def hits(m):
+    low, high = adjusted_interval(probs, bins, masses.at[bucket].set(m))
+    return jnp.sum(jnp.where((age >= low) & (age <= high), member, 0.0))
+
+  return jax.lax.map(hits, jnp.asarray(_MASS_GRID, jnp.float32))
 
 
 def fit_interval_masses(
@@ -199,7 +205,8 @@ def fit_interval_masses(
   each mass where its bucket fell short. 1.0 (the whole distribution) where n_b < m / (1 - m): too
   few faces to promise m.
   """
-  needed = np.asarray(metrics.fetch_array(needed_mass(probs, bins, age)), np.float64)
+  # A face whose distribution is not finite (a diverged model) needs the whole distribution.
+  needed = np.nan_to_num(np.asarray(metrics.fetch_array(needed_mass(probs, bins, age)), np.float64), nan=1.0)
   bucket = np.asarray(metrics.fetch_array(interval_bucket_one_hot(age))).argmax(axis=1)
   masses = np.ones((len(levels), len(INTERVAL_BUCKETS)))
   counts = np.bincount(bucket, minlength=len(INTERVAL_BUCKETS))
@@ -214,10 +221,9 @@ def fit_interval_masses(
       for b, n in enumerate(counts):
         if ranks[i, b] > n:
           continue
-        rows = np.flatnonzero(bucket == b)
-        hits = np.asarray(
-          metrics.fetch_array(_hull_hits(probs[rows], bins, age[rows], jnp.asarray(masses[i], jnp.float32), b))
-        )
+        member = jnp.asarray(bucket == b, jnp.float32)
+        found = _hull_hits(probs, bins, age, member, jnp.asarray(masses[i], jnp.float32), jnp.asarray(b))
+        hits = np.asarray(metrics.fetch_array(found))
         enough = np.flatnonzero(hits >= ranks[i, b])
         smallest = _MASS_GRID[enough[0]] if len(enough) else 1.0
         # The last pass only raises: a bucket's band grows every span, so no bucket checked before loses faces.
