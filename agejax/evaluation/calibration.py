@@ -61,6 +61,13 @@ def _bin_index(age: jax.Array, bins: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round(age - bins[0]), 0, bins.shape[0] - 1).astype(jnp.int32)
 
 
+def _below_and_at(probs: jax.Array, bins: jax.Array, age: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the mass of the bins below each true age's, the mass of its own bin); ages outside count in the end bins."""
+  index = _bin_index(age, bins)
+  below = jnp.sum(jnp.where(jnp.arange(bins.shape[0]) < index[..., None], probs, 0.0), axis=-1)
+  return below, jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
+
+
 def nll(probs: jax.Array, bins: jax.Array, age: jax.Array) -> jax.Array:
   """Returns -log(density at the true age) per example; ages outside the bins count in the end bins."""
   p = jnp.take_along_axis(probs, _bin_index(age, bins)[..., None], axis=-1)[..., 0]
@@ -76,9 +83,7 @@ def randomized_pit(probs: jax.Array, bins: jax.Array, age: jax.Array, key: jax.A
   calibrated model (the randomized PIT for discrete outcomes; Czado, Gneiting & Held 2009). Ages
   outside the bins count in the end bins, as in `nll`.
   """
-  index = _bin_index(age, bins)
-  below = jnp.sum(jnp.where(jnp.arange(bins.shape[0]) < index[..., None], probs, 0.0), axis=-1)
-  mass = jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
+  below, mass = _below_and_at(probs, bins, age)
   return below + jax.random.uniform(key, jnp.shape(age)) * mass
 
 
@@ -114,8 +119,8 @@ def mean_nll(logits: jax.Array, bins: jax.Array, age: jax.Array, mask: jax.Array
   return jnp.sum(jnp.where(mask > 0, per_example, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _golden_section(loss, shape: tuple[int, ...], iterations: int) -> jax.Array:
-  """Minimises loss(log_t) -> [*shape] elementwise (independent problems) over LOG_T_RANGE; returns T."""
+def _golden_section(loss, iterations: int) -> jax.Array:
+  """Minimises the unimodal loss(log_t) over LOG_T_RANGE; returns T."""
 
   def body(_, bracket):
     lo, hi = bracket
@@ -123,7 +128,7 @@ def _golden_section(loss, shape: tuple[int, ...], iterations: int) -> jax.Array:
     left = loss(a) <= loss(b)
     return jnp.where(left, lo, a), jnp.where(left, b, hi)
 
-  start = tuple(jnp.full(shape, x, jnp.float32) for x in LOG_T_RANGE)
+  start = tuple(jnp.asarray(x, jnp.float32) for x in LOG_T_RANGE)
   lo, hi = jax.lax.fori_loop(0, iterations, body, start)
   return jnp.exp(0.5 * (lo + hi))
 
@@ -148,7 +153,7 @@ def fit_temperature(
     The scalar temperature.
   """
   mask = jnp.ones_like(age) if mask is None else mask
-  return _golden_section(functools.partial(mean_nll, logits, bins, age, mask), (), iterations)
+  return _golden_section(functools.partial(mean_nll, logits, bins, age, mask), iterations)
 
 
 def needed_mass(probs: jax.Array, bins: jax.Array, age: jax.Array) -> jax.Array:
@@ -157,10 +162,8 @@ def needed_mass(probs: jax.Array, bins: jax.Array, age: jax.Array) -> jax.Array:
   The ends Q((1 - m) / 2) and Q((1 + m) / 2) round to at most a and at least a when
   (1 - m) / 2 < F(a + 1/2) and (1 + m) / 2 >= F(a - 1/2), F the CDF of the piecewise-uniform density.
   """
-  index = _bin_index(age, bins)
-  below = jnp.sum(jnp.where(jnp.arange(bins.shape[0]) < index[..., None], probs, 0.0), axis=-1)
-  upto = below + jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
-  return jnp.clip(jnp.maximum(1.0 - 2.0 * upto, 2.0 * below - 1.0), 0.0, 1.0)
+  below, mass = _below_and_at(probs, bins, age)
+  return jnp.clip(jnp.maximum(1.0 - 2.0 * (below + mass), 2.0 * below - 1.0), 0.0, 1.0)
 
 
 def interval_bucket_one_hot(age: ArrayLike) -> jax.Array:
