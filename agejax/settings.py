@@ -49,6 +49,9 @@ class DataSettings:
   eval_split: str = "validation"
   image_size: int = 224
   split: str = ""  # '' the dataset's own splits; K (0-4) or a spec: the benchmark's folders (data/splits.py)
+  # The central fraction of each stored crop (per side) the model sees at evaluation, prediction, export
+  # and serving, before the resize; 1.0: the whole crop. The benchmark's: 256/281 (the box itself).
+  eval_crop: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,7 @@ class ModelSettings:
   dropout_rate: float = 0.5
   pretrained: str = ""
   init_from: str = ""  # another agejax run's WORKDIR[:STEP]: its trained weights start a new run
+  init_from_head: bool = True  # False: only init_from's backbone comes across, the head starts fresh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,9 @@ class AugmentSettings:
   contrast: float = 0.0
   blur: float = 0.0
   sharpness: float = 0.0
+  # > 0: a square random resized crop of this to 100% of the stored crop's area (torchvision's and
+  # albumentations' RandomResizedCrop with ratio 1), in place of the scale/translate zoom.
+  resized_crop_min_area: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +141,7 @@ class EvalSettings:
   epsilon_sigma: float = 3.0
   evals: tuple["ExtraEval", ...] = ()
   flip: bool = False  # config.eval.flip: score (and calibrate, and pick the best checkpoint by) flip averages
+  select_by: str = "mae"  # the eval metric that picks the best checkpoint: "mae" or "bench_mae" (ties: the later)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +163,7 @@ class RunSettings:
   seed: int = 0
   batch_size: int = 64
   num_train_steps: int = 30_000
+  num_epochs: float = 0.0  # > 0: the length in epochs of the training split (num_train_steps is then derived)
   log_every_steps: int = 100
   eval_every_steps: int = 1_000
   checkpoint_every_steps: int = 1_000

@@ -18,6 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 64  # global, split over all devices of all processes
   config.eval_batch_size = 0  # 0: same as batch_size
   config.num_train_steps = 15_000
+  config.num_epochs = 0.0  # > 0: train this many epochs of the training split instead (sets num_train_steps)
   config.log_every_steps = 100
   config.eval_every_steps = 300  # ~1 UTKFace epoch
   config.checkpoint_every_steps = 300
@@ -40,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The benchmark's subject-exclusive split of a fae dataset's folders: 0-4 (or a spec such as
   # "train:1-70,val:71-76,test:77-82"); '' reads the dataset's own train/validation/test splits.
   config.data.split = ""
+  # The central fraction (per side) of each stored crop that the model sees at evaluation, prediction,
+  # export and serving, before the resize to image_size; 1.0: all of it.
+  config.data.eval_crop = 1.0
 
   config.augment = ml_collections.ConfigDict()
   config.augment.flip = True
@@ -49,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.augment.contrast = 0.2
   config.augment.blur = 0.0  # up to this weight toward a Gaussian-blurred copy
   config.augment.sharpness = 0.0  # up to this weight of unsharp masking
+  # > 0: a square random resized crop of this to 100% of the crop's area, in place of scale/translate.
+  config.augment.resized_crop_min_area = 0.0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vgg16"  # a registered backbone (agejax.models)
@@ -62,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # one from its params and batch-norm statistics (the head too when labels.min_age/max_age match;
   # model.pretrained is then not read). Optimizer and step start fresh; a resumed run restores its own.
   config.model.init_from = ""
+  config.model.init_from_head = True  # False: only init_from's backbone comes across; the head starts fresh
 
   config.labels = ml_collections.ConfigDict()
   config.labels.min_age = 1
@@ -85,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # True: evaluations score each face's distribution averaged with its mirror image's, and so do the
   # best-checkpoint choice and the fitted temperature (as evaluate.py --flip scores them).
   config.eval.flip = False
+  # The validation score that picks the best checkpoint (ties: the later one): "mae", the expected age's,
+  # or "bench_mae", the benchmark's (the posterior median's whole years at temperature 1).
+  config.eval.select_by = "mae"
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4

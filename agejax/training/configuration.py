@@ -45,10 +45,13 @@ RESUME_MUST_MATCH = (
   "loss.sigma_floor",
   "metrics.epsilon_sigma",  # the logged epsilon-error
   "eval.flip",  # what the logged evaluations and "best" mean
+  "eval.select_by",
+  "data.eval_crop",  # what the network sees at evaluation
   "plugins",  # the modules that define the backbone, loss or rules these checkpoints were made with
 )
 RESUME_MAY_CHANGE = (
   "num_train_steps",
+  "num_epochs",
   "log_every_steps",
   "eval_every_steps",
   "checkpoint_every_steps",
@@ -67,6 +70,7 @@ RESUME_MAY_CHANGE = (
   "model.dropout_rate",  # recovering from divergence; the regime
   "model.pretrained",  # initial weights only: a resumed run restores its checkpoint (the file may move)
   "model.init_from",  # the same: read only when a run starts; a resumed run restores its own checkpoint
+  "model.init_from_head",
   "evals",  # extra evaluations only report: they never choose the best checkpoint
 )
 
