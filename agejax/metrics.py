@@ -20,6 +20,17 @@ def epsilon_error(pred: jax.Array, age: jax.Array, sigma: jax.Array | float) -> 
   return 1.0 - jnp.exp(-jnp.square(pred - age) / (2.0 * jnp.square(sigma)))
 
 
+def posterior_median(probs: jax.Array, bins: jax.Array) -> jax.Array:
+  """The bin minimising each distribution's expected absolute error (the unified benchmark's prediction).
+
+  The benchmark (Paplham & Franc, CVPR 2024; lib/training.py) predicts argmin_y sum_a p(a) |a - y|
+  over its integer classes: a posterior median. argmin takes the first (youngest) bin on a tie, as
+  torch.min does.
+  """
+  loss = jnp.abs(bins[:, None] - bins[None, :])  # [K, K]: |true - predicted|
+  return bins[jnp.argmin(probs @ loss, axis=-1)]
+
+
 def cumulative_score(pred: jax.Array, age: jax.Array, k: float) -> jax.Array:
   """Returns 1 where |pred - age| <= k else 0, per example (its mean is CS@k)."""
   return (jnp.abs(pred - age) <= k).astype(jnp.float32)
@@ -79,10 +90,20 @@ def batch_sums(
 
 
 def report_sums(
-  loss: jax.Array, pred: jax.Array, age: jax.Array, sigma: jax.Array, std: jax.Array, mask: jax.Array
+  loss: jax.Array,
+  pred: jax.Array,
+  age: jax.Array,
+  sigma: jax.Array,
+  std: jax.Array,
+  mask: jax.Array,
+  bench_pred: jax.Array,
 ) -> Sums:
-  """Masked sums of everything an evaluation report needs: `batch_sums`, CS@1..10, std, per age group and bucket."""
+  """Masked sums of everything an evaluation report needs: `batch_sums`, CS@1..10, std, per age group and bucket.
+
+  `bench_pred` is the benchmark's whole-year prediction (`posterior_median`): its MAE and CS@5.
+  """
   mask = mask.astype(jnp.float32)
+  bench_error = absolute_error(bench_pred, age)
   error = absolute_error(pred, age)
   cs = jnp.stack([cumulative_score(pred, age, k) for k in CS_THRESHOLDS], axis=-1)
   groups = jax.nn.one_hot(age_group(age), len(AGE_GROUPS)) * mask[:, None]
@@ -96,6 +117,8 @@ def report_sums(
     "bucket_count": jnp.sum(buckets, axis=0),
     "bucket_abs_error": jnp.sum(buckets * error[:, None], axis=0),
     "bucket_error": jnp.sum(buckets * (pred - age)[:, None], axis=0),
+    "bench_mae": jnp.sum(bench_error * mask),
+    "bench_cs5": jnp.sum((bench_error <= 5.0) * mask),
   }
 
 
@@ -113,7 +136,10 @@ def report_zeros() -> Sums:
     **{k: len(AGE_BUCKETS) for k in ("bucket_count", "bucket_abs_error", "bucket_error")},
   }
   return {
-    **{k: jnp.zeros((), jnp.float32) for k in ("loss", "mae", "epsilon_error", "cs5", "count", "std")},
+    **{
+      k: jnp.zeros((), jnp.float32)
+      for k in ("loss", "mae", "epsilon_error", "cs5", "count", "std", "bench_mae", "bench_cs5")
+    },
     **{k: jnp.zeros((n,), jnp.float32) for k, n in vectors.items()},
   }
 

@@ -153,7 +153,7 @@ class ExtraEval:
   split: str = "test"
   builder_config: str = ""
   data_dir: str = ""  # '' is the training data's data_dir
-  every_steps: int = 0  # 0: with every evaluation of the eval split
+  every_steps: int = 0  # 0: with every evaluation of the eval split; -1: once, at the end, on the best checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

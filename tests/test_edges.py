@@ -150,7 +150,7 @@ def test_children_teenagers_minors_and_the_old_are_bucketed_with_their_signed_er
   pred = age + jnp.array([10.0, 10.0, -2.0, -2.0, 4.0, 4.0, 1.0, 1.0, -6.0, -6.0])
   names = [b[0] for b in metrics.AGE_BUCKETS]
   assert names == ["0-2", "3-12", "13-17", "18+", "minors", "60+"]
-  sums = metrics.report_sums(jnp.zeros(10), pred, age, jnp.full(10, 3.0), jnp.zeros(10), jnp.ones(10))
+  sums = metrics.report_sums(jnp.zeros(10), pred, age, jnp.full(10, 3.0), jnp.zeros(10), jnp.ones(10), jnp.round(pred))
   count = dict(zip(names, np.asarray(sums["bucket_count"])))
   error = dict(zip(names, np.asarray(sums["bucket_error"]) / np.maximum(np.asarray(sums["bucket_count"]), 1)))
   assert count == {"0-2": 2, "3-12": 2, "13-17": 2, "18+": 4, "minors": 6, "60+": 2}

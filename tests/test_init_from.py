@@ -89,6 +89,22 @@ def test_other_age_bins_keep_the_backbone_and_start_the_head_fresh(source, data_
   assert "1..100" in warning and "5..80" in warning and "head" in warning
 
 
+def test_the_backbone_alone_comes_across_with_init_from_head_false(source, data_dir, compilation_cache, caplog):
+  """The benchmark's *_pretrained recipes: the pretrained backbone, a fresh head, though the bins are the same."""
+  workdir, final = source
+  config = tiny(data_dir, compilation_cache, model__init_from=str(workdir), model__init_from_head=False)
+  caplog.set_level(logging.WARNING)
+  built = train.build(configuration.validate(config))
+  best = checkpoint(workdir, final["best_step"])
+  assert_same(built.state.params, best["params"], skip="head")
+  assert_same(built.state.model_state, best["model_state"], skip="head")
+  fresh = train.build(configuration.validate(tiny(data_dir, compilation_cache)))  # from scratch, the same seed
+  head = {k: v for k, v in flat(built.state.params).items() if k.startswith("head/")}
+  assert head and all(np.array_equal(v, flat(fresh.state.params)[k]) for k, v in head.items())
+  assert not np.array_equal(head["head/kernel"], flat(best["params"])["head/kernel"])
+  assert not [r for r in caplog.records if "init_from" in r.getMessage()]  # the same bins: nothing to warn about
+
+
 def test_a_resumed_run_restores_its_own_checkpoint_not_the_source(source, data_dir, compilation_cache, tmp_path):
   workdir, final = source
   first_stage = tmp_path / "first_stage"  # a copy: removed below, so a rerun that read it would fail

@@ -43,10 +43,15 @@ def test_report_sums_equal_float64_numpy_with_padding_and_per_image_sigma():
   mask[:6] = 1.0
   sigma = metrics.per_image_sigma(jnp.asarray(age_std, jnp.float32), jnp.asarray(age, jnp.float32), 3.0)
   np.testing.assert_allclose(sigma, np.where(age_std > 0, age_std, 3.0), rtol=1e-6)
-  args = [jnp.asarray(x, jnp.float32) for x in (loss, pred, age, sigma, std, mask)]
+  bench = np.round(pred + rng.normal(0, 2, n))  # whole years, errors of exactly 5 included
+  bench[6] = age[6] + 5.0
+  args = [jnp.asarray(x, jnp.float32) for x in (loss, pred, age, sigma, std, mask, bench)]
   got = {k: np.asarray(v, np.float64) for k, v in metrics.report_sums(*args).items()}
   keep = mask > 0
   error = np.abs(pred - age)
+  bench_error = np.abs(bench.astype(np.float32) - age.astype(np.float32))  # as float32 compares
+  np.testing.assert_allclose(got["bench_mae"], bench_error[keep].sum(), rtol=1e-5)
+  assert got["bench_cs5"] == np.sum(bench_error[keep] <= 5)
   assert got["count"] == keep.sum()
   np.testing.assert_allclose(got["loss"], loss[keep].sum(), rtol=1e-5)
   np.testing.assert_allclose(got["mae"], error[keep].sum(), rtol=1e-5)
@@ -118,3 +123,33 @@ def test_adding_sums_keeps_counters_the_batch_lacks_and_means_of_nothing_are_zer
   assert metrics.means({"loss": 3.0, "count": 2.0, "nonfinite_step": 0.0}) == {"loss": 1.5}
   np.testing.assert_array_equal(metrics.fetch_array(np.array([1, 2])), [1, 2])  # host values pass through
   assert float(metrics.fetch_array(jnp.float32(1.5))) == 1.5
+
+
+def posterior_median_reference(probs: np.ndarray, bins: np.ndarray) -> np.ndarray:
+  """float64: for each row, the bin y minimising sum_a p(a) |a - y| (the first such bin on a tie)."""
+  expected_error = np.abs(bins[None, :, None] - bins[None, None, :]) * probs[:, :, None]  # [N, true, predicted]
+  return bins[np.argmin(expected_error.sum(axis=1), axis=1)]
+
+
+def test_posterior_median_minimises_the_expected_absolute_error_as_the_benchmark_predicts():
+  rng = np.random.default_rng(3)
+  bins = np.arange(0, 102, dtype=np.float64)
+  bins32 = jnp.asarray(bins, jnp.float32)
+  median = lambda p: float(metrics.posterior_median(jnp.asarray(p[None], jnp.float32), bins32)[0])  # noqa: E731
+  logits = rng.normal(0, 3, (200, bins.size))
+  probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  got = np.asarray(metrics.posterior_median(jnp.asarray(probs, jnp.float32), jnp.asarray(bins, jnp.float32)))
+  want = posterior_median_reference(probs, bins)
+  np.testing.assert_array_equal(got, want)
+  # It is the median: at least half the mass at or below it and at least half at or above it.
+  at_or_below = np.array([p[bins <= y].sum() for p, y in zip(probs, want)])
+  at_or_above = np.array([p[bins >= y].sum() for p, y in zip(probs, want)])
+  assert (at_or_below >= 0.5 - 1e-6).all() and (at_or_above >= 0.5 - 1e-6).all()
+  # Not the mean rounded: a skewed distribution's median and mean differ by years.
+  skewed = np.zeros(bins.size)
+  skewed[[20, 21, 80]] = [0.3, 0.3, 0.4]
+  assert median(skewed) == 21
+  # Two bins of mass 0.5 each: every age between them is a median; the benchmark's argmin takes the first.
+  tie = np.zeros(bins.size)
+  tie[[30, 40]] = 0.5
+  assert median(tie) == 30

@@ -25,6 +25,7 @@ from agejax import errors, parallel, settings
 from agejax.data import array_cache, datasets, splits
 
 OUT_OF_RANGE = ("clip", "drop")
+ALL_FOLDERS = "all"  # the split name of a fae database's every folder together (without config.data.split)
 
 
 class FolderImages:
@@ -119,7 +120,7 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
   Args:
     data: the data settings (name, data_dir, builder_config, cache_dir, split).
     split: the TFDS split name; with `data.split` set, "train", "validation" or "test": that part of the
-      benchmark's folders.
+      benchmark's folders; "all" (without it): every folder of a fae database.
 
   Returns:
     The split: memory-mapped uint8 images, ages, age stds and the dataset's groups.
@@ -146,6 +147,8 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
     assert chosen is not None  # normalise() said a split is set
     part = chosen.folders(split)
     return _concatenate([_load_cached(builder, f"folder{f}", data.cache_dir) for f in part])
+  if split == ALL_FOLDERS and folders:  # a database's every folder: a cross-dataset test set
+    return _concatenate([_load_cached(builder, f"folder{f}", data.cache_dir) for f in folders])
   if split not in builder.info.splits:
     hint = "; its folders form train/validation/test with --config.data.split (0-4 or a spec)" if folders else ""
     raise errors.UserError(f"config.data split {split!r} is not in {data.name}: {sorted(builder.info.splits)}{hint}")

@@ -12,7 +12,8 @@ from agejax import labels, metrics, models, parallel, storage
 from agejax.data import pipeline
 from agejax.evaluation import calibration, groups
 
-OUTPUT_KEYS = ("predicted_age", "argmax_age", "std")  # per-example outputs kept in <split>_predictions.jsonl
+# Per-example outputs kept in <split>_predictions.jsonl (with the raw model's probabilities).
+OUTPUT_KEYS = ("predicted_age", "argmax_age", "std", "bench_age")
 
 
 class Evaluator:
@@ -85,6 +86,8 @@ class Evaluator:
       "predicted_age": labels.expected_age(jax.nn.softmax(logits), self.bins),
       "argmax_age": labels.argmax_age(probs, self.bins),
       "std": labels.distribution_std(probs, self.bins),
+      # The benchmark's whole-year prediction: the raw model's posterior median (temperature 1).
+      "bench_age": metrics.posterior_median(jax.nn.softmax(logits), self.bins),
     }
     sigma = metrics.per_image_sigma(batch.get("age_std"), ages, self.epsilon_sigma)
     batch_sums = metrics.report_sums(
@@ -94,9 +97,10 @@ class Evaluator:
       sigma,
       out["std"],
       batch["mask"],
+      out["bench_age"],
     )
     sums = metrics.add(sums, batch_sums)
-    return (sums, {**out, "distribution": probs, "logits": logits}) if outputs else sums
+    return (sums, {**out, "distribution": probs, "logits": logits, "raw": jax.nn.softmax(logits)}) if outputs else sums
 
   def _collect(self, state: models.Weights, temperature: float, outputs: bool):
     """Runs the eval step over the split; returns the device sums and, with `outputs`, the per-example outputs."""
@@ -182,7 +186,7 @@ class Evaluator:
       report["calibration"] = calibration.report(
         per_example["logits"], per_example["distribution"], self.bins, age, fitted, groupings
       )
-      host = {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution")}
+      host = {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution", "raw")}
     return report, host
 
   def flipped(self, flip: bool) -> "Evaluator":
@@ -218,6 +222,9 @@ class Evaluator:
       "num_examples": int(count),
       "loss": mean("loss"),
       "mae": mean("mae"),
+      # The unified benchmark's MAE and CS@5: of the raw model's posterior median in whole years.
+      "bench_mae": mean("bench_mae"),
+      "bench_cs5": mean("bench_cs5"),
       "epsilon_error": mean("epsilon_error"),
       "cumulative_score": {str(k): float(v) / count for k, v in zip(metrics.CS_THRESHOLDS, sums["cs"])},
       "mae_by_age_group": groups,
@@ -231,6 +238,8 @@ class Evaluator:
 def headline(report: dict[str, Any]) -> dict[str, Any]:
   """The scores the trainer logs and keeps in final_metrics.json: loss, MAE, epsilon-error, CS@5, minors' MAE.
 
+  And the benchmark's MAE and CS@5 (`bench_mae`, `bench_cs5`: of the posterior median in whole years).
+
   `mae_minors` is None when the split has no one under 18 (nothing is logged for it then).
   """
   return {
@@ -239,6 +248,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     "epsilon_error": report["epsilon_error"],
     "cs5": report["cumulative_score"]["5"],
     "mae_minors": report["mae_minors"],
+    "bench_mae": report["bench_mae"],
+    "bench_cs5": report["bench_cs5"],
   }
 
 
@@ -264,6 +275,8 @@ def format_table(report: dict[str, Any]) -> str:
     f"{report['split']} split, checkpoint {report['checkpoint']} (step {report['step']})"
     f"{', flip-averaged' if report['flip'] else ''}: {report['num_examples']} examples",
     f"  MAE                 {report['mae']:.3f} years",
+    f"  benchmark's MAE     {report['bench_mae']:.3f} years, CS@5 {report['bench_cs5']:.3f}  "
+    "(posterior median in whole years, temperature 1)",
     f"  epsilon-error       {report['epsilon_error']:.4f}",
     f"  mean predicted std  {report['mean_predicted_std']:.2f} years",
     "  CS@k                " + "  ".join(f"{k}:{v:.3f}" for k, v in report["cumulative_score"].items()),

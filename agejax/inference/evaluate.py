@@ -113,7 +113,13 @@ def run_evaluation(
       written[1],
       "".join(
         json.dumps(
-          {"index": i, "age": float(data.age[i]), **{k: float(per_example[k][i]) for k in scoring.OUTPUT_KEYS}}
+          {
+            "index": i,
+            "age": float(data.age[i]),
+            **{k: float(per_example[k][i]) for k in scoring.OUTPUT_KEYS},
+            # The raw model's distribution (temperature 1): any point score can be recomputed from it.
+            "probabilities": per_example["raw"][i].tolist(),
+          }
         )
         + "\n"
         for i in range(len(data))

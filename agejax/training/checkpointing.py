@@ -17,7 +17,10 @@ from orbax.checkpoint import checkpoint_managers
 from agejax import errors, metrics, models, parallel, settings, storage
 from agejax.training import learner
 
-BEST_METRIC = "eval_mae"
+BEST_METRIC = "eval_mae"  # what checkpoints written before eval.select_by are ranked by
+# Each evaluated checkpoint's value of the metric eval.select_by names: "best" is the lowest, and of
+# equal values the later step (Orbax sorts stably; the benchmark's `<=` keeps the later epoch).
+SELECTED = "selected"
 CONFIG_FILE = "config.json"
 # What inference needs besides the weights, recorded by the trainer: the stored face size that new
 # photos are cropped to, the age bins and the preprocessing. Nothing has to ask the dataset.
@@ -26,7 +29,13 @@ CHECKPOINT_CHOICES = "best, latest or a step number"
 
 
 def _mae(metrics: dict) -> float:
-  return metrics[BEST_METRIC]
+  return metrics.get(SELECTED, metrics[BEST_METRIC])
+
+
+def checkpoint_metrics(eval_metrics: dict[str, Any], select_by: str) -> dict[str, float]:
+  """What an evaluated checkpoint is saved with: its eval MAE, the benchmark's, and the value that ranks it."""
+  scored = {BEST_METRIC: eval_metrics["mae"], "eval_bench_mae": eval_metrics["bench_mae"]}
+  return {**scored, SELECTED: eval_metrics[select_by]}
 
 
 class Checkpoints:
@@ -63,7 +72,7 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The step of the checkpoint with the lowest eval MAE, or None."""
+    """The step of the checkpoint with the lowest eval.select_by metric (of equal ones the later), or None."""
     steps_with_metrics = [s for s in self.manager.all_steps() if self.manager.metrics(s)]
     return self.manager.best_step() if steps_with_metrics else None
 
@@ -294,19 +303,26 @@ def same_bins(a: settings.LabelSettings, b: settings.LabelSettings) -> bool:
 
 
 def weights_from_run(
-  init_from: str, labels: settings.LabelSettings, params: Any, model_state: Any, *, head: str = "head"
+  init_from: str,
+  labels: settings.LabelSettings,
+  params: Any,
+  model_state: Any,
+  *,
+  head: str = "head",
+  with_head: bool = True,
 ) -> tuple[Any, Any]:
   """Copies of `params` and `model_state` with `model.init_from`'s trained weights (an `overlay` of learner.create).
 
-  The whole network comes across when the age bins match; otherwise the head (the parameter group
-  `head`) keeps its fresh initialisation and a warning names both bin ranges. Optimizer state and
-  step are not read: the new run starts them fresh.
+  The whole network comes across when the age bins match and `with_head` (model.init_from_head);
+  otherwise the head (the parameter group `head`) keeps its fresh initialisation, as the benchmark's
+  `*_pretrained` recipes start theirs, and where the bins differ a warning names both ranges.
+  Optimizer state and step are not read: the new run starts them fresh.
   """
   workdir, checkpoint, source = source_settings(init_from)
   models.load_plugins(source.run.plugins)
   _, state = restore_trained(workdir, checkpoint, source, recorded_input_spec(workdir))
-  whole = same_bins(source.labels, labels)
-  if not whole:
+  whole = with_head and same_bins(source.labels, labels)
+  if with_head and not whole:
     logging.warning(
       "model.init_from=%s: its age bins %d..%d differ from this config's %d..%d; the head (%s) starts fresh, "
       "the backbone comes across",
@@ -361,10 +377,13 @@ def inference_record(
   """What a trained model needs at inference besides config.json (WORKDIR/inference.json).
 
   The stored face size new photos are cropped to (the data's, not the model's input size), the
-  backbone's name, the input its weights expect and, when measured, the stored crops' framing
+  backbone's name, the input its weights expect, the central fraction of a crop the model sees
+  (`eval_crop`, only when not 1) and, when measured, the stored crops' framing
   (`data.framing.framing_record`: where new faces' landmarks go; without it, the fixed-margin crop).
   """
   record = {"input_size": int(input_size), "model": cfg.model.name, "input_spec": model.input_spec.to_json()}
+  if model.eval_crop != 1.0:  # absent reads as 1.0: a workdir without it reads exactly as one from before the crop
+    record["eval_crop"] = float(model.eval_crop)
   if framing is not None:  # absent, not null: a workdir without it reads exactly as one from before framing
     record["framing"] = framing
   return record

@@ -16,6 +16,9 @@ from agejax.data import splits
 from agejax.training import checkpointing, losses, optim
 
 TEST_SPLIT = "test"  # the split train.py scores at the end (train.TEST_SPLIT); never data.eval_split
+# The eval metrics eval.select_by may pick the best checkpoint by: the expected age's MAE, or the
+# unified benchmark's (the posterior median in whole years, metrics.posterior_median).
+SELECT_BY = ("mae", "bench_mae")
 SEED_LIMIT = 2**32  # numpy's default_rng takes no negative seed; jax.random.key keeps 32 bits without x64
 # The Gaussian target gives the bins next to the age exp(-1 / (2 sigma^2)) of the centre's mass:
 # below this sigma that underflows float32's smallest normal number (devices flush subnormals),
@@ -137,6 +140,12 @@ def validate(config) -> settings.Settings:
   _check_optimizer(cfg.optimizer)
   _check_evals(cfg)
   check_init_from(cfg)
+  _require(
+    cfg.model.init_from_head or bool(cfg.model.init_from),
+    "model.init_from_head",
+    cfg.model.init_from_head,
+    "starts init_from's run without its head, and model.init_from is not set: set it to the first stage's WORKDIR",
+  )
   if not cfg.model.init_from:  # init_from's weights replace the converted ones: those are not read
     check_pretrained(cfg)
   return cfg
@@ -162,9 +171,16 @@ def _check_run(run: settings.RunSettings, n: int) -> None:
     f"must be >= 1 and divide the per-device batch {run.batch_size // n}",
   )
   _require(run.nonfinite in ("stop", "skip"), "nonfinite", run.nonfinite, "must be 'stop' or 'skip'")
-  _require(run.num_train_steps > 0, "num_train_steps", run.num_train_steps, "must be positive")
-  for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
-    _require(getattr(run, key) > 0, key, getattr(run, key), "must be positive")
+  _require(run.num_epochs >= 0, "num_epochs", run.num_epochs, "must be >= 0 (0: num_train_steps sets the length)")
+  _require(
+    run.num_epochs > 0 or run.num_train_steps > 0,
+    "num_train_steps",
+    run.num_train_steps,
+    "must be positive (or set num_epochs)",
+  )
+  _require(run.log_every_steps > 0, "log_every_steps", run.log_every_steps, "must be positive")
+  for key in ("eval_every_steps", "checkpoint_every_steps"):
+    _require(getattr(run, key) >= 0, key, getattr(run, key), "must be >= 0 (0: once an epoch)")
   _require(
     run.keep_checkpoints >= 1,
     "keep_checkpoints",
@@ -206,6 +222,18 @@ def _check_data_and_model(cfg: settings.Settings) -> None:
   _require(model.dtype in models.DTYPES, "model.dtype", model.dtype, f"must be one of {models.DTYPES}")
   _require(0 <= model.dropout_rate < 1, "model.dropout_rate", model.dropout_rate, "must be in [0, 1)")
   splits.check(cfg.data.split)  # its syntax; the folders are checked against the dataset when it loads
+  _require(
+    0 < cfg.data.eval_crop <= 1,
+    "data.eval_crop",
+    cfg.data.eval_crop,
+    "must be in (0, 1]: the central fraction of each stored crop's side the model sees (1: all of it)",
+  )
+  _require(
+    0 <= cfg.augment.resized_crop_min_area <= 1,
+    "augment.resized_crop_min_area",
+    cfg.augment.resized_crop_min_area,
+    "must be in [0, 1]: the smallest random crop's share of the stored crop's area (0: the scale/translate zoom)",
+  )
   _require(
     cfg.data.eval_split != TEST_SPLIT,
     "data.eval_split",
@@ -267,11 +295,17 @@ def _check_optimizer(opt: settings.OptimizerSettings) -> None:
 
 
 def _check_evals(cfg: settings.Settings) -> None:
+  _require(cfg.eval.select_by in SELECT_BY, "eval.select_by", cfg.eval.select_by, f"must be one of {SELECT_BY}")
   names = [e.name for e in cfg.eval.evals]
   for i, e in enumerate(cfg.eval.evals):
     _require(bool(e.name) and "/" not in e.name, f"evals[{i}].name", e.name, "must be a non-empty name without '/'")
     _require(names.count(e.name) == 1, f"evals[{i}].name", e.name, "is used by another evaluation")
-    _require(e.every_steps >= 0, f"evals[{i}].every_steps", e.every_steps, "must be >= 0 (0: with the eval split)")
+    _require(
+      e.every_steps >= -1,
+      f"evals[{i}].every_steps",
+      e.every_steps,
+      "must be >= 0 (0: with the eval split), or -1: once, at the end, on the best checkpoint",
+    )
 
 
 def resume_may_change(key: str) -> bool:

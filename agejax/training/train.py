@@ -19,6 +19,8 @@ from agejax.training import checkpointing, configuration, learner, losses, preem
 
 FINAL_METRICS = "final_metrics.json"
 TEST_SPLIT = "test"  # scored with the best checkpoint at the end of every run, when the dataset has it
+# config.evals[i].every_steps: scored once, after training, on the best checkpoint (cross-dataset test sets).
+AT_THE_END = -1
 
 
 @dataclasses.dataclass
@@ -35,6 +37,7 @@ class Built:
   evaluator: scoring.Evaluator
   test_evaluator: scoring.Evaluator | None  # the test split's (None: the dataset has none); eval's compiled steps
   steps_per_epoch: int
+  cfg: settings.Settings  # the run's settings with its length and intervals in steps (`in_steps`)
   extra_evals: dict[str, tuple[settings.ExtraEval, scoring.Evaluator]]  # config.evals by name
 
 
@@ -50,7 +53,9 @@ def pretrained(cfg: settings.Settings, resumed: epath.Path | None = None) -> tup
       return None, checkpointing.recorded_input_spec(resumed)
     workdir, _ = checkpointing.parse_init_from(cfg.model.init_from)
     head = models.get(cfg.model.name).head
-    overlay = functools.partial(checkpointing.weights_from_run, cfg.model.init_from, cfg.labels, head=head)
+    overlay = functools.partial(
+      checkpointing.weights_from_run, cfg.model.init_from, cfg.labels, head=head, with_head=cfg.model.init_from_head
+    )
     return overlay, checkpointing.recorded_input_spec(workdir)
   if not cfg.model.pretrained:
     return None, None
@@ -84,6 +89,23 @@ def test_data(cfg: settings.Settings) -> pipeline.ArraySplit | None:
   return pipeline.load_labelled_split(cfg.data, cfg.labels, TEST_SPLIT)
 
 
+def in_steps(cfg: settings.Settings, steps_per_epoch: int) -> settings.Settings:
+  """The settings with num_epochs turned into num_train_steps, and intervals of 0 into once an epoch.
+
+  An epoch is ceil(training examples / batch_size) steps, the update count of a PyTorch DataLoader
+  that keeps the last partial batch (the benchmark's); agejax's batches are always full, the next
+  epoch's permutation filling the last one.
+  """
+  run = cfg.run
+  changes: dict[str, Any] = {}
+  if run.num_epochs > 0:
+    changes["num_train_steps"] = max(1, round(run.num_epochs * steps_per_epoch))
+  for key in ("eval_every_steps", "checkpoint_every_steps"):
+    if getattr(run, key) == 0:
+      changes[key] = steps_per_epoch
+  return dataclasses.replace(cfg, run=dataclasses.replace(run, **changes)) if changes else cfg
+
+
 def build(cfg: settings.Settings, resumed: epath.Path | None = None) -> Built:
   """Creates the mesh, data, learner, initial state, jitted train step and evaluators of validated settings.
 
@@ -94,6 +116,7 @@ def build(cfg: settings.Settings, resumed: epath.Path | None = None) -> Built:
   eval_data = pipeline.load_labelled_split(cfg.data, cfg.labels, cfg.data.eval_split)
   test = test_data(cfg)
   steps_per_epoch = math.ceil(len(train_data) / cfg.run.batch_size)
+  cfg = in_steps(cfg, steps_per_epoch)
   overlay, spec = pretrained(cfg, resumed)
   fns, state, schedule = learner.create(cfg, steps_per_epoch, overlay=overlay, input_spec=spec)
   replicated = parallel.replicated(mesh)
@@ -109,6 +132,7 @@ def build(cfg: settings.Settings, resumed: epath.Path | None = None) -> Built:
     evaluator=evaluator,
     test_evaluator=None if test is None else evaluator.on(test),  # the eval steps: nothing compiles again
     steps_per_epoch=steps_per_epoch,
+    cfg=cfg,
     extra_evals={e.name: (e, fns.evaluator(extra_eval_data(cfg, e), mesh)) for e in cfg.eval.evals},
   )
 
@@ -198,6 +222,10 @@ class _Run:
     with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
       resuming = self.ckpts.latest_step() is not None
       b = self.b = build(self.cfg, self.workdir if resuming else None)
+      self.cfg = b.cfg  # the length in steps
+      if self.cfg.run.num_epochs > 0 and jax.process_index() == 0:
+        run = self.cfg.run
+        print(f"{run.num_epochs:g} epochs of {b.steps_per_epoch} steps: {run.num_train_steps} steps")
       state = b.state
       latest = self.ckpts.latest_step()
       finished = latest is not None and latest >= self.cfg.run.num_train_steps and final_path.exists()
@@ -277,7 +305,9 @@ class _Run:
         logged = step % run.log_every_steps == 0 or last
         evaluated = step % run.eval_every_steps == 0 or last
         extras = [
-          name for name, (e, _) in b.extra_evals.items() if last or step % (e.every_steps or run.eval_every_steps) == 0
+          name
+          for name, (e, _) in b.extra_evals.items()
+          if e.every_steps != AT_THE_END and (last or step % (e.every_steps or run.eval_every_steps) == 0)
         ]
         saving = evaluated or step % run.checkpoint_every_steps == 0 or preempted
         if not (logged or saving or extras):
@@ -296,7 +326,7 @@ class _Run:
           for name in extras:
             self._evaluate_extra(step, state, name)
           if saving:
-            scored = {checkpointing.BEST_METRIC: self.eval_metrics["mae"]} if evaluated else None
+            scored = checkpointing.checkpoint_metrics(self.eval_metrics, self.cfg.eval.select_by) if evaluated else None
             ckpts.save(step, state, scored, force=preempted)
           if preempted and not last:
             ckpts.wait()
@@ -371,12 +401,14 @@ class _Run:
       ckpts.wait()
       if not self.eval_metrics:  # resumed exactly at the end: evaluate the restored state
         self.eval_metrics = scoring.headline(b.evaluator.run(state))
-      for name, (_, evaluator) in b.extra_evals.items():
-        if name not in self.extra_metrics:
-          self.extra_metrics[name] = scoring.headline(evaluator.run(state))
       # Calibrate the checkpoint inference uses by default (the best), before final metrics mark the run done.
       best = ckpts.best_step()
       scored = state if best in (None, step) else ckpts.restore(state, best)
+      for name, (extra, evaluator) in b.extra_evals.items():
+        if extra.every_steps == AT_THE_END:  # a test set of another database: the best checkpoint's scores
+          self.extra_metrics[name] = {**scoring.headline(evaluator.run(scored)), "step": best or step}
+        elif name not in self.extra_metrics:
+          self.extra_metrics[name] = scoring.headline(evaluator.run(state))
       fitted = scoring.calibrate(b.evaluator, scored, self.workdir, self.cfg.data.eval_split)
       way = fitted[calibration.way(b.evaluator.flip)]  # the way the eval split is scored (eval.flip)
       final = {
@@ -416,7 +448,7 @@ class _Run:
       scalars.update({k: v for k, v in shown.items() if v is not None})
     self.writer.write_scalars(step, {**scalars, "test/coverage80_shown": c["coverage_shown"]["0.8"]})
     return {
-      **{f"test_{k}": scores[k] for k in ("mae", "cs5", "epsilon_error", "mae_minors")},
+      **{f"test_{k}": scores[k] for k in ("mae", "cs5", "epsilon_error", "mae_minors", "bench_mae", "bench_cs5")},
       # The share of test ages inside the central 90% interval of their calibrated distribution
       # (randomized PIT: whether the distributions are calibrated).
       "test_coverage90": c["coverage"]["0.9"],
@@ -444,6 +476,11 @@ def summary(final: dict[str, Any]) -> str:
       f"(mean-age baseline {final['baseline_mae']:.3f}; ratio {ratio:.2f})",
       f"  epsilon-error  {final['eval_epsilon_error']:.4f}",
       f"  CS@5           {final['eval_cs5']:.4f}",
+      *(
+        [f"  benchmark's    MAE {final['eval_bench_mae']:.3f}  CS@5 {final['eval_bench_cs5']:.4f}  (posterior median)"]
+        if final.get("eval_bench_mae") is not None
+        else []
+      ),
       f"  loss           {final['eval_loss']:.4f}",
       f"  temperature    {final.get('temperature', float('nan')):.3f}  (calibration.json, best checkpoint)",
       *(
