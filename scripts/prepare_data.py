@@ -7,6 +7,9 @@ changed source is refused; `--rebuild` deletes the prepared dataset and prepares
 A database of the unified benchmark: python scripts/prepare_data.py fae --database AgeDB_aligned.json
 --images DIR [--name agedb] [--image_size 281] (the name defaults to the JSON's stem, lowercased); it
 prints the examples per folder and the train / validation / test sizes of each benchmark split.
+A database whose folders share people on purpose (IMDB-CLEAN-FP-AGE: training folder 0 and validation
+folder 1; only test folder 2 is subject-exclusive) needs `--shared_subjects 0,1`; it prints one line
+saying how many subjects those folders share.
 """
 
 import sys
@@ -25,6 +28,12 @@ flags.DEFINE_alias("name", "builder_config")  # csv_faces: the name of your data
 _DATABASE = flags.DEFINE_string("database", "", "fae: the benchmark's database JSON, e.g. AgeDB_aligned.json.")
 _IMAGES = flags.DEFINE_string("images", "", "fae: the folder the JSON's img_path values are relative to.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "fae: the stored crop size; 0 is the benchmark's (281).")
+_SHARED_SUBJECTS = flags.DEFINE_string(
+  "shared_subjects",
+  "",
+  "fae: folders that may share subjects, e.g. 0,1 for IMDB-CLEAN-FP-AGE (or 'all'); default: none, every folder "
+  "subject-exclusive.",
+)
 _REBUILD = flags.DEFINE_bool(
   "rebuild",
   False,
@@ -36,7 +45,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in datasets.DATASETS:
     sys.exit(
       f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
-      f"[--name NAME] [--rebuild]; fae --database FILE.json --images DIR [--name NAME] [--image_size N]"
+      f"[--name NAME] [--rebuild]; fae --database FILE.json --images DIR [--name NAME] [--image_size N] "
+      f"[--shared_subjects 0,1]"
     )
   fae = argv[1] == "fae"
   name = _BUILDER_CONFIG.value
@@ -47,6 +57,8 @@ def main(argv):
   try:
     args = argv[1], _DATA_DIR.value, (_IMAGES.value or _MANUAL_DIR.value) if fae else _MANUAL_DIR.value, name
     extra = {"database": _DATABASE.value, "image_size": _IMAGE_SIZE.value} if fae else {}
+    if _SHARED_SUBJECTS.value:  # datasets.prepare refuses it for a dataset other than fae
+      extra["shared_subjects"] = _SHARED_SUBJECTS.value
     builder = datasets.get_builder(args[0], args[1], args[3], extra.get("image_size", 0))
     already = not _REBUILD.value and builder.is_prepared()
     builder = datasets.prepare(*args, rebuild=_REBUILD.value, **extra)
@@ -61,6 +73,8 @@ def main(argv):
   if fae:
     from agejax.data import fae as fae_data
 
+    if shared := fae_data.shared_subjects_line(metadata):
+      print(shared)
     print("\n".join(fae_data.summary(builder)))
   else:
     for split_name, split in builder.info.splits.items():

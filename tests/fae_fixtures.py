@@ -23,6 +23,13 @@ LAYOUTS = {
   "clap2016_aligned": ("CLAP2016_aligned.json", "ChaLearn2016", (0, 1, 2), ("std_age", "aligned_bbox")),
   "morph_aligned": ("MORPH_aligned.json", "MORPH", tuple(range(10)), ("id_num", "gender", "aligned_bbox")),
   "fgnet_aligned": ("FG-Net_aligned.json", "FG-NET", tuple(range(1, 13)), ("id_num", "aligned_bbox")),
+  # facebase/to_json/imdb_fp_age_to_json.py: FP-AGE's train / valid / test as folders 0-2, `name` the nm id.
+  "imdb_fp_age_aligned": (
+    "IMDB-CLEAN-FP-AGE_aligned.json",
+    "IMDB-CLEAN",
+    (0, 1, 2),
+    ("name", "gender", "aligned_bbox"),
+  ),
 }
 _CLAP_PARTS = {0: "train", 1: "valid", 2: "test"}
 _NAMES = ("ElsaMartinelli", "MargeChampion", "CarlosSantana", "HeinrichHertz", "BillMurray", "GlendaJackson")
@@ -36,6 +43,8 @@ def _img_path(layout: str, folder: int, subject: int, k: int, age: int, gender: 
     return f"AgeDB/AgeDB/{number}_{name}_{age}_{gender.lower()}.jpg"
   if layout == "clap2016_aligned":
     return f"ChaLearn2016/{_CLAP_PARTS[folder]}/{number:06d}.jpg"
+  if layout == "imdb_fp_age_aligned":  # one person's photos may be in several folders: the folder keeps paths apart
+    return f"IMDB_WIKI/imdb/{subject % 100:02d}/nm{subject:07d}_rm{folder}{number}_1970-1-1_{1970 + age}.jpg"
   if layout == "morph_aligned":
     return f"MORPH/Album2/{subject:06d}_{k:02d}{gender}{age:02d}.JPG"
   return f"FG-NET/images/{subject:03d}A{age:02d}{'abc'[k % 3]}.jpg"
@@ -65,29 +74,40 @@ def make_fae_database(
   face_size: int = 40,
   seed: int = 0,
   json_name: str | None = None,
+  shared_folders: tuple[int, ...] = (),
 ) -> tuple[Path, Path]:
   """Writes a database JSON and its images under `root`; returns (json_path, images_dir).
 
   Layouts (`LAYOUTS`): "agedb" (name, gender M/F, number; no boxes; folders 0-9), "clap2016_aligned"
   (std_age, aligned_bbox; folders 0-2 as train/valid/test), "morph_aligned" (id_num, gender,
-  aligned_bbox; folders 0-9), "fgnet_aligned" (id_num, aligned_bbox; one folder per person, 1-12).
-  Each subject's images are in one folder (subject-exclusive). The JSON is indented like the real ones.
+  aligned_bbox; folders 0-9), "fgnet_aligned" (id_num, aligned_bbox; one folder per person, 1-12),
+  "imdb_fp_age_aligned" (name, gender, aligned_bbox; folders 0-2 as FP-AGE's train/valid/test).
+  Each subject's images are in one folder (subject-exclusive), except that with `shared_folders` the
+  people of its first folder are also the people of the others, as IMDB-CLEAN-FP-AGE's folders 0 and 1.
+  The JSON is indented like the real ones.
   """
   file_name, database, folders, fields = LAYOUTS[layout]
   rng = np.random.default_rng(seed)
   images = root / "images"
   entries = []
-  subject = 0
+  last = 0
+  people: dict[int, list[int]] = {}  # folder -> its subjects
   for folder in folders:
-    for _ in range(1 if layout == "fgnet_aligned" else subjects_per_folder):
-      subject += 1
+    count = 1 if layout == "fgnet_aligned" else subjects_per_folder
+    if folder in shared_folders[1:]:
+      people[folder] = people[shared_folders[0]]
+    else:
+      people[folder] = list(range(last + 1, last + 1 + count))
+      last += count
+    for subject in people[folder]:
       gender = "MF"[subject % 2]
       for k in range(images_per_subject):
         face, age, _ = demo_faces.sample_person(seed, len(entries), face_size)
         path = _img_path(layout, folder, subject, k, age, gender)
         entry: dict = {"img_path": path}
         if "name" in fields:
-          entry["name"] = f"{_NAMES[subject % len(_NAMES)]}{subject}"
+          imdb = layout == "imdb_fp_age_aligned"
+          entry["name"] = f"{subject:07d}" if imdb else f"{_NAMES[subject % len(_NAMES)]}{subject}"
         if "id_num" in fields:
           entry["id_num"] = subject
         entry["age"] = age

@@ -93,11 +93,17 @@ def test_aggregate_names_a_missing_split_and_computes_mean_and_std_as_numpy(cv):
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
   mae = result["summary"]["test_mae"]
-  assert lines[2].split()[:5] == ["mean", "±", "std", f"{mae['mean']:.2f}", "±"] and f"± {mae['std']:.2f}" in lines[2]
+  assert lines[2].startswith("mean ± std") and f"{mae['mean']:.2f} ± {mae['std']:.2f}" in lines[2]
   assert lines[3].startswith("split 0") and f"{values[0]['test_mae']:.2f}" in lines[3]
   [missing] = [line for line in lines if line.startswith("missing")]
   assert missing == f"missing 1 of 3 splits: split 2 (no final_metrics.json in {workdir}/split2)"
   assert json.loads((workdir / crossval.RESULT_FILE).read_text())["missing"] == result["missing"]
+  # Then the benchmark's table: one row, this database (the demo's tiny config), 2 of the 3 splits finished.
+  assert result["database"] == "demo/tiny"
+  [row] = [line for line in lines if line.startswith("demo/tiny ")]
+  bench = [v.get("test_bench_mae") for v in values]
+  cell = "-" if None in bench else f"{np.mean(bench):.2f}({np.std(bench):.2f})"
+  assert row.split()[1] == cell and row.split()[-1] == "2/3"
 
 
 def test_print_commands_prints_one_train_command_per_split():
@@ -196,6 +202,145 @@ def test_a_split_another_machine_holds_is_skipped_and_the_rest_still_train(tiny_
 
   monkeypatch.setattr(crossval.train, "train_and_evaluate", train_and_evaluate)
   monkeypatch.setattr(crossval, "aggregate", lambda workdir, splits, write: {"splits": list(splits)})
-  assert crossval.run(tiny_config, str(tmp_path), ["0", "1", "2", "3"]) == {"splits": ["0", "1", "2", "3"]}
+  # The demo has no benchmark folders: the seed stands for data.split (as the `cv` fixture's).
+  assert crossval.run(tiny_config, str(tmp_path), ["0", "1", "2", "3"], key=KEY) == {"splits": ["0", "1", "2", "3"]}
   assert trained == ["split0", "split2", "split3"]
   assert "split 1: skipped, another run holds it:" in capsys.readouterr().out
+
+
+def write_split(workdir: Path, split: str, database: tuple[str, str], **scores) -> None:
+  """A finished split as train.py leaves it: final_metrics.json with these test scores, config.json's data."""
+  directory = workdir / f"split{split}"
+  directory.mkdir(parents=True)
+  final = {"step": 100, "best_step": 50, "eval_mae": 6.0, "eval_bench_mae": 6.1, "temperature": 1.0, **scores}
+  (directory / train.FINAL_METRICS).write_text(json.dumps(final))
+  name, builder_config = database
+  (directory / "config.json").write_text(json.dumps({"data": {"name": name, "builder_config": builder_config}}))
+
+
+def test_the_benchmark_table_writes_mean_and_population_std_per_database_as_the_benchmarks_evaluation(tmp_path):
+  # AgeDB: three splits; [5.1, 5.3, 5.2] -> mean 5.2, std sqrt((0.01 + 0.01 + 0) / 3) = 0.0816 -> "5.20(0.08)";
+  # CS@5 [0.61, 0.64, 0.58] -> 0.61, sqrt((0 + 0.0009 + 0.0009) / 3) = 0.0245 -> "0.61(0.02)".
+  agedb = tmp_path / "agedb_cv"
+  for k, (mae, cs5) in enumerate([(5.1, 0.61), (5.3, 0.64), (5.2, 0.58)]):
+    write_split(agedb, str(k), ("fae", "agedb"), test_mae=mae + 0.1, test_bench_mae=mae, test_bench_cs5=cs5)
+  # CLAP2016: its one split; an older run without the benchmark's scores: "-".
+  clap = tmp_path / "clap_cv"
+  write_split(clap, "0", ("fae", "clap2016"), test_mae=4.4, test_bench_mae=4.5, test_bench_cs5=0.7)
+  old = tmp_path / "old_cv"
+  write_split(old, "0", ("utkface", ""), test_mae=4.9)
+  results = {
+    "agedb": crossval.aggregate(agedb, ["0", "1", "2", "3", "4"]),  # splits 3 and 4 not finished
+    "clap2016": crossval.aggregate(clap, ["0"]),
+    "utkface": crossval.aggregate(old, ["0"]),
+  }
+  assert [r["database"] for r in results.values()] == ["agedb", "clap2016", "utkface"]
+  assert results["agedb"]["per_split"]["1"]["eval_bench_mae"] == 6.1
+  assert crossval.benchmark_table(results).splitlines() == [
+    "benchmark table (lib/evaluation.py): test part, mean(std) over each database's finished splits, std ddof=0",
+    "            age[mae]    age[cs5]  splits",
+    "agedb     5.20(0.08)  0.61(0.02)     3/5",
+    "clap2016  4.50(0.00)  0.70(0.00)     1/1",
+    "utkface            -           -     1/1",
+  ]
+  # Any column of crossval.json's: the expectation's MAE, [5.2, 5.4, 5.3] -> "5.30(0.08)".
+  assert crossval.benchmark_table(results, ["test_mae"]).splitlines()[2].split() == ["agedb", "5.30(0.08)", "3/5"]
+
+  # scripts/table.py over the crossval.json files just written; a second workdir of the same database is
+  # named by its path.
+  again = tmp_path / "agedb_again"
+  write_split(again, "0", ("fae", "agedb"), test_mae=5.0, test_bench_mae=5.0, test_bench_cs5=0.5)
+  crossval.aggregate(again, ["0"])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  command = [sys.executable, "scripts/table.py", str(agedb), str(clap), str(again)]
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+  assert rows == [
+    ["agedb", "5.20(0.08)", "0.61(0.02)", "3/5"],
+    ["clap2016", "4.50(0.00)", "0.70(0.00)", "1/1"],
+    [str(again), "5.00(0.00)", "0.50(0.00)", "1/1"],
+  ]
+  missing = subprocess.run([*command[:2], str(tmp_path / "nothing")], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines() == [
+    f"error: {tmp_path / 'nothing'}/crossval.json does not exist: aggregate its splits first with "
+    f"scripts/crossval.py --config ... --workdir {tmp_path / 'nothing'} --aggregate_only"
+  ]
+  bad = subprocess.run([*command, "--metrics=test_mae,age"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[0].startswith("error: --metrics: 'age' is not one")
+
+
+def test_crossval_runs_the_one_split_of_a_three_folder_database_and_refuses_another_before_training(
+  tmp_path, compilation_cache
+):
+  from fae_fixtures import make_fae_database, prepare_fae
+
+  # CLAP2016's layout: folders 0-2 and the one split train 0, validation 1, test 2.
+  json_path, images = make_fae_database(tmp_path, "clap2016_aligned", subjects_per_folder=8, images_per_subject=1)
+  prepare_fae(json_path, images, tmp_path / "tfds", "clap")
+  flags = [
+    "--config",
+    "configs/vgg16_kl.py:tiny",
+    "--config.data.name=fae",
+    "--config.data.builder_config=clap",
+    f"--config.data.data_dir={tmp_path / 'tfds'}",
+    f"--config.data.cache_dir={tmp_path / 'arrays'}",
+    f"--config.compilation_cache_dir={compilation_cache}",
+    # test_init_from.tiny's run, whose steps the session's compilation cache holds.
+    "--config.model.batch_norm=True",
+    "--config.num_train_steps=20",
+    "--config.eval_every_steps=10",
+    "--config.checkpoint_every_steps=10",
+    "--config.log_every_steps=10",
+  ]
+  refused = tmp_path / "refused"
+  proc = script(*flags, "--workdir", str(refused), "--splits", "0-1")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+    "error: --splits: split 1 of dataset fae/clap: this dataset has folders 0-2 (one split of its own, as CLAP2016 "
+    "and CACD2000): only split 0"
+  ]
+  assert not (refused / "split0").exists() and not (refused / "split1").exists()  # nothing trained
+
+  commands = script(*flags, "--workdir", "gs://bucket/clap_cv", "--print_commands")  # the default: split 0 only
+  assert commands.returncode == 0, commands.stderr[-2000:]
+  assert [line.split()[-1] for line in commands.stdout.splitlines()] == ["--config.data.split=0"]
+
+  workdir = tmp_path / "cv"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run(
+    [sys.executable, "scripts/crossval.py", *flags, "--workdir", str(workdir)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((workdir / crossval.RESULT_FILE).read_text())
+  assert result["splits"] == result["finished"] == ["0"] and result["missing"] == {}
+  assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["split0"]
+  assert json.loads((workdir / "split0" / "config.json").read_text())["data"]["split"] == "0"
+  final = json.loads((workdir / "split0" / train.FINAL_METRICS).read_text())
+  assert result["per_split"]["0"]["test_mae"] == final["test_mae"] and np.isfinite(final["test_mae"])
+  assert result["database"] == "clap"
+  [row] = [line for line in proc.stdout.splitlines() if line.startswith("clap ")]
+  assert row.split()[-1] == "1/1"
+
+
+def test_named_splits_need_a_database_with_benchmark_folders_and_a_prepared_one(tiny_config, tmp_path):
+  with pytest.raises(crossval.errors.UserError) as e:  # the demo has train/validation/test, no folders
+    crossval.run(tiny_config, tmp_path / "demo_cv", ["0"])
+  assert str(e.value) == (
+    "--splits: split 0 of dataset demo/tiny: it has no benchmark folders, and crossval trains the benchmark's "
+    "splits of a database prepared with prepare_data.py fae"
+  )
+  assert not (tmp_path / "demo_cv").exists()
+  tiny_config.data.update(name="fae", builder_config="notprepared", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(crossval.errors.MissingInput) as missing:
+    crossval.default_splits(tiny_config)
+  assert str(missing.value) == (
+    f"dataset 'fae' is not prepared in {tmp_path / 'tfds'}/agejax_fae/notprepared/1.0.0; run: python "
+    f"scripts/prepare_data.py fae --database FILE.json --images DIR --name notprepared --data_dir {tmp_path / 'tfds'}"
+  )

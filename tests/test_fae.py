@@ -174,7 +174,105 @@ def test_a_subject_in_two_folders_is_refused_in_one_line(fae_agedb, tmp_path):
   message = str(e.value)
   assert "\n" not in message and f"subject {entries[0]['name']!r} is in folders" in message
   assert all(f"{s['img_path']} in folder {s['folder']}" in message for s in same) and "subject-exclusive" in message
+  assert "--shared_subjects FOLDERS (e.g. 0,1)" in message  # the way to prepare a database that shares on purpose
   assert not (tmp_path / "tfds" / "agejax_fae" / "moved" / "1.0.0").exists()
+
+
+def _prepare_data(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  command = [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *args]
+  return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def _folders_of_subjects(json_path: Path) -> dict[str, list[int]]:
+  """Each person's folders, from the JSON as written."""
+  folders: dict[str, set[int]] = {}
+  for e in json.loads(json_path.read_text()):
+    folders.setdefault(e["name"], set()).add(e["folder"])
+  return {name: sorted(f) for name, f in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def fp_age(tmp_path_factory):
+  """An IMDB-CLEAN-FP-AGE-like database: 3 people in both folders 0 and 1, 3 others in folder 2, 2 photos each."""
+  root = tmp_path_factory.mktemp("fp_age")
+  json_path, images = make_fae_database(
+    root, "imdb_fp_age_aligned", subjects_per_folder=3, images_per_subject=2, shared_folders=(0, 1)
+  )
+  return json_path, images
+
+
+def test_a_database_whose_training_and_validation_folders_share_people_prepares_with_shared_subjects(fp_age, tmp_path):
+  json_path, images = fp_age
+  subjects = _folders_of_subjects(json_path)
+  shared = {name: f for name, f in subjects.items() if len(f) > 1}
+  assert len(shared) == 3 and set(map(tuple, shared.values())) == {(0, 1)}  # the generated layout, as FP-AGE's
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(errors.UserError) as e:  # without the flag: refused, naming the flag
+    prepare_fae(json_path, images, data_dir, "imdb")
+  assert "\n" not in str(e.value) and "subject-exclusive" in str(e.value) and "--shared_subjects" in str(e.value)
+
+  flags = [f"--database={json_path}", f"--images={images}", f"--data_dir={data_dir}", "--image_size=24"]
+  out = _prepare_data("fae", "--name=imdb", "--shared_subjects=0,1", *flags)
+  assert out.returncode == 0, out.stderr[-2000:]
+  example = min(shared)
+  said = [line for line in out.stdout.splitlines() if "subject" in line and "folders 0,1" in line]
+  assert said == [
+    f"IMDB-CLEAN-FP-AGE_aligned.json: 3 subjects are in more than one of folders 0,1 (e.g. {example!r} in 0 and 1): "
+    f"prepared as given; these folders are not subject-exclusive"
+  ], out.stdout
+  assert "  split 0      train       6  validation       6  test       6   (--config.data.split=0)" in out.stdout
+  metadata = datasets.get_builder("fae", str(data_dir), "imdb").info.metadata
+  assert metadata["shared_subjects"] == [0, 1] and metadata["shared_subject_count"] == 3
+  assert metadata["subjects"] == len(subjects) == 6
+
+  # The flag is part of the source: the same value keeps the dataset, another one is refused as another source.
+  again = _prepare_data("fae", "--name=imdb", "--shared_subjects=1,0", *flags)
+  assert again.returncode == 0 and "was already prepared" in again.stdout, again.stderr[-2000:]
+  other = _prepare_data("fae", "--name=imdb", "--shared_subjects=all", *flags)
+  assert other.returncode == 1
+  [line] = other.stderr.strip().splitlines()
+  assert line.startswith("error: ") and "(different: shared_subjects): pass --rebuild" in line
+  without = _prepare_data("fae", "--name=imdb", *flags)
+  assert without.returncode == 1 and "--shared_subjects" in without.stderr.strip().splitlines()[-1]
+
+
+def test_a_subject_shared_with_a_folder_outside_shared_subjects_is_still_refused(fp_age, tmp_path):
+  json_path, images = fp_age
+  entries = json.loads(json_path.read_text())
+  person = next(e["name"] for e in entries if e["folder"] == 2)
+
+  def into_validation(es):  # one photo of a test person moved into folder 1: test is no longer subject-exclusive
+    next(e for e in es if e["name"] == person).update(folder=1)
+
+  edited, edited_images = _edited(tmp_path, json_path, images, into_validation)
+  with pytest.raises(errors.UserError) as e:
+    prepare_fae(edited, edited_images, tmp_path / "tfds", "imdb", shared_subjects="0,1")
+  message = str(e.value)
+  assert "\n" not in message and f"subject {person!r} is in folders [1, 2]" in message
+  assert "--shared_subjects 0,1 lets only folders 0,1 share subjects" in message
+  assert not (tmp_path / "tfds" / "agejax_fae" / "imdb" / "1.0.0").exists()
+  # "all" allows it; the subjects counted are every one in two folders.
+  builder = prepare_fae(edited, edited_images, tmp_path / "tfds", "imdb", shared_subjects="all")
+  assert builder.info.metadata["shared_subjects"] == [0, 1, 2] and builder.info.metadata["shared_subject_count"] == 4
+
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [("", ()), ("0,1", (0, 1)), (" 1, 0 ", (0, 1)), ("ALL", "all"), ("0", None), ("0,0", None), ("0-1", None)],
+)
+def test_shared_subjects_reads_folder_lists_and_all_and_refuses_the_rest_in_one_line(text, expected):
+  if expected is not None:
+    assert fae.parse_shared_subjects(text) == expected
+  else:
+    with pytest.raises(errors.UserError, match=rf"^--shared_subjects={text!r}: "):
+      fae.parse_shared_subjects(text)
+
+
+def test_shared_subjects_is_for_fae_only(tmp_path):
+  with pytest.raises(errors.UserError, match=r"^--shared_subjects='0,1' is for fae databases only, not demo$"):
+    datasets.prepare("demo", str(tmp_path / "tfds"), builder_config="tiny", shared_subjects="0,1")
+  assert not (tmp_path / "tfds").exists()
 
 
 @pytest.mark.parametrize(

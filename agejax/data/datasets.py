@@ -82,6 +82,7 @@ def prepare(
   *,
   database: str = "",
   image_size: int = 0,
+  shared_subjects: str = "",
 ):
   """Builds the TFDS dataset once (from `manual_dir` for downloaded datasets); returns the builder.
 
@@ -89,19 +90,26 @@ def prepare(
   fingerprint in its metadata matches) and refused with a ValueError when the source differs or
   changed since; `rebuild` deletes its version folder and prepares it again. The source is read
   (archives verified) before anything is written or deleted. For fae, `manual_dir` is the images
-  folder, `database` the benchmark's database JSON and `image_size` the crop size (0: the benchmark's).
+  folder, `database` the benchmark's database JSON, `image_size` the crop size (0: the benchmark's) and
+  `shared_subjects` the folders whose subjects may repeat ('0,1' or 'all'; fae.parse_shared_subjects), a
+  part of the source: preparing again with another value is refused as another source.
   """
   tfds = import_tfds()
+  if shared_subjects and name != "fae":
+    raise errors.UserError(f"--shared_subjects={shared_subjects!r} is for fae databases only, not {name}")
   builder = get_builder(name, data_dir, builder_config, image_size)
   manual = DATASETS[name][1]
   if name == "fae":
+    from agejax.data import fae
+
+    shared = fae.parse_shared_subjects(shared_subjects)
     if not (database and manual_dir):
       raise errors.MissingInput(
         "fae needs the benchmark's database JSON and the images folder its img_path values are relative to: "
         "pass --database FILE.json --images DIR"
       )
     _check_fae_size(builder, data_dir, builder_config, image_size, rebuild)
-    builder.database_path = database
+    builder.database_path, builder.shared_subjects = database, shared
   source = builder.describe_source(manual_dir) if manual and manual_dir else None
   if builder.is_prepared():
     if rebuild:
@@ -112,7 +120,7 @@ def prepare(
       epath.Path(builder.data_dir).rmtree()
       builder = get_builder(name, data_dir, builder_config, image_size)
       if name == "fae":
-        builder.database_path = database
+        builder.database_path, builder.shared_subjects = database, shared
     elif source is not None:
       _check_same_source(name, builder, source)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)

@@ -26,10 +26,14 @@ a grouping of the report when the database has genders).
 
 Integrity: a malformed JSON fails in one line naming the entry's index and field; so does a subject
 found in two folders (naming the subject, both folders and an img_path from each), since the folders
-are subject-exclusive. Entries with an unknown (-1) or negative age or no folder (-1), images that
-are missing or undecodable, are skipped and counted (`metadata["skipped"]`). The prepared dataset
-records its source's fingerprint (the JSON's bytes and each listed image's name, size and modification
-time), its folders with their example counts, and whether it has subjects.
+are subject-exclusive, except among the folders `--shared_subjects` names: IMDB-CLEAN-FP-AGE puts
+people in both its training and validation folders (0 and 1) on purpose, only its test folder 2
+exclusive (their facebase/to_json/imdb_fp_age_to_json.py); such a database is prepared as given,
+with one line saying so (`shared_subjects_line`) and the folders recorded (`metadata["shared_subjects"]`).
+Entries with an unknown (-1) or negative age or no folder (-1), images that are missing or
+undecodable, are skipped and counted (`metadata["skipped"]`). The prepared dataset records its
+source's fingerprint (the JSON's bytes, each listed image's name, size and modification time, and
+--shared_subjects when given), its folders with their example counts, and whether it has subjects.
 
 Datasets are named by the user (`prepare_data.py fae --database AgeDB_aligned.json --images DIR
 --name agedb`); training reads one with `--config.data.name=fae --config.data.builder_config=agedb`.
@@ -222,6 +226,10 @@ class Database:
   has_genders: bool
   has_boxes: bool
   databases: list[str]
+  # The folders allowed to share subjects (--shared_subjects) and the subjects found in several of them:
+  # subject -> its folders, ascending.
+  shared_folders: tuple[int, ...] = ()
+  shared: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def _is_int(value) -> bool:
@@ -290,8 +298,34 @@ def _load_json(path: Path) -> tuple[list, bytes]:
   return entries, data
 
 
-def read_database(database: Path, images: Path) -> Database:
-  """Reads and checks a database JSON against its images folder (no image is decoded)."""
+SHARED_ALL = "all"
+
+
+def parse_shared_subjects(text: str) -> tuple[int, ...] | str:
+  """--shared_subjects: '' -> () (folders subject-exclusive), '0,1' -> (0, 1), 'all' -> 'all'; one-line errors."""
+  text = str(text or "").strip()
+  if not text:
+    return ()
+  if text.lower() == SHARED_ALL:
+    return SHARED_ALL
+  folders = [part.strip() for part in text.split(",")]
+  if not all(f.isdigit() and f.isascii() for f in folders):
+    raise errors.UserError(f"--shared_subjects={text!r}: give folder numbers such as 0,1, or 'all'")
+  if len(folders) < 2 or len(set(map(int, folders))) != len(folders):
+    raise errors.UserError(f"--shared_subjects={text!r}: name two or more different folders, e.g. 0,1")
+  return tuple(sorted(int(f) for f in folders))
+
+
+def _shared_text(shared: tuple[int, ...] | str) -> str:
+  """The flag's value as written back to the user: '0,1' or 'all'."""
+  return shared if isinstance(shared, str) else ",".join(map(str, shared))
+
+
+def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...] | str = ()) -> Database:
+  """Reads and checks a database JSON against its images folder (no image is decoded).
+
+  `shared_subjects` (parse_shared_subjects) names the folders that may share subjects; () none, 'all' any.
+  """
   if not images.is_dir():
     raise errors.MissingInput(
       f"the images folder {sources.display(images)} does not exist or is not a folder; pass --images, the folder "
@@ -354,13 +388,24 @@ def read_database(database: Path, images: Path) -> Database:
     files.add((img_path, path))
     gender_name = _GENDER_CODES[gender.strip().lower()] if gender is not None else builders.UNKNOWN
     entries[folder].append(Entry(i, img_path, path, age, float(std or 0.0), folder, subject, gender_name, box))
+  shared: dict[str, list[int]] = {}
   for subject, folders in first_in.items():
-    if len(folders) > 1:
-      where = ", ".join(f"{path} in folder {f}" for f, path in sorted(folders.items()))
-      raise errors.UserError(
-        f"{name}: subject {subject!r} is in folders {sorted(folders)} ({where}); the benchmark's folders are "
-        f"subject-exclusive: fix the folders in the JSON"
-      )
+    if len(folders) < 2:
+      continue
+    if shared_subjects == SHARED_ALL or set(folders) <= set(shared_subjects):
+      shared[subject] = sorted(folders)
+      continue
+    where = ", ".join(f"{path} in folder {f}" for f, path in sorted(folders.items()))
+    allowed = (
+      f"--shared_subjects {_shared_text(shared_subjects)} lets only folders {_shared_text(shared_subjects)} share "
+      f"subjects"
+      if shared_subjects
+      else "--shared_subjects FOLDERS (e.g. 0,1) prepares a database whose folders share subjects on purpose"
+    )
+    raise errors.UserError(
+      f"{name}: subject {subject!r} is in folders {sorted(folders)} ({where}); the benchmark's folders are "
+      f"subject-exclusive: fix the folders in the JSON, or {allowed}"
+    )
   if not listed:
     skipped = dict(unassigned.counts)
     raise errors.UserError(f"{name} lists no face with a folder ({len(raw)} entries; skipped: {skipped})")
@@ -373,6 +418,8 @@ def read_database(database: Path, images: Path) -> Database:
     entries.setdefault(folder, [])
     skips.setdefault(folder, faces.SkipCounter())
   parts = {"database": hashlib.sha256(data).hexdigest()}
+  if shared_subjects:  # part of the source only when given: datasets prepared before the flag keep their digest
+    parts["shared_subjects"] = _shared_text(shared_subjects)
   parts["images"], num_images = sources.files_digest(files)
   source = sources.fingerprint(database, parts, num_images)
   source["images"] = sources.display(os.path.abspath(images))
@@ -385,6 +432,26 @@ def read_database(database: Path, images: Path) -> Database:
     has_genders=genders,
     has_boxes=boxes,
     databases=sorted(databases),
+    shared_folders=tuple(sorted(listed)) if isinstance(shared_subjects, str) else shared_subjects,
+    shared=shared,
+  )
+
+
+def shared_subjects_line(metadata: dict) -> str | None:
+  """One line saying which folders of a prepared database share subjects (--shared_subjects), or None."""
+  folders = metadata.get("shared_subjects")
+  if not folders:
+    return None
+  database_name = Path((metadata.get("source") or {}).get("path") or "the database JSON").name
+  listed = ",".join(map(str, folders))
+  count = metadata.get("shared_subject_count", 0)
+  if not count:
+    return f"{database_name}: --shared_subjects {listed} given, and no subject is in more than one folder"
+  example = metadata.get("shared_subject_example") or {}
+  where = " and ".join(map(str, example.get("folders", [])))
+  return (
+    f"{database_name}: {count:,} subjects are in more than one of folders {listed} "
+    f"(e.g. {example.get('subject')!r} in {where}): prepared as given; these folders are not subject-exclusive"
   )
 
 
@@ -406,6 +473,7 @@ class AgejaxFae(builders.ManualSourceBuilder):
   """
   # No predefined configs: every database is named by the user (`named_config`), e.g. "agedb".
   database_path: Path | None = None  # the JSON: set by datasets.prepare before describing or preparing
+  shared_subjects: tuple[int, ...] | str = ()  # --shared_subjects (parse_shared_subjects): set with database_path
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = builders.features(
@@ -432,7 +500,7 @@ class AgejaxFae(builders.ManualSourceBuilder):
   def _read(self, images: Path) -> Database:
     if self.database_path is None:
       raise errors.UserError("fae needs the database JSON: pass --database FILE.json (e.g. AgeDB_aligned.json)")
-    return read_database(Path(self.database_path).expanduser(), images)
+    return read_database(Path(self.database_path).expanduser(), images, self.shared_subjects)
 
   def _split_generators(self, dl_manager):
     db = self._read(self._manual_root(dl_manager))
@@ -446,6 +514,12 @@ class AgejaxFae(builders.ManualSourceBuilder):
     metadata["boxes"] = db.has_boxes
     metadata["databases"] = db.databases
     metadata["groups"] = {"gender": list(GENDERS)} if db.has_genders else {}
+    if db.shared_folders:  # these folders are not subject-exclusive: said by prepare_data.py, kept for readers
+      metadata["shared_subjects"] = list(db.shared_folders)
+      metadata["shared_subject_count"] = len(db.shared)
+      if db.shared:
+        subject, folders = min(db.shared.items())  # the same example every time the JSON is prepared
+        metadata["shared_subject_example"] = {"subject": subject, "folders": folders}
     if db.unassigned.counts:
       db.unassigned.record(metadata, self.name, "unassigned")
     return {f"folder{f}": self._generate_examples(f, kept, db.skips[f]) for f, kept in db.entries.items()}

@@ -7,6 +7,11 @@ splits and each split's numbers. The std is NumPy's default, the population std 
 (ddof=0), as the unified benchmark's own table computes it (Paplham & Franc, CVPR 2024;
 github.com/paplhjak/Facial-Age-Estimation-Benchmark lib/evaluation.py, ErrorSummary: `np.std(err)`);
 crossval.json holds the sample std (ddof=1) beside it.
+
+Which splits: by default the ones the config's database can form (`default_splits`: 0-4 over folders
+0-9, 0 over CLAP2016's and CACD2000's folders 0-2); splits named by the user are checked against the
+database before any training (`check_splits`). `benchmark_table` prints several databases' results as
+the benchmark's own table does: one row per database, `mean(std)` per metric.
 """
 
 import shlex
@@ -17,14 +22,17 @@ import jax
 import numpy as np
 
 from agejax import errors, storage
-from agejax.training import train, workdir_lock
+from agejax.data import splits as benchmark_splits
+from agejax.training import checkpointing, train, workdir_lock
 
 SPLIT_KEY = "data.split"  # the config key that picks the benchmark's split K
-DEFAULT_SPLITS = "0-4"  # the benchmark's five train/validation/test splits
 RESULT_FILE = "crossval.json"
 STD_DDOF = 0  # the benchmark's: np.std over the splits (population std)
-# (final_metrics.json key, column title, decimals) of the table, MAE first.
+# (final_metrics.json key, column title, decimals) of the table: the benchmark's own MAE and CS@5 (the
+# posterior median's integer age) first, then the expectation's MAE and the rest.
 COLUMNS = (
+  ("test_bench_mae", "benchmark MAE", 2),
+  ("test_bench_cs5", "benchmark CS@5", 3),
   ("test_mae", "MAE", 2),
   ("test_cs5", "CS@5", 3),
   ("test_mae_minors", "minors' MAE", 2),
@@ -33,6 +41,9 @@ COLUMNS = (
   ("test_epsilon_error", "epsilon-error", 3),
 )
 TRAIN_SCRIPT = "python scripts/train.py"
+# The benchmark's column titles (lib/evaluation.py: the head's tag, 'age', and its metric in brackets).
+BENCHMARK_TITLES = {"test_bench_mae": "age[mae]", "test_bench_cs5": "age[cs5]"}
+BENCHMARK_METRICS = ("test_bench_mae", "test_bench_cs5")
 
 
 def parse_splits(text: str) -> list[str]:
@@ -46,6 +57,75 @@ def parse_splits(text: str) -> list[str]:
   if len(set(splits)) != len(splits):
     raise errors.UserError(f"--splits={text!r} names a split twice")
   return splits
+
+
+def _database(config) -> str:
+  """The config's dataset as messages name it: 'fae/agedb', 'demo/tiny', 'utkface'."""
+  return "/".join(p for p in (config.data.name, config.data.builder_config) if p)
+
+
+def _prepared_builder(config):
+  """The config's prepared dataset; an unprepared downloaded one fails in pipeline.load_split's one line."""
+  from agejax.data import datasets
+
+  data = config.data
+  builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
+  if builder.is_prepared():
+    return builder
+  if datasets.DATASETS[data.name][1]:
+    how = "--database FILE.json --images DIR" if data.name == "fae" else "--manual_dir DOWNLOADED_FOLDER"
+    raise errors.MissingInput(
+      f"dataset {data.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
+      f"{data.name} {how}"
+      + (f" --name {data.builder_config}" if data.builder_config else "")
+      + (f" --data_dir {data.data_dir}" if data.data_dir else "")
+    )
+  return datasets.prepare(data.name, data.data_dir, builder_config=data.builder_config)  # the demo: generated
+
+
+def database_folders(config) -> list[int]:
+  """The benchmark folders of the config's prepared dataset ([] for none); one line when it is not prepared."""
+  from agejax.data import pipeline
+
+  return pipeline.dataset_folders(_prepared_builder(config))
+
+
+def _no_folders(config, splits: Sequence[str] = ()) -> errors.UserError:
+  asked = f"--splits: split {splits[0]} of " if splits else ""
+  return errors.UserError(
+    f"{asked}dataset {_database(config)}: it has no benchmark folders, and crossval trains the benchmark's "
+    f"splits of a database prepared with prepare_data.py fae"
+  )
+
+
+def _unformable(split: str, folders: Sequence[int]) -> str | None:
+  """Why a dataset with `folders` cannot form benchmark split `split` (splits.resolve's reason), or None."""
+  try:
+    benchmark_splits.resolve(split, folders)
+  except errors.UserError as e:
+    return str(e).split(": ", 1)[-1]  # without resolve's config.data.split='K' prefix: the caller names the split
+  return None
+
+
+def default_splits(config) -> list[str]:
+  """The benchmark splits the config's database can form: 0-4 over folders 0-9, 0 over folders 0-2 (CLAP2016)."""
+  folders = database_folders(config)
+  if not folders:
+    raise _no_folders(config)
+  formable = benchmark_splits.formable(folders)
+  if not formable:
+    raise errors.UserError(f"dataset {_database(config)} forms no benchmark split: {_unformable('0', folders)}")
+  return [str(k) for k in formable]
+
+
+def check_splits(config, splits: Sequence[str]) -> None:
+  """Raises one line naming the first split the config's database cannot form, its name and its folders."""
+  folders = database_folders(config)
+  if not folders:
+    raise _no_folders(config, splits)
+  for split in splits:
+    if why := _unformable(split, folders):
+      raise errors.UserError(f"--splits: split {split} of dataset {_database(config)}: {why}")
 
 
 def split_workdir(workdir: storage.Location, split: str) -> str:
@@ -72,7 +152,8 @@ def run(config, workdir: storage.Location, splits: Sequence[str], *, key: str = 
   """Trains or resumes WORKDIR/split<K> for each split in turn, then aggregates (see `aggregate`).
 
   A split whose workdir another run holds (its lock) is skipped with one line, so crossval.py on several
-  machines shares the splits out; a finished split returns its final metrics without training.
+  machines shares the splits out; a finished split returns its final metrics without training. With the
+  split key data.split, every split is checked against the database first (`check_splits`).
 
   Args:
     config: the training config; `key` is set to each split.
@@ -83,6 +164,8 @@ def run(config, workdir: storage.Location, splits: Sequence[str], *, key: str = 
   Returns:
     The aggregate (also WORKDIR/crossval.json), or None when a SIGTERM stopped a split's run.
   """
+  if key == SPLIT_KEY:  # before any training: not split 0's hours, then split 1 refused
+    check_splits(config, splits)
   for split in splits:
     directory = split_workdir(workdir, split)
     print(f"split {split}: {directory}")
@@ -125,7 +208,7 @@ def aggregate(workdir: storage.Location, splits: Sequence[str], *, write: bool =
     if final.get("test_mae") is None:
       missing[split] = f"{path} has no test scores (its dataset has no test split, or the run predates them)"
       continue
-    keys = ("step", "best_step", "eval_mae", "temperature", *(k for k, _, _ in COLUMNS))
+    keys = ("step", "best_step", "eval_mae", "eval_bench_mae", "temperature", *(k for k, _, _ in COLUMNS))
     per_split[split] = {"workdir": directory, **{k: final.get(k) for k in keys}}
   if not per_split:
     raise errors.MissingInput(
@@ -138,6 +221,7 @@ def aggregate(workdir: storage.Location, splits: Sequence[str], *, write: bool =
     summary[key] = _summary(values) if values else None
   result = {
     "workdir": str(workdir),
+    "database": _trained_database(per_split),
     "splits": list(splits),
     "finished": list(per_split),
     "missing": missing,
@@ -149,6 +233,20 @@ def aggregate(workdir: storage.Location, splits: Sequence[str], *, write: bool =
   if write:  # one process of a multi-process run
     storage.write_json(storage.path(workdir) / RESULT_FILE, result)
   return result
+
+
+def _trained_database(per_split: dict[str, dict[str, Any]]) -> str | None:
+  """The dataset the first finished split trained on (its config.json), as benchmark_table's row name."""
+  for scores in per_split.values():
+    path = storage.path(scores["workdir"]) / checkpointing.CONFIG_FILE
+    if not path.exists():
+      continue
+    data = storage.read_json_object(path).get("data") or {}
+    name, builder_config = data.get("name"), data.get("builder_config")
+    if name == "fae" and builder_config:  # the user's name of the database, e.g. "agedb"
+      return str(builder_config)
+    return "/".join(str(p) for p in (name, builder_config) if p) or None
+  return None
 
 
 def missing_line(result: dict[str, Any]) -> str | None:
@@ -166,10 +264,13 @@ def format_table(result: dict[str, Any]) -> str:
   n = len(result["finished"])
   cell = lambda v, d: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
   spread = lambda s, d: "-" if s is None else f"{s['mean']:.{d}f} ± {s['std']:.{d}f}"  # noqa: E731
-  header = f"{'':<12}" + "".join(f"{title:>18}" for _, title, _ in COLUMNS)
-  mean_row = f"{'mean ± std':<12}" + "".join(f"{spread(result['summary'][k], d):>18}" for k, _, d in COLUMNS)
+  widths = [max(18, len(title) + 2) for _, title, _ in COLUMNS]  # a long title keeps a space before it
+  header = f"{'':<12}" + "".join(f"{title:>{w}}" for (_, title, _), w in zip(COLUMNS, widths))
+  mean_row = f"{'mean ± std':<12}" + "".join(
+    f"{spread(result['summary'].get(k), d):>{w}}" for (k, _, d), w in zip(COLUMNS, widths)
+  )
   rows = [
-    f"{f'split {split}':<12}" + "".join(f"{cell(scores[k], d):>18}" for k, _, d in COLUMNS)
+    f"{f'split {split}':<12}" + "".join(f"{cell(scores.get(k), d):>{w}}" for (k, _, d), w in zip(COLUMNS, widths))
     for split, scores in result["per_split"].items()
   ]
   lines = [
@@ -228,3 +329,51 @@ def train_commands(
     )
     for split in splits
   ]
+
+
+def read_result(workdir: storage.Location) -> dict[str, Any]:
+  """WORKDIR/crossval.json; one line when it is missing or is not an aggregate."""
+  path = storage.path(workdir) / RESULT_FILE
+  if not path.exists():
+    raise errors.MissingInput(
+      f"{str(workdir).rstrip('/')}/{RESULT_FILE} does not exist: aggregate its splits first with "
+      f"scripts/crossval.py --config ... --workdir {workdir} --aggregate_only"
+    )
+  result = storage.read_json_object(path)
+  if not isinstance(result.get("per_split"), dict) or not isinstance(result.get("finished"), list):
+    raise errors.UserError(f"{path}: not a crossval.json (no 'per_split' and 'finished')")
+  return result
+
+
+def table_label(result: dict[str, Any], workdir: storage.Location) -> str:
+  """A crossval result's row name: the database it trained on, else its workdir's name."""
+  return result.get("database") or storage.path(workdir).name
+
+
+def benchmark_table(results: dict[str, dict[str, Any]], metrics: Sequence[str] = BENCHMARK_METRICS) -> str:
+  """Several crossval results as the benchmark's table: a row per database, `mean(std)` over its splits per metric.
+
+  As lib/evaluation.py's ErrorSummary writes each cell, f"{np.mean(err):.2f}({np.std(err):.2f})" (ddof 0,
+  CS@5 a fraction), over the finished splits that have the metric; "-" where none has it. The last
+  column counts the finished splits of the splits asked for.
+  """
+  titles = [BENCHMARK_TITLES.get(m, m) for m in metrics]
+  rows = []
+  for label, result in results.items():
+    cells = []
+    for metric in metrics:
+      values = [result["per_split"][s].get(metric) for s in result["finished"]]
+      err = np.asarray([v for v in values if v is not None], np.float64)
+      cells.append(f"{np.mean(err):.2f}({np.std(err):.2f})" if err.size else "-")
+    cells.append(f"{len(result['finished'])}/{len(result.get('splits') or result['finished'])}")
+    rows.append((label, cells))
+  width = max([len(label) for label, _ in rows] + [0])
+  widths = [max([len(t)] + [len(cells[i]) for _, cells in rows]) for i, t in enumerate([*titles, "splits"])]
+  line = lambda name, cells: "  ".join([f"{name:<{width}}", *(f"{c:>{w}}" for c, w in zip(cells, widths))])  # noqa: E731
+  return "\n".join(
+    [
+      "benchmark table (lib/evaluation.py): test part, mean(std) over each database's finished splits, std ddof=0",
+      line("", [*titles, "splits"]),
+      *(line(label, cells) for label, cells in rows),
+    ]
+  )
