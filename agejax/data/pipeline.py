@@ -125,17 +125,7 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
   Returns:
     The split: memory-mapped uint8 images, ages, age stds and the dataset's groups.
   """
-  builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
-  if not builder.is_prepared():
-    if datasets.DATASETS[data.name][1]:
-      how = "--database FILE.json --images DIR" if data.name == "fae" else "--manual_dir DOWNLOADED_FOLDER"
-      raise errors.MissingInput(
-        f"dataset {data.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
-        f"{data.name} {how}"
-        + (f" --name {data.builder_config}" if data.builder_config else "")
-        + (f" --data_dir {data.data_dir}" if data.data_dir else "")
-      )
-    builder = datasets.prepare(data.name, data.data_dir, builder_config=data.builder_config)
+  builder = prepared_builder(data)
   folders = dataset_folders(builder)
   if splits.normalise(data.split):
     if not folders:
@@ -153,6 +143,22 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
     hint = "; its folders form train/validation/test with --config.data.split (0-4 or a spec)" if folders else ""
     raise errors.UserError(f"config.data split {split!r} is not in {data.name}: {sorted(builder.info.splits)}{hint}")
   return _load_cached(builder, split, data.cache_dir)
+
+
+def prepared_builder(data: settings.DataSettings):
+  """The configured dataset's prepared builder: the demo is generated; another unprepared one fails in one line."""
+  builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
+  if builder.is_prepared():
+    return builder
+  if datasets.DATASETS[data.name][1]:
+    how = "--database FILE.json --images DIR" if data.name == "fae" else "--manual_dir DOWNLOADED_FOLDER"
+    raise errors.MissingInput(
+      f"dataset {data.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
+      f"{data.name} {how}"
+      + (f" --name {data.builder_config}" if data.builder_config else "")
+      + (f" --data_dir {data.data_dir}" if data.data_dir else "")
+    )
+  return datasets.prepare(data.name, data.data_dir, builder_config=data.builder_config)
 
 
 def dataset_folders(builder) -> list[int]:

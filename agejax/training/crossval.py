@@ -64,30 +64,12 @@ def _database(config) -> str:
   return "/".join(p for p in (config.data.name, config.data.builder_config) if p)
 
 
-def _prepared_builder(config):
-  """The config's prepared dataset; an unprepared downloaded one fails in pipeline.load_split's one line."""
-  from agejax.data import datasets
-
-  data = config.data
-  builder = datasets.get_builder(data.name, data.data_dir, data.builder_config)
-  if builder.is_prepared():
-    return builder
-  if datasets.DATASETS[data.name][1]:
-    how = "--database FILE.json --images DIR" if data.name == "fae" else "--manual_dir DOWNLOADED_FOLDER"
-    raise errors.MissingInput(
-      f"dataset {data.name!r} is not prepared in {builder.data_dir}; run: python scripts/prepare_data.py "
-      f"{data.name} {how}"
-      + (f" --name {data.builder_config}" if data.builder_config else "")
-      + (f" --data_dir {data.data_dir}" if data.data_dir else "")
-    )
-  return datasets.prepare(data.name, data.data_dir, builder_config=data.builder_config)  # the demo: generated
-
-
 def database_folders(config) -> list[int]:
   """The benchmark folders of the config's prepared dataset ([] for none); one line when it is not prepared."""
+  from agejax import settings
   from agejax.data import pipeline
 
-  return pipeline.dataset_folders(_prepared_builder(config))
+  return pipeline.dataset_folders(pipeline.prepared_builder(settings.Settings.from_config(config).data))
 
 
 def _no_folders(config, splits: Sequence[str] = ()) -> errors.UserError:
