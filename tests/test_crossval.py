@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_init_from import tiny
 
+from agejax import errors
 from agejax.training import crossval, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +270,28 @@ def test_the_benchmark_table_writes_mean_and_population_std_per_database_as_the_
   ]
   bad = subprocess.run([*command, "--metrics=test_mae,age"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[0].startswith("error: --metrics: 'age' is not one")
+
+
+def test_one_run_s_cross_dataset_evaluations_are_rows_of_the_benchmark_table(tmp_path):
+  """configs/fae_benchmark.py:pretrain's run: its own test part and every other database's folders, a row each."""
+  run = tmp_path / "imdb_em_cnn"
+  run.mkdir()
+  final = {
+    "test_mae": 4.1,
+    "test_bench_mae": 4.0,
+    "test_bench_cs5": 0.66,
+    "evals": {"morph": {"mae": 5.2, "bench_mae": 5.25, "bench_cs5": 0.5}, "agedb": {"mae": 6.0, "bench_mae": 6.01}},
+  }
+  (run / "final_metrics.json").write_text(json.dumps(final))
+  table = crossval.benchmark_table(crossval.cross_dataset_results(run)).splitlines()
+  assert [line.split() for line in table[1:]] == [
+    ["age[mae]", "age[cs5]", "splits"],
+    ["imdb_em_cnn", "(test)", "4.00(0.00)", "0.66(0.00)", "1/1"],
+    ["morph", "5.25(0.00)", "0.50(0.00)", "1/1"],
+    ["agedb", "6.01(0.00)", "-", "1/1"],
+  ]
+  with pytest.raises(errors.MissingInput, match="has neither crossval.json nor final_metrics.json"):
+    crossval.cross_dataset_results(tmp_path / "nothing")
 
 
 def test_crossval_runs_the_one_split_of_a_three_folder_database_and_refuses_another_before_training(

@@ -327,6 +327,27 @@ def read_result(workdir: storage.Location) -> dict[str, Any]:
   return result
 
 
+def cross_dataset_results(workdir: storage.Location) -> dict[str, dict[str, Any]]:
+  """A finished run's own test part and its config.evals (e.g. `:pretrain`'s every folder of other databases) as rows.
+
+  Shaped as crossval results of one split each, for `benchmark_table`: the benchmark's cross-dataset
+  layout (facebase/benchmarks/IMDB-CLEAN-EM-CNN.yaml: trained on one database, tested on the others).
+  """
+  path = storage.path(workdir) / train.FINAL_METRICS
+  if not path.exists():
+    raise errors.MissingInput(
+      f"{str(workdir).rstrip('/')} has neither {RESULT_FILE} nor {train.FINAL_METRICS}: train or aggregate it first"
+    )
+  final = storage.read_json_object(path)
+  one = lambda scores: {"finished": ["0"], "splits": ["0"], "per_split": {"0": scores}}  # noqa: E731
+  rows = {}
+  if final.get("test_mae") is not None:
+    rows[f"{storage.path(workdir).name} (test)"] = one(final)
+  for name, scores in (final.get("evals") or {}).items():
+    rows[name] = one({f"test_{k}": v for k, v in scores.items()})
+  return rows
+
+
 def table_label(result: dict[str, Any], workdir: storage.Location) -> str:
   """A crossval result's row name: the database it trained on, else its workdir's name."""
   return result.get("database") or storage.path(workdir).name
