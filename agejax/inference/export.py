@@ -436,6 +436,7 @@ def export_workdir(
     "format": FORMAT,
     "input_size": size,
     "image_size": predictor.model.image_size,
+    "eval_crop": predictor.model.eval_crop,  # model.jax sees each crop's central fraction, resized to image_size
     "min_age": int(predictor.bins[0]),
     "max_age": int(predictor.bins[-1]),
     "model": predictor.cfg.model.name,
@@ -523,6 +524,9 @@ def _check_fields(manifest: dict[str, Any], file: epath.Path) -> None:
   check("calibrated", lambda v: isinstance(v, bool), "true or false")
   if not isinstance(manifest.get("flip", False), bool):  # absent: an export from before flip averaging
     raise _field_error(file, "flip", manifest["flip"], "true or false")
+  crop = manifest.get("eval_crop", 1.0)  # absent: an export from before the crop, which saw the whole crop
+  if not (_is_number(crop) and 0 < crop <= 1):
+    raise _field_error(file, "eval_crop", crop, "a number in (0, 1]")
   try:
     calibration.Calibration.from_fit(manifest, str(file))  # absent interval_masses: central intervals
   except errors.UserError:
@@ -646,6 +650,8 @@ class ExportedPredictor:
     self.min_age, self.max_age = self.manifest["min_age"], self.manifest["max_age"]
     self.bins = labels.age_bins(self.min_age, self.max_age)
     self.flip: bool = self.manifest.get("flip", False)  # each face averaged with its mirror image, inside model.jax
+    # The central fraction of each crop's side model.jax sees before its resize (the crop is inside model.jax).
+    self.eval_crop: float = float(self.manifest.get("eval_crop", 1.0))
     # The temperature inside model.jax, and the 80% interval's masses by age bucket (None: central intervals).
     self.calibration = calibration.Calibration.from_fit(self.manifest, str(self.path / MANIFEST_FILE))
     self.temperature = self.calibration.temperature

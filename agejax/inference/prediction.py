@@ -97,6 +97,11 @@ class Predictor:
     return self.model.input_spec.to_json()
 
   @property
+  def eval_crop(self) -> float:
+    """The central fraction of each crop's side the model sees before its resize (config.json's `data.eval_crop`)."""
+    return self.model.eval_crop
+
+  @property
   def input_size(self) -> int:
     """The side of the training data's stored faces: new faces are cropped to it, as the training data was."""
     return int(self.record["input_size"])

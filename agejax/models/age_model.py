@@ -34,6 +34,21 @@ def resize(images: jax.Array, size: int) -> jax.Array:
   return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
 
 
+def centre_crop(images: jax.Array, fraction: float) -> jax.Array:
+  """The central round(fraction * H) x round(fraction * W) pixels of an NHWC batch (albumentations' CenterCrop).
+
+  Its rows start at (H - round(fraction * H)) // 2, its columns likewise, as albumentations' CenterCrop's:
+  the benchmark's evaluation crop of its 281 px faces (256/281) is rows and columns 12..267. Shapes
+  are static, so the slice is too.
+  """
+  _, h, w, _ = images.shape
+  ch, cw = max(1, round(fraction * h)), max(1, round(fraction * w))
+  if (ch, cw) == (h, w):
+    return images
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return images[:, top : top + ch, left : left + cw]
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, PyTree, PyTree]:
   """Splits an NNX model into its graph definition, params and other state as plain dicts."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # flax: a variadic tuple
@@ -51,6 +66,9 @@ class AgeModel:
   bins: np.ndarray  # [K] float32 ages
   image_size: int
   input_spec: registry.InputSpec
+  # The central fraction (per side) of each stored crop that evaluation, prediction, export and serving
+  # see before the resize (`data.eval_crop`); 1.0: the whole crop. Training crops by its own augmentation.
+  eval_crop: float = 1.0
 
   def logits(
     self,
@@ -79,8 +97,9 @@ class AgeModel:
     return out, nnx.to_pure_dict(rest)
 
   def preprocess(self, images: jax.Array) -> jax.Array:
-    """Evaluation input: uint8 NHWC -> resized to the model's size and normalised, no randomness."""
-    return self.input_spec.normalize(resize(images.astype(jnp.float32) / 255.0, self.image_size))
+    """Evaluation input: uint8 NHWC -> its central `eval_crop`, resized to the model's size and normalised."""
+    x = centre_crop(images, self.eval_crop).astype(jnp.float32) / 255.0
+    return self.input_spec.normalize(resize(x, self.image_size))
 
   def outputs(
     self, weights: Weights, images: jax.Array, temperature: ArrayLike = 1.0, flip: bool = False

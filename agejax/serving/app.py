@@ -433,6 +433,7 @@ def create_app(
         "flip": model.flip,
         **model.calibration.to_json(),  # the temperature applied and the 80% interval's masses by age bucket
         "input_size": model.input_size,
+        "eval_crop": getattr(model, "eval_crop", 1.0),  # the central part of each crop the model sees; 1: all
         "input_spec": model.input_spec,
         "batch_sizes": model_batcher.sizes,
       }

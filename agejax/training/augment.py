@@ -35,14 +35,41 @@ def _scale_crop(image: jax.Array, scale: jax.Array, shift: jax.Array, size: int)
   )
 
 
+def _window_crop(image: jax.Array, top_left: jax.Array, side: jax.Array, size: int) -> jax.Array:
+  """Resizes the square window of one HWC image at `top_left` (y, x, in pixels) with side `side` to size x size."""
+  c = image.shape[-1]
+  scale = jnp.full((2,), size / side, jnp.float32)
+  # Input coordinate u maps to (u - top_left) * scale: the window's edges to the output's.
+  return jax.image.scale_and_translate(
+    image, (size, size, c), (0, 1), scale, -top_left * scale, method="linear", antialias=True
+  )
+
+
+def resized_crop(images: jax.Array, key: jax.Array, size: int, min_area: float) -> jax.Array:
+  """A square random resized crop of each image of an NHWC float batch (RandomResizedCrop with ratio 1).
+
+  The window's area is uniform in [min_area, 1] of the image's, its side sqrt(area * H * W) at most
+  min(H, W), its position uniform among those inside the image: no padding is ever sampled.
+  """
+  b, h, w, _ = images.shape
+  k_area, k_position = jax.random.split(key)
+  area = jax.random.uniform(k_area, (b,), minval=min_area, maxval=1.0)
+  side = jnp.minimum(jnp.sqrt(area * h * w), min(h, w))
+  room = jnp.stack([h - side, w - side], axis=-1)
+  top_left = jax.random.uniform(k_position, (b, 2)) * room
+  return jax.vmap(lambda im, t, s: _window_crop(im, t, s, size))(images, top_left, side)
+
+
 def augment(
   images: jax.Array, key: jax.Array, size: int, cfg: settings.AugmentSettings, spec: models.InputSpec
 ) -> jax.Array:
-  """Training path: random flip, scale/translation crop, brightness, contrast, blur/sharpness; normalise.
+  """Training path: random flip, scale/translation or resized crop, brightness, contrast, blur/sharpness; normalise.
 
   `cfg`: flip (bool), scale (max relative zoom), translate (max shift as a fraction of the size),
-  brightness and contrast (max relative change), blur and sharpness (max weight of a move toward,
-  or away from, a Gaussian-blurred copy; 0 disables). `spec` is the input the weights expect.
+  resized_crop_min_area (> 0: a square random resized crop of this to all of the image's area in
+  place of scale and translate, as the benchmark trains), brightness and contrast (max relative
+  change), blur and sharpness (max weight of a move toward, or away from, a Gaussian-blurred copy;
+  0 disables). `spec` is the input the weights expect.
   """
   b = images.shape[0]
   x = images.astype(jnp.float32) / 255.0
@@ -50,7 +77,9 @@ def augment(
   if cfg.flip:
     flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1, :], x)
-  if cfg.scale or cfg.translate:
+  if cfg.resized_crop_min_area > 0:  # the benchmark's crop in place of the zoom, drawn from the zoom's key
+    x = resized_crop(x, k_scale, size, cfg.resized_crop_min_area)
+  elif cfg.scale or cfg.translate:
     scale = 1.0 + jax.random.uniform(k_scale, (b, 1), minval=-cfg.scale, maxval=cfg.scale)
     scale = jnp.broadcast_to(scale, (b, 2))
     shift = jax.random.uniform(k_shift, (b, 2), minval=-cfg.translate, maxval=cfg.translate) * size

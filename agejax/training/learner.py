@@ -75,7 +75,8 @@ def create(
   tx = optim.create_optimizer(cfg.optimizer, schedule, backbone.head)
   init = lambda p, s: create_train_state(p, s, tx)
   state = jax.eval_shape(init, params, model_state) if abstract else init(params, model_state)
-  model = models.AgeModel(graphdef, bins, cfg.data.image_size, input_spec or backbone.input_spec)
+  spec = input_spec or backbone.input_spec
+  model = models.AgeModel(graphdef, bins, cfg.data.image_size, spec, eval_crop=float(cfg.data.eval_crop))
   return Learner(model, tx, losses.make_loss(cfg.loss, jnp.asarray(bins)), cfg), state, schedule
 
 
