@@ -113,6 +113,9 @@ def bench_run(tmp_path_factory, compilation_cache):
   config.model.update(name="vgg16", width_multiplier=0.0625, batch_norm=True)  # the fastest to compile
   config.data.update(builder_config="morph", data_dir=str(root / "tfds"), cache_dir=str(root / "arrays"))
   config.compilation_cache_dir = compilation_cache
+  # A cross-dataset test set as :pretrain's (here the same database's every folder): the best checkpoint, at the end.
+  every = {"name": "every_folder", "dataset": "fae", "builder_config": "morph", "split": "all", "every_steps": -1}
+  config.evals = (every,)
   workdir = tmp_path_factory.mktemp("bench_run")
   final = train.train_and_evaluate(config, workdir)
   return final, workdir, {"train": len(train_entries) - 1, "test": len(test_entries) - 1}
@@ -135,3 +138,17 @@ def test_a_tiny_run_reports_the_benchmark_s_mae_of_the_posterior_median_at_tempe
   assert report["bench_mae"] == pytest.approx(final["test_bench_mae"], rel=1e-6)
   assert final["test_bench_cs5"] == pytest.approx(np.mean(np.abs(median - ages) <= 5), rel=1e-6)
   assert final["eval_bench_mae"] is not None and final["eval_bench_cs5"] is not None
+
+
+def test_a_cross_dataset_evaluation_scores_every_folder_with_the_best_checkpoint_at_the_end(bench_run):
+  from agejax.inference import evaluate, loading
+
+  final, workdir, sizes = bench_run
+  every = final["evals"]["every_folder"]
+  assert every["step"] == final["best_step"]
+  config = loading.load_config(workdir)
+  config.data.split = ""  # the database's own folders, all of them, as config.evals reads them
+  report = evaluate.evaluate_workdir(config, workdir, "all")
+  assert report["step"] == final["best_step"] and report["num_examples"] == 60 - 2  # the two ages over 101 dropped
+  assert every["bench_mae"] == pytest.approx(report["bench_mae"], rel=1e-6)
+  assert every["mae"] == pytest.approx(report["mae"], rel=1e-6)

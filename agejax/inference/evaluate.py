@@ -28,6 +28,8 @@ def check_split(data: settings.DataSettings, split: str) -> None:
     if not builder.is_prepared():
       return
     names = sorted(builder.info.splits)
+    if pipeline.dataset_folders(builder):
+      names.append(pipeline.ALL_FOLDERS)  # every folder together: a cross-dataset test set
   if split not in names:
     raise errors.UserError(f"--split={split!r}: {data.name} has the splits {', '.join(names)}")
 

@@ -74,7 +74,8 @@ def extra_eval_data(cfg: settings.Settings, extra: settings.ExtraEval) -> pipeli
     name=extra.dataset,
     builder_config=extra.builder_config,
     data_dir=extra.data_dir or cfg.data.data_dir,
-    split=cfg.data.split if same else "",  # data.split's folders are the training dataset's
+    # data.split's folders are the training dataset's; "all" is every folder, whatever the split
+    split=cfg.data.split if same and extra.split != pipeline.ALL_FOLDERS else "",
   )
   return pipeline.load_labelled_split(data, cfg.labels, extra.split)
 
