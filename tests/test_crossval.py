@@ -190,7 +190,7 @@ def test_benchmark_splits_of_a_fae_database_train_and_score_their_own_test_folde
 
 def test_a_split_another_machine_holds_is_skipped_and_the_rest_still_train(tiny_config, tmp_path, monkeypatch, capsys):
   """crossval.py on several machines shares the splits: a busy split is skipped, never the rest (mutant killed:
-  crossval.py:92 `continue` -> `break`, which stopped at the first busy split)."""
+  crossval.run's `continue` -> `break`, which stopped at the first busy split)."""
   from agejax.training import workdir_lock
 
   trained = []

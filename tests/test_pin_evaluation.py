@@ -123,9 +123,9 @@ def test_the_crossval_aggregate_is_numpys_mean_and_std_over_the_finished_splits(
   """Mean, population std, sample std and count over the splits that have a score, as float64 NumPy gives them.
 
   Kills (two splits, as tests/test_crossval.py has, cannot tell a mean from a median, and have no None score):
-  training/crossval.py:102 `np.mean(array)` -> `np.median(array)`;
-  training/crossval.py:104 `if len(array) > 1` -> `if len(array) > 0`;
-  training/crossval.py:136 `if s.get(key) is not None` -> dropped (None, no minors in a split, enters the column).
+  training/crossval.py `_summary`: `np.mean(array)` -> `np.median(array)`;
+  training/crossval.py `_summary`: `if len(array) > 1` -> `if len(array) > 0`;
+  crossval.py `aggregate`: `if s.get(key) is not None` -> dropped (None, no minors in a split, enters the column).
   """
   keys = ["test_mae", "test_cs5", "test_mae_minors", "test_coverage90", "test_coverage80_shown", "test_epsilon_error"]
   scores = {
