@@ -72,6 +72,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   first use; both become `error: ...` here.
   """
   argv = [_RENAMED.get(arg, arg) if _renamed_applies(arg) else arg for arg in argv]
+  _config_package_on_path(argv)
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:  # absl: unknown flag, bad value; a config file whose get_config raised
@@ -86,6 +87,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     except OSError as e:
       sys.exit(f"error: --config: {_last_line(e)}")
   return argv
+
+
+def _config_package_on_path(argv: list[str]) -> None:
+  """Puts the folder above a `--config` file's package (configs/ with an __init__.py) on sys.path.
+
+  A variant config imports the config it varies (`from configs import resnet50_kl`); a script's
+  sys.path starts at scripts/, not at the project that holds configs/.
+  """
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+      package = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+      if os.path.exists(os.path.join(package, "__init__.py")) and os.path.dirname(package) not in sys.path:
+        sys.path.append(os.path.dirname(package))
+      return
 
 
 # Spellings the README documented before a flag was renamed: old -> new, kept working for a release.

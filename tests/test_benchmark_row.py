@@ -152,3 +152,31 @@ def test_a_cross_dataset_evaluation_scores_every_folder_with_the_best_checkpoint
   assert report["step"] == final["best_step"] and report["num_examples"] == 60 - 2  # the two ages over 101 dropped
   assert every["bench_mae"] == pytest.approx(report["bench_mae"], rel=1e-6)
   assert every["mae"] == pytest.approx(report["mae"], rel=1e-6)
+
+
+def test_a_config_that_imports_its_sibling_loads_from_a_script(tmp_path):
+  """configs/fae_benchmark.py and resnet50_kl.py import the config they vary (`from configs import ...`),
+  and a script's sys.path starts at scripts/: the folder above the config's package is put on it."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  root = Path(__file__).resolve().parents[1]
+  package = tmp_path / "project" / "myconfigs"  # not importable from anywhere else
+  package.mkdir(parents=True)
+  (package / "__init__.py").write_text("")
+  (package / "base.py").write_text(
+    "from configs import vgg16_kl\n\ndef get_config(arg=None):\n  return vgg16_kl.get_config('tiny')\n"
+  )
+  (package / "variant.py").write_text(
+    "from myconfigs import base\n\n"
+    "def get_config(arg=None):\n  c = base.get_config()\n  c.num_epochs = -1.0\n  return c\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))  # agejax and configs, not myconfigs
+  command = [sys.executable, "scripts/train.py", "--config", str(package / "variant.py"), "--workdir", str(tmp_path)]
+  proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+    "error: config.num_epochs=-1.0: must be >= 0 (0: num_train_steps sets the length)"
+  )
