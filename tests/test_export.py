@@ -361,7 +361,7 @@ import os, signal, sys
 from agejax.inference import export
 def killed(*args, **kwargs):
   os.kill(os.getpid(), signal.SIGKILL)
-export._write_saved_model = killed
+export.registry.get("saved_model").write = killed
 export.export_workdir(sys.argv[1], sys.argv[2], calibrated=False)
 """
 
@@ -383,7 +383,7 @@ def test_a_killed_or_failed_reexport_leaves_the_previous_export_byte_equal(
   def disk_full(*args, **kwargs):
     raise OSError("No space left on device")
 
-  monkeypatch.setattr(export, "_write_onnx", disk_full)
+  monkeypatch.setattr(export.registry.get("onnx"), "write", disk_full)
   with pytest.raises(OSError, match="No space"):
     export.export_workdir(workdir, out, calibrated=False, saved_model=False)
   assert tree(out) == before and siblings(out) == [staged]
@@ -566,5 +566,5 @@ def test_the_onnx_paths_rewriting_of_max_pools_leaves_the_function_unchanged(siz
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
   pool = lambda v: nnx.max_pool(v, (window, window), strides=(strides, strides), padding=padding)  # noqa: E731
   closed = jax.make_jaxpr(pool)(x)
-  (got,) = export._inline(closed.jaxpr, closed.consts, x)
+  (got,) = export.onnx._inline(closed.jaxpr, closed.consts, x)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(pool(x)))

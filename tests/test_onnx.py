@@ -74,7 +74,7 @@ def test_model_onnx_runs_in_onnxruntime_alone_and_matches_the_predictor(workdir,
   np.testing.assert_allclose(got[:1], expected[:1], atol=ATOL, rtol=0)  # batch 1
   np.testing.assert_allclose(got[1:], expected, atol=ATOL, rtol=0)  # batch 5: the batch is dynamic
   on_disk = json.loads((out / export.MANIFEST_FILE).read_text())
-  assert on_disk["sha256"][export.ONNX_FILE] == export._sha256(out / export.ONNX_FILE)
+  assert on_disk["sha256"][export.ONNX_FILE] == export.manifest.sha256(out / export.ONNX_FILE)
 
 
 def _unconvertible(monkeypatch) -> None:
@@ -87,7 +87,7 @@ def _unconvertible(monkeypatch) -> None:
 
 def _rank4_max_pool(monkeypatch) -> None:
   """Max-pools left to jax2onnx, which writes a MaxPool over 4 axes that onnxruntime cannot run."""
-  monkeypatch.setattr(export, "_tiles", lambda params, shape: False)
+  monkeypatch.setattr(export.onnx, "_tiles", lambda params, shape: False)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from google.api_core import exceptions
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import FakeModel, png
 
-from agejax import serving
+from agejax import serving, storage
 from agejax.benchmarks.serving import BOUNDARY, multipart_body
 from agejax.inference import export
 from agejax.serving import app as serving_app
@@ -636,14 +636,14 @@ def test_a_failed_swap_leaves_the_previous_export_byte_equal_and_nothing_beside_
 
   monkeypatch.setattr(os, "rename", flaky)
   with pytest.raises(OSError, match=f"injected failure of rename {failing}"):
-    with export._staged(out) as folder:
+    with storage.staged_folder(out, last=export.MANIFEST_FILE) as folder:
       epath.Path(folder, export.MANIFEST_FILE).write_text('{"step": 2}\n')
       epath.Path(folder, export.MODEL_FILE).write_bytes(b"new model")
   assert calls[0][0] == "out" and ".old-" in calls[0][1]  # the old export went aside first (or tried to)
   assert files_of(out) == before
   assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
   monkeypatch.undo()
-  with export._staged(out) as folder:  # and the next export replaces it whole
+  with storage.staged_folder(out, last=export.MANIFEST_FILE) as folder:  # and the next export replaces it whole
     epath.Path(folder, export.MODEL_FILE).write_bytes(b"new model")
   assert files_of(out) == {export.MODEL_FILE: b"new model"}
   assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
@@ -675,11 +675,11 @@ def test_a_failed_export_removes_only_the_folders_it_made_even_when_they_vanishe
   mine.mkdir()
   out = mine / "a" / "b" / "out"
   with pytest.raises(RuntimeError, match="failed export"):
-    with export._staged(out):
+    with storage.staged_folder(out, last=export.MANIFEST_FILE):
       raise RuntimeError("failed export")
   assert mine.is_dir() and list(mine.iterdir()) == []  # a and b, which it made, are gone
   with pytest.raises(RuntimeError, match="failed export"):
-    with export._staged(out):
+    with storage.staged_folder(out, last=export.MANIFEST_FILE):
       shutil.rmtree(mine / "a")  # its folders removed under it (another process, a user)
       raise RuntimeError("failed export")
   assert mine.is_dir() and list(mine.iterdir()) == []
