@@ -387,7 +387,7 @@ def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, t
   fitted = calibration.load(workdir)  # the trainer fitted one at the end of the run
   assert fitted is not None and serving.load_model(workdir, None).temperature == fitted.temperature
   assert serving.load_model(workdir, None, calibrated=False).temperature == 1.0
-  with pytest.raises(serving.errors.UserError, match="--no-calibration applies to --workdir"):
+  with pytest.raises(errors.UserError, match="--no-calibration applies to --workdir"):
     serving.load_model(None, tmp_path, calibrated=False)
 
 

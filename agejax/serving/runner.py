@@ -1,11 +1,7 @@
-"""Serving a trained model over HTTP: the app, its dynamic batcher, and how scripts/serve.py runs it.
+"""How scripts/serve.py runs an app: uvicorn on a socket bound before the model loads, until SIGTERM or Ctrl-C.
 
-`app.create_app` builds the Starlette app (POST /v1/predict, the page at /, /healthz, /metrics);
-`batcher.Batcher` gathers faces from concurrent requests into padded, precompiled model calls;
-`limits.Scheduler` starts decodes fairly across requests within a byte budget; `guard` counts and
-times requests for Prometheus and enforces the body's size and time limits; `run` serves
-an app with uvicorn until SIGTERM or Ctrl-C, finishing the requests in flight. `local` starts
-scripts/serve.py on a free loopback port and `benchmark` measures it (tests, benchmark.py serve).
+`bind` takes the port at once; `run` serves until the signal and finishes the requests in flight; `config`
+holds uvicorn's settings, with a deadline on each request's head and a gentle close of idle connections.
 """
 
 import asyncio
@@ -13,51 +9,7 @@ import contextlib
 import signal
 import socket
 
-from agejax import errors, storage
-
-
-def load_model(
-  workdir: storage.Location | None,
-  export: storage.Location | None,
-  checkpoint: str = "best",
-  max_batch: int = 32,
-  *,
-  calibrated: bool = True,
-  flip: bool = False,
-):
-  """Restores the model to serve: a training workdir's checkpoint, or an exported model.
-
-  Args:
-    workdir: a training workdir (exclusive with `export`).
-    export: a folder written by scripts/export.py.
-    checkpoint: the workdir's checkpoint: 'best', 'latest' or a step number.
-    max_batch: the most faces the server puts in one model call.
-    calibrated: apply the workdir's calibration.json calibration (an export has its own baked in).
-    flip: average each face's distribution with its mirror image's, calibrated by calibration.json's
-      flip temperature; an export predicts as it was exported, and refuses `flip` if made without it.
-
-  Returns:
-    An `prediction.Predictor` or an `export.ExportedPredictor`.
-  """
-  if (workdir is None) == (export is None):
-    raise errors.UserError("give exactly one of --workdir DIR (a training workdir) or --export OUT (export.py's)")
-  if export is not None:
-    if not calibrated:
-      raise errors.UserError("--no-calibration applies to --workdir: an export carries its temperature (export.py)")
-    from agejax.inference import export as exporting
-
-    exported = exporting.ExportedPredictor(export, batch_size=max_batch)
-    if flip and not exported.flip:
-      raise errors.UserError(
-        f"--flip: {export} was exported without flip averaging; export it with --flip (an export predicts as it "
-        f"was exported)"
-      )
-    return exported
-  from agejax.inference import prediction
-
-  assert workdir is not None  # exactly one of the two was given, and it is not export
-  return prediction.Predictor(workdir, checkpoint, batch_size=max_batch, calibrated=calibrated, flip=flip)
-
+from agejax import errors
 
 SHUTDOWN_GRACE_S = 0.5  # after SIGTERM, how long an idle connection may still bring a request sent just before
 
