@@ -85,7 +85,7 @@ MODULE_TESTS: dict[str, tuple[str, ...]] = {
   "agejax/evaluation/groups.py": ("tests/test_groups.py", "tests/test_edges.py"),
   "agejax/evaluation/*.py": ("tests/test_pin_evaluation.py", "tests/test_pin_survivors.py", "tests/test_evaluate.py"),
   "agejax/inference/evaluate.py": ("tests/test_pin_evaluation.py", "tests/test_evaluate.py", "tests/test_crossval.py"),
-  "agejax/inference/export.py": ("tests/test_pin_operations.py", "tests/test_export.py", "tests/test_onnx.py"),
+  "agejax/inference/export/*.py": ("tests/test_pin_operations.py", "tests/test_export.py", "tests/test_onnx.py"),
   "agejax/inference/figures.py": ("tests/test_predict.py", "tests/test_newcomer.py"),
   "agejax/inference/photos.py": ("tests/test_framing.py", "tests/test_predict.py", "tests/test_hostile.py"),
   "agejax/inference/*.py": ("tests/test_predict.py", "tests/test_evaluate.py", "tests/test_legacy_workdir.py"),

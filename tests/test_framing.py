@@ -260,7 +260,7 @@ def test_framing_record_measures_new_csv_runs_only(monkeypatch, tmp_path):
   assert record["measured_on"] == framing.SAMPLE and record["found"] == framing.SAMPLE
   assert record["names"] == list(framing.LANDMARKS) and np.shape(record["landmarks"]) == (5, 2)
   # inference.json: the record under "framing", absent when none; a resumed run reads it back.
-  model = type("Model", (), {"input_spec": type("Spec", (), {"to_json": lambda self: {}})()})()
+  model = type("Model", (), {"input_spec": type("Spec", (), {"to_json": lambda self: {}})(), "eval_crop": 1.0})()
   written = checkpointing.inference_record(cfg("csv_faces"), model, 64, record)
   assert written["framing"] == record and "framing" not in checkpointing.inference_record(cfg("demo"), model, 64)
   path = tmp_path / checkpointing.INFERENCE_FILE
