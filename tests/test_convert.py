@@ -232,7 +232,7 @@ def test_backbone_mismatch_names_the_key(cli_output, width, batch_norm, key):
   with pytest.raises(ValueError) as error:
     convert.backbone_from_converted(out, params, model_state)
   assert key in str(error.value)
-  # Three named, the rest counted (mutant killed: convert/__init__.py:262 `len(mismatches) - 3` -> `** 3`).
+  # Three named, the rest counted (mutant killed: backbone_from_converted's `len(mismatches) - 3` -> `** 3`).
   converted_params, converted_state, _ = convert.load_converted(out)
   n = _mismatched_leaves(converted_params, params) + _mismatched_leaves(converted_state, model_state)
   assert n > 3 and str(error.value).endswith(f"; and {n - 3} more"), (n, str(error.value)[-80:])
@@ -281,7 +281,7 @@ def test_checkpoint_formats(tmp_path):
 
 def test_only_registered_architectures_from_torchvision_are_converter_names():
   """`<arch>_from_torchvision` exists for each registered architecture and no other name does (mutant killed:
-  convert/__init__.py:57 `source == "torchvision"` -> `>=`, which made up `vgg16_from_vgg_face`)."""
+  published.py torchvision_converter's `source == "torchvision"` -> `>=`, which made up `vgg16_from_vgg_face`)."""
   assert callable(convert.vgg16_from_torchvision) and callable(convert.vgg16_bn_from_torchvision)
   for name in ("vgg16_from_vgg_face", "vgg16_from_zoo", "vgg16_from_", "vgg19_from_torchvision"):
     assert not hasattr(convert, name), name

@@ -1,4 +1,4 @@
-"""export.py: model.jax runs with only jax + numpy, the SavedModel with only TensorFlow, both as Predictor does."""
+"""The export package: model.jax runs with only jax + numpy, the SavedModel with only TensorFlow, as Predictor does."""
 
 import hashlib
 import json
@@ -453,7 +453,7 @@ def test_a_file_changed_after_export_is_named(exported, tmp_path, name):
 
 
 def test_crops_run_in_batches_padded_to_a_power_of_two_and_come_back_unpadded(exported, crops):
-  """Any number of crops compiles few shapes: 1, 2, 4, ... up to batch_size (mutant killed: export.py:692
+  """Any number of crops compiles few shapes: 1, 2, 4, ... up to batch_size (mutant killed: export/loading.py
   `(len(batch) - 1).bit_length()` -> `(len(batch) % 1).bit_length()`, one program per batch size)."""
   predictor = export.ExportedPredictor(exported[0])
   shapes: list[int] = []
@@ -467,7 +467,7 @@ def test_crops_run_in_batches_padded_to_a_power_of_two_and_come_back_unpadded(ex
 
 
 def test_a_file_the_manifest_lists_but_the_folder_lacks_is_named_with_the_manifest(exported, tmp_path):
-  """One line naming the lost file and the manifest that lists it (mutant killed: export.py:588
+  """One line naming the lost file and the manifest that lists it (mutant killed: export/manifest.py
   `predictor.path / MANIFEST_FILE` -> `predictor.path // MANIFEST_FILE`, a TypeError instead)."""
   folder = copy_export(exported[0], tmp_path / "out")
   lost = folder / export.ONNX_FILE
@@ -560,7 +560,7 @@ def test_an_export_killed_between_its_renames_points_at_the_previous_one(exporte
 )
 def test_the_onnx_paths_rewriting_of_max_pools_leaves_the_function_unchanged(size, window, strides, padding):
   """The jaxpr handed to jax2onnx (`_inline`) computes what JAX computes, for tiling pools and every other kind (mutant
-  killed: export.py:149 `all(p == (0, 0) ...)` -> `all(p is not (0, 0) ...)`, which took padded pools for tiles)."""
+  killed: export/onnx.py `all(p == (0, 0) ...)` -> `all(p is not (0, 0) ...)`, which took padded pools for tiles)."""
   import flax.nnx as nnx
 
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))

@@ -616,8 +616,8 @@ def files_of(folder: epath.Path) -> dict[str, bytes]:
 def test_a_failed_swap_leaves_the_previous_export_byte_equal_and_nothing_beside_it(tmp_path, monkeypatch, failing):
   """The swap's renames (the old export aside, the new one in): either failing leaves OUT byte-equal, and no sibling.
 
-  Kills (with failing=2) export.py:288 `old.rename(out)` -> `pass`, export.py:287
-  `if old is not None and not out.exists():` -> `... and out.exists():`, export.py:289 `raise` -> `pass` (the error
+  Kills (with failing=2) storage.staged_folder's `old.rename(out)` -> `pass`, its
+  `if old is not None and not out.exists():` -> `... and out.exists():`, its `raise` -> `pass` (the error
   is lost and the export reported done).
   """
   out = epath.Path(tmp_path) / "out"
@@ -669,8 +669,8 @@ def test_max_files_images_are_answered_and_one_more_is_refused_with_413_in_json_
 
 def test_a_failed_export_removes_only_the_folders_it_made_even_when_they_vanished_first(tmp_path):
   """A failed export removes the empty folders above OUT that it created and never a folder the user had, here an
-  empty one, even when its own folders were already gone (mutant killed: export.py:353 `break` -> `continue`, which
-  walked on past a missing folder and removed the user's empty folder above it)."""
+  empty one, even when its own folders were already gone (mutant killed: storage.staged_folder's `break` ->
+  `continue`, which walked on past a missing folder and removed the user's empty folder above it)."""
   mine = epath.Path(tmp_path) / "mine"  # the user's, empty
   mine.mkdir()
   out = mine / "a" / "b" / "out"
@@ -687,7 +687,7 @@ def test_a_failed_export_removes_only_the_folders_it_made_even_when_they_vanishe
 
 def test_a_request_head_buffered_past_16_kb_is_refused_with_400_and_one_under_it_is_answered():
   """h11 checks an incomplete request head between reads: one with over 16 KB buffered and still incomplete is refused
-  before the app sees it, one under it is answered (mutant killed: serving/__init__.py
+  before the app sees it, one under it is answered (mutant killed: serving/runner.py
   `h11_max_incomplete_event_size=16 * 1024` -> `16 ** 1024`, no limit on a head that trickles in)."""
 
   def head_in_two_reads(port: int, pad: int, first: int) -> bytes:
