@@ -81,13 +81,14 @@ class Evaluator:
     logits, probs = self.model.outputs(state, batch["image"], temperature, self.flip)
     scored = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))  # the loss of the distribution reported
     ages = batch["age"].astype(jnp.float32)
+    raw = jax.nn.softmax(logits)  # the raw model's distribution (temperature 1)
     out = {
       # The point prediction is the raw model's (the tempered distribution keeps it, to ~1e-4 years).
-      "predicted_age": labels.expected_age(jax.nn.softmax(logits), self.bins),
+      "predicted_age": labels.expected_age(raw, self.bins),
       "argmax_age": labels.argmax_age(probs, self.bins),
       "std": labels.distribution_std(probs, self.bins),
       # The benchmark's whole-year prediction: the raw model's posterior median (temperature 1).
-      "bench_age": metrics.posterior_median(jax.nn.softmax(logits), self.bins),
+      "bench_age": metrics.posterior_median(raw, self.bins),
     }
     sigma = metrics.per_image_sigma(batch.get("age_std"), ages, self.epsilon_sigma)
     batch_sums = metrics.report_sums(
@@ -100,7 +101,7 @@ class Evaluator:
       out["bench_age"],
     )
     sums = metrics.add(sums, batch_sums)
-    return (sums, {**out, "distribution": probs, "logits": logits, "raw": jax.nn.softmax(logits)}) if outputs else sums
+    return (sums, {**out, "distribution": probs, "logits": logits, "raw": raw}) if outputs else sums
 
   def _collect(self, state: models.Weights, temperature: float, outputs: bool):
     """Runs the eval step over the split; returns the device sums and, with `outputs`, the per-example outputs."""
