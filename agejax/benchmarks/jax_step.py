@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from agejax import metrics, models, parallel, settings
@@ -115,7 +116,7 @@ def time_steps(fn, carry, batch, num_steps: int, repeats: int) -> list[float]:
   return times
 
 
-def jax_train(config, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
+def jax_train(config: ml_collections.ConfigDict, num_steps: int = 20, repeats: int = 3) -> dict[str, Any]:
   """Times the trainer's own jitted train step (augmentation included) on device-resident uint8 data.
 
   Args:

@@ -146,7 +146,7 @@ class ManualSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     if not path.exists():
       raise errors.MissingInput(
         f"the manual folder {sources.display(path)} does not exist; pass --manual_dir "
-        f"FOLDER holding the downloaded files (README: Real datasets)"
+        f"FOLDER holding the downloaded files (docs/guides/datasets.md)"
       )
     return self._describe_source(path)
 

@@ -1,6 +1,12 @@
 """The model a server runs: a training workdir's checkpoint or a folder written by scripts/export.py."""
 
+from typing import TYPE_CHECKING
+
 from agejax import errors, storage
+
+if TYPE_CHECKING:  # imported where used: serving an export imports no Flax or TensorFlow
+  from agejax.inference.export import ExportedPredictor
+  from agejax.inference.prediction import Predictor
 
 
 def load_model(
@@ -11,7 +17,7 @@ def load_model(
   *,
   calibrated: bool = True,
   flip: bool = False,
-):
+) -> "Predictor | ExportedPredictor":
   """Restores the model to serve: a training workdir's checkpoint, or an exported model.
 
   Args:

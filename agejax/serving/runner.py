@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 
 from agejax import errors
 
@@ -30,7 +31,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(
-  app,
+  app: Callable[..., Awaitable[None]],
   sock: socket.socket,
   graceful_timeout_s: float | None = None,
   *,

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from agejax import errors, models, settings, storage
@@ -121,7 +122,7 @@ def check_init_source(cfg: settings.Settings) -> None:
   checkpointing.check_same_backbone(cfg, source, cfg.model.init_from)
 
 
-def validate(config) -> settings.Settings:
+def validate(config: ml_collections.ConfigDict | dict[str, Any]) -> settings.Settings:
   """Checks a config and returns its settings; raises a UserError of one line naming the key and value.
 
   Plug-in modules (config.plugins) are imported first: they may define the backbone or loss named.

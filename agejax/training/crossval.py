@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from agejax import errors, storage
@@ -130,7 +131,9 @@ def split_config(config, split: str, key: str = SPLIT_KEY):
   return config
 
 
-def run(config, workdir: storage.Location, splits: Sequence[str], *, key: str = SPLIT_KEY) -> dict[str, Any] | None:
+def run(
+  config: ml_collections.ConfigDict, workdir: storage.Location, splits: Sequence[str], *, key: str = SPLIT_KEY
+) -> dict[str, Any] | None:
   """Trains or resumes WORKDIR/split<K> for each split in turn, then aggregates (see `aggregate`).
 
   A split whose workdir another run holds (its lock) is skipped with one line, so crossval.py on several

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from etils import epath
@@ -151,7 +152,7 @@ def _write_json(path: epath.Path, obj: dict) -> None:
     storage.write_json(path, obj)
 
 
-def train_and_evaluate(config, workdir: storage.Location) -> dict[str, Any] | None:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.Location) -> dict[str, Any] | None:
   """Trains (resuming from WORKDIR's latest checkpoint), evaluates and checkpoints.
 
   The run holds WORKDIR's lock (workdir_lock.hold) from before anything is built until it returns.
