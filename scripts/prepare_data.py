@@ -64,7 +64,7 @@ def main(argv):
     builder = datasets.prepare(*args, rebuild=_REBUILD.value, **extra)
   except AssertionError as e:  # TFDS asserts that the manual folder exists and is not empty
     reason = (str(e).strip().splitlines() or [""])[0].split(". Create it")[0]
-    sys.exit(f"error: {reason}; pass --manual_dir FOLDER holding the downloaded files (README: Real datasets)")
+    sys.exit(f"error: {reason}; pass --manual_dir FOLDER holding the downloaded files (docs/guides/datasets.md)")
   shown = argv[1] + (f" --name {name}" if name else "")
   print(f"{shown} {'was already prepared' if already else 'prepared'} in {builder.data_dir}")
   metadata = builder.info.metadata or {}

@@ -136,3 +136,32 @@ def test_only_models_depend_on_a_particular_backbone():
         names = [node.name]
       offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno} {n}" for n in names if "vgg" in n.lower()]
   assert not offenders, offenders
+
+
+def init_code(source: str) -> list[str]:
+  """`line: statement` of each statement in a package face's SOURCE beyond its docstring, imports and dunders."""
+  tree = ast.parse(source)
+  code = []
+  for i, node in enumerate(tree.body):
+    docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    dunder = isinstance(node, ast.Assign) and all(
+      isinstance(t, ast.Name) and t.id in ("__all__", "__version__") for t in node.targets
+    )
+    if not (docstring or dunder or isinstance(node, ast.Import | ast.ImportFrom)):
+      code.append(f"{node.lineno}: {type(node).__name__}")
+  return code
+
+
+def test_package_faces_only_hand_names_on():
+  """A package's __init__.py holds its docstring and the names it hands on; the code lives in named modules."""
+  offenders = [
+    f"{path.relative_to(PACKAGE)}:{line}"
+    for path in PACKAGE.rglob("__init__.py")
+    for line in init_code(path.read_text())
+  ]
+  assert not offenders, offenders
+
+
+def test_the_face_check_sees_code():
+  assert init_code('"""Doc."""\nfrom a import b\n__all__ = ["b"]\n') == []
+  assert init_code('"""Doc."""\ndef load():\n  pass\n\nCACHE = {}\n') == ["2: FunctionDef", "5: Assign"]

@@ -17,14 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # onnxruntime's float32 against XLA's: measured ~5e-8 on the tiny run
 
 
-def readme_snippet() -> str:
-  """The README's onnxruntime lines (Export section), exactly as printed; `crops` is the user's batch."""
-  block = re.search(r"```python\n(import onnxruntime as ort\n.*?)```", (ROOT / "README.md").read_text(), re.S)
-  assert block, "README.md shows no onnxruntime snippet"
+GUIDE = ROOT / "docs/guides/export-and-serve.md"
+
+
+def guide_snippet() -> str:
+  """The export guide's onnxruntime lines, exactly as printed; `crops` is the user's batch."""
+  block = re.search(r"```python\n(import onnxruntime as ort\n.*?)```", GUIDE.read_text(), re.S)
+  assert block, f"{GUIDE.relative_to(ROOT)} shows no onnxruntime snippet"
   return block.group(1)
 
 
-SNIPPET = readme_snippet()
+SNIPPET = guide_snippet()
 
 # Runs the snippet at batch sizes 1 and 5 in a process that imports numpy and onnxruntime only.
 ONNX_ONLY = """

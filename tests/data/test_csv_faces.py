@@ -197,7 +197,7 @@ def test_missing_csv_or_columns_fail_clearly(tmp_path):
   with pytest.raises(
     FileNotFoundError,
     match=r"^the manual folder \S*/absent does not exist; pass --manual_dir "
-    r"FOLDER holding the downloaded files \(README: Real datasets\)$",
+    r"FOLDER holding the downloaded files \(docs/guides/datasets.md\)$",
   ):
     _prepare(tmp_path / "absent", tmp_path / "tfds")
   assert _nothing_written(tmp_path / "tfds")
