@@ -16,7 +16,9 @@ An export is whole or absent: it is written into a sibling folder and swapped in
 `ExportedPredictor` (loading.py) runs OUT/model.jax with only jax and numpy (no model code, Flax or
 TensorFlow is imported to serve an export) and refuses, in one line naming the file, a manifest
 with a bad field, a model.jax whose checksum or shapes differ from the manifest, or one whose
-reference prediction is not what the export recorded.
+reference prediction is not what the export recorded. An export folder may come from anyone: a
+file is read only once it is a regular file of bounded size inside the folder, and `verify` refuses
+any file the manifest's checksums do not list.
 """
 
 from agejax.inference.export.jax_export import MODEL_FILE, PLATFORMS, Traced

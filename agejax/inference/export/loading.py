@@ -2,7 +2,8 @@
 
 No model code, Flax or TensorFlow is imported to serve an export. Loading refuses, in one line
 naming the file, a manifest with a bad field, a model.jax whose checksum or shapes differ from the
-manifest, or one whose reference prediction is not what the export recorded.
+manifest, or one whose reference prediction is not what the export recorded. Every file is read only
+once it is a regular file of bounded size inside the folder (`manifest.open_file`).
 """
 
 import hashlib
@@ -27,19 +28,23 @@ REFERENCE_AGE_ATOL = 0.1  # years
 def verify(path: storage.Location) -> "ExportedPredictor":
   """Checks an export whole: its manifest, model.jax (see ExportedPredictor) and every other file's SHA-256.
 
+  Every file the folder holds must be listed in the manifest's `sha256` (an unlisted one could be
+  anything), and every listed one must be a regular file inside the folder with that digest.
   Returns the loaded ExportedPredictor; raises a one-line UserError naming the first file that fails.
   """
   predictor = ExportedPredictor(path)
-  listed = predictor.manifest["sha256"]
+  folder, listed = predictor.path, predictor.manifest["sha256"]
+  file = folder / manifest.MANIFEST_FILE
+  unlisted = [name for name in manifest.held_files(folder) if name != manifest.MANIFEST_FILE and name not in listed]
+  if unlisted:
+    raise errors.UserError(
+      f"{folder / unlisted[0]}: not listed in {file}'s 'sha256' (an export lists every file it holds); export again"
+    )
   for name, expected in listed.items():
-    file = predictor.path / name
     if name == jax_export.MODEL_FILE:
       continue  # checked as it was loaded
-    if not file.exists():
-      raise errors.MissingInput(
-        f"{file} does not exist, but {predictor.path / manifest.MANIFEST_FILE} lists it; export again"
-      )
-    manifest.check_digest(file, manifest.sha256(file), expected)
+    digest = manifest.file_sha256(folder, name, missing=f", but {file} lists it; export again")
+    manifest.check_digest(folder / name, digest, expected)
   return predictor
 
 
@@ -65,9 +70,8 @@ class ExportedPredictor:
     self.path = storage.path(path)
     self.manifest = manifest.load_manifest(self.path)
     model = self.path / jax_export.MODEL_FILE
-    if not model.exists():
-      raise errors.MissingInput(f"{model} does not exist: export again ({manifest.EXPORT_COMMAND.format(output=path)})")
-    data = model.read_bytes()
+    again = f": export again ({manifest.EXPORT_COMMAND.format(output=path)})"
+    data = manifest.read_file(self.path, jax_export.MODEL_FILE, missing=again)
     manifest.check_digest(model, hashlib.sha256(data).hexdigest(), self.manifest["sha256"][jax_export.MODEL_FILE])
     try:
       self.exported = jax_exporting.deserialize(bytearray(data))

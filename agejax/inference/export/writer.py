@@ -17,6 +17,20 @@ from agejax import errors, storage
 from agejax.inference.export import jax_export, loading, manifest, registry
 
 
+def _follow_links(out: epath.Path) -> epath.Path:
+  """The folder a local output names through its symbolic links: an export replaces it, and the links stay.
+
+  Swapping the link itself would put a folder where the link was and leave the link aside, dangling
+  or pointing at the old export; a loop of links is refused in one line.
+  """
+  if storage.is_url(out):
+    return out
+  real = os.path.realpath(out)  # a dangling link resolves to the folder it names, made by the export
+  if os.path.islink(real):  # realpath leaves a loop unresolved
+    raise errors.UserError(f"export folder {out} is a loop of symbolic links: give a folder, or a link to one")
+  return epath.Path(real)
+
+
 def _check_destination(out: epath.Path) -> None:
   """Refuses, before any work, an output that is a file, cannot be written, or holds more than an export."""
   if out.exists():
@@ -61,6 +75,7 @@ def export_workdir(
   Args:
     workdir: the training workdir (a path or a gs:// URL).
     output: the export folder (a path or a gs:// URL): new, empty, or an earlier export, which is replaced.
+      A symbolic link is followed: the folder it points to is replaced (or made), and the link kept.
     checkpoint: 'best' (lowest eval MAE), 'latest' or a step number.
     calibrated: apply WORKDIR/calibration.json's calibration of this way of predicting when the workdir has one.
     flip: every format averages each face's distribution with its mirror image's (and applies the
@@ -85,7 +100,7 @@ def export_workdir(
   for fmt in chosen:
     if fmt.prepare is not None:
       fmt.prepare()  # before any work
-  out = storage.path(output)
+  out = _follow_links(storage.path(output))
   _check_destination(out)
   predictor = prediction.Predictor(workdir, checkpoint, calibrated=calibrated, flip=flip)  # nothing written before
   # The reference crop, its mirror and its negative: one fixed input recorded, three checked in ONNX (batches 1 and 2).
