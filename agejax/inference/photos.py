@@ -25,6 +25,15 @@ from agejax.inference import prediction
 # UTKFace's aligned chips (what the models are trained on) show the whole head with some margin.
 FACE_MARGIN = 1.4
 DETECT_MAX_SIDE = 1024  # MTCNN's image pyramid is slow on big photos; faces stay findable at this size
+# Candidate boxes kept (the most confident) before each of MTCNN's suppressions: its suppression builds
+# several n x n float64 arrays, so a crowd of 900 faces (tens of thousands of candidates) took 6.5 GB.
+# With the cap and suppression in blocks of NMS_BLOCK columns, memory is linear in the photo. A busy
+# 1024-pixel photo has at most a few hundred candidates at any stage (docs/benchmarks.md).
+MAX_CANDIDATES = 2000
+NMS_BLOCK = 256
+# RNet and ONet see their candidates in batches of at most this many: ONet's first layer alone holds
+# 270 KB a candidate (2,000 candidates took 1.2 GB in one call). A photo with fewer runs in one call.
+STAGE_BATCH = 256
 # Photos are decoded at reduced scale (JPEG's DCT scaling, else one box reduction) with at least this
 # shorter side: faces are cropped from it when large enough there, a finer decode otherwise.
 WORK_MIN_SIDE = 1536
@@ -41,14 +50,32 @@ class Detection:
   landmarks: np.ndarray | None = None  # [5, 2] float, framing.LANDMARKS order (the framed crop uses these)
 
 
+class Detections(list):
+  """Detections, most confident first; `found` counts every face over the confidence bar, also those cut by a cap."""
+
+  def __init__(self, items: Iterable[Detection] = (), found: int | None = None):
+    super().__init__(items)
+    self.found = len(self) if found is None else found
+
+
 class FaceDetector:
-  """MTCNN (TensorFlow, CPU) run on a copy of the photo downscaled to at most `max_side` pixels."""
+  """MTCNN (TensorFlow, CPU) run on a copy of the photo downscaled to at most `max_side` pixels.
 
-  def __init__(self, max_side: int = DETECT_MAX_SIDE, min_confidence: float = MIN_CONFIDENCE):
-    self.max_side, self.min_confidence = max_side, min_confidence
-    self.mtcnn = load_mtcnn()  # on the CPU: JAX owns the accelerators
+  Its memory is linear in the photo: at most `max_candidates` boxes enter each suppression, which
+  runs in blocks (`suppress`). `max_faces` keeps the most confident faces (None: all).
+  """
 
-  def __call__(self, photo: Image.Image) -> list[Detection]:
+  def __init__(
+    self,
+    max_side: int = DETECT_MAX_SIDE,
+    min_confidence: float = MIN_CONFIDENCE,
+    max_faces: int | None = None,
+    max_candidates: int = MAX_CANDIDATES,
+  ):
+    self.max_side, self.min_confidence, self.max_faces = max_side, min_confidence, max_faces
+    self.mtcnn = bounded_mtcnn(max_candidates)
+
+  def __call__(self, photo: Image.Image) -> Detections:
     """Returns the faces found in an RGB photo, most confident first, in the photo's coordinates."""
     scale = min(1.0, self.max_side / max(photo.size))
     small = photo
@@ -69,7 +96,98 @@ class FaceDetector:
       right_x, right_y = (float(v) / scale for v in eyes["right_eye"])
       confidence = float(face["confidence"])
       out.append(Detection((x, y, w, h), (left_x, left_y), (right_x, right_y), confidence, points / scale))
-    return out
+    return Detections(out[: self.max_faces], found=len(out))
+
+
+def bounded_mtcnn(max_candidates: int = MAX_CANDIDATES):
+  """MTCNN on the CPU whose three stages suppress at most `max_candidates` boxes each time, in blocks.
+
+  The stages are mtcnn 1.0's own, step for step, with `suppress` in place of its
+  `smart_nms_from_bboxes`: below the cap the boxes are the same.
+  """
+  load_mtcnn()  # imports TensorFlow with the GPUs hidden (JAX owns the accelerators)
+  import tensorflow as tf
+  from mtcnn import MTCNN
+  from mtcnn.stages import StageONet, StagePNet, StageRNet
+  from mtcnn.utils import bboxes as mb
+  from mtcnn.utils.images import apply_scales, build_scale_pyramid, extract_patches
+  from mtcnn.utils.landmarks import adjust_landmarks
+
+  nms = lambda b, threshold, method, initial_sort: suppress(b, threshold, method, initial_sort, max_candidates)
+
+  def batched(model, images, boxes, size):  # the model's outputs on every box's patch, STAGE_BATCH patches a call
+    calls = [
+      model(extract_patches(images, boxes[k : k + STAGE_BATCH], expected_size=(size, size)))
+      for k in range(0, max(1, len(boxes)), STAGE_BATCH)
+    ]
+    return calls[0] if len(calls) == 1 else tuple(tf.concat(parts, 0) for parts in zip(*calls))
+
+  class PNet(StagePNet):
+    def __call__(self, images_normalized, images_oshapes, min_face_size=20, scale_factor=0.709, **kw):
+      threshold, nms1, nms2 = kw.get("threshold_pnet", 0.6), kw.get("nms_pnet1", 0.5), kw.get("nms_pnet2", 0.7)
+      groups = [build_scale_pyramid(s[1], s[0], min_face_size=min_face_size, scale_factor=scale_factor)
+                for s in images_oshapes]  # fmt: skip
+      scaled, scales = apply_scales(images_normalized, groups)
+      n = images_normalized.shape[0]
+      per_scale = []
+      for s, scale in zip(scaled, scales):
+        reg, cls = self._model(s)
+        boxes = mb.upscale_bboxes(mb.generate_bounding_box(reg, cls, threshold), np.asarray([scale] * n))
+        per_scale.append(nms(boxes, nms1, "union", False))
+      both = np.concatenate(per_scale, axis=0) if per_scale else np.empty((0, 6))
+      return mb.resize_to_square(nms(both, nms2, "union", True))
+
+  class RNet(StageRNet):
+    def __call__(self, images_normalized, bboxes_batch, threshold_rnet=0.7, nms_rnet=0.7, **kw):
+      offsets, scores = batched(self._model, images_normalized, bboxes_batch, 24)
+      boxes = mb.adjust_bboxes(mb.replace_confidence(bboxes_batch, scores), offsets)
+      boxes = mb.pick_matches(boxes, score_threshold=threshold_rnet)
+      return mb.resize_to_square(nms(boxes, nms_rnet, "union", True))
+
+  class ONet(StageONet):
+    def __call__(self, images_normalized, bboxes_batch, threshold_onet=0.8, nms_onet=0.7, **kw):
+      offsets, landmarks, scores = batched(self._model, images_normalized, bboxes_batch, 48)
+      landmarks = adjust_landmarks(landmarks, bboxes_batch)
+      boxes = mb.adjust_bboxes(mb.replace_confidence(bboxes_batch, scores), offsets)
+      boxes = mb.pick_matches(
+        np.concatenate([boxes, landmarks], axis=-1), scores_column=5, score_threshold=threshold_onet
+      )
+      return nms(boxes, nms_onet, "min", True)
+
+  return MTCNN(stages=[PNet(), RNet(), ONet()], device="CPU:0")
+
+
+def suppress(boxes: np.ndarray, threshold: float, method: str, initial_sort: bool, max_boxes: int) -> np.ndarray:
+  """mtcnn's `smart_nms_from_bboxes` on the `max_boxes` most confident boxes, in memory linear in their number.
+
+  Rows are [image, x1, y1, x2, y2, confidence, ...]. Like mtcnn's, a box is dropped when any more
+  confident box of its image overlaps it by more than `threshold` (IoU, or over the smaller area
+  with method "min"), dropped or not. The overlaps are computed NMS_BLOCK columns at a time, with
+  mtcnn's arithmetic, so the boxes kept are the same as its own on the same input.
+  """
+  if initial_sort:  # mtcnn's own sort (np.argsort, reversed), so that ties keep its order
+    boxes = boxes[np.argsort(boxes[:, 5])[::-1]]
+  kept = []
+  for image in np.unique(boxes[:, 0]):
+    mine = boxes[boxes[:, 0] == image][:max_boxes]  # sorted, most confident first
+    x1, y1, x2, y2 = (mine[:, k] for k in range(1, 5))
+    area = (x2 - x1) * (y2 - y1)
+    keep = np.ones(len(mine), bool)
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty boxes: nan, never over the threshold (as mtcnn)
+      for start in range(0, len(mine), NMS_BLOCK):
+        j = slice(start, min(start + NMS_BLOCK, len(mine)))
+        i = slice(0, j.stop)  # only more confident boxes (rows above the column) can drop a box
+        inter = np.maximum(0, np.minimum(x2[i, None], x2[None, j]) - np.maximum(x1[i, None], x1[None, j])) * np.maximum(
+          0, np.minimum(y2[i, None], y2[None, j]) - np.maximum(y1[i, None], y1[None, j])
+        )
+        if method == "union":
+          overlap = inter / (area[i, None] + area[None, j] - inter)
+        else:
+          overlap = inter / np.minimum(area[i, None], area[None, j])
+        rows = np.arange(i.stop)[:, None] < np.arange(j.start, j.stop)[None, :]
+        keep[j] = ~((overlap > threshold) & rows).any(axis=0)
+    kept.append(mine[keep])
+  return np.concatenate(kept, axis=0) if kept else np.empty((0, 6))  # mtcnn's empty answer, whatever the columns
 
 
 def align_face(photo: Image.Image, detection: Detection, size: int, margin: float = FACE_MARGIN) -> np.ndarray:
@@ -161,7 +279,7 @@ def find_faces(
   size: int,
   *,
   aligned: bool = False,
-  detector: FaceDetector | None = None,
+  detector: Callable[[Image.Image], list[Detection]] | None = None,
   framing: Framing | None = None,
   reopen: Callable[[int], faces.Decoded | None] | None = None,
 ) -> tuple[str, list[Face], list[np.ndarray]]:
@@ -207,7 +325,7 @@ def predict_files(
   files: Iterable[str | os.PathLike],
   *,
   aligned: bool = False,
-  detector: FaceDetector | None = None,
+  detector: Callable[[Image.Image], list[Detection]] | None = None,
   keep_photos: int = 0,
 ) -> Iterator[ImageResult]:
   """Yields each file's result in order; faces from several files share padded batches.
