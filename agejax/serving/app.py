@@ -1,23 +1,18 @@
 """The HTTP app: POST /v1/predict, the page at /, /healthz and Prometheus /metrics (Starlette)."""
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
-import email.message
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import prometheus_client
-import python_multipart.multipart as multipart
 from absl import logging
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -28,9 +23,9 @@ from agejax.data.framing import Framing
 from agejax.inference import photos
 from agejax.serving import batcher, guard, limits
 from agejax.serving.guard import error
+from agejax.serving.uploads import Refused, Upload, read_upload
 
 STATIC = Path(__file__).resolve().parent / "static"
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 @dataclasses.dataclass
@@ -47,6 +42,7 @@ class Settings:
   decode_budget_bytes: int = 1_000_000_000  # decoded pixels in flight over all decode threads
   queue_timeout_s: float = 10.0  # work that can't start within this gets 503 with Retry-After
   body_timeout_s: float = 60.0  # a request body must arrive within this (408)
+  max_buffered_bytes: int = 256 * 1000 * 1000  # request bodies held over all requests; more get 503
 
 
 class Upstream:
@@ -72,30 +68,6 @@ class Upstream:
       leave()
 
 
-MAX_NAME_CHARS = 255  # longer file names are cut (with "…") in answers and logs
-
-
-@dataclasses.dataclass
-class Upload:
-  """A request's images: names, bytes, and whether they are face crops already."""
-
-  names: list[str]
-  datas: list[bytes]
-  aligned: bool
-
-
-class Refused(Exception):
-  """A request that gets the error answer it carries."""
-
-  def __init__(self, response: Response):
-    super().__init__(response.status_code)
-    self.response = response
-
-
-def _name(name: str) -> str:
-  return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
-
-
 def prepare(
   data: bytes,
   aligned: bool,
@@ -115,153 +87,6 @@ def prepare(
   if isinstance(decoded, str):
     return decoded
   return photos.find_faces(decoded, size, aligned=aligned, detector=detector, framing=framing, reopen=reopen)
-
-
-async def read_upload(request: Request, settings: Settings) -> Upload:
-  """Reads a request's images: multipart field `files`, or JSON {"images": [base64, ...]}; raises `Refused`."""
-  kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-  try:
-    if kind == "multipart/form-data":
-      names, datas, form_aligned = await _read_multipart(request, settings)
-    elif kind == "application/json":
-      names, datas, form_aligned = _read_json(await request.body(), settings)
-    else:
-      raise Refused(
-        error(415, 'send multipart/form-data (images in the field "files") or application/json {"images": [base64]}')
-      )
-  except guard.BodyTooLarge:
-    raise Refused(guard.too_large(settings.max_body_bytes)) from None
-  except guard.BodyTimeout:
-    raise Refused(guard.too_slow(settings.body_timeout_s)) from None
-  except ClientDisconnect:  # nobody is left to read an answer
-    raise Refused(error(400, "the client disconnected before sending the whole body")) from None
-  aligned = _aligned(request.query_params.getlist("aligned") + form_aligned)
-  if not datas:
-    raise Refused(
-      error(
-        400, 'no complete file in the body: send images as multipart form field "files" (a truncated upload has none)'
-      )
-    )
-  if len(datas) > settings.max_files:
-    raise Refused(error(413, f"{len(datas)} images: at most {settings.max_files} in one request (--max_files)"))
-  return Upload([_name(n) for n in names], datas, aligned)
-
-
-async def _read_multipart(request: Request, settings: Settings) -> tuple[list[str], list[bytes], list[str]]:
-  """(file names, their bytes, the form's `aligned` values) of a multipart body, streamed through python-multipart."""
-  boundary = _options(request.headers["content-type"]).get_param("boundary")
-  if not isinstance(boundary, str) or not boundary:
-    raise Refused(error(400, "bad multipart body: its Content-Type names no boundary"))
-  parts: list[tuple[list[tuple[str, str]], bytearray]] = []
-  header = ["", ""]
-  ended = False
-
-  def on_part_begin() -> None:
-    if len(parts) >= settings.max_files + 8:
-      raise Refused(error(413, f"more than {settings.max_files} files in one request (--max_files)"))
-    parts.append(([], bytearray()))
-
-  def on_header_end() -> None:
-    parts[-1][0].append((header[0].lower(), header[1]))
-    header[:] = ["", ""]
-
-  def on_end() -> None:
-    nonlocal ended
-    ended = True
-
-  callbacks = {
-    "on_part_begin": on_part_begin,
-    "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
-    "on_header_field": lambda data, start, end: header.__setitem__(0, header[0] + _text(data[start:end])),
-    "on_header_value": lambda data, start, end: header.__setitem__(1, header[1] + _text(data[start:end])),
-    "on_header_end": on_header_end,
-    "on_end": on_end,
-  }
-  # File names may be long (they are cut later); the parser's default header limit is 4 KB.
-  parser = multipart.MultipartParser(boundary, callbacks, max_header_size=64 * 1024)  # type: ignore[arg-type]
-  try:
-    async for chunk in request.stream():  # to its end: what follows is the disconnect (see _disconnected)
-      parser.write(chunk)
-    parser.finalize()
-  except multipart.MultipartParseError as e:
-    raise Refused(error(400, f"bad multipart body: {e}")) from None
-  names: list[str] = []
-  datas: list[bytes] = []
-  aligned: list[str] = []
-  for i, (headers, data) in enumerate(parts):
-    disposition = _options(dict(headers).get("content-disposition", ""), "content-disposition")
-    field = disposition.get_param("name", header="content-disposition")
-    filename = disposition.get_filename()
-    if field == "files":
-      if filename is None:
-        raise Refused(error(400, 'the form field "files" must hold files (multipart file parts), not text'))
-      names.append(filename or f"files[{len(names)}]")
-      datas.append(bytes(data))
-    elif field == "aligned":
-      if filename is not None:
-        raise Refused(error(400, 'the form field "aligned" must be text (true or false), not a file'))
-      aligned.append(data.decode("utf-8", "replace"))
-    else:
-      raise Refused(
-        error(400, f'unexpected form field {field!r} (part {i}): send images in the field "files" (and "aligned")')
-      )
-  if not ended and datas:  # the body stopped inside a part: its last file is cut
-    raise Refused(error(400, "the multipart body ends before its closing boundary (a truncated upload)"))
-  return names, datas, aligned
-
-
-def _read_json(body: bytes, settings: Settings) -> tuple[list[str], list[bytes], list[str]]:
-  """(names, bytes, `aligned` values) of a JSON body {"images": [base64, ...], "aligned": false, "names": [...]}."""
-  try:
-    doc = json.loads(body)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise Refused(error(400, f"the body is not JSON: {e}")) from None
-  if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-    raise Refused(error(400, 'the JSON body must be an object with "images": a list of base64 strings'))
-  unknown = set(doc) - {"images", "aligned", "names"}
-  if unknown:
-    raise Refused(error(400, f"unexpected JSON key(s) {sorted(unknown)}: use images, aligned and names"))
-  images = doc["images"]
-  if len(images) > settings.max_files:
-    raise Refused(error(413, f"{len(images)} images: at most {settings.max_files} in one request (--max_files)"))
-  names = doc.get("names", [f"images[{i}]" for i in range(len(images))])
-  if not isinstance(names, list) or len(names) != len(images) or not all(isinstance(n, str) for n in names):
-    raise Refused(error(400, '"names" must be a list of strings, one per image'))
-  datas = []
-  for i, text in enumerate(images):
-    if not isinstance(text, str):
-      raise Refused(error(400, f"images[{i}] must be a base64 string, not {type(text).__name__}"))
-    if text.startswith("data:") and "," in text:  # a data: URL, as a browser's FileReader gives
-      text = text.split(",", 1)[1]
-    try:
-      datas.append(base64.b64decode(text, validate=True))
-    except (ValueError, binascii.Error) as e:
-      raise Refused(error(400, f"images[{i}] is not valid base64: {e}", file=names[i])) from None
-  aligned = doc.get("aligned", None)
-  if aligned is not None and not isinstance(aligned, bool):
-    raise Refused(error(400, f'"aligned" must be true or false, not {aligned!r}'))
-  return names, datas, [] if aligned is None else [str(aligned)]
-
-
-def _options(value: str, header: str = "content-type") -> email.message.Message:
-  """A header value parsed like a MIME header (RFC 2231's filename*=UTF-8''... included)."""
-  message = email.message.Message()
-  message[header] = value
-  return message
-
-
-def _text(data: bytes) -> str:
-  return bytes(data).decode("utf-8", "replace")  # browsers send file names as raw UTF-8
-
-
-def _aligned(values: list[str]) -> bool:
-  try:
-    flags = {_flag(v) for v in values}
-  except ValueError as e:
-    raise Refused(error(400, str(e))) from None
-  if len(flags) > 1:
-    raise Refused(error(400, f"aligned given {len(values)} times with different values {values}: send it once"))
-  return flags.pop() if flags else False
 
 
 def results_json(
@@ -460,13 +285,17 @@ def create_app(
       Route("/static/", to_page),
       Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ],
-    # Starlette's errors (404, 405 with its Allow header) as JSON, their headers kept.
-    exception_handlers={HTTPException: lambda request, e: error(e.status_code, str(e.detail), headers=e.headers)},
+    # Starlette's errors (404, 405 with its Allow header) as JSON, their headers kept; any other exception as
+    # the JSON 500 (Guard logs it in one line).
+    exception_handlers={
+      HTTPException: lambda request, e: error(e.status_code, str(e.detail), headers=e.headers),
+      Exception: guard.internal_error,
+    },
     lifespan=lifespan,
   )
   app.router.redirect_slashes = False  # its redirects are absolute URLs built from the Host header
   app.state.batcher, app.state.metrics, app.state.scheduler = model_batcher, metrics, scheduler
-  return guard.Guard(app, metrics, settings.max_body_bytes, settings.body_timeout_s)
+  return guard.Guard(app, metrics, settings.max_body_bytes, settings.body_timeout_s, settings.max_buffered_bytes)
 
 
 async def _disconnected(request: Request) -> None:
@@ -483,10 +312,3 @@ def _fill(face: photos.Face, p: batcher.Prediction) -> None:
     p.std,
     p.interval80,
   )
-
-
-def _flag(value: str) -> bool:
-  value = str(value).strip().lower()
-  if value not in _TRUE + _FALSE:
-    raise ValueError(f"aligned={value!r}: use true or false")
-  return value in _TRUE

@@ -1,4 +1,9 @@
-"""The server's outermost layer: Prometheus metrics of every request and model call, and the body size limit."""
+"""The server's outermost layer: metrics, the body limits, security headers, and JSON for every error.
+
+Prometheus metrics of every request and model call; each body's size and time limits and the total
+of body bytes held over all requests; the page's security headers (CSP without inline script) on
+every answer; and any exception the app lets out answered as the one-line JSON 500, logged in one line.
+"""
 
 import asyncio
 import contextlib
@@ -7,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import prometheus_client
+from absl import logging
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +31,59 @@ class BodyTooLarge(Exception):
 
 class BodyTimeout(Exception):
   """The request body did not arrive within the body timeout."""
+
+
+class BuffersFull(Exception):
+  """A body without Content-Length grew past what the server may hold over all requests (--max_buffered_mb)."""
+
+  def __init__(self, response: JSONResponse):
+    super().__init__(response.status_code)
+    self.response = response
+
+
+# The page is three static files (no inline script or style): a CSP that allows only those, on
+# every answer, and no framing (clickjacking) nor MIME sniffing of the JSON answers.
+CONTENT_SECURITY_POLICY = (
+  "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = (
+  (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+  (b"x-content-type-options", b"nosniff"),
+  (b"x-frame-options", b"DENY"),
+  (b"referrer-policy", b"no-referrer"),
+)
+BUSY_RETRY_AFTER_S = 2  # a client refused for the buffers' limit tries again after this
+
+
+class Buffers:
+  """Request-body bytes the server holds over all requests, against one limit (on the event loop only).
+
+  A body with a Content-Length takes it all before its first byte is read; one without takes its
+  bytes as they come. Each request gives back what it took when it is answered: the bytes are held
+  (as the upload, then its images) until then.
+  """
+
+  def __init__(self, limit_bytes: int):
+    self.limit_bytes, self.held_bytes = limit_bytes, 0
+
+  def take(self, nbytes: int) -> bool:
+    """Takes `nbytes` if they fit under the limit."""
+    if self.held_bytes + nbytes > self.limit_bytes:
+      return False
+    self.held_bytes += nbytes
+    return True
+
+  def give(self, nbytes: int) -> None:
+    self.held_bytes -= nbytes
+
+  def full(self) -> JSONResponse:
+    """The 503 answer: try again shortly."""
+    message = (
+      f"busy: the server holds {self.held_bytes / 1e6:.0f} MB of request bodies, its limit "
+      f"(--max_buffered_mb={self.limit_bytes / 1e6:g}); try again shortly"
+    )
+    return error(503, message, headers={"Retry-After": str(BUSY_RETRY_AFTER_S), "Connection": "close"})
 
 
 class Metrics:
@@ -62,6 +121,11 @@ class Metrics:
       "Requests whose work was cancelled: the client went away, or the graceful shutdown ran out.",
       registry=self.registry,
     )
+    self.body_bytes = prometheus_client.Gauge(
+      "agejax_http_body_bytes_held",
+      "Request-body bytes held over all requests (limited by --max_buffered_mb).",
+      registry=self.registry,
+    )
     self.model_seconds = prometheus_client.Histogram(
       "agejax_model_call_seconds",
       "Duration of each model call (distributions and summaries).",
@@ -77,27 +141,40 @@ class Metrics:
 
 
 class Guard:
-  """Outermost ASGI layer: counts and times every request, and enforces the body's size and time limits.
+  """Outermost ASGI layer: counts and times every request, enforces the body's limits, answers every error in JSON.
 
   A declared Content-Length over the limit is answered 413 before any byte of the body is read;
   a body without one (chunked) raises `BodyTooLarge` from `receive` once it passes the limit. A
-  body still incomplete `body_timeout_s` after the request arrived raises `BodyTimeout` (408). A
-  request cancelled before it answered (the graceful shutdown ran out) gets a JSON 503.
+  body still incomplete `body_timeout_s` after the request arrived raises `BodyTimeout` (408).
+  Bodies share `max_buffered_bytes` (`Buffers`): a Content-Length that does not fit is answered 503
+  with Retry-After before its body is read, a chunked body that outgrows it raises `BuffersFull`.
+  A request cancelled before it answered (the graceful shutdown ran out) gets a JSON 503; an
+  exception the app lets out gets the JSON 500 (if nothing was sent yet) and one log line.
   """
 
-  def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, body_timeout_s: float = 60.0):
+  def __init__(
+    self,
+    app: ASGIApp,
+    metrics: Metrics,
+    max_body_bytes: int,
+    body_timeout_s: float = 60.0,
+    max_buffered_bytes: int | None = None,
+  ):
     self.app, self.metrics, self.max_body_bytes, self.body_timeout_s = app, metrics, max_body_bytes, body_timeout_s
+    self.buffers = Buffers(max_buffered_bytes if max_buffered_bytes is not None else 10 * max_body_bytes)
 
   async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
     path = scope["path"] if scope["path"] in PATHS else "/static" if scope["path"].startswith("/static/") else "other"
     start, status, received, body_done, started = time.perf_counter(), 500, 0, False, False
+    held = 0  # body bytes this request took from the shared buffers
 
     async def counted_send(message: Message) -> None:
       nonlocal status, started
       if message["type"] == "http.response.start":
         status, started = message["status"], True
+        message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
       await send(message)
 
     async def limited_receive() -> Message:
@@ -112,7 +189,16 @@ class Guard:
       body_done = message["type"] != "http.request" or not message.get("more_body", False)
       if received > self.max_body_bytes:
         raise BodyTooLarge
+      take(received - held)
       return message
+
+    def take(nbytes: int) -> None:
+      nonlocal held
+      if nbytes > 0:
+        if not self.buffers.take(nbytes):
+          raise BuffersFull(self.buffers.full())
+        held += nbytes
+        self.metrics.body_bytes.set(self.buffers.held_bytes)
 
     self.metrics.in_flight.inc()
     try:
@@ -120,14 +206,26 @@ class Guard:
       if declared.isdigit() and int(declared) > self.max_body_bytes:
         await too_large(self.max_body_bytes)(scope, receive, counted_send)
       else:
-        await self.app(scope, limited_receive, counted_send)
+        try:
+          take(int(declared) if declared.isdigit() else 0)  # all of it, before a byte is read
+        except BuffersFull as e:
+          await e.response(scope, receive, counted_send)
+        else:
+          await self.app(scope, limited_receive, counted_send)
     except asyncio.CancelledError:  # uvicorn cancels what is left when --graceful_timeout_s runs out
       if not started:
         message = "the server is shutting down and this request did not finish in time (--graceful_timeout_s)"
         with contextlib.suppress(Exception):
           await error(503, message, headers={"Connection": "close"})(scope, receive, counted_send)
       raise
+    except Exception as e:  # a bug, or input nothing refused: JSON like every other error, one log line
+      logging.error("%s %s failed: %s: %s", scope["method"], path, type(e).__name__, one_line(e))
+      if not started:
+        with contextlib.suppress(Exception):
+          await internal_error(None, e)(scope, receive, counted_send)
     finally:
+      self.buffers.give(held)
+      self.metrics.body_bytes.set(self.buffers.held_bytes)
       self.metrics.in_flight.dec()
       self.metrics.requests.labels(path, str(status)).inc()
       self.metrics.latency.labels(path).observe(time.perf_counter() - start)
@@ -143,6 +241,16 @@ def too_slow(timeout_s: float) -> JSONResponse:
 def too_large(limit: int) -> JSONResponse:
   """The 413 answer."""
   return error(413, f"request body over the {limit / 1e6:g} MB limit (--max_body_mb)")
+
+
+def internal_error(request: Any, exc: Exception) -> JSONResponse:
+  """The 500 answer of an exception nothing else handled (Starlette's handler for Exception, and Guard's)."""
+  return error(500, f"internal error: {type(exc).__name__} (logged by the server)")
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+  """An exception's message on one line, cut to `limit` characters."""
+  return " ".join(str(e).split())[:limit]
 
 
 def error(status: int, message: str, *, headers: Mapping[str, str] | None = None, **fields: Any) -> JSONResponse:
