@@ -12,12 +12,16 @@ was exported (export.py --flip). /healthz reports `flip`, the `temperature` and 
 `interval_masses` by age bucket (null: the central interval; calibration.json's when calibrated).
 """
 
-import signal
+# Before anything else, JAX and TensorFlow above all: a signal from here until the server serves ends
+# it at once, exit 0 in one line (raised into a native library's import, it crashed the teardown).
+from agejax.serving import runner  # isort: skip
 
-from absl import app, flags, logging
+runner.exit_on_signal_while_starting()
 
-from agejax import cli
-from agejax.training import checkpointing
+from absl import app, flags  # noqa: E402
+
+from agejax import cli, errors  # noqa: E402
+from agejax.training import checkpointing  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
@@ -57,6 +61,18 @@ _HEAD_TIMEOUT_S = flags.DEFINE_float(
 _KEEP_ALIVE_S = flags.DEFINE_float(
   "keep_alive_s", 5.0, "An idle kept-alive connection closes after this.", lower_bound=0
 )
+_MAX_BUFFERED_MB = flags.DEFINE_float(
+  "max_buffered_mb",
+  256.0,
+  "Request bodies held over all requests (MB); a body that does not fit gets 503 with Retry-After.",
+  lower_bound=0,
+)
+_MAX_CONNECTIONS = flags.DEFINE_integer(
+  "max_connections",
+  1000,
+  "Open connections; past it the longest idle one is closed, or the new one gets 503 with Retry-After.",
+  lower_bound=1,
+)
 _GRACE_S = flags.DEFINE_float(
   "graceful_timeout_s", 60.0, "After SIGTERM, longest wait for requests in flight.", lower_bound=0
 )
@@ -65,42 +81,28 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 )
 
 
-class _Stopped(Exception):
-  """SIGTERM (or Ctrl-C) arrived while the model was loading."""
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from agejax import serving
 
+  if _MAX_BUFFERED_MB.value < _MAX_BODY_MB.value:
+    raise errors.UserError(f"--max_buffered_mb={_MAX_BUFFERED_MB.value:g} must be at least --max_body_mb")
   sock = serving.bind(_HOST.value, _PORT.value)  # a port in use fails here, before minutes of loading
-
-  # SIGTERM while loading: stop and exit 0, as after serving. The flag catches a signal whose
-  # exception was swallowed (raised inside a callback a library ignores errors of).
-  stopped = []
-
-  def stop(signum, frame):
-    stopped.append(signum)
-    raise _Stopped
-
-  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    server = build()
-  except _Stopped:
-    server = None
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-  if stopped or server is None:
-    logging.warning("stopped by signal %s while loading the model", stopped[0] if stopped else "?")
-    sock.close()
-    return
+  server = build()  # SIGTERM or Ctrl-C meanwhile: runner.exit_on_signal_while_starting
   from agejax.serving import limits
 
   # Freed images go back to the OS: costs MTCNN about 7% (0.159 -> 0.170 s a photo), keeps peaks bounded.
   limits.use_mmap_for_large_allocations()
-  serving.run(server, sock, _GRACE_S.value, head_timeout_s=_HEAD_TIMEOUT_S.value, keep_alive_s=_KEEP_ALIVE_S.value)
+  serving.run(
+    server,
+    sock,
+    _GRACE_S.value,
+    head_timeout_s=_HEAD_TIMEOUT_S.value,
+    keep_alive_s=_KEEP_ALIVE_S.value,
+    max_connections=_MAX_CONNECTIONS.value,
+  )
+  runner.finish()  # exit 0 now: every request is answered, and JAX's and TensorFlow's teardown takes seconds
 
 
 def build():
@@ -127,6 +129,7 @@ def build():
     decode_budget_bytes=int(_DECODE_BUDGET_MB.value * 1e6),
     queue_timeout_s=_QUEUE_TIMEOUT_S.value,
     body_timeout_s=_BODY_TIMEOUT_S.value,
+    max_buffered_bytes=int(_MAX_BUFFERED_MB.value * 1e6),
   )
   min_age = int(model.bins[0])
   return serving_app.create_app(model, photos.FaceDetector(), limits, min_age, getattr(model, "step", None))

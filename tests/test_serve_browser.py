@@ -1,4 +1,5 @@
-"""The page at / in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload, labels, chart."""
+"""The page at / in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload, labels, chart,
+all under the server's Content-Security-Policy (no inline script or style)."""
 
 import os
 import shutil
@@ -38,7 +39,21 @@ def test_the_page_boxes_the_face_labels_its_age_and_charts_its_distribution(serv
     try:
       page = browser.new_page(viewport={"width": 1100, "height": 700})
       page.set_default_timeout(60_000)
-      page.goto(server.url + "/")
+      # Anything the page's Content-Security-Policy blocks (an inline script or style, another origin) is
+      # recorded: the page must work under it untouched.
+      page.add_init_script(
+        "window.cspViolations = [];"
+        "document.addEventListener('securitypolicyviolation',"
+        " (e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
+      )
+      errors = []
+      page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+      response = page.goto(server.url + "/")
+      headers = response.headers
+      assert "script-src 'self'" in headers["content-security-policy"]
+      assert "frame-ancestors 'none'" in headers["content-security-policy"]
+      assert "unsafe-inline" not in headers["content-security-policy"]
+      assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY"
       page.set_input_files("#files", str(photo))
       label = page.locator(".age-label").first
       expect(label).to_contain_text("Face 1: age ")
@@ -67,6 +82,8 @@ def test_the_page_boxes_the_face_labels_its_age_and_charts_its_distribution(serv
       assert on_screen["y"] + half_line - photo_on_screen["y"] == pytest.approx(y * shown, abs=1.0)
       assert on_screen["width"] - 2 * half_line == pytest.approx(w * shown, abs=1.0)
       assert on_screen["height"] - 2 * half_line == pytest.approx(h * shown, abs=1.0)
+      assert page.evaluate("window.cspViolations") == []
+      assert not [e for e in errors if "Content Security Policy" in e], errors
       screenshot = Path(tmp_path) / "page.png"
       page.screenshot(path=str(screenshot), full_page=True)
       assert screenshot.stat().st_size > 10_000
