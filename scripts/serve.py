@@ -3,9 +3,12 @@
 POST /v1/predict takes images (multipart field `files`, or JSON {"images": [base64, ...]}; optional
 `aligned=true`) and answers the faces' ages as JSON; GET / is a page to drop photos on; GET
 /healthz and /readyz (503 while overloaded); GET /metrics (Prometheus). Faces from concurrent
-requests share model calls (--max_batch, --max_wait_ms). Images over --max_pixels are refused
-from their header; decoding shares a byte budget (--decode_budget_mb) and work that can't start
-within --queue_timeout_s gets 503 with Retry-After. SIGTERM or Ctrl-C (also while the model
+requests share model calls (--max_batch, --max_wait_ms). Uploads are read only in worker processes
+(--workers, --aligned_workers), each under a memory limit (--worker_memory_mb) and a CPU limit an
+image (--max_cpu_s): a crash or a limit fails that image alone. Only --formats are read (JPEG, PNG,
+WebP); images over --max_pixels are refused from their header; decoding shares a byte budget
+(--decode_budget_mb); a photo answers at most --max_faces faces; work that can't start within
+--queue_timeout_s gets 503 with Retry-After. SIGTERM or Ctrl-C (also while the model
 loads) stops accepting, finishes the requests in flight and exits 0. --flip averages each face
 with its mirror image, calibrated by calibration.json's flip temperature; an export predicts as it
 was exported (export.py --flip). /healthz reports `flip`, the `temperature` and the 80% interval's
@@ -36,15 +39,41 @@ _MAX_WAIT_MS = flags.DEFINE_float(
 )
 _MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 20.0, "Largest request body (MB); larger ones get 413.", lower_bound=0)
 _MAX_FILES = flags.DEFINE_integer("max_files", 64, "Most images in one request.", lower_bound=1)
-_WORKERS = flags.DEFINE_integer("workers", 4, "Threads decoding photos and detecting their faces.", lower_bound=1)
+_WORKERS = flags.DEFINE_integer(
+  "workers", 4, "Worker processes decoding photos and detecting their faces.", lower_bound=1
+)
 _ALIGNED_WORKERS = flags.DEFINE_integer(
-  "aligned_workers", 2, "Threads decoding face crops (aligned=true): they never wait behind detection.", lower_bound=1
+  "aligned_workers", 2, "Worker processes decoding face crops (aligned=true): never behind detection.", lower_bound=1
+)
+_ISOLATION = flags.DEFINE_enum(
+  "isolation",
+  "processes",
+  ["processes", "threads"],
+  "Where uploads are read: worker processes under hard limits, or the server's own threads (trusted input only).",
+)
+_WORKER_MEMORY_MB = flags.DEFINE_float(
+  "worker_memory_mb", 1024.0, "A worker's address space beyond its own once started (MB); past it: 413.", lower_bound=64
+)
+_MAX_CPU_S = flags.DEFINE_float(
+  "max_cpu_s", 10.0, "CPU seconds one image may take in its worker; past it: 422.", lower_bound=1
+)
+_WORKER_IMAGES = flags.DEFINE_integer(
+  "worker_images", 500, "A worker is replaced after this many images.", lower_bound=1
+)
+_FORMATS = flags.DEFINE_list(
+  "formats", ["jpeg", "png", "webp"], "Image formats read (Pillow's names, e.g. gif, bmp, tiff); others get 415."
+)
+_MAX_FACES = flags.DEFINE_integer(
+  "max_faces",
+  64,
+  "Most faces answered a photo (the most confident); the answer says how many were found.",
+  lower_bound=1,
 )
 _MAX_PIXELS = flags.DEFINE_float(
   "max_pixels", 64e6, "Largest image (width x height, from its header); larger ones get 413.", lower_bound=1
 )
 _DECODE_BUDGET_MB = flags.DEFINE_float(
-  "decode_budget_mb", 1000.0, "Decoded pixels in flight over all decode threads (MB); more work waits.", lower_bound=1
+  "decode_budget_mb", 1000.0, "Estimated decode memory in flight over all workers (MB); more work waits.", lower_bound=1
 )
 _QUEUE_TIMEOUT_S = flags.DEFINE_float(
   "queue_timeout_s", 10.0, "Work that can't start within this gets 503 with Retry-After.", lower_bound=0
@@ -108,9 +137,11 @@ def main(argv):
 def build():
   """Loads the model and the face detector into the server's ASGI app."""
   from agejax import serving
-  from agejax.inference import photos
   from agejax.serving import app as serving_app
+  from agejax.serving import sandbox
   from agejax.training import train
+
+  formats = sandbox.accepted_formats(_FORMATS.value)  # a typo fails here, in one line, before the model loads
 
   model = serving.load_model(
     _WORKDIR.value, _EXPORT.value, _CHECKPOINT.value, _MAX_BATCH.value, calibrated=_CALIBRATION.value, flip=_FLIP.value
@@ -130,9 +161,15 @@ def build():
     queue_timeout_s=_QUEUE_TIMEOUT_S.value,
     body_timeout_s=_BODY_TIMEOUT_S.value,
     max_buffered_bytes=int(_MAX_BUFFERED_MB.value * 1e6),
+    isolation=_ISOLATION.value,
+    formats=formats,
+    worker_memory_bytes=int(_WORKER_MEMORY_MB.value * 1e6),
+    max_cpu_s=_MAX_CPU_S.value,
+    worker_images=_WORKER_IMAGES.value,
   )
   min_age = int(model.bins[0])
-  return serving_app.create_app(model, photos.FaceDetector(), limits, min_age, getattr(model, "step", None))
+  detector = sandbox.DetectorSpec(max_faces=_MAX_FACES.value)
+  return serving_app.create_app(model, detector, limits, min_age, getattr(model, "step", None))
 
 
 if __name__ == "__main__":

@@ -288,7 +288,12 @@ def live_server(model: HeldModel, detector: HeldDetector | None = None, **settin
   """(URL, the Starlette app) of create_app served by uvicorn as serve.py serves it, on a free loopback port."""
   import uvicorn
 
-  app = serving_app.create_app(model, detector, serving_app.Settings(max_batch=4, **settings), min_age=1)
+  # A held detector lives in this process: the server reads uploads in its own threads (the lanes, turns and
+  # timeouts are the same; tests/test_sandbox.py covers the worker processes).
+  isolation = "threads" if detector is not None else "processes"
+  app = serving_app.create_app(
+    model, detector, serving_app.Settings(max_batch=4, isolation=isolation, **settings), min_age=1
+  )
   sock = serving.bind("127.0.0.1", 0)
   server = uvicorn.Server(serving.config(app, 1.0, head_timeout_s=5.0, log_level="warning"))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -346,12 +347,15 @@ def _post_files(url: str, files: Sequence[bytes], aligned: bool = False) -> tupl
   return status, text, time.perf_counter() - start
 
 
-def bombs(script: str | os.PathLike, model_flags: Sequence[str], side: int = 13000) -> list[dict[str, Any]]:
-  """Issue 24's four bombs at `side`, each followed by one normal request (a drawn face crop).
+def bombs(
+  script: str | os.PathLike, model_flags: Sequence[str], side: int = 13000, red_team: bool = True
+) -> list[dict[str, Any]]:
+  """Issue 24's four bombs at `side` and (`red_team`) issue 35's inputs, each followed by one normal request.
 
   Returns:
-    One row a bomb: the answer's status and time, the server's RSS at idle, its peak during the bomb
-    (VmHWM, reset before) and after, and the normal request's status and time.
+    One row a bomb: the answer's status and time; the PSS of the server and every process under it
+    (its decode workers) at idle, its peak during the bomb (sampled, `TreePeak`) and after; the
+    server process's own peak RSS (VmHWM, reset before); the normal request's status and time.
   """
   grey, jpeg = grey_png(side), jpeg_claiming(side)
   cases = {
@@ -360,15 +364,26 @@ def bombs(script: str | os.PathLike, model_flags: Sequence[str], side: int = 130
     "64 grey PNGs": [grey] * 64,
     "64 JPEG headers": [jpeg] * 64,
   }
+  if red_team:
+    cases |= {
+      "crowd of 900 faces": [crowd_jpeg()],
+      "4 MB of iCCP chunks": [iccp_png()],
+      "64 PNGs of 64 zTXt": [ztxt_png()] * 64,
+      "1.5 M empty PNG chunks": [empty_chunks_png()],
+      "38-byte lossless WebP": [webp_lossless_claiming()],
+      "CMYK progressive JPEG": [jpeg_claiming_as(7800)],
+      "scan bomb": [scan_bomb_jpeg()],
+    }
   rows = []
   with local.LocalServer(script, list(model_flags)) as server:
     pid = server.process.pid
     crop = payloads(json.loads(fetch(server.url + "/healthz"))["input_size"], None)[0][0]
     for name, files in cases.items():
-      idle = rss_mb(pid)
+      server_idle = rss_mb(pid)
       reset_peak(pid)
-      status, text, seconds = _post_files(server.url, files)
-      peak, after = rss_mb(pid, "VmHWM"), rss_mb(pid)
+      with TreePeak(pid) as memory:
+        status, text, seconds = _post_files(server.url, files)
+      after = pss_mb(tree_pids(pid))
       normal_status, _, normal_s = _post_files(server.url, [crop], aligned=True)
       rows.append(
         {
@@ -376,12 +391,310 @@ def bombs(script: str | os.PathLike, model_flags: Sequence[str], side: int = 130
           "bytes_sent": sum(map(len, files)),
           "status": status,
           "seconds": seconds,
-          "idle_mb": idle,
-          "peak_over_idle_mb": peak - idle,
-          "after_over_idle_mb": after - idle,
+          "idle_mb": memory.idle_mb,
+          "peak_over_idle_mb": memory.over_idle_mb,
+          "after_over_idle_mb": after - memory.idle_mb,
+          "server_peak_over_idle_mb": rss_mb(pid, "VmHWM") - server_idle,
           "normal_status": normal_status,
           "normal_s": normal_s,
           "answer": text[:80],
         }
       )
+  return rows
+
+
+# The red team's inputs against the decode path (issue 35): each small on the wire, costly to read.
+
+
+def crowd_jpeg(side: int = 1536, across: int = 30) -> bytes:
+  """scikit-image's astronaut face tiled across x across times in a side x side JPEG (900 faces: MTCNN's worst)."""
+  from PIL import Image
+  from skimage import data
+
+  tile = side // across
+  face = Image.fromarray(data.astronaut()[20:260, 120:330]).resize((tile, tile), Image.Resampling.BILINEAR)
+  photo = Image.new("RGB", (side, side))
+  for i in range(across):
+    for j in range(across):
+      photo.paste(face, (i * tile, j * tile))
+  buf = io.BytesIO()
+  photo.save(buf, "JPEG", quality=85)
+  return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+  return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def png_with_chunks(chunks: Sequence[tuple[bytes, bytes]], side: int = 8) -> bytes:
+  """A small grey PNG carrying `chunks` (type, body) between its header and its pixels."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new("L", (side, side), 128).save(buf, "PNG")
+  plain = buf.getvalue()
+  first_idat = plain.index(b"IDAT") - 4
+  return plain[:first_idat] + b"".join(_png_chunk(k, b) for k, b in chunks) + plain[first_idat:]
+
+
+def iccp_png(count: int = 4000) -> bytes:
+  """`count` iCCP chunks, each a ~1 KB deflate stream of 1 MB less a byte (Pillow inflates each: no total cap)."""
+  profile = b"icc\0\0" + zlib.compress(b"\0" * ((1 << 20) - 1), 9)
+  return png_with_chunks([(b"iCCP", profile)] * count)
+
+
+def ztxt_png(count: int = 64) -> bytes:
+  """`count` zTXt chunks of 1 MB less a byte each, compressed to ~1 KB (Pillow's text cap stops at 64 MB)."""
+  text = b"comment\0\0" + zlib.compress(b"a" * ((1 << 20) - 1), 9)
+  return png_with_chunks([(b"zTXt", text)] * count)
+
+
+def empty_chunks_png(count: int = 1_500_000) -> bytes:
+  """`count` empty private ancillary chunks (12 bytes each): Pillow walks them one by one."""
+  return png_with_chunks([(b"abCd", b"")] * count)
+
+
+def webp_lossless_claiming(width: int = 16383, height: int = 3906) -> bytes:
+  """A 38-byte lossless WebP of one colour whose header claims width x height (its codes take no bits a pixel)."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, "WEBP", lossless=True)
+  data = bytearray(buf.getvalue())
+  at = data.index(b"VP8L") + 9  # past the chunk's type, size and its 0x2f signature byte
+  bits = int.from_bytes(data[at : at + 4], "little") & ~((1 << 28) - 1)  # keep alpha and version
+  data[at : at + 4] = (bits | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
+  return bytes(data)
+
+
+def jpeg_claiming_as(side: int, mode: str = "CMYK", progressive: bool = True) -> bytes:
+  """A few KB of (progressive, CMYK) JPEG whose header claims side x side: the coefficients of all of it are held."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new(mode, (16, 16), (10, 20, 30, 40) if mode == "CMYK" else 128).save(buf, "JPEG", progressive=progressive)
+  data = bytearray(buf.getvalue())
+  sof = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
+  data[sof + 5 : sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
+  return bytes(data)
+
+
+def scan_bomb_jpeg(side: int = 4096, scans: int = 4800) -> bytes:
+  """A flat grey progressive JPEG whose last AC scan is repeated `scans` times: each few-byte scan walks every block."""
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=90)
+  data = buf.getvalue()
+  last = data.rindex(b"\xff\xda")  # the last scan's header and its entropy-coded data, up to the end marker
+  return data[:last] + data[last:-2] * scans + data[-2:]
+
+
+def format_samples(side: int) -> dict[str, bytes]:
+  """A side x side photo-like image (a gradient with noise) in each format and mode the server may be asked to read."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  ramp = np.linspace(0, 255, side, dtype=np.float32)
+  rgb = np.stack([ramp[None, :].repeat(side, 0), ramp[:, None].repeat(side, 1), np.full((side, side), 100.0)], -1)
+  rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+  photo = Image.fromarray(rgb)
+  grey, rgba = photo.convert("L"), photo.convert("RGBA")
+  cases: dict[str, tuple[Image.Image, str, dict[str, Any]]] = {
+    "JPEG RGB": (photo, "JPEG", {"quality": 90}),
+    "JPEG RGB progressive": (photo, "JPEG", {"quality": 90, "progressive": True}),
+    "JPEG L": (grey, "JPEG", {"quality": 90}),
+    "JPEG CMYK": (photo.convert("CMYK"), "JPEG", {"quality": 90}),
+    "JPEG CMYK progressive": (photo.convert("CMYK"), "JPEG", {"quality": 90, "progressive": True}),
+    "PNG RGB": (photo, "PNG", {"compress_level": 1}),
+    "PNG RGBA": (rgba, "PNG", {"compress_level": 1}),
+    "PNG L": (grey, "PNG", {"compress_level": 1}),
+    "PNG P": (photo.quantize(64), "PNG", {"compress_level": 1}),
+    "PNG I;16": (Image.fromarray(np.asarray(grey, np.uint16) * 257), "PNG", {"compress_level": 1}),
+    "WEBP lossy": (photo, "WEBP", {"quality": 80, "method": 0}),
+    "WEBP lossless": (photo, "WEBP", {"lossless": True, "method": 0, "quality": 0}),
+    "WEBP lossless RGBA": (rgba, "WEBP", {"lossless": True, "method": 0, "quality": 0}),
+    "GIF": (photo.quantize(64), "GIF", {}),
+    "BMP": (photo, "BMP", {}),
+    "TIFF RGB": (photo, "TIFF", {"compression": "tiff_adobe_deflate"}),
+    "TIFF F": (Image.fromarray(np.asarray(grey, np.float32)), "TIFF", {"compression": "tiff_adobe_deflate"}),
+    "JPEG2000": (photo, "JPEG2000", {"quality_mode": "rates", "quality_layers": [40]}),
+  }
+  out = {}
+  for name, (image, fmt, options) in cases.items():
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    out[name] = buf.getvalue()
+  return out
+
+
+_MEASURE = """
+import sys, time, resource
+from agejax.data import faces
+data = sys.stdin.buffer.read()
+def status(key):
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+header = faces.read_header(data)
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+  f.write("5")
+cpu = time.process_time()
+decoded = faces.open_reduced(data, min_side=int(sys.argv[1]))
+cpu = time.process_time() - cpu
+assert not isinstance(decoded, str), decoded
+print(status("VmHWM") - before, cpu, header.decode_bytes(int(sys.argv[1])))
+"""
+
+
+def decode_costs(side: int = 4000, min_side: int = 1536) -> list[dict[str, Any]]:
+  """Each format's peak memory and CPU to decode a side x side image as the server does (a fresh process each).
+
+  Returns:
+    One row a format: bytes sent, the peak RSS over the process's before the decode (MB) and per full-size
+    pixel, CPU seconds, and what `Header.decode_bytes` estimates (MB).
+  """
+  import subprocess
+  import sys
+
+  rows = []
+  for name, data in format_samples(side).items():
+    out = subprocess.run(
+      [sys.executable, "-c", _MEASURE, str(min_side)], input=data, capture_output=True, check=True
+    ).stdout.split()
+    peak, cpu, estimate = int(out[0]), float(out[1]), int(out[2])
+    rows.append(
+      {
+        "format": name,
+        "side": side,
+        "bytes_sent": len(data),
+        "peak_mb": peak / 1e6,
+        "bytes_per_pixel": peak / side**2,
+        "cpu_s": cpu,
+        "estimate_mb": estimate / 1e6,
+      }
+    )
+  return rows
+
+
+def tree_pids(pid: int) -> list[int]:
+  """A process and all its descendants (Linux: read from /proc), the server's decode workers included."""
+  parents: dict[int, list[int]] = {}
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          parent = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):  # gone meanwhile
+        continue
+      parents.setdefault(parent, []).append(int(entry))
+  out, todo = [], [pid]
+  while todo:
+    out.append(todo.pop())
+    todo.extend(parents.get(out[-1], []))
+  return out
+
+
+def pss_mb(pids: Sequence[int]) -> float:
+  """The summed proportional set size of processes (shared pages split between their sharers), in MB."""
+  total = 0
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/smaps_rollup") as f:
+        total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):  # gone meanwhile
+      pass
+  return total / 1024
+
+
+class TreePeak:
+  """The peak summed PSS of a process tree (the server and its workers) while the block runs, sampled in a thread.
+
+  `idle_mb` is the sum when the block starts; `peak_mb` the highest sum seen. A worker that lived and
+  died between two samples (every `interval_s`, plus the time to read the tree) may be missed: its own
+  address-space limit bounds it. Reading a TensorFlow worker's PSS takes ~20 ms.
+  """
+
+  def __init__(self, pid: int, interval_s: float = 0.1):
+    self.pid, self.interval_s = pid, interval_s
+    self.idle_mb = self.peak_mb = 0.0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+
+  def _sample(self) -> None:
+    while not self._stop.wait(self.interval_s):
+      self.peak_mb = max(self.peak_mb, pss_mb(tree_pids(self.pid)))
+
+  def __enter__(self) -> "TreePeak":
+    self.idle_mb = self.peak_mb = pss_mb(tree_pids(self.pid))
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self.peak_mb = max(self.peak_mb, pss_mb(tree_pids(self.pid)))
+
+  @property
+  def over_idle_mb(self) -> float:
+    """The peak over the idle sum, in MB."""
+    return self.peak_mb - self.idle_mb
+
+
+def _crops_by_pipe(conn) -> None:
+  """A worker that answers (faces, size) with that many uint8 crops through its pipe, until None."""
+  while (message := conn.recv()) is not None:
+    n, size = message
+    conn.send([np.full((size, size, 3), i, np.uint8) for i in range(n)])
+
+
+def _crops_by_shared_memory(conn) -> None:
+  """A worker that writes (faces, size) crops into the shared-memory block the server names, then answers."""
+  from multiprocessing import shared_memory
+
+  while (message := conn.recv()) is not None:
+    name, n, size = message
+    block = shared_memory.SharedMemory(name=name)
+    crops = np.ndarray((n, size, size, 3), np.uint8, buffer=block.buf)
+    for i in range(n):
+      crops[i] = i
+    del crops
+    block.close()
+    conn.send(n)
+
+
+def transport(faces: Sequence[int] = (1, 8, 64), size: int = 200, repeats: int = 50) -> list[dict[str, Any]]:
+  """Milliseconds for the server to get `faces` uint8 crops of size x size x 3 made in a worker process.
+
+  "pipe": pickled through the worker's pipe (the sandbox's way); "shared memory": written by the worker
+  into a block the server creates, then copied out (the block is freed at once). Forkserver workers.
+  """
+  import multiprocessing
+  from multiprocessing import shared_memory
+
+  context = multiprocessing.get_context("forkserver")
+  rows = []
+  for mode, target in (("pipe", _crops_by_pipe), ("shared memory", _crops_by_shared_memory)):
+    parent, child = context.Pipe()
+    worker = context.Process(target=target, args=(child,), daemon=True)
+    worker.start()
+    for n in faces:
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        if mode == "pipe":
+          parent.send((n, size))
+          crops = parent.recv()
+        else:
+          block = shared_memory.SharedMemory(create=True, size=n * size * size * 3)
+          parent.send((block.name, n, size))
+          parent.recv()
+          crops = list(np.ndarray((n, size, size, 3), np.uint8, buffer=block.buf).copy())
+          block.close()
+          block.unlink()
+        times.append(time.perf_counter() - start)
+        assert len(crops) == n and crops[-1][0, 0, 0] == (n - 1) % 256
+      rows.append({"transport": mode, "faces": n, "size": size, "ms_median": 1000 * float(np.median(times))})
+    parent.send(None)
+    worker.join(10)
   return rows

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import prometheus_client
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp
 from agejax.data import faces
 from agejax.data.framing import Framing
 from agejax.inference import photos
-from agejax.serving import batcher, guard, limits
+from agejax.serving import batcher, guard, limits, sandbox
 from agejax.serving.guard import error
 from agejax.serving.uploads import Refused, Upload, read_upload
 
@@ -36,13 +37,20 @@ class Settings:
   max_wait_ms: float = 5.0  # longest a face waits for others to join its batch
   max_body_bytes: int = 20 * 1000 * 1000
   max_files: int = 64  # files per request
-  workers: int = 4  # threads decoding photos and detecting their faces
-  aligned_workers: int = 2  # threads decoding face crops (aligned=true): they never wait behind detection
+  workers: int = 4  # worker processes decoding photos and detecting their faces
+  aligned_workers: int = 2  # workers decoding face crops (aligned=true): they never wait behind detection
   max_pixels: int = 64_000_000  # larger images are refused from their header (50 MP phone photos pass)
-  decode_budget_bytes: int = 1_000_000_000  # decoded pixels in flight over all decode threads
+  decode_budget_bytes: int = 1_000_000_000  # estimated decode bytes in flight over all workers
   queue_timeout_s: float = 10.0  # work that can't start within this gets 503 with Retry-After
   body_timeout_s: float = 60.0  # a request body must arrive within this (408)
   max_buffered_bytes: int = 256 * 1000 * 1000  # request bodies held over all requests; more get 503
+  # "processes": uploads are read only in worker processes under the limits below (sandbox.py);
+  # "threads": in the server's own threads, under the same estimates but no hard limit (trusted input).
+  isolation: str = "processes"
+  formats: tuple[str, ...] = faces.FORMATS  # Pillow's names of the formats read; others get 415
+  worker_memory_bytes: int = 1 << 30  # a worker's address space over its own once started (RLIMIT_AS)
+  max_cpu_s: float = 10.0  # CPU seconds an image may take in its worker (RLIMIT_CPU)
+  worker_images: int = 500  # a worker is replaced after this many images
 
 
 class Upstream:
@@ -72,7 +80,7 @@ def prepare(
   data: bytes,
   aligned: bool,
   size: int,
-  detector: photos.FaceDetector | None,
+  detector: "sandbox.Detector | None",
   framing: Framing | None = None,
   *,
   max_pixels: int | None = None,
@@ -90,33 +98,56 @@ def prepare(
 
 
 def results_json(
-  names: list[str], cropped: list[tuple[str, list[photos.Face], list[np.ndarray]]], predictions: list
+  names: list[str],
+  cropped: list[tuple[str, list[photos.Face], list[np.ndarray]]],
+  predictions: list,
+  faces_found: list[int] | None = None,
 ) -> list[dict]:
-  """Each upload's JSON result, its faces filled in with their predictions (in the order the faces were queued)."""
+  """Each upload's JSON result, its faces filled in with their predictions (in the order the faces were queued).
+
+  `faces_found`: how many faces each photo had; where more than were answered (--max_faces), the
+  result says so ("faces_found" and a "note").
+  """
   remaining = iter(predictions)
   results = []
-  for name, (status, found, _) in zip(names, cropped):
+  for i, (name, (status, found, _)) in enumerate(zip(names, cropped)):
     for face in found:
       _fill(face, next(remaining))
-    results.append({"file": name, "status": status, "faces": [photos.face_json(f, "age") for f in found]})
+    result: dict[str, Any] = {"file": name, "status": status, "faces": [photos.face_json(f, "age") for f in found]}
+    total = faces_found[i] if faces_found is not None else len(found)
+    if total > len(found):
+      result["faces_found"] = total
+      result["note"] = f"{total} faces found: the {len(found)} most confident are answered (--max_faces)"
+    results.append(result)
   return results
 
 
 def create_app(
-  model: batcher.Model, detector: photos.FaceDetector | None, settings: Settings, min_age: int, step: int | None = None
+  model: batcher.Model,
+  detector: "sandbox.DetectorSpec | sandbox.Detector | None",
+  settings: Settings,
+  min_age: int,
+  step: int | None = None,
 ) -> ASGIApp:
   """Builds the server's ASGI app around a restored model.
 
   Args:
     model: an `inference.Predictor` (or an exported model with the same interface).
-    detector: finds faces in photos; None serves only `aligned=true` requests.
+    detector: how to find faces in photos: a `sandbox.DetectorSpec` (each worker process builds its
+      own MTCNN), or, with `settings.isolation == "threads"`, any detector of PIL images; None
+      serves only `aligned=true` requests.
     settings: limits and batching.
     min_age: the age of the distributions' first bin.
     step: the model's training step, reported by /healthz.
 
   Returns:
-    The ASGI app; starting it (lifespan) compiles every batch size before the first request.
+    The ASGI app; starting it (lifespan) starts the decode workers and compiles every batch size
+    before the first request.
   """
+  if settings.isolation not in ("processes", "threads"):
+    raise ValueError(f"isolation={settings.isolation!r}: use 'processes' or 'threads'")
+  if settings.isolation == "processes" and detector is not None and not isinstance(detector, sandbox.DetectorSpec):
+    raise ValueError("isolation='processes' takes a sandbox.DetectorSpec: each worker process builds its detector")
   metrics = guard.Metrics()
   upstream = Upstream()
   framing = getattr(model, "framing", None)  # the training crops' framing; an export has none yet
@@ -128,55 +159,85 @@ def create_app(
     settings.decode_budget_bytes,
     settings.queue_timeout_s,
   )
+  task = sandbox.Task(
+    model.input_size,
+    framing,
+    tuple(settings.formats),
+    settings.max_pixels,
+    sandbox.Limits(settings.worker_memory_bytes, settings.max_cpu_s, settings.worker_images),
+  )
+  pool: sandbox.Pool | None = None
+  in_process: sandbox.Detector | None = None
+  if settings.isolation == "processes":
+    # The lane threads of the scheduler each drive one worker process: as many processes as threads.
+    spec = detector if isinstance(detector, sandbox.DetectorSpec) else None  # checked above: a DetectorSpec or None
+    lanes = {"detect": sandbox.Lane(settings.workers, spec), "aligned": sandbox.Lane(settings.aligned_workers)}
+    pool = sandbox.Pool(lanes, task)
+  else:
+    in_process = detector() if isinstance(detector, sandbox.DetectorSpec) else detector
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
-    await asyncio.to_thread(model_batcher.warm_up)
+    try:  # the workers start (a fork server importing TensorFlow) while the model compiles
+      await asyncio.gather(*[asyncio.to_thread(f) for f in (model_batcher.warm_up, pool and pool.start) if f])
+    except BaseException:
+      if pool is not None:
+        pool.close()
+      raise
     model_batcher.start()
     try:
       yield
     finally:  # uvicorn has answered every request by now
       model_batcher.close()
       scheduler.shutdown()
+      if pool is not None:
+        pool.close()
 
-  def decode(name: str, data: bytes, aligned: bool, header: faces.Header) -> tuple[str, list, list] | str:
-    """In a decode thread: the photo at reduced scale, its faces and their crops (or why it can't be read)."""
+  def decode(lane: str, data: bytes, aligned: bool, reserved: int) -> sandbox.Outcome:
+    """In a lane thread: the upload's crops (or why it can't be read), prepared in a worker process of the lane."""
     taken: list[int] = []
 
-    def reopen(factor: int) -> faces.Decoded | None:  # a finer decode for a small face, only if the budget allows
-      cost = header.decode_bytes(max(1, min(header.width, header.height) // factor))
-      if not scheduler.try_take(cost):
-        return None
-      taken.append(cost)
-      finer = faces.open_reduced(data, factor=factor)
-      return None if isinstance(finer, str) else finer
+    def take(nbytes: int) -> bool:  # more of the budget, for a finer decode of a small face
+      if not scheduler.try_take(nbytes):
+        return False
+      taken.append(nbytes)
+      return True
 
+    outcome: sandbox.Outcome | None = None
     try:
-      return prepare(data, aligned, model.input_size, detector, framing, max_pixels=settings.max_pixels, reopen=reopen)
+      if pool is not None:
+        outcome = pool.run(lane, data, aligned, reserved, take)
+      else:
+        outcome = sandbox.prepare_untrusted(data, aligned, reserved, task, in_process, take)
+      return outcome
     finally:
-      for cost in taken:
-        scheduler.give(cost)
-      metrics.images.labels("aligned" if aligned else "detect").inc()
+      for nbytes in taken:
+        scheduler.give(nbytes)
+      if not isinstance(outcome, sandbox.Cost):  # read, refused or failed; a Cost comes back with more budget
+        metrics.images.labels(lane).inc()
 
-  async def prepare_one(owner: limits.Owner, name: str, data: bytes, aligned: bool) -> tuple[str, list, list]:
-    header = faces.read_header(data)  # the header only: cheap, on the event loop
-    if isinstance(header, str):  # "image too large" here: over PIL's own limit (179 MP)
-      status = 413 if header.startswith("image too large") else 400
-      raise Refused(error(status, f"{name}: {header}", file=name, reason=header))
-    if header.pixels > settings.max_pixels:
-      reason = faces.too_large(header, settings.max_pixels)
-      raise Refused(error(413, f"{name}: {reason} (--max_pixels)", file=name, reason=reason))
-    cost = header.decode_bytes(photos.min_side(model.input_size, aligned))
-    try:
-      p = await scheduler.run("aligned" if aligned else "detect", owner, cost, decode, name, data, aligned, header)
-    except limits.Overloaded as e:
-      raise Refused(busy(str(e), e.retry_after_s)) from None
-    except Exception as e:  # a bug or a detector failure on this upload
-      logging.error("preparing %s failed", name, exc_info=e)
-      raise Refused(error(500, f"{name}: {type(e).__name__}: {e}", file=name)) from None
-    if isinstance(p, str):
-      raise Refused(error(400, f"{name}: {p}", file=name, reason=p))
-    return p
+  async def prepare_one(owner: limits.Owner, name: str, data: bytes, aligned: bool) -> sandbox.Prepared:
+    # Nothing here reads the bytes: the header too is read in the lane's worker. Each image first
+    # reserves a little of the budget; one whose header asks more comes back once for it.
+    lane = "aligned" if aligned else "detect"
+    reserved = min(sandbox.FIRST_RESERVATION_BYTES, settings.decode_budget_bytes)
+    outcome: sandbox.Outcome = sandbox.Cost(reserved)
+    for _ in range(2):
+      if not isinstance(outcome, sandbox.Cost):
+        break
+      reserved = outcome.nbytes
+      try:
+        outcome = await scheduler.run(lane, owner, reserved, decode, lane, data, aligned, reserved)
+      except limits.Overloaded as e:
+        raise Refused(busy(str(e), e.retry_after_s)) from None
+      except Exception as e:  # a bug or a detector failure on this upload
+        logging.error("preparing %s failed", name, exc_info=e)
+        raise Refused(error(500, f"{name}: {type(e).__name__}: {e}", file=name)) from None
+    if isinstance(outcome, sandbox.Refusal):
+      message = f"{name}: {outcome.reason}{outcome.hint}"
+      raise Refused(error(outcome.status, message, file=name, reason=outcome.reason))
+    assert isinstance(outcome, sandbox.Prepared)  # a second Cost cannot happen: the same header, the same estimate
+    return outcome
 
   async def predict(request: Request) -> Response:
     with upstream.arriving() as handed_over:
@@ -210,13 +271,14 @@ def create_app(
       for name, data in zip(upload.names, upload.datas)
     ]
     try:
-      cropped = await asyncio.gather(*tasks)
+      prepared = await asyncio.gather(*tasks)
     except Refused as e:
       return e.response
     finally:
-      for task in tasks:  # the first refusal (or a cancel) stops this request's other images
-        task.cancel()
+      for one in tasks:  # the first refusal (or a cancel) stops this request's other images
+        one.cancel()
     decoded = time.perf_counter()
+    cropped = [(p.status, [photos.Face(box) for box in p.boxes], p.crops) for p in prepared]
     futures = [model_batcher.submit(chip) for _, _, chips in cropped for chip in chips]
     handed_over()
     try:
@@ -236,7 +298,7 @@ def create_app(
       "model": round(model_ms, 2),
       "total": ms(start, time.perf_counter()),
     }
-    results = results_json(upload.names, cropped, predictions)
+    results = results_json(upload.names, cropped, predictions, [p.found for p in prepared])
     return JSONResponse({"results": results, "min_age": min_age, "timing_ms": timing})
 
   def busy(message: str, retry_after_s: int) -> Response:
@@ -261,6 +323,11 @@ def create_app(
         "eval_crop": getattr(model, "eval_crop", 1.0),  # the central part of each crop the model sees; 1: all
         "input_spec": model.input_spec,
         "batch_sizes": model_batcher.sizes,
+        "decoding": {  # where uploads are read, and how many workers were replaced (a crash, a limit, worn out)
+          "isolation": settings.isolation,
+          "formats": list(settings.formats),
+          "workers_replaced": pool.replaced if pool is not None else 0,
+        },
       }
     )
 
@@ -294,7 +361,7 @@ def create_app(
     lifespan=lifespan,
   )
   app.router.redirect_slashes = False  # its redirects are absolute URLs built from the Host header
-  app.state.batcher, app.state.metrics, app.state.scheduler = model_batcher, metrics, scheduler
+  app.state.batcher, app.state.metrics, app.state.scheduler, app.state.pool = model_batcher, metrics, scheduler, pool
   return guard.Guard(app, metrics, settings.max_body_bytes, settings.body_timeout_s, settings.max_buffered_bytes)
 
 
