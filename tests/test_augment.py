@@ -43,6 +43,7 @@ def test_flip_mirrors_some_images_and_keeps_the_others():
   assert all(f or k for f, k in zip(flipped, kept)) and 0 < sum(flipped) < 16
 
 
+@pytest.mark.slow
 def test_scale_and_translate_resize_to_the_model_size_and_depend_on_the_key():
   x = images(size=40)
   c = cfg(scale=0.2, translate=0.1)
@@ -52,12 +53,14 @@ def test_scale_and_translate_resize_to_the_model_size_and_depend_on_the_key():
   np.testing.assert_array_equal(a, augment.augment(x, jax.random.key(0), 32, c, IMAGENET))
 
 
+@pytest.mark.slow
 def test_zero_scale_and_shift_crop_is_the_plain_resize():
   x = jnp.asarray(images(size=40), jnp.float32) / 255.0
   got = augment._scale_crop(x[0], jnp.ones(2), jnp.zeros(2), 32)
   np.testing.assert_allclose(got, models.resize(x, 32)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_blur_preserves_constant_images_and_smooths_noise():
   flat = jnp.full((1, 16, 16, 3), 0.25)
   np.testing.assert_allclose(augment.gaussian_blur(flat), flat, atol=1e-6)

@@ -28,6 +28,7 @@ def tiny_vgg_face(tmp_path_factory):
   )
 
 
+@pytest.mark.slow
 def test_vgg16_from_vgg_face_weights_uses_their_input_everywhere(tiny_vgg_face, data_dir, compilation_cache, tmp_path):
   workdir = train(
     tmp_path / "run", f"--config.model.pretrained={tiny_vgg_face}", data_dir=data_dir, cache=compilation_cache
@@ -35,6 +36,7 @@ def test_vgg16_from_vgg_face_weights_uses_their_input_everywhere(tiny_vgg_face, 
   check_every_path(workdir, "vgg16", vgg.VGG_FACE, compilation_cache, tmp_path)
 
 
+@pytest.mark.slow
 def test_resnet50_trains_evaluates_predicts_exports_and_serves(data_dir, compilation_cache, tmp_path, monkeypatch):
   # ResNet-50's ~160 layers take XLA:CPU minutes to code-generate at full optimisation; level 0
   # changes code generation only (the tiny model's run time does not matter here).

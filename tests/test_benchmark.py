@@ -87,12 +87,14 @@ def _check_train_row(row: dict, framework: str) -> None:
   assert (row["batch"], row["dtype"], row["image_size"], row["width"]) == (4, "float32", 32, 0.0625)
 
 
+@pytest.mark.slow
 def test_train_mode(compilation_cache):
   row = _last_json(compilation_cache, "train", *TINY_TRAIN)
   _check_train_row(row, "jax")
   _positive(row, "xla_gflop_per_image", "analytic_gflop_per_image")
 
 
+@pytest.mark.slow
 def test_torch_mode_and_the_train_step_run_without_tensorflow_tfds_and_clu(compilation_cache):
   rows = _last_json(compilation_cache, "torch", *TINY_TRAIN, "--no-compile", code=WITHOUT_TENSORFLOW)
   assert isinstance(rows, list) and len(rows) == 2, rows
@@ -101,6 +103,7 @@ def test_torch_mode_and_the_train_step_run_without_tensorflow_tfds_and_clu(compi
   _positive(rows[1], "jax_speedup")
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_at_the_batch_where_eager_was_fastest(compilation_cache):
   rows = _last_json(compilation_cache, "torch", *TINY_TRAIN[2:], "--batch", "2", "4", "--compile-at", "best")
   assert [(r["framework"], r["batch"]) for r in rows if r["framework"] != "torch.compile"] == [
@@ -117,6 +120,7 @@ def test_torch_compile_runs_at_the_batch_where_eager_was_fastest(compilation_cac
     assert r["jax_speedup"] == jax_rows[r["batch"]]["images_per_s"] / r["images_per_s"]
 
 
+@pytest.mark.slow
 def test_loop_mode(compilation_cache, data_dir):
   row = _last_json(
     compilation_cache,
@@ -139,6 +143,7 @@ def test_loop_mode(compilation_cache, data_dir):
   assert row["ratio"] == row["loop_steps_per_s"] / row["bare_steps_per_s"]
 
 
+@pytest.mark.slow
 def test_input_mode(compilation_cache, data_dir):
   row = _last_json(
     compilation_cache,
@@ -173,6 +178,7 @@ def test_input_rate_is_the_images_gathered_over_the_seconds_they_took(data_dir, 
   assert row["images_per_s"] == pytest.approx(5 * 16 / 2.5) and row["images_per_s_per_core"] == row["images_per_s"]
 
 
+@pytest.mark.slow
 def test_input_mode_names_an_unprepared_dataset(tmp_path):
   proc = subprocess.run(
     [sys.executable, "scripts/benchmark.py", "input", "--dataset", "utkface", "--data_dir", str(tmp_path)],
@@ -185,6 +191,7 @@ def test_input_mode_names_an_unprepared_dataset(tmp_path):
   assert proc.returncode == 1 and "prepare_data.py utkface" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_startup_mode_reports_cold_and_warm_time_to_first_step(data_dir):
   row = _last_json("", "startup", "--config", "tiny", "--data_dir", data_dir)
   assert row["mode"] == "startup" and row["config"] == "tiny", row
@@ -228,6 +235,7 @@ def torch_flops() -> dict[str, int]:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size,width", [(224, 1.0), (64, 0.25)])
 def test_analytic_forward_flops_match_torch_flop_counter(torch_flops, image_size, width):
   assert (
@@ -236,6 +244,7 @@ def test_analytic_forward_flops_match_torch_flop_counter(torch_flops, image_size
   )
 
 
+@pytest.mark.slow
 def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torch_flops):
   """The MFU numerator: XLA's count of the real train step and 3x the analytic forward, at 224."""
   import jax
@@ -263,6 +272,7 @@ def test_xla_and_analytic_train_step_flops_match_torch_forward_and_backward(torc
   assert abs(xla / reference - 1) < 0.015, (xla, reference)
 
 
+@pytest.mark.slow
 def test_statistics_mode_simulates_coverage_and_the_gap_test(compilation_cache):
   from agejax.benchmarks import statistics
 
@@ -298,6 +308,7 @@ def _in_fresh_python(code: str, *args: str) -> Any:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_torch_train_runs_autocast_for_a_bfloat16_named_at_run_time():
   """The dtype comes from the command line, a string built at run time: bfloat16 turns on autocast (mutant killed:
   torch_baseline.py:74 `dtype == "bfloat16"` -> `dtype is "bfloat16"`, true only for the interned literal)."""
@@ -360,6 +371,7 @@ print(json.dumps({"loss": loss, "logits": logits.tolist(), "ages": ages.tolist()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels", ["RGB", "BGR"])
 def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_step(channels):
   """The side-by-side is fair only if PyTorch trains on the same loss and input: its first step's loss equals KL(the

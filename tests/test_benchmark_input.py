@@ -121,6 +121,7 @@ def windows(out: np.ndarray, h: int, w: int) -> list[tuple[float, float, float, 
   return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "size, linear",
   [
@@ -154,6 +155,7 @@ def test_each_resized_crop_is_a_square_window_inside_the_face_of_80_to_100_perce
   assert 70 <= flips <= 130, flips  # p = 0.5 over 200 draws: 4 standard deviations either side
 
 
+@pytest.mark.slow
 def test_a_resized_crop_of_a_wide_face_is_at_most_its_height_and_inside_it():
   h, w = 36, 50  # areas above 36 * 36 / (36 * 50) = 0.72 of the face are clipped to the height
   c = settings.AugmentSettings(flip=False, resized_crop_min_area=0.5)
@@ -195,6 +197,7 @@ def scale_translate_augment(images, key, size: int, cfg: settings.AugmentSetting
   return spec.normalize(jnp.clip(x, 0.0, 1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zoom", [(0.2, 0.1), (0.0, 0.0)])
 def test_no_resized_crop_leaves_the_scale_translate_augmentation_bit_identical(zoom):
   x = jnp.asarray(np.random.default_rng(3).integers(0, 256, (8, 40, 40, 3), dtype=np.uint8))
@@ -290,6 +293,7 @@ def faces(predictor) -> tuple[np.ndarray, np.ndarray]:
   return x, np.asarray(expected)
 
 
+@pytest.mark.slow
 def test_the_run_records_its_eval_crop_and_loading_builds_the_model_with_it(workdir, predictor):
   record = json.loads((workdir / checkpointing.INFERENCE_FILE).read_text())
   assert record["eval_crop"] == EVAL_CROP and record["input_size"] == 40
@@ -301,6 +305,7 @@ def test_the_run_records_its_eval_crop_and_loading_builds_the_model_with_it(work
   assert loading.load_trained(workdir, config=ml_collections.ConfigDict(old))[1].model.eval_crop == 1.0
 
 
+@pytest.mark.slow
 def test_the_predictor_and_aligned_photos_see_the_central_crop(predictor, faces, tmp_path):
   x, expected = faces
   assert_same_distributions(predictor(x), expected)
@@ -315,6 +320,7 @@ def test_the_predictor_and_aligned_photos_see_the_central_crop(predictor, faces,
   assert_same_distributions(np.stack([r.faces[0].distribution for r in results]), expected)
 
 
+@pytest.mark.slow
 def test_an_export_records_the_crop_and_applies_it_inside_model_jax(workdir, faces, tmp_path):
   x, expected = faces
   out = tmp_path / "export"
@@ -331,6 +337,7 @@ def test_an_export_records_the_crop_and_applies_it_inside_model_jax(workdir, fac
     np.testing.assert_allclose(got, expected, atol=export.ONNX_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_server_sees_the_central_crop_and_healthz_says_so(workdir, predictor, faces):
   from starlette.testclient import TestClient
 

@@ -49,6 +49,7 @@ def test_the_recipe_is_the_benchmark_s_yaml(train_faces):
   assert all(e.split == "all" and e.every_steps == train.AT_THE_END for e in first.eval.evals)
 
 
+@pytest.mark.slow
 def test_the_variants_train_the_benchmark_s_losses():
   """ce: one-hot cross-entropy; dldl: its Gaussian on 0..101 renormalised (float64 NumPy); kl: agejax's."""
   bins = jnp.arange(0, 102, dtype=jnp.float32)
@@ -121,6 +122,7 @@ def bench_run(tmp_path_factory, compilation_cache):
   return final, workdir, {"train": len(train_entries) - 1, "test": len(test_entries) - 1}
 
 
+@pytest.mark.slow
 def test_a_tiny_run_reports_the_benchmark_s_mae_of_the_posterior_median_at_temperature_1(bench_run):
   from agejax.inference import evaluate
 
@@ -140,6 +142,7 @@ def test_a_tiny_run_reports_the_benchmark_s_mae_of_the_posterior_median_at_tempe
   assert final["eval_bench_mae"] is not None and final["eval_bench_cs5"] is not None
 
 
+@pytest.mark.slow
 def test_a_cross_dataset_evaluation_scores_every_folder_with_the_best_checkpoint_at_the_end(bench_run):
   from agejax.inference import evaluate, loading
 
@@ -154,6 +157,7 @@ def test_a_cross_dataset_evaluation_scores_every_folder_with_the_best_checkpoint
   assert every["mae"] == pytest.approx(report["mae"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_config_that_imports_its_sibling_loads_from_a_script(tmp_path):
   """configs/fae_benchmark.py and resnet50_kl.py import the config they vary (`from configs import ...`),
   and a script's sys.path starts at scripts/: the folder above the config's package is put on it."""

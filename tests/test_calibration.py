@@ -48,6 +48,7 @@ def reference_covered(p: np.ndarray, ages: np.ndarray, mass: float) -> np.ndarra
   return np.abs(u - 0.5) <= mass / 2
 
 
+@pytest.mark.slow
 def test_nll_and_interval_match_float64_references():
   rng = np.random.default_rng(0)
   p = gaussian_distributions(rng, 50)
@@ -78,6 +79,7 @@ def test_true_distributions_cover_each_nominal_level_within_binomial_error():
   assert share < 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", [0.6, 1.0, 2.5])
 def test_a_planted_temperature_is_recovered_within_3_percent(planted):
   rng = np.random.default_rng(2)
@@ -182,6 +184,7 @@ def test_the_documented_levels_bins_and_default_interval():
   np.testing.assert_allclose(high, [reference_quantile(row, 0.9) for row in p], atol=2e-3)
 
 
+@pytest.mark.slow
 def test_one_distribution_and_a_batch_of_batches_give_the_same_numbers():
   """Every function works over the last axis: a single [K] distribution, [N, K] and [A, B, K] agree."""
   rng = np.random.default_rng(5)
@@ -227,6 +230,7 @@ def test_ages_outside_the_bins_count_in_the_end_bins_and_quantiles_stay_in_the_s
   assert float(top) == pytest.approx(100.5, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_the_mean_nll_counts_only_unmasked_examples():
   rng = np.random.default_rng(7)
   logits = jnp.asarray(rng.normal(size=(5, 100)) * 2, jnp.float32)
@@ -305,6 +309,7 @@ def test_a_one_temperature_file_serves_only_the_way_it_was_fitted_for(tmp_path, 
     assert "evaluate.py --calibrate (fits both)" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_empty_reliability_bins_and_an_empty_mask_give_zeros_not_nans():
   rng = np.random.default_rng(12)
   n = 3  # fewer examples than reliability bins: most bins are empty
@@ -331,6 +336,7 @@ def test_needed_mass_is_the_smallest_shown_interval_holding_the_age():
     assert m == pytest.approx(grid[int(np.argmax(holds))], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_the_interval_adjusted_by_age_bucket_holds_90_percent_in_every_bucket():
   """A fixed-std model whose error grows with age: one temperature covers children ~100% and the old too little.
 

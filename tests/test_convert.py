@@ -98,6 +98,7 @@ def _age_model_dicts(width: float, batch_norm: bool) -> tuple[dict, dict]:
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _pure(abstract))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 64])  # at 64 the final map is 2x2, which adaptive pooling spreads to 7x7
 @pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
 def test_logits_match_torchvision(torch_models, converted, arch, size):
@@ -109,6 +110,7 @@ def test_logits_match_torchvision(torch_models, converted, arch, size):
   assert rel <= 1e-4, f"{arch} at {size}: max|diff| / max|logit| = {rel:.2e}"
 
 
+@pytest.mark.slow
 def test_weight_layouts(torch_models, converted):
   sd = {k: v.numpy() for k, v in torch_models["vgg16_bn"].state_dict().items()}
   model = converted["vgg16_bn"]
@@ -136,6 +138,7 @@ def test_bad_keys_are_all_named(torch_models):
     assert name in str(error.value)
 
 
+@pytest.mark.slow
 def test_numpy_input_needs_no_torch():
   code = (
     "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
@@ -151,6 +154,7 @@ def test_numpy_input_needs_no_torch():
   assert result.stdout.strip() == "ok", result.stderr
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(converted, scratch):
   model = converted["vgg16_bn"]
   out = convert.save_converted(model, scratch / "weights", arch="vgg16_bn", backbone="vgg16", source="test")
@@ -171,6 +175,7 @@ def test_save_load_round_trip(converted, scratch):
     convert.save_converted(model, out, arch="vgg16_bn", backbone="vgg16")
 
 
+@pytest.mark.slow
 def test_cli_converts_a_pth(cli_output, converted):
   out, result = cli_output
   assert result.returncode == 0, result.stderr
@@ -181,6 +186,7 @@ def test_cli_converts_a_pth(cli_output, converted):
   assert model_state == {}
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
   bad = tmp_path / "weights.npz"
   bad.write_bytes(b"not a checkpoint")
@@ -205,6 +211,7 @@ def test_cli_errors_are_one_line(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_backbone_from_converted(cli_output, converted):
   out, _ = cli_output
   params, model_state = _age_model_dicts(1.0, batch_norm=False)
@@ -219,6 +226,7 @@ def test_backbone_from_converted(cli_output, converted):
   assert not params["fc1"]["kernel"].any()  # the caller's dicts are not modified
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "width, batch_norm, key",
   [

@@ -42,6 +42,7 @@ def finals(workdir: Path, splits=("0", "1")) -> list[dict]:
   return [json.loads((workdir / f"split{k}" / train.FINAL_METRICS).read_text()) for k in splits]
 
 
+@pytest.mark.slow
 def test_each_split_is_an_ordinary_workdir_with_its_test_scores(cv):
   _, workdir, result = cv
   for k, final in zip(("0", "1"), finals(workdir)):
@@ -54,6 +55,7 @@ def test_each_split_is_an_ordinary_workdir_with_its_test_scores(cv):
   assert json.loads((workdir / crossval.RESULT_FILE).read_text()) == result
 
 
+@pytest.mark.slow
 def test_final_test_scores_are_evaluate_py_s_numbers_on_the_best_checkpoint(cv, tmp_path):
   from agejax.inference import evaluate
 
@@ -74,6 +76,7 @@ def test_final_test_scores_are_evaluate_py_s_numbers_on_the_best_checkpoint(cv, 
     assert final[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_aggregate_names_a_missing_split_and_computes_mean_and_std_as_numpy(cv):
   _, workdir, _ = cv
   result = crossval.aggregate(workdir, ["0", "1", "2"])
@@ -107,6 +110,7 @@ def test_aggregate_names_a_missing_split_and_computes_mean_and_std_as_numpy(cv):
   assert row.split()[1] == cell and row.split()[-1] == "2/3"
 
 
+@pytest.mark.slow
 def test_print_commands_prints_one_train_command_per_split():
   proc = script(
     "--config=configs/vgg16_kl.py",
@@ -130,6 +134,7 @@ def test_print_commands_prints_one_train_command_per_split():
   ]
 
 
+@pytest.mark.slow
 def test_bad_splits_fail_in_one_line():
   proc = script("--config", "configs/vgg16_kl.py", "--workdir", "w", "--splits", "3-1", "--aggregate_only")
   assert proc.returncode == 1
@@ -162,6 +167,7 @@ def test_a_dataset_without_a_test_split_skips_it_in_one_log_line(tiny_config, mo
   ]
 
 
+@pytest.mark.slow
 def test_benchmark_splits_of_a_fae_database_train_and_score_their_own_test_folders(
   fae_agedb,
   data_dir,
@@ -219,6 +225,7 @@ def write_split(workdir: Path, split: str, database: tuple[str, str], **scores) 
   (directory / "config.json").write_text(json.dumps({"data": {"name": name, "builder_config": builder_config}}))
 
 
+@pytest.mark.slow
 def test_the_benchmark_table_writes_mean_and_population_std_per_database_as_the_benchmarks_evaluation(tmp_path):
   # AgeDB: three splits; [5.1, 5.3, 5.2] -> mean 5.2, std sqrt((0.01 + 0.01 + 0) / 3) = 0.0816 -> "5.20(0.08)";
   # CS@5 [0.61, 0.64, 0.58] -> 0.61, sqrt((0 + 0.0009 + 0.0009) / 3) = 0.0245 -> "0.61(0.02)".
@@ -294,6 +301,7 @@ def test_one_run_s_cross_dataset_evaluations_are_rows_of_the_benchmark_table(tmp
     crossval.cross_dataset_results(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_crossval_runs_the_one_split_of_a_three_folder_database_and_refuses_another_before_training(
   tmp_path, compilation_cache
 ):

@@ -35,6 +35,7 @@ def fitted_expected_ages(loss_settings: settings.LossSettings, bins: np.ndarray,
   return np.asarray(fit(jnp.zeros((len(ages), len(bins)))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["", "demo"])
 @pytest.mark.parametrize("sigma", [1.0, 2.0, 3.0])
 def test_the_loss_minimiser_predicts_every_age_within_0_05_years(variant, sigma):
@@ -80,6 +81,7 @@ def step_updates(params, grads, **optimizer):
   return updates
 
 
+@pytest.mark.slow
 def test_weight_decay_spares_biases_and_norms_and_clipping_counts_only_what_is_trained():
   params = {
     "convs": {0: {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.ones(2)}},
@@ -110,6 +112,7 @@ def discretised_gaussians(rng, n, sigma):
   return p, ages
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", [1.0, 2.0])
 def test_exactly_right_distributions_cover_each_level_within_0_01(sigma):
   """Whole-year ages drawn from their own distributions: the mid-bin PIT read 0.539 for 50% at sigma 1."""
@@ -122,6 +125,7 @@ def test_exactly_right_distributions_cover_each_level_within_0_01(sigma):
   assert report["coverage"]["0.8"] == pytest.approx(0.8, abs=0.01)  # the interval80 predict.py prints
 
 
+@pytest.mark.slow
 def test_nll_and_pit_put_ages_outside_the_bins_in_the_end_bins():
   bins = jnp.asarray(labels.age_bins(1, 100))
   p = jax.nn.softmax(jnp.asarray(np.random.default_rng(3).normal(size=(2, 100)), jnp.float32))
@@ -133,6 +137,7 @@ def test_nll_and_pit_put_ages_outside_the_bins_in_the_end_bins():
   )
 
 
+@pytest.mark.slow
 def test_reported_gaps_carry_their_p_value():
   rng = np.random.default_rng(2)
   codes = np.repeat(np.arange(3), [300, 300, 300])
@@ -145,6 +150,7 @@ def test_reported_gaps_carry_their_p_value():
   assert real["largest_gaps"]["g"]["p_value"] < 0.01 and real["largest_gaps"]["g"]["significant"]
 
 
+@pytest.mark.slow
 def test_children_teenagers_minors_and_the_old_are_bucketed_with_their_signed_error():
   age = jnp.array([0.0, 2.9, 3.0, 12.5, 13.0, 17.9, 18.0, 59.9, 60.0, 95.0])
   pred = age + jnp.array([10.0, 10.0, -2.0, -2.0, 4.0, 4.0, 1.0, 1.0, -6.0, -6.0])
@@ -158,6 +164,7 @@ def test_children_teenagers_minors_and_the_old_are_bucketed_with_their_signed_er
   assert error["60+"] == -6.0 and error["18+"] == pytest.approx(-10 / 4)
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_keeps_its_batch_norm_statistics(tiny_config):
   config = tiny_config.copy_and_resolve_references()
   config.model.batch_norm = True
@@ -170,6 +177,7 @@ def test_a_frozen_backbone_keeps_its_batch_norm_statistics(tiny_config):
   assert np.abs(np.asarray(after.params["head"]["kernel"] - state.params["head"]["kernel"])).max() > 0
 
 
+@pytest.mark.slow
 def test_the_temperature_tempers_the_flip_average():
   """The temperature applies to the averaged distribution, the model it is fitted to with flip on."""
   from flax import nnx
@@ -204,6 +212,7 @@ def test_the_temperature_tempers_the_flip_average():
   np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_coverage_simulation_draws_distributions_of_the_std_it_is_named_for(monkeypatch):
   """benchmark.py statistics' 'sigma 1 / 2 years' rows are distributions of that std (mutant killed:
   benchmarks/statistics.py:28 `exp(-0.5 * z ** 2)` -> `exp(-0.5 - z ** 2)`, a std of sigma / sqrt 2)."""
@@ -230,6 +239,7 @@ def test_the_coverage_simulation_draws_distributions_of_the_std_it_is_named_for(
     assert np.all((quarters > 0.15 * len(mean)) & (quarters < 0.35 * len(mean))), quarters
 
 
+@pytest.mark.slow
 def test_the_gap_simulations_flag_rate_carries_its_binomial_standard_error():
   """benchmark.py statistics states each flag rate with its Monte Carlo error, sqrt(rate (1 - rate) / simulations)
   (mutant killed: statistics.py:52 `rate * (1 - rate)` -> `rate * (1 / rate)`, which gave 1 / sqrt(simulations))."""

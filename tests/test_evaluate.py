@@ -39,6 +39,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_path):
   config, workdir, _ = trained
   proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--split", "test")  # config from config.json
@@ -79,6 +80,7 @@ def test_evaluate_script_writes_report_and_matches_predict_script(trained, tmp_p
   assert np.mean(np.abs(predicted - data.age)) == pytest.approx(report["mae"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_metrics(trained):
   """One Evaluator scores both: the same numbers to float32 rounding."""
   config, workdir, final = trained
@@ -101,6 +103,7 @@ def test_evaluate_script_on_the_latest_checkpoint_reports_the_trainers_final_met
   assert report["loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
   """Every number of the report, recomputed in float64 NumPy from the Predictor's distributions."""
   config, workdir, _ = trained
@@ -129,6 +132,7 @@ def test_the_evaluators_report_equals_a_float64_numpy_computation(trained):
     assert entry["mae"] == (pytest.approx(error[groups == g].mean(), rel=1e-5) if entry["count"] else None)
 
 
+@pytest.mark.slow
 def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(trained):
   """Groups and calibration, with the trainer's temperature, recomputed in float64 from the Predictor's outputs."""
   config, workdir, final = trained
@@ -189,6 +193,7 @@ def test_the_calibrated_report_with_groups_equals_a_float64_numpy_computation(tr
   assert c["coverage_by_bucket"]["18+"]["count"] == int(np.sum(data.age >= 18))
 
 
+@pytest.mark.slow
 def test_calibrate_refits_and_no_calibration_scores_the_raw_model(trained):
   config, workdir, _ = trained
   proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--checkpoint", "latest", "--calibrate")
@@ -223,6 +228,7 @@ def mirror_symmetric(params: dict) -> dict:
   return {**params, "convs": convs, "fc1": {**params["fc1"], "kernel": fc1}}
 
 
+@pytest.mark.slow
 def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
   config, workdir, _ = trained
   data = pipeline.load_labelled_split(config.data, config.labels, "test")
@@ -239,6 +245,7 @@ def test_flip_changes_nothing_on_a_mirror_symmetric_model(trained):
   np.testing.assert_allclose(distributions(symmetric, True), distributions(symmetric, False), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_distribution_figure_images_renders_one_rgb_image_per_face(trained):
   config, workdir, _ = trained
   predictor = prediction.Predictor(workdir)
@@ -269,6 +276,7 @@ def target_f64(age: float, sigma: float, mean_preserving: bool, bins: np.ndarray
   return gaussian(0.5 * (low + high))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["gaussian", "mean_preserving"])
 def test_distribution_figure_images_draw_each_faces_own_target_sigma(target, monkeypatch):
   """With loss.sigma_from_data, each face's drawn target is its own training target (train.py passes
@@ -304,6 +312,7 @@ def test_distribution_figure_images_draw_each_faces_own_target_sigma(target, mon
     np.testing.assert_allclose(curve, target_f64(float(age), 2.0, mean_preserving, bins), rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_missing_checkpoints_and_unknown_steps_fail_with_one_line(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match="python scripts/train.py --config configs/vgg16_kl.py --workdir"):

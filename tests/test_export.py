@@ -179,6 +179,7 @@ def test_model_jax_runs_with_only_jax_and_matches_the_predictor(workdir, exporte
   assert set(manifest["platforms"]) == set(export.PLATFORMS)
 
 
+@pytest.mark.slow
 def test_the_shared_tolerance_sees_one_grey_level_of_brightness(workdir, crops):
   """The export, SavedModel and server tests compare with `assert_same_distributions`: drift fails them."""
   _, x, expected = crops
@@ -197,6 +198,7 @@ def test_saved_model_runs_with_only_tensorflow_and_matches_the_predictor(exporte
   assert_same_distributions(got[1:], expected)
 
 
+@pytest.mark.slow
 def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_out(two_ways, crops, tmp_path):
   """Without flip, the single-view way's temperature and interval masses (calibration.json holds both ways)."""
   calibrated_run, ways = two_ways
@@ -222,6 +224,7 @@ def test_the_calibration_temperature_is_exported_and_no_calibration_leaves_it_ou
   assert np.all(tempered.max(-1) < raw.max(-1))  # T = 2 flattens every distribution
 
 
+@pytest.mark.slow
 def test_a_flip_export_averages_each_face_with_its_mirror_in_every_format(two_ways, flip_exported, crops, tmp_path):
   """export_workdir(flip=True): model.jax, the SavedModel and model.onnx give flip averages tempered by the flip
   way's temperature; the manifest records flip and that way's calibration, which ExportedPredictor shows with."""
@@ -279,6 +282,7 @@ def test_an_export_from_before_flip_and_interval_masses_loads_as_single_views_wi
   assert (loaded.flip, loaded.temperature, loaded.calibration.interval_masses) == (False, manifest["temperature"], None)
 
 
+@pytest.mark.slow
 def test_the_script_exports_a_chosen_checkpoint_and_fails_in_one_line(workdir, tmp_path):
   out = tmp_path / "out"
   proc = run_export("--workdir", str(workdir), "--output", str(out), "--checkpoint", "latest", "--nosaved_model")
@@ -304,6 +308,7 @@ def test_the_script_exports_a_chosen_checkpoint_and_fails_in_one_line(workdir, t
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_aligned_photos_through_the_export_match_the_predictor(workdir, exported, crops, tmp_path):
   out, _ = exported
   _, x, _ = crops
@@ -338,6 +343,7 @@ def test_the_exported_predictor_rejects_what_it_cannot_run(exported, tmp_path):
     export.ExportedPredictor(tmp_path)
 
 
+@pytest.mark.slow
 def test_an_export_goes_to_a_bucket_and_serves_from_it(workdir, crops, tmp_path):
   crops_file, _, expected = crops
   args = [str(workdir), f"gs://{BUCKET}/export", str(crops_file), str(tmp_path / "gs.npy")]
@@ -366,6 +372,7 @@ export.export_workdir(sys.argv[1], sys.argv[2], calibrated=False)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_or_failed_reexport_leaves_the_previous_export_byte_equal(
   workdir, exported, crops, tmp_path, monkeypatch
 ):
@@ -398,6 +405,7 @@ def test_a_killed_or_failed_reexport_leaves_the_previous_export_byte_equal(
   assert (manifest["calibrated"], manifest["files"]["saved_model"], manifest["files"]["onnx"]) == (False, None, None)
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_no_folder(workdir, tmp_path):
   untrained = tmp_path / "untrained"  # a run that has not saved a checkpoint yet
   untrained.mkdir()
@@ -421,6 +429,7 @@ def test_the_manifest_records_checksums_and_no_path_of_the_builder(workdir, expo
   assert str(workdir.parent) not in (out / export.MANIFEST_FILE).read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name", [export.MODEL_FILE, "saved_model/variables/variables.data-00000-of-00001", "model.onnx"]
 )

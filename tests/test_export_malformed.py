@@ -22,6 +22,9 @@ from agejax import errors
 from agejax.inference import export
 from agejax.serving.local import free_port
 
+# Every case damages a copy of a full export (all formats) of the shared trained model: the full suite only.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as a user runs the scripts
 ENV |= {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}

@@ -124,6 +124,7 @@ def test_a_database_without_boxes_keeps_names_genders_and_whole_images(fae_agedb
     np.testing.assert_array_equal(record["image"], faces.load_rgb(images / entry["img_path"], 32))
 
 
+@pytest.mark.slow
 def test_every_split_takes_the_folders_it_names(fae_agedb, tmp_path):
   data = settings.DataSettings(
     name="fae", data_dir=fae_agedb["data_dir"], builder_config="agedb", cache_dir=fae_agedb["cache_dir"]
@@ -202,6 +203,7 @@ def fp_age(tmp_path_factory):
   return json_path, images
 
 
+@pytest.mark.slow
 def test_a_database_whose_training_and_validation_folders_share_people_prepares_with_shared_subjects(fp_age, tmp_path):
   json_path, images = fp_age
   subjects = _folders_of_subjects(json_path)
@@ -352,6 +354,7 @@ def test_preparing_again_from_an_edited_database_is_refused(clap, tmp_path):
     prepare_fae(json_path, images, Path(builder.data_dir_root), "clap2016_aligned", image_size=40)
 
 
+@pytest.mark.slow
 def test_prepare_data_fae_names_the_dataset_after_the_json_and_prints_each_split(tmp_path):
   json_path, images = make_fae_database(tmp_path, "agedb", subjects_per_folder=1, images_per_subject=1)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -368,6 +371,7 @@ def test_prepare_data_fae_names_the_dataset_after_the_json_and_prints_each_split
   assert fae.config_name("FG-Net_aligned.json") == "fg-net_aligned" and fae.config_name("Ä.json") == "fae"
 
 
+@pytest.mark.slow
 def test_a_tiny_run_trains_and_evaluates_on_benchmark_split_0_and_refuses_another_split_on_resume(
   fae_agedb,
   tiny_config,

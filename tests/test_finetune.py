@@ -48,6 +48,7 @@ def test_missing_pretrained_weights_fail_with_the_command(tiny_config, tmp_path)
     configuration.validate(tiny_config)
 
 
+@pytest.mark.slow
 def test_training_from_converted_weights_loads_backbone_and_trains_head(tiny_config, tmp_path):
   # torchvision runs in its own process: loaded after TensorFlow (the data pipeline), torch crashes.
   source = tmp_path / "vgg16.safetensors"

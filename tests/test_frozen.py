@@ -85,6 +85,7 @@ def with_moved_stats(state, path):
   return state.replace(model_state=stats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_a_frozen_backbone_trains_the_head_on_its_evaluation_features(name):
   """With freeze_backbone, the train step's logits are the evaluation's; unfrozen (the control) they are not.
@@ -103,6 +104,7 @@ def test_a_frozen_backbone_trains_the_head_on_its_evaluation_features(name):
   assert float(jnp.max(jnp.abs(trained - evaluated))) > 1e-2 * scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_a_partly_frozen_backbone_uses_running_statistics_in_its_frozen_norms_only(name):
   """Rules freezing the early layers: those norms run on their running statistics, the later ones on the batch's."""
@@ -121,6 +123,7 @@ def test_a_partly_frozen_backbone_uses_running_statistics_in_its_frozen_norms_on
   assert not np.array_equal(norm(stats, trained_norm)["mean"], norm(state.model_state, trained_norm)["mean"])
 
 
+@pytest.mark.slow
 def test_one_train_step_of_a_partly_frozen_backbone_trains_on_those_features_and_keeps_the_frozen_layers():
   """The train step's loss is that of `train_logits` (frozen norms on running statistics, the rest on the
   batch's; no augmentation here); the frozen layers' weights and statistics stay bit-identical, the rest train."""

@@ -42,6 +42,7 @@ def download(gcs: GcsSandbox, prefix: str, dest: Path) -> Path:
   return dest
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_survives_sigterm_and_ends_identical_to_a_local_run(
   gcs, compilation_cache, data_dir, tmp_path
 ):
@@ -129,6 +130,7 @@ def trained_in_bucket(gcs, compilation_cache, tmp_path_factory):
   return f"gs://{BUCKET}/short", result
 
 
+@pytest.mark.slow
 def test_a_stale_lock_in_the_bucket_is_taken_over_with_a_warning_naming_its_holder(gcs, trained_in_bucket):
   _, result = trained_in_bucket
   assert (
@@ -139,6 +141,7 @@ def test_a_stale_lock_in_the_bucket_is_taken_over_with_a_warning_naming_its_hold
   assert "short/final_metrics.json" in objects and f"short/{workdir_lock.LOCK_FILE}" not in objects  # released
 
 
+@pytest.mark.slow
 def test_a_held_lock_in_the_bucket_stops_a_second_trainer_in_one_line_before_compiling(gcs, data_dir, tmp_path):
   now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   holder = json.dumps({**STALE_HOLDER, "since": now, "heartbeat": now}).encode()  # alive, on another machine
@@ -218,6 +221,7 @@ print("RESULTS", json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_the_workdir_lock_in_a_bucket_heartbeats_is_taken_over_when_stale_and_knows_when_it_is_lost(gcs, tmp_path):
   url = f"gs://{BUCKET}/locking"
   result = gcs.run(
@@ -251,6 +255,7 @@ def test_the_workdir_lock_in_a_bucket_heartbeats_is_taken_over_when_stale_and_kn
   assert results["dead_taken"] is True and results["released"] is True
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_read_a_workdir_in_the_bucket(gcs, trained_in_bucket, tmp_path):
   trained_in_bucket, _ = trained_in_bucket
   evaluate = gcs.run(
@@ -308,6 +313,7 @@ def test_evaluate_and_predict_read_a_workdir_in_the_bucket(gcs, trained_in_bucke
   assert not [p for p in tmp_path.iterdir() if not p.name.startswith("face")]  # nothing else written here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reachable", [True, False], ids=["missing-bucket", "unreachable-endpoint"])
 def test_an_unusable_bucket_fails_in_one_line_before_compiling(gcs, data_dir, reachable, tmp_path):
   url = f"gs://{'no-such-bucket' if reachable else BUCKET}/run"
@@ -354,6 +360,7 @@ print("BACKBONE", same and np.array_equal(params["fc2"]["kernel"], want["fc2"]["
 """
 
 
+@pytest.mark.slow
 def test_converted_weights_go_to_and_come_from_a_bucket(gcs, tmp_path):
   url = f"gs://{BUCKET}/weights/vgg16_tiny"
   result = gcs.run(

@@ -88,6 +88,7 @@ def gcs():
     yield sandbox
 
 
+@pytest.mark.slow
 def test_tensorflow_epath_clu_orbax_reach_the_sandbox(gcs):
   # One test, not one per client: under pytest-xdist each worker would import TensorFlow and JAX again.
   result = gcs.run(
@@ -125,6 +126,7 @@ def test_tensorflow_epath_clu_orbax_reach_the_sandbox(gcs):
     gcs.list_objects("no-such-bucket")
 
 
+@pytest.mark.slow
 def test_objects_round_trip_and_sandboxes_are_isolated(gcs, tmp_path):
   gcs.write_object(BUCKET, "raw/a b+é", b"first")
   gcs.write_object(BUCKET, "raw/empty", b"")
@@ -151,6 +153,7 @@ def test_only_loopback_and_google_names_lead_to_it(gcs):
   assert result.stdout.split() == ["['lo']", "127.0.0.1", "127.0.0.1"]
 
 
+@pytest.mark.slow
 def test_unreachable_fails_fast_with_tf_retries_capped(gcs):
   script = (
     "import tensorflow as tf, time\nstart = time.monotonic()\n"

@@ -17,6 +17,7 @@ def small_set():
   return pred, age, {"gender": gender, "race": race}
 
 
+@pytest.mark.slow
 def test_group_metrics_equal_hand_computed_values():
   pred, age, groupings = small_set()
   out = groups.report(pred, age, groupings, resamples=100)["groups"]
@@ -57,6 +58,7 @@ def three_groups(n: int = 3000):
   return age + rng.normal(0, 1.0 + 2.0 * codes), age, codes
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_is_reproducible_and_contains_the_estimate():
   pred, age, codes = three_groups()
   groupings = {"g": (codes, ("a", "b", "c"))}
@@ -117,6 +119,7 @@ def test_a_large_unknown_group_is_never_ranked():
   assert gap_of(codes, ("male", "other", "unknown"), {"male": 2.0, "other": 3.0, "unknown": 30.0})["high"] == "other"
 
 
+@pytest.mark.slow
 def test_largest_gap_needs_two_ranked_groups():
   assert groups.largest_gap(np.ones(30), np.zeros(30, int), ("male",)) is None
   codes = np.array([0] * 300 + [1] * 300)
@@ -136,6 +139,7 @@ def test_the_intervals_are_the_2_5th_and_97_5th_percentiles_of_exactly_the_state
     assert out["groups"]["g"][name]["mae_ci95"] == pytest.approx(list(np.percentile(replicates[:, g], [2.5, 97.5])))
 
 
+@pytest.mark.slow
 def test_resampling_draws_every_example_and_a_group_absent_from_a_replicate_is_left_out():
   # Three examples with errors 0, 10, 20: replicate MAEs reach below 10 only by drawing the first.
   age = np.full(3, 40.0)
@@ -202,6 +206,7 @@ def _numpy_max_t(errors, codes, ranked, resamples, rng):
   return observed, p, np.quantile(null_log, 0.95), np.quantile(null_years, 0.95), mae, se, se_log
 
 
+@pytest.mark.slow
 def test_the_equal_mae_test_matches_a_float64_numpy_bootstrap_max_t_and_ignores_unranked_groups():
   """Statistic, standard errors and MAEs to float32 precision; p-values and critical values within Monte Carlo
   error of 5,000 device and 20,000 NumPy replicates (p: SE <= 0.008 of their difference; the critical values'
@@ -230,6 +235,7 @@ def test_the_equal_mae_test_matches_a_float64_numpy_bootstrap_max_t_and_ignores_
   assert got["p_value"][0] > 0.3 and got["p_value"][3] < 0.01
 
 
+@pytest.mark.slow
 def test_two_groups_ratio_interval_excludes_1_exactly_when_p_is_below_alpha():
   """One pair: its simultaneous interval is the max-t bootstrap's, so it excludes 1 iff p < 0.05 (and the years
   interval is the observed gap plus and minus its own critical value's standard errors)."""
@@ -259,6 +265,7 @@ def test_holm_equals_hand_computed_adjusted_p_values():
   assert groups.holm([0.02]) == [0.02] and groups.holm([]) == []
 
 
+@pytest.mark.slow
 def test_a_report_adjusts_the_gaps_of_all_its_groupings_together_by_holm():
   """race (a large gap), gender (p between 0.025 and 0.05: significant alone, not as the second smallest of three:
   Holm multiplies it by 2), a grouping without a gap, and one with too few examples to rank (not in the family)."""
@@ -288,6 +295,7 @@ def test_a_report_adjusts_the_gaps_of_all_its_groupings_together_by_holm():
   assert groups.largest_gap(np.abs(pred - age), gender, ("m", "f"))["significant"] is True  # alone: p < 0.05
 
 
+@pytest.mark.slow
 def test_a_gap_is_significant_only_below_the_documented_level():
   rng = np.random.default_rng(4)
   age = rng.uniform(20, 60, 300)
@@ -300,6 +308,7 @@ def test_a_gap_is_significant_only_below_the_documented_level():
     assert gap["p_value_holm"] == gap["p_value"]  # one grouping: Holm changes nothing
 
 
+@pytest.mark.slow
 def test_groups_named_after_unknown_in_the_alphabet_are_ranked_and_p_values_use_1000_replicates():
   rng = np.random.default_rng(5)
   codes = np.repeat(np.arange(3), 40)  # "white" sorts after "unknown": it is ranked all the same
@@ -314,6 +323,7 @@ def test_groups_named_after_unknown_in_the_alphabet_are_ranked_and_p_values_use_
   assert k == pytest.approx(round(k), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_grouping_without_a_gap_does_not_hide_the_gaps_printed_after_it():
   rng = np.random.default_rng(6)
   age = rng.uniform(20, 60, 60)
@@ -326,6 +336,7 @@ def test_a_grouping_without_a_gap_does_not_hide_the_gaps_printed_after_it():
   assert "over the 1 grouping here" in lines[0]
 
 
+@pytest.mark.slow
 def test_groups_with_exactly_equal_errors_have_no_gap_and_a_p_value_of_1():
   """A gap of exactly 0 is matched by every replicate: p = 1, never significant (the tie rule `>=` with a float32
   tolerance; with `>`, no replicate would count and p would be 1 / 1001)."""
@@ -353,6 +364,7 @@ def _scenario(name, shift=0.0):
   return next(s for s in (*statistics.GAP_SCENARIOS, *statistics.POWER_SCENARIOS) if s.name == name), shift
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name", ["30/300/3000, smallest widest", "UTKFace races, smallest narrowest"]
 )  # the worst case measured, and a heteroscedastic one at UTKFace's sizes

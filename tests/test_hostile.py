@@ -68,6 +68,7 @@ def assert_quick_answer(url: str, within_s: float = 3.0) -> None:
   assert time.monotonic() - start < within_s
 
 
+@pytest.mark.slow
 def test_bombs_keep_memory_bounded_and_it_returns(server):
   pid = server.process.pid
   bombs = {
@@ -103,6 +104,7 @@ def test_images_over_max_pixels_are_refused_from_their_header(server):
   assert beyond_pil.status_code == 413 and beyond_pil.json()["error"] == "huge.jpg: image too large"
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_cancels_its_queued_work_and_crops_do_not_wait(server):
   url = server.url
   decoded_before = counter(url, "agejax_images_decoded_total", lane="detect")
@@ -119,6 +121,7 @@ def test_a_client_that_hangs_up_cancels_its_queued_work_and_crops_do_not_wait(se
   assert decoded <= 4, f"{decoded} of 16 images decoded after the client left"
 
 
+@pytest.mark.slow
 def test_a_photo_waits_for_one_turn_behind_a_request_of_many(server):
   url = server.url
   many = [(f"{i}.png", grey_png(2000)) for i in range(10)]
@@ -148,6 +151,7 @@ def photo_with_face() -> tuple[bytes, tuple[int, int, int, int]]:
   return photo_with_a_face(640, 480, at=(200, 100))
 
 
+@pytest.mark.slow
 def test_slow_clients_are_cut_off(server):
   host, port = "127.0.0.1", server.port
   # A head trickled a byte at a time: closed after --head_timeout_s (1 s).
@@ -200,6 +204,7 @@ class BlockingDetector:
     return []
 
 
+@pytest.mark.slow
 def test_work_that_cannot_start_in_time_gets_503_with_retry_after():
   from starlette.testclient import TestClient
 
@@ -262,6 +267,7 @@ def test_the_scheduler_serves_owners_in_turn_within_its_byte_budget():
   assert started == ["greedy0", "polite", "greedy1", "greedy2", "greedy3", "big"]
 
 
+@pytest.mark.slow
 def test_decoding_reduces_large_images_once_and_maps_boxes_back():
   from agejax.data import faces
 
@@ -277,6 +283,7 @@ def test_decoding_reduces_large_images_once_and_maps_boxes_back():
   assert tiff.shape == (500, 500, 3) and (tiff[:250] == 255).all() and (tiff[250:] == 0).all()
 
 
+@pytest.mark.slow
 def test_the_bombs_benchmark_reports_each_bomb_and_the_normal_request_after_it(
   request, tmp_path_factory, compilation_cache
 ):

@@ -60,6 +60,7 @@ def source(tmp_path_factory, data_dir, compilation_cache):
   return workdir, final
 
 
+@pytest.mark.slow
 def test_a_new_run_starts_from_the_best_checkpoint_with_a_fresh_optimizer_and_step(source, data_dir, compilation_cache):
   workdir, final = source
   cfg = configuration.validate(tiny(data_dir, compilation_cache, model__init_from=str(workdir)))
@@ -76,6 +77,7 @@ def test_a_new_run_starts_from_the_best_checkpoint_with_a_fresh_optimizer_and_st
   assert_same(train.build(cfg).state.params, checkpoint(workdir, other)["params"])
 
 
+@pytest.mark.slow
 def test_other_age_bins_keep_the_backbone_and_start_the_head_fresh(source, data_dir, compilation_cache, caplog):
   workdir, final = source
   config = tiny(data_dir, compilation_cache, model__init_from=str(workdir), labels__min_age=5, labels__max_age=80)
@@ -89,6 +91,7 @@ def test_other_age_bins_keep_the_backbone_and_start_the_head_fresh(source, data_
   assert "1..100" in warning and "5..80" in warning and "head" in warning
 
 
+@pytest.mark.slow
 def test_the_backbone_alone_comes_across_with_init_from_head_false(source, data_dir, compilation_cache, caplog):
   """The benchmark's *_pretrained recipes: the pretrained backbone, a fresh head, though the bins are the same."""
   workdir, final = source
@@ -105,6 +108,7 @@ def test_the_backbone_alone_comes_across_with_init_from_head_false(source, data_
   assert not [r for r in caplog.records if "init_from" in r.getMessage()]  # the same bins: nothing to warn about
 
 
+@pytest.mark.slow
 def test_a_resumed_run_restores_its_own_checkpoint_not_the_source(source, data_dir, compilation_cache, tmp_path):
   workdir, final = source
   first_stage = tmp_path / "first_stage"  # a copy: removed below, so a rerun that read it would fail
@@ -126,6 +130,7 @@ def test_a_resumed_run_restores_its_own_checkpoint_not_the_source(source, data_d
   assert again["eval_mae"] == pytest.approx(finished["eval_mae"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_init_from_problems_fail_in_one_line_before_anything_is_written(source, data_dir, compilation_cache, tmp_path):
   workdir, _ = source
   bad = {

@@ -45,6 +45,7 @@ def test_expected_argmax_and_std():
   np.testing.assert_allclose(labels.distribution_std(probs, bins), [1.0, 0.0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_summaries_take_one_distribution_or_any_batch_shape_and_match_float64_numpy():
   """A notebook passes one distribution, the flip path a (views, batch, bins) stack: each summary reads the last axis
   (mutant killed: labels.py:66 `argmax(probs, axis=-1)` -> `axis=1`, which fails on one distribution and takes the

@@ -64,6 +64,7 @@ def calibrated_now(row: dict) -> np.ndarray:
   return np.stack([tempered_reference(np.log(np.maximum(p, 1e-300)), bins, row["temperature"]) for p in raw])
 
 
+@pytest.mark.slow
 def test_an_old_workdir_predicts_what_its_code_predicted_and_exports_and_evaluates(legacy, tmp_path):
   for row in EXPECTED["predictions"]:
     predictor = prediction.Predictor(legacy, calibrated=row["calibrated"])
@@ -83,6 +84,7 @@ def test_an_old_workdir_predicts_what_its_code_predicted_and_exports_and_evaluat
   assert report["step"] == 4 and report["num_examples"] == 50
 
 
+@pytest.mark.slow
 def test_an_old_interrupted_workdir_resumes_to_its_end(legacy, data_dir, compilation_cache):
   args = (
     "--config.model.width_multiplier=0.01",

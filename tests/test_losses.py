@@ -23,6 +23,7 @@ def kl_f64(logits, ages, bins, sigma):
   return np.array(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kl_equals_float64_numpy(seed):
   rng = np.random.default_rng(seed)
@@ -34,6 +35,7 @@ def test_kl_equals_float64_numpy(seed):
   assert np.all(np.asarray(got) >= -1e-6)
 
 
+@pytest.mark.slow
 def test_kl_is_zero_at_the_target_and_gradient_points_to_it():
   bins = jnp.asarray(labels.age_bins(1, 100))
   target = labels.label_distribution(jnp.array([40.0]), bins, 2.0)

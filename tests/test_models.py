@@ -37,6 +37,7 @@ def test_vgg16_structure_at_full_width():
   assert n == 138_357_544  # torchvision's vgg16 parameter count
 
 
+@pytest.mark.slow
 def test_dtype_policy_and_dropout():
   model = vgg.VGG16(100, width_multiplier=0.0625, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -66,6 +66,7 @@ def assert_quiet(stderr: str) -> None:
   assert not [line for line in stderr.splitlines() if any(n in line for n in NOISE)], stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_predict_makes_the_plots_folder_says_age_and_counts_the_skips_without_noise(trained, face, tmp_path):
   _, workdir = trained
   folder = tmp_path / "photos"
@@ -86,6 +87,7 @@ def test_predict_makes_the_plots_folder_says_age_and_counts_the_skips_without_no
   assert "2 file(s): 1 face(s) predicted, 0 without a face, 1 skipped" in proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_numbers_faces_from_1_and_verbosity_brings_the_library_logs_back(trained, face):
   _, workdir = trained
   proc = script("predict.py", "--workdir", str(workdir), "--aligned", "--verbosity=-1", str(face))
@@ -95,6 +97,7 @@ def test_predict_numbers_faces_from_1_and_verbosity_brings_the_library_logs_back
   assert "Given directory is read only" in proc.stderr  # Orbax's notice: hidden by default only
 
 
+@pytest.mark.slow
 def test_a_named_file_that_does_not_exist_is_an_error_before_anything_loads(trained, face, tmp_path):
   _, workdir = trained
   missing = tmp_path / "holiday.jpg"
@@ -104,6 +107,7 @@ def test_a_named_file_that_does_not_exist_is_an_error_before_anything_loads(trai
   assert not (tmp_path / "plots").exists() and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_plot_path_inside_a_file_fails_in_one_line_before_predicting(trained, face, tmp_path):
   _, workdir = trained
   (tmp_path / "notes").write_text("a file, not a folder\n")
@@ -112,6 +116,7 @@ def test_a_plot_path_inside_a_file_fails_in_one_line_before_predicting(trained, 
   assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_workdir_that_does_not_exist_says_so_and_names_a_close_one(trained, face, tmp_path):
   _, workdir = trained
   typo = workdir.parent / (workdir.name + "o")
@@ -123,6 +128,7 @@ def test_a_workdir_that_does_not_exist_says_so_and_names_a_close_one(trained, fa
   assert not typo.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["demo", "tiny"])
 def test_a_workdir_without_checkpoints_suggests_the_variant_its_config_records(variant, face, tmp_path):
   workdir = tmp_path / "runs" / "demo"
@@ -136,6 +142,7 @@ def test_a_workdir_without_checkpoints_suggests_the_variant_its_config_records(v
   assert sorted(p.name for p in workdir.iterdir()) == [checkpointing.CONFIG_FILE]
 
 
+@pytest.mark.slow
 def test_an_unknown_split_fails_in_one_line_before_loading_and_writes_nothing(trained):
   _, workdir = trained
   proc = script("evaluate.py", "--workdir", str(workdir), "--split", "testing")
@@ -148,6 +155,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_demo_workdir_rerun_without_the_variant_reports_the_config_mismatch_first(tmp_path):
   # A finished demo run, as far as the check can tell: its config.json and a checkpoint step folder.
   workdir = tmp_path / "runs" / "demo"
@@ -166,6 +174,7 @@ def test_a_demo_workdir_rerun_without_the_variant_reports_the_config_mismatch_fi
   assert snapshot(workdir) == before and sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_prints_its_summary_table(trained, data_dir, compilation_cache, tmp_path):
   final, workdir = trained
   before = json.loads((workdir / train.FINAL_METRICS).read_text())
@@ -189,6 +198,7 @@ def test_rerunning_a_finished_run_prints_its_summary_table(trained, data_dir, co
   assert json.loads((workdir / train.FINAL_METRICS).read_text()) == before
 
 
+@pytest.mark.slow
 def test_flip_reports_are_named_apart_and_an_unevaluated_run_reports_its_latest_checkpoint(trained, tmp_path):
   _, workdir = trained
   run = tmp_path / "unevaluated"
@@ -218,6 +228,7 @@ def test_flip_reports_are_named_apart_and_an_unevaluated_run_reports_its_latest_
   assert f"has no evaluated checkpoint; using the latest, step {tiny_run.STEPS}" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["predict.py", "evaluate.py", "serve.py", "export.py"])
 def test_help_shows_a_positive_calibration_flag(name):
   proc = script(name, "--help")  # absl's --help exits 1
@@ -226,12 +237,14 @@ def test_help_shows_a_positive_calibration_flag(name):
   assert "-v,--verbosity: Logging verbosity. Default: agejax's own warnings only" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_help_lists_the_flags_defined_for_it_in_cli():
   proc = script("train.py", "--help")  # absl's --help exits 1
   for flag in ("--[no]multihost", "--coordinator_address", "--num_processes", "--process_id", "-v,--verbosity"):
     assert f"  {flag}: " in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_the_demo_is_generated_not_downloaded(tmp_path):
   proc = script("prepare_data.py", "demo", "--builder_config", "tiny", "--data_dir", str(tmp_path / "tfds"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -241,6 +254,7 @@ def test_the_demo_is_generated_not_downloaded(tmp_path):
   assert_quiet(proc.stderr)
 
 
+@pytest.mark.slow
 def test_the_plots_face_crops_hide_no_bar():
   """Each inset's lower edge, in data units, is above every bar (whatever side the mass is on)."""
   bins = np.arange(1, 101)

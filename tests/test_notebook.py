@@ -24,6 +24,7 @@ def test_committed_notebook_has_no_outputs():
   assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_draws_its_plots(workdir, monkeypatch):
   monkeypatch.setenv("AGEJAX_WORKDIR", str(workdir))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")

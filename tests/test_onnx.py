@@ -52,6 +52,7 @@ def workdir(request, tmp_path_factory) -> Path:
   return tiny_run.tiny_run(request, tmp_path_factory)[1]
 
 
+@pytest.mark.slow
 def test_model_onnx_runs_in_onnxruntime_alone_and_matches_the_predictor(workdir, tmp_path):
   out = tmp_path / "export"
   manifest = export.export_workdir(workdir, out, saved_model=False)
@@ -93,6 +94,7 @@ def _rank4_max_pool(monkeypatch) -> None:
   monkeypatch.setattr(export.onnx, "_tiles", lambda params, shape: False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("breaks", "message"),
   [

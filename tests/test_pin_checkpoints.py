@@ -104,6 +104,7 @@ def copy_of(workdir: Path, tmp_path: Path) -> Path:
   return copy
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_the_lowest_logged_eval_mae_and_outlives_keep_checkpoints(rising):
   """Best = the argmin of the eval MAEs the run logged; kept beside the latest; what 'best' loads.
 
@@ -121,6 +122,7 @@ def test_the_best_checkpoint_is_the_lowest_logged_eval_mae_and_outlives_keep_che
     assert numpy_mae(workdir, step, "validation") == pytest.approx(maes[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_end_of_a_run_scores_and_calibrates_the_best_checkpoint_and_names_it(rising):
   """final_metrics.json: the last evaluation's scores, best_step, and the test split and temperature of the best.
 
@@ -142,6 +144,7 @@ def test_the_end_of_a_run_scores_and_calibrates_the_best_checkpoint_and_names_it
   assert final["test_mae"] == pytest.approx(best_test, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [STEPS, 2])
 def test_rerunning_a_finished_run_trains_nothing_prints_its_summary_and_keeps_every_file(
   rising, learned, data_dir, compilation_cache, tmp_path, capsys, steps
@@ -164,6 +167,7 @@ def test_rerunning_a_finished_run_trains_nothing_prints_its_summary_and_keeps_ev
   assert f"MAE            {final['eval_mae']:.3f} years" in out and f"test split     MAE {final['test_mae']:.3f}" in out
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_final_metrics_finishes_on_rerun_without_training(
   rising, learned, data_dir, compilation_cache, tmp_path, capsys
 ):
@@ -195,6 +199,7 @@ def init_config(source: Path, data_dir: str, cache: str, **model):
   return config
 
 
+@pytest.mark.slow
 def test_init_from_names_the_best_checkpoint_by_default_and_the_latest_on_request(rising, data_dir, compilation_cache):
   """init_from=WORKDIR starts from its best checkpoint (not its latest); WORKDIR:latest and WORKDIR:best as named.
 
@@ -233,6 +238,7 @@ def test_init_from_a_batch_norm_run_into_a_plain_vgg16_fails_in_one_line_before_
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_age,max_age", [(5, 100), (1, 80), (11, 110)])
 def test_init_from_with_other_age_bins_keeps_the_backbone_and_starts_the_head_fresh(
   learned, data_dir, compilation_cache, caplog, min_age, max_age

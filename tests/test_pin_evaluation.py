@@ -56,6 +56,7 @@ def mean_nll(probs: np.ndarray, age: np.ndarray, min_age: int) -> float:
   return float(np.mean(-np.log(probs[np.arange(len(age)), (age - min_age).astype(int)])))
 
 
+@pytest.mark.slow
 def test_evaluate_py_flip_fits_and_scores_the_average_of_the_two_views(trained, views, tmp_path):
   """evaluate.py --flip --calibrate: the temperature is fitted to, and the report scores, the two views' mean.
 
@@ -97,6 +98,7 @@ def test_evaluate_py_flip_fits_and_scores_the_average_of_the_two_views(trained, 
   )
 
 
+@pytest.mark.slow
 def test_a_flip_predictor_gives_the_tempered_average_of_the_two_views(trained, views):
   """predict.py/serve.py --flip: the mean of the face's and its mirror image's distributions, then calibrated.
 

@@ -149,6 +149,7 @@ print(json.dumps([storage.process_running(holder["pid"]), reason]))
 """
 
 
+@pytest.mark.slow
 def test_a_bucket_lock_of_a_live_run_on_this_machine_is_kept_and_a_dead_ones_taken_over_with_a_warning(bucket, caplog):
   """A holder's pid is checked for what it is: a dead one's lock is taken over; a live one's, any user's, stays.
 
@@ -524,6 +525,7 @@ def test_a_wait_cancelled_just_as_its_turn_comes_gives_the_thread_and_bytes_back
   assert ran == ["next"]
 
 
+@pytest.mark.slow
 def test_overload_shows_in_healthz_and_readyz_refuses_with_503_and_both_recover():
   """Work waiting past half --queue_timeout_s (0.8 s): /healthz overloaded, /readyz 503; it gets 503 with Retry-After.
 

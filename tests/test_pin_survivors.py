@@ -39,6 +39,7 @@ def _tiny(compilation_cache: str, **overrides) -> settings.Settings:
   return settings.Settings.from_config(config)
 
 
+@pytest.mark.slow
 def test_report_mae_and_mean_error_per_bucket_and_decade_match_numpy_over_the_per_example_predictions(
   compilation_cache,
 ):
@@ -90,6 +91,7 @@ def _compiled_train_step(cfg: settings.Settings, batch: int) -> tuple[learner.Le
   return fns, state, step.lower(state, jax.eval_shape(metrics.zeros), shapes).compile()
 
 
+@pytest.mark.slow
 def test_four_micro_batches_give_the_same_step_in_clearly_less_temporary_memory(compilation_cache):
   """grad_accum_steps=4: the compiled train step needs far less scratch memory, and updates the same parameters.
 

@@ -39,6 +39,7 @@ def kl_f64(target: np.ndarray, log_probs: np.ndarray) -> float:
 # --- 1. The per-image sigma of the target -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_make_loss_fits_each_face_to_a_gaussian_of_its_own_age_std_as_float64_numpy():
   """loss.sigma_from_data: a face's target has its own age_std (floored), loss.sigma where it has none.
 
@@ -114,6 +115,7 @@ def toy_steps():
     yield {seed: toy_step(seed, seen) for seed in (0, 1)}
 
 
+@pytest.mark.slow
 def test_the_train_step_fits_each_face_to_its_own_sigma_and_scores_epsilon_error_with_its_age_std(toy_steps):
   """The step's loss is the mean float64 KL to each face's own-sigma Gaussian; its epsilon-error uses the raw age_std.
 
@@ -140,6 +142,7 @@ def test_the_train_step_fits_each_face_to_its_own_sigma_and_scores_epsilon_error
 # --- 4. Augmentation's randomness across steps (and across the faces of a batch) -----------------------------------
 
 
+@pytest.mark.slow
 def test_augmentation_differs_from_step_to_step_and_repeats_for_the_same_seed_and_step(toy_steps):
   """Every face is augmented anew at each step; (seed, step) alone decides how, so a resumed run repeats it.
 
@@ -218,6 +221,7 @@ RULES = (
 )
 
 
+@pytest.mark.slow
 def test_weight_decay_moves_exactly_the_kernels_the_rules_decay_by_lr_times_decay_times_the_weight():
   """Zero gradients: the kernels a rule decays move by -lr multiplier * lr * weight_decay * w, nothing else moves.
 

@@ -23,6 +23,7 @@ def toy_run(data_dir, compilation_cache, tmp_path_factory):
   return train(tmp_path_factory.mktemp("toy"), *TOY, data_dir=data_dir, cache=compilation_cache)
 
 
+@pytest.mark.slow
 def test_a_toy_backbone_trains_evaluates_predicts_exports_and_serves_with_its_input_spec(
   toy_run, compilation_cache, tmp_path
 ):
@@ -40,6 +41,7 @@ def one_step(tiny_config, **optimizer) -> tuple[learner.TrainState, learner.Trai
   return state, after, fns
 
 
+@pytest.mark.slow
 def test_a_plugin_loss_and_optimizer_rules_by_parameter_path(tiny_config):
   rules = (("convs/0/.*", {"frozen": True}), ("fc1/kernel", {"lr": 0.5}))
   before, plain, fns = one_step(tiny_config)

@@ -114,6 +114,7 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
   config, workdir = trained
   photos = tmp_path / "photos"
@@ -158,6 +159,7 @@ def test_finds_the_pasted_face_and_reports_every_bad_input(trained, tmp_path):
     assert png.format == "PNG"
 
 
+@pytest.mark.slow
 def test_workdir_without_checkpoints_fails_with_the_training_command(tmp_path):
   image = tmp_path / "face.png"
   Image.fromarray(astronaut()).save(image)
@@ -170,6 +172,7 @@ def test_workdir_without_checkpoints_fails_with_the_training_command(tmp_path):
   ]
 
 
+@pytest.mark.slow
 def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
   photo = Image.fromarray(astronaut()).rotate(25, resample=Image.Resampling.BICUBIC, expand=True)
   (found,) = detector(photo)
@@ -184,6 +187,7 @@ def test_alignment_levels_the_eyes_of_a_tilted_face(detector):
   assert abs(x + w / 2 - 80) < 16 and abs(y + h / 2 - 80) < 16 and max(w, h) < 150
 
 
+@pytest.mark.slow
 def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
   config, workdir = trained
   data = pipeline.load_labelled_split(config.data, config.labels, "test")
@@ -207,6 +211,7 @@ def test_results_come_in_input_order_through_padded_batches(trained, tmp_path):
   assert photos.to_lines(results[3]) == [f"{files[3]}  skipped: not an image"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_a_batch_size_below_one_fails_in_one_line(trained, value, tmp_path):
   _, workdir = trained
@@ -219,6 +224,7 @@ def test_a_batch_size_below_one_fails_in_one_line(trained, value, tmp_path):
     prediction.Predictor(workdir, batch_size=int(value))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "content,problem", [('{"seed": 0, "data": {', "not valid JSON ("), ("[1, 2]", "not a JSON object (found list)")]
 )
@@ -246,6 +252,7 @@ def test_a_corrupt_config_json_fails_in_one_line_naming_it(trained, script, cont
   assert (copy / "config.json").read_text() == content and not (copy / "eval").exists()
 
 
+@pytest.mark.slow
 def test_flip_predicts_with_the_flip_temperature_and_intervals_and_an_old_calibration_refuses_it(trained, tmp_path):
   """predict.py --flip: each face averaged with its mirror image, tempered by calibration.json's flip temperature,
   its 80% interval adjusted by the flip way's masses; without --flip, the single-view way's. A calibration.json

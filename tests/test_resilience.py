@@ -40,6 +40,7 @@ def uninterrupted(compilation_cache, data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cache, data_dir, uninterrupted, tmp_path):
   workdir = tmp_path / "preempted"
   proc = subprocess.Popen(
@@ -71,6 +72,7 @@ def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cac
   jax.tree.map(np.testing.assert_array_equal, checkpoint(workdir, 300), checkpoint(uninterrupted, 300))
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(compilation_cache, data_dir, tmp_path):
   args = ("--config.num_train_steps=400", "--config.checkpoint_every_steps=10", "--config.eval_every_steps=400")
   for attempt in range(5):  # each try kills at the first partial write seen after a complete one
@@ -115,6 +117,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_last_complete_one(co
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
   compilation_cache, data_dir, tmp_path
 ):
@@ -143,6 +146,7 @@ def test_overflowing_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_skip_policy_counts_nonfinite_steps_across_a_resume(tiny_config, tmp_path):
   from agejax.training import train
 
@@ -167,6 +171,7 @@ def test_skip_policy_counts_nonfinite_steps_across_a_resume(tiny_config, tmp_pat
   assert counts and set(counts) == {9 - final["nonfinite_steps"]}, counts
 
 
+@pytest.mark.slow
 def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
   rng = np.random.default_rng(0)
   batch = {
@@ -192,6 +197,7 @@ def test_four_micro_batches_equal_one_four_times_larger_batch(tiny_config):
   assert_close_relative(p4, p1, 1e-5)  # three Adam steps later, as in test_scale
 
 
+@pytest.mark.slow
 def test_a_sigterm_whose_stop_was_swallowed_before_the_loop_still_stops_the_run():
   """Python ignores exceptions raised in some callbacks (JAX's gc callback): the signal must not be lost."""
   import gc

@@ -41,6 +41,7 @@ def full():
   return net, convert.resnet50_from_torchvision(net.state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 64])
 def test_converted_resnet50_equals_torchvision(full, size):
   net, model = full
@@ -51,6 +52,7 @@ def test_converted_resnet50_equals_torchvision(full, size):
   assert {p.dtype for p in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_train_mode_batch_norm_and_its_running_statistics_equal_torch():
   """Batch statistics normalise; running ones move by torch's momentum 0.1 toward the UNBIASED batch variance.
 
@@ -98,6 +100,7 @@ def counted_flops(net, size: int) -> int:
   return counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width", "size", "bins"), [(1.0, 224, 1000), (0.25, 97, 101), (0.0625, 32, 100)])
 def test_flops_equal_torchs_count(width, size, bins):
   cfg = settings.ModelSettings(name="resnet50", width_multiplier=width)
@@ -109,6 +112,7 @@ def test_full_resnet50_costs_8_2_gflops_at_224():
   assert flops == pytest.approx(8.18e9, rel=1e-3)  # torchvision's documented 4.09 GMACs
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits_and_is_as_close_as_torch_autocast():
   """bfloat16's error against float32 is no larger than PyTorch autocast's on the same net and mode.
 
@@ -145,6 +149,7 @@ def test_config_builds_resnet50_and_says_how_to_convert():
   assert command.startswith(expected)
 
 
+@pytest.mark.slow
 def test_a_tiny_train_step_with_a_frozen_backbone_keeps_its_statistics_and_trains_the_head(tiny_config):
   """Every conv, norm and statistic of ResNet-50 is backbone: frozen, it keeps its batch-norm statistics.
 

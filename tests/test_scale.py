@@ -21,6 +21,7 @@ STEPS = (
 )
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_with_a_demo_size_eval_split(compilation_cache, data_dir, tmp_path):
   """125 eval batches, as a real run has: dispatched without bound, they aborted XLA:CPU's rendezvous."""
   from agejax.data import datasets
@@ -54,6 +55,7 @@ def test_eight_devices_equal_one_with_a_demo_size_eval_split(compilation_cache, 
   assert abs(a["temperature"] - b["temperature"]) <= 1e-3 * b["temperature"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   single = tmp_path / "single"
   subprocess.run(
@@ -80,6 +82,7 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
   assert abs(a["temperature"] - b["temperature"]) <= 2e-2 * b["temperature"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation_cache, data_dir, tmp_path):
   """JAX's preemption service owns SIGTERM with several processes; all stop at its sync step."""
   workdir = tmp_path / "multi"
@@ -143,6 +146,7 @@ np.savez(sys.argv[1], devices=jax.device_count(), **{"/".join(map(str, k)): np.a
 FAST_COMPILE = " --xla_backend_optimization_level=0"
 
 
+@pytest.mark.slow
 def test_resnet50_on_eight_devices_equals_one_device_batch_norm_statistics_included(tmp_path):
   """Batch statistics are the global batch's under jit: 8 shards of 2 faces normalise as one device's 16."""
   runs = {devices: tmp_path / f"d{devices}.npz" for devices in (1, 8)}

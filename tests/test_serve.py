@@ -93,6 +93,7 @@ def assert_serves(url: str) -> None:
   assert len(response.json()["results"][0]["faces"]) == 1
 
 
+@pytest.mark.slow
 def test_answers_a_generated_face_with_predictors_numbers(server, predictor):
   images = [drawn_face(1), drawn_face(2, size=120)]
   response = post(server.url, ("a.png", images[0]), ("b.png", images[1]), aligned="true")
@@ -117,6 +118,7 @@ def test_answers_a_generated_face_with_predictors_numbers(server, predictor):
     assert [low, high] == [float(v) for v in stats["interval80"][0]]  # adjusted by age bucket: the trainer fitted it
 
 
+@pytest.mark.slow
 def test_finds_the_face_in_a_photo_too_large_to_detect_at_full_size(server):
   # 8000x6000 pixels: detection runs on a copy 1024 pixels long; the box comes back in the photo's pixels.
   image, (x, y, w, h) = photo_with_a_face(8000, 6000, at=(5000, 3000))
@@ -185,6 +187,7 @@ def test_every_bad_input_is_answered_and_the_server_keeps_serving(server):
   assert_serves(url)
 
 
+@pytest.mark.slow
 def test_concurrent_clients_share_batches_and_get_their_own_faces(server, predictor):
   clients, rounds = 32, 4
   images = [drawn_face(i) for i in range(clients)]
@@ -250,6 +253,7 @@ def test_healthz_metrics_and_the_page_are_served(server, predictor, workdir):
   assert "https://" not in page.text and "http://" not in page.text
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(workdir, compilation_cache):
   slow, _ = photo_with_a_face(8000, 6000, at=(100, 100))  # about a second to decode and detect
   flags = ["--workdir", str(workdir), f"--compilation_cache_dir={compilation_cache}", "--max_batch=2"]
@@ -303,6 +307,7 @@ def test_serves_an_export_with_the_same_numbers(workdir, predictor, compilation_
     assert face["interval80"] == [float(v) for v in stats["interval80"][0]]
 
 
+@pytest.mark.slow
 def test_no_calibration_serves_the_raw_model_over_http(workdir, predictor, compilation_cache):
   raw = prediction.Predictor(workdir, calibrated=False)
   assert predictor.temperature != 1.0 == raw.temperature  # the trainer fitted a temperature at the end
@@ -366,6 +371,7 @@ def test_a_failing_face_fails_only_its_own_future():
     faces_batcher.close()
 
 
+@pytest.mark.slow
 def test_serve_without_a_model_fails_in_one_line():
   proc = subprocess.run([sys.executable, str(SERVE)], env=ENV, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
@@ -381,6 +387,7 @@ def test_padded_sizes_are_powers_of_two_up_to_the_maximum_on_every_device():
   assert batcher.padded_sizes(10, 4) == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, tmp_path):
   from agejax import serving
 
@@ -391,6 +398,7 @@ def test_the_served_workdir_model_is_calibrated_unless_no_calibration(workdir, t
     serving.load_model(None, tmp_path, calibrated=False)
 
 
+@pytest.mark.slow
 def test_http_details_are_answered_in_one_json_line(server):
   url, face = server.url, drawn_face(6)
   put = httpx.put(url + "/v1/predict")
@@ -435,6 +443,7 @@ def test_http_details_are_answered_in_one_json_line(server):
   assert result["file"] == "x" * 254 + "…" and len(result["faces"]) == 1
 
 
+@pytest.mark.slow
 def test_the_json_api_answers_like_multipart(server):
   import base64
 
@@ -462,6 +471,7 @@ def test_the_json_api_answers_like_multipart(server):
     assert response.status_code == status and text in response.json()["error"], (name, response.text)
 
 
+@pytest.mark.slow
 def test_serve_on_a_port_in_use_fails_in_one_line_before_loading(workdir):
   with socket.socket() as taken:
     taken.bind(("127.0.0.1", 0))
@@ -483,6 +493,7 @@ def test_serve_on_a_port_in_use_fails_in_one_line_before_loading(workdir):
   assert time.monotonic() - start < 30  # no model was loaded
 
 
+@pytest.mark.slow
 def test_sigterm_while_loading_the_model_exits_0(workdir):
   port = local.free_port()
   proc = subprocess.Popen(
@@ -508,6 +519,7 @@ def test_sigterm_while_loading_the_model_exits_0(workdir):
   assert "stopped by signal" in output
 
 
+@pytest.mark.slow
 def test_sigterm_answers_every_request_sent_before_it_and_503s_what_runs_past_the_grace(workdir, compilation_cache):
   from test_hostile import grey_png
 
@@ -549,6 +561,7 @@ def test_sigterm_answers_every_request_sent_before_it_and_503s_what_runs_past_th
   assert code == 0
 
 
+@pytest.mark.slow
 def test_flip_serves_the_flip_calibration_and_healthz_says_so(workdir, compilation_cache, tmp_path):
   """serve.py --flip: flip averages tempered by calibration.json's flip temperature, intervals by its masses;
   without it the single-view way's; an old calibration.json fitted without flip refuses --flip in one line."""

@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from agejax import metrics, parallel, settings
 from agejax.benchmarks import jax_step
@@ -21,6 +22,7 @@ def _batch(size: int, batch: int = 2) -> dict:
   }
 
 
+@pytest.mark.slow
 def test_bf16_step_convolves_in_bf16_and_keeps_params_optimizer_and_loss_in_f32():
   config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
   fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=100, abstract=True)
@@ -42,6 +44,7 @@ def test_float32_config_has_no_bf16_convolution():
   assert "bf16" not in text
 
 
+@pytest.mark.slow
 def test_train_step_donates_state_and_sums_but_not_the_batch():
   config = jax_step.bench_config(vgg16_kl.get_config(), 2, "bfloat16", 32, 0.0625)
   fns, state, _ = learner.create(settings.Settings.from_config(config), steps_per_epoch=100)

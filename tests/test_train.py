@@ -69,6 +69,7 @@ def trained(tmp_path_factory, data_dir, compilation_cache):
   return config, workdir, final
 
 
+@pytest.mark.slow
 def test_profile_steps_leave_a_trace_for_tensorboards_profile_tab(trained):
   _, workdir, _ = trained
   [run] = (workdir / "plugins" / "profile").iterdir()
@@ -82,6 +83,7 @@ def test_profile_steps_leave_a_trace_for_tensorboards_profile_tab(trained):
   assert sum(e.get("name") == "PjitFunction(train_step)" for e in events) >= 5  # the traced steps' dispatches
 
 
+@pytest.mark.slow
 def test_run_writes_final_metrics_tensorboard_and_checkpoints(trained):
   _, workdir, final = trained
   on_disk = json.loads((workdir / "final_metrics.json").read_text())
@@ -116,6 +118,7 @@ def test_an_extra_evaluation_writes_its_scalars_and_final_metrics_as_the_evaluat
   assert final["evals"]["demo_test"]["mae"] != pytest.approx(final["eval_mae"], rel=1e-3)  # another split
 
 
+@pytest.mark.slow
 def test_eval_flip_scores_calibrates_and_picks_the_best_by_flip_averages(tiny_config, tmp_path):
   from agejax import parallel
   from agejax.evaluation import calibration
@@ -135,12 +138,14 @@ def test_eval_flip_scores_calibrates_and_picks_the_best_by_flip_averages(tiny_co
   assert record["flip"]["temperature"] == final["temperature"] != record["single"]["temperature"]
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained):
   series = scalars(trained[1])
   assert series["train/loss"][-1] < 0.95 * series["train/loss"][0]
   assert series["eval/mae"][-1] < series["eval/mae"][0]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_and_finished_run_exits_promptly(trained, tmp_path):
   config, workdir, final = trained
   # Drop the last checkpoint: the rerun restores step 50 and must retrace the same 50 steps.
@@ -183,6 +188,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "override,key",
   [
@@ -233,6 +239,7 @@ def test_sigma_at_the_bound_gives_a_finite_gaussian_target_and_below_it_one_hot(
   assert below[48] == 0 and below[49] == 1  # degenerate: one-hot
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "script,args,expected",
   [
@@ -285,6 +292,7 @@ def test_bad_flags_fail_in_one_line_with_the_hint(script, args, expected, tmp_pa
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_fails_in_one_line(tmp_path):
   file = tmp_path / "w"
   file.write_text("notes\n")
@@ -292,6 +300,7 @@ def test_a_workdir_that_is_a_file_fails_in_one_line(tmp_path):
   assert file.read_text() == "notes\n"
 
 
+@pytest.mark.slow
 def test_a_read_only_workdir_fails_in_one_line_before_compiling(tmp_path):
   workdir, cache = tmp_path / "w", tmp_path / "cache"
   workdir.mkdir()
@@ -314,6 +323,7 @@ def test_a_read_only_workdir_fails_in_one_line_before_compiling(tmp_path):
   assert snapshot(workdir) == {"notes.txt": b"kept\n"} and not list(cache.iterdir())
 
 
+@pytest.mark.slow
 def test_a_shifted_age_range_on_resume_fails_in_one_line_and_leaves_the_workdir_as_it_was(trained, tmp_path):
   config, workdir, _ = trained
   copy = tmp_path / "run"
@@ -368,6 +378,7 @@ def test_every_config_key_is_classified_for_resume(variant):
   assert not [k for k in configuration.RESUME_MUST_MATCH if configuration.resume_may_change(k)]
 
 
+@pytest.mark.slow
 def test_a_corrupt_config_json_on_resume_fails_in_one_line_naming_it(trained, tmp_path):
   config, workdir, _ = trained
   copy = tmp_path / "run"
@@ -385,6 +396,7 @@ def test_a_corrupt_config_json_on_resume_fails_in_one_line_naming_it(trained, tm
   assert snapshot(copy) == before
 
 
+@pytest.mark.slow
 def test_checkpoints_that_do_not_fit_fail_in_one_line_even_without_config_json(trained, tmp_path):
   config, workdir, _ = trained
   copy = tmp_path / "run"
@@ -407,6 +419,7 @@ def test_checkpoints_that_do_not_fit_fail_in_one_line_even_without_config_json(t
   assert snapshot(copy) == before  # config.json is not written from a config that does not fit
 
 
+@pytest.mark.slow
 def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, tmp_path):
   from conftest import array_cache
 
@@ -446,6 +459,7 @@ def test_drop_that_empties_a_split_fails_in_one_line_before_compiling(data_dir, 
     assert [p.name for p in workdir.iterdir()] == ["checkpoints"]  # no config.json, no events; no steps
 
 
+@pytest.mark.slow
 def test_the_tensorboard_target_figure_draws_each_faces_own_sigma_with_sigma_from_data(tiny_config, tmp_path):
   """The eval/distributions figure's target curve of each sample face is its training target: its own age_std
   (floored) with loss.sigma_from_data, loss.sigma where it has none; float64 NumPy's (a toy backbone's short run)."""
@@ -496,6 +510,7 @@ def test_clip_changes_training_targets_only_and_evaluation_scores_true_ages(tiny
   np.testing.assert_array_equal(dropped, true_eval[true_eval <= 30])
 
 
+@pytest.mark.slow
 def test_the_loop_compiles_its_train_step_once_and_moves_no_data_implicitly(tiny_config, tmp_path, caplog):
   """Steady state under transfer_guard('disallow'): only the loop's explicit fetches at sync points move data."""
   import logging

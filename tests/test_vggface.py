@@ -102,6 +102,7 @@ def backbone_spec(arch: str) -> models.InputSpec:
   return models.get("vgg16").spec_for(arch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fc6", ["flat", "conv"])
 def test_vgg_face_dag_converts_to_mcns_fc7_and_fc8(mcn, images, fc6):
   module = mcn[0] if fc6 == "flat" else mcn[1]
@@ -173,6 +174,7 @@ def pure_params(model: nnx.Module) -> dict:
   return models.split_model(model)[1]
 
 
+@pytest.mark.slow
 def test_keras_vggface_h5_converts_to_the_same_arrays(mcn, keras_files, images):
   full, notop = keras_files
   weights = convert.load_weights_file(full)
@@ -194,6 +196,7 @@ def test_keras_vggface_h5_converts_to_the_same_arrays(mcn, keras_files, images):
   jax.tree.map(np.testing.assert_array_equal, pure_params(no_top)["convs"], from_dag["convs"])
 
 
+@pytest.mark.slow
 def test_keras_1_weight_names_load_as_the_same_arrays_as_keras_2s(mcn, keras_files, tmp_path):
   """rcmalli's first files were written by Keras 1 ('conv1_1_W:0'): they load as the Keras 2 names' arrays (mutant
   killed: convert/__init__.py:129 `base.rsplit("_", 1)` -> `rsplit("_", 0)`, which kept 'conv1_1_W' as the kind)."""
@@ -205,6 +208,7 @@ def test_keras_1_weight_names_load_as_the_same_arrays_as_keras_2s(mcn, keras_fil
     np.testing.assert_array_equal(old[name], new[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_convert_weights_cli_on_a_notop_h5_leaves_the_top_new(keras_files, mcn, tmp_path):
   _, notop = keras_files
   out = tmp_path / "vggface"

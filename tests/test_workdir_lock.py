@@ -34,6 +34,7 @@ def assert_intact_run(workdir, seed: int) -> None:
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_intact(
   compilation_cache, data_dir, tmp_path
 ):
@@ -69,6 +70,7 @@ def test_a_second_trainer_fails_in_one_line_naming_the_first_which_finishes_inta
   assert_intact_run(workdir, seed=0)
 
 
+@pytest.mark.slow
 def test_two_trainers_started_at_the_same_instant_leave_one_intact_run(compilation_cache, data_dir, tmp_path):
   """Two whole trainers started together: one run, intact, and one line from the other naming it.
 
@@ -123,6 +125,7 @@ lock.release()
 """
 
 
+@pytest.mark.slow
 def test_processes_released_by_a_barrier_race_for_the_lock_and_exactly_one_wins(tmp_path):
   workdir, barrier, count = tmp_path / "run", tmp_path / "barrier", 4
   workdir.mkdir()
@@ -186,6 +189,7 @@ def test_a_lock_is_released_on_errors_and_leftover_temporaries_of_dead_writers_a
   workdir_lock.WorkdirLock(workdir).acquire().release()  # released by the error
 
 
+@pytest.mark.slow
 def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_path, caplog):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -217,6 +221,7 @@ def test_a_lock_file_left_by_a_killed_holder_is_taken_over_with_a_warning(tmp_pa
   ) in caplog.text
 
 
+@pytest.mark.slow
 def test_with_two_processes_both_fail_in_one_line_when_the_workdir_is_busy(compilation_cache, data_dir, tmp_path):
   """Process 0 takes the lock for the run; the other learns that it failed instead of waiting for it."""
   workdir = tmp_path / "run"
@@ -237,6 +242,7 @@ def test_with_two_processes_both_fail_in_one_line_when_the_workdir_is_busy(compi
   assert sorted(p.name for p in workdir.iterdir()) == []  # nothing written; the test's lock is released
 
 
+@pytest.mark.slow
 def test_sigterm_while_starting_up_exits_0_and_releases_the_lock(data_dir, tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(

@@ -154,6 +154,7 @@ def built(tmp_path_factory):
   return _prepare(root / "manual", root / "tfds")
 
 
+@pytest.mark.slow
 def test_rows_labels_and_images(built):
   assert set(built.info.splits) == {"train", "validation"}  # no test.csv, no test split
   for split, expected in (("train", TRAIN), ("validation", VALIDATION)):

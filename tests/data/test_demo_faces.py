@@ -68,6 +68,7 @@ def test_shapes_and_dtypes(size):
     generate(-1, seed=0, size=size)
 
 
+@pytest.mark.slow
 def test_ages_are_in_range_and_roughly_uniform(dataset):
   ages = dataset[1]
   assert ages.min() >= MIN_AGE and ages.max() <= MAX_AGE

@@ -51,6 +51,7 @@ def test_train_batches_cross_epoch_boundaries_and_split_over_processes():
     pipeline.TrainBatches(data, 5, seed=0, process_index=0, process_count=2)
 
 
+@pytest.mark.slow
 def test_load_split_equals_tfds_records(tiny_config):
   import tensorflow_datasets as tfds
 
@@ -204,6 +205,7 @@ def test_an_interrupted_build_is_cleaned_up_and_a_full_disk_fails_in_one_line(ti
   assert not list(root.glob("train-*")) and not list(root.glob(".train-*"))
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_same_cache_at_once_agree(data_dir, tmp_path):
   import subprocess
   import sys

@@ -171,6 +171,7 @@ def _examples(step: list[dict]) -> list[int]:
   return [int(a) for s in step for a in s["age"]]
 
 
+@pytest.mark.slow
 def test_each_process_sees_only_its_devices(collected):
   local = [r["local_devices"] for r in collected]
   assert sorted(d for devices in local for d in devices) == collected[0]["devices"]
@@ -218,6 +219,7 @@ def test_eval_sees_every_example_exactly_once_with_padding_masked(collected):
   assert padding == len(steps) * BATCH - N_EVAL
 
 
+@pytest.mark.slow
 def test_resumed_run_gives_each_device_exactly_the_uninterrupted_shards(collected):
   whole, resumed = _merge(collected, "train"), _merge(collected, "resumed")
   assert len(resumed) == len(whole) - RESUME_AT

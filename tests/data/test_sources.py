@@ -81,6 +81,7 @@ def test_a_whole_archive_verifies_in_every_compression(tmp_path):
     assert sources.verify_archive(path) == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_a_tar_cut_anywhere_fails_or_keeps_every_member(tmp_path):
   data = _tar(MEMBERS)
   members, end = _layout(data)
@@ -178,6 +179,7 @@ def _ages(builder) -> dict[str, dict[str, int]]:
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "suffix, cut",
   [
@@ -207,6 +209,7 @@ def test_a_truncated_archive_fails_before_anything_is_written(tmp_path, suffix, 
   assert archive.read_bytes() == data[:at] and not (tmp_path / "tfds").exists()
 
 
+@pytest.mark.slow
 def test_utkface_from_an_archive_path_and_another_archive_refused(tmp_path):
   data_dir = tmp_path / "tfds"
   first, second = tmp_path / "a" / "UTKFace.tar.gz", tmp_path / "b" / "UTKFace.tar.gz"
@@ -268,6 +271,7 @@ def _csv_ages(builder) -> dict[str, list[int]]:
   return {split: sorted(ages.values()) for split, ages in _ages(builder).items()}
 
 
+@pytest.mark.slow
 def test_named_csv_datasets_live_side_by_side_and_train_on_them(tmp_path):
   appa, morph = _csv_folder(tmp_path / "appa", APPA, 0), _csv_folder(tmp_path / "morph", MORPH, 1)
   data_dir = str(tmp_path / "tfds")
@@ -366,6 +370,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 def test_prepare_data_script_refuses_then_rebuilds(tmp_path):
   appa, morph = _csv_folder(tmp_path / "appa", APPA, 0), _csv_folder(tmp_path / "morph", MORPH, 1)
   data_dir = tmp_path / "tfds"

@@ -97,6 +97,7 @@ def _train(tmp_path: Path, name: str, data_dir: Path, cache: str) -> dict:
   return final
 
 
+@pytest.mark.slow
 def test_utkface_folder_prepares_and_trains(faces, tmp_path, compilation_cache):
   root, ages = faces
   data_dir = tmp_path / "tfds"
@@ -123,6 +124,7 @@ def test_utkface_folder_prepares_and_trains(faces, tmp_path, compilation_cache):
   assert final["baseline_mae"] == pytest.approx(_baseline_mae(by_split["train"], by_split["validation"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_csv_lists_prepare_and_train(faces, tmp_path, compilation_cache):
   root, ages = faces
   manual = tmp_path / "lists"
@@ -163,6 +165,7 @@ def test_csv_lists_prepare_and_train(faces, tmp_path, compilation_cache):
   assert final["baseline_mae"] == pytest.approx(_baseline_mae(train_ages, eval_ages), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["bad header", "missing folder"])
 def test_prepare_data_fails_in_one_line_naming_the_file_or_folder(tmp_path, case):
   manual = tmp_path / "lists"
