@@ -136,10 +136,9 @@ def crops(workdir, tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def exported(workdir, tmp_path_factory) -> tuple[Path, dict]:
+def exported(request, tmp_path_factory) -> tuple[Path, dict]:
   """(the export folder, its manifest) of the tiny run's best checkpoint, temperature applied, with a SavedModel."""
-  out = tmp_path_factory.mktemp("export")
-  return out, export.export_workdir(workdir, out)
+  return tiny_run.tiny_export(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -419,14 +418,14 @@ def test_a_failed_export_leaves_no_folder(workdir, tmp_path):
   assert "todo.txt, which no export writes" in line and (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
-def test_the_manifest_records_checksums_and_no_path_of_the_builder(workdir, exported):
+def test_the_manifest_records_checksums_and_no_path_of_the_builder(exported, tmp_path_factory):
   out, manifest = exported
   files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != export.MANIFEST_FILE)
   assert sorted(manifest["sha256"]) == files and export.ONNX_FILE in files
   for name, digest in manifest["sha256"].items():
     assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
-  assert manifest["run"] == workdir.name and "workdir" not in manifest
-  assert str(workdir.parent) not in (out / export.MANIFEST_FILE).read_text()
+  assert manifest["run"] == tiny_run.RUN_DIR and "workdir" not in manifest  # exported from the shared run
+  assert str(tiny_run.shared_folder(tmp_path_factory)) not in (out / export.MANIFEST_FILE).read_text()
 
 
 @pytest.mark.slow

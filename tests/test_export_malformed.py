@@ -82,10 +82,9 @@ def workdir(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(workdir, tmp_path_factory) -> Path:
+def exported(request, tmp_path_factory) -> Path:
   """An export of the tiny run with every format (model.jax, saved_model/, model.onnx): the original of each case."""
-  out = tmp_path_factory.mktemp("export") / "demo"
-  manifest = export.export_workdir(workdir, out)
+  out, manifest = tiny_run.tiny_export(request, tmp_path_factory)
   assert manifest["files"]["onnx"] and manifest["files"]["saved_model"], manifest["files"]
   return out
 

@@ -21,17 +21,23 @@ from configs import vgg16_kl
 STEPS = 300
 CHECKPOINTS = (150, 300)  # both evaluated; the best is either
 LEARNED = 0.6  # eval MAE at most this fraction of the mean-age baseline's
+RUN_DIR = "agejax_tiny_run"  # in the session's shared folder
 
 
-def tiny_run(request, tmp_path_factory) -> tuple[dict, Path]:
-  """Returns (final metrics, a private copy of the workdir) of the session's learned tiny run.
+def shared_folder(tmp_path_factory) -> Path:
+  """The folder every xdist worker of this session sees (the session's root), or this process's base."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def trained(request, tmp_path_factory) -> Path:
+  """The session's learned tiny run (shared: read it, never write it); the first caller trains it.
 
   The first caller trains on its `data_dir` fixture; the others wait for it and read the same data
   (the workdir's config.json names it).
   """
-  base = tmp_path_factory.getbasetemp()
-  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the session's root
-  run = shared / "agejax_tiny_run"
+  shared = shared_folder(tmp_path_factory)
+  run = shared / RUN_DIR
   with open(shared / "agejax_tiny_run.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (run / train.FINAL_METRICS).exists():
@@ -47,7 +53,35 @@ def tiny_run(request, tmp_path_factory) -> tuple[dict, Path]:
       final = train.train_and_evaluate(config, run)
       # Every test on this model assumes it learned: fail here, by name, if it ever stops doing so.
       assert final["eval_mae"] <= LEARNED * final["baseline_mae"], final
+  return run
+
+
+def tiny_run(request, tmp_path_factory) -> tuple[dict, Path]:
+  """Returns (final metrics, a private copy of the workdir) of the session's learned tiny run."""
+  run = trained(request, tmp_path_factory)
   # A private copy: each module writes its own eval/ reports.
   workdir = tmp_path_factory.mktemp("run")
   shutil.copytree(run, workdir, dirs_exist_ok=True)
   return json.loads((workdir / train.FINAL_METRICS).read_text()), workdir
+
+
+def tiny_export(request, tmp_path_factory) -> tuple[Path, dict]:
+  """Returns (a private copy of the folder, its manifest) of the session's export of the learned tiny run.
+
+  Every format (model.jax, saved_model/, model.onnx), the temperature applied: the export that the
+  export tests read and damage. It is written once per session (about half a minute of jax2tf and
+  jax2onnx) and copied for each module, as the run is.
+  """
+  from agejax.inference import export
+
+  shared = shared_folder(tmp_path_factory)
+  out = shared / "agejax_tiny_export"
+  with open(shared / "agejax_tiny_export.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (out / "manifest.json").exists():
+      run = trained(request, tmp_path_factory)  # export only reads the workdir
+      shutil.rmtree(out, ignore_errors=True)
+      export.export_workdir(run, out)
+  copy = tmp_path_factory.mktemp("export") / "demo"
+  shutil.copytree(out, copy, symlinks=True)
+  return copy, json.loads((copy / "manifest.json").read_text())
