@@ -40,7 +40,7 @@ def exit_on_signal_while_starting() -> None:
   from a signal handler lands wherever the main thread happens to be, half-way through importing a
   native library or restoring a checkpoint, and the half-initialised state then crashed the
   interpreter's teardown (segfaults, tracebacks). Nothing has been served yet, so nothing needs to
-  be finished: `os._exit` skips the teardown. Children (decode workers) die with this process.
+  be finished: `os._exit` skips the teardown. Its worker processes are killed first.
   """
   for sig in SIGNALS:
     signal.signal(sig, _exit_while_starting)
@@ -51,7 +51,20 @@ def _exit_while_starting(signum: int, frame) -> None:
 
 
 def _exit_now(line: str) -> None:
-  """Writes `line` and ends the process with exit code 0, without the interpreter's teardown."""
+  """Writes `line` and ends the process with exit code 0, without the interpreter's teardown.
+
+  Its worker processes (the decode sandbox's, still starting) and multiprocessing's fork server are
+  killed first: left to find their pipe broken, the workers printed tracebacks.
+  """
+  with contextlib.suppress(Exception):
+    if (multiprocessing := sys.modules.get("multiprocessing")) is not None:
+      for child in multiprocessing.active_children():
+        child.kill()
+    # A worker the fork server is still forking is nobody's child here yet: killing the fork server
+    # kills it too (the sandbox's workers die with their parent).
+    forkserver = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    if pid := getattr(forkserver, "_forkserver_pid", None):
+      os.kill(pid, signal.SIGKILL)
   with contextlib.suppress(Exception):
     sys.stdout.flush()
     sys.stderr.flush()
