@@ -142,6 +142,7 @@ def test_bad_splits_fail_in_one_line():
   assert crossval.parse_splits("0,2-3") == ["0", "2", "3"]
 
 
+@pytest.mark.slow
 def test_rerunning_finished_splits_does_not_train_again(cv):
   config, workdir, result = cv
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and "checkpoints" in p.parts}

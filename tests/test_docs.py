@@ -130,6 +130,7 @@ def test_the_pages_print_script_commands_to_check(calls):
   assert len(calls) >= 60 and {"scripts/train.py", "scripts/evaluate.py", "scripts/serve.py"} <= scripts, scripts
 
 
+@pytest.mark.slow
 def test_every_documented_flag_is_one_its_script_defines(calls):
   scripts = sorted({script for _, script, _ in calls})
   missing = [f"{where}: {script} does not exist" for where, script, _ in calls if not (ROOT / script).exists()]
@@ -205,3 +206,34 @@ def test_the_readmes_links_reach_pages_and_headings_that_exist():
     if not (ROOT / path).exists() or (anchor and anchor not in heading_anchors(ROOT / path)):
       broken.append(target)
   assert not broken, broken
+
+
+def audit_catchers() -> list[str]:
+  """The test ids docs/testing.md's audit table names as catching each planted bug (`::name` continues a file)."""
+  text = (ROOT / "docs/testing.md").read_text()
+  table = text.split("## The audit's bugs, and the tests that catch them", 1)[1].split("\n## ", 1)[0]
+  ids = []
+  for row in table.splitlines():
+    if not row.startswith("| ") or row.startswith(("| bug", "| ---")):
+      continue
+    file = ""
+    for item in re.findall(r"`([^`]*::[^`]*)`", row.rsplit(" | ", 1)[1]):
+      file = item.split("::")[0] or file
+      ids.append(f"tests/{file}::{item.split('::', 1)[1]}")
+  return ids
+
+
+@pytest.mark.slow
+def test_the_fast_tier_runs_every_test_that_catches_an_audit_bug():
+  """`pytest -m "not slow"` collects each test docs/testing.md names for a planted bug."""
+  catchers = audit_catchers()
+  assert len(catchers) >= 10, catchers
+  proc = subprocess.run(
+    [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow", "-p", "no:cacheprovider", *catchers],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  collected = set(proc.stdout.split())
+  assert not [c for c in catchers if c not in collected], proc.stdout[-3000:] + proc.stderr[-3000:]

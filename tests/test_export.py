@@ -460,6 +460,7 @@ def test_a_file_changed_after_export_is_named(exported, tmp_path, name):
     assert line == f"error: {error.value}"
 
 
+@pytest.mark.slow
 def test_crops_run_in_batches_padded_to_a_power_of_two_and_come_back_unpadded(exported, crops):
   """Any number of crops compiles few shapes: 1, 2, 4, ... up to batch_size (mutant killed: export/loading.py
   `(len(batch) - 1).bit_length()` -> `(len(batch) % 1).bit_length()`, one program per batch size)."""

@@ -90,6 +90,7 @@ def test_bombs_keep_memory_bounded_and_it_returns(server):
   assert pss_mb(tree_pids(pid)) - idle < 100, "memory did not come back after the burst"
 
 
+@pytest.mark.slow
 def test_images_over_max_pixels_are_refused_from_their_header(server):
   start = time.monotonic()
   response = post(server.url, [("bomb.jpg", jpeg_claiming(13000))] * 64)

@@ -396,12 +396,13 @@ def send_in_pieces(
   return int(status_line.split()[1]), headers, body, answered
 
 
+@pytest.mark.slow
 def test_a_stalled_body_gets_408_at_the_body_timeout_and_the_connection_is_closed():
   """Headers, then part of the body, then nothing: 408 about --body_timeout_s (0.5 s) after the request, then a close.
 
-  Kills app.py:135 `guard.too_slow(settings.body_timeout_s)` -> `guard.too_slow(settings.queue_timeout_s)` (the 408
-  names the wrong limit). Also kills, as test_hostile.py's server test does: guard.py:105 `if body_done:` -> `if not
-  body_done:` (no timeout at all: the answer never comes).
+  Kills serving/uploads.py's (then app.py:135) `guard.too_slow(settings.body_timeout_s)` ->
+  `guard.too_slow(settings.queue_timeout_s)` (the 408 names the wrong limit). Also kills, as test_hostile.py's
+  server test does: guard.py:105 `if body_done:` -> `if not body_done:` (no timeout at all: the answer never comes).
   """
   with live_server(HeldModel(), body_timeout_s=0.5) as (url, _):
     body = multipart_body([image(7)])
@@ -658,8 +659,8 @@ def test_a_failed_swap_leaves_the_previous_export_byte_equal_and_nothing_beside_
 
 
 def test_max_files_images_are_answered_and_one_more_is_refused_with_413_in_json_and_multipart():
-  """--max_files is the most a request may carry, by either body (mutant killed: app.py:225 JSON
-  `len(images) > settings.max_files` -> `>=`, which refused exactly max_files)."""
+  """--max_files is the most a request may carry, by either body (mutant killed: serving/uploads.py's, then
+  app.py:225, JSON `len(images) > settings.max_files` -> `>=`, which refused exactly max_files)."""
   import base64
 
   model = HeldModel()

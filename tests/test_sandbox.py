@@ -24,6 +24,9 @@ from agejax.data import faces
 from agejax.inference import photos
 from agejax.serving import local, sandbox
 
+# Real servers with their decode workers, fed the red team's inputs one by one: the full suite only.
+pytestmark = pytest.mark.slow
+
 MEMORY_BOUND_MB = 1500
 NORMAL_WITHIN_S = 2.0
 

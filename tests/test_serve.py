@@ -132,6 +132,7 @@ def test_finds_the_face_in_a_photo_too_large_to_detect_at_full_size(server):
   assert bw > 0.3 * w and bh > 0.3 * h
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_answered_and_the_server_keeps_serving(server):
   url = server.url
   jpeg = png(demo_faces.draw_face(40, np.random.default_rng(0), 200), "JPEG")
@@ -224,6 +225,7 @@ def batch_faces(url: str) -> tuple[float, float]:
   return samples["agejax_batch_faces_sum"], samples["agejax_batch_faces_count"]
 
 
+@pytest.mark.slow
 def test_healthz_metrics_and_the_page_are_served(server, predictor, workdir):
   health = httpx.get(server.url + "/healthz").json()
   assert health["status"] == "ok" and health["input_size"] == predictor.input_size

@@ -100,6 +100,7 @@ def test_run_writes_final_metrics_tensorboard_and_checkpoints(trained):
   assert len(images) == 2 and len(images[-1]) == 2 + 4 and images[-1][2][:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_an_extra_evaluation_writes_its_scalars_and_final_metrics_as_the_evaluator_scores_it(trained):
   from agejax import parallel
   from agejax.inference import loading
@@ -349,6 +350,7 @@ def test_a_shifted_age_range_on_resume_fails_in_one_line_and_leaves_the_workdir_
   assert snapshot(copy) == before and not list(cache.iterdir())  # nothing written, nothing compiled
 
 
+@pytest.mark.slow
 def test_resume_may_extend_the_run_and_move_its_data_but_not_change_its_seed(trained, tmp_path):
   from agejax.training import configuration
 

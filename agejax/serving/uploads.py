@@ -19,6 +19,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import python_multipart.multipart as multipart
 from starlette.requests import ClientDisconnect, Request
@@ -53,7 +54,15 @@ class Refused(Exception):
     self.response = response
 
 
-async def read_upload(request: Request, settings) -> Upload:
+class UploadLimits(Protocol):
+  """The limits a request's body is read under (`app.Settings` has them; app imports this module)."""
+
+  max_files: int
+  max_body_bytes: int
+  body_timeout_s: float
+
+
+async def read_upload(request: Request, settings: UploadLimits) -> Upload:
   """Reads a request's images (multipart field `files`, or JSON); raises `Refused`.
 
   Args:
