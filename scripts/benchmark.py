@@ -129,6 +129,11 @@ def main() -> None:
     help="instead: issue 24's four decompression bombs at SIDE x SIDE pixels and issue 35's hostile inputs, "
     "the peak and kept memory of the server and its decode workers",
   )
+  p.add_argument(
+    "--cost",
+    action="store_true",
+    help="instead: one client's --requests in a row, the wall and CPU ms a request of the server and its workers",
+  )
   p.add_argument("--server_flags", default="", help='more flags for serve.py, e.g. "--max_pixels=200e6"')
   p.add_argument("--serve_script", default=str(ROOT / "scripts" / "serve.py"), help="the serve.py to measure")
   args = parser.parse_args()
@@ -190,6 +195,14 @@ def main() -> None:
       keys += ["server_peak_over_idle_mb"]
       print(table(rows, [*keys, "normal_status", "normal_s"]))
       print(json.dumps(rows))
+      return
+    if args.cost:
+      try:
+        row = serve_benchmark.request_cost(args.serve_script, model_flags, args.photo, args.requests)
+      except RuntimeError as e:
+        sys.exit(f"error: {e}")
+      print(table([row], ["detect", "requests", "errors", "wall_ms", "cpu_ms", "p50_ms", "startup_s", "idle_pss_mb"]))
+      print(json.dumps(row))
       return
     if args.hostile:
       try:

@@ -500,6 +500,7 @@ def format_samples(side: int) -> dict[str, bytes]:
   rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
   photo = Image.fromarray(rgb)
   grey, rgba = photo.convert("L"), photo.convert("RGBA")
+  rgba.putalpha(Image.fromarray(ramp.astype(np.uint8)[None, :].repeat(side, 0)))  # a real alpha channel
   cases: dict[str, tuple[Image.Image, str, dict[str, Any]]] = {
     "JPEG RGB": (photo, "JPEG", {"quality": 90}),
     "JPEG RGB progressive": (photo, "JPEG", {"quality": 90, "progressive": True}),
@@ -698,3 +699,49 @@ def transport(faces: Sequence[int] = (1, 8, 64), size: int = 200, repeats: int =
     parent.send(None)
     worker.join(10)
   return rows
+
+
+def tree_cpu_s(pid: int) -> float:
+  """CPU seconds (user and system) used so far by a process and its live descendants (Linux: /proc)."""
+  tick = os.sysconf("SC_CLK_TCK")
+  total = 0
+  for member in tree_pids(pid):
+    try:
+      with open(f"/proc/{member}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+      continue
+    total += int(fields[11]) + int(fields[12])  # utime, stime
+  return total / tick
+
+
+def request_cost(
+  script: str | os.PathLike, model_flags: Sequence[str], photo: str | None = None, requests: int = 200
+) -> dict[str, Any]:
+  """One client's requests one after another: wall and CPU milliseconds a request of the server and its workers.
+
+  CPU is counted over the server's whole process tree (its decode workers too), so it measures the cost of a
+  request even on a machine that other work shares; the wall time does not. Also: start-up seconds (to the
+  first /healthz) and the tree's summed PSS at idle.
+  """
+  start = time.perf_counter()
+  with local.LocalServer(script, list(model_flags)) as server:
+    started = time.perf_counter() - start
+    bodies, aligned = payloads(json.loads(fetch(server.url + "/healthz"))["input_size"], photo)
+    asyncio.run(load(server.url, bodies, aligned, 1, 16, 60))  # warm connections, caches and every worker
+    idle = pss_mb(tree_pids(server.process.pid))
+    cpu = tree_cpu_s(server.process.pid)
+    latencies, _, errors, wall, _ = asyncio.run(load(server.url, bodies, aligned, 1, requests, 600))
+    cpu = tree_cpu_s(server.process.pid) - cpu
+  done = len(latencies) or 1
+  return {
+    "mode": "serve",
+    "detect": not aligned,
+    "requests": len(latencies),
+    "errors": errors,
+    "wall_ms": 1000 * wall / done,
+    "cpu_ms": 1000 * cpu / done,
+    "p50_ms": float(np.percentile(1000 * np.asarray(latencies or [np.nan]), 50)),
+    "startup_s": started,
+    "idle_pss_mb": idle,
+  }

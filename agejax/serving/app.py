@@ -48,7 +48,7 @@ class Settings:
   # "threads": in the server's own threads, under the same estimates but no hard limit (trusted input).
   isolation: str = "processes"
   formats: tuple[str, ...] = faces.FORMATS  # Pillow's names of the formats read; others get 415
-  worker_memory_bytes: int = 1 << 30  # a worker's address space over its own once started (RLIMIT_AS)
+  worker_memory_bytes: int = 1_024_000_000  # a worker's address space over its own once started (RLIMIT_AS)
   max_cpu_s: float = 10.0  # CPU seconds an image may take in its worker (RLIMIT_CPU)
   worker_images: int = 500  # a worker is replaced after this many images
 

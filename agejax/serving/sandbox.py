@@ -8,13 +8,13 @@ A driver thread (one of the Scheduler's lane threads) sends one image to an idle
 and waits, with a wall-clock watchdog besides. A worker that dies or passes a limit fails that image
 alone (`Refusal`, 413 or 422) and is replaced; so is one that has read `Limits.images` images. The
 model and its batcher stay in the server's process; crops come back through the worker's pipe
-(pickled arrays: measured faster than shared memory at these sizes, docs/benchmarks.md).
+(pickled arrays: faster than shared memory for a photo's one or few faces, docs/benchmarks.md).
 
 Workers start from a fork server (multiprocessing's 'forkserver' context, never a fork of the server:
 it runs JAX's threads) that has imported TensorFlow and MTCNN once: a worker starts in about a
-second instead of five, and shares those pages. TensorFlow reserves ~2 GB of address space as it
-starts, so the address-space limit is set only once the detector is built and has run once: the
-worker's own VmSize then, plus `memory_bytes`.
+second instead of five, and shares those pages. TensorFlow and MTCNN reserve ~1.7 GB of address
+space as they start, so the address-space limit is set only once the detector is built and has run
+once: the worker's own VmSize then, plus `memory_bytes`.
 """
 
 import contextlib
@@ -54,7 +54,7 @@ FAULT_MARKER = b"AGEJAX-FAULT:"
 class Limits:
   """A worker's limits: address space over its own once started, CPU seconds an image, images before replacement."""
 
-  memory_bytes: int = 1 << 30
+  memory_bytes: int = 1_024_000_000  # serve.py --worker_memory_mb 1024
   cpu_s: float = 10.0
   images: int = 500
 
@@ -279,7 +279,10 @@ def _worker_main(conn: multiprocessing.connection.Connection, task: Task, detect
       logging.error("preparing an image failed: %s", outcome.reason)
     # A worker whose address space grew by half its allowance (TensorFlow's allocator keeps what a crowd
     # of faces took) is replaced after this image: the next one gets the whole allowance.
-    conn.send(("done", outcome, left == 1 or now - vm > task.limits.memory_bytes // 2))
+    worn = left == 1 or now - vm > task.limits.memory_bytes // 2
+    conn.send(("done", outcome, worn))
+    if worn:
+      return
     limits.trim_heap()  # what many small images left on the heap, too
 
 
