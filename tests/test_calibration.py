@@ -250,6 +250,7 @@ def test_the_mean_nll_counts_only_unmasked_examples():
   )  # float32 sums of another length near a flat minimum
 
 
+@pytest.mark.slow
 def test_the_temperature_search_stops_at_its_documented_range():
   """A model with no information wants T -> inf, a perfect one T -> 0: the fit stops at 20 and 0.05."""
   rng = np.random.default_rng(8)

@@ -127,6 +127,7 @@ def test_weight_layouts(torch_models, converted):
     assert fc1[(h * 7 + w) * 512 + c, j] == torch_fc1[j, c * 49 + h * 7 + w]
 
 
+@pytest.mark.slow
 def test_bad_keys_are_all_named(torch_models):
   sd = {k: v.numpy() for k, v in torch_models["vgg16"].state_dict().items()}
   del sd["features.0.bias"]

@@ -339,6 +339,7 @@ def test_gender_and_group_columns_become_groupings(tmp_path):
       assert [names[c] for c in codes] == [by_file[f][list(groups).index(grouping)] for f in files], (split, grouping)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["x", "2", "woman"])
 def test_a_bad_gender_fails_naming_the_file_line_and_value(tmp_path, cell):
   manual = tmp_path / "manual"

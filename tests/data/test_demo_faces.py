@@ -90,6 +90,7 @@ def test_one_identity_ages_steadily(ages, target):
   assert np.all(dists[1:] < 0.92 * dists[:-1]), dists / 12
 
 
+@pytest.mark.slow
 def test_age_is_recoverable_from_pixels_by_ridge_regression(dataset):
   images, ages = dataset
   # An 8x8 grid of per-channel block means: coarse, yet enough for a linear model.
