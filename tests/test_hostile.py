@@ -37,13 +37,11 @@ def counter(url: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(request, tmp_path_factory, compilation_cache):
+def server(request, tmp_path_factory):
   """A server with two detection threads and small limits, so that queues and timeouts show quickly."""
-  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  flags = [
-    "--workdir",
-    str(workdir),
-    f"--compilation_cache_dir={compilation_cache}",
+  flags = tiny_run.serve_flags(
+    request,
+    tmp_path_factory,
     f"--max_pixels={MAX_PIXELS}",
     "--workers=2",
     "--aligned_workers=1",
@@ -52,7 +50,7 @@ def server(request, tmp_path_factory, compilation_cache):
     "--body_timeout_s=2",
     "--max_batch=4",
     "--formats=jpeg,png,webp,tiff",  # the float TIFF bomb: TIFF is read only when asked for
-  ]
+  )
   with local.LocalServer(SERVE, flags, env=ENV) as running:
     yield running
 

@@ -32,16 +32,9 @@ NORMAL_WITHIN_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def server(request, tmp_path_factory, compilation_cache):
-  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  flags = [
-    "--workdir",
-    str(workdir),
-    f"--compilation_cache_dir={compilation_cache}",
-    "--workers=2",
-    "--aligned_workers=1",
-    "--max_cpu_s=6",  # the crowd takes ~3 s of CPU here
-  ]
+def server(request, tmp_path_factory):
+  # --max_cpu_s: the crowd takes ~3 s of CPU here
+  flags = tiny_run.serve_flags(request, tmp_path_factory, "--workers=2", "--aligned_workers=1", "--max_cpu_s=6")
   with local.LocalServer(SERVE, flags, env={**ENV, sandbox.FAULT_ENV: "1"}) as running:
     yield running
 
@@ -127,15 +120,8 @@ def test_other_formats_are_refused_by_name_unless_allowed(server):
   }
 
 
-def test_no_worker_outlives_the_server(request, tmp_path_factory, compilation_cache):
-  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  flags = [
-    "--workdir",
-    str(workdir),
-    f"--compilation_cache_dir={compilation_cache}",
-    "--workers=1",
-    "--aligned_workers=1",
-  ]
+def test_no_worker_outlives_the_server(request, tmp_path_factory):
+  flags = tiny_run.serve_flags(request, tmp_path_factory, "--workers=1", "--aligned_workers=1")
   with local.LocalServer(SERVE, flags, env={**ENV, sandbox.FAULT_ENV: "1"}) as running:
     assert post(running.url, [("segv.jpg", sandbox.FAULT_MARKER + b"segfault")]).status_code == 422  # one replaced
     normal_requests_answer_quickly(running.url)
@@ -148,16 +134,9 @@ def test_no_worker_outlives_the_server(request, tmp_path_factory, compilation_ca
     time.sleep(0.1)
 
 
-def test_workers_outlive_no_killed_server(request, tmp_path_factory, compilation_cache):
+def test_workers_outlive_no_killed_server(request, tmp_path_factory):
   """SIGKILL leaves no lifespan to stop them: the fork server sees its pipe close, the workers their parent go."""
-  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
-  flags = [
-    "--workdir",
-    str(workdir),
-    f"--compilation_cache_dir={compilation_cache}",
-    "--workers=1",
-    "--aligned_workers=1",
-  ]
+  flags = tiny_run.serve_flags(request, tmp_path_factory, "--workers=1", "--aligned_workers=1")
   with local.LocalServer(SERVE, flags, env=ENV) as running:
     family = hostile.tree_pids(running.process.pid)
     running.process.send_signal(signal.SIGKILL)

@@ -85,3 +85,10 @@ def tiny_export(request, tmp_path_factory) -> tuple[Path, dict]:
   copy = tmp_path_factory.mktemp("export") / "demo"
   shutil.copytree(out, copy, symlinks=True)
   return copy, json.loads((copy / "manifest.json").read_text())
+
+
+def serve_flags(request, tmp_path_factory, *flags: str) -> list[str]:
+  """scripts/serve.py's flags for a private copy of the learned tiny run, on the session's compilation cache."""
+  _, workdir = tiny_run(request, tmp_path_factory)
+  cache = request.getfixturevalue("compilation_cache")
+  return ["--workdir", str(workdir), f"--compilation_cache_dir={cache}", *flags]
