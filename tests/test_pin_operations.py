@@ -29,11 +29,11 @@ from google.api_core import exceptions
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import FakeModel, png
 
-from agejax import serving, storage
+from agejax import storage
 from agejax.benchmarks.serving import BOUNDARY, multipart_body
 from agejax.inference import export
 from agejax.serving import app as serving_app
-from agejax.serving import limits
+from agejax.serving import limits, local
 from agejax.training import workdir_lock
 
 WAIT_S = 10.0  # the longest any wait for the server's state may take before the test fails
@@ -287,31 +287,19 @@ class HeldDetector:
 @contextlib.contextmanager
 def live_server(model: HeldModel, detector: HeldDetector | None = None, **settings: Any) -> Iterator[tuple[str, Any]]:
   """(URL, the Starlette app) of create_app served by uvicorn as serve.py serves it, on a free loopback port."""
-  import uvicorn
-
   # A held detector lives in this process: the server reads uploads in its own threads (the lanes, turns and
   # timeouts are the same; tests/test_sandbox.py covers the worker processes).
   isolation = "threads" if detector is not None else "processes"
   app = serving_app.create_app(
     model, detector, serving_app.Settings(max_batch=4, isolation=isolation, **settings), min_age=1
   )
-  sock = serving.bind("127.0.0.1", 0)
-  server = uvicorn.Server(serving.config(app, 1.0, head_timeout_s=5.0, log_level="warning"))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 60
-  while not server.started:
-    assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-    time.sleep(0.01)
-  try:
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.app
-  finally:
-    model.gate.set()
-    if detector is not None:
-      detector.gate.set()
-    server.should_exit = True
-    thread.join(WAIT_S)
-    sock.close()
+  with local.in_thread(app, WAIT_S, head_timeout_s=5.0, log_level="warning") as url:
+    try:
+      yield url, app.app
+    finally:  # release held work before the server stops
+      model.gate.set()
+      if detector is not None:
+        detector.gate.set()
 
 
 def image(value: int) -> tuple[str, bytes]:

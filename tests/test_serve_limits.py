@@ -27,9 +27,8 @@ import numpy as np
 import pytest
 from test_serve import ENV, SERVE, FakeModel, png
 
-from agejax import serving
 from agejax.serving import app as serving_app
-from agejax.serving import guard, runner, uploads
+from agejax.serving import guard, local, runner, uploads
 
 WAIT_S = 10.0
 MULTIPART = "multipart/form-data; boundary="
@@ -50,26 +49,11 @@ def crop(value: int) -> bytes:
 @contextlib.contextmanager
 def live_server(max_connections: int = runner.MAX_CONNECTIONS, **settings: Any) -> Iterator[tuple[str, Any]]:
   """(URL, the ASGI app) of create_app on uvicorn as serve.py configures it, on a free loopback port."""
-  import uvicorn
-
   if "isolation" in {f.name for f in dataclasses.fields(serving_app.Settings)}:
     settings.setdefault("isolation", "threads")  # these tests are about HTTP, not the decode workers
   app = serving_app.create_app(Model(), None, serving_app.Settings(max_batch=4, **settings), min_age=1)
-  sock = serving.bind("127.0.0.1", 0)
-  config = serving.config(app, 1.0, head_timeout_s=5.0, log_level="warning", max_connections=max_connections)
-  server = uvicorn.Server(config)
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 60
-  while not server.started:
-    assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-    time.sleep(0.01)
-  try:
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-  finally:
-    server.should_exit = True
-    thread.join(WAIT_S)
-    sock.close()
+  with local.in_thread(app, WAIT_S, head_timeout_s=5.0, log_level="warning", max_connections=max_connections) as url:
+    yield url, app
 
 
 def port_of(url: str) -> int:

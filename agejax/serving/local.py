@@ -1,14 +1,18 @@
-"""scripts/serve.py in a subprocess on a free loopback port, for the tests and the benchmark."""
+"""scripts/serve.py in a subprocess on a free loopback port, for the tests and the benchmark; or an app in a thread."""
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -74,3 +78,33 @@ class LocalServer:
   def __exit__(self, *exc) -> None:
     self.stop()
     os.unlink(self.log.name)
+
+
+@contextlib.contextmanager
+def in_thread(app: Any, stop_wait_s: float = 10.0, **config: Any) -> Iterator[str]:
+  """The URL of APP served by uvicorn in a thread of this process as serve.py configures it, on a free loopback port.
+
+  Args:
+    app: the ASGI app (`app.create_app`'s).
+    stop_wait_s: how long leaving the block waits for the server's thread to end.
+    **config: `runner.config`'s keyword arguments (head_timeout_s, log_level, max_connections, ...).
+  """
+  import uvicorn
+
+  from agejax.serving import runner
+
+  sock = runner.bind("127.0.0.1", 0)
+  server = uvicorn.Server(runner.config(app, 1.0, **config))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 60
+  while not server.started:
+    if not thread.is_alive() or time.monotonic() > deadline:
+      raise RuntimeError("uvicorn did not start")
+    time.sleep(0.01)
+  try:
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+  finally:
+    server.should_exit = True
+    thread.join(stop_wait_s)
+    sock.close()
