@@ -106,11 +106,21 @@ def main() -> None:
   p.add_argument("--simulations", type=int, default=10_000, help="simulations of each equal-MAE gap scenario")
   p.add_argument("--power_simulations", type=int, default=2000, help="simulations with a real 1-year gap")
   p.add_argument("--resamples", type=int, default=200, help="bootstrap replicates per gap test (the report's: 1000)")
-  p = sub.add_parser("serve", help="scripts/serve.py on loopback: requests/s and latency, batching on and off")
+  p = sub.add_parser(
+    "serve", help="scripts/serve.py on loopback: requests/s and latency, batching on and off, or by --protocol"
+  )
   model = p.add_mutually_exclusive_group(required=True)
   model.add_argument("--workdir", help="training workdir to serve")
   model.add_argument("--export", help="export folder to serve (scripts/export.py)")
-  p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+  p.add_argument(
+    "--concurrency", type=int, nargs="+", help="numbers of concurrent clients (default: 1 8 32; with --protocol: 1 32)"
+  )
+  p.add_argument(
+    "--protocol",
+    default="v1",
+    help="comma list of v1, oip-http, oip-grpc: one server (batching on), measured over each in turn on the same "
+    "faces (OIP: tritonclient's clients, photos as BYTES and crops as UINT8); default: v1 only, batching on and off",
+  )
   p.add_argument("--requests", type=int, default=1000, help="requests per measurement")
   p.add_argument("--max_seconds", type=float, default=20.0, help="longest measurement")
   p.add_argument("--max_batch", type=int, default=32, help="the server's --max_batch with batching on")
@@ -209,7 +219,7 @@ def main() -> None:
         rows = serve_benchmark.hostile_neighbour(
           args.serve_script,
           model_flags,
-          concurrency=args.concurrency[0],
+          concurrency=(args.concurrency or [1])[0],
           requests=args.requests,
           max_seconds=args.max_seconds,
           hostile_side=args.hostile_side,
@@ -222,10 +232,38 @@ def main() -> None:
       print(json.dumps(rows))
       return
     try:
+      protocols = serve_benchmark.parse_protocols(args.protocol)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    if protocols != ["v1"]:
+      try:
+        rows = serve_benchmark.serve_protocols(
+          args.serve_script,
+          model_flags,
+          protocols,
+          concurrency=args.concurrency or [1, 32],
+          requests=args.requests,
+          max_seconds=args.max_seconds,
+          max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms,
+          photo=args.photo,
+        )
+      except RuntimeError as e:  # tritonclient missing, or the server did not start: one line says why
+        sys.exit(f"error: {e}")
+      keys = ["protocol", "input", "concurrency", "requests", "errors", "wrong", "requests_per_s", "p50_ms", "p95_ms"]
+      print(table(rows, [*keys, "server_mean_ms", "mean_batch", "client_cpu_ms", "server_cpu_ms"]))
+      print(
+        f"(clients and server share this machine's {os.cpu_count()} cores: client_cpu_ms is this process's CPU a "
+        f"request, server_cpu_ms the server's and its workers'; wrong: ages not /v1/predict's to "
+        f"{serve_benchmark.AGE_TOLERANCE:g} years)"
+      )
+      print(json.dumps(rows))
+      return
+    try:
       rows = serve_benchmark.serve(
         args.serve_script,
         model_flags,
-        concurrency=args.concurrency,
+        concurrency=args.concurrency or [1, 8, 32],
         requests=args.requests,
         max_seconds=args.max_seconds,
         max_batch=args.max_batch,

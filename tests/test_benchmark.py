@@ -388,3 +388,53 @@ def test_the_torch_step_minimises_the_same_kl_to_a_sigma_2_gaussian_as_the_jax_s
   target /= target.sum(1, keepdims=True)
   expected = (target * (np.log(np.maximum(target, 1e-300)) - log_q)).sum() / len(ages)
   assert np.isclose(out["loss"], expected, rtol=1e-4), (out["loss"], expected)
+
+
+def test_serve_protocols_are_a_comma_list_of_the_known_ones():
+  """`serve --protocol`: a comma list in the order given, each once; an unknown or empty one is refused by name."""
+  from agejax.benchmarks import serving
+
+  assert serving.parse_protocols("oip-grpc, v1,oip-grpc") == ["oip-grpc", "v1"]
+  for bad in ("v1,v2", "", ","):
+    with pytest.raises(ValueError, match="a comma list of v1, oip-http, oip-grpc"):
+      serving.parse_protocols(bad)
+
+
+@pytest.mark.slow
+def test_serve_mode_measures_each_protocol_on_one_server_and_checks_its_answers(
+  request, tmp_path_factory, compilation_cache
+):
+  """`benchmark.py serve --protocol v1,oip-http,oip-grpc` on the learned tiny run, as a user runs it: a row for
+  every protocol, input and client count, in the units of the v1 row, and every answer timed was the age that
+  /v1/predict gives the same face (a benchmark of errors or wrong answers fails here)."""
+  import tiny_run
+
+  _, workdir = tiny_run.tiny_run(request, tmp_path_factory)
+  requests = 64  # each of the 32 drawn faces twice: every row's answers are about the same faces
+  rows = _last_json(
+    compilation_cache,
+    "serve",
+    "--workdir",
+    str(workdir),
+    "--protocol",
+    "v1,oip-http,oip-grpc",
+    "--requests",
+    str(requests),
+    f"--server_flags=--compilation_cache_dir={compilation_cache}",
+  )
+  cases = [("v1", "png")] + [(protocol, kind) for protocol in ("oip-http", "oip-grpc") for kind in ("photos", "images")]
+  assert [(r["protocol"], r["input"], r["concurrency"]) for r in rows] == [(*c, n) for c in cases for n in (1, 32)]
+  v1 = rows[0]
+  for row in rows:
+    assert row["mode"] == "serve" and row["batching"] == "on" and not row["detect"], row
+    assert (row["requests"], row["errors"], row["wrong"]) == (requests, 0, 0), row
+    _positive(row, "requests_per_s", "p50_ms", "p95_ms", "server_mean_ms", "mean_batch", "client_cpu_ms")
+    assert row["p95_ms"] >= row["p50_ms"] and row["server_cpu_ms"] >= 0, row
+    # Little's law in the row's own units: clients = requests/s x seconds a request (loose: p50, not the mean).
+    assert 0.2 < row["requests_per_s"] * row["p50_ms"] / 1000 / row["concurrency"] < 5, row
+    assert math.isclose(row["mean_age"], v1["mean_age"], abs_tol=1e-3), (row, v1)
+    if row["concurrency"] == 1:  # alone in its model call, as the reference was: the same program, the same age
+      assert row["mean_batch"] == 1 and row["max_age_deviation"] <= 1e-4, row
+  for row in rows[:2]:  # v1's answers carry the server's own time: within the client's, in the same unit
+    assert 0 < row["server_p50_ms"] <= row["p50_ms"] and 0 < row["server_p95_ms"] <= row["p95_ms"], row
+  assert all(r["server_p50_ms"] is None for r in rows[2:])  # an OIP answer does not say

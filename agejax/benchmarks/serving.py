@@ -1,8 +1,9 @@
-"""The serve benchmark: requests/s and latency of scripts/serve.py on loopback, with batching on and off."""
+"""The serve benchmark: requests/s and latency of scripts/serve.py on loopback, batching on and off, by protocol."""
 
 import asyncio
 import io
 import json
+import math
 import os
 import threading
 import time
@@ -52,13 +53,7 @@ def payloads(input_size: int, photo: str | None) -> tuple[list[bytes], bool]:
 
 def mean_batch(metrics_text: str) -> tuple[float, float]:
   """Returns (sum, count) of the server's `agejax_batch_faces` histogram."""
-  from prometheus_client.parser import text_string_to_metric_families
-
-  values = {}
-  for family in text_string_to_metric_families(metrics_text):
-    if family.name == "agejax_batch_faces":
-      values = {s.name: s.value for s in family.samples if s.name.endswith(("_sum", "_count"))}
-  return values.get("agejax_batch_faces_sum", 0.0), values.get("agejax_batch_faces_count", 0.0)
+  return histogram_totals(metrics_text, "agejax_batch_faces")
 
 
 BOUNDARY = "agejax-benchmark"
@@ -202,6 +197,296 @@ def serve(
             "detect": not aligned,
           }
         )
+  return rows
+
+
+# --- The same server over each protocol: /v1/predict, the Open Inference Protocol over HTTP and over gRPC ---
+
+PROTOCOLS = ("v1", "oip-http", "oip-grpc")
+MODEL = "agejax"  # serve.py's --model_name default
+# An answer whose age differs more from /v1/predict's for the same face (alone in its model call) counts as
+# wrong. Not 1e-6: a face's age moves with the size of the batch it shares, by up to 3.1e-4 years on the
+# tiny test run under XLA:CPU (/v1/predict alone at 8 and 32 clients too, 2026-12-07).
+AGE_TOLERANCE = 1e-3
+# Each protocol's path label in agejax_http_request_duration_seconds (guard.path_label, oip_grpc's "grpc:METHOD").
+LATENCY_LABELS = {"v1": "/v1/predict", "oip-http": "/v2/models/*/infer", "oip-grpc": "grpc:ModelInfer"}
+
+
+def parse_protocols(text: str) -> list[str]:
+  """The protocols of a comma list such as "v1,oip-http,oip-grpc", in the order given; raises ValueError."""
+  names = [name.strip() for name in text.split(",") if name.strip()]
+  unknown = [name for name in names if name not in PROTOCOLS]
+  if unknown or not names:
+    raise ValueError(f"--protocol {text!r}: a comma list of {', '.join(PROTOCOLS)}")
+  return list(dict.fromkeys(names))
+
+
+def histogram_totals(metrics_text: str, name: str, **labels: str) -> tuple[float, float]:
+  """Returns (sum, count) of the server's histogram `name` (its series with `labels`) from /metrics' text."""
+  from prometheus_client.parser import text_string_to_metric_families
+
+  totals = {"_sum": 0.0, "_count": 0.0}
+  for family in text_string_to_metric_families(metrics_text):
+    if family.name == name:
+      for s in family.samples:
+        suffix = s.name[len(name) :]
+        if suffix in totals and all(s.labels.get(k) == v for k, v in labels.items()):
+          totals[suffix] += s.value
+  return totals["_sum"], totals["_count"]
+
+
+def _server_totals(metrics_text: str, label: str) -> tuple[float, float, float, float]:
+  """(faces, model calls, request seconds, requests) so far, from /metrics; the requests of one path `label`."""
+  latency = histogram_totals(metrics_text, "agejax_http_request_duration_seconds", path=label)
+  return (*mean_batch(metrics_text), *latency)
+
+
+def _tritonclient(protocol: str) -> Any:
+  """tritonclient's asyncio client module for an OIP protocol; RuntimeError in one line when it is not installed."""
+  import importlib
+
+  module = "tritonclient.http.aio" if protocol == "oip-http" else "tritonclient.grpc.aio"
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise RuntimeError(f"--protocol {protocol} needs {module} ({e}): pip install 'tritonclient[http,grpc]'") from None
+
+
+class _Client:
+  """One benchmark client: its own connection, one request at a time; `send(i)` sends face i."""
+
+  async def send(self, i: int) -> tuple[bool, float, float | None]:
+    """Returns (answered, the age answered for the face, the server's own seconds if the answer says)."""
+    raise NotImplementedError
+
+  async def close(self) -> None:
+    """Closes the client's connection."""
+
+
+class _V1Client(_Client):
+  """POST /v1/predict, multipart, on prebuilt requests (as `load` sends them)."""
+
+  def __init__(self, prebuilt: list[bytes], connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]):
+    self.prebuilt, (self.reader, self.writer) = prebuilt, connection
+
+  async def send(self, i: int) -> tuple[bool, float, float | None]:
+    status, body = await exchange(self.reader, self.writer, self.prebuilt[i % len(self.prebuilt)])
+    if status != 200:
+      return False, math.nan, None
+    answer = json.loads(body)
+    return True, float(answer["results"][0]["faces"][0]["age"]), answer["timing_ms"]["total"] / 1000
+
+  async def close(self) -> None:
+    self.writer.close()
+
+
+class _OipClient(_Client):
+  """tritonclient's asyncio client (HTTP with binary data, its default; or gRPC) on prebuilt inputs."""
+
+  def __init__(self, client: Any, inputs: list[list[Any]], parameters: dict[str, Any], error: type[Exception]):
+    self.client, self.inputs, self.parameters, self.error = client, inputs, parameters, error
+
+  async def send(self, i: int) -> tuple[bool, float, float | None]:
+    try:
+      result = await self.client.infer(MODEL, self.inputs[i % len(self.inputs)], parameters=self.parameters)
+    except self.error:  # the protocol's error answer (or a dropped connection): counted, not raised
+      return False, math.nan, None
+    return True, float(result.as_numpy("age")[0]), None
+
+  async def close(self) -> None:
+    await self.client.close()
+
+
+def _crops(bodies: Sequence[bytes]) -> list[np.ndarray]:
+  """The drawn faces' pixels: each PNG decoded to a UINT8 [1, S, S, 3] batch of one."""
+  from PIL import Image
+
+  return [np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))[None] for body in bodies]
+
+
+async def _open_clients(
+  protocol: str, kind: str, url: str, grpc_port: int | None, bodies: list[bytes], aligned: bool, n: int
+) -> list[_Client]:
+  """`n` clients of `protocol` sending `kind` ("png" multipart to /v1/predict, OIP "photos" or "images")."""
+  host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+  assert host is not None and port is not None  # the local server's URL names both
+  if protocol == "v1":
+    prebuilt = [request_bytes(port, body, aligned) for body in bodies]
+    return [_V1Client(prebuilt, await asyncio.open_connection(host, port)) for _ in range(n)]
+  triton = _tritonclient(protocol)
+  from tritonclient.utils import InferenceServerException
+
+  # An InferInput holds its serialized data: built once per face and resent, as v1's prebuilt requests are.
+  if kind == "photos":
+    inputs = [triton.InferInput("photos", [1], "BYTES") for _ in bodies]
+    for tensor, body in zip(inputs, bodies):
+      tensor.set_data_from_numpy(np.array([body], dtype=object))
+    parameters = {"aligned": aligned}
+  else:
+    crops = _crops(bodies)
+    inputs = [triton.InferInput("images", list(crop.shape), "UINT8") for crop in crops]
+    for tensor, crop in zip(inputs, crops):
+      tensor.set_data_from_numpy(crop)
+    parameters = {}
+  clients: list[_Client] = []
+  for _ in range(n):
+    if protocol == "oip-http":
+      client = triton.InferenceServerClient(f"{host}:{port}")
+    else:
+      # gRPC channels to one address share one connection unless told not to; v1's and HTTP's clients have one each.
+      client = triton.InferenceServerClient(f"{host}:{grpc_port}", channel_args=[("grpc.use_local_subchannel_pool", 1)])
+    clients.append(_OipClient(client, [[tensor] for tensor in inputs], parameters, InferenceServerException))
+  return clients
+
+
+async def protocol_load(
+  protocol: str,
+  kind: str,
+  server: local.LocalServer,
+  grpc_port: int | None,
+  bodies: list[bytes],
+  aligned: bool,
+  reference: Sequence[float],
+  concurrency: int,
+  requests: int,
+  max_seconds: float,
+) -> dict[str, Any]:
+  """`concurrency` clients of one protocol, one face a request each: `requests` or `max_seconds`; returns its row.
+
+  The clients are asyncio coroutines in this one thread, each with its own client object and connection,
+  like `load`'s: tritonclient's asyncio clients (http.aio, grpc.aio) rather than a thread per client,
+  because on this 2-core machine 32 client threads measured the GIL, not the server: tritonclient.http
+  in threads spent 0.7-0.9 ms of CPU a request (aio: 0.9-1.1) but its p95 at 32 clients was 730-780 ms
+  against aio's 410-460 (two rounds of 600 requests, 2026-12-07, load average 8.9-9.6). The sync HTTP
+  client must also be created in the thread that uses it (gevent: "Cannot switch to a different thread").
+  """
+  label = LATENCY_LABELS[protocol]
+  clients = await _open_clients(protocol, kind, server.url, grpc_port, bodies, aligned, concurrency)
+  latencies: list[float] = []
+  server_times: list[float] = []
+  ages: list[float] = []
+  deviations: list[float] = []
+  wrong = errors = issued = 0
+  try:
+    # One untimed request each: every protocol's connection is open and warm before the clock starts.
+    await asyncio.gather(*(client.send(0) for client in clients))
+    before = _server_totals(await asyncio.to_thread(fetch, server.url + "/metrics"), label)
+    client_cpu, server_cpu = time.process_time(), tree_cpu_s(server.process.pid)
+    start = time.perf_counter()
+    deadline = start + max_seconds
+
+    async def run(client: _Client) -> None:
+      nonlocal errors, issued, wrong
+      while issued < requests and time.perf_counter() < deadline:
+        face = issued % len(bodies)
+        issued += 1
+        t = time.perf_counter()
+        answered, age, server_s = await client.send(face)
+        if not answered:
+          errors += 1
+          continue
+        latencies.append(time.perf_counter() - t)
+        if server_s is not None:
+          server_times.append(server_s)
+        ages.append(age)
+        deviations.append(abs(age - reference[face]))
+        wrong += not deviations[-1] <= AGE_TOLERANCE  # NaN counts as wrong
+
+    await asyncio.wait_for(asyncio.gather(*(run(c) for c in clients)), max_seconds + 60)
+    wall = time.perf_counter() - start
+    client_cpu, server_cpu = time.process_time() - client_cpu, tree_cpu_s(server.process.pid) - server_cpu
+    after = _server_totals(await asyncio.to_thread(fetch, server.url + "/metrics"), label)
+  finally:
+    for client in clients:
+      await client.close()
+  faces, calls, seconds, timed = (a - b for a, b in zip(after, before))
+  ms = 1000 * np.asarray(latencies or [np.nan])
+  server_ms = 1000 * np.asarray(server_times or [np.nan])
+  done = len(latencies) or 1
+  return {
+    "protocol": protocol,
+    "input": kind,
+    "concurrency": concurrency,
+    "requests": len(latencies),
+    "errors": errors,
+    "wrong": wrong,
+    "requests_per_s": len(latencies) / wall,
+    "p50_ms": float(np.percentile(ms, 50)),
+    "p95_ms": float(np.percentile(ms, 95)),
+    "server_p50_ms": float(np.percentile(server_ms, 50)) if server_times else None,
+    "server_p95_ms": float(np.percentile(server_ms, 95)) if server_times else None,
+    "server_mean_ms": 1000 * seconds / timed if timed else None,
+    "mean_batch": faces / calls if calls else float("nan"),
+    "client_cpu_ms": 1000 * client_cpu / done,
+    "server_cpu_ms": 1000 * server_cpu / done,
+    "mean_age": float(np.mean(ages)) if ages else None,
+    "max_age_deviation": float(np.max(deviations)) if deviations else None,
+  }
+
+
+def reference_ages(url: str, bodies: Sequence[bytes], aligned: bool) -> list[float]:
+  """/v1/predict's age for each body's first face, one request each: what every protocol's answers must equal."""
+  headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+  ages = []
+  for body in bodies:
+    request = urllib.request.Request(
+      url + "/v1/predict" + ("?aligned=true" if aligned else ""), multipart_body([("face.png", body)]), headers
+    )
+    try:
+      with urllib.request.urlopen(request, timeout=60) as response:
+        ages.append(float(json.loads(response.read())["results"][0]["faces"][0]["age"]))
+    except urllib.error.HTTPError as e:
+      raise RuntimeError(f"/v1/predict answered {e.code} to a benchmark face: {e.read(200)!r}") from None
+  return ages
+
+
+def serve_protocols(
+  script: str | os.PathLike,
+  model_flags: Sequence[str],
+  protocols: Sequence[str] = PROTOCOLS,
+  *,
+  concurrency: Sequence[int] = (1, 32),
+  requests: int = 1000,
+  max_seconds: float = 20.0,
+  max_batch: int = 32,
+  max_wait_ms: float = 5.0,
+  photo: str | None = None,
+) -> list[dict[str, Any]]:
+  """One server (with --grpc_port when gRPC is asked for) measured over each protocol in turn, the same faces.
+
+  v1 sends each face as a multipart PNG (aligned=true); each OIP protocol sends it as `photos` BYTES
+  (aligned=true: the same decode path as v1) and as `images` UINT8 crops (no decode: what the protocol
+  adds). With `photo` every protocol sends the photo (faces detected) and `images` is skipped.
+
+  Returns:
+    One row per (protocol, input, concurrency): the keys of `serve`'s rows (server p50/p95 only where the
+    answer says, i.e. v1), and `wrong` (answers whose age differs from /v1/predict's for the same face by
+    more than AGE_TOLERANCE), `server_mean_ms` (the server's own latency histogram), `client_cpu_ms` and
+    `server_cpu_ms` (CPU a request of this process's clients, and of the server's process tree: both share
+    this machine's cores), `mean_age` (over the answers).
+  """
+  for protocol in protocols:
+    if protocol != "v1":
+      _tritonclient(protocol)  # fails here, in one line, before the server starts
+  grpc_port = local.free_port() if "oip-grpc" in protocols else None
+  flags = [*model_flags, f"--max_batch={max_batch}", f"--max_wait_ms={max_wait_ms if max_batch > 1 else 0}"]
+  flags += [f"--grpc_port={grpc_port}"] if grpc_port else []
+  oip_inputs = ["photos"] if photo else ["photos", "images"]
+  cases = [(p, kind) for p in protocols for kind in (["png"] if p == "v1" else oip_inputs)]
+  batching: dict[str, Any] = {"batching": "on" if max_batch > 1 else "off", "max_batch": max_batch}
+  batching["max_wait_ms"] = max_wait_ms if max_batch > 1 else 0
+  rows = []
+  with local.LocalServer(script, flags) as server:
+    bodies, aligned = payloads(json.loads(fetch(server.url + "/healthz"))["input_size"], photo)
+    reference = reference_ages(server.url, bodies, aligned)
+    for protocol, kind in cases:
+      warm = protocol_load(protocol, kind, server, grpc_port, bodies, aligned, reference, 4, 32, max_seconds)
+      asyncio.run(warm)  # this protocol's path (connections, caches) warm before its measurements
+      for c in concurrency:
+        row = asyncio.run(
+          protocol_load(protocol, kind, server, grpc_port, bodies, aligned, reference, c, requests, max_seconds)
+        )
+        rows.append({"mode": "serve", **batching, **row, "detect": not aligned})
   return rows
 
 
