@@ -2,7 +2,9 @@
 
 POST /v1/predict takes images (multipart field `files`, or JSON {"images": [base64, ...]}; optional
 `aligned=true`) and answers the faces' ages as JSON; GET / is a page to drop photos on; GET
-/healthz and /readyz (503 while overloaded); GET /metrics (Prometheus). Faces from concurrent
+/healthz and /readyz (503 while overloaded); GET /metrics (Prometheus). The Open Inference Protocol
+(KServe V2, Triton's API) is served beside it under /v2 (model --model_name), and over gRPC on
+--grpc_port: photos as BYTES `photos`, or crops as UINT8 `images` (agejax/serving/oip.py). Faces from concurrent
 requests share model calls (--max_batch, --max_wait_ms). Uploads are read only in worker processes
 (--workers, --aligned_workers), each under a memory limit (--worker_memory_mb) and a CPU limit an
 image (--max_cpu_s): a crash or a limit fails that image alone. Only --formats are read (JPEG, PNG,
@@ -33,6 +35,10 @@ _CALIBRATION = cli.calibration_flag("serve the raw model's distributions")
 _FLIP = cli.flip_flag("/healthz reports it (with --export: the export must have been made with --flip)")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=1, upper_bound=65535)
+_GRPC_PORT = flags.DEFINE_integer(
+  "grpc_port", None, "Also serve the Open Inference Protocol over gRPC on this port.", lower_bound=1, upper_bound=65535
+)
+_MODEL_NAME = flags.DEFINE_string("model_name", "agejax", "The model's name in the Open Inference Protocol.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Most faces in one model call (1: no batching).", lower_bound=1)
 _MAX_WAIT_MS = flags.DEFINE_float(
   "max_wait_ms", 5.0, "Longest a face waits for faces of other requests to join its call.", lower_bound=0
@@ -118,7 +124,16 @@ def main(argv):
   if _MAX_BUFFERED_MB.value < _MAX_BODY_MB.value:
     raise errors.UserError(f"--max_buffered_mb={_MAX_BUFFERED_MB.value:g} must be at least --max_body_mb")
   sock = serving.bind(_HOST.value, _PORT.value)  # a port in use fails here, before minutes of loading
-  server = build()  # SIGTERM or Ctrl-C meanwhile: runner.exit_on_signal_while_starting
+  grpc = None
+  if _GRPC_PORT.value is not None:
+    from agejax.serving import oip_grpc
+
+    if _GRPC_PORT.value == _PORT.value:
+      raise errors.UserError(f"--grpc_port={_GRPC_PORT.value} is --port's: give gRPC a port of its own")
+    oip_grpc.check_installed()
+    held = serving.bind(_HOST.value, _GRPC_PORT.value, reuse_port=True, flag="--grpc_port")
+    grpc = oip_grpc.Endpoint(_HOST.value, _GRPC_PORT.value, held, _MAX_CONNECTIONS.value)
+  server = build(grpc)  # SIGTERM or Ctrl-C meanwhile: runner.exit_on_signal_while_starting
   from agejax.serving import limits
 
   # Freed images go back to the OS: costs MTCNN about 7% (0.159 -> 0.170 s a photo), keeps peaks bounded.
@@ -134,8 +149,8 @@ def main(argv):
   runner.finish()  # exit 0 now: every request is answered, and JAX's and TensorFlow's teardown takes seconds
 
 
-def build():
-  """Loads the model and the face detector into the server's ASGI app."""
+def build(grpc=None):
+  """Loads the model and the face detector into the server's ASGI app (`grpc`: its gRPC endpoint, if any)."""
   from agejax import serving
   from agejax.serving import app as serving_app
   from agejax.serving import sandbox
@@ -166,10 +181,11 @@ def build():
     worker_memory_bytes=int(_WORKER_MEMORY_MB.value * 1e6),
     max_cpu_s=_MAX_CPU_S.value,
     worker_images=_WORKER_IMAGES.value,
+    model_name=_MODEL_NAME.value,
   )
   min_age = int(model.bins[0])
   detector = sandbox.DetectorSpec(max_faces=_MAX_FACES.value)
-  return serving_app.create_app(model, detector, limits, min_age, getattr(model, "step", None))
+  return serving_app.create_app(model, detector, limits, min_age, getattr(model, "step", None), grpc=grpc)
 
 
 if __name__ == "__main__":

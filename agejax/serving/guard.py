@@ -22,7 +22,10 @@ PATHS = (
   "/healthz",
   "/readyz",
   "/metrics",
-)  # metric labels, with "/static" (the page's files) and "other"
+  "/v2",
+  "/v2/health/live",
+  "/v2/health/ready",
+)  # metric labels, with "/static" (the page's files), the models' "/v2/models/*" paths and "other"
 
 
 class BodyTooLarge(Exception):
@@ -159,14 +162,17 @@ class Guard:
     max_body_bytes: int,
     body_timeout_s: float = 60.0,
     max_buffered_bytes: int | None = None,
+    *,
+    buffers: Buffers | None = None,
   ):
     self.app, self.metrics, self.max_body_bytes, self.body_timeout_s = app, metrics, max_body_bytes, body_timeout_s
-    self.buffers = Buffers(max_buffered_bytes if max_buffered_bytes is not None else 10 * max_body_bytes)
+    # `buffers`: shared with the server's other endpoints (gRPC); else its own, of `max_buffered_bytes`.
+    self.buffers = buffers or Buffers(max_buffered_bytes if max_buffered_bytes is not None else 10 * max_body_bytes)
 
   async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
-    path = scope["path"] if scope["path"] in PATHS else "/static" if scope["path"].startswith("/static/") else "other"
+    path = path_label(scope["path"])
     start, status, received, body_done, started = time.perf_counter(), 500, 0, False, False
     held = 0  # body bytes this request took from the shared buffers
 
@@ -229,6 +235,18 @@ class Guard:
       self.metrics.in_flight.dec()
       self.metrics.requests.labels(path, str(status)).inc()
       self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+def path_label(path: str) -> str:
+  """A request path's metric label: one of PATHS, "/static", "/v2/models/*/infer" (ready, metadata) or "other"."""
+  if path in PATHS:
+    return path
+  if path.startswith("/static/"):
+    return "/static"
+  if path.startswith("/v2/models/"):  # the model's name and version are the client's: not labels
+    last = path.rsplit("/", 1)[-1]
+    return f"/v2/models/*/{last}" if last in ("infer", "ready") else "/v2/models/*"
+  return "other"
 
 
 def too_slow(timeout_s: float) -> JSONResponse:

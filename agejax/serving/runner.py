@@ -31,6 +31,9 @@ MAX_CONNECTIONS = 1000  # open connections (--max_connections)
 REFUSED_HEAD_TIMEOUT_S = 1.0  # a connection over the cap gets this long to send the head its 503 answers
 AFTER_GRACE_S = 1.0  # the 503s of requests cut at the grace, and the app's own shutdown, get this long
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The app's lifespan state may list, under this key, `stop(grace_s)` coroutines of its other servers
+# (gRPC): called at the signal, when HTTP stops accepting, and awaited within the same grace.
+DRAINS = "agejax_drains"
 
 
 def exit_on_signal_while_starting() -> None:
@@ -89,17 +92,23 @@ def finish() -> None:
   os._exit(0)
 
 
-def bind(host: str, port: int) -> socket.socket:
-  """Binds the server's TCP socket now (before the model loads): a port in use is one line, at once."""
+def bind(host: str, port: int, *, reuse_port: bool = False, flag: str = "--port") -> socket.socket:
+  """Binds the server's TCP socket now (before the model loads): a port in use is one line, at once.
+
+  `reuse_port`: the socket only holds the port for a server that binds it again later (gRPC, with
+  SO_REUSEPORT) and then closes this one.
+  """
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
   sock = socket.socket(family, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT does not block a restart
+  if reuse_port:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
   try:
     sock.bind((host, port))
   except OSError as e:
     sock.close()
     raise errors.UserError(
-      f"cannot listen on {host}:{port}: {e.strerror or e} (another server on that port? choose one with --port)"
+      f"cannot listen on {host}:{port}: {e.strerror or e} (another server on that port? choose one with {flag})"
     ) from None
   return sock
 
@@ -368,10 +377,11 @@ def _server_class():
         sock.close()
       for connection in list(self.server_state.connections):
         connection.shutdown()
-      await asyncio.sleep(0.1)
       grace = self.config.timeout_graceful_shutdown  # counted from the signal
       since = time.monotonic() - getattr(self, "signalled_at", time.monotonic())
       left = None if grace is None else max(0.0, grace - since)
+      drains = [asyncio.ensure_future(stop(left)) for stop in self.lifespan.state.get(DRAINS, ())]
+      await asyncio.sleep(0.1)
       try:
         await asyncio.wait_for(self._wait_tasks_to_complete(), timeout=left)
       except TimeoutError:
@@ -381,6 +391,8 @@ def _server_class():
           task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
         if tasks:  # their JSON 503s go out (guard.Guard) before the app shuts down
           await asyncio.wait(tasks, timeout=AFTER_GRACE_S / 2)
+      if drains:  # the other servers' calls: those still running at the grace were cancelled by their stop
+        await asyncio.wait(drains, timeout=None if left is None else left + AFTER_GRACE_S / 2)
       if not self.force_exit:
         await self.lifespan.shutdown()
 

@@ -79,16 +79,7 @@ async def read_upload(request: Request, settings: UploadLimits) -> Upload:
     raise Refused(
       error(415, 'send multipart/form-data (images in the field "files") or application/json {"images": [base64]}')
     )
-  try:
-    chunks = [chunk async for chunk in request.stream()]  # to its end: what follows is the disconnect
-  except guard.BodyTooLarge:
-    raise Refused(guard.too_large(settings.max_body_bytes)) from None
-  except guard.BodyTimeout:
-    raise Refused(guard.too_slow(settings.body_timeout_s)) from None
-  except guard.BuffersFull as e:
-    raise Refused(e.response) from None
-  except ClientDisconnect:  # nobody is left to read an answer
-    raise Refused(error(400, "the client disconnected before sending the whole body")) from None
+  chunks = await read_body(request, settings)
   names, datas, form_aligned = await parse_off_loop(parse, chunks, settings.max_files)
   aligned = _aligned(request.query_params.getlist("aligned") + form_aligned)
   if not datas:
@@ -100,6 +91,20 @@ async def read_upload(request: Request, settings: UploadLimits) -> Upload:
   if len(datas) > settings.max_files:
     raise Refused(error(413, f"{len(datas)} images: at most {settings.max_files} in one request (--max_files)"))
   return Upload([_name(n) for n in names], datas, aligned)
+
+
+async def read_body(request: Request, settings: UploadLimits) -> list[bytes]:
+  """A request's body to its end, as the chunks it came in (`guard.Guard` bounds them); raises `Refused`."""
+  try:
+    return [chunk async for chunk in request.stream()]  # to its end: what follows is the disconnect
+  except guard.BodyTooLarge:
+    raise Refused(guard.too_large(settings.max_body_bytes)) from None
+  except guard.BodyTimeout:
+    raise Refused(guard.too_slow(settings.body_timeout_s)) from None
+  except guard.BuffersFull as e:
+    raise Refused(e.response) from None
+  except ClientDisconnect:  # nobody is left to read an answer
+    raise Refused(error(400, "the client disconnected before sending the whole body")) from None
 
 
 _parsers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -196,7 +201,7 @@ def _parse_json(chunks: list[bytes], max_files: int) -> tuple[list[str], list[by
   """In a parse thread: (names, bytes, `aligned` values) of a JSON body {"images": [...], "aligned", "names"}."""
   body = b"".join(chunks)
   chunks.clear()
-  _screen_json(body, max_values=4 * max_files + 64)
+  screen_json(body, max_values=4 * max_files + 64)
   try:  # UTF-8 only (RFC 8259): json.loads would also guess UTF-16 and 32, whose bytes the screen can't read
     text = body.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -238,7 +243,7 @@ def _parse_json(chunks: list[bytes], max_files: int) -> tuple[list[str], list[by
 _JSON_STRUCTURE = re.compile(rb'["\[\]{},:]')
 
 
-def _screen_json(body: bytes, max_values: int) -> None:
+def screen_json(body: bytes, max_values: int, hint: str = "a request takes at most a list of images and names") -> None:
   """Refuses a JSON body nested deeper than MAX_JSON_DEPTH or holding more than `max_values` values.
 
   Counts the structural characters outside strings (each value, key and container has one) without
@@ -254,9 +259,7 @@ def _screen_json(body: bytes, max_values: int) -> None:
     char, at = body[match.start()], match.end()
     values += 1
     if values > max_values:
-      raise Refused(
-        error(413, f"the JSON body holds over {max_values} values: a request takes at most a list of images and names")
-      )
+      raise Refused(error(413, f"the JSON body holds over {max_values} values: {hint}"))
     if char == 0x22:  # '"': skip the string
       at = _string_end(body, at)
       if at < 0:
