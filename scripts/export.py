@@ -2,7 +2,8 @@
 
 Writes OUT/model.jax (jax.export: uint8 RGB face crops [B, S, S, 3] -> float32 age probabilities
 [B, K], with preprocessing and WORKDIR/calibration.json's temperature inside; --nocalibration: the
-raw model), OUT/saved_model/ (the same for TensorFlow), OUT/model.onnx (the same for onnxruntime) and
+raw model), OUT/saved_model/ (the same for TensorFlow), OUT/model.onnx (the same for onnxruntime),
+OUT/triton/ (a Triton model repository of model.onnx: tritonserver --model-repository OUT/triton) and
 OUT/manifest.json (S, the ages, the temperature, the checkpoint step, the versions, every file's
 SHA-256 and a reference prediction). OUT is replaced whole, or left as it was if the export fails.
 OUT may be a gs:// URL. --flip: every format averages each face with its mirror image, with
@@ -29,6 +30,9 @@ _CALIBRATION = cli.calibration_flag("export the raw model")
 _FLIP = cli.flip_flag("every format predicts so, and the manifest records it")
 _SAVED_MODEL = flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (--nosaved_model: skip).")
 _ONNX = flags.DEFINE_bool("onnx", True, "Also write model.onnx through jax2onnx (--noonnx: skip).")
+_TRITON = flags.DEFINE_bool(
+  "triton", True, "Also write OUT/triton/, a Triton model repository of model.onnx (--notriton: skip)."
+)
 _VERIFY = flags.DEFINE_bool(
   "verify", False, "Check the export at --output (manifest, every file's SHA-256, reference prediction); no export."
 )
@@ -53,6 +57,7 @@ def main(argv):
     flip=_FLIP.value,
     saved_model=_SAVED_MODEL.value,
     onnx=_ONNX.value,
+    triton=_TRITON.value,
   )
   s, k = manifest["input_size"], manifest["num_bins"]
   views = "flip averages" if manifest["flip"] else "single views"
@@ -64,6 +69,11 @@ def main(argv):
     print(f"  {out}/{export.ONNX_FILE}: ONNX, {export.INPUT_NAME} uint8 [B, {s}, {s}, 3] -> {export.OUTPUT_NAME}")
   elif _ONNX.value:
     print(f"  {out}/{export.ONNX_FILE}: not written: {manifest['onnx_skipped']}")
+  if manifest["files"]["triton"]:
+    repository = f"{out}/{export.TRITON_DIR}"
+    print(f"  {repository}/: Triton model repository (tritonserver --model-repository {repository})")
+  elif _TRITON.value:
+    print(f"  {out}/{export.TRITON_DIR}/: not written: {manifest['triton_skipped']}")
   print(f"  {out}/{export.MANIFEST_FILE}: {json.dumps({k: manifest[k] for k in ('min_age', 'max_age', 'step')})}")
 
 

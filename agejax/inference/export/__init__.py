@@ -1,10 +1,11 @@
-"""A trained model for use without agejax: a jax.export file, a TensorFlow SavedModel, ONNX and their manifest.
+"""A trained model for use without agejax: jax.export, a TensorFlow SavedModel, ONNX, a Triton repository, a manifest.
 
 `export_workdir` (writer.py) writes OUT/model.jax (preprocessing + model + tempered softmax,
 serialized with jax.export for CPU, CUDA and TPU: uint8 RGB face crops [B, S, S, 3], any B, ->
 float32 probabilities [B, K], the weights inside; jax_export.py), OUT/saved_model/ (the same
 function through jax2tf, the weights as variables; savedmodel.py), OUT/model.onnx (the same
-function through jax2onnx, for onnxruntime; onnx.py) and OUT/manifest.json (what the numbers mean,
+function through jax2onnx, for onnxruntime; onnx.py), OUT/triton/ (a Triton model repository of that
+model.onnx, its config.pbtxt Triton's ModelConfig; triton.py) and OUT/manifest.json (what the numbers mean,
 every file's SHA-256 and a reference prediction; manifest.py). The formats are registered by name
 in registry.py: a new format is a module and a line there. An export made with `flip` averages each
 face's distribution with its mirror image's in every format, tempered by calibration.json's flip
@@ -41,6 +42,7 @@ from agejax.inference.export.manifest import (
 from agejax.inference.export.onnx import ONNX_ATOL, ONNX_FILE
 from agejax.inference.export.registry import Format, formats, register
 from agejax.inference.export.savedmodel import SAVED_MODEL_DIR
+from agejax.inference.export.triton import TRITON_DIR
 from agejax.inference.export.writer import export_workdir
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
   "REFERENCE_AGE_ATOL",
   "REFERENCE_ATOL",
   "SAVED_MODEL_DIR",
+  "TRITON_DIR",
   "ExportedPredictor",
   "Format",
   "Traced",

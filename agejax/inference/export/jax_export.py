@@ -38,6 +38,12 @@ class Traced:
   exported: export.Exported  # fn with the weights inside, a symbolic batch, for `platforms`
   crops: np.ndarray  # uint8 [N, S, S, 3]: the reference crop first
   expected: np.ndarray  # fn's probabilities on `crops`, [N, K]
+  # What the numbers mean, for formats that state it beside the model (Triton's config.pbtxt):
+  bins: np.ndarray  # the age of each of the K probabilities, years
+  temperature: float  # the calibration temperature inside fn
+  flip: bool  # fn averages each crop's distribution with its mirror image's
+  eval_crop: float  # the central fraction of each crop's side fn sees before its resize
+  framing: dict[str, Any] | None  # inference.json's record of the training crops' framing; None: the fixed margin
 
 
 def _probabilities_fn(
@@ -70,7 +76,20 @@ def trace(predictor: "prediction.Predictor", platforms: Sequence[str], crops: np
   fn = _probabilities_fn(predictor, treedef)
   exported = export.export(jax.jit(lambda images: fn(leaves, images)), platforms=tuple(platforms))(input_spec(size))
   expected = np.asarray(jax.jit(fn)(leaves, crops))
-  return Traced(fn, leaves, size, tuple(platforms), exported, crops, expected)
+  return Traced(
+    fn,
+    leaves,
+    size,
+    tuple(platforms),
+    exported,
+    crops,
+    expected,
+    np.asarray(predictor.bins),
+    float(predictor.temperature),
+    bool(predictor.flip),
+    float(predictor.eval_crop),
+    predictor.record.get("framing"),
+  )
 
 
 def write(traced: Traced, target: str) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 
 from agejax import errors
-from agejax.inference.export import jax_export, onnx, savedmodel
+from agejax.inference.export import jax_export, onnx, savedmodel, triton
 
 
 @dataclasses.dataclass  # not frozen: a caller may replace a writer (a test, a disk that fills)
@@ -57,3 +57,4 @@ def get(name: str) -> Format:
 register(Format("jax", jax_export.MODEL_FILE, jax_export.write))
 register(Format("saved_model", savedmodel.SAVED_MODEL_DIR, savedmodel.write, prepare=savedmodel.tools))
 register(Format("onnx", onnx.ONNX_FILE, onnx.write))
+register(Format("triton", triton.TRITON_DIR, triton.write))  # after onnx: it copies model.onnx

@@ -63,9 +63,10 @@ def export_workdir(
   flip: bool = False,
   saved_model: bool = True,
   onnx: bool = True,
+  triton: bool = True,
   platforms: Sequence[str] = jax_export.PLATFORMS,
 ) -> dict[str, Any]:
-  """Exports a trained workdir's checkpoint to OUT/model.jax, OUT/saved_model/, OUT/model.onnx and OUT/manifest.json.
+  """Exports a trained workdir's checkpoint to OUT/model.jax, saved_model/, model.onnx, triton/ and manifest.json.
 
   The exported function is the evaluation path's preprocessing (resize to the model's image size,
   normalise), the model (with `flip`, the mean of each face's and its mirror image's distributions)
@@ -82,10 +83,13 @@ def export_workdir(
       flip way's calibration); the manifest records it.
     saved_model: also write the TensorFlow SavedModel.
     onnx: also write model.onnx (skipped with a warning naming the op when jax2onnx or onnxruntime cannot).
+    triton: also write OUT/triton/, a Triton model repository of model.onnx (skipped, with the reason, without
+      model.onnx or tritonclient).
     platforms: where model.jax and the SavedModel may run (a subset of 'cpu', 'cuda', 'rocm', 'tpu').
 
   Returns:
-    The manifest (also written to OUT/manifest.json), with `onnx_skipped` saying why when model.onnx is absent.
+    The manifest (also written to OUT/manifest.json), with `onnx_skipped` (`triton_skipped`) saying why when
+    model.onnx (triton/) is absent.
   """
   from agejax.inference import prediction  # the model code: ExportedPredictor must not need it
 
@@ -95,7 +99,7 @@ def export_workdir(
   if unknown or not platforms:
     raise errors.UserError(f"platforms={list(platforms)}: use some of cpu, cuda, rocm, tpu")
   # Every registered format but those turned off here (model.jax always: it is what a server loads).
-  skip = {"saved_model": not saved_model, "onnx": not onnx}
+  skip = {"saved_model": not saved_model, "onnx": not onnx, "triton": not triton}
   chosen = [fmt for fmt in registry.formats() if not skip.get(fmt.name, False)]
   for fmt in chosen:
     if fmt.prepare is not None:
