@@ -142,6 +142,8 @@ class EvalSettings:
   evals: tuple["ExtraEval", ...] = ()
   flip: bool = False  # config.eval.flip: score (and calibrate, and pick the best checkpoint by) flip averages
   select_by: str = "mae"  # the eval metric that picks the best checkpoint: "mae" or "bench_mae" (ties: the later)
+  age_check: int = 0  # config.eval.age_check: T of the check "under T?" (chosen on eval_split); 0: off
+  age_check_target_fpr: float = 0.01  # the largest minors' false positive rate the age check is chosen for
 
 
 @dataclasses.dataclass(frozen=True)

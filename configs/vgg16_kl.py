@@ -95,6 +95,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The validation score that picks the best checkpoint (ties: the later one): "mae", the expected age's,
   # or "bench_mae", the benchmark's (the posterior median's whole years at temperature 1).
   config.eval.select_by = "mae"
+  # The age check "is this person under T?" (0: off): its rule chosen on data.eval_split for a minors' false
+  # positive rate of at most age_check_target_fpr, scored on the test split (final_metrics.json, evaluate.py).
+  config.eval.age_check = 0
+  config.eval.age_check_target_fpr = 0.01
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-4

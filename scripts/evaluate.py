@@ -1,11 +1,12 @@
 """Evaluates a trained model on a whole split: python scripts/evaluate.py --workdir DIR [--split test].
 
 Prints a table and writes DIR/eval/<split>.json, <split>_predictions.jsonl and <split>_*.png (with
---flip: <split>_flip.json, ...): the scores, error by group of people with bootstrap intervals, and
-calibration. DIR/calibration.json's calibration of the way scored (single views, or --flip) is
-applied when present (--nocalibration: the raw model; --calibrate fits both ways first); MAE and the
-other point scores are the raw model's either way. `--config` defaults to the DIR/config.json the
-trainer wrote.
+--flip: <split>_flip.json, ...): the scores, error by group of people with bootstrap intervals,
+calibration and NIST's age-check rates (with --age_check 18: a rule chosen for a stated error on the
+validation split, checked on this one). DIR/calibration.json's calibration of the way scored
+(single views, or --flip) is applied when present (--nocalibration: the raw model; --calibrate fits
+both ways first); MAE and the other point scores are the raw model's either way. `--config`
+defaults to the DIR/config.json the trainer wrote.
 """
 
 import os
@@ -30,6 +31,15 @@ _FLIP = flags.DEFINE_bool(
 _CALIBRATE = flags.DEFINE_bool(
   "calibrate", False, "First fit both ways' calibrations on the config's eval split; write WORKDIR/calibration.json."
 )
+_AGE_CHECK = flags.DEFINE_integer(
+  "age_check",
+  None,
+  "T of the age check 'is this person under T?' (e.g. 18): choose its rules on the config's eval split for "
+  "--age_check_target_fpr, report them on --split and draw <split>_age_checks.png; default: config.eval.age_check.",
+)
+_AGE_CHECK_TARGET = flags.DEFINE_float(
+  "age_check_target_fpr", None, "The largest share of minors the age check may pass; default: config's (0.01)."
+)
 _CALIBRATION = cli.calibration_flag("score the raw model")
 flags.mark_flags_as_required(["workdir"])
 
@@ -47,6 +57,8 @@ def main(argv):
     flip=_FLIP.value,
     calibrated=_CALIBRATION.value,
     fit_calibration=_CALIBRATE.value,
+    age_check=_AGE_CHECK.value,
+    age_check_target_fpr=_AGE_CHECK_TARGET.value,
   )
   print(scoring.format_table(report))
   # As the user named the workdir (storage makes local paths absolute).

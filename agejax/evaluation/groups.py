@@ -33,6 +33,7 @@ GAP_RESAMPLES = 1000  # bootstrap replicates of the equal-MAE test: p-values in 
 GAP_ALPHA = 0.05  # a gap whose Holm-adjusted p-value is below this is reported as one
 _TINY = 1e-30  # a group's MAE of 0 has a log
 _BLOCK = 50  # bootstrap replicates drawn at once: [_BLOCK, N] weights stay small on the device
+_COLUMNS = 32  # bootstrap_means pads its columns to a multiple of this (one compilation for most tables)
 
 Groupings = dict[str, tuple[np.ndarray, tuple[str, ...]]]  # name -> (code per example, group names)
 
@@ -61,6 +62,30 @@ def _group_sums(pred, age, one_hot, key, resamples: int):
   # A group absent from a replicate has no MAE there: NaN, left out of its percentiles.
   mae = jnp.where(replicates[:, g:] > 0, replicates[:, :g] / jnp.maximum(replicates[:, g:], 1.0), jnp.nan)
   return sums, mae
+
+
+def bootstrap_means(
+  values: np.ndarray, one_hot: np.ndarray, *, seed: int = SEED, resamples: int = RESAMPLES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Each column's count, mean of the non-negative `values` [N] and bootstrap replicate means [R, G] (`report`'s).
+
+  The columns of one_hot [N, G] mark any sets of examples (they may overlap): a rate is the mean of
+  a 0/1 indicator over its denominator's column. A replicate without a column's examples has NaN there.
+  """
+  if resamples % _BLOCK:
+    raise ValueError(f"resamples={resamples} must be a multiple of {_BLOCK}")
+  one_hot = np.asarray(one_hot, np.float32)
+  g = one_hot.shape[1]
+  # Empty columns up to a multiple of _COLUMNS: the callers' few table shapes share one compilation.
+  padded = np.pad(one_hot, ((0, 0), (0, -g % _COLUMNS)))
+  device_values = jnp.asarray(values, jnp.float32)
+  sums, replicates = _group_sums(
+    device_values, jnp.zeros_like(device_values), jnp.asarray(padded), jax.random.key(seed), resamples
+  )
+  count = np.asarray(metrics.fetch_array(sums["count"]), np.float64)[:g]
+  total = np.asarray(metrics.fetch_array(sums["abs_error"]), np.float64)[:g]
+  mean = np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
+  return count, mean, np.asarray(metrics.fetch_array(replicates), np.float64)[:, :g]
 
 
 def _max_abs_t(estimate, variance, count):

@@ -126,6 +126,45 @@ def calibration_figure(report: dict):
   return fig
 
 
+def age_checks_figure(report: dict):
+  """Returns a Figure of NIST's age-check rates and, with an age check, its FPR against FNR as its threshold moves."""
+  r, check = report["age_checks"], report.get("age_check")
+  panels = 1 + (len(check["rules"]) if check else 0)
+  fig = figure((4.6 * panels + 0.6, 3.8))
+  axes = np.atleast_1d(fig.subplots(1, panels))
+  entries = {f"Challenge-{t}\nFPR": e for t, e in r["challenge"].items()}
+  band = r["band_13_16"]
+  entries.update({"13-16\nTPR": band["tpr"], "13-16\nFPR": band["fpr"]})
+  x = np.arange(len(entries))
+  rates = np.array([e["rate"] if e["rate"] is not None else np.nan for e in entries.values()])
+  ci = np.array([e["ci95"] or [np.nan, np.nan] for e in entries.values()]).reshape(-1, 2)
+  axes[0].bar(x, rates, color="C0", alpha=0.7)
+  axes[0].errorbar(x, rates, yerr=np.abs(ci.T - rates), fmt="none", ecolor="k", capsize=3)
+  axes[0].set_xticks(x, [f"{k}\nn={e['count']}" for k, e in entries.items()], fontsize=7)
+  axes[0].set(ylim=(0, 1), ylabel="rate, 95% bootstrap interval", title="NIST FATE age-check rates")
+  if check:
+    t = check["threshold"]
+    for ax, (rule, entry) in zip(axes[1:], check["rules"].items()):
+      for split_name, colour in (("validation", "C1"), ("test", "C0")):
+        c = entry["curve"][split_name]
+        ax.plot(c["fpr"], c["fnr"], color=colour, label=check.get(f"{split_name}_split", split_name))
+        if split_name in entry:
+          chosen = entry[split_name]
+          ax.plot([chosen["fpr"]], [chosen["fnr"]], "o", color=colour, markersize=7)
+      ax.axvline(check["target_fpr"], color="k", linestyle=":", label=f"target FPR {check['target_fpr']:.2%}")
+      rule_text = f"P(age<{t}) <= p" if rule == "probability" else f"estimate >= {t} + buffer"
+      ax.set(
+        xlabel=f"FPR: minors (under {t}) passed",
+        ylabel=f"FNR: adults ({t}+) sent to a check",
+        title=f"pass when {rule_text}",
+      )
+      ax.set_xscale("symlog", linthresh=0.01)
+      ax.legend(fontsize=7)
+      ax.grid(alpha=0.3)
+  fig.suptitle(f"age checks ({report['split']}; dots: the chosen threshold)", fontsize=10)
+  return fig
+
+
 def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath.Path, split: str) -> list[epath.Path]:
   """Saves the CS curve, MAE-by-age-group, scatter, group and calibration plots as `<split>_*.png` in `out`."""
   figures = {
@@ -137,6 +176,8 @@ def write_plots(report: dict, age: np.ndarray, predicted: np.ndarray, out: epath
     figures["groups"] = groups_figure(report)
   if "calibration" in report:
     figures["calibration"] = calibration_figure(report)
+  if "age_checks" in report:
+    figures["age_checks"] = age_checks_figure(report)
   paths = []
   for name, fig in figures.items():
     paths.append(out / f"{split}_{name}.png")

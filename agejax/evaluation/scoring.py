@@ -10,7 +10,7 @@ import numpy as np
 
 from agejax import labels, metrics, models, parallel, storage
 from agejax.data import pipeline
-from agejax.evaluation import calibration, groups
+from agejax.evaluation import age_checks, calibration, groups
 
 # Per-example outputs kept in <split>_predictions.jsonl (with the raw model's probabilities).
 OUTPUT_KEYS = ("predicted_age", "argmax_age", "std", "bench_age")
@@ -188,7 +188,16 @@ class Evaluator:
         per_example["logits"], per_example["distribution"], self.bins, age, fitted, groupings
       )
       host = {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution", "raw")}
+      # NIST's age-check rates of the point prediction (Challenge-T, 13-16, MAE 18-30), by group.
+      report["age_checks"] = age_checks.nist_rates(host["predicted_age"], self.data.age, groupings, seed=seed)
     return report, host
+
+  def per_example(self, state: models.Weights, temperature: "float | calibration.Calibration" = 1.0) -> dict:
+    """The split's per-example host outputs alone (`run`'s with outputs, without its reports): for age checks."""
+    fitted = temperature if isinstance(temperature, calibration.Calibration) else calibration.Calibration(temperature)
+    _, per_example = self._collect(state, fitted.temperature, True)
+    with jax.transfer_guard("allow"):
+      return {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution")}
 
   def flipped(self, flip: bool) -> "Evaluator":
     """This evaluator with flip averaging on or off (its own jitted steps)."""
@@ -270,6 +279,38 @@ def calibrate(evaluator: Evaluator, state: Any, workdir: storage.Location, split
   return record
 
 
+def age_check(
+  evaluator: Evaluator,
+  state: Any,
+  fitted: calibration.Calibration,
+  per_example: dict[str, Any],
+  validation: Evaluator | None,
+  threshold: int,
+  target: float,
+  splits: tuple[str, str],
+) -> dict[str, Any]:
+  """`age_checks.check` of `evaluator`'s split (its `run` outputs): the rules chosen on `validation`'s split.
+
+  `validation` None: chosen on the same split (the report says it is not held out); `splits` names
+  (the split chosen on, the split checked on).
+  """
+  bins = np.asarray(evaluator.bins)
+  if validation is None:
+    val_outputs, val_age = per_example, evaluator.data.age
+  else:
+    val_outputs, val_age = validation.per_example(state, fitted), validation.data.age
+
+  def arrays(outputs: dict[str, Any], age: np.ndarray) -> dict[str, np.ndarray]:
+    under = age_checks.under_probability(outputs["distribution"], bins, threshold)
+    return {"under": under, "estimate": np.asarray(outputs["predicted_age"], np.float64), "age": np.asarray(age)}
+
+  result = age_checks.check(
+    threshold, target, arrays(val_outputs, val_age), arrays(per_example, evaluator.data.age), evaluator.groupings()
+  )
+  result.update(validation_split=splits[0], test_split=splits[1], held_out=validation is not None)
+  return result
+
+
 def format_table(report: dict[str, Any]) -> str:
   """Formats an evaluation report as a short human-readable table."""
   lines = [
@@ -320,4 +361,6 @@ def format_table(report: dict[str, Any]) -> str:
       shown, pit = entry["coverage_shown"], entry["coverage"]["0.9"]
       cells = "-" if pit is None else f"{shown['0.8']:.3f}  {shown['0.9']:.3f}  ({pit:.3f})"
       lines.append(f"      {kind:>10} {name:<10} {cells:<26}({entry['count']} examples)")
+  if "age_checks" in report:
+    lines += age_checks.format_lines(report)
   return "\n".join(lines)

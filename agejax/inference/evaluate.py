@@ -10,7 +10,7 @@ from etils import epath
 
 from agejax import errors, parallel, settings, storage
 from agejax.data import datasets, pipeline, splits
-from agejax.evaluation import calibration, plots, scoring
+from agejax.evaluation import age_checks, calibration, plots, scoring
 from agejax.inference import loading
 from agejax.training import checkpointing
 
@@ -55,6 +55,8 @@ def run_evaluation(
   flip: bool = False,
   calibrated: bool = True,
   fit_calibration: bool = False,
+  age_check: int | None = None,
+  age_check_target_fpr: float | None = None,
 ) -> tuple[dict[str, Any], list[epath.Path]]:
   """Evaluates a trained workdir's checkpoint on every example of a split and writes WORKDIR/eval/.
 
@@ -73,6 +75,10 @@ def run_evaluation(
       raw model's either way.
     fit_calibration: first fit both ways' calibrations of this checkpoint on the config's eval split
       (the validation split) and write WORKDIR/calibration.json.
+    age_check: T of the age check "is this person under T?": its rules chosen on the config's eval
+      split for `age_check_target_fpr` and scored on `split` (the report's `age_check`); None: the
+      config's eval.age_check (0: off).
+    age_check_target_fpr: the largest minors' false positive rate to choose for; None: the config's.
 
   Returns:
     (the report, with the workdir, split, checkpoint, step, flip and temperature; the files written,
@@ -82,7 +88,11 @@ def run_evaluation(
   folder = storage.path(workdir)
   if not checkpointing.has_checkpoints(folder):
     raise errors.MissingInput(checkpointing.no_checkpoints_message(workdir))
-  check_split(settings.Settings.from_config(loading.load_config(folder) if config is None else config).data, split)
+  given = settings.Settings.from_config(loading.load_config(folder) if config is None else config)
+  check_split(given.data, split)
+  age_check = given.eval.age_check if age_check is None else age_check
+  target = given.eval.age_check_target_fpr if age_check_target_fpr is None else age_check_target_fpr
+  age_checks.check_age_check(age_check, target, given.labels.min_age, given.labels.max_age, what="--")
   cfg, trained, state = loading.load_trained(workdir, checkpoint, config)
   mesh = parallel.make_mesh()
   if fit_calibration:
@@ -95,7 +105,16 @@ def run_evaluation(
     calibration.load(workdir, int(state.step), flip=flip) if calibrated else None
   ) or calibration.Calibration()
   data = pipeline.load_labelled_split(cfg.data, cfg.labels, split)
-  report, per_example = trained.evaluator(data, mesh, flip=flip).run(state, temperature=fitted_way, outputs=True)
+  evaluator = trained.evaluator(data, mesh, flip=flip)
+  report, per_example = evaluator.run(state, temperature=fitted_way, outputs=True)
+  if age_check:
+    chosen_on = cfg.data.eval_split
+    validation = (
+      None if chosen_on == split else evaluator.on(pipeline.load_labelled_split(cfg.data, cfg.labels, chosen_on))
+    )
+    report["age_check"] = scoring.age_check(
+      evaluator, state, fitted_way, per_example, validation, age_check, target, (chosen_on, split)
+    )
   report = {
     "workdir": str(workdir),
     "split": split,

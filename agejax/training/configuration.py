@@ -14,6 +14,7 @@ import numpy as np
 
 from agejax import errors, models, settings, storage
 from agejax.data import splits
+from agejax.evaluation import age_checks
 from agejax.training import checkpointing, losses, optim
 
 TEST_SPLIT = "test"  # the split train.py scores at the end (train.TEST_SPLIT); never data.eval_split
@@ -76,6 +77,8 @@ RESUME_MAY_CHANGE = (
   "model.init_from",  # the same: read only when a run starts; a resumed run restores its own checkpoint
   "model.init_from_head",
   "evals",  # extra evaluations only report: they never choose the best checkpoint
+  "eval.age_check",
+  "eval.age_check_target_fpr",  # the age check's threshold choice only reports
 )
 
 
@@ -297,6 +300,7 @@ def _check_optimizer(opt: settings.OptimizerSettings) -> None:
 
 def _check_evals(cfg: settings.Settings) -> None:
   _require(cfg.eval.select_by in SELECT_BY, "eval.select_by", cfg.eval.select_by, f"must be one of {SELECT_BY}")
+  age_checks.check_age_check(cfg.eval.age_check, cfg.eval.age_check_target_fpr, cfg.labels.min_age, cfg.labels.max_age)
   names = [e.name for e in cfg.eval.evals]
   for i, e in enumerate(cfg.eval.evals):
     _require(bool(e.name) and "/" not in e.name, f"evals[{i}].name", e.name, "must be a non-empty name without '/'")

@@ -15,7 +15,7 @@ from etils import epath
 
 from agejax import errors, metrics, models, parallel, settings, storage
 from agejax.data import datasets, framing, pipeline, splits
-from agejax.evaluation import calibration, plots, scoring
+from agejax.evaluation import age_checks, calibration, plots, scoring
 from agejax.training import checkpointing, configuration, learner, losses, preemption, profiling, workdir_lock
 
 FINAL_METRICS = "final_metrics.json"
@@ -440,14 +440,21 @@ class _Run:
     """
     if self.b.test_evaluator is None:
       return {}
-    report, _ = self.b.test_evaluator.run(state, temperature=fitted, outputs=True)
+    report, per_example = self.b.test_evaluator.run(state, temperature=fitted, outputs=True)
     scores = scoring.headline(report)
+    if self.cfg.eval.age_check:  # the rule chosen on the eval split, scored on test, as evaluate.py --age_check
+      report["age_check"] = scoring.age_check(
+        self.b.test_evaluator, state, fitted, per_example, self.b.evaluator, self.cfg.eval.age_check,
+        self.cfg.eval.age_check_target_fpr, (self.cfg.data.eval_split, TEST_SPLIT),
+      )  # fmt: skip
+    checks = {f"test_{k}": v for k, v in age_checks.headline(report).items()}
     c = report["calibration"]
     by_bucket = {name: b["coverage_shown"]["0.8"] for name, b in c["coverage_by_bucket"].items()}
     scalars = {f"test/coverage80_shown/{name}": v for name, v in by_bucket.items() if v is not None}
     for grouping, entries in c["coverage_by_group"].items():
       shown = {f"test/coverage80_shown/{grouping}/{g}": e["coverage_shown"]["0.8"] for g, e in entries.items()}
       scalars.update({k: v for k, v in shown.items() if v is not None})
+    scalars.update({f"test/{k[len('test_') :]}": v for k, v in checks.items() if v is not None})
     self.writer.write_scalars(step, {**scalars, "test/coverage80_shown": c["coverage_shown"]["0.8"]})
     return {
       **{f"test_{k}": scores[k] for k in ("mae", "cs5", "epsilon_error", "mae_minors", "bench_mae", "bench_cs5")},
@@ -457,6 +464,9 @@ class _Run:
       # The share inside the 80% interval users are shown (whole years, adjusted by age bucket), overall and by bucket.
       "test_coverage80_shown": c["coverage_shown"]["0.8"],
       "test_coverage80_shown_by_bucket": by_bucket,
+      # NIST's age-check rates of the point prediction (Challenge-21/25/30 FPR, 13-16 TPR and FPR, MAE
+      # 18-30 over sex and age) and, with eval.age_check, the chosen rule's p and test FPR and FNR.
+      **checks,
     }
 
 
