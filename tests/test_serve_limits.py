@@ -127,7 +127,7 @@ def test_the_json_screen_refuses_exactly_what_nests_deeper_than_its_limit_whatev
     value = random_json(rng, rng.randrange(1, 2 * uploads.MAX_JSON_DEPTH))
     body = json.dumps(value, ensure_ascii=trial % 2 == 0).encode()
     try:
-      uploads._screen_json(body, max_values=10**6)
+      uploads.screen_json(body, max_values=10**6)
       refused = False
     except uploads.Refused as e:
       assert e.response.status_code == 400 and b"nests deeper" in e.response.body
@@ -150,9 +150,9 @@ def test_the_json_screen_counts_values_as_the_parsed_document_holds_them():
   docs += [random_json(rng, rng.randrange(1, uploads.MAX_JSON_DEPTH)) for _ in range(100)]
   for doc in docs:
     body, count = json.dumps(doc).encode(), structural(doc)
-    uploads._screen_json(body, max_values=count)
+    uploads.screen_json(body, max_values=count)
     with pytest.raises(uploads.Refused, match="413"):
-      uploads._screen_json(body, max_values=count - 1)
+      uploads.screen_json(body, max_values=count - 1)
 
 
 @pytest.mark.parametrize(
