@@ -1,5 +1,8 @@
 """Age bins, Gaussian label distributions and the ages read off a predicted distribution."""
 
+import re
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +123,49 @@ def tempered_log_probs(logits: jax.Array, bins: ArrayLike, temperature: ArrayLik
 def tempered(logits: jax.Array, bins: ArrayLike, temperature: ArrayLike = 1.0) -> jax.Array:
   """The probabilities of `tempered_log_probs`: the calibrated distribution, its mean the raw model's."""
   return jnp.exp(tempered_log_probs(logits, bins, temperature))
+
+
+def check_thresholds(thresholds: Iterable[int]) -> tuple[int, ...]:
+  """Returns the threshold ages as ints, each once, in the order given; a non-integer or negative one fails."""
+  out: dict[int, None] = {}
+  for t in thresholds:
+    if isinstance(t, bool) or not isinstance(t, int | np.integer):
+      raise errors.UserError(f"age threshold {t!r}: must be a whole age in years (an integer), e.g. 18")
+    if t < 0:
+      raise errors.UserError(f"age threshold {int(t)}: must be an age of 0 or more")
+    out[int(t)] = None
+  return tuple(out)
+
+
+def parse_thresholds(text: str) -> tuple[int, ...]:
+  """Returns the threshold ages of a comma-separated list such as "18,25" (`check_thresholds`); fails in one line."""
+  ages = []
+  for item in str(text).split(","):
+    item = item.strip()
+    if not re.fullmatch(r"[+-]?\d{1,9}", item):
+      raise errors.UserError(f"age threshold {item!r}: give whole ages in years separated by commas, e.g. 18,25")
+    ages.append(int(item))
+  return check_thresholds(ages)
+
+
+def probability_under(probs: ArrayLike, bins: ArrayLike, thresholds: Iterable[int]) -> np.ndarray:
+  """Returns P(age < T) for each threshold age T: the distribution's mass on the bins below T.
+
+  The bins are ages in completed years, so "age < 18" means "has not reached their 18th birthday":
+  the bins 17 and below (1..17 on bins 1..100). A threshold at or below the first bin's age gives
+  0; one past the last bin's age gives the whole mass (1). Summed in float64, so the result is the
+  sum of the given (calibrated) probabilities to float64's rounding, whatever their dtype.
+
+  Args:
+    probs: [..., K] distributions over the age bins (the calibrated ones a predictor returns).
+    bins: [K] the whole ages of the bins.
+    thresholds: whole ages T >= 0 (`check_thresholds`; repeats are answered once).
+
+  Returns:
+    float64 [..., len(T)]: P(age < T), one column per distinct threshold, in the order given.
+  """
+  ages = np.asarray(bins, np.float64)
+  top = float(ages.max(initial=0.0)) + 1.0  # any threshold past the last bin takes every bin: no huge ints as floats
+  limits = np.asarray([min(t, top) for t in check_thresholds(thresholds)], np.float64)
+  below = (ages[None, :] < limits[:, None]).astype(np.float64)  # [T, K]
+  return np.asarray(probs, np.float64) @ below.T

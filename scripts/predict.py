@@ -1,9 +1,11 @@
 """Predicts ages in photos: python scripts/predict.py --workdir DIR IMAGE_OR_FOLDER ... [--aligned] [--json] [--flip].
 
 Prints one line per face (file, face number from 1, box x,y,w,h, predicted age, its 80% interval,
-argmax age, std) or, with --json, one JSON object per line on stdout: `face` (the face's
-index in its photo, from 0), `box`, `age` (the expected age; `predicted_age` repeats it for one
-release), `argmax_age`, `std`, `interval80` and the full distribution over ages min_age.. ; files
+argmax age, std, and P(age < T) with --under) or, with --json, one JSON object per line on stdout:
+`face` (the face's index in its photo, from 0), `box`, `age` (the expected age; `predicted_age`
+repeats it for one release), `argmax_age`, `std`, `interval80`, with --under T1,T2 `p_under`
+({"18": P(age < 18), ...}: the calibrated distribution's mass below each age, i.e. before that
+birthday) and the full distribution over ages min_age.. ; files
 without a face or that could not be read give {"file", "status"}. A named path that does not exist
 is an error; an unreadable file inside a named folder is a skip. Progress goes to stderr.
 WORKDIR/calibration.json's temperature is applied when present (--nocalibration: the raw model),
@@ -19,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-from agejax import cli, errors, storage
+from agejax import cli, errors, labels, storage
 from agejax.inference import figures, photos, prediction
 from agejax.training import checkpointing
 
@@ -30,6 +32,9 @@ _JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distri
 _PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here (folders are made).")
 _CALIBRATION = cli.calibration_flag("the raw model's distributions")
 _FLIP = cli.flip_flag("slower (two model calls a face)")
+_UNDER = flags.DEFINE_string(
+  "under", None, "Also give each face's calibrated P(age < T) for these whole ages T, e.g. 18,25 (`p_under`)."
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Faces per model call.", lower_bound=1)
 PLOT_MAX_PHOTOS = 8
 flags.mark_flags_as_required(["workdir"])
@@ -41,6 +46,7 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("give at least one IMAGE_OR_FOLDER")
   check_inputs(argv[1:])
+  under = labels.parse_thresholds(_UNDER.value) if _UNDER.value is not None else ()
   if _PLOT.value:
     figures.check_plot_path(_PLOT.value)
   predictor = prediction.Predictor(
@@ -56,6 +62,7 @@ def main(argv):
     aligned=_ALIGNED.value,
     detector=detector,
     keep_photos=PLOT_MAX_PHOTOS if _PLOT.value else 0,
+    under=under,
   ):
     if _JSON.value:
       lines = [json.dumps(obj) for obj in json_objects(result, int(predictor.bins[0]))]
@@ -107,6 +114,7 @@ def human_lines(result: photos.ImageResult) -> list[str]:
   return [
     f"{result.file}  face {number}  box {','.join(str(round(v)) for v in f.box)}  age {f.predicted_age:.1f}"
     f"  (80%: {f.interval80[0]:.0f}-{f.interval80[1]:.0f})  argmax {f.argmax_age:.0f}  std {f.std:.1f}"
+    f"{photos.under_text(f)}"
     for number, f in enumerate(result.faces, start=1)
   ]
 

@@ -434,7 +434,7 @@ def test_http_details_are_answered_in_one_json_line(server):
     "another field": (
       httpx.post(url + "/v1/predict", files=[("images", ("a.png", face))]),
       400,
-      """unexpected form field 'images' (part 0): send images in the field "files" (and "aligned")""",
+      """unexpected form field 'images' (part 0): send images in the field "files" (and "aligned", "under")""",
     ),
   }
   for name, (response, status, message) in cases.items():

@@ -62,9 +62,15 @@ def test_the_page_boxes_the_face_labels_its_age_and_charts_its_distribution(serv
       assert chart.locator("rect.bar").count() == 100  # one bar per age bin, 1..100
       assert page.locator("canvas").count() == 1
       age = float(label.inner_text().split("age ")[1].split()[0])
-      api = httpx.post(server.url + "/v1/predict", files={"files": ("astronaut.png", image)}, timeout=60).json()
+      api = httpx.post(
+        server.url + "/v1/predict", files={"files": ("astronaut.png", image)}, params={"under": "18"}, timeout=60
+      ).json()
       (face,) = api["results"][0]["faces"]
       assert age == pytest.approx(face["age"], abs=0.051)  # the page shows one decimal
+      # P(age < 18) as the API answers it: shown in percent, and kept whole in the element's data-p.
+      under = label.locator(".p-under")
+      assert float(under.get_attribute("data-p")) == pytest.approx(face["p_under"]["18"], abs=1e-6)
+      assert under.inner_text() == f"P(age < 18) {100 * face['p_under']['18']:.1f}%"
       # argmax_age is the distribution's peak, not the prediction: the page names it so.
       assert f"peak {face['argmax_age']:.0f} " in label.inner_text() and "likely" not in label.inner_text()
       # The face box: one per face, in the photo's pixels as the API gives it, and on screen where

@@ -9,14 +9,14 @@ import collections
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 from etils import epath
 from PIL import Image
 
-from agejax import storage
+from agejax import labels, storage
 from agejax.data import faces
 from agejax.data.framing import MIN_CONFIDENCE, Framing, detect, fit_similarity, load_mtcnn
 from agejax.inference import prediction
@@ -251,6 +251,8 @@ class Face:
   std: float = math.nan
   # The 80% interval (years): adjusted by age bucket when calibrated (calibration.json's interval_masses), else central.
   interval80: tuple[float, float] = (math.nan, math.nan)
+  # P(age < T) of the calibrated distribution per threshold age T asked (labels.probability_under); None: none.
+  p_under: dict[int, float] | None = None
 
 
 @dataclasses.dataclass
@@ -327,14 +329,16 @@ def predict_files(
   aligned: bool = False,
   detector: Callable[[Image.Image], list[Detection]] | None = None,
   keep_photos: int = 0,
+  under: Sequence[int] = (),
 ) -> Iterator[ImageResult]:
   """Yields each file's result in order; faces from several files share padded batches.
 
   With `aligned`, each file is one face crop (centre square, as training read them); otherwise
   `detector` finds the faces, which are framed like the dataset's faces (the predictor's `framing`,
   when its workdir records one). The first `keep_photos` results that have faces keep their photo
-  for plotting.
+  for plotting. Each face gets P(age < T) for the threshold ages `under` (`Face.p_under`) when given.
   """
+  under = labels.check_thresholds(under)  # a bad threshold fails before any photo is read
   size = predictor.input_size
   framing = getattr(predictor, "framing", None)  # an export made before framing records none
   pending: collections.deque[ImageResult] = collections.deque()
@@ -345,6 +349,7 @@ def predict_files(
   def fill() -> None:
     probs = predictor(np.stack(chips))
     stats = jax.device_get(prediction.summaries(probs, predictor.bins, predictor.calibration.shown_masses()))
+    p_under = predictor.probability_under(probs, under) if under else None
     for i, face in enumerate(waiting):
       face.distribution = probs[i]
       face.predicted_age, face.argmax_age, face.std = (
@@ -352,6 +357,8 @@ def predict_files(
       )
       low, high = (float(v) for v in stats["interval80"][i])
       face.interval80 = (low, high)
+      if p_under is not None:
+        face.p_under = dict(zip(under, map(float, p_under[i])))
     chips.clear()
     waiting.clear()
 
@@ -405,16 +412,18 @@ def _or_none(decoded: faces.Decoded | str) -> faces.Decoded | None:
 
 
 def face_json(face: Face, age_key: str = "predicted_age") -> dict:
-  """A predicted face's JSON: box, expected age (under `age_key`), argmax age, std, interval80, distribution."""
+  """A predicted face's JSON: box, expected age (as `age_key`), argmax age, std, interval80, p_under, distribution."""
   assert face.distribution is not None  # only predicted faces are written out
-  return {
+  out = {
     "box": [round(v) for v in face.box],  # whole pixels, detected or not: [x, y, width, height]
     age_key: face.predicted_age,
     "argmax_age": face.argmax_age,
     "std": face.std,
     "interval80": [round(v, 2) for v in face.interval80],
-    "distribution": face.distribution.tolist(),
   }
+  if face.p_under is not None:  # JSON keys are strings: {"18": P(age < 18), ...}
+    out["p_under"] = {str(t): p for t, p in face.p_under.items()}
+  return out | {"distribution": face.distribution.tolist()}
 
 
 def to_json(result: ImageResult, min_age: int) -> list[dict]:
@@ -433,6 +442,11 @@ def to_lines(result: ImageResult) -> list[str]:
     return [f"{result.file}  {'' if result.status == 'no face found' else 'skipped: '}{result.status}"]
   return [
     f"{result.file}  face {i}  box {','.join(str(round(v)) for v in f.box)}  age {f.predicted_age:.1f}"
-    f"  (80%: {f.interval80[0]:.0f}-{f.interval80[1]:.0f})  argmax {f.argmax_age:.0f}  std {f.std:.1f}"
+    f"  (80%: {f.interval80[0]:.0f}-{f.interval80[1]:.0f})  argmax {f.argmax_age:.0f}  std {f.std:.1f}{under_text(f)}"
     for i, f in enumerate(result.faces)
   ]
+
+
+def under_text(face: Face) -> str:
+  """A face's P(age < T) for people, e.g. "  P(age<18) 0.9312  P(age<25) 0.9987"; empty when none was asked."""
+  return "".join(f"  P(age<{t}) {p:.4f}" for t, p in (face.p_under or {}).items())

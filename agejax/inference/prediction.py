@@ -1,5 +1,7 @@
 """Predictor: a trained model as a function of uint8 face crops -> age distributions, over every device."""
 
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -123,6 +125,14 @@ class Predictor:
       images_device = parallel.global_batch({"image": batch["image"]}, self.sharding)["image"]
       out.append(in_flight.add(self.predict_device(self.state, images_device, self._temperature)))
     return np.concatenate([metrics.fetch_array(o) for o in out])[: len(images)]
+
+  def probability_under(self, probs: np.ndarray, thresholds: Iterable[int]) -> np.ndarray:
+    """Returns P(age < T) [N, len(T)] of distributions [N, K] this predictor returned (`labels.probability_under`).
+
+    The distributions are already calibrated (the temperature is applied inside the model call), so
+    this is the calibrated probability of being under each threshold age.
+    """
+    return labels.probability_under(probs, self.bins, thresholds)
 
   def predict_padded(self, images: np.ndarray) -> np.ndarray:
     """Returns distributions [B, K] of exactly this batch, in one call compiled for batch size B.

@@ -135,7 +135,8 @@ def create_app(
       prepared = await service.prepare(upload.names, upload.datas, upload.aligned)
       decoded = time.perf_counter()
       cropped = [(p.status, [photos.Face(box) for box in p.boxes], p.crops) for p in prepared]
-      predictions = await service.predict([chip for _, _, chips in cropped for chip in chips], handed_over)
+      chips = [chip for _, _, crops in cropped for chip in crops]
+      predictions = await service.predict(chips, handed_over, upload.under)
     except Refused as e:
       return e.response
     done = time.perf_counter()
@@ -241,10 +242,11 @@ async def _disconnected(request: Request) -> None:
 
 
 def _fill(face: photos.Face, p: batcher.Prediction) -> None:
-  face.distribution, face.predicted_age, face.argmax_age, face.std, face.interval80 = (
+  face.distribution, face.predicted_age, face.argmax_age, face.std, face.interval80, face.p_under = (
     p.distribution,
     p.predicted_age,
     p.argmax_age,
     p.std,
     p.interval80,
+    p.p_under,
   )

@@ -46,6 +46,8 @@ class Prediction:
   batch_faces: int  # real faces in its model call
   batch_size: int  # the call's padded size
   model_ms: float  # the call's duration (model + summaries)
+  # P(age < T) per threshold age T its request asked (`under`), filled in by `service.Service.predict`; None: none.
+  p_under: dict[int, float] | None = None
 
 
 @dataclasses.dataclass

@@ -12,7 +12,10 @@ One model, `Settings.model_name` ("agejax"), version "1". It takes exactly one i
 and answers one row per face: `probabilities` FP32 [F, K] (ages `min_age`..), `age` (the
 expectation), `std`, `interval80` [F, 2]; for photos also `box` [F, 4] (x, y, width, height in the
 photo's pixels), `photo_index` INT32 [F] (the photo each face is in) and `faces_found` INT32 [N].
-A request with `images` has F = N. Every input goes through `service.Service`: the same decode
+A request with `images` has F = N. With the request parameter `under` (threshold ages: a string
+"18,25" or an integer 18), also `p_under` FP32 [F, len(T)]: each face's P(age < T) for each age T in
+the order given (repeats once), the calibrated distribution's mass on the bins below T (before that
+birthday), as /v1/predict's `p_under`. Every input goes through `service.Service`: the same decode
 workers, scheduler, batcher and limits as /v1/predict. `oip_grpc` speaks the same over gRPC.
 """
 
@@ -30,10 +33,11 @@ from starlette.routing import Route
 
 import agejax
 from agejax.serving.service import Service, refusal
-from agejax.serving.uploads import Refused, parse_off_loop, read_body, screen_json
+from agejax.serving.uploads import Refused, parse_off_loop, read_body, screen_json, thresholds
 
 VERSION = "1"
 PHOTOS, IMAGES = "photos", "images"  # the inputs: encoded photos, or crops (the export's input name)
+P_UNDER = "p_under"  # the output of P(age < T), answered when the request's parameter `under` gives T
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary data extension: the JSON part's bytes
 EXTENSIONS = ["binary_tensor_data"]
 MAX_HEADER_VALUES = 4096  # a valid JSON header (binary data after it) holds a few dozen values
@@ -68,6 +72,7 @@ class Output:
   shape: list[int]
   photos_only: bool
   doc: str
+  under_only: bool = False  # answered only when the request parameter `under` names threshold ages
 
 
 def outputs(num_bins: int) -> list[Output]:
@@ -80,6 +85,7 @@ def outputs(num_bins: int) -> list[Output]:
     Output("box", "FP32", [-1, 4], True, "the face's box in its photo: x, y, width, height (pixels)"),
     Output("photo_index", "INT32", [-1], True, "the photo each face is in (its index in the input)"),
     Output("faces_found", "INT32", [-1], True, "faces found in each photo (more than answered past --max_faces)"),
+    Output(P_UNDER, "FP32", [-1, -1], False, "P(age < T) per threshold age T of the parameter `under`", True),
   ]
 
 
@@ -142,17 +148,19 @@ def check_input(service: Service, tensor: Tensor) -> None:
     raise ProtocolError(413, f"input {tensor.name!r} holds {tensor.shape[0]} elements: at most {most} (--max_files)")
 
 
-def check_outputs(service: Service, request: InferRequest) -> list[Output]:
-  """The outputs to answer (all, or those asked for); refuses unknown ones, and photo-only ones of crops."""
+def check_outputs(service: Service, request: InferRequest, under: Sequence[int] = ()) -> list[Output]:
+  """The outputs to answer (all or those asked); refuses unknown ones, crops' photo-only ones, p_under without T."""
   known = {o.name: o for o in outputs(len(service.model.bins))}
   photos = request.input.name == PHOTOS
   if request.outputs is None:
-    return [o for o in known.values() if photos or not o.photos_only]
+    return [o for o in known.values() if (photos or not o.photos_only) and (under or not o.under_only)]
   for name in request.outputs:
     if name not in known:
       raise ProtocolError(400, f"unknown output {name!r}: this model answers {', '.join(known)}")
     if known[name].photos_only and not photos:
       raise ProtocolError(400, f"output {name!r} is answered for the input {PHOTOS!r} only")
+    if known[name].under_only and not under:
+      raise ProtocolError(400, f"output {name!r} needs the request parameter 'under': threshold ages such as '18,25'")
   return [known[name] for name in dict.fromkeys(request.outputs)]  # as asked, each once
 
 
@@ -161,6 +169,19 @@ def _aligned(parameters: dict[str, Any]) -> bool:
   if not isinstance(aligned, bool):
     raise ProtocolError(400, f"parameter 'aligned' must be a bool, not {ascii(aligned)[:40]}")
   return aligned
+
+
+def _under(parameters: dict[str, Any]) -> tuple[int, ...]:
+  """The request parameter `under`'s threshold ages ("18,25" or 18); none when it is absent."""
+  under = parameters.get("under")
+  if under is None:
+    return ()
+  if isinstance(under, bool) or not isinstance(under, str | int):
+    raise ProtocolError(400, f"parameter 'under' must be ages such as '18,25' or an integer, not {ascii(under)[:40]}")
+  try:
+    return thresholds([str(under)])
+  except ValueError as e:
+    raise ProtocolError(400, f"parameter {e}") from None
 
 
 async def infer(service: Service, request: InferRequest) -> tuple[list[Tensor], dict[str, Any]]:
@@ -174,7 +195,8 @@ async def infer(service: Service, request: InferRequest) -> tuple[list[Tensor], 
     The outputs asked for (as asked; all: in metadata order), and {"min_age", "max_age"}.
   """
   check_input(service, request.input)
-  wanted = check_outputs(service, request)
+  under = _under(request.parameters)
+  wanted = check_outputs(service, request, under)
   aligned = _aligned(request.parameters)
   with service.upstream.arriving() as handed_over:
     try:
@@ -188,7 +210,7 @@ async def infer(service: Service, request: InferRequest) -> tuple[list[Tensor], 
       else:
         chips = list(request.input.data)
         boxes, index, found = [], [], []
-      predictions = await service.predict(chips, handed_over)
+      predictions = await service.predict(chips, handed_over, under)
     except Refused as e:
       status, message = refusal(e)
       retry = e.response.headers.get("retry-after")
@@ -203,6 +225,9 @@ async def infer(service: Service, request: InferRequest) -> tuple[list[Tensor], 
     "photo_index": np.asarray(index, np.int32),
     "faces_found": np.asarray(found, np.int32),
   }
+  if under:  # service.predict filled in each face's P(age < T), in the order of `under`
+    rows = [[p.p_under[t] for t in under] for p in predictions]
+    values[P_UNDER] = np.asarray(rows, np.float32).reshape(-1, len(under))
   tensors = [Tensor(o.name, o.datatype, list(values[o.name].shape), values[o.name]) for o in wanted]
   return tensors, {"min_age": service.min_age, "max_age": service.min_age + k - 1}
 

@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
+from agejax import labels
 from agejax.data import faces
 from agejax.serving import batcher, guard, limits, sandbox
 from agejax.serving.guard import error
@@ -194,20 +195,30 @@ class Service:
       for one in tasks:  # the first refusal (or a cancel) stops this request's other images
         one.cancel()
 
-  async def predict(self, chips: list[np.ndarray], handed_over: Callable[[], None] = lambda: None) -> list:
+  async def predict(
+    self, chips: list[np.ndarray], handed_over: Callable[[], None] = lambda: None, under: Sequence[int] = ()
+  ) -> list:
     """Each uint8 crop's `batcher.Prediction`, riding in model calls shared with other requests; raises `Refused`.
 
     `handed_over` is called once the crops are queued (the request no longer counts as upstream).
+    With threshold ages `under`, each prediction's `p_under` holds P(age < T) of its (calibrated)
+    distribution: the same sum `Predictor.probability_under` and an export's give.
     """
     futures = [self.batcher.submit(chip) for chip in chips]
     handed_over()
     try:
-      return await asyncio.gather(*map(asyncio.wrap_future, futures))
+      predictions = await asyncio.gather(*map(asyncio.wrap_future, futures))
     except Exception as e:  # the model failed on one of this request's faces (even alone); the others go on
       raise Refused(error(500, f"model call failed: {type(e).__name__}: {e}")) from None
     finally:
       for future in futures:
         future.cancel()  # queued faces of a cancelled request are skipped by the batcher
+    if under and predictions:
+      ages = labels.check_thresholds(under)
+      p = labels.probability_under(np.stack([p.distribution for p in predictions]), self.model.bins, ages)
+      for prediction, row in zip(predictions, p):
+        prediction.p_under = dict(zip(ages, map(float, row)))
+    return predictions
 
   def overloaded(self) -> dict | None:
     """The scheduler's load when work has waited too long to start (then /readyz answers 503), else None."""

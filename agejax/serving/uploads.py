@@ -1,5 +1,8 @@
 """A request's images from its body: multipart field `files`, or JSON {"images": [base64, ...]}.
 
+With them, two options, each a query parameter, a form field or a JSON key: `aligned` (the images
+are face crops) and `under` (threshold ages, "18,25": each face gets its P(age < T) as `p_under`).
+
 The event loop only collects the body's bytes (`guard.Guard` bounds their size, time and the total
 held over all requests); parsing runs in a small thread pool of its own, so a hostile body never
 stalls the loop and at most `PARSE_THREADS` bodies are parsed at once. JSON is screened before it
@@ -25,6 +28,7 @@ import python_multipart.multipart as multipart
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from agejax import labels
 from agejax.serving import guard
 from agejax.serving.guard import error
 
@@ -35,15 +39,17 @@ MAX_JSON_ESCAPES = 1 << 16  # backslashes in a JSON body: base64 has none, names
 MAX_BOUNDARY_CHARS = 70  # RFC 2046's limit on a multipart boundary
 MAX_PART_HEADER_BYTES = 64 * 1024  # file names may be long (they are cut later); python-multipart's default is 4 KB
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+MAX_THRESHOLDS = 32  # `under` ages in one request: each face answers one probability per age
 
 
 @dataclasses.dataclass
 class Upload:
-  """A request's images: names, bytes, and whether they are face crops already."""
+  """A request's images: names, bytes, whether they are face crops already, and the ages T of P(age < T) asked."""
 
   names: list[str]
   datas: list[bytes]
   aligned: bool
+  under: tuple[int, ...] = ()
 
 
 class Refused(Exception):
@@ -70,7 +76,7 @@ async def read_upload(request: Request, settings: UploadLimits) -> Upload:
     settings: the server's `app.Settings` (max_files, max_body_bytes, body_timeout_s).
   """
   kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-  parse: Callable[[list[bytes], int], tuple[list[str], list[bytes], list[str]]]
+  parse: Callable[[list[bytes], int], tuple[list[str], list[bytes], dict[str, list[str]]]]
   if kind == "multipart/form-data":
     parse = functools.partial(_parse_multipart, _boundary(request.headers["content-type"]))
   elif kind == "application/json":
@@ -80,8 +86,12 @@ async def read_upload(request: Request, settings: UploadLimits) -> Upload:
       error(415, 'send multipart/form-data (images in the field "files") or application/json {"images": [base64]}')
     )
   chunks = await read_body(request, settings)
-  names, datas, form_aligned = await parse_off_loop(parse, chunks, settings.max_files)
-  aligned = _aligned(request.query_params.getlist("aligned") + form_aligned)
+  names, datas, form = await parse_off_loop(parse, chunks, settings.max_files)
+  aligned = _aligned(request.query_params.getlist("aligned") + form["aligned"])
+  try:
+    under = thresholds(request.query_params.getlist("under") + form["under"])
+  except ValueError as e:
+    raise Refused(error(400, str(e))) from None
   if not datas:
     raise Refused(
       error(
@@ -90,7 +100,7 @@ async def read_upload(request: Request, settings: UploadLimits) -> Upload:
     )
   if len(datas) > settings.max_files:
     raise Refused(error(413, f"{len(datas)} images: at most {settings.max_files} in one request (--max_files)"))
-  return Upload([_name(n) for n in names], datas, aligned)
+  return Upload([_name(n) for n in names], datas, aligned, under)
 
 
 async def read_body(request: Request, settings: UploadLimits) -> list[bytes]:
@@ -134,8 +144,10 @@ def _boundary(content_type: str) -> str:
   return boundary
 
 
-def _parse_multipart(boundary: str, chunks: list[bytes], max_files: int) -> tuple[list[str], list[bytes], list[str]]:
-  """In a parse thread: (file names, their bytes, the form's `aligned` values) of a multipart body."""
+def _parse_multipart(
+  boundary: str, chunks: list[bytes], max_files: int
+) -> tuple[list[str], list[bytes], dict[str, list[str]]]:
+  """In a parse thread: (file names, their bytes, the form's `aligned` and `under` values) of a multipart body."""
   parts: list[tuple[list[tuple[str, str]], bytearray]] = []
   header = ["", ""]
   ended = False
@@ -171,7 +183,7 @@ def _parse_multipart(boundary: str, chunks: list[bytes], max_files: int) -> tupl
     raise Refused(error(400, f"bad multipart body: {_one_line(e)}")) from None
   names: list[str] = []
   datas: list[bytes] = []
-  aligned: list[str] = []
+  form: dict[str, list[str]] = {"aligned": [], "under": []}
   for i, (headers, data) in enumerate(parts):
     try:  # RFC 2231 names may declare any codec; one that fails is the client's error
       disposition = _options(dict(headers).get("content-disposition", ""), "content-disposition")
@@ -184,21 +196,26 @@ def _parse_multipart(boundary: str, chunks: list[bytes], max_files: int) -> tupl
         raise Refused(error(400, 'the form field "files" must hold files (multipart file parts), not text'))
       names.append(_valid_name(filename, f"files[{len(names)}]'s filename") or f"files[{len(names)}]")
       datas.append(bytes(data))
-    elif field == "aligned":
+    elif field in form:
       if filename is not None:
-        raise Refused(error(400, 'the form field "aligned" must be text (true or false), not a file'))
-      aligned.append(data.decode("utf-8", "replace"))
+        raise Refused(error(400, f'the form field "{field}" must be text ({_FORM_TEXT[field]}), not a file'))
+      form[field].append(data.decode("utf-8", "replace"))
     else:
       raise Refused(
-        error(400, f'unexpected form field {field!r} (part {i}): send images in the field "files" (and "aligned")')
+        error(
+          400, f'unexpected form field {field!r} (part {i}): send images in the field "files" (and "aligned", "under")'
+        )
       )
   if not ended and datas:  # the body stopped inside a part: its last file is cut
     raise Refused(error(400, "the multipart body ends before its closing boundary (a truncated upload)"))
-  return names, datas, aligned
+  return names, datas, form
 
 
-def _parse_json(chunks: list[bytes], max_files: int) -> tuple[list[str], list[bytes], list[str]]:
-  """In a parse thread: (names, bytes, `aligned` values) of a JSON body {"images": [...], "aligned", "names"}."""
+_FORM_TEXT = {"aligned": "true or false", "under": "ages such as 18,25"}
+
+
+def _parse_json(chunks: list[bytes], max_files: int) -> tuple[list[str], list[bytes], dict[str, list[str]]]:
+  """In a parse thread: (names, bytes, `aligned` and `under` values) of a JSON body {"images": [...], ...}."""
   body = b"".join(chunks)
   chunks.clear()
   screen_json(body, max_values=4 * max_files + 64)
@@ -214,9 +231,11 @@ def _parse_json(chunks: list[bytes], max_files: int) -> tuple[list[str], list[by
   del text
   if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
     raise Refused(error(400, 'the JSON body must be an object with "images": a list of base64 strings'))
-  unknown = set(doc) - {"images", "aligned", "names"}
+  unknown = set(doc) - {"images", "aligned", "names", "under"}
   if unknown:
-    raise Refused(error(400, f"unexpected JSON key(s) {sorted(map(ascii, unknown))}: use images, aligned and names"))
+    raise Refused(
+      error(400, f"unexpected JSON key(s) {sorted(map(ascii, unknown))}: use images, aligned, names and under")
+    )
   images = doc["images"]
   if len(images) > max_files:
     raise Refused(error(413, f"{len(images)} images: at most {max_files} in one request (--max_files)"))
@@ -237,7 +256,17 @@ def _parse_json(chunks: list[bytes], max_files: int) -> tuple[list[str], list[by
   aligned = doc.get("aligned", None)
   if aligned is not None and not isinstance(aligned, bool):
     raise Refused(error(400, f'"aligned" must be true or false, not {ascii(aligned)[:40]}'))
-  return names, datas, [] if aligned is None else [str(aligned)]
+  return names, datas, {"aligned": [] if aligned is None else [str(aligned)], "under": _json_under(doc.get("under"))}
+
+
+def _json_under(value: object) -> list[str]:
+  """A JSON body's `under` as text values: a string ("18,25"), a whole age (18) or a list of whole ages."""
+  if value is None:
+    return []
+  items = value if isinstance(value, list) else [value]
+  if len(items) > MAX_THRESHOLDS or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in items):
+    raise Refused(error(400, f'"under" must be ages such as "18,25", 18 or [18, 25], not {ascii(value)[:40]}'))
+  return [str(v) for v in items]
 
 
 _JSON_STRUCTURE = re.compile(rb'["\[\]{},:]')
@@ -311,6 +340,17 @@ def _options(value: str, header: str = "content-type") -> email.message.Message:
 
 def _text(data: bytes) -> str:
   return bytes(data).decode("utf-8", "replace")  # browsers send file names as raw UTF-8
+
+
+def thresholds(values: list[str]) -> tuple[int, ...]:
+  """The ages of every `under` value given ("18,25"; each age once, in order); raises ValueError in one line."""
+  try:
+    ages = labels.check_thresholds(age for value in values for age in labels.parse_thresholds(value))
+  except ValueError as e:
+    raise ValueError(f"under: {e}") from None
+  if len(ages) > MAX_THRESHOLDS:
+    raise ValueError(f"under: {len(ages)} ages, at most {MAX_THRESHOLDS} in one request")
+  return ages
 
 
 def _aligned(values: list[str]) -> bool:

@@ -7,6 +7,7 @@ once it is a regular file of bounded size inside the folder (`manifest.open_file
 """
 
 import hashlib
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -131,6 +132,14 @@ class ExportedPredictor:
         f"{self.min_age}..{self.max_age}, but the export recorded {reference['expected_age']:.2f}: the ages "
         f"were changed; export the workdir again"
       )
+
+  def probability_under(self, probs: np.ndarray, thresholds: Iterable[int]) -> np.ndarray:
+    """Returns P(age < T) [N, len(T)] of distributions [N, K] this export returned, under the manifest's ages.
+
+    Computed from the exported (calibrated) distribution, as `Predictor.probability_under` is: every
+    format outputs the distribution, and this sum is the same whichever produced it.
+    """
+    return labels.probability_under(probs, self.bins, thresholds)
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Returns distributions [N, K] for uint8 face crops [N, S, S, 3] (S = input_size), run in padded batches.

@@ -5,6 +5,7 @@
 const SVG = "http://www.w3.org/2000/svg";
 const PHOTO_MAX_SIDE = 560; // the canvas's longer side, in CSS pixels
 const CHART = { width: 520, height: 150, left: 34, right: 8, top: 10, bottom: 24 };
+const UNDER = 18; // each face shows its P(age < 18): the server's calibrated mass before the 18th birthday
 
 const drop = document.getElementById("drop");
 const input = document.getElementById("files");
@@ -50,7 +51,7 @@ async function predictOne(file) {
   try {
     const body = new FormData();
     body.append("files", file, file.name);
-    const url = "/v1/predict" + (aligned.checked ? "?aligned=true" : "");
+    const url = `/v1/predict?under=${UNDER}` + (aligned.checked ? "&aligned=true" : "");
     const response = await fetch(url, { method: "POST", body });
     const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
@@ -84,7 +85,10 @@ async function show(card, file, result, minAge, timing) {
     const item = element("div", { class: "face" });
     const [low, high] = face.interval80;
     const label = element("p", { class: "age-label" }, `Face ${i + 1}: age ${face.age.toFixed(1)} `);
-    label.append(element("small", {}, `80%: ${low.toFixed(0)}–${high.toFixed(0)} · peak ${face.argmax_age.toFixed(0)} · std ${face.std.toFixed(1)}`));
+    const details = element("small", {}, `80%: ${low.toFixed(0)}–${high.toFixed(0)} · peak ${face.argmax_age.toFixed(0)} · std ${face.std.toFixed(1)} · `);
+    const under = face.p_under[String(UNDER)];
+    details.append(element("span", { class: "p-under", "data-p": under }, `P(age < ${UNDER}) ${(100 * under).toFixed(1)}%`));
+    label.append(details);
     item.append(label, chart(face, minAge));
     list.append(item);
   });
