@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from agejax import errors
+from agejax import errors, labels
 from agejax.evaluation import groups
 
 MINOR_AGE = 18
@@ -86,13 +86,9 @@ def check_age_check(threshold: Any, target_fpr: Any, min_age: int, max_age: int,
     )
 
 
-def under_probability(probs: np.ndarray, bins: np.ndarray, threshold: float) -> np.ndarray:
-  """P(age < threshold) per distribution: the mass of the bins below it (float64).
-
-  A private helper here: the Predictor's P(age < T) is being built beside this; both are the same sum.
-  """
-  probs = np.asarray(probs, np.float64)
-  return probs[..., np.asarray(bins) < threshold].sum(axis=-1)
+def under_probability(probs: np.ndarray, bins: np.ndarray, threshold: int) -> np.ndarray:
+  """P(age < threshold) per distribution: the mass of the bins below it (float64), as labels.probability_under."""
+  return labels.probability_under(probs, bins, [threshold])[..., 0]
 
 
 def upper_bound(k: np.ndarray | int, n: int, confidence: float = CONFIDENCE) -> np.ndarray:
