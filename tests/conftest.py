@@ -222,29 +222,3 @@ def pytest_sessionfinish(session):
 
   gc.collect()
   gc.freeze()
-
-
-# The fixtures that build or read the session's trained tiny run (tests/tiny_run.py).
-_TINY_RUN_CALLS = frozenset({"tiny_run", "tiny_export", "trained", "serve_flags"})
-
-
-def uses_tiny_run(item) -> bool:
-  """Whether a collected test needs the session's trained tiny run (a fixture of its closure calls tiny_run)."""
-  info = getattr(item, "_fixtureinfo", None)
-  if info is None:
-    return False
-  for definitions in info.name2fixturedefs.values():
-    code = getattr(definitions[-1].func, "__code__", None)
-    if code is not None and _TINY_RUN_CALLS & set(code.co_names):
-      return True
-  return False
-
-
-def pytest_collection_modifyitems(session, config, items):
-  """The tests on the shared trained tiny run first, in their own order, then the rest.
-
-  xdist's load scheduling hands each worker a first chunk of consecutive tests (a quarter of its
-  share): with the trained-model tests at the front, one worker trains, exports and runs them while
-  the other runs unit tests, instead of both waiting on the run's lock (~65 s of the fast tier's 3 min).
-  """
-  items[:] = sorted(items, key=lambda item: not uses_tiny_run(item))

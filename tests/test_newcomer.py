@@ -211,7 +211,8 @@ def test_flip_reports_are_named_apart_and_an_unevaluated_run_reports_its_latest_
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert_quiet(proc.stderr)
   names = ["test_flip.json", "test_flip_predictions.jsonl"] + [
-    f"test_flip_{n}.png" for n in ("cs_curve", "mae_by_age_group", "predicted_vs_true", "groups", "calibration")
+    f"test_flip_{n}.png"
+    for n in ("cs_curve", "mae_by_age_group", "predicted_vs_true", "groups", "calibration", "age_checks")
   ]
   wrote = proc.stdout[proc.stdout.index("wrote ") :].removeprefix("wrote ").split()
   assert wrote == [os.path.join(str(run), "eval", n) for n in names]
