@@ -311,6 +311,12 @@ def from_binary(name: str, datatype: str, shape: list[int], raw: memoryview | by
   return Tensor(name, datatype, shape, np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).reshape(shape))
 
 
+def to_binary(tensor: Tensor) -> bytes:
+  """An output's binary data (Triton's extension, gRPC's raw contents): little-endian, row-major."""
+  dtype = np.dtype(DTYPES[tensor.datatype]).newbyteorder("<")
+  return np.ascontiguousarray(tensor.data, dtype).tobytes()
+
+
 def deserialize_bytes(raw: memoryview | bytes, count: int, name: str) -> list[bytes]:
   """A BYTES tensor's elements from its binary form: each a 4-byte little-endian length, then its bytes."""
   out: list[bytes] = []
@@ -384,8 +390,7 @@ def http_response(service: Service, request: InferRequest, tensors: list[Tensor]
   for t in tensors:
     out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
     if request.binary.get(t.name, request.binary.get("*", False)):
-      blob = np.ascontiguousarray(t.data, DTYPES[t.datatype]).astype("<" + np.dtype(DTYPES[t.datatype]).str[1:])
-      blobs.append(blob.tobytes())
+      blobs.append(to_binary(t))
       out["parameters"] = {"binary_data_size": len(blobs[-1])}
     else:
       out["data"] = np.asarray(t.data).ravel().tolist()

@@ -94,12 +94,6 @@ def parse_request(request: Any) -> oip.InferRequest:
   return oip.InferRequest(request.id or None, tensor, outputs, parameters)
 
 
-def _raw(tensor: oip.Tensor) -> bytes:
-  """A tensor's bytes as the protocol sends them: little-endian, row-major."""
-  dtype = np.dtype(oip.DTYPES[tensor.datatype]).newbyteorder("<")
-  return np.ascontiguousarray(tensor.data, dtype).tobytes()
-
-
 @dataclasses.dataclass
 class Endpoint:
   """Where the gRPC server listens: its address and, until it binds, the socket that holds the port.
@@ -223,7 +217,7 @@ def _servicer(pb: Any, pb_grpc: Any, service: Service) -> Any:
           response.parameters[key].int64_param = int(value)
         for t in tensors:
           response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-          response.raw_output_contents.append(_raw(t))
+          response.raw_output_contents.append(oip.to_binary(t))
         return response
 
       return await answer(context, "ModelInfer", work)
