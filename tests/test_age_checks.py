@@ -6,13 +6,16 @@ import math
 import numpy as np
 import pytest
 import tiny_run
+from conftest import labelled_split
 from PIL import Image
 from scipy import stats
 from test_evaluate import run_script
+from test_train import scalars
 
 from agejax import errors
 from agejax.evaluation import age_checks
-from agejax.training import configuration
+from agejax.inference import evaluate
+from agejax.training import configuration, train
 from configs import vgg16_kl
 
 BINS = np.arange(1, 101, dtype=np.float64)
@@ -255,3 +258,111 @@ def test_evaluate_age_check_on_the_tiny_run(request, tmp_path_factory):
     assert png.format == "PNG" and png.width > 100
   proc = run_script("scripts/evaluate.py", "--workdir", str(workdir), "--age_check", "300")
   assert proc.returncode != 0 and "--age_check=300" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- TensorBoard during training: the rates at every evaluation ---
+
+AGE_CHECK_TAGS = (
+  "eval/fpr_challenge21",
+  "eval/fpr_challenge25",
+  "eval/fpr_challenge30",
+  "eval/tpr_band13_16",
+  "eval/fpr_band13_16",
+  "eval/mae_18_30_nist",
+  "eval/age_check_p",
+  "eval/age_check_fpr",
+  "eval/age_check_fnr",
+)
+EVAL_STEPS = (30, 60)
+
+
+def certified_count(n: int, target: float, confidence: float = 0.95) -> int | None:
+  """The most minors of n a rule may pass for a certified target: the largest k < n with P(Bin(n, target) <= k) <= 5%.
+
+  The one-sided Clopper-Pearson bound of k in n is at most the target exactly when the binomial
+  probability of k or fewer at the target is at most 1 - confidence (the bound is where it equals it);
+  written as a sum of float64 binomial terms, not with the beta quantile age_checks uses. None: no k.
+  """
+  terms = [math.comb(n, j) * target**j * (1 - target) ** (n - j) for j in range(n)]
+  ok = [k for k in range(n) if sum(terms[: k + 1]) <= 1 - confidence]
+  return ok[-1] if ok else None
+
+
+def reference_rates(estimate, probs, age, gender, threshold: int, target: float) -> dict[str, float | None]:
+  """The TensorBoard age-check rates of a split in float64 NumPy, from its predicted ages, raw distributions, ages."""
+  estimate, age = np.asarray(estimate, np.float64), np.asarray(age, np.float64)
+  mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
+  minor = age < 18
+  out = {f"fpr_challenge{t}": mean(estimate[minor] >= t) for t in (21, 25, 30)}
+  in_band, estimated_in = (age >= 13) & (age <= 16), (estimate >= 13) & (estimate < 17)
+  out.update(tpr_band13_16=mean(estimated_in[in_band]), fpr_band13_16=mean(estimated_in[~in_band]))
+  cells = [np.abs(estimate - age)[(age == a) & (gender == s)] for a in range(18, 31) for s in ("male", "female")]
+  out["mae_18_30_nist"] = mean([c.mean() for c in cells if len(c)])
+  # "pass when P(age < T) <= p", p chosen on this split: the faces scored below the (k+1)-th smallest minor's P pass.
+  under = np.where(BINS < threshold, np.asarray(probs, np.float64), 0.0).sum(axis=1)
+  minors = np.sort(under[age < threshold])
+  k = certified_count(len(minors), target)
+  k = math.floor(target * len(minors)) if k is None else k  # too few minors: the plug-in choice
+  passed = under < minors[k]  # k < the number of minors: the certified k is, and so is the plug-in's at a target < 1
+  out.update(
+    age_check_p=float(minors[k]),  # the rule's p is the largest float below it
+    age_check_fpr=mean(passed[age < threshold]),
+    age_check_fnr=mean(~passed[age >= threshold]),
+  )
+  return out
+
+
+@pytest.mark.parametrize("target", [0.01, 0.2])  # too few minors to certify 1%: the plug-in; 20%: certified
+def test_the_point_rates_the_trainer_logs_equal_numpy_formulas(target):
+  rng = np.random.default_rng(9)
+  n = 400
+  kind, age = draw(population(10), n, rng)  # true ages drawn from the faces' own distributions
+  probs = population(10)[kind]
+  estimate = np.round(probs @ BINS)  # whole years: ties at the Challenge and band edges
+  gender = np.array(["male", "female"])[rng.integers(0, 2, n)]
+  groupings = {"gender": (np.asarray(gender == "female", int), ("male", "female"))}
+  under = age_checks.under_probability(probs, BINS, 18)
+  report = age_checks.point_report(estimate, under, age, groupings, 18, target)
+  assert report["age_checks"]["challenge"]["25"]["ci95"] is None  # point rates: no bootstrap
+  assert report["age_check"]["rules"]["probability"]["certified"] is (target == 0.2)
+  got = age_checks.headline(report)
+  expected = reference_rates(estimate, probs, age, gender, 18, target)
+  assert set(got) == set(expected)
+  for key, value in expected.items():
+    assert got[key] == pytest.approx(value, rel=1e-6 if key == "mae_18_30_nist" else 1e-12), key
+  assert set(age_checks.headline(age_checks.point_report(estimate, None, age, groupings, 0, target))) == {
+    key for key in expected if not key.startswith("age_check")
+  }
+
+
+@pytest.mark.slow  # ~40 s: a 60-step tiny run and the eval split scored again at both checkpoints
+def test_training_writes_the_age_check_rates_at_every_evaluation(tmp_path, tiny_config):
+  """eval/<rate> at each evaluation equals the rate recomputed from that checkpoint's predictions (evaluate.py's)."""
+  config = tiny_config
+  config.model.batch_norm = True  # learns at this width: ages spread, so the rates are not all 0 or 1
+  config.batch_size, config.num_train_steps = 32, EVAL_STEPS[-1]
+  config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = EVAL_STEPS[0]
+  config.eval.age_check, config.eval.age_check_target_fpr = 18, 0.3  # certified with the split's few minors
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, workdir)
+  logged = scalars(workdir)
+  data = labelled_split(config, "validation")
+  gender = np.asarray(data.group_names["gender"])[np.asarray(data.groups["gender"])]
+  assert (data.age < 18).sum() >= 3 and (data.age >= 18).sum() >= 3
+  expected: dict[str, list] = {}
+  for step in EVAL_STEPS:
+    evaluate.run_evaluation(None, workdir, "validation", checkpoint=step, calibrated=False, age_check=0)
+    rows = [json.loads(line) for line in (workdir / "eval" / "validation_predictions.jsonl").read_text().splitlines()]
+    np.testing.assert_array_equal([r["age"] for r in rows], data.age)
+    estimate = np.array([r["predicted_age"] for r in rows])
+    probs = np.array([r["probabilities"] for r in rows])  # the raw model's (temperature 1), as the trainer's P
+    for key, value in reference_rates(estimate, probs, data.age, gender, 18, 0.3).items():
+      expected.setdefault(f"eval/{key}", []).append(value)
+  assert set(expected) == set(AGE_CHECK_TAGS)
+  for tag, values in expected.items():
+    if None in values:  # no one in the rate's denominator: nothing logged
+      assert tag not in logged, tag
+      continue
+    # One value per evaluation; TensorBoard keeps float32 (the rates are multiples of 1/count, far apart).
+    np.testing.assert_allclose(logged[tag], values, rtol=1e-6, atol=1e-7, err_msg=tag)
+  assert sum(tag in logged for tag in AGE_CHECK_TAGS) >= 7  # the tiny split has minors, adults and ages 18-30

@@ -221,7 +221,7 @@ def rates(
 
   Returns:
     {rate: {"count", "rate", "ci95", "groups": {grouping: {group: {"count", "rate", "ci95"}}}}};
-    a cell without examples has rate and ci95 None.
+    a cell without examples has rate and ci95 None; `resamples` 0: point rates, every ci95 None.
   """
   names, one_hot = _columns(groupings, {k: np.asarray(v, bool) for k, v in masks.items()})
   count, mean, replicates = groups.bootstrap_means(
@@ -233,7 +233,7 @@ def rates(
     entry = {
       "count": n,
       "rate": float(mean[j]) if n else None,
-      "ci95": [float(v) for v in np.nanpercentile(replicates[:, j], [2.5, 97.5])] if n else None,
+      "ci95": [float(v) for v in np.nanpercentile(replicates[:, j], [2.5, 97.5])] if n and resamples else None,
     }
     if grouping == "all":
       out[rate] = {**entry, "groups": {}}
@@ -263,7 +263,7 @@ def mae_18_30(
   """NIST's MAE: the unweighted mean of the MAEs of each sex at each age 18..30, with a 95% bootstrap interval.
 
   Without sex labels, the mean over the 13 ages (`averaged_over` says which); cells without faces
-  are left out (`cells` counts those averaged).
+  are left out (`cells` counts those averaged). `resamples` 0: the point MAE, ci95 None.
   """
   estimate, age = np.asarray(estimate, np.float64), np.asarray(age, np.float64)
   ages = range(MAE_AGES[0], MAE_AGES[1] + 1)
@@ -288,6 +288,7 @@ def mae_18_30(
   }
   if present.any():
     out["mae"] = float(mean[present].mean())
+  if present.any() and resamples:
     # A replicate that drew no one of a small cell averages the cells it has (dropping it would keep
     # only the rare replicates that hold every cell: a far too narrow interval).
     per_replicate = np.nanmean(replicates[:, present], axis=1)
@@ -389,6 +390,38 @@ def check(
     }
     out["rules"][rule] = entry
   return out
+
+
+def point_report(
+  estimate: np.ndarray,
+  under: np.ndarray | None,
+  age: np.ndarray,
+  groupings: groups.Groupings,
+  threshold: int,
+  target: float,
+) -> dict[str, Any]:
+  """`nist_rates` and, with a threshold, `check` of one split, as point rates: what the trainer logs at each evaluation.
+
+  No bootstrap: 1,000 replicates of every rate by group at every evaluation would cost more than the
+  evaluation; the intervals come once, on the best checkpoint (final_metrics.json, evaluate.py). The
+  rule is chosen and scored on this same split (in-sample: the false negative rate the target costs here).
+
+  Args:
+    estimate: the point predictions [N].
+    under: P(age < threshold) [N] (None without a threshold).
+    age: the true ages [N].
+    groupings: the split's groupings (a sex grouping makes the MAE over 18-30 NIST's mean over sex and age).
+    threshold: T of "under T?"; 0: the NIST rates only.
+    target: the minors' false positive rate the rule is chosen for.
+
+  Returns:
+    {"age_checks": nist_rates', "age_check": check's (with a threshold)}: `headline` reads it.
+  """
+  report: dict[str, Any] = {"age_checks": nist_rates(estimate, age, groupings, resamples=0)}
+  if threshold and under is not None:
+    split = {"under": under, "estimate": np.asarray(estimate, np.float64), "age": np.asarray(age)}
+    report["age_check"] = check(threshold, target, split, split, groupings, resamples=0)
+  return report
 
 
 def headline(report: dict[str, Any]) -> dict[str, float | None]:

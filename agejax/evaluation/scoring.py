@@ -199,6 +199,19 @@ class Evaluator:
     with jax.transfer_guard("allow"):
       return {k: metrics.fetch_array(per_example[k]) for k in (*OUTPUT_KEYS, "distribution")}
 
+  def run_age_checks(self, state: models.Weights, threshold: int, target: float) -> dict[str, Any]:
+    """`run`'s report (without outputs) and the split's age-check point rates (`age_checks.point_report`).
+
+    The trainer's evaluation with config.eval.age_check: one pass gives the sums and the per-example
+    outputs. P(age < T) is the raw model's (temperature 1): no temperature is fitted until the run ends.
+    """
+    sums, per_example = self._collect(state, 1.0, True)
+    with jax.transfer_guard("allow"):  # the evaluation's fetches
+      report = self.report({k: metrics.fetch_array(v).astype(np.float64) for k, v in sums.items()})
+      estimate, raw = (metrics.fetch_array(per_example[k]) for k in ("predicted_age", "raw"))
+    under = age_checks.under_probability(raw, np.asarray(self.bins), threshold) if threshold else None
+    return {**report, **age_checks.point_report(estimate, under, self.data.age, self.groupings(), threshold, target)}
+
   def flipped(self, flip: bool) -> "Evaluator":
     """This evaluator with flip averaging on or off (its own jitted steps)."""
     if flip == self.flip:

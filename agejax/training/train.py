@@ -375,9 +375,16 @@ class _Run:
     bar.set_postfix(loss=f"{train['loss']:.3f}", mae=f"{train['mae']:.2f}")
 
   def _evaluate(self, step: int, state: learner.TrainState) -> None:
-    b = self.b
-    self.eval_metrics = scoring.headline(b.evaluator.run(state))
-    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in self.eval_metrics.items() if v is not None})
+    b, threshold = self.b, self.cfg.eval.age_check
+    if threshold:  # the age-check rates too (point rates, from the same pass): eval/fpr_challenge25, ...
+      report = b.evaluator.run_age_checks(state, threshold, self.cfg.eval.age_check_target_fpr)
+    else:
+      report = b.evaluator.run(state)
+    self.eval_metrics = scoring.headline(report)
+    scalars = {f"eval/{k}": v for k, v in self.eval_metrics.items() if v is not None}
+    if threshold:
+      scalars.update({f"eval/{k}": v for k, v in age_checks.headline(report).items() if v is not None})
+    self.writer.write_scalars(step, scalars)
     probs = metrics.fetch_array(self.predict(state, self.sample_images))
     bins = np.asarray(b.learner.model.bins)
     sigma = losses.target_sigma(self.cfg.loss, jax.numpy.asarray(self.sample["age_std"]))  # each face's, as trained
