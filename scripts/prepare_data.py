@@ -10,6 +10,10 @@ prints the examples per folder and the train / validation / test sizes of each b
 A database whose folders share people on purpose (IMDB-CLEAN-FP-AGE: training folder 0 and validation
 folder 1; only test folder 2 is subject-exclusive) needs `--shared_subjects 0,1`; it prints one line
 saying how many subjects those folders share.
+
+`--beam_options runner=DirectRunner,direct_num_workers=2` (fae) prepares on Apache Beam through TFDS's Beam
+support, to ArrayRecord shards unless `--file_format tfrecord`; the same examples (keys, stored features), with the
+skips counted as Beam metrics (README: the Dataflow, Spark and Flink forms).
 """
 
 import sys
@@ -34,6 +38,18 @@ _SHARED_SUBJECTS = flags.DEFINE_string(
   "fae: folders that may share subjects, e.g. 0,1 for IMDB-CLEAN-FP-AGE (or 'all'); default: none, every folder "
   "subject-exclusive.",
 )
+_BEAM_OPTIONS = flags.DEFINE_string(
+  "beam_options",
+  "",
+  "fae: prepare on Apache Beam with these pipeline options, e.g. runner=DirectRunner,direct_num_workers=2 "
+  "(README: Dataflow, Spark, Flink).",
+)
+_FILE_FORMAT = flags.DEFINE_enum(
+  "file_format",
+  "",
+  ["", "tfrecord", "array_record"],
+  "Format of the prepared shards; default: array_record with --beam_options, else tfrecord.",
+)
 _REBUILD = flags.DEFINE_bool(
   "rebuild",
   False,
@@ -46,7 +62,7 @@ def main(argv):
     sys.exit(
       f"usage: prepare_data.py {{{','.join(datasets.DATASETS)}}} [--manual_dir DIR] [--data_dir D] "
       f"[--name NAME] [--rebuild]; fae --database FILE.json --images DIR [--name NAME] [--image_size N] "
-      f"[--shared_subjects 0,1]"
+      f"[--shared_subjects 0,1] [--beam_options runner=DirectRunner,...] [--file_format array_record]"
     )
   fae = argv[1] == "fae"
   name = _BUILDER_CONFIG.value
@@ -59,6 +75,9 @@ def main(argv):
     extra = {"database": _DATABASE.value, "image_size": _IMAGE_SIZE.value} if fae else {}
     if _SHARED_SUBJECTS.value:  # datasets.prepare refuses it for a dataset other than fae
       extra["shared_subjects"] = _SHARED_SUBJECTS.value
+    if _BEAM_OPTIONS.value:  # datasets.prepare refuses it for a dataset other than fae
+      extra["beam_options"] = _BEAM_OPTIONS.value
+    extra["file_format"] = _FILE_FORMAT.value
     builder = datasets.get_builder(args[0], args[1], args[3], extra.get("image_size", 0))
     already = not _REBUILD.value and builder.is_prepared()
     builder = datasets.prepare(*args, rebuild=_REBUILD.value, **extra)

@@ -12,6 +12,7 @@ DATASETS = {
   "csv_faces": ("agejax_csv_faces", True),
   "fae": ("agejax_fae", True),  # a database of the unified benchmark: its JSON + images (data/fae.py)
 }
+FILE_FORMATS = ("", "tfrecord", "array_record")  # prepare(file_format=...): '' is the path's default
 
 
 def import_tfds():
@@ -83,6 +84,8 @@ def prepare(
   database: str = "",
   image_size: int = 0,
   shared_subjects: str = "",
+  beam_options: str = "",
+  file_format: str = "",
 ):
   """Builds the TFDS dataset once (from `manual_dir` for downloaded datasets); returns the builder.
 
@@ -93,10 +96,18 @@ def prepare(
   folder, `database` the benchmark's database JSON, `image_size` the crop size (0: the benchmark's) and
   `shared_subjects` the folders whose subjects may repeat ('0,1' or 'all'; fae.parse_shared_subjects), a
   part of the source: preparing again with another value is refused as another source.
+
+  `beam_options` (fae only; 'runner=DirectRunner,direct_num_workers=2', fae_beam.parse_options) prepares on
+  Apache Beam through TFDS's Beam support; `file_format` is 'tfrecord' or 'array_record' (default:
+  array_record on Beam, else TFDS's tfrecord).
   """
   tfds = import_tfds()
   if shared_subjects and name != "fae":
     raise errors.UserError(f"--shared_subjects={shared_subjects!r} is for fae databases only, not {name}")
+  if beam_options and name != "fae":
+    raise errors.UserError(f"--beam_options={beam_options!r} is for fae databases only, not {name}")
+  if file_format not in FILE_FORMATS:
+    raise errors.UserError(f"--file_format={file_format!r} is not one of {', '.join(filter(None, FILE_FORMATS))}")
   builder = get_builder(name, data_dir, builder_config, image_size)
   manual = DATASETS[name][1]
   if name == "fae":
@@ -109,7 +120,7 @@ def prepare(
         "pass --database FILE.json --images DIR"
       )
     _check_fae_size(builder, data_dir, builder_config, image_size, rebuild)
-    builder.database_path, builder.shared_subjects = database, shared
+    builder.database_path, builder.shared_subjects, builder.on_beam = database, shared, bool(beam_options)
   source = builder.describe_source(manual_dir) if manual and manual_dir else None
   if builder.is_prepared():
     if rebuild:
@@ -120,11 +131,27 @@ def prepare(
       epath.Path(builder.data_dir).rmtree()
       builder = get_builder(name, data_dir, builder_config, image_size)
       if name == "fae":
-        builder.database_path, builder.shared_subjects = database, shared
+        builder.database_path, builder.shared_subjects, builder.on_beam = database, shared, bool(beam_options)
     elif source is not None:
       _check_same_source(name, builder, source)
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
-  builder.download_and_prepare(download_config=download_config)
+  if not beam_options:
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
+    builder.download_and_prepare(download_config=download_config, file_format=file_format or None)
+    return builder
+  from apache_beam.options.pipeline_options import PipelineOptions
+
+  from agejax.data import fae_beam
+
+  options = PipelineOptions.from_dictionary(fae_beam.parse_options(beam_options))
+  download_config = tfds.download.DownloadConfig(
+    manual_dir=manual_dir or None, try_download_gcs=False, beam_options=options
+  )
+  try:
+    builder.download_and_prepare(download_config=download_config, file_format=file_format or "array_record")
+  except Exception as e:  # a worker's UserError comes back wrapped by the runner: give the user its one line
+    if (error := fae_beam.unwrap_error(e)) is not None:
+      raise error from None
+    raise
   return builder
 
 

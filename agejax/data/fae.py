@@ -230,6 +230,9 @@ class Database:
   # subject -> its folders, ascending.
   shared_folders: tuple[int, ...] = ()
   shared: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  # Without the check in this process (check_subjects=False, the Beam path): one row per listed entry with a
+  # subject, (subject, folder, index, img_path, kept), for the pipeline's per-subject aggregation (fae_beam).
+  subject_rows: list[tuple[str, int, int, str, bool]] = dataclasses.field(default_factory=list)
 
 
 def _is_int(value) -> bool:
@@ -321,10 +324,14 @@ def _shared_text(shared: tuple[int, ...] | str) -> str:
   return shared if isinstance(shared, str) else ",".join(map(str, shared))
 
 
-def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...] | str = ()) -> Database:
+def read_database(
+  database: Path, images: Path, shared_subjects: tuple[int, ...] | str = (), *, check_subjects: bool = True
+) -> Database:
   """Reads and checks a database JSON against its images folder (no image is decoded).
 
   `shared_subjects` (parse_shared_subjects) names the folders that may share subjects; () none, 'all' any.
+  `check_subjects=False` leaves the subject-exclusivity check and the subject counts to a Beam aggregation
+  over `Database.subject_rows` (fae_beam): no per-subject table is held in this process.
   """
   if not images.is_dir():
     raise errors.MissingInput(
@@ -337,6 +344,7 @@ def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...]
   skips: dict[int, faces.SkipCounter] = collections.defaultdict(faces.SkipCounter)
   unassigned = faces.SkipCounter()
   first_in: dict[str, dict[int, str]] = collections.defaultdict(dict)  # subject -> folder -> an img_path
+  rows: list[tuple[str, int, int, str]] = []  # (subject, folder, index, img_path) when not check_subjects
   files: set[tuple[str, Path]] = set()
   genders = boxes = False
   databases: set[str] = set()
@@ -372,8 +380,10 @@ def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...]
     if folder == -1:
       unassigned.add("no folder (-1)", img_path)
       continue
-    if subject:
+    if subject and check_subjects:
       first_in[subject].setdefault(folder, img_path)
+    elif subject:
+      rows.append((subject, folder, i, img_path))
     listed.add(folder)
     if age == -1:
       skips[folder].add("unknown age (-1)", img_path)
@@ -392,20 +402,9 @@ def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...]
   for subject, folders in first_in.items():
     if len(folders) < 2:
       continue
-    if shared_subjects == SHARED_ALL or set(folders) <= set(shared_subjects):
-      shared[subject] = sorted(folders)
-      continue
-    where = ", ".join(f"{path} in folder {f}" for f, path in sorted(folders.items()))
-    allowed = (
-      f"--shared_subjects {_shared_text(shared_subjects)} lets only folders {_shared_text(shared_subjects)} share "
-      f"subjects"
-      if shared_subjects
-      else "--shared_subjects FOLDERS (e.g. 0,1) prepares a database whose folders share subjects on purpose"
-    )
-    raise errors.UserError(
-      f"{name}: subject {subject!r} is in folders {sorted(folders)} ({where}); the benchmark's folders are "
-      f"subject-exclusive: fix the folders in the JSON, or {allowed}"
-    )
+    if not may_share(folders, shared_subjects):
+      raise subject_error(name, subject, folders, shared_subjects)
+    shared[subject] = sorted(folders)
   if not listed:
     skipped = dict(unassigned.counts)
     raise errors.UserError(f"{name} lists no face with a folder ({len(raw)} entries; skipped: {skipped})")
@@ -414,6 +413,8 @@ def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...]
       for e in [e for e in kept if e.box is None]:
         skips[folder].add("no face box", e.img_path)
       entries[folder] = [e for e in kept if e.box is not None]
+  kept_indices = {e.index for kept in entries.values() for e in kept}
+  subject_rows = [(subject, f, i, path, i in kept_indices) for subject, f, i, path in rows]
   for folder in listed:  # every folder listed gets a split, whatever its skips
     entries.setdefault(folder, [])
     skips.setdefault(folder, faces.SkipCounter())
@@ -428,12 +429,33 @@ def read_database(database: Path, images: Path, shared_subjects: tuple[int, ...]
     dict(skips),
     unassigned,
     source,
-    has_subjects=bool(first_in),
+    has_subjects=bool(first_in or rows),
     has_genders=genders,
     has_boxes=boxes,
     databases=sorted(databases),
     shared_folders=tuple(sorted(listed)) if isinstance(shared_subjects, str) else shared_subjects,
     shared=shared,
+    subject_rows=subject_rows,
+  )
+
+
+def may_share(folders, shared_subjects: tuple[int, ...] | str) -> bool:
+  """Whether a subject may be in these folders (two or more) under --shared_subjects."""
+  return shared_subjects == SHARED_ALL or set(folders) <= set(shared_subjects)
+
+
+def subject_error(name: str, subject: str, folders: dict[int, str], shared_subjects) -> errors.UserError:
+  """The one-line error of a subject found in several folders, `folders` mapping each to its first img_path."""
+  where = ", ".join(f"{path} in folder {f}" for f, path in sorted(folders.items()))
+  allowed = (
+    f"--shared_subjects {_shared_text(shared_subjects)} lets only folders {_shared_text(shared_subjects)} share "
+    f"subjects"
+    if shared_subjects
+    else "--shared_subjects FOLDERS (e.g. 0,1) prepares a database whose folders share subjects on purpose"
+  )
+  return errors.UserError(
+    f"{name}: subject {subject!r} is in folders {sorted(folders)} ({where}); the benchmark's folders are "
+    f"subject-exclusive: fix the folders in the JSON, or {allowed}"
   )
 
 
@@ -474,6 +496,10 @@ class AgejaxFae(builders.ManualSourceBuilder):
   # No predefined configs: every database is named by the user (`named_config`), e.g. "agedb".
   database_path: Path | None = None  # the JSON: set by datasets.prepare before describing or preparing
   shared_subjects: tuple[int, ...] | str = ()  # --shared_subjects (parse_shared_subjects): set with database_path
+  # Set by datasets.prepare with --beam_options: each folder is a Beam PTransform (fae_beam) and TFDS runs them
+  # in one pipeline; the subject check and the counts are then the pipeline's.
+  on_beam: bool = False
+  _beam_database: Database | None = None  # what _process_pipeline_result completes the metadata from
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = builders.features(
@@ -500,7 +526,10 @@ class AgejaxFae(builders.ManualSourceBuilder):
   def _read(self, images: Path) -> Database:
     if self.database_path is None:
       raise errors.UserError("fae needs the database JSON: pass --database FILE.json (e.g. AgeDB_aligned.json)")
-    return read_database(Path(self.database_path).expanduser(), images, self.shared_subjects)
+    # On Beam the JSON is still parsed here, in the launching process; the per-subject check is the pipeline's.
+    return read_database(
+      Path(self.database_path).expanduser(), images, self.shared_subjects, check_subjects=not self.on_beam
+    )
 
   def _split_generators(self, dl_manager):
     db = self._read(self._manual_root(dl_manager))
@@ -510,44 +539,42 @@ class AgejaxFae(builders.ManualSourceBuilder):
     metadata["margin"] = MARGIN
     metadata["folders"] = {str(f): len(kept) for f, kept in db.entries.items()}  # kept counts replace these
     metadata["has_subjects"] = db.has_subjects
-    metadata["subjects"] = len({e.subject for kept in db.entries.values() for e in kept if e.subject})
+    # On Beam the pipeline counts the subjects (fae_beam.record_metrics).
+    metadata["subjects"] = (
+      0 if self.on_beam else len({e.subject for kept in db.entries.values() for e in kept if e.subject})
+    )
     metadata["boxes"] = db.has_boxes
     metadata["databases"] = db.databases
     metadata["groups"] = {"gender": list(GENDERS)} if db.has_genders else {}
     if db.shared_folders:  # these folders are not subject-exclusive: said by prepare_data.py, kept for readers
-      metadata["shared_subjects"] = list(db.shared_folders)
-      metadata["shared_subject_count"] = len(db.shared)
-      if db.shared:
-        subject, folders = min(db.shared.items())  # the same example every time the JSON is prepared
-        metadata["shared_subject_example"] = {"subject": subject, "folders": folders}
+      record_shared(metadata, db.shared_folders, len(db.shared), min(db.shared.items()) if db.shared else None)
     if db.unassigned.counts:
       db.unassigned.record(metadata, self.name, "unassigned")
+    if self.on_beam:
+      from agejax.data import fae_beam
+
+      self._beam_database = db
+      return fae_beam.split_transforms(db, self.builder_config.image_size, self.database_name, self.shared_subjects)
     return {f"folder{f}": self._generate_examples(f, kept, db.skips[f]) for f, kept in db.entries.items()}
 
+  @property
+  def database_name(self) -> str:
+    """The database JSON's file name, as errors name it."""
+    return Path(self.database_path or "").name
+
   def _generate_examples(self, folder: int, entries: list[Entry], skips: faces.SkipCounter):
-    size, kept = self.builder_config.image_size, 0
+    kept = 0
     for e in entries:
-      if e.box is None:
-        image = faces.load_rgb(e.path, size)
-      else:
-        opened = faces.open_rgb(e.path)
-        image = opened if isinstance(opened, str) else crop_face(np.asarray(opened), e.box, size)
-      if isinstance(image, str):
-        skips.add(image, e.img_path)
+      result = example(e, self.builder_config.image_size)
+      if isinstance(result, str):
+        skips.add(result, e.img_path)
         continue
       kept += 1
-      yield (
-        e.index,
-        {
-          "image": image,
-          "age": e.age,
-          "age_std": e.age_std,
-          "folder": e.folder,
-          "img_path": e.img_path,
-          "subject": e.subject,
-          "gender": e.gender,
-        },
-      )
+      yield result
+    self.record_folder(folder, kept, skips)
+
+  def record_folder(self, folder: int, kept: int, skips: faces.SkipCounter) -> None:
+    """Records a folder's kept count and skips in the metadata; a one-line error when it kept no image."""
     skips.record(self.info.metadata, self.name, f"folder{folder}")
     self.info.metadata["folders"][str(folder)] = kept
     if not kept:
@@ -555,6 +582,34 @@ class AgejaxFae(builders.ManualSourceBuilder):
         f"folder {folder} of {sources.display(self.database_path or '')} has no usable image "
         f"(skipped: {dict(skips.counts)}); check --images"
       )
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """Completes the metadata from the Beam pipeline's metrics: skips, kept counts, subjects (fae_beam)."""
+    from agejax.data import fae_beam
+
+    assert self._beam_database is not None  # set by _split_generators, which built the pipeline
+    fae_beam.record_metrics(self, pipeline_result, self._beam_database)
+
+
+def record_shared(metadata, folders: tuple[int, ...], count: int, example: tuple[str, list[int]] | None) -> None:
+  """Records the folders allowed to share subjects, how many subjects they share and the first (by name)."""
+  metadata["shared_subjects"] = list(folders)
+  metadata["shared_subject_count"] = count
+  if example:  # the same example every time the JSON is prepared
+    metadata["shared_subject_example"] = {"subject": example[0], "folders": list(example[1])}
+
+
+def example(e: Entry, size: int) -> tuple[int, dict] | str:
+  """The (key, features) of an entry's face, its crop size x size, or why it is skipped."""
+  if e.box is None:
+    image = faces.load_rgb(e.path, size)
+  else:
+    opened = faces.open_rgb(e.path)
+    image = opened if isinstance(opened, str) else crop_face(np.asarray(opened), e.box, size)
+  if isinstance(image, str):
+    return image
+  features = {"image": image, "age": e.age, "age_std": e.age_std, "folder": e.folder, "img_path": e.img_path}
+  return e.index, {**features, "subject": e.subject, "gender": e.gender}
 
 
 def summary(builder) -> list[str]:
