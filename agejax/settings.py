@@ -52,6 +52,11 @@ class DataSettings:
   # The central fraction of each stored crop (per side) the model sees at evaluation, prediction, export
   # and serving, before the resize; 1.0: the whole crop. The benchmark's: 256/281 (the box itself).
   eval_crop: float = 1.0
+  # How splits are read: 'cache' (each host's memory-mapped uint8 copy), 'grain' (the ArrayRecord files
+  # streamed through Grain, data/streaming.py) or 'auto' (grain when the cache would not fit the disk).
+  reader: str = "cache"  # what workdirs from before the key read
+  shards: int = 0  # the training order's data shards (grain); 0: one per JAX process
+  grain_workers: int = 2  # Grain worker processes decoding the records; 0: in the training process
 
 
 @dataclasses.dataclass(frozen=True)

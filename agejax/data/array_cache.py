@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from agejax import errors
-from agejax.data import datasets
+from agejax.data import datasets, streaming
 
 UNKNOWN = "unknown"  # builders.UNKNOWN (not imported: that module needs TFDS)
 
@@ -86,7 +86,10 @@ def _decode_split(builder, split: str, folder: Path) -> None:
   names = group_names(builder)
   codes = {name: np.zeros(n, np.int32) for name in names}
   start = 0
-  dataset = tfds.as_numpy(builder.as_dataset(split=split, batch_size=256, shuffle_files=False))
+  if streaming.stored_format(builder) == streaming.ARRAY_RECORD:  # TFDS's as_dataset reads no ArrayRecord
+    dataset = streaming.read_batches(streaming.split_files(builder, split), tuple(names))
+  else:
+    dataset = tfds.as_numpy(builder.as_dataset(split=split, batch_size=256, shuffle_files=False))
   with tqdm(total=n, desc=f"array cache {split}", unit="img", disable=jax.process_index() > 0) as bar:
     for batch in dataset:
       end = start + len(batch["age"])
@@ -104,8 +107,37 @@ def _decode_split(builder, split: str, folder: Path) -> None:
   np.savez(folder / "labels.npz", age=ages, age_std=stds, **groups)  # type: ignore[arg-type]  # no "allow_pickle" key
 
 
-def _size(num_bytes: float) -> str:
+def size_text(num_bytes: float) -> str:
+  """Bytes for messages: '1.23 GB' or '4.5 MB'."""
   return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
+def _root(builder, cache_dir: str) -> Path:
+  return Path(cache_dir).expanduser().absolute() / builder.info.full_name  # name/config/version
+
+
+def _folder(builder, split: str, cache_dir: str) -> Path:
+  return _root(builder, cache_dir) / f"{split}-{cache_key(builder, split)}"
+
+
+def is_cached(builder, split: str, cache_dir: str) -> bool:
+  """True when this host holds `split`'s array cache for the prepared files as they are now."""
+  return (_folder(builder, split, cache_dir) / "labels.npz").exists()
+
+
+def needed_bytes(builder, split: str) -> int:
+  """The disk space `split`'s array cache takes: its uint8 images, labels, and a margin."""
+  n = builder.info.splits[split].num_examples
+  labels = 8 + 4 * len(group_names(builder))  # bytes per example: age, age_std, a code per grouping
+  return n * int(np.prod(builder.info.features["image"].shape)) + labels * n + (1 << 20)
+
+
+def free_bytes(cache_dir: str) -> int:
+  """Free space on the disk that holds `cache_dir` (its nearest existing folder, before it is created)."""
+  folder = Path(cache_dir).expanduser().absolute()
+  while not folder.exists():
+    folder = folder.parent
+  return shutil.disk_usage(folder).free
 
 
 def build(builder, split: str, cache_dir: str) -> Path:
@@ -115,9 +147,8 @@ def build(builder, split: str, cache_dir: str) -> Path:
   builds its own (TFDS may be on GCS; a memory map needs a local file). One process per host
   builds while the others wait on a lock; the folder appears complete or not at all (a rename).
   """
-  tfds_name = builder.info.full_name  # name/config/version
-  root = Path(cache_dir).expanduser().absolute() / tfds_name
-  folder = root / f"{split}-{cache_key(builder, split)}"
+  tfds_name = builder.info.full_name
+  root, folder = _root(builder, cache_dir), _folder(builder, split, cache_dir)
   if (folder / "labels.npz").exists():
     return folder
   root.mkdir(parents=True, exist_ok=True)
@@ -130,15 +161,12 @@ def build(builder, split: str, cache_dir: str) -> Path:
       shutil.rmtree(stale, ignore_errors=True)
     for partial in root.glob(f".{split}-" + "?" * 16 + ".tmp*"):
       shutil.rmtree(partial, ignore_errors=True)
-    info = builder.info
-    n = info.splits[split].num_examples
-    labels = 8 + 4 * len(group_names(builder))  # bytes per example: age, age_std, a code per grouping
-    needed = n * int(np.prod(info.features["image"].shape)) + labels * n + (1 << 20)
-    free = shutil.disk_usage(root).free
+    n = builder.info.splits[split].num_examples
+    needed, free = needed_bytes(builder, split), free_bytes(str(root))
     if needed > free:
       raise errors.UserError(
         f"config.data.cache_dir={cache_dir!r}: the {tfds_name} {split} array cache needs "
-        f"{_size(needed)} and {root} has {_size(free)} free; set "
+        f"{size_text(needed)} and {root} has {size_text(free)} free; set "
         f"--config.data.cache_dir to a local disk with more space"
       )
     tmp = root / f".{folder.name}.tmp{os.getpid()}"
@@ -153,7 +181,7 @@ def build(builder, split: str, cache_dir: str) -> Path:
     size = sum(f.stat().st_size for f in folder.iterdir())
     where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
     print(
-      f"{where}built the {tfds_name} {split} array cache ({n} examples, {_size(size)}) in "
+      f"{where}built the {tfds_name} {split} array cache ({n} examples, {size_text(size)}) in "
       f"{time.perf_counter() - started:.1f} s: {folder}",
       flush=True,
     )

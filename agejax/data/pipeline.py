@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from agejax import errors, parallel, settings
-from agejax.data import array_cache, datasets, splits
+from agejax.data import array_cache, datasets, splits, streaming
 
 OUT_OF_RANGE = ("clip", "drop")
 ALL_FOLDERS = "all"  # the split name of a fae database's every folder together (without config.data.split)
@@ -85,7 +85,7 @@ class ArraySplit:
   ("unknown", when the dataset can lack the field, last). Both are empty for a dataset without groups.
   """
 
-  images: np.ndarray | FolderImages  # FolderImages: a benchmark part over several folders
+  images: np.ndarray | FolderImages | streaming.RecordImages  # FolderImages: a benchmark part over several folders
   age: np.ndarray
   age_std: np.ndarray
   rows: np.ndarray | None = None
@@ -118,14 +118,22 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
   """Returns a split of the configured dataset as arrays, preparing the demo or the local array cache if needed.
 
   Args:
-    data: the data settings (name, data_dir, builder_config, cache_dir, split).
+    data: the data settings (name, data_dir, builder_config, cache_dir, split, reader).
     split: the TFDS split name; with `data.split` set, "train", "validation" or "test": that part of the
       benchmark's folders; "all" (without it): every folder of a fae database.
 
   Returns:
-    The split: memory-mapped uint8 images, ages, age stds and the dataset's groups.
+    The split: uint8 images (memory-mapped, or read from the ArrayRecord files on demand with
+    data.reader='grain'), ages, age stds and the dataset's groups.
   """
   builder = prepared_builder(data)
+  parts = split_parts(data, builder, split)
+  reader = streaming.resolve(data, builder, parts)
+  return _concatenate([_load_part(builder, part, data.cache_dir, reader) for part in parts])
+
+
+def split_parts(data: settings.DataSettings, builder, split: str) -> list[str]:
+  """The prepared TFDS splits that make up `split`: itself, or with `data.split` (or "all") benchmark folders."""
   folders = dataset_folders(builder)
   if splits.normalise(data.split):
     if not folders:
@@ -135,14 +143,13 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
       )
     chosen = splits.resolve(data.split, folders)
     assert chosen is not None  # normalise() said a split is set
-    part = chosen.folders(split)
-    return _concatenate([_load_cached(builder, f"folder{f}", data.cache_dir) for f in part])
+    return [f"folder{f}" for f in chosen.folders(split)]
   if split == ALL_FOLDERS and folders:  # a database's every folder: a cross-dataset test set
-    return _concatenate([_load_cached(builder, f"folder{f}", data.cache_dir) for f in folders])
+    return [f"folder{f}" for f in folders]
   if split not in builder.info.splits:
     hint = "; its folders form train/validation/test with --config.data.split (0-4 or a spec)" if folders else ""
     raise errors.UserError(f"config.data split {split!r} is not in {data.name}: {sorted(builder.info.splits)}{hint}")
-  return _load_cached(builder, split, data.cache_dir)
+  return [split]
 
 
 def prepared_builder(data: settings.DataSettings):
@@ -167,8 +174,15 @@ def dataset_folders(builder) -> list[int]:
   return sorted(int(m[1]) for m in found if m)
 
 
-def _load_cached(builder, split: str, cache_dir: str) -> ArraySplit:
-  """One TFDS split from its array cache (built once per prepared split and host)."""
+def _load_part(builder, split: str, cache_dir: str, reader: str) -> ArraySplit:
+  """One TFDS split from its array cache (built once per prepared split and host), or from its ArrayRecord files."""
+  if reader == streaming.GRAIN:  # labels parsed once (no image decoded); images read where a batch needs them
+    files = streaming.split_files(builder, split)
+    shape = (builder.info.splits[split].num_examples, *builder.info.features["image"].shape)
+    images = streaming.RecordImages(files, shape)
+    names = array_cache.group_names(builder)
+    age, age_std, groups = streaming.read_labels(files, names)
+    return ArraySplit(images, age, age_std, groups=groups, group_names=names)
   folder = array_cache.build(builder, split, cache_dir)
   age, age_std, groups, names = array_cache.read_labels(folder)
   return ArraySplit(np.load(folder / "images.npy", mmap_mode="r"), age, age_std, groups=groups, group_names=names)
@@ -216,6 +230,42 @@ def load_labelled_split(
       )
     raise errors.UserError(f"split {split!r} of {data.name} has no examples")
   return arrays
+
+
+@dataclasses.dataclass
+class StreamedSplit:
+  """The training split read through Grain (data.reader='grain'): its files, images on demand, a sample of its ages."""
+
+  files: list[str]
+  images: streaming.RecordImages
+  age: np.ndarray  # every training age up to streaming.BASELINE_SAMPLE, else a seeded sample: the mean-age baseline's
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+
+def train_reader(data: settings.DataSettings) -> str:
+  """'cache' or 'grain': how the training split is read (data.reader; 'auto' decides by the local disk, said)."""
+  builder = prepared_builder(data)
+  return streaming.resolve(data, builder, split_parts(data, builder, "train"))
+
+
+def streamed_train_split(data: settings.DataSettings, labels: settings.LabelSettings) -> StreamedSplit:
+  """The training split on the streaming path; only a sample of its labels is read (no image)."""
+  if labels.out_of_range == "drop":
+    raise errors.UserError(
+      "config.labels.out_of_range='drop' needs every training label before the first step, and "
+      "data.reader='grain' reads the records as it trains: use 'clip' or --config.data.reader=cache"
+    )
+  builder = prepared_builder(data)
+  parts = split_parts(data, builder, "train")
+  files = [f for part in parts for f in streaming.split_files(builder, part)]
+  n = sum(builder.info.splits[part].num_examples for part in parts)
+  sample = min(n, streaming.BASELINE_SAMPLE)
+  rows = np.arange(n) if sample == n else np.sort(np.random.default_rng(0).choice(n, sample, replace=False))
+  age, _, _ = streaming.read_labels(files, {}, rows)
+  images = streaming.RecordImages(files, (n, *builder.info.features["image"].shape))
+  return StreamedSplit(files, images, np.clip(age, labels.min_age, labels.max_age))  # 'clip', as trained
 
 
 class TrainBatches:

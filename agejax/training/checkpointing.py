@@ -26,6 +26,8 @@ CONFIG_FILE = "config.json"
 # photos are cropped to, the age bins and the preprocessing. Nothing has to ask the dataset.
 INFERENCE_FILE = "inference.json"
 CHECKPOINT_CHOICES = "best, latest or a step number"
+STATE_ITEM = "default"  # each step folder's train state: the item name Orbax gives a single item
+INPUT_ITEM = "input"  # data.reader='grain': the Grain iterator's position, one JSON file per process
 
 
 def _mae(metrics: dict) -> float:
@@ -41,7 +43,15 @@ def checkpoint_metrics(eval_metrics: dict[str, Any], select_by: str) -> dict[str
 class Checkpoints:
   """Async Orbax CheckpointManager of plain pytrees; restorable with plain Orbax too."""
 
-  def __init__(self, directory: storage.Location, keep: int = 3, *, asynchronous: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    directory: storage.Location,
+    keep: int = 3,
+    *,
+    asynchronous: bool = True,
+    read_only: bool = False,
+    input_state: bool = False,
+  ):
     policy = checkpoint_managers.AnyPreservationPolicy(
       [
         checkpoint_managers.LatestN(n=keep),
@@ -63,8 +73,16 @@ class Checkpoints:
       for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         # An interrupted write; Orbax deletes it and never restores from it.
         logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)", partial)
-    # One item of plain pytrees: its metadata (names, shapes) can be read without restoring.
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+    # One item of plain pytrees: its metadata (names, shapes) can be read without restoring. With
+    # `input_state` (data.reader='grain') the Grain input's position is a second item, INPUT_ITEM, in the
+    # same step folder; the train state stays where plain Orbax finds it (STATE_ITEM).
+    handlers: Any = ocp.StandardCheckpointHandler()
+    self.input_state = input_state
+    if input_state:
+      import grain
+
+      handlers = {STATE_ITEM: handlers, INPUT_ITEM: grain.checkpoint.CheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._closed = False
 
   def latest_step(self) -> int | None:
@@ -76,13 +94,30 @@ class Checkpoints:
     steps_with_metrics = [s for s in self.manager.all_steps() if self.manager.metrics(s)]
     return self.manager.best_step() if steps_with_metrics else None
 
-  def save(self, step: int, state: Any, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:
-    """Starts writing `state` at `step` in the background (metrics rank it for 'best')."""
-    self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+  def save(
+    self, step: int, state: Any, metrics: dict[str, float] | None = None, *, force: bool = False, position: Any = None
+  ) -> None:
+    """Starts writing `state` at `step` in the background (metrics rank it for 'best'), and the input's `position`."""
+    args: Any = ocp.args.StandardSave(state)
+    if self.input_state:
+      import grain
+
+      args = ocp.args.Composite(**{STATE_ITEM: args, INPUT_ITEM: grain.checkpoint.CheckpointSave(position)})
+    self.manager.save(step, args=args, metrics=metrics, force=force)
+
+  def restore_position(self, position: Any, step: int) -> bool:
+    """Restores the input's position saved at `step` into `position`; False when that checkpoint has none."""
+    import grain
+
+    if not (self.directory / str(step) / INPUT_ITEM).is_dir():
+      return False  # written by the cache reader (or before the key): the step alone says where to go on
+    self.manager.restore(step, args=ocp.args.Composite(**{INPUT_ITEM: grain.checkpoint.CheckpointRestore(position)}))
+    return True
 
   def mismatch(self, target: Any, step: int) -> str | None:
     """The first array whose name or shape differs between checkpoint `step` and `target`, or None."""
-    saved = _shapes(self.manager.item_metadata(step))
+    metadata = self.manager.item_metadata(step)
+    saved = _shapes(metadata[STATE_ITEM] if self.input_state else metadata)
     wanted = _shapes(target)
     for name in sorted(saved.keys() | wanted.keys(), key=lambda n: (n.startswith("opt_state"), n)):  # params first
       if name not in saved:
@@ -107,6 +142,9 @@ class Checkpoints:
         f"{self.directory}: checkpoint step {step} does not fit this config: {problem} (model or "
         f"optimizer settings changed? use a new workdir, or the config that wrote it)"
       )
+    if self.input_state:
+      args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
+      return self.manager.restore(step, args=args)[STATE_ITEM]
     return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def reached_preemption(self, step: int) -> bool:

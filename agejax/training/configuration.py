@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from agejax import errors, models, settings, storage
-from agejax.data import splits
+from agejax.data import splits, streaming
 from agejax.evaluation import age_checks
 from agejax.training import checkpointing, losses, optim
 
@@ -42,6 +42,7 @@ RESUME_MUST_MATCH = (
   "data.image_size",
   "data.eval_split",  # the data, the input, "best"
   "data.split",  # which folders train, validate and test
+  "data.shards",  # the streamed training order (data.reader='grain')
   "loss.name",
   "loss.sigma",
   "loss.l1_weight",  # the objective (sigma: the width of the learnt distributions)
@@ -65,6 +66,8 @@ RESUME_MAY_CHANGE = (
   "compilation_cache_dir",
   "data.data_dir",
   "data.cache_dir",  # how long, how often, where
+  "data.reader",
+  "data.grain_workers",  # how the records are read
   "batch_size",
   "eval_batch_size",
   "grad_accum_steps",
@@ -245,11 +248,28 @@ def _check_data_and_model(cfg: settings.Settings) -> None:
     f"the best checkpoint and the temperature are chosen on this split, so the {TEST_SPLIT!r} split scored at "
     "the end would no longer be held out; use 'validation'",
   )
+  _check_reader(cfg.data, cfg.run.batch_size)
   _require(
     bool(cfg.data.cache_dir) and not storage.is_url(cfg.data.cache_dir),
     "data.cache_dir",
     cfg.data.cache_dir,
     "must be a local folder: the arrays are memory-mapped (data.data_dir may be a URL)",
+  )
+
+
+def _check_reader(data: settings.DataSettings, batch_size: int) -> None:
+  _require(data.reader in streaming.READERS, "data.reader", data.reader, f"must be one of {streaming.READERS}")
+  _require(
+    isinstance(data.shards, int) and data.shards >= 0 and (data.shards == 0 or batch_size % data.shards == 0),
+    "data.shards",
+    data.shards,
+    f"must be 0 (one a process) or a count that divides batch_size={batch_size}",
+  )
+  _require(
+    isinstance(data.grain_workers, int) and data.grain_workers >= 0,
+    "data.grain_workers",
+    data.grain_workers,
+    "must be >= 0 (0: the records are decoded in the training process)",
   )
 
 

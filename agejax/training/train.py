@@ -5,6 +5,7 @@ import functools
 import logging
 import math
 import time
+import typing
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import optax
 from etils import epath
 
 from agejax import errors, metrics, models, parallel, settings, storage
-from agejax.data import datasets, framing, pipeline, splits
+from agejax.data import datasets, framing, pipeline, splits, streaming
 from agejax.evaluation import age_checks, calibration, plots, scoring
 from agejax.training import checkpointing, configuration, learner, losses, preemption, profiling, workdir_lock
 
@@ -29,7 +30,7 @@ class Built:
   """Everything a run is made of, built from its settings before the loop starts."""
 
   mesh: jax.sharding.Mesh
-  train_data: pipeline.ArraySplit
+  train_data: pipeline.ArraySplit | pipeline.StreamedSplit  # StreamedSplit: data.reader='grain'
   eval_data: pipeline.ArraySplit
   schedule: optax.Schedule
   state: learner.TrainState
@@ -40,6 +41,7 @@ class Built:
   steps_per_epoch: int
   cfg: settings.Settings  # the run's settings with its length and intervals in steps (`in_steps`)
   extra_evals: dict[str, tuple[settings.ExtraEval, scoring.Evaluator]]  # config.evals by name
+  train_stream: streaming.TrainStream | None = None  # data.reader='grain': this process's batches through Grain
 
 
 def pretrained(cfg: settings.Settings, resumed: epath.Path | None = None) -> tuple[Any, models.InputSpec | None]:
@@ -108,13 +110,17 @@ def in_steps(cfg: settings.Settings, steps_per_epoch: int) -> settings.Settings:
   return dataclasses.replace(cfg, run=dataclasses.replace(run, **changes)) if changes else cfg
 
 
-def build(cfg: settings.Settings, resumed: epath.Path | None = None) -> Built:
+def build(cfg: settings.Settings, resumed: epath.Path | None = None, reader: str = streaming.CACHE) -> Built:
   """Creates the mesh, data, learner, initial state, jitted train step and evaluators of validated settings.
 
   `resumed`: the workdir whose checkpoint will replace the initial state (its initial weights are not read).
+  `reader`: how the training split is read, 'cache' or 'grain' (pipeline.train_reader).
   """
   mesh = parallel.make_mesh()
-  train_data = pipeline.load_labelled_split(cfg.data, cfg.labels, "train", training=True)
+  if reader == streaming.GRAIN:
+    train_data: pipeline.ArraySplit | pipeline.StreamedSplit = pipeline.streamed_train_split(cfg.data, cfg.labels)
+  else:
+    train_data = pipeline.load_labelled_split(cfg.data, cfg.labels, "train", training=True)
   eval_data = pipeline.load_labelled_split(cfg.data, cfg.labels, cfg.data.eval_split)
   test = test_data(cfg)
   steps_per_epoch = math.ceil(len(train_data) / cfg.run.batch_size)
@@ -136,6 +142,16 @@ def build(cfg: settings.Settings, resumed: epath.Path | None = None) -> Built:
     steps_per_epoch=steps_per_epoch,
     cfg=cfg,
     extra_evals={e.name: (e, fns.evaluator(extra_eval_data(cfg, e), mesh)) for e in cfg.eval.evals},
+    train_stream=None
+    if reader != streaming.GRAIN
+    else streaming.train_stream(
+      typing.cast(pipeline.StreamedSplit, train_data).files,
+      len(train_data),
+      cfg.run,
+      cfg.data,
+      cfg.labels,
+      cfg.run.num_train_steps,
+    ),
   )
 
 
@@ -177,9 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.Locat
   enable_compilation_cache(cfg.run.compilation_cache_dir)
   try:
     with preemption.Preemption() as signalled, workdir_lock.hold(directory) as lock:
-      ckpts = checkpointing.Checkpoints(directory / "checkpoints", cfg.run.keep_checkpoints)
+      reader = pipeline.train_reader(cfg.data)  # grain: the input's position is saved with every checkpoint
+      ckpts = checkpointing.Checkpoints(
+        directory / "checkpoints", cfg.run.keep_checkpoints, input_state=reader == streaming.GRAIN
+      )
       try:
-        return _Run(config, cfg, directory, ckpts, lock, signalled, started).train()
+        return _Run(config, cfg, directory, ckpts, lock, signalled, started, reader).train()
       finally:
         ckpts.close()
   except preemption.Stopped:
@@ -208,9 +227,10 @@ class _Run:
     lock: workdir_lock.WorkdirLock | None,
     signalled: preemption.Preemption,
     started: float,
+    reader: str = streaming.CACHE,
   ):
     self.config, self.cfg, self.workdir, self.ckpts = config, cfg, workdir, ckpts
-    self.lock, self.signalled, self.started = lock, signalled, started
+    self.lock, self.signalled, self.started, self.reader = lock, signalled, started, reader
     self.eval_metrics: dict[str, Any] = {}
     self.extra_metrics: dict[str, dict[str, Any]] = {}
     self.synced: list[tuple[int, float]] = []  # (step, time) at each log fetch, where the host has synced
@@ -223,7 +243,7 @@ class _Run:
     final_path = self.workdir / FINAL_METRICS
     with jax.transfer_guard("allow"):  # start-up moves data freely; the loop below does not
       resuming = self.ckpts.latest_step() is not None
-      b = self.b = build(self.cfg, self.workdir if resuming else None)
+      b = self.b = build(self.cfg, self.workdir if resuming else None, self.reader)
       self.cfg = b.cfg  # the length in steps
       if self.cfg.run.num_epochs > 0 and jax.process_index() == 0:
         run = self.cfg.run
@@ -235,6 +255,8 @@ class _Run:
         if jax.process_index() == 0 and not finished:
           print(f"resuming from step {latest} of {self.ckpts.directory}")
         state = self.ckpts.restore(state)
+        if b.train_stream is not None:  # where the Grain input stopped, before the loop starts it again
+          self.ckpts.restore_position(b.train_stream.position, latest)
       start = int(state.step)
       # What inference needs besides the weights: predict.py, evaluate.py and exports never ask the dataset.
       # The training crops' framing, measured once when the run starts (process 0 writes the record).
@@ -280,10 +302,12 @@ class _Run:
     with jax.transfer_guard("allow"):
       self._sample_distributions_setup()
       report = periodic_actions.ReportProgress(num_train_steps=run.num_train_steps, writer=self.writer)
-      batches = pipeline.TrainBatches(b.train_data, run.batch_size, run.seed)
-      stream = pipeline.device_prefetch(
-        (batches.local_batch(s) for s in range(start, run.num_train_steps)), parallel.data_sharded(b.mesh)
-      )
+      if b.train_stream is not None:
+        host_batches = b.train_stream.batches(start)
+      else:
+        batches = pipeline.TrainBatches(typing.cast(pipeline.ArraySplit, b.train_data), run.batch_size, run.seed)
+        host_batches = (batches.local_batch(s) for s in range(start, run.num_train_steps))
+      stream = pipeline.device_prefetch(host_batches, parallel.data_sharded(b.mesh))
       sums = jax.device_put(metrics.zeros(), replicated)  # donated to the step: a fresh one after each log
     # The device keeps two steps queued, the host never runs ahead unboundedly, and the progress bar
     # shows real speed.
@@ -329,7 +353,8 @@ class _Run:
             self._evaluate_extra(step, state, name)
           if saving:
             scored = checkpointing.checkpoint_metrics(self.eval_metrics, self.cfg.eval.select_by) if evaluated else None
-            ckpts.save(step, state, scored, force=preempted)
+            position = None if b.train_stream is None else b.train_stream.position.at(step)
+            ckpts.save(step, state, scored, force=preempted, position=position)
           if preempted and not last:
             ckpts.wait()
             ckpts.close()
