@@ -120,7 +120,7 @@ def prepare(
         "pass --database FILE.json --images DIR"
       )
     _check_fae_size(builder, data_dir, builder_config, image_size, rebuild)
-    builder.database_path, builder.shared_subjects, builder.on_beam = database, shared, bool(beam_options)
+    builder.database_path, builder.shared_subjects, builder.beam = database, shared, _beam_hooks(beam_options)
   source = builder.describe_source(manual_dir) if manual and manual_dir else None
   if builder.is_prepared():
     if rebuild:
@@ -131,7 +131,7 @@ def prepare(
       epath.Path(builder.data_dir).rmtree()
       builder = get_builder(name, data_dir, builder_config, image_size)
       if name == "fae":
-        builder.database_path, builder.shared_subjects, builder.on_beam = database, shared, bool(beam_options)
+        builder.database_path, builder.shared_subjects, builder.beam = database, shared, _beam_hooks(beam_options)
     elif source is not None:
       _check_same_source(name, builder, source)
   if not beam_options:
@@ -153,6 +153,15 @@ def prepare(
       raise error from None
     raise
   return builder
+
+
+def _beam_hooks(beam_options: str):
+  """fae's Beam preparation (the fae_beam module) when beam options are given, else None."""
+  if not beam_options:
+    return None
+  from agejax.data import fae_beam
+
+  return fae_beam
 
 
 def _check_fae_size(builder, data_dir: str, builder_config: str, image_size: int, rebuild: bool) -> None:

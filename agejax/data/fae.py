@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -496,9 +497,9 @@ class AgejaxFae(builders.ManualSourceBuilder):
   # No predefined configs: every database is named by the user (`named_config`), e.g. "agedb".
   database_path: Path | None = None  # the JSON: set by datasets.prepare before describing or preparing
   shared_subjects: tuple[int, ...] | str = ()  # --shared_subjects (parse_shared_subjects): set with database_path
-  # Set by datasets.prepare with --beam_options: each folder is a Beam PTransform (fae_beam) and TFDS runs them
-  # in one pipeline; the subject check and the counts are then the pipeline's.
-  on_beam: bool = False
+  # Set by datasets.prepare with --beam_options to the fae_beam module (it imports this one, not the reverse): each
+  # folder is then a Beam PTransform and TFDS runs them in one pipeline; the subject check and counts are its.
+  beam: "BeamHooks | None" = None
   _beam_database: Database | None = None  # what _process_pipeline_result completes the metadata from
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -528,7 +529,7 @@ class AgejaxFae(builders.ManualSourceBuilder):
       raise errors.UserError("fae needs the database JSON: pass --database FILE.json (e.g. AgeDB_aligned.json)")
     # On Beam the JSON is still parsed here, in the launching process; the per-subject check is the pipeline's.
     return read_database(
-      Path(self.database_path).expanduser(), images, self.shared_subjects, check_subjects=not self.on_beam
+      Path(self.database_path).expanduser(), images, self.shared_subjects, check_subjects=self.beam is None
     )
 
   def _split_generators(self, dl_manager):
@@ -541,7 +542,7 @@ class AgejaxFae(builders.ManualSourceBuilder):
     metadata["has_subjects"] = db.has_subjects
     # On Beam the pipeline counts the subjects (fae_beam.record_metrics).
     metadata["subjects"] = (
-      0 if self.on_beam else len({e.subject for kept in db.entries.values() for e in kept if e.subject})
+      0 if self.beam else len({e.subject for kept in db.entries.values() for e in kept if e.subject})
     )
     metadata["boxes"] = db.has_boxes
     metadata["databases"] = db.databases
@@ -550,11 +551,9 @@ class AgejaxFae(builders.ManualSourceBuilder):
       record_shared(metadata, db.shared_folders, len(db.shared), min(db.shared.items()) if db.shared else None)
     if db.unassigned.counts:
       db.unassigned.record(metadata, self.name, "unassigned")
-    if self.on_beam:
-      from agejax.data import fae_beam
-
+    if self.beam is not None:
       self._beam_database = db
-      return fae_beam.split_transforms(db, self.builder_config.image_size, self.database_name, self.shared_subjects)
+      return self.beam.split_transforms(db, self.builder_config.image_size, self.database_name, self.shared_subjects)
     return {f"folder{f}": self._generate_examples(f, kept, db.skips[f]) for f, kept in db.entries.items()}
 
   @property
@@ -585,10 +584,20 @@ class AgejaxFae(builders.ManualSourceBuilder):
 
   def _process_pipeline_result(self, pipeline_result) -> None:
     """Completes the metadata from the Beam pipeline's metrics: skips, kept counts, subjects (fae_beam)."""
-    from agejax.data import fae_beam
+    assert self.beam is not None and self._beam_database is not None  # set before TFDS built the pipeline
+    self.beam.record_metrics(self, pipeline_result, self._beam_database)
 
-    assert self._beam_database is not None  # set by _split_generators, which built the pipeline
-    fae_beam.record_metrics(self, pipeline_result, self._beam_database)
+
+class BeamHooks(typing.Protocol):
+  """What the builder calls on Beam (the fae_beam module)."""
+
+  def split_transforms(self, db: Database, size: int, name: str, shared_subjects) -> dict:
+    """{"folderN": PTransform} of the database's folders."""
+    ...
+
+  def record_metrics(self, builder: "AgejaxFae", pipeline_result, db: Database) -> None:
+    """Completes the builder's metadata from the pipeline's metrics."""
+    ...
 
 
 def record_shared(metadata, folders: tuple[int, ...], count: int, example: tuple[str, list[int]] | None) -> None:
