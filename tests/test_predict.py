@@ -264,7 +264,7 @@ def test_flip_predicts_with_the_flip_temperature_and_intervals_and_an_old_calibr
   for i, image in enumerate(images):
     files.append(tmp_path / f"{i}.png")
     Image.fromarray(image).save(files[-1])
-  proc = run_predict("--workdir", str(run), "--flip", "--json", "--aligned", *map(str, files))
+  proc = run_predict("--workdir", str(run), "--flip", "--under", "18", "--json", "--aligned", *map(str, files))
   assert proc.returncode == 0, proc.stderr[-3000:]
   flipped = [json.loads(line) for line in proc.stdout.splitlines()]
   single = [r.faces[0] for r in photos.predict_files(prediction.Predictor(run), files, aligned=True)]
@@ -281,6 +281,13 @@ def test_flip_predicts_with_the_flip_temperature_and_intervals_and_an_old_calibr
   assert np.abs(direct_distributions(run, images, FLIP_T, False) - answers[True][0]).max() > 1e-3
   assert np.abs(direct_distributions(run, images, SINGLE_T, True) - answers[True][0]).max() > 1e-3
   assert not np.array_equal(answers[True][1], shown_intervals(np.asarray(answers[True][0]), bins, ways[False]))
+  # P(age < 18) with --flip: the mass below 18 of the flip way's calibrated distribution, summed in float64 here.
+  flip_probs = direct_distributions(run, images, FLIP_T, True).astype(np.float64)
+  under = np.where(bins < 18, flip_probs, 0.0).sum(-1)
+  np.testing.assert_allclose([f["p_under"]["18"] for f in flipped], under, atol=1e-6, rtol=0)
+  # The single views' temperature on the same flip averages would be told apart.
+  wrong_way = np.where(bins < 18, direct_distributions(run, images, SINGLE_T, True).astype(np.float64), 0).sum(-1)
+  assert np.abs(wrong_way - under).max() > 1e-3, (under, wrong_way)
 
   # The file from before one temperature per way serves the way it was fitted for, and refuses the other.
   calibration.write(run, {"split": "validation", "temperature": 1.5, "flip": False})
