@@ -130,25 +130,25 @@ def test_auto_streams_when_the_cache_would_not_fit_and_says_how_to_force_either(
   builder = pipeline.prepared_builder(data(record_dir, "auto"))
   auto = data(record_dir, "auto", cache_dir=str(tmp_path / "no_arrays_yet"))
   usage = shutil.disk_usage(record_dir)
-  assert streaming.resolve(auto, builder, ["train"]) == streaming.CACHE and not capsys.readouterr().out
+  assert pipeline.resolve_reader(auto, builder, ["train"]) == streaming.CACHE and not capsys.readouterr().out
   needed = array_cache.needed_bytes(builder, "train")
   monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=needed - 1))
-  assert streaming.resolve(auto, builder, ["train"]) == streaming.GRAIN
+  assert pipeline.resolve_reader(auto, builder, ["train"]) == streaming.GRAIN
   (line,) = capsys.readouterr().out.splitlines()
   assert line.startswith("data.reader=auto: the array cache of agejax_demo/tiny/2.0.0 needs ")
   assert line.endswith("(--config.data.reader=cache or =grain forces either)")
-  assert streaming.resolve(dataclasses.replace(auto, reader="cache"), builder, ["train"]) == streaming.CACHE
+  assert pipeline.resolve_reader(dataclasses.replace(auto, reader="cache"), builder, ["train"]) == streaming.CACHE
 
 
 def test_a_tfrecord_dataset_cannot_be_streamed_and_auto_keeps_the_cache(data_dir, monkeypatch):
   builder = pipeline.prepared_builder(data(data_dir, "grain"))
   with pytest.raises(errors.UserError) as raised:
-    streaming.resolve(data(data_dir, "grain"), builder, ["train"])
+    pipeline.resolve_reader(data(data_dir, "grain"), builder, ["train"])
   message = str(raised.value)
   assert "\n" not in message and "is stored as tfrecord" in message and "file_format='array_record'" in message
   usage = shutil.disk_usage(data_dir)
   monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=0))
-  assert streaming.resolve(data(data_dir, "auto"), builder, ["train"]) == streaming.CACHE  # build() then says why
+  assert pipeline.resolve_reader(data(data_dir, "auto"), builder, ["train"]) == streaming.CACHE  # build() then says why
 
 
 def test_the_checkpoint_holds_the_position_beside_the_state_where_plain_orbax_finds_it(tmp_path):

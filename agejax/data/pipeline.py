@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from agejax import errors, parallel, settings
-from agejax.data import array_cache, datasets, splits, streaming
+from agejax.data import array_cache, datasets, grouping, splits, streaming
 
 OUT_OF_RANGE = ("clip", "drop")
 ALL_FOLDERS = "all"  # the split name of a fae database's every folder together (without config.data.split)
@@ -128,8 +128,31 @@ def load_split(data: settings.DataSettings, split: str) -> ArraySplit:
   """
   builder = prepared_builder(data)
   parts = split_parts(data, builder, split)
-  reader = streaming.resolve(data, builder, parts)
+  reader = resolve_reader(data, builder, parts)
   return _concatenate([_load_part(builder, part, data.cache_dir, reader) for part in parts])
+
+
+def resolve_reader(data: settings.DataSettings, builder, parts: Sequence[str]) -> str:
+  """'cache' or 'grain' for `data.reader`; 'auto' streams when the splits' array cache would not fit the disk (said)."""
+  if data.reader not in streaming.READERS:
+    raise errors.UserError(f"config.data.reader={data.reader!r} must be one of {streaming.READERS}")
+  if data.reader == streaming.GRAIN:
+    streaming.check_streamable(builder, data)
+    return streaming.GRAIN
+  if data.reader == streaming.CACHE or streaming.stored_format(builder) != streaming.ARRAY_RECORD:
+    return streaming.CACHE  # a tfrecord dataset too large for the disk: array_cache.build says so, naming cache_dir
+  missing = [s for s in dict.fromkeys(parts) if not array_cache.is_cached(builder, s, data.cache_dir)]
+  needed = sum(array_cache.needed_bytes(builder, s) for s in missing)
+  free = array_cache.free_bytes(data.cache_dir)
+  if needed <= free:
+    return streaming.CACHE
+  print(
+    f"data.reader=auto: the array cache of {builder.info.full_name} needs {array_cache.size_text(needed)} and "
+    f"{data.cache_dir} has {array_cache.size_text(free)} free: streaming its ArrayRecord files through Grain "
+    f"(--config.data.reader=cache or =grain forces either)",
+    flush=True,
+  )
+  return streaming.GRAIN
 
 
 def split_parts(data: settings.DataSettings, builder, split: str) -> list[str]:
@@ -180,7 +203,7 @@ def _load_part(builder, split: str, cache_dir: str, reader: str) -> ArraySplit:
     files = streaming.split_files(builder, split)
     shape = (builder.info.splits[split].num_examples, *builder.info.features["image"].shape)
     images = streaming.RecordImages(files, shape)
-    names = array_cache.group_names(builder)
+    names = grouping.group_names(builder)
     age, age_std, groups = streaming.read_labels(files, names)
     return ArraySplit(images, age, age_std, groups=groups, group_names=names)
   folder = array_cache.build(builder, split, cache_dir)
@@ -247,7 +270,7 @@ class StreamedSplit:
 def train_reader(data: settings.DataSettings) -> str:
   """'cache' or 'grain': how the training split is read (data.reader; 'auto' decides by the local disk, said)."""
   builder = prepared_builder(data)
-  return streaming.resolve(data, builder, split_parts(data, builder, "train"))
+  return resolve_reader(data, builder, split_parts(data, builder, "train"))
 
 
 def streamed_train_split(data: settings.DataSettings, labels: settings.LabelSettings) -> StreamedSplit:

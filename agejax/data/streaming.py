@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from agejax import errors, settings
+from agejax.data import grouping
 
 READERS = ("auto", "cache", "grain")
 CACHE, GRAIN = "cache", "grain"
@@ -183,43 +184,16 @@ def read_labels(
   files: Sequence[str], names: dict[str, tuple[str, ...]], rows: Sequence[int] | np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   """(ages, age stds, group codes) of the records at `rows` (default all), parsed without decoding an image."""
-  from agejax.data import array_cache
-
   batches = list(read_batches(files, tuple(names), rows, image=False, size=1024))
   if not batches:
     return np.zeros(0, np.float32), np.zeros(0, np.float32), {g: np.zeros(0, np.int32) for g in names}
   age = np.concatenate([b["age"] for b in batches]).astype(np.float32)
   age_std = np.concatenate([b["age_std"] for b in batches]).astype(np.float32)
-  codes = {g: array_cache.group_codes(np.concatenate([b[g] for b in batches]), names[g]) for g in names}
+  codes = {g: grouping.group_codes(np.concatenate([b[g] for b in batches]), names[g]) for g in names}
   return age, age_std, codes
 
 
 # -- choosing the reader ------------------------------------------------------------------------------------------
-
-
-def resolve(data: settings.DataSettings, builder, splits: Sequence[str]) -> str:
-  """'cache' or 'grain' for `data.reader`; 'auto' streams when the splits' array cache would not fit the disk (said)."""
-  if data.reader not in READERS:
-    raise errors.UserError(f"config.data.reader={data.reader!r} must be one of {READERS}")
-  if data.reader == GRAIN:
-    check_streamable(builder, data)
-    return GRAIN
-  if data.reader == CACHE or stored_format(builder) != ARRAY_RECORD:
-    return CACHE  # a tfrecord dataset too large for the disk: array_cache.build says so, naming cache_dir
-  from agejax.data import array_cache
-
-  missing = [s for s in dict.fromkeys(splits) if not array_cache.is_cached(builder, s, data.cache_dir)]
-  needed = sum(array_cache.needed_bytes(builder, s) for s in missing)
-  free = array_cache.free_bytes(data.cache_dir)
-  if needed <= free:
-    return CACHE
-  print(
-    f"data.reader=auto: the array cache of {builder.info.full_name} needs {array_cache.size_text(needed)} and "
-    f"{data.cache_dir} has {array_cache.size_text(free)} free: streaming its ArrayRecord files through Grain "
-    f"(--config.data.reader=cache or =grain forces either)",
-    flush=True,
-  )
-  return GRAIN
 
 
 # -- the training order -------------------------------------------------------------------------------------------
