@@ -98,11 +98,15 @@ def test_each_process_reads_only_its_shards_and_two_processes_see_one_processs_g
   def read(process_index: int, process_count: int):
     CountingSource.reads = []
     stream = streaming.TrainStream(split.files, order, steps, 0, (1.0, 100.0), process_index, process_count)
-    return list(stream.batches(0)), set(CountingSource.reads)
+    return list(stream.batches(0)), set(CountingSource.reads), stream.summary()
 
-  single, everything = read(0, 1)
-  (first, reads0), (second, reads1) = read(0, 2), read(1, 2)
+  single, everything, said = read(0, 1)
+  (first, reads0, said0), (second, reads1, said1) = read(0, 2), read(1, 2)
   assert reads0 == set(range(96)) and reads1 == set(range(96, 192)) and everything == reads0 | reads1
+  # What a run prints at the end of its stream (test_scale reads it from two processes).
+  assert said == "read 224 records, 192 distinct (records 0-191) of 192"
+  assert said0 == "process 0: read 112 records, 96 distinct (records 0-95) of 192"
+  assert said1 == "process 1: read 112 records, 96 distinct (records 96-191) of 192"
   for whole, a, b in zip(single, first, second, strict=True):
     jax.tree.map(lambda w, x, y: np.testing.assert_array_equal(w, np.concatenate([x, y])), whole, a, b)
   assert len({tuple(order.global_indices(s)) for s in range(steps)}) == steps  # not one batch repeated

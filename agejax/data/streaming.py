@@ -274,6 +274,7 @@ class ReadBatch:
     }
     batch["age"] = np.clip(batch["age"], *self.ages)  # labels.out_of_range='clip': training targets only
     batch["step"] = np.int64(step)
+    batch["records"] = np.asarray(index, np.int64)  # what was read, counted by TrainStream
     return batch
 
 
@@ -337,13 +338,21 @@ class TrainStream:
     self.shards = order.process_shards(process_index, process_count)
     self.read = ReadBatch(files, order, self.shards, ages)
     self.position = Position(order.shards, workers)
+    self.seen = np.zeros(order.num_examples, bool)  # the records this process has read (a byte each)
+    self.reads = 0
     first, last = order.bounds(self.shards[0])[0], order.bounds(self.shards[-1])[1]
-    where = f"process {process_index}: " if process_count > 1 else ""
+    self.where = where = f"process {process_index}: " if process_count > 1 else ""
     print(
       f"{where}streaming shards {self.shards.start}-{self.shards.stop - 1} of {order.shards} "
       f"(records {first}-{last - 1} of {order.num_examples}) through Grain with {workers} workers",
       flush=True,
     )
+
+  def summary(self) -> str:
+    """What this process has read: records read, distinct records and their range (the shards' bounds when whole)."""
+    rows = np.flatnonzero(self.seen)
+    where = f"records {rows[0]}-{rows[-1]}" if len(rows) else "none"
+    return f"{self.where}read {self.reads} records, {len(rows)} distinct ({where}) of {self.order.num_examples}"
 
   def _iterator(self, first: int):
     import grain
@@ -380,8 +389,12 @@ class TrainStream:
         read = int(batch.pop("step")) + 1
         if read != step:
           raise RuntimeError(f"the restored input stream gave the batch of step {read} for step {step}")
+        records = batch.pop("records")
+        self.seen[records] = True
+        self.reads += len(records)
         self.position.record(step, iterator.get_state())
         yield batch
+      print(self.summary(), flush=True)
     finally:
       close = getattr(iterator, "close", None)
       if close is not None:
