@@ -34,6 +34,18 @@ def data_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def record_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding the tiny demo prepared as ArrayRecord (the same examples as `data_dir`'s)."""
+  from agejax.data import datasets
+
+  tfds = datasets.import_tfds()
+  path = str(tmp_path_factory.mktemp("array_record"))
+  builder = datasets.get_builder("demo", path, "tiny")
+  builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
+  return path
+
+
+@pytest.fixture(scope="session")
 def compilation_cache(tmp_path_factory) -> str:
   """A JAX compilation cache shared by this session's subprocesses: the same tiny model compiles once."""
   base = tmp_path_factory.getbasetemp()
@@ -125,6 +137,25 @@ def start_processes(workdir, *overrides: str, data_dir: str, cache: str, count: 
     )
     for i in range(count)
   ]
+
+
+def preempt(command: list[str], workdir, delay: float) -> tuple[int, str, str]:
+  """Starts `command` (scripts/train.py), sends SIGTERM `delay` s after its loop started; (return code, out, err)."""
+  import signal
+  import subprocess
+  import time
+
+  proc = subprocess.Popen(command, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    while not list(Path(workdir).glob("events.out.tfevents.*")):  # the loop has started
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()  # no stray trainer if it did not stop
+  return proc.returncode, out, err
 
 
 def cpu_env(devices: int = 1) -> dict[str, str]:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close_relative, checkpoint, cpu_env, train_command
+from conftest import assert_close_relative, checkpoint, cpu_env, preempt, train_command
 
 from agejax import metrics, settings
 from agejax.training import learner, preemption, workdir_lock
@@ -43,20 +43,9 @@ def uninterrupted(compilation_cache, data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_sigterm_saves_at_that_step_and_the_rerun_ends_identical(compilation_cache, data_dir, uninterrupted, tmp_path):
   workdir = tmp_path / "preempted"
-  proc = subprocess.Popen(
-    train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache),
-    env=cpu_env(),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  while not list(workdir.glob("events.out.tfevents.*")):  # the loop has started
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
-  time.sleep(random.Random(0).uniform(0.2, 1.5))
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  command = train_command(workdir, *LONG, data_dir=data_dir, cache=compilation_cache)
+  returncode, out, err = preempt(command, workdir, random.Random(0).uniform(0.2, 1.5))
+  assert returncode == 0, err[-3000:]
   step = complete_steps(workdir)[-1]
   assert 0 < step < 300 and f"saved checkpoint at step {step}" in out
   assert not (workdir / "final_metrics.json").exists()

@@ -1,30 +1,20 @@
 """data.reader='grain': the prepared ArrayRecord files streamed through Grain, in the cache's batches and order."""
 
 import dataclasses
+import json
 import shutil
-import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import array_cache as array_cache_dir
-from conftest import checkpoint, cpu_env, train_command
+from conftest import checkpoint, cpu_env, preempt, train_command
+from fae_fixtures import make_fae_database, prepare_fae
 
 from agejax import errors, settings
-from agejax.data import array_cache, datasets, pipeline, streaming
+from agejax.data import array_cache, pipeline, streaming
 from agejax.training import checkpointing, configuration
-
-
-@pytest.fixture(scope="session")
-def record_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir holding the tiny demo prepared as ArrayRecord (the same examples as `data_dir`'s)."""
-  tfds = datasets.import_tfds()
-  path = str(tmp_path_factory.mktemp("array_record"))
-  builder = datasets.get_builder("demo", path, "tiny")
-  builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
-  return path
 
 
 def data(directory: str, reader: str, **changes) -> settings.DataSettings:
@@ -170,7 +160,12 @@ def test_the_checkpoint_holds_the_position_beside_the_state_where_plain_orbax_fi
   assert (tmp_path / "3" / "input" / "process_0-of-1.json").exists()
 
 
-LONG = (
+BEAM = "runner=DirectRunner,direct_num_workers=2"
+# A benchmark-style database (3 folders: benchmark split 0 trains on folder 0, validates on 1, tests on 2).
+FAE = (
+  "--config.data.name=fae",
+  "--config.data.builder_config=clap",
+  "--config.data.split=0",
   "--config.data.reader=grain",
   "--config.data.grain_workers=2",
   "--config.num_train_steps=120",
@@ -181,42 +176,35 @@ LONG = (
 
 
 @pytest.mark.slow
-def test_sigterm_on_the_grain_reader_resumes_with_the_uninterrupted_runs_batches(
-  compilation_cache, record_dir, tmp_path
+def test_a_fae_database_prepared_on_beam_trains_evaluates_and_resumes_bitwise_after_sigterm_with_no_array_cache(
+  compilation_cache, tmp_path
 ):
+  root = tmp_path / "clap"
+  json_path, images = make_fae_database(root, "clap2016_aligned", subjects_per_folder=4, images_per_subject=4)
+  builder = prepare_fae(json_path, images, root / "tfds", "clap", beam_options=BEAM)
+  assert streaming.stored_format(builder) == streaming.ARRAY_RECORD
+  assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {f"folder{f}": 16 for f in range(3)}
   arrays = str(tmp_path / "arrays")
 
-  def run(workdir):
-    return subprocess.run(
-      train_command(workdir, *LONG, data_dir=record_dir, cache=compilation_cache, arrays=arrays),
-      env=cpu_env(),
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
+  def command(workdir):
+    return train_command(workdir, *FAE, data_dir=str(root / "tfds"), cache=compilation_cache, arrays=arrays)
 
-  uninterrupted = run(tmp_path / "uninterrupted")
+  uninterrupted = subprocess.run(
+    command(tmp_path / "uninterrupted"), env=cpu_env(), capture_output=True, text=True, timeout=600
+  )
   assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
   assert "through Grain with 2 workers" in uninterrupted.stdout
+  assert "read 1920 records, 16 distinct (records 0-15) of 16" in uninterrupted.stdout
   workdir = tmp_path / "preempted"
-  proc = subprocess.Popen(
-    train_command(workdir, *LONG, data_dir=record_dir, cache=compilation_cache, arrays=arrays),
-    env=cpu_env(),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  while not list(workdir.glob("events.out.tfevents.*")):  # the loop has started
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
-  time.sleep(1.0)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  returncode, out, err = preempt(command(workdir), workdir, 1.0)
+  assert returncode == 0, err[-3000:]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
   assert 0 < steps[-1] < 120 and f"saved checkpoint at step {steps[-1]}" in out, out[-2000:]
   assert list((workdir / "checkpoints" / str(steps[-1]) / "input").glob("process_0-of-1.json"))
-  rerun = run(workdir)
+  rerun = subprocess.run(command(workdir), env=cpu_env(), capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0 and f"resuming from step {steps[-1]}" in rerun.stdout, rerun.stderr[-3000:]
   jax.tree.map(np.testing.assert_array_equal, checkpoint(workdir, 120), checkpoint(tmp_path / "uninterrupted", 120))
+  for run in (workdir, tmp_path / "uninterrupted"):  # evaluated on the validation and test folders
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["step"] == 120 and all(np.isfinite(final[k]) for k in ("eval_mae", "test_mae", "baseline_mae"))
   assert not (tmp_path / "arrays").exists()  # no array cache written: eval streams too
