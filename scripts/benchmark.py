@@ -94,12 +94,18 @@ def main() -> None:
   p = sub.add_parser("startup", help="time to the first step with a cold, then a warm, compilation cache")
   p.add_argument("--config", default="demo", help="variant of configs/vgg16_kl.py")
   p.add_argument("--data_dir", default="")
-  p = sub.add_parser("input", help="the input pipeline's images/s from a prepared dataset's array cache")
+  p = sub.add_parser(
+    "input", help="the input pipeline's images/s from a prepared dataset: its array cache, or Grain over ArrayRecord"
+  )
   p.add_argument("--dataset", required=True)
   p.add_argument("--data_dir", default="")
   p.add_argument("--builder_config", default="")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--batches", type=int, default=200)
+  p.add_argument("--reader", default="cache", choices=["cache", "grain"], help="data.reader: the cache or Grain")
+  p.add_argument("--grain_workers", type=int, default=2, help="Grain's decoding processes (0: in this process)")
+  p.add_argument("--split", default="", help="data.split: a fae dataset's benchmark split (0-4 or a spec)")
+  p.add_argument("--cache_dir", default="", help="data.cache_dir (default: the config's)")
   p = sub.add_parser("statistics", help="simulations where the truth is known: coverage and the group-gap test")
   p.add_argument("--coverage_repeats", type=int, default=10, help="validation/test draws of the coverage-by-age case")
   p.add_argument("--coverage_test_faces", type=int, default=20_000, help="test faces per coverage-by-age draw")
@@ -312,13 +318,26 @@ def main() -> None:
     print(json.dumps(row))
   else:
     try:
-      row = runs.input_pipeline(args.dataset, args.data_dir, args.builder_config, args.batch, args.batches)
-    except errors.UserError as e:  # unknown or unprepared dataset: one line, no traceback
+      row = runs.input_pipeline(
+        args.dataset,
+        args.data_dir,
+        args.builder_config,
+        args.batch,
+        args.batches,
+        reader=args.reader,
+        grain_workers=args.grain_workers,
+        data_split=args.split,
+        cache_dir=args.cache_dir,
+      )
+    except errors.UserError as e:  # unknown or unprepared dataset, or not ArrayRecord for grain: one line
       sys.exit(f"error: {e}")
-    print(
-      table([row], ["dataset", "examples", "image_shape", "batch", "images_per_s", "images_per_s_per_core", "cores"])
-    )
-    print("(the gather runs in one thread: images_per_s_per_core is the single-thread rate)")
+    keys = ["dataset", "reader", "grain_workers", "examples", "image_shape", "batch", "images_per_s"]
+    print(table([row], [*keys, "images_per_s_per_core", "cores", "cpu_s", "images_per_cpu_s"]))
+    if args.reader == "cache":
+      print("(the gather runs in one thread: images_per_s_per_core is the single-thread rate)")
+    else:
+      print("(Grain decodes in grain_workers processes, at least 1 core: images_per_s_per_core is the rate over them)")
+    print("(images_per_cpu_s: images per CPU second of this process and its workers, whatever else the machine runs)")
     print(json.dumps(row))
 
 

@@ -356,3 +356,53 @@ def test_the_server_sees_the_central_crop_and_healthz_says_so(workdir, predictor
       assert response.status_code == 200, response.text
       (face,) = response.json()["results"][0]["faces"]
       assert_same_distributions(face["distribution"], want)
+
+
+# --- scripts/benchmark.py input --reader grain (issue 37) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def array_record_demo(tmp_path_factory) -> dict:
+  """The tiny demo prepared as ArrayRecord (Grain reads it by index), and a cache folder of its own."""
+  from agejax.data import datasets
+
+  root = tmp_path_factory.mktemp("demo_array_record")
+  datasets.prepare("demo", str(root / "tfds"), builder_config="tiny", file_format="array_record")
+  return {"data_dir": str(root / "tfds"), "cache_dir": str(root / "arrays")}
+
+
+# One worker process: ~50 s on 2 busy cores (the worker's imports), so slow; 0 decodes in this process.
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_the_grain_reader_gives_the_caches_batches_and_count(array_record_demo, workers):
+  from agejax.benchmarks import runs
+
+  data = settings.DataSettings("demo", array_record_demo["data_dir"], array_record_demo["cache_dir"], "tiny")
+  steps = 7  # 7 x 32 > the 192 examples: across an epoch boundary
+  n_cache, cache = runs.input_batches(data, "cache", batch=32, num_steps=steps)
+  n_grain, grain = runs.input_batches(data, "grain", batch=32, num_steps=steps, grain_workers=workers)
+  cache, grain = list(cache), list(grain)
+  assert n_cache == n_grain == 192 and len(cache) == len(grain) == steps
+  for want, got in zip(cache, grain):
+    for key in ("image", "age", "age_std"):
+      np.testing.assert_array_equal(got[key], want[key])
+  row = runs.input_pipeline(
+    "demo",
+    array_record_demo["data_dir"],
+    "tiny",
+    batch=16,
+    num_batches=4,
+    reader="grain",
+    grain_workers=workers,
+    cache_dir=array_record_demo["cache_dir"],
+  )
+  assert row["reader"] == "grain" and row["grain_workers"] == workers and row["cores"] == max(1, workers), row
+  assert row["batches"] == 4 and row["examples"] == 192 and row["image_shape"] == [40, 40, 3], row
+  assert row["images_per_s"] > 0 and row["images_per_s_per_core"] == row["images_per_s"] / row["cores"]
+
+
+def test_an_unknown_reader_fails_in_one_line(array_record_demo):
+  from agejax.benchmarks import runs
+
+  data = settings.DataSettings("demo", array_record_demo["data_dir"], array_record_demo["cache_dir"], "tiny")
+  with pytest.raises(errors.UserError, match=r"^--reader='tfrecord' is not one of \('cache', 'grain'\)$"):
+    runs.input_batches(data, "tfrecord")
