@@ -83,6 +83,35 @@ def test_two_processes_equal_one_process(compilation_cache, data_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_read_disjoint_shards_of_array_record_files_and_equal_one_process(
+  compilation_cache, record_dir, tmp_path
+):
+  """data.reader=grain, 2 shards: each process reads only its own shard; the model is the 1-process run's."""
+  grain = ("--config.data.reader=grain", "--config.data.shards=2", "--config.data.grain_workers=0", *STEPS)
+  single = tmp_path / "single"
+  one = subprocess.run(
+    train_command(single, *grain, data_dir=record_dir, cache=compilation_cache),
+    env=cpu_env(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert "read 320 records, 192 distinct (records 0-191) of 192" in one.stdout  # 20 steps of 16
+  multi = tmp_path / "multi"
+  procs = start_processes(multi, *grain, data_dir=record_dir, cache=compilation_cache)
+  outputs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  # Each process's 8 of every step from its own 96 records: the two halves of the split, each read whole.
+  assert "process 0: read 160 records, 96 distinct (records 0-95) of 192" in outputs[0][0], outputs[0][0][-2000:]
+  assert "process 1: read 160 records, 96 distinct (records 96-191) of 192" in outputs[1][0], outputs[1][0][-2000:]
+  assert_close_relative(checkpoint(multi, 20)["params"], checkpoint(single, 20)["params"], 1e-5)
+  a, b = (json.loads((w / "final_metrics.json").read_text()) for w in (multi, single))
+  for key in ("eval_mae", "eval_loss"):
+    assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1.0), key
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(compilation_cache, data_dir, tmp_path):
   """JAX's preemption service owns SIGTERM with several processes; all stop at its sync step."""
   workdir = tmp_path / "multi"
