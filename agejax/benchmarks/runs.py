@@ -170,10 +170,12 @@ def input_pipeline(
     next(batches)
   cpu0, t0 = _tree_cpu_s(), time.perf_counter()
   count, shape = 0, None
-  for out in batches:
+  for _ in range(num_batches):  # not to the stream's end: that stops Grain's workers before their CPU is read
+    out = next(batches)
     count, shape = count + 1, out["image"].shape
   dt = time.perf_counter() - t0
   cpu_s = _tree_cpu_s() - cpu0
+  getattr(batches, "close", lambda: None)()
   rate = count * batch / dt
   cores = 1 if reader == "cache" else max(1, grain_workers)
   return {
