@@ -66,13 +66,26 @@ message_type {
 """
 
 
-@functools.cache
-def _example_class():
-  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+_SETUP = threading.Lock()
+_decoding: tuple[Any, Any] | None = None
 
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(text_format.Parse(_EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
-  return message_factory.GetMessageClass(pool.FindMessageTypeByName("agejax_example.Example"))
+
+def _decoders() -> tuple[Any, Any]:
+  """(the Example message class, PIL's Image), set up once per process under a lock.
+
+  A Grain worker reads with several threads: two of them building the protobuf class and importing
+  PIL at once crashed the worker with SIGSEGV (every time in tests/test_streaming.py's race test).
+  """
+  global _decoding
+  with _SETUP:
+    if _decoding is None:
+      from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+      from PIL import Image, PngImagePlugin  # noqa: F401  (the PNG plugin registered before any thread opens one)
+
+      pool = descriptor_pool.DescriptorPool()
+      pool.Add(text_format.Parse(_EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
+      _decoding = message_factory.GetMessageClass(pool.FindMessageTypeByName("agejax_example.Example")), Image
+    return _decoding
 
 
 def _value(feature) -> Any:
@@ -85,15 +98,14 @@ def _value(feature) -> Any:
 
 def parse_example(record: bytes, image: bool = True, groups: Sequence[str] = ()) -> dict[str, Any]:
   """A serialized TFDS example as the cache stores it: uint8 image [H, W, 3], float32 age and age_std, group values."""
-  feature = _example_class().FromString(record).features.feature
+  example, image_module = _decoders()
+  feature = example.FromString(record).features.feature
   out: dict[str, Any] = {
     "age": np.float32(_value(feature["age"])),
     "age_std": np.float32(_value(feature["age_std"])),
   }
   if image:
-    from PIL import Image
-
-    out["image"] = np.asarray(Image.open(io.BytesIO(feature["image"].bytes_list.value[0])))
+    out["image"] = np.asarray(image_module.open(io.BytesIO(feature["image"].bytes_list.value[0]), formats=("PNG",)))
   for name in groups:
     out[name] = _value(feature[name])
   return out
