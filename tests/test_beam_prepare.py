@@ -56,10 +56,9 @@ def _by_img_path(builder, split: str) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def imdb(tmp_path_factory):
+def imdb_files(tmp_path_factory):
   """An IMDB-CLEAN-FP-AGE_aligned-like database (3 subject-exclusive folders x 4 people x 3 faces, boxes, names,
-  genders) with a corrupt, a missing and an unlabelled face, prepared by both paths: one process (TFRecord)
-  and the DirectRunner's 2 worker processes (ArrayRecord). Three folders: Beam's graph grows with each."""
+  genders) with a corrupt, a missing and an unlabelled face: the JSON and images, not prepared."""
   root = tmp_path_factory.mktemp("imdb")
   json_path, images = make_fae_database(root, "imdb_fp_age_aligned", subjects_per_folder=4, images_per_subject=3)
   entries = json.loads(json_path.read_text())
@@ -69,9 +68,17 @@ def imdb(tmp_path_factory):
   (images / in_folder[2][0]["img_path"]).unlink()
   in_folder[0][0]["age"] = -1
   json_path.write_text(json.dumps(entries, indent=4))
+  return {"root": root, "json": json_path, "images": images, "corrupt": in_folder[1][0]["img_path"]}
+
+
+@pytest.fixture(scope="module")
+def imdb(imdb_files):
+  """That database prepared by both paths: one process (TFRecord) and the DirectRunner's 2 worker processes
+  (ArrayRecord). Three folders: Beam's graph grows with each."""
+  json_path, images, root = imdb_files["json"], imdb_files["images"], imdb_files["root"]
   one = prepare_fae(json_path, images, root / "one", "imdb")
   beam = prepare_fae(json_path, images, root / "beam", "imdb", beam_options=WORKERS)
-  return {"json": json_path, "images": images, "one": one, "beam": beam, "corrupt": in_folder[1][0]["img_path"]}
+  return {**imdb_files, "one": one, "beam": beam}
 
 
 @pytest.mark.slow  # a Beam pipeline and the one-process path: ~20-60 s on 2 busy cores
@@ -101,6 +108,7 @@ def test_beam_records_the_same_metadata_skips_from_its_metrics(imdb):
   assert beam["folders"] == {"0": 11, "1": 11, "2": 11} and beam["subjects"] == 12
 
 
+@pytest.mark.slow  # a Beam pipeline on the generated database: ~10 s, ~60 s with its fixture
 def test_a_subject_in_two_folders_fails_in_the_pipeline_in_one_line(imdb, tmp_path):
   entries = json.loads(imdb["json"].read_text())
   moved = next(e for e in entries if e["name"] == entries[0]["name"] and e is not entries[0])
@@ -123,15 +131,15 @@ def test_a_subject_in_two_folders_fails_in_the_pipeline_in_one_line(imdb, tmp_pa
   assert not (tmp_path / "tfds" / "agejax_fae" / "moved" / "1.0.0").exists()
 
 
-def test_a_malformed_entry_fails_naming_it_before_the_pipeline_starts(imdb, tmp_path):
-  entries = json.loads(imdb["json"].read_text())
+def test_a_malformed_entry_fails_naming_it_before_the_pipeline_starts(imdb_files, tmp_path):
+  entries = json.loads(imdb_files["json"].read_text())
   entries[5]["folder"] = "x"
   json_path = tmp_path / "IMDB-CLEAN-FP-AGE_aligned.json"
   json_path.write_text(json.dumps(entries, indent=4))
   with pytest.raises(
     errors.UserError, match=r"^IMDB-CLEAN-FP-AGE_aligned.json entry 5 \(IMDB_WIKI/.*\): field 'folder' is"
   ):
-    prepare_fae(json_path, imdb["images"], tmp_path / "tfds", "broken", beam_options=IN_PROCESS)
+    prepare_fae(json_path, imdb_files["images"], tmp_path / "tfds", "broken", beam_options=IN_PROCESS)
 
 
 def test_a_user_error_raised_in_a_worker_comes_back_as_its_one_line():

@@ -145,6 +145,7 @@ def test_one_train_step_of_a_partly_frozen_backbone_trains_on_those_features_and
   assert not np.array_equal(after.params["head"]["kernel"], state.params["head"]["kernel"])
 
 
+@pytest.mark.slow  # ~20 s alone, 49 s in a loaded fast tier: builds both backbones
 def test_a_norm_counts_as_frozen_when_its_scale_bias_or_statistics_are():
   """Learner.frozen_modules: the modules holding any frozen parameter or statistic, by "/"-joined path."""
   rules = (

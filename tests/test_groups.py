@@ -349,6 +349,7 @@ def test_groups_with_exactly_equal_errors_have_no_gap_and_a_p_value_of_1():
   assert (gap["gap"], gap["p_value"], gap["significant"], gap["gap_ci95"]) == (0.0, 1.0, False, [0.0, 0.0]), gap
 
 
+@pytest.mark.slow  # ~8 s of bootstrap in the fast tier
 def test_groups_without_spread_and_different_maes_are_a_gap():
   codes = np.repeat(np.arange(2), 30)
   errors = np.where(codes == 0, 2.0, 3.0)  # no spread: any difference is certain

@@ -400,6 +400,7 @@ def test_a_stalled_body_gets_408_at_the_body_timeout_and_the_connection_is_close
   assert 0.45 <= seconds < 1.5, seconds
 
 
+@pytest.mark.slow  # waits out a body timeout on purpose (~12 s)
 def test_the_body_timeout_counts_the_whole_body_from_its_request_and_never_the_answer():
   """At 0.5 s: a body trickled over 1.2 s gets 408 at ~0.5 s; one whole in 0.2 s is served, its answer taking 0.8 s.
 

@@ -283,14 +283,13 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(workdir, compilation
     assert running.process.wait(60) == 0, running.output()[-3000:]
 
 
-def test_serves_an_export_with_the_same_numbers(workdir, predictor, compilation_cache, tmp_path):
+def test_serves_an_export_with_the_same_numbers(request, tmp_path_factory, predictor, compilation_cache):
   from agejax import serving
-  from agejax.inference import export
 
-  export.export_workdir(workdir, tmp_path / "export", saved_model=False, platforms=("cpu",))
+  out, _ = tiny_run.tiny_export(request, tmp_path_factory)  # the session's export of this workdir's run
   with pytest.raises(errors.UserError, match="exported without flip averaging; export it with --flip"):
-    serving.load_model(None, tmp_path / "export", flip=True)
-  flags = ["--export", str(tmp_path / "export"), f"--compilation_cache_dir={compilation_cache}", "--max_batch=8"]
+    serving.load_model(None, out, flip=True)
+  flags = ["--export", str(out), f"--compilation_cache_dir={compilation_cache}", "--max_batch=8"]
   with local.LocalServer(SERVE, flags, env=ENV) as running:
     health = httpx.get(running.url + "/healthz").json()
     assert health["batch_sizes"] == [1, 2, 4, 8]
