@@ -1,6 +1,6 @@
 """A large generated fae database for the scale benchmarks (issue 37): photos with a face at an aligned box.
 
-python -m agejax.benchmarks.generated_faces --root /tmp/faces50k --faces 50000 [--face_size 281] [--pool 500]
+`python -m agejax.benchmarks.generated_faces --root /tmp/faces50k --faces 50000 [--face_size 281] [--pool 500]`
 
 Writes ROOT/images/MORPH/... JPEGs and ROOT/MORPH_aligned.json laid out as the benchmark's MORPH_aligned.json
 (id_num, age, gender, database, folder 0-9 subject-exclusive, aligned_bbox), ready for
