@@ -175,6 +175,9 @@ def create_app(
           "isolation": settings.isolation,
           "formats": list(settings.formats),
           "workers_replaced": pool.replaced if pool is not None else 0,
+          # a replacement takes a second or more to start: until then its lane has one worker fewer
+          "workers": pool.size if pool is not None else 0,
+          "workers_starting": pool.starting() if pool is not None else 0,
         },
       }
     )

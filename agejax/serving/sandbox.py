@@ -417,10 +417,25 @@ class Pool:
         worker = self._spawn(lane)
       self._idle[lane].put(worker)
 
+  @property
+  def size(self) -> int:
+    """The workers the lanes keep, ready or starting."""
+    return sum(lane.workers for lane in self.lanes.values())
+
   def pids(self) -> list[int]:
     """The workers' process ids (alive or starting)."""
     with self._lock:
       return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+  def starting(self) -> int:
+    """How many workers have not sent their start-up report yet (a replacement takes a second or more)."""
+    with self._lock:
+      waiting = [w for w in self._workers if w.ready is None]
+    count = 0
+    for worker in waiting:
+      with contextlib.suppress(OSError, ValueError):  # retired meanwhile
+        count += not worker.conn.poll(0)  # poll only looks: the report stays for the driver that takes the worker
+    return count
 
   def workers_ready(self) -> list[dict[str, Any]]:
     """Each ready worker's start-up report: pid, VmSize and RSS once started, its address-space limit."""
