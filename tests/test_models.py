@@ -51,3 +51,16 @@ def test_dtype_policy_and_dropout():
   b = train(model, x, jax.random.key(2))
   assert not np.allclose(a, b)  # dropout is active in training, keyed by the rng
   np.testing.assert_array_equal(a, train(model, x, jax.random.key(1)))
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (1, 1, 16, 32), (7, 7, 3, 64)])
+def test_the_conv_init_draws_jaxs_variance_scaling_values_flat(shape):
+  """Bit for bit JAX's own kaiming-normal (fan_out) initializer (shapes whose 4-D draw compiles in under a second)."""
+  key = jax.random.key(3)
+  reference = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")(key, shape, jnp.float32)
+  got = vgg.kaiming_normal_fan_out(key, shape, jnp.float32)
+  assert got.shape == shape and got.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(reference))
+  # torchvision's std, sqrt(2 / fan_out) with fan_out = 3 x 3 x out: independent of JAX's initializer.
+  draws = np.asarray(got, np.float64) / np.sqrt(2 / (shape[0] * shape[1] * shape[3]))
+  np.testing.assert_allclose(draws, np.asarray(jax.random.normal(key, (draws.size,))).reshape(shape), rtol=1e-6)

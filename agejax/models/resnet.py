@@ -16,13 +16,13 @@ from flax import nnx, traverse_util
 
 from agejax import settings
 from agejax.models import registry
-from agejax.models.vgg import scaled
+from agejax.models.vgg import kaiming_normal_fan_out, scaled
 
 STEM = 64  # the stem's channels; stage i's bottleneck width is STEM * 2**i, its output 4x that
 STAGES = ((3, 1), (4, 2), (6, 2), (3, 2))  # (bottleneck blocks, stride of the first) of layer1..layer4
 EXPANSION = 4
 # torchvision's initialisation: kaiming-normal (fan_out) convs; the head as torch's Linear weight.
-CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+CONV_INIT = kaiming_normal_fan_out
 HEAD_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 

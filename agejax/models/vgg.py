@@ -6,6 +6,7 @@ VGG_FACE), and its PyTorch twin for the benchmark.
 """
 
 import functools
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -27,6 +28,17 @@ HIDDEN = 4096
 def scaled(width: int, multiplier: float) -> int:
   """Returns a layer width scaled by the width multiplier (at least 1)."""
   return max(1, int(round(width * multiplier)))
+
+
+def kaiming_normal_fan_out(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+  """torchvision's conv init, N(0, 2 / fan_out) for an HWIO kernel: `variance_scaling(2.0, "fan_out", "normal")`.
+
+  The same values, drawn flat and reshaped (threefry draws each number from its flat index): XLA on a
+  CPU compiled a 3x3x4x8 kernel's 4-D draw in 4.7 s and the flat one in 0.4 s (docs/testing.md).
+  """
+  fan_out = shape[-1] * math.prod(shape[:-2])
+  variance = jnp.array(2.0 / fan_out, dtype=dtype)
+  return (jax.random.normal(key, (math.prod(shape),), dtype) * jnp.sqrt(variance)).reshape(shape)
 
 
 @functools.cache
@@ -71,7 +83,7 @@ class VGG16(nnx.Module):
     rngs: nnx.Rngs,
   ):
     # torchvision's initialisation: kaiming-normal (fan_out) convs, N(0, 0.01) linears, zero biases.
-    conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+    conv_init = kaiming_normal_fan_out
     linear_init = nnx.initializers.normal(0.01)
     convs, norms = [], []
     channels = 3
