@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 MEMORY_BOUND_MB = 1500
 NORMAL_WITHIN_S = 2.0  # a crop or a photo by a started worker: ~0.3 s here
+NORMAL_TRIES = 3
 STARTED_WITHIN_S = 30.0  # a replacement worker: a second or two here, more on a busy machine
 MAX_CPU_S = 20  # the crowd takes 3 to 6 s of CPU on these machines (a slow one refused it at 6 s)
 
@@ -58,7 +59,10 @@ def normal_requests_answer_quickly(url: str) -> None:
   """Once the workers have started, a face crop and a photo, each answered within NORMAL_WITHIN_S.
 
   The bound is on the request alone: a worker's start (a second or two, longer on a busy machine) is
-  waited for first, and measured in docs/benchmarks.md rather than timed here.
+  waited for first, and measured in docs/benchmarks.md rather than timed here. Each is sent up to
+  NORMAL_TRIES times and the fastest counts: the other test process's server shares these 2 cores (a
+  300-request burst beside it once made one 2.2 s), while a worker an attack left stuck or slow
+  makes every try slow.
   """
   workers_started(url)
   photo, _ = photo_with_a_face(640, 480, at=(200, 100))
@@ -66,11 +70,13 @@ def normal_requests_answer_quickly(url: str) -> None:
     ([("ok.png", drawn_face(0))], {"aligned": "true"}, "ok"),
     ([("p.png", photo)], {}, "ok"),
   ):
-    start = time.monotonic()
-    response = post(url, files, **params)
-    took = time.monotonic() - start
-    assert response.status_code == 200 and response.json()["results"][0]["status"] == status, response.text
-    assert took < NORMAL_WITHIN_S, f"a normal request took {took:.1f} s"
+    took = []
+    while len(took) < NORMAL_TRIES and (not took or min(took) >= NORMAL_WITHIN_S):
+      start = time.monotonic()
+      response = post(url, files, **params)
+      took.append(time.monotonic() - start)
+      assert response.status_code == 200 and response.json()["results"][0]["status"] == status, response.text
+    assert min(took) < NORMAL_WITHIN_S, f"a normal request took {', '.join(f'{t:.1f}' for t in took)} s"
 
 
 def attacks() -> dict[str, tuple[list[tuple[str, bytes]], int, str]]:

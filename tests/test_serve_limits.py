@@ -5,6 +5,7 @@ Most tests run the real app on a real uvicorn in a thread (test_serve's FakeMode
 shutdown and start-up tests run scripts/serve.py on the session's tiny trained model.
 """
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -433,6 +434,46 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> f
     time.sleep(0.1)
 
 
+@pytest.mark.parametrize("answer_begun", [False, True], ids=["before-its-answer", "mid-answer"])
+def test_a_request_cancelled_at_the_grace_gets_its_503_and_ends_quietly(answer_begun):
+  """uvicorn cancels what runs past --graceful_timeout_s: the Guard answers the JSON 503 and returns.
+
+  Re-raising the cancellation after the 503 had uvicorn log "Exception in ASGI application" and a
+  traceback for each such request; at a shutdown with a hundred waiting that outlasted the watchdog's
+  second, and the rest were never answered. An answer already begun cannot become a 503: the
+  cancellation goes on, and uvicorn closes the connection.
+  """
+  sent: list[dict] = []
+
+  async def app(scope, receive, send):
+    if answer_begun:
+      await send({"type": "http.response.start", "status": 200, "headers": []})
+    await asyncio.Event().wait()  # the work that runs past the grace
+
+  async def receive():
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+  async def send(message):
+    sent.append(message)
+
+  async def scenario() -> asyncio.Task:
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": []}
+    task = asyncio.ensure_future(guard.Guard(app, guard.Metrics(), 1000)(scope, receive, send))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.wait({task}, timeout=WAIT_S)
+    return task
+
+  task = asyncio.run(scenario())
+  assert task.done()
+  statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+  if answer_begun:
+    assert task.cancelled() and statuses == [200]
+  else:
+    assert not task.cancelled() and task.exception() is None
+    assert statuses == [503] and "shutting down" in json.loads(sent[-1]["body"])["error"]
+
+
 @pytest.mark.slow
 def test_sigterm_answers_300_backlogged_requests_and_exits_within_the_grace_and_a_second(workdir, compilation_cache):
   from agejax.serving import local
@@ -476,6 +517,7 @@ def test_sigterm_answers_300_backlogged_requests_and_exits_within_the_grace_and_
     if status == 503:
       assert "shutting down" in json.loads(body)["error"]
   assert code == 0, output[-3000:]
+  assert "Exception in ASGI application" not in output, output[-3000:]  # one log line per 503, no traceback
   assert exit_s <= grace + 1.0 + 0.5, exit_s  # the watchdog's bound, and the reaping on a busy machine
   print(f"300 backlogged: {statuses.count(200)} answered 200, {statuses.count(503)} 503; exit after {exit_s:.2f} s")
 

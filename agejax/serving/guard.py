@@ -219,11 +219,19 @@ class Guard:
         else:
           await self.app(scope, limited_receive, counted_send)
     except asyncio.CancelledError:  # uvicorn cancels what is left when --graceful_timeout_s runs out
-      if not started:
-        message = "the server is shutting down and this request did not finish in time (--graceful_timeout_s)"
-        with contextlib.suppress(Exception):
-          await error(503, message, headers={"Connection": "close"})(scope, receive, counted_send)
-      raise
+      if started:  # part of an answer went out: uvicorn closes the connection
+        raise
+      message = "the server is shutting down and this request did not finish in time (--graceful_timeout_s)"
+      answered = False
+      with contextlib.suppress(Exception):
+        await error(503, message, headers={"Connection": "close"})(scope, receive, counted_send)
+        answered = True
+      if not answered:
+        raise
+      # Answered: the request ends here. Raising on would have uvicorn log a traceback for each of
+      # them, which at a shutdown with hundreds still waiting outlasted the watchdog's second.
+      if (task := asyncio.current_task()) is not None:
+        task.uncancel()
     except Exception as e:  # a bug, or input nothing refused: JSON like every other error, one log line
       logging.error("%s %s failed: %s: %s", scope["method"], path, type(e).__name__, one_line(e))
       if not started:
