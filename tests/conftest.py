@@ -242,6 +242,19 @@ def one_train_step(config, steps_per_epoch: int = 10):
   return fns, state, after
 
 
+def pytest_configure(config):
+  """With AGEJAX_TEST_COMPILATION_CACHE set, this process's own compilations use that cache too.
+
+  The variable keeps one JAX compilation cache across test sessions (scripts/mutation.py, a developer
+  rerunning the fast tier); without it each session compiles everything, as CI does.
+  """
+  if cache := os.environ.get("AGEJAX_TEST_COMPILATION_CACHE"):
+    from agejax.training import train
+
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    train.enable_compilation_cache(cache)
+
+
 def pytest_sessionfinish(session):
   """One gc pass and gc.freeze() before an xdist worker reports that it finished.
 
