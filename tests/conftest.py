@@ -242,11 +242,13 @@ def one_train_step(config, steps_per_epoch: int = 10):
   return fns, state, after
 
 
-def pytest_configure(config):
-  """With AGEJAX_TEST_COMPILATION_CACHE set, this process's own compilations use that cache too.
+@pytest.fixture(scope="session", autouse=True)
+def _own_compilations_cached() -> None:
+  """With AGEJAX_TEST_COMPILATION_CACHE set, the tests' own compilations use that cache too.
 
   The variable keeps one JAX compilation cache across test sessions (scripts/mutation.py, a developer
-  rerunning the fast tier); without it each session compiles everything, as CI does.
+  rerunning the fast tier); without it each session compiles everything, as CI does. A fixture, not
+  pytest_configure: only the processes that run tests import the trainer (xdist's controller does not).
   """
   if cache := os.environ.get("AGEJAX_TEST_COMPILATION_CACHE"):
     from agejax.training import train
