@@ -119,6 +119,14 @@ def _renamed_applies(arg: str) -> bool:
   return new in flags.FLAGS and old not in flags.FLAGS
 
 
+CHECKPOINT_CHOICES = "best, latest or a step number"  # what --checkpoint takes (training.checkpointing reads it)
+
+
+def checkpoint_flag() -> flags.FlagHolder[str]:
+  """Defines `--checkpoint` (default best): which checkpoint of the workdir to load."""
+  return flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {CHECKPOINT_CHOICES}.", module_name=_caller_module())
+
+
 def calibration_flag(what: str) -> flags.FlagHolder[bool]:
   """Defines `--calibration` (default on; `--nocalibration`, and the older `--no-calibration`, turn it off).
 

@@ -1,4 +1,4 @@
-"""Device mesh, shardings and host-local -> global arrays for data-parallel training."""
+"""Device mesh, shardings and host-local -> global arrays for data-parallel training; the JAX process's set-up."""
 
 import collections
 from typing import Any
@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from agejax import storage
 
 DATA_AXIS = "data"
 
@@ -26,6 +28,14 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.distributed.initialize()
   else:
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' leaves it off): a restart skips recompiling."""
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", str(storage.path(directory)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def make_mesh() -> jax.sharding.Mesh:

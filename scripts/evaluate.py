@@ -17,14 +17,13 @@ from ml_collections import config_flags
 from agejax import cli
 from agejax.evaluation import scoring
 from agejax.inference import evaluate
-from agejax.training import checkpointing
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Training config file; default: WORKDIR/config.json.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
+_CHECKPOINT = cli.checkpoint_flag()
 _FLIP = flags.DEFINE_bool(
   "flip", False, "Average each image's distribution with its mirror image's (reports named <split>_flip*)."
 )

@@ -19,10 +19,9 @@ from absl import app, flags
 
 from agejax import cli, errors
 from agejax.inference import export
-from agejax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
+_CHECKPOINT = cli.checkpoint_flag()
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Export folder (a path or gs:// URL): new, empty or an earlier export, which is replaced whole."
 )

@@ -23,10 +23,9 @@ from absl import app, flags
 
 from agejax import cli, errors, labels, storage
 from agejax.inference import figures, photos, prediction
-from agejax.training import checkpointing
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
+_CHECKPOINT = cli.checkpoint_flag()
 _ALIGNED = flags.DEFINE_bool("aligned", False, "The images are face crops already: skip detection.")
 _JSON = flags.DEFINE_bool("json", False, "Write JSON lines (with the full distributions) to stdout.")
 _PLOT = flags.DEFINE_string("plot", None, "Save a PNG of the photos, boxes and distributions here (folders are made).")

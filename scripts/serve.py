@@ -26,11 +26,10 @@ runner.exit_on_signal_while_starting()
 from absl import app, flags  # noqa: E402
 
 from agejax import cli, errors  # noqa: E402
-from agejax.training import checkpointing  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 _EXPORT = flags.DEFINE_string("export", None, "A model exported by scripts/export.py (instead of --workdir).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", f"Checkpoint: {checkpointing.CHECKPOINT_CHOICES}.")
+_CHECKPOINT = cli.checkpoint_flag()
 _CALIBRATION = cli.calibration_flag("serve the raw model's distributions")
 _FLIP = cli.flip_flag("/healthz reports it (with --export: the export must have been made with --flip)")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
@@ -46,7 +45,10 @@ _MAX_WAIT_MS = flags.DEFINE_float(
 _MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 20.0, "Largest request body (MB); larger ones get 413.", lower_bound=0)
 _MAX_FILES = flags.DEFINE_integer("max_files", 64, "Most images in one request.", lower_bound=1)
 _WORKERS = flags.DEFINE_integer(
-  "workers", 4, "Worker processes decoding photos and detecting their faces.", lower_bound=1
+  "workers",
+  4,
+  "Worker processes decoding photos and detecting their faces (0: no face detector, no TensorFlow: face crops only).",
+  lower_bound=0,
 )
 _ALIGNED_WORKERS = flags.DEFINE_integer(
   "aligned_workers", 2, "Worker processes decoding face crops (aligned=true): never behind detection.", lower_bound=1
@@ -151,10 +153,9 @@ def main(argv):
 
 def build(grpc=None):
   """Loads the model and the face detector into the server's ASGI app (`grpc`: its gRPC endpoint, if any)."""
-  from agejax import serving
+  from agejax import parallel, serving
   from agejax.serving import app as serving_app
   from agejax.serving import sandbox
-  from agejax.training import train
 
   formats = sandbox.accepted_formats(_FORMATS.value)  # a typo fails here, in one line, before the model loads
 
@@ -163,7 +164,7 @@ def build(grpc=None):
   )
   cfg = getattr(model, "cfg", None)  # a workdir's settings; an export has none
   cache = _COMPILATION_CACHE.value
-  train.enable_compilation_cache(cfg.run.compilation_cache_dir if cache is None and cfg else cache or "")
+  parallel.enable_compilation_cache(cfg.run.compilation_cache_dir if cache is None and cfg else cache or "")
   limits = serving_app.Settings(
     max_batch=_MAX_BATCH.value,
     max_wait_ms=_MAX_WAIT_MS.value,
@@ -184,7 +185,8 @@ def build(grpc=None):
     model_name=_MODEL_NAME.value,
   )
   min_age = int(model.bins[0])
-  detector = sandbox.DetectorSpec(max_faces=_MAX_FACES.value)
+  # --workers=0: no photo workers, so no detector (photos get a 400 asking for aligned=true).
+  detector = sandbox.DetectorSpec(max_faces=_MAX_FACES.value) if _WORKERS.value else None
   return serving_app.create_app(model, detector, limits, min_age, getattr(model, "step", None), grpc=grpc)
 
 

@@ -248,13 +248,13 @@ def _own_compilations_cached() -> None:
 
   The variable keeps one JAX compilation cache across test sessions (scripts/mutation.py, a developer
   rerunning the fast tier); without it each session compiles everything, as CI does. A fixture, not
-  pytest_configure: only the processes that run tests import the trainer (xdist's controller does not).
+  pytest_configure: only the processes that run tests compile (xdist's controller does not).
   """
   if cache := os.environ.get("AGEJAX_TEST_COMPILATION_CACHE"):
-    from agejax.training import train
+    from agejax import parallel
 
     Path(cache).mkdir(parents=True, exist_ok=True)
-    train.enable_compilation_cache(cache)
+    parallel.enable_compilation_cache(cache)
 
 
 def pytest_sessionfinish(session):

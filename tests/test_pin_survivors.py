@@ -11,7 +11,7 @@ from conftest import assert_close_relative
 
 from agejax import metrics, parallel, settings
 from agejax.data import pipeline
-from agejax.training import learner, train
+from agejax.training import learner
 from configs import vgg16_kl
 
 # Several true ages in every bucket and decade (babies, children, teenagers, adults, the old), some twice.
@@ -24,7 +24,7 @@ def persistent_cache(compilation_cache: str) -> Iterator[None]:
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   names += ("jax_persistent_cache_min_entry_size_bytes",)
   before = {name: getattr(jax.config, name) for name in names}
-  train.enable_compilation_cache(compilation_cache)  # a second run loads the tiny programs: ~10x faster
+  parallel.enable_compilation_cache(compilation_cache)  # a second run loads the tiny programs: ~10x faster
   yield
   for name, value in before.items():
     jax.config.update(name, value)

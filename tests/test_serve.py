@@ -289,10 +289,14 @@ def test_serves_an_export_with_the_same_numbers(request, tmp_path_factory, predi
   out, _ = tiny_run.tiny_export(request, tmp_path_factory)  # the session's export of this workdir's run
   with pytest.raises(errors.UserError, match="exported without flip averaging; export it with --flip"):
     serving.load_model(None, out, flip=True)
-  flags = ["--export", str(out), f"--compilation_cache_dir={compilation_cache}", "--max_batch=8"]
+  # --workers=0: crops only, no face detector (it starts without TensorFlow, in half the time).
+  flags = ["--export", str(out), f"--compilation_cache_dir={compilation_cache}", "--max_batch=8", "--workers=0"]
   with local.LocalServer(SERVE, flags, env=ENV) as running:
     health = httpx.get(running.url + "/healthz").json()
     assert health["batch_sizes"] == [1, 2, 4, 8]
+    assert health["decoding"]["workers"] == 2  # the two --aligned_workers alone
+    photo = post(running.url, ("photo.png", drawn_face(4)))
+    assert photo.status_code == 400 and "detects no faces" in photo.json()["error"], photo.text
     # The manifest's calibration: what the server computes the intervals with, as from the workdir.
     assert (health["flip"], health["temperature"], health["interval_masses"]) == (
       False,

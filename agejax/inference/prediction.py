@@ -10,7 +10,6 @@ import numpy as np
 from agejax import errors, labels, metrics, parallel, storage
 from agejax.data import framing, pipeline
 from agejax.evaluation import calibration
-from agejax.inference import loading
 
 
 @jax.jit
@@ -70,6 +69,10 @@ class Predictor:
       raise errors.UserError(
         f"batch_size={batch_size}: must be a positive number of faces per model call (None: the config's eval batch)"
       )
+    # The trainer's modules (Orbax, the learner, SciPy through the evaluation): imported here, where a
+    # workdir is read, so that an export's server, its photo workers and summaries() start without them.
+    from agejax.inference import loading
+
     self.cfg, self.learner, self.state = loading.load_trained(workdir, checkpoint, config)
     self.model = self.learner.model
     self.record = loading.load_inference_record(workdir)

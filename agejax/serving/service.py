@@ -93,8 +93,11 @@ class Service:
     self.batcher = batcher.Batcher(
       model, settings.max_batch, settings.max_wait_ms / 1000, self.metrics.on_batch, upstream=self._upstream_count
     )
+    # Without a detector there is no photo lane: nothing would ever run in it.
+    lane_workers = {"detect": settings.workers} if self.detects else {}
+    lane_workers["aligned"] = settings.aligned_workers
     self.scheduler = limits.Scheduler(
-      {"detect": settings.workers, "aligned": settings.aligned_workers},
+      lane_workers,
       settings.decode_budget_bytes,
       settings.queue_timeout_s,
     )
@@ -110,7 +113,7 @@ class Service:
     if settings.isolation == "processes":
       # The lane threads of the scheduler each drive one worker process: as many processes as threads.
       spec = detector if isinstance(detector, sandbox.DetectorSpec) else None  # checked above: a DetectorSpec or None
-      lanes = {"detect": sandbox.Lane(settings.workers, spec), "aligned": sandbox.Lane(settings.aligned_workers)}
+      lanes = {name: sandbox.Lane(n, spec if name == "detect" else None) for name, n in lane_workers.items()}
       self.pool = sandbox.Pool(lanes, self.task)
     else:
       self._in_process = detector() if isinstance(detector, sandbox.DetectorSpec) else detector

@@ -14,7 +14,7 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
-from agejax import errors, metrics, models, parallel, settings, storage
+from agejax import cli, errors, metrics, models, parallel, settings, storage
 from agejax.training import learner
 
 BEST_METRIC = "eval_mae"  # what checkpoints written before eval.select_by are ranked by
@@ -25,7 +25,6 @@ CONFIG_FILE = "config.json"
 # What inference needs besides the weights, recorded by the trainer: the stored face size that new
 # photos are cropped to, the age bins and the preprocessing. Nothing has to ask the dataset.
 INFERENCE_FILE = "inference.json"
-CHECKPOINT_CHOICES = "best, latest or a step number"
 STATE_ITEM = "default"  # each step folder's train state: the item name Orbax gives a single item
 INPUT_ITEM = "input"  # data.reader='grain': the Grain iterator's position, one JSON file per process
 
@@ -239,7 +238,7 @@ def resolve_step(ckpts: Checkpoints, checkpoint: str | int, workdir: storage.Loc
     return best
   available = sorted(ckpts.manager.all_steps())
   if not checkpoint.isdigit():
-    raise errors.UserError(f"--checkpoint={checkpoint!r}: use {CHECKPOINT_CHOICES} (available steps: {available})")
+    raise errors.UserError(f"--checkpoint={checkpoint!r}: use {cli.CHECKPOINT_CHOICES} (available steps: {available})")
   if int(checkpoint) not in available:
     raise errors.UserError(f"--checkpoint={checkpoint}: no such step in {ckpts.directory} (available: {available})")
   return int(checkpoint)

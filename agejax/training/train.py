@@ -155,14 +155,6 @@ def build(cfg: settings.Settings, resumed: epath.Path | None = None, reader: str
   )
 
 
-def enable_compilation_cache(directory: str) -> None:
-  """Turns on JAX's persistent compilation cache, so a restarted run skips recompiling."""
-  if directory:
-    jax.config.update("jax_compilation_cache_dir", str(storage.path(directory)))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def _write_json(path: epath.Path, obj: dict) -> None:
   if jax.process_index() == 0:
     storage.write_json(path, obj)
@@ -190,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.Locat
     configuration.check_init_source(cfg)  # a new run: the run it starts from must exist, before anything is written
   # A missing bucket, a read-only folder or an unreachable endpoint fails here, before any compilation.
   directory = storage.check_writable(workdir)
-  enable_compilation_cache(cfg.run.compilation_cache_dir)
+  parallel.enable_compilation_cache(cfg.run.compilation_cache_dir)
   try:
     with preemption.Preemption() as signalled, workdir_lock.hold(directory) as lock:
       reader = pipeline.train_reader(cfg.data)  # grain: the input's position is saved with every checkpoint
