@@ -196,7 +196,9 @@ def distribution_figure(
   ax_face.set_title(f"age {age:g}")
   target = np.asarray(labels.label_distribution(age, bins, sigma, mean_preserving=mean_preserving))
   predicted = float(labels.expected_age(probs, bins))
-  ax_dist.bar(bins, probs, width=1.0, color="C0", alpha=0.6, label=f"predicted (E={predicted:.1f})")
+  # One filled outline of unit-wide bins: a bar chart's 100 patches took twice as long to draw.
+  edges = np.append(bins - 0.5, bins[-1] + 0.5)
+  ax_dist.stairs(probs, edges, fill=True, color="C0", alpha=0.6, label=f"predicted (E={predicted:.1f})")
   ax_dist.plot(bins, target, color="C3", label=f"target N({age:g}, {sigma:g}²)")
   ax_dist.axvline(age, color="C3", linestyle=":")
   ax_dist.axvline(predicted, color="C0", linestyle="--")
