@@ -20,6 +20,11 @@ import numpy as np
 from agejax.serving.local import free_port
 from configs import vgg16_kl
 
+# Bytecode caches (__pycache__/, ignored by git) even where PYTHONDONTWRITEBYTECODE is set, as on this
+# project's machines: without them every xdist worker compiles agejax and rewrites the tests' asserts
+# again (8 of a worker's 21 s before its first test), and every script the tests start compiles agejax.
+sys.dont_write_bytecode = False
+
 pytest_plugins = ("fae_fixtures",)  # fae_agedb: a prepared benchmark-style database
 
 

@@ -11,7 +11,6 @@ import pytest
 from fae_fixtures import make_fae_database, prepare_fae
 
 from agejax import errors
-from agejax.data import fae_beam
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two worker processes: the entries, the DoFns and TFDS's encoder are pickled to them, as on a cluster.
@@ -143,6 +142,8 @@ def test_a_malformed_entry_fails_naming_it_before_the_pipeline_starts(imdb_files
 
 
 def test_a_user_error_raised_in_a_worker_comes_back_as_its_one_line():
+  from agejax.data import fae_beam  # apache_beam: 2 s to import, here and not at every worker's collection
+
   wrapped = RuntimeError(
     "Traceback (most recent call last):\n  File ...\nagejax.errors.UserError: a.json entry 3: bad "
     "[while running 'folder0/Decode']\n\nDuring handling ...\nRuntimeError: ..."

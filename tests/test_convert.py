@@ -9,14 +9,12 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 import pytest
+import torch
 from conftest import max_relative_error, randomise_batch_norms
 from flax import nnx, traverse_util
 
 from agejax import convert, models
 from agejax.models import vgg
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VGG16_PARAMS = "138,357,544"  # torchvision's vgg16 parameter count
@@ -42,6 +40,8 @@ class _Exploit:
 @pytest.fixture(scope="module")
 def torch_models() -> dict:
   """Random-initialised torchvision models in eval mode, keyed by arch."""
+  import torchvision  # 4 s to import: only where a test needs it, not at every worker's collection
+
   torch.manual_seed(0)
   plain = torchvision.models.vgg16(weights=None)
   with_bn = torchvision.models.vgg16_bn(weights=None)

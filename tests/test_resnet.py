@@ -4,15 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from conftest import max_relative_error, one_train_step, randomise_batch_norms
 from flax import nnx
+from torch.utils import flop_counter
 
 from agejax import convert, errors, models, settings
 from agejax.models import resnet
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-flop_counter = pytest.importorskip("torch.utils.flop_counter")
 
 RESNET50_PARAMS = 25_557_032  # torchvision's resnet50
 
@@ -36,6 +34,8 @@ def torch_logits(net, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def full():
   """A random-initialised torchvision resnet50 in eval mode with non-trivial BN statistics, and its conversion."""
+  import torchvision  # 4 s to import: only where a test needs it, not at every worker's collection
+
   torch.manual_seed(0)
   net = randomise_batch_norms(torchvision.models.resnet50(weights=None)).eval()
   return net, convert.resnet50_from_torchvision(net.state_dict())
