@@ -262,6 +262,21 @@ def _own_compilations_cached() -> None:
     parallel.enable_compilation_cache(cache)
 
 
+TINY_RUN_FIRST = "tests/test_tiny_run.py::test_the_shared_run_learned_and_its_export_holds_every_format"
+
+
+def pytest_collection_modifyitems(items) -> None:
+  """The shared tiny run's test first and the modules that read the run last, the rest in between.
+
+  xdist hands each worker a block of consecutive tests: the first worker trains and exports (a minute,
+  three on a first run) while the other runs unit tests, and no worker waits on the run's lock.
+  """
+  reads = [getattr(item, "module", None) is not None and "tiny_run" in vars(item.module) for item in items]
+  first = [item for item in items if item.nodeid == TINY_RUN_FIRST]
+  rest = [item for item, r in zip(items, reads) if not r and item not in first]
+  items[:] = first + rest + [item for item, r in zip(items, reads) if r and item not in first]
+
+
 def pytest_sessionfinish(session):
   """One gc pass and gc.freeze() before an xdist worker reports that it finished.
 
