@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_run
-from conftest import array_cache
 from PIL import Image
 
 from agejax import errors
@@ -175,12 +174,15 @@ def test_a_demo_workdir_rerun_without_the_variant_reports_the_config_mismatch_fi
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_run_prints_its_summary_table(trained, data_dir, compilation_cache, tmp_path):
+def test_rerunning_a_finished_run_prints_its_summary_table(trained, compilation_cache, tmp_path):
   final, workdir = trained
   before = json.loads((workdir / train.FINAL_METRICS).read_text())
+  # The data it was trained on (another xdist worker's, whose array cache exists): a worker's own would
+  # print its cache being built first.
+  data = json.loads((workdir / checkpointing.CONFIG_FILE).read_text())["data"]
   overrides = [
-    f"--config.data.data_dir={data_dir}",
-    f"--config.data.cache_dir={array_cache(data_dir)}",
+    f"--config.data.data_dir={data['data_dir']}",
+    f"--config.data.cache_dir={data['cache_dir']}",
     f"--config.compilation_cache_dir={compilation_cache}",
     "--config.model.batch_norm=True",
     "--config.batch_size=32",
