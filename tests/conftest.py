@@ -271,10 +271,14 @@ def pytest_collection_modifyitems(items) -> None:
   xdist hands each worker a block of consecutive tests: the first worker trains and exports (a minute,
   three on a first run) while the other runs unit tests, and no worker waits on the run's lock.
   """
-  reads = [getattr(item, "module", None) is not None and "tiny_run" in vars(item.module) for item in items]
-  first = [item for item in items if item.nodeid == TINY_RUN_FIRST]
-  rest = [item for item, r in zip(items, reads) if not r and item not in first]
-  items[:] = first + rest + [item for item, r in zip(items, reads) if r and item not in first]
+
+  def place(item) -> int:
+    if item.nodeid == TINY_RUN_FIRST:
+      return 0
+    module = getattr(item, "module", None)
+    return 2 if module is not None and "tiny_run" in vars(module) else 1
+
+  items.sort(key=place)  # stable: each group keeps pytest's order
 
 
 def pytest_sessionfinish(session):
